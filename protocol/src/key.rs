@@ -1,0 +1,172 @@
+//! The cache key: BLAKE3 of the canonical JSON of everything that decides an artwork's pixels.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// What enters the cache key, exactly as DESIGN.md lists it. The backend is not here on purpose:
+/// backends agree within tolerance, and which one rendered is kept in the provenance instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInput {
+    /// Model id, e.g. `cppn`.
+    pub model_id: String,
+    /// Model version: a hash of the model's weights (or of its weight generator).
+    pub model_version: String,
+    /// The prompt after [`crate::normalise_prompt`].
+    pub prompt: String,
+    /// The seed.
+    pub seed: u64,
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// Supersampling factor per axis (samples × samples per pixel).
+    pub samples: u32,
+    /// Version of the post-processing chain (tone map, resolve, watermark, dither, encoding).
+    pub post_chain_version: String,
+}
+
+impl KeyInput {
+    /// The canonical JSON: an object with keys sorted by byte order, no white space,
+    /// integers as plain decimals. These bytes are the contract; a test pins them.
+    pub fn canonical_json(&self) -> String {
+        let mut map: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+        map.insert("height", self.height.into());
+        map.insert("model_id", self.model_id.clone().into());
+        map.insert("model_version", self.model_version.clone().into());
+        map.insert("post_chain_version", self.post_chain_version.clone().into());
+        map.insert("prompt", self.prompt.clone().into());
+        map.insert("samples", self.samples.into());
+        map.insert("seed", self.seed.into());
+        map.insert("width", self.width.into());
+        // A BTreeMap of strings to plain values cannot fail to serialise.
+        serde_json::to_string(&map).unwrap_or_default()
+    }
+
+    /// The cache key of this input.
+    pub fn key(&self) -> CacheKey {
+        CacheKey(*blake3::hash(self.canonical_json().as_bytes()).as_bytes())
+    }
+}
+
+/// A cache key: 32 bytes, shown and parsed as 64 lower-case hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+/// A cache key that is not 64 hex digits.
+#[derive(Debug, thiserror::Error)]
+#[error("a cache key is 64 hex digits, got {0:?}")]
+pub struct ParseKeyError(String);
+
+impl FromStr for CacheKey {
+    type Err = ParseKeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hash = blake3::Hash::from_hex(s).map_err(|_| ParseKeyError(s.to_owned()))?;
+        Ok(CacheKey(*hash.as_bytes()))
+    }
+}
+
+impl Serialize for CacheKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CacheKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> KeyInput {
+        KeyInput {
+            model_id: "cppn".into(),
+            model_version: "0123abcd".into(),
+            prompt: "ember tide".into(),
+            seed: 42,
+            width: 512,
+            height: 384,
+            samples: 1,
+            post_chain_version: "post-1".into(),
+        }
+    }
+
+    #[test]
+    fn the_canonical_json_is_pinned_byte_for_byte() {
+        assert_eq!(
+            input().canonical_json(),
+            r#"{"height":384,"model_id":"cppn","model_version":"0123abcd","post_chain_version":"post-1","prompt":"ember tide","samples":1,"seed":42,"width":512}"#
+        );
+    }
+
+    #[test]
+    fn the_cache_key_is_the_blake3_of_the_canonical_json() {
+        let key = input().key();
+        let expected = blake3::hash(input().canonical_json().as_bytes());
+        assert_eq!(key.0, *expected.as_bytes());
+        // Pinned: a change here invalidates every cache in the field and needs a migration.
+        assert_eq!(
+            key.to_string(),
+            "018d8a4d83bbefc11c5c0b4473c4cd189a4126a242c3b4dc3b0a2400efe6e887"
+        );
+    }
+
+    #[test]
+    fn every_field_moves_the_key() {
+        let base = input().key();
+        let mut changed = vec![];
+        let mut i = input();
+        i.seed = 43;
+        changed.push(i.key());
+        let mut i = input();
+        i.width = 513;
+        changed.push(i.key());
+        let mut i = input();
+        i.prompt = "ember tides".into();
+        changed.push(i.key());
+        let mut i = input();
+        i.samples = 2;
+        changed.push(i.key());
+        let mut i = input();
+        i.model_version = "x".into();
+        changed.push(i.key());
+        let mut i = input();
+        i.post_chain_version = "post-2".into();
+        changed.push(i.key());
+        for k in changed {
+            assert_ne!(k, base);
+        }
+    }
+
+    #[test]
+    fn a_key_round_trips_through_hex_and_json() {
+        let key = input().key();
+        assert_eq!(key.to_string().parse::<CacheKey>().unwrap(), key);
+        let json = serde_json::to_string(&key).unwrap();
+        assert_eq!(serde_json::from_str::<CacheKey>(&json).unwrap(), key);
+        assert!("xyz".parse::<CacheKey>().is_err());
+    }
+}

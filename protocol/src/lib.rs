@@ -1,0 +1,12 @@
+//! Kiln's wire types and contracts: render requests, tiers, prompt normalisation and the cache key.
+//!
+//! Serde only, no I/O: everything here is shared by the scheduler, the workers and the CLI, and a
+//! change to the cache key or a payload is a versioned contract change (see DESIGN.md).
+
+mod key;
+mod prompt;
+mod request;
+
+pub use key::{CacheKey, KeyInput, ParseKeyError};
+pub use prompt::normalise_prompt;
+pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};
