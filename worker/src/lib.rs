@@ -1,5 +1,14 @@
 //! Kiln's worker: the render engine (burn models and fused kernels), wgpu post-processing,
 //! PNG encoding, the content-addressed asset store and the seed-keyed cache.
 
+pub mod bench;
+pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod gpu;
+pub mod metrics;
+pub mod post;
 pub mod prng;
+pub mod render;
+pub mod store;
+pub mod worker;

@@ -129,12 +129,12 @@ impl Cppn {
         for row in &mut w0 {
             for (i, w) in row.iter_mut().enumerate() {
                 // Coordinates get larger weights than the latent: they carry the structure.
-                *w = rng.normal() * if i < 3 { 2.2 } else { 0.8 };
+                *w = rng.normal() * if i < 3 { 3.2 } else { 1.0 };
             }
         }
         let mut b0 = [0.0; HIDDEN];
         b0.iter_mut().for_each(|b| *b = rng.normal() * 0.5);
-        let gain = 1.9 / (HIDDEN as f32).sqrt();
+        let gain = 2.4 / (HIDDEN as f32).sqrt();
         let mut wh = [[[0.0; HIDDEN]; HIDDEN]; HIDDEN_LAYERS - 1];
         let mut bh = [[0.0; HIDDEN]; HIDDEN_LAYERS - 1];
         for (w, b) in wh.iter_mut().zip(bh.iter_mut()) {
@@ -144,7 +144,7 @@ impl Cppn {
         let mut wo = [[0.0; HIDDEN]; 4];
         let mut bo = [0.0; 4];
         for (row, b) in wo.iter_mut().zip(bo.iter_mut()).take(3) {
-            row.iter_mut().for_each(|x| *x = rng.normal() * 2.6 / (HIDDEN as f32).sqrt());
+            row.iter_mut().for_each(|x| *x = rng.normal() * 3.2 / (HIDDEN as f32).sqrt());
             *b = rng.normal() * 0.3;
         }
         Cppn { style, latent, acts, w0, b0, wh, bh, wo, bo }

@@ -1,0 +1,114 @@
+//! `kiln-worker bench`: megapixels per second, effective GFLOP/s and peak memory for each backend
+//! at the preview and final tier sizes, plus one large print render as the bounded-memory check.
+//!
+//! Effective GFLOP/s = the CPPN's multiply-add FLOPs per sample (2 × 3520) × samples / seconds in
+//! the model and post chain (PNG encoding excluded). Figures are medians of `--runs` runs.
+
+use clap::Args;
+use kiln_protocol::{RenderRequest, Tier};
+
+use crate::config::{BackendChoice, WorkerConfig};
+use crate::engine::cppn::{FLOPS_PER_SAMPLE, MODEL_ID};
+use crate::render::{Engine, ModelPath, render_to};
+use crate::worker::open_backend;
+
+/// `bench`'s arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// cpu, wgpu, or both (all).
+    #[arg(long, default_value = "all")]
+    pub backend: String,
+    /// Runs per case; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Side of the print-tier render (square, 1 sample per pixel); 0 skips it.
+    #[arg(long, default_value_t = 8192)]
+    pub print_side: u32,
+    /// Side of the final-tier render [default: the tier's default, 2048].
+    #[arg(long)]
+    pub final_side: Option<u32>,
+    /// Evaluate the model with the generic burn path instead of the fused kernels.
+    #[arg(long)]
+    pub burn: bool,
+}
+
+/// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Resets the peak so the next reading covers one case only.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark and prints a table.
+pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
+    let choices = match args.backend.as_str() {
+        "all" => vec![BackendChoice::Cpu, BackendChoice::Wgpu],
+        "cpu" => vec![BackendChoice::Cpu],
+        "wgpu" => vec![BackendChoice::Wgpu],
+        other => anyhow::bail!("--backend: unknown backend {other:?}; expected cpu, wgpu or all"),
+    };
+    let runs = args.runs.max(1);
+    let mut limits = cfg.tiers.clone();
+    limits.print.max_side = limits.print.max_side.max(args.print_side);
+    limits.print.max_pixels = limits.print.max_pixels.max(u64::from(args.print_side).pow(2));
+    let final_side = args.final_side.unwrap_or(limits.r#final.default_side);
+    let mut cases = vec![(Tier::Preview, limits.preview.default_side, runs), (Tier::Final, final_side, runs)];
+    if args.print_side > 0 {
+        cases.push((Tier::Print, args.print_side, 1));
+    }
+    println!("# kiln-worker bench: CPPN 11→4×32→3, {} FLOPs/sample; medians of {runs} runs; cpu threads {}", FLOPS_PER_SAMPLE, cfg.threads());
+    println!("{:<6} {:<8} {:>11} {:>4} {:>4} {:>9} {:>8} {:>10} {:>8} {:>9}", "backend", "tier", "size", "spp", "runs", "median_s", "Mpx/s", "Msample/s", "GFLOP/s", "peak_MiB");
+    for choice in choices {
+        let backend = match open_backend(choice, cfg.threads()) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("{:<6} skipped: {e}", format!("{choice:?}").to_lowercase());
+                continue;
+            }
+        };
+        println!("# {}: {}", backend.name(), backend.device_name());
+        let path = if args.burn { ModelPath::Burn } else { ModelPath::Fused };
+        let engine = Engine { backend, path, band_samples: cfg.band_samples };
+        // One small render first: pipelines compile and lazy devices start outside the timings.
+        let warm = RenderRequest::resolve(MODEL_ID, "warm up", 0, Tier::Preview, Some(64), None, None, &limits)?;
+        render_to(&engine, &warm, std::io::sink(), &mut |_| {})?;
+        for (tier, side, n) in &cases {
+            let req = RenderRequest::resolve(MODEL_ID, "bench ember kaleidoscope", 7, *tier, Some(*side), None, None, &limits)?;
+            reset_peak_rss();
+            let mut secs = Vec::new();
+            let mut samples = 0;
+            for _ in 0..*n {
+                let (_, stats) = render_to(&engine, &req, std::io::sink(), &mut |_| {})?;
+                secs.push(stats.render_seconds);
+                samples = stats.samples;
+            }
+            let s = median(secs);
+            let px = f64::from(req.width) * f64::from(req.height);
+            println!(
+                "{:<6} {:<8} {:>11} {:>4} {:>4} {:>9.3} {:>8.2} {:>10.2} {:>8.1} {:>9.0}",
+                engine.backend.name(),
+                tier.as_str(),
+                format!("{}x{}", req.width, req.height),
+                req.samples * req.samples,
+                n,
+                s,
+                px / s / 1e6,
+                samples as f64 / s / 1e6,
+                samples as f64 * FLOPS_PER_SAMPLE as f64 / s / 1e9,
+                peak_rss_mib(),
+            );
+        }
+    }
+    Ok(())
+}

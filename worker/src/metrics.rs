@@ -1,0 +1,63 @@
+//! The worker's Prometheus metrics. Names are constants with the `kiln_` prefix; labels are
+//! low-cardinality (tier, model, backend), never a job or a seed.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// Seconds per render (model, post chain and encoding), by tier, model and backend.
+pub const RENDER_SECONDS: &str = "kiln_render_seconds";
+/// Output pixels rendered, by tier.
+pub const PIXELS_RENDERED: &str = "kiln_pixels_rendered_total";
+/// Requests answered from the cache.
+pub const CACHE_HITS: &str = "kiln_cache_hits_total";
+/// Requests that had to render.
+pub const CACHE_MISSES: &str = "kiln_cache_misses_total";
+
+/// The worker's metrics, registered in their own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// [`RENDER_SECONDS`].
+    pub render_seconds: HistogramVec,
+    /// [`PIXELS_RENDERED`].
+    pub pixels: IntCounterVec,
+    /// [`CACHE_HITS`].
+    pub cache_hits: IntCounter,
+    /// [`CACHE_MISSES`].
+    pub cache_misses: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let buckets = vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0];
+        let render_seconds = HistogramVec::new(
+            HistogramOpts::new(RENDER_SECONDS, "Seconds per render, model to PNG").buckets(buckets),
+            &["tier", "model", "backend"],
+        )
+        .expect("valid metric");
+        let pixels = IntCounterVec::new(Opts::new(PIXELS_RENDERED, "Output pixels rendered"), &["tier"]).expect("valid metric");
+        let cache_hits = IntCounter::new(CACHE_HITS, "Render requests answered from the cache").expect("valid metric");
+        let cache_misses = IntCounter::new(CACHE_MISSES, "Render requests that had to render").expect("valid metric");
+        for c in [
+            Box::new(render_seconds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pixels.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(cache_misses.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics { registry, render_seconds, pixels, cache_hits, cache_misses }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,269 @@
+//! One render, start to finish: the image is cut into full-width bands whose size is bounded by a
+//! sample budget; each band runs model → tone → resolve → watermark → quantise → thumbnail on the
+//! chosen backend and its rows stream into the PNG encoder. Peak memory is a few bands, whatever
+//! the image size.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::tensor::Device;
+use kiln_protocol::RenderRequest;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineError;
+use crate::engine::burn_model::CppnModule;
+use crate::engine::cppn::{Cppn, SampleTile, render_tile_cpu};
+use crate::engine::style::Style;
+use crate::gpu::{BandRenderer, Gpu, Samples};
+use crate::post::{self, FLAG_DITHER, FLAG_WATERMARK, PostParams};
+
+/// Long side of a thumbnail, at most.
+pub const THUMB_SIDE: u32 = 256;
+
+/// Where the arithmetic runs.
+#[derive(Clone)]
+pub enum Backend {
+    /// The CPU, on this many threads; post-processing by the CPU references of the kernels.
+    Cpu {
+        /// Threads for the model.
+        threads: usize,
+    },
+    /// A wgpu adapter: the fused kernel and the post-processing pipelines run there.
+    Wgpu(Arc<Gpu>),
+}
+
+impl Backend {
+    /// `cpu` or `wgpu`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Cpu { .. } => "cpu",
+            Backend::Wgpu(_) => "wgpu",
+        }
+    }
+
+    /// What actually ran: the adapter for wgpu, the code path for the CPU.
+    pub fn device_name(&self) -> String {
+        match self {
+            Backend::Cpu { threads } => format!("{} on {threads} threads", crate::engine::cppn::cpu_path()),
+            Backend::Wgpu(g) => format!("{} ({})", g.adapter_name(), g.adapter_kind()),
+        }
+    }
+}
+
+/// How the model is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelPath {
+    /// The fused evaluator of the built-in CPPN (a WGSL kernel on wgpu, a vectorised loop on CPU).
+    Fused,
+    /// The generic burn `Module` (burn's wgpu or flex backend), as loaded weights would run.
+    Burn,
+}
+
+/// The engine a worker renders with.
+#[derive(Clone)]
+pub struct Engine {
+    /// The backend.
+    pub backend: Backend,
+    /// Fused or burn.
+    pub path: ModelPath,
+    /// Samples per band, at most: bounds memory (about 40 bytes a sample, all buffers together).
+    pub band_samples: usize,
+}
+
+/// What went wrong in a render.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Writing the PNG failed.
+    #[error("cannot write the PNG: {0}")]
+    Encode(#[from] png::EncodingError),
+}
+
+/// Timings and counts of one render.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RenderStats {
+    /// Model evaluations (pixels × samples²).
+    pub samples: u64,
+    /// Bands the image was cut into.
+    pub bands: u32,
+    /// Seconds in the model and post chain (everything before the PNG encoder).
+    pub render_seconds: f64,
+    /// Seconds in the PNG encoder.
+    pub encode_seconds: f64,
+    /// Wall-clock seconds in all.
+    pub total_seconds: f64,
+}
+
+/// Progress of a render, reported after each band.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Rows finished.
+    pub rows_done: u32,
+    /// Rows in all.
+    pub rows: u32,
+}
+
+/// The band plan of an image: rows per band and the thumbnail geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Rows per band (the last may be shorter); a multiple of the thumbnail factor.
+    pub band_rows: u32,
+    /// Thumbnail box size in pixels.
+    pub thumb_factor: u32,
+    /// Thumbnail width.
+    pub thumb_w: u32,
+    /// Thumbnail height.
+    pub thumb_h: u32,
+}
+
+impl Plan {
+    /// Plans bands of at most `band_samples` samples (at least one thumbnail row of pixels).
+    pub fn new(width: u32, height: u32, samples: u32, band_samples: usize) -> Plan {
+        let f = width.max(height).div_ceil(THUMB_SIDE).max(1);
+        let row_samples = width as usize * (samples * samples) as usize;
+        let budget_rows = (band_samples / row_samples.max(1)).max(1) as u32;
+        let band_rows = ((budget_rows / f) * f).max(f).min(height.next_multiple_of(f));
+        Plan { band_rows, thumb_factor: f, thumb_w: width.div_ceil(f), thumb_h: height.div_ceil(f) }
+    }
+}
+
+fn png_encoder<W: Write>(w: W, width: u32, height: u32) -> png::Encoder<'static, W> {
+    let mut e = png::Encoder::new(w, width, height);
+    e.set_color(png::ColorType::Rgb);
+    e.set_depth(png::BitDepth::Eight);
+    e.set_source_srgb(png::SrgbRenderingIntent::Perceptual);
+    e.set_compression(png::Compression::Fast);
+    e
+}
+
+/// Encodes a small RGB8 image (the thumbnail) to PNG bytes.
+pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let mut w = png_encoder(&mut out, width, height).write_header()?;
+    w.write_image_data(rgb)?;
+    w.finish()?;
+    Ok(out)
+}
+
+/// Renders `req` and streams its PNG into `out`. Returns the thumbnail PNG and the stats.
+pub fn render_to<W: Write>(
+    engine: &Engine,
+    req: &RenderRequest,
+    out: W,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Vec<u8>, RenderStats), RenderError> {
+    let started = Instant::now();
+    let style = Style::from_prompt(&req.prompt);
+    let model = Cppn::new(req.seed, style);
+    let (w, h, s) = (req.width, req.height, req.samples);
+    let plan = Plan::new(w, h, s, engine.band_samples);
+    let spec_flags = match req.tier {
+        kiln_protocol::Tier::Preview => FLAG_WATERMARK,
+        kiln_protocol::Tier::Final => 0,
+        kiln_protocol::Tier::Print => FLAG_DITHER,
+    };
+    let max_band_pixels = (w * plan.band_rows) as usize;
+    let max_band_samples = max_band_pixels * (s * s) as usize;
+    let max_thumb = (plan.thumb_w * plan.band_rows.div_ceil(plan.thumb_factor)) as usize;
+
+    let burn_device = match (&engine.path, &engine.backend) {
+        (ModelPath::Fused, _) => None,
+        (ModelPath::Burn, Backend::Cpu { .. }) => Some(Device::flex()),
+        (ModelPath::Burn, Backend::Wgpu(_)) => Some(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+    };
+    let burn_module = burn_device.as_ref().map(|d| CppnModule::from_cppn(&model, d));
+    let gpu_bands = match &engine.backend {
+        Backend::Wgpu(g) => Some(BandRenderer::new(g, &model, max_band_samples, max_band_pixels, max_thumb)),
+        Backend::Cpu { .. } => None,
+    };
+
+    let mut writer = png_encoder(out, w, h).write_header()?;
+    let mut stream = writer.stream_writer_with_size(1 << 20)?;
+    let mut thumb_rgb = Vec::with_capacity((plan.thumb_w * plan.thumb_h * 3) as usize);
+    let mut stats = RenderStats::default();
+    let mut samples_buf = Vec::new();
+    let mut rgb = Vec::new();
+    let mut y0 = 0;
+    while y0 < h {
+        let rows = plan.band_rows.min(h - y0);
+        let band_start = Instant::now();
+        let tile = SampleTile { x0: 0, y0: y0 * s, w: w * s, h: rows * s, full_w: w * s, full_h: h * s };
+        let params = PostParams::new(&model.style, w, h, rows, y0, s, spec_flags, (plan.thumb_factor, plan.thumb_w));
+        if burn_module.is_some() || gpu_bands.is_none() {
+            samples_buf.resize(tile.len() * 3, 0.0);
+        }
+        if let (Some(m), Some(d)) = (&burn_module, &burn_device) {
+            m.render_tile(&model, &tile, d, &mut samples_buf)?;
+        }
+        let (packed, thumb) = match (&gpu_bands, &engine.backend) {
+            (Some(bands), _) => {
+                let src = if burn_module.is_some() { Samples::Given(&samples_buf) } else { Samples::Fused };
+                bands.run(&tile, &params, src)?
+            }
+            (None, Backend::Cpu { threads }) => {
+                if burn_module.is_none() {
+                    render_tile_cpu(&model, &tile, *threads, &mut samples_buf);
+                }
+                cpu_post(&params, &mut samples_buf)
+            }
+            (None, Backend::Wgpu(_)) => unreachable!("a wgpu backend always has band buffers"),
+        };
+        stats.render_seconds += band_start.elapsed().as_secs_f64();
+        let encode_start = Instant::now();
+        post::unpack_rgb(&packed, &mut rgb);
+        stream.write_all(&rgb).map_err(png::EncodingError::from)?;
+        stats.encode_seconds += encode_start.elapsed().as_secs_f64();
+        post::unpack_rgb(&thumb, &mut rgb);
+        thumb_rgb.extend_from_slice(&rgb);
+        stats.samples += tile.len() as u64;
+        stats.bands += 1;
+        y0 += rows;
+        progress(Progress { rows_done: y0, rows: h });
+    }
+    let encode_start = Instant::now();
+    stream.finish()?;
+    writer.finish()?;
+    let thumb_png = encode_png(plan.thumb_w, plan.thumb_h, &thumb_rgb)?;
+    stats.encode_seconds += encode_start.elapsed().as_secs_f64();
+    stats.total_seconds = started.elapsed().as_secs_f64();
+    Ok((thumb_png, stats))
+}
+
+/// The post chain on the CPU: the references of the kernels, in the kernels' order.
+fn cpu_post(p: &PostParams, samples: &mut [f32]) -> (Vec<u32>, Vec<u32>) {
+    let pixels_n = (p.dims[0] * p.dims[1]) as usize;
+    let thumb_n = (p.dims2[3] * p.dims[1].div_ceil(p.dims2[2])) as usize;
+    let mut pixels = vec![0.0f32; pixels_n * 3];
+    let mut packed = vec![0u32; pixels_n];
+    let mut thumb = vec![0u32; thumb_n];
+    post::tone(p, samples);
+    post::resolve(p, samples, &mut pixels);
+    post::watermark(p, &mut pixels);
+    post::quantize(p, &pixels, &mut packed);
+    post::thumbnail(p, &pixels, &mut thumb);
+    (packed, thumb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bands_hold_whole_thumbnail_rows_and_respect_the_budget() {
+        let p = Plan::new(8192, 8192, 1, 1 << 20);
+        assert_eq!(p.thumb_factor, 32);
+        assert_eq!(p.band_rows % 32, 0);
+        assert!(8192 * p.band_rows as usize <= 1 << 20);
+        assert_eq!((p.thumb_w, p.thumb_h), (256, 256));
+        // A tiny image is one band.
+        let p = Plan::new(16, 16, 1, 1 << 20);
+        assert_eq!((p.band_rows, p.thumb_factor), (16, 1));
+        // A budget below one thumbnail row still makes progress.
+        let p = Plan::new(4096, 300, 4, 10);
+        assert_eq!(p.band_rows, p.thumb_factor);
+    }
+}

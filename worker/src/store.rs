@@ -1,0 +1,163 @@
+//! The content-addressed asset store: `assets/ab/<blake3>.png` with a `.thumb.png` and a
+//! provenance `.json` beside it, plus `keys/<cache key>` naming the asset a key rendered to.
+//! Files are written to `tmp/`, synced, then renamed into place: a crash leaves no half asset.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use kiln_protocol::CacheKey;
+
+/// The store under a data directory.
+#[derive(Debug, Clone)]
+pub struct AssetStore {
+    root: PathBuf,
+}
+
+/// A PNG being written: hashes as it goes, lands in the store on [`PendingAsset::commit`].
+pub struct PendingAsset {
+    file: BufWriter<File>,
+    tmp: PathBuf,
+    hasher: blake3::Hasher,
+    bytes: u64,
+}
+
+impl Write for PendingAsset {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{}.{}", std::process::id(), unique()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+impl AssetStore {
+    /// Opens (creating) the store under `data_dir`.
+    pub fn open(data_dir: &Path) -> io::Result<AssetStore> {
+        let root = data_dir.to_path_buf();
+        for d in ["assets", "keys", "tmp"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        Ok(AssetStore { root })
+    }
+
+    fn shard(&self, hash: &str) -> PathBuf {
+        self.root.join("assets").join(hash.get(..2).unwrap_or("00"))
+    }
+
+    /// Path of an asset's PNG.
+    pub fn path(&self, hash: &str) -> PathBuf {
+        self.shard(hash).join(format!("{hash}.png"))
+    }
+
+    /// Path of an asset's thumbnail PNG.
+    pub fn thumb_path(&self, hash: &str) -> PathBuf {
+        self.shard(hash).join(format!("{hash}.thumb.png"))
+    }
+
+    /// Path of an asset's provenance JSON.
+    pub fn provenance_path(&self, hash: &str) -> PathBuf {
+        self.shard(hash).join(format!("{hash}.json"))
+    }
+
+    /// Whether the asset is stored.
+    pub fn contains(&self, hash: &str) -> bool {
+        self.path(hash).is_file()
+    }
+
+    /// Starts writing a PNG.
+    pub fn begin(&self) -> io::Result<PendingAsset> {
+        let tmp = self.root.join("tmp").join(format!("{}.{}.png", std::process::id(), unique()));
+        Ok(PendingAsset {
+            file: BufWriter::with_capacity(1 << 20, File::create(&tmp)?),
+            tmp,
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Moves a finished PNG into place under its hash, with its thumbnail and provenance
+    /// (`provenance` is given the hash and returns the JSON). Returns the hash and size.
+    /// An asset already stored keeps its first provenance.
+    pub fn commit(&self, pending: PendingAsset, thumb: &[u8], provenance: impl FnOnce(&str) -> String) -> io::Result<(String, u64)> {
+        let PendingAsset { file, tmp, hasher, bytes } = pending;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        drop(file);
+        let hash = hasher.finalize().to_hex().to_string();
+        let shard = self.shard(&hash);
+        fs::create_dir_all(&shard)?;
+        let tmp_dir = self.root.join("tmp");
+        if self.contains(&hash) {
+            fs::remove_file(&tmp)?;
+        } else {
+            write_atomic(&tmp_dir, &self.thumb_path(&hash), thumb)?;
+            write_atomic(&tmp_dir, &self.provenance_path(&hash), provenance(&hash).as_bytes())?;
+            // The PNG lands last: its presence means the asset is complete.
+            fs::rename(&tmp, self.path(&hash))?;
+        }
+        Ok((hash, bytes))
+    }
+
+    /// Records that `key` rendered to `hash`.
+    pub fn put_key(&self, key: &CacheKey, hash: &str) -> io::Result<()> {
+        write_atomic(&self.root.join("tmp"), &self.root.join("keys").join(key.to_string()), hash.as_bytes())
+    }
+
+    /// The asset a key rendered to, if it is recorded and the asset is still stored.
+    pub fn lookup_key(&self, key: &CacheKey) -> Option<String> {
+        let hash = fs::read_to_string(self.root.join("keys").join(key.to_string())).ok()?;
+        let hash = hash.trim();
+        let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+        (valid && self.contains(hash)).then(|| hash.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_asset_lands_under_the_blake3_of_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::open(dir.path()).unwrap();
+        let mut p = store.begin().unwrap();
+        p.write_all(b"not really a png").unwrap();
+        let (hash, bytes) = store.commit(p, b"thumb", |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+        assert_eq!(hash, blake3::hash(b"not really a png").to_hex().to_string());
+        assert_eq!(bytes, 16);
+        assert_eq!(fs::read(store.path(&hash)).unwrap(), b"not really a png");
+        assert!(fs::read_to_string(store.provenance_path(&hash)).unwrap().contains(&hash));
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+    }
+
+    #[test]
+    fn a_key_pointing_at_a_missing_or_garbled_asset_is_no_hit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::open(dir.path()).unwrap();
+        let key = CacheKey([7; 32]);
+        assert_eq!(store.lookup_key(&key), None);
+        store.put_key(&key, &"ab".repeat(32)).unwrap();
+        assert_eq!(store.lookup_key(&key), None, "the asset itself is not stored");
+        fs::write(dir.path().join("keys").join(key.to_string()), "../../etc/passwd").unwrap();
+        assert_eq!(store.lookup_key(&key), None);
+    }
+}

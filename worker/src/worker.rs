@@ -1,0 +1,178 @@
+//! The worker as a whole: resolve a request's cache key, answer from the cache or render,
+//! store the asset with its provenance, and count it all in the metrics.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_protocol::{CacheKey, RenderRequest};
+use serde::Serialize;
+
+use crate::config::{BackendChoice, WorkerConfig};
+use crate::engine::EngineError;
+use crate::engine::cppn::{MODEL_ID, model_version};
+use crate::gpu::Gpu;
+use crate::metrics::Metrics;
+use crate::post::post_chain_version;
+use crate::render::{Backend, Engine, Progress, RenderError, RenderStats, render_to};
+use crate::store::AssetStore;
+
+/// What can go wrong in the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The render failed.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// The engine could not be set up.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The asset store failed.
+    #[error("asset store {path}: {source}")]
+    Store {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The model is not one this worker has.
+    #[error("model: unknown model {0:?}; this worker has \"cppn\"")]
+    UnknownModel(String),
+}
+
+/// The answer to a render request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rendered {
+    /// BLAKE3 hex of the PNG.
+    pub asset: String,
+    /// The request's cache key.
+    pub key: CacheKey,
+    /// Whether it came from the cache (nothing rendered).
+    pub cache_hit: bool,
+    /// Where the PNG is stored.
+    pub path: PathBuf,
+    /// Timings, when it rendered.
+    pub stats: Option<RenderStats>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    hash: Arc<str>,
+}
+
+/// A worker: engine, store, cache and metrics.
+pub struct Worker {
+    engine: Engine,
+    store: AssetStore,
+    cache: moka::sync::Cache<CacheKey, Cached>,
+    /// The worker's metrics.
+    pub metrics: Metrics,
+}
+
+/// Opens the backend a config asks for. `auto` takes wgpu when an adapter exists and says which.
+pub fn open_backend(choice: BackendChoice, threads: usize) -> Result<Backend, EngineError> {
+    match choice {
+        BackendChoice::Cpu => Ok(Backend::Cpu { threads }),
+        BackendChoice::Wgpu => Ok(Backend::Wgpu(Arc::new(Gpu::new()?))),
+        BackendChoice::Auto => match Gpu::new() {
+            Ok(g) => {
+                tracing::info!(adapter = g.adapter_name(), kind = %g.adapter_kind(), "backend auto: using wgpu");
+                Ok(Backend::Wgpu(Arc::new(g)))
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, threads, "backend auto: no usable wgpu adapter, using the cpu");
+                Ok(Backend::Cpu { threads })
+            }
+        },
+    }
+}
+
+impl Worker {
+    /// A worker over a config's data dir, with a ready engine.
+    pub fn new(cfg: &WorkerConfig, backend: Backend) -> Result<Worker, WorkerError> {
+        let store = AssetStore::open(&cfg.data_dir).map_err(|source| WorkerError::Store { path: cfg.data_dir.clone(), source })?;
+        // Bounded by entries standing for bytes: each entry is a key and a hash (~200 bytes).
+        let cache = moka::sync::Cache::builder()
+            .weigher(|_k: &CacheKey, v: &Cached| (64 + 32 + v.hash.len()) as u32)
+            .max_capacity(cfg.cache_bytes)
+            .build();
+        Ok(Worker {
+            engine: Engine { backend, path: cfg.engine, band_samples: cfg.band_samples },
+            store,
+            cache,
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The asset store.
+    pub fn store(&self) -> &AssetStore {
+        &self.store
+    }
+
+    /// The cache key of a request under this worker's model and post chain.
+    pub fn key(&self, req: &RenderRequest) -> CacheKey {
+        req.key_input(model_version(), post_chain_version()).key()
+    }
+
+    /// The asset for a key, from memory or the store's key index, if there is one.
+    pub fn cached(&self, key: &CacheKey) -> Option<String> {
+        if let Some(c) = self.cache.get(key) {
+            if self.store.contains(&c.hash) {
+                return Some(c.hash.to_string());
+            }
+            self.cache.invalidate(key);
+        }
+        let hash = self.store.lookup_key(key)?;
+        self.cache.insert(*key, Cached { hash: hash.as_str().into() });
+        Some(hash)
+    }
+
+    /// Answers a request: from the cache if its key has an asset, else by rendering it.
+    pub fn render(&self, req: &RenderRequest, progress: &mut dyn FnMut(Progress)) -> Result<Rendered, WorkerError> {
+        if req.model != MODEL_ID {
+            return Err(WorkerError::UnknownModel(req.model.clone()));
+        }
+        let key = self.key(req);
+        if let Some(asset) = self.cached(&key) {
+            self.metrics.cache_hits.inc();
+            tracing::info!(%key, asset, "cache hit");
+            return Ok(Rendered { path: self.store.path(&asset), asset, key, cache_hit: true, stats: None });
+        }
+        self.metrics.cache_misses.inc();
+        let store_err = |source| WorkerError::Store { path: self.store.path(""), source };
+        let started = Instant::now();
+        let mut pending = self.store.begin().map_err(store_err)?;
+        let (thumb, stats) = render_to(&self.engine, req, &mut pending, progress)?;
+        let backend = self.engine.backend.name();
+        let provenance = |hash: &str| {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "asset": hash,
+                "thumbnail": blake3::hash(&thumb).to_hex().to_string(),
+                "request": req,
+                "cache_key": key,
+                "key_input": req.key_input(model_version(), post_chain_version()),
+                "model": { "id": MODEL_ID, "version": model_version(), "path": self.engine.path },
+                "post_chain_version": post_chain_version(),
+                "backend": backend,
+                "device": self.engine.backend.device_name(),
+                "timings": stats,
+                "kiln_version": env!("CARGO_PKG_VERSION"),
+                "host": std::env::var("HOSTNAME").unwrap_or_default(),
+                "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            }))
+            .unwrap_or_default()
+        };
+        let (asset, _bytes) = self.store.commit(pending, &thumb, provenance).map_err(store_err)?;
+        self.store.put_key(&key, &asset).map_err(store_err)?;
+        self.cache.insert(key, Cached { hash: asset.as_str().into() });
+        let tier = req.tier.as_str();
+        self.metrics.render_seconds.with_label_values(&[tier, MODEL_ID, backend]).observe(started.elapsed().as_secs_f64());
+        self.metrics.pixels.with_label_values(&[tier]).inc_by(u64::from(req.width) * u64::from(req.height));
+        tracing::info!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");
+        Ok(Rendered { path: self.store.path(&asset), asset, key, cache_hit: false, stats: Some(stats) })
+    }
+}

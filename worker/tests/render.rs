@@ -1,0 +1,218 @@
+//! End-to-end tests of the render engine: determinism, backend agreement, tiling, the cache,
+//! provenance and the command line's errors.
+
+use std::process::Command;
+
+use kiln_protocol::{RenderRequest, Tier, TierLimits};
+use kiln_worker::config::{BackendChoice, WorkerConfig};
+use kiln_worker::gpu::gpu_for_tests;
+use kiln_worker::render::{Backend, Engine, ModelPath, render_to};
+use kiln_worker::worker::Worker;
+
+fn req(prompt: &str, seed: u64, tier: Tier, side: u32, samples: Option<u32>) -> RenderRequest {
+    RenderRequest::resolve("cppn", prompt, seed, tier, Some(side), None, samples, &TierLimits::default()).unwrap()
+}
+
+fn cpu() -> Engine {
+    Engine { backend: Backend::Cpu { threads: 2 }, path: ModelPath::Fused, band_samples: 1 << 20 }
+}
+
+fn wgpu() -> Option<Engine> {
+    gpu_for_tests().map(|g| Engine { backend: Backend::Wgpu(g), path: ModelPath::Fused, band_samples: 1 << 20 })
+}
+
+fn png(engine: &Engine, r: &RenderRequest) -> Vec<u8> {
+    let mut out = Vec::new();
+    render_to(engine, r, &mut out, &mut |_| {}).unwrap();
+    out
+}
+
+/// Decodes an RGB8 PNG to (width, height, bytes).
+fn decode(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// (max channel difference, PSNR in dB, mean absolute difference).
+fn compare(a: &[u8], b: &[u8]) -> (u8, f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let max = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0);
+    let mse = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum::<f64>() / a.len() as f64;
+    let mad = a.iter().zip(b).map(|(x, y)| f64::from(x.abs_diff(*y))).sum::<f64>() / a.len() as f64;
+    let psnr = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0 * 255.0 / mse).log10() };
+    (max, psnr, mad)
+}
+
+#[test]
+fn the_same_request_twice_gives_byte_identical_pngs() {
+    let r = req("ember kaleidoscope", 1, Tier::Preview, 160, None);
+    assert_eq!(png(&cpu(), &r), png(&cpu(), &r), "cpu");
+    if let Some(g) = wgpu() {
+        assert_eq!(png(&g, &r), png(&g, &r), "wgpu");
+    }
+}
+
+#[test]
+fn wgpu_and_cpu_agree_within_tolerance() {
+    let Some(g) = wgpu() else { return };
+    // Stated tolerance: at most 2 levels in any channel, PSNR at least 45 dB.
+    for r in [req("neon busy mirror", 4, Tier::Preview, 128, None), req("ocean calm", 2, Tier::Final, 96, Some(3)), req("dusk", 5, Tier::Print, 100, None)] {
+        let (_, _, a) = decode(&png(&cpu(), &r));
+        let (_, _, b) = decode(&png(&g, &r));
+        let (max, psnr, _) = compare(&a, &b);
+        assert!(max <= 2 && psnr >= 45.0, "{:?}: max channel difference {max}, PSNR {psnr:.1} dB", r.tier);
+    }
+}
+
+#[test]
+fn different_seeds_and_prompts_differ_visibly() {
+    let base = decode(&png(&cpu(), &req("forest rock", 1, Tier::Final, 96, Some(1)))).2;
+    let other_seed = decode(&png(&cpu(), &req("forest rock", 2, Tier::Final, 96, Some(1)))).2;
+    let other_prompt = decode(&png(&cpu(), &req("forest pool", 1, Tier::Final, 96, Some(1)))).2;
+    let other_palette = decode(&png(&cpu(), &req("ember rock", 1, Tier::Final, 96, Some(1)))).2;
+    for (what, img) in [("seed", other_seed), ("prompt", other_prompt), ("palette word", other_palette)] {
+        let (_, _, mad) = compare(&base, &img);
+        assert!(mad > 8.0, "another {what} changed the image by only {mad:.1} levels on average");
+    }
+}
+
+#[test]
+fn banded_and_whole_renders_are_bit_identical() {
+    let r = req("quad desert", 3, Tier::Final, 120, Some(2));
+    let mut engines = vec![cpu()];
+    engines.extend(wgpu());
+    for mut e in engines {
+        e.band_samples = 1 << 24;
+        let whole = png(&e, &r);
+        e.band_samples = 4096; // many small bands
+        let banded = png(&e, &r);
+        assert_eq!(whole, banded, "{}", e.backend.name());
+    }
+}
+
+#[test]
+fn tiers_are_the_same_artwork_at_another_resolution() {
+    // A final render box-downsampled to the preview size looks like the preview (minus watermark).
+    let fin = decode(&png(&cpu(), &req("dusk quad", 9, Tier::Final, 256, Some(2)))).2;
+    let print = decode(&png(&cpu(), &req("dusk quad", 9, Tier::Print, 128, Some(1)))).2;
+    let mut down = vec![0u8; 128 * 128 * 3];
+    for y in 0..128 {
+        for x in 0..128 {
+            for c in 0..3 {
+                let s: u32 = [(0, 0), (1, 0), (0, 1), (1, 1)].iter().map(|(dx, dy)| u32::from(fin[((2 * y + dy) * 256 + 2 * x + dx) * 3 + c])).sum();
+                down[(y * 128 + x) * 3 + c] = ((s + 2) / 4) as u8;
+            }
+        }
+    }
+    let (_, psnr, _) = compare(&down, &print);
+    assert!(psnr > 25.0, "final downsampled vs print at the same size: PSNR {psnr:.1} dB");
+}
+
+#[test]
+fn the_burn_path_agrees_with_the_fused_path() {
+    let r = req("mirror forest", 6, Tier::Preview, 64, None);
+    let fused = decode(&png(&cpu(), &r)).2;
+    let mut burn_cpu = cpu();
+    burn_cpu.path = ModelPath::Burn;
+    let (max, _, _) = compare(&fused, &decode(&png(&burn_cpu, &r)).2);
+    assert!(max <= 1, "burn flex vs fused cpu: {max} levels");
+    if let Some(mut g) = wgpu() {
+        g.path = ModelPath::Burn;
+        let (max, _, _) = compare(&fused, &decode(&png(&g, &r)).2);
+        assert!(max <= 2, "burn wgpu vs fused cpu: {max} levels");
+    }
+}
+
+fn config(dir: &std::path::Path) -> WorkerConfig {
+    WorkerConfig { data_dir: dir.to_path_buf(), backend: BackendChoice::Cpu, ..WorkerConfig::default() }
+}
+
+#[test]
+fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let r = req("ember tide", 12, Tier::Preview, 96, None);
+    let w = Worker::new(&cfg, Backend::Cpu { threads: 2 }).unwrap();
+    let first = w.render(&r, &mut |_| {}).unwrap();
+    assert!(!first.cache_hit);
+    let bytes = std::fs::read(&first.path).unwrap();
+    assert_eq!(blake3::hash(&bytes).to_hex().as_str(), first.asset, "the asset is named by the BLAKE3 of its bytes");
+    let second = w.render(&r, &mut |_| {}).unwrap();
+    assert!(second.cache_hit);
+    assert_eq!(second.asset, first.asset);
+    assert_eq!((w.metrics.cache_misses.get(), w.metrics.cache_hits.get()), (1, 1));
+    assert_eq!(w.metrics.pixels.with_label_values(&["preview"]).get(), 96 * 96, "the hit rendered nothing");
+    assert!(w.metrics.encode().contains("kiln_cache_hits_total 1"));
+    drop(w);
+    // A new worker over the same data dir: still a hit, nothing rendered.
+    let w = Worker::new(&cfg, Backend::Cpu { threads: 2 }).unwrap();
+    let third = w.render(&r, &mut |_| {}).unwrap();
+    assert!(third.cache_hit);
+    assert_eq!(third.asset, first.asset);
+    assert_eq!(w.metrics.cache_misses.get(), 0);
+    // The provenance names what made it.
+    let prov: serde_json::Value = serde_json::from_slice(&std::fs::read(w.store().provenance_path(&first.asset)).unwrap()).unwrap();
+    assert_eq!(prov["asset"], first.asset.as_str());
+    assert_eq!(prov["cache_key"], first.key.to_string().as_str());
+    assert_eq!(prov["backend"], "cpu");
+    assert_eq!(prov["request"]["seed"], 12);
+    assert!(prov["timings"]["total_seconds"].as_f64().unwrap() > 0.0);
+    assert!(prov["model"]["version"].as_str().unwrap().len() == 16);
+    assert!(w.store().thumb_path(&first.asset).is_file());
+}
+
+fn cli(args: &[&str], data: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
+        .args(args)
+        .env("KILN_DATA_DIR", data)
+        .env("KILN_BACKEND", "cpu")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn the_cli_renders_and_reports_hash_key_and_cache_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.png");
+    let o = out.to_str().unwrap();
+    let (ok, stdout, stderr) = cli(&["render", "--prompt", "Ocean  Calm", "--seed", "3", "--tier", "preview", "--width", "64", "--out", o], dir.path());
+    assert!(ok, "{stderr}");
+    let hash = blake3::hash(&std::fs::read(&out).unwrap()).to_hex().to_string();
+    assert!(stdout.contains(&format!("asset {hash}")), "{stdout}");
+    assert!(stdout.contains("cache miss") && stdout.contains("key   "), "{stdout}");
+    // The same request, spelled differently: a hit.
+    let (ok, stdout, _) = cli(&["render", "--prompt", "ocean calm", "--seed", "3", "--width", "64", "--out", o], dir.path());
+    assert!(ok && stdout.contains("cache hit") && stdout.contains(&hash), "{stdout}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--width", "0"], "width: must be at least 1"),
+        (vec!["--width", "99999", "--tier", "final"], "tiers.final.max_side"),
+        (vec!["--tier", "poster"], "unknown tier"),
+        (vec!["--backend", "cuda"], "invalid value 'cuda'"),
+        (vec!["--samples", "9"], "samples"),
+        (vec!["--width", "-3"], "--width"),
+    ];
+    for (extra, expect) in cases {
+        let mut args = vec!["render", "--prompt", "x", "--seed", "1", "--out", o];
+        args.extend(extra.iter());
+        let (ok, _, stderr) = cli(&args, dir.path());
+        assert!(!ok, "{extra:?} succeeded");
+        assert!(stderr.contains(expect), "{extra:?}: expected {expect:?} in {stderr}");
+    }
+    let (ok, _, stderr) = cli(&["render", "--prompt", "x", "--seed", "1", "--width", "8", "--out", "/nonexistent/dir/x.png"], dir.path());
+    assert!(!ok && stderr.contains("/nonexistent/dir") && stderr.contains("does not exist"), "{stderr}");
+    let (ok, _, stderr) = cli(&["render", "--prompt", "x", "--seed", "1", "--width", "8", "--out", dir.path().to_str().unwrap()], dir.path());
+    assert!(!ok && stderr.contains("is a directory"), "{stderr}");
+    assert!(!out.exists());
+}
