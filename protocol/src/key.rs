@@ -128,10 +128,7 @@ mod tests {
         let expected = blake3::hash(input().canonical_json().as_bytes());
         assert_eq!(key.0, *expected.as_bytes());
         // Pinned: a change here invalidates every cache in the field and needs a migration.
-        assert_eq!(
-            key.to_string(),
-            "018d8a4d83bbefc11c5c0b4473c4cd189a4126a242c3b4dc3b0a2400efe6e887"
-        );
+        assert_eq!(key.to_string(), "018d8a4d83bbefc11c5c0b4473c4cd189a4126a242c3b4dc3b0a2400efe6e887");
     }
 
     #[test]

@@ -158,7 +158,9 @@ pub enum RequestError {
         limit: u32,
     },
     /// More pixels than the tier allows.
-    #[error("width × height: {value} pixels exceeds the {tier} tier's limit of {limit} pixels (tiers.{tier}.max_pixels)")]
+    #[error(
+        "width × height: {value} pixels exceeds the {tier} tier's limit of {limit} pixels (tiers.{tier}.max_pixels)"
+    )]
     TooManyPixels {
         /// What was asked.
         value: u64,
@@ -225,10 +227,7 @@ impl RenderRequest {
         let prompt = normalise_prompt(prompt);
         let chars = prompt.chars().count();
         if chars > limits.max_prompt_chars {
-            return Err(RequestError::PromptTooLong {
-                value: chars,
-                limit: limits.max_prompt_chars,
-            });
+            return Err(RequestError::PromptTooLong { value: chars, limit: limits.max_prompt_chars });
         }
         let (width, height) = match (width, height) {
             (None, None) => (spec.default_side, spec.default_side),
@@ -241,39 +240,18 @@ impl RenderRequest {
                 return Err(RequestError::ZeroSize { field });
             }
             if value > spec.max_side {
-                return Err(RequestError::SideTooLarge {
-                    field,
-                    value,
-                    tier,
-                    limit: spec.max_side,
-                });
+                return Err(RequestError::SideTooLarge { field, value, tier, limit: spec.max_side });
             }
         }
         let pixels = u64::from(width) * u64::from(height);
         if pixels > spec.max_pixels {
-            return Err(RequestError::TooManyPixels {
-                value: pixels,
-                tier,
-                limit: spec.max_pixels,
-            });
+            return Err(RequestError::TooManyPixels { value: pixels, tier, limit: spec.max_pixels });
         }
         let samples = samples.unwrap_or(spec.default_samples);
         if samples == 0 || samples > spec.max_samples {
-            return Err(RequestError::Samples {
-                value: samples,
-                tier,
-                limit: spec.max_samples,
-            });
+            return Err(RequestError::Samples { value: samples, tier, limit: spec.max_samples });
         }
-        Ok(RenderRequest {
-            model: model.to_owned(),
-            prompt,
-            seed,
-            tier,
-            width,
-            height,
-            samples,
-        })
+        Ok(RenderRequest { model: model.to_owned(), prompt, seed, tier, width, height, samples })
     }
 
     /// The cache key input of this request under a given model version and post chain.
@@ -323,8 +301,7 @@ mod tests {
     fn a_pixel_budget_is_enforced_separately_from_the_side() {
         let mut limits = TierLimits::default();
         limits.print.max_pixels = 1000;
-        let e = RenderRequest::resolve("cppn", "", 1, Tier::Print, Some(100), Some(100), None, &limits)
-            .unwrap_err();
+        let e = RenderRequest::resolve("cppn", "", 1, Tier::Print, Some(100), Some(100), None, &limits).unwrap_err();
         assert!(e.to_string().contains("tiers.print.max_pixels"));
     }
 

@@ -36,7 +36,9 @@ pub struct BenchArgs {
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
@@ -67,8 +69,15 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
     if args.print_side > 0 {
         cases.push((Tier::Print, args.print_side, 1));
     }
-    println!("# kiln-worker bench: CPPN 11→4×32→3, {} FLOPs/sample; medians of {runs} runs; cpu threads {}", FLOPS_PER_SAMPLE, cfg.threads());
-    println!("{:<6} {:<8} {:>11} {:>4} {:>4} {:>9} {:>8} {:>10} {:>8} {:>9}", "backend", "tier", "size", "spp", "runs", "median_s", "Mpx/s", "Msample/s", "GFLOP/s", "peak_MiB");
+    println!(
+        "# kiln-worker bench: CPPN 11→4×32→3, {} FLOPs/sample; medians of {runs} runs; cpu threads {}",
+        FLOPS_PER_SAMPLE,
+        cfg.threads()
+    );
+    println!(
+        "{:<6} {:<8} {:>11} {:>4} {:>4} {:>9} {:>8} {:>10} {:>8} {:>9}",
+        "backend", "tier", "size", "spp", "runs", "median_s", "Mpx/s", "Msample/s", "GFLOP/s", "peak_MiB"
+    );
     for choice in choices {
         let backend = match open_backend(choice, cfg.threads()) {
             Ok(b) => b,
@@ -84,7 +93,16 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
         let warm = RenderRequest::resolve(MODEL_ID, "warm up", 0, Tier::Preview, Some(64), None, None, &limits)?;
         render_to(&engine, &warm, std::io::sink(), &mut |_| {})?;
         for (tier, side, n) in &cases {
-            let req = RenderRequest::resolve(MODEL_ID, "bench ember kaleidoscope", 7, *tier, Some(*side), None, None, &limits)?;
+            let req = RenderRequest::resolve(
+                MODEL_ID,
+                "bench ember kaleidoscope",
+                7,
+                *tier,
+                Some(*side),
+                None,
+                None,
+                &limits,
+            )?;
             reset_peak_rss();
             let mut secs = Vec::new();
             let mut samples = 0;

@@ -125,7 +125,16 @@ fn check_writable(out: &Path) -> anyhow::Result<()> {
 /// `kiln-worker render`.
 pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
     let tier: Tier = args.tier.parse()?;
-    let req = RenderRequest::resolve(MODEL_ID, &args.prompt, args.seed, tier, args.width, args.height, args.samples, &cfg.tiers)?;
+    let req = RenderRequest::resolve(
+        MODEL_ID,
+        &args.prompt,
+        args.seed,
+        tier,
+        args.width,
+        args.height,
+        args.samples,
+        &cfg.tiers,
+    )?;
     // Fail on an unwritable output before spending minutes on the render.
     check_writable(&args.out)?;
     if let Some(t) = &args.thumb {
@@ -137,7 +146,8 @@ pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
     let done = worker.render(&req, &mut progress_reporter(label))?;
     std::fs::copy(&done.path, &args.out).with_context(|| format!("failed to write --out {}", args.out.display()))?;
     if let Some(t) = &args.thumb {
-        std::fs::copy(worker.store().thumb_path(&done.asset), t).with_context(|| format!("failed to write --thumb {}", t.display()))?;
+        std::fs::copy(worker.store().thumb_path(&done.asset), t)
+            .with_context(|| format!("failed to write --thumb {}", t.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&done)?);
@@ -147,7 +157,12 @@ pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
         println!("cache {}", if done.cache_hit { "hit" } else { "miss" });
         println!("out   {}", args.out.display());
         if let Some(s) = &done.stats {
-            println!("took  {:.2} s ({} on {})", s.total_seconds, worker.engine().backend.name(), worker.engine().backend.device_name());
+            println!(
+                "took  {:.2} s ({} on {})",
+                s.total_seconds,
+                worker.engine().backend.name(),
+                worker.engine().backend.device_name()
+            );
         }
     }
     Ok(())

@@ -104,17 +104,18 @@ pub enum ConfigError {
     },
 }
 
-fn env_parse<T: std::str::FromStr>(key: &'static str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<T>, ConfigError>
+fn env_parse<T: std::str::FromStr>(
+    key: &'static str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<T>, ConfigError>
 where
     T::Err: std::fmt::Display,
 {
     match lookup(key) {
         None => Ok(None),
-        Some(value) => value.trim().parse().map(Some).map_err(|e: T::Err| ConfigError::Env {
-            key,
-            message: e.to_string(),
-            value,
-        }),
+        Some(value) => {
+            value.trim().parse().map(Some).map_err(|e: T::Err| ConfigError::Env { key, message: e.to_string(), value })
+        }
     }
 }
 
@@ -129,7 +130,8 @@ impl WorkerConfig {
         let mut cfg = match file {
             None => WorkerConfig::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?
             }
         };
@@ -159,15 +161,30 @@ impl WorkerConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.band_samples < 4096 {
-            return Err(ConfigError::Invalid { key: "band_samples", message: format!("{} is below the minimum of 4096", self.band_samples) });
+            return Err(ConfigError::Invalid {
+                key: "band_samples",
+                message: format!("{} is below the minimum of 4096", self.band_samples),
+            });
         }
         for tier in kiln_protocol::Tier::ALL {
             let s = self.tiers.spec(tier);
             if s.default_side == 0 || s.default_side > s.max_side {
-                return Err(ConfigError::Invalid { key: "tiers.*.default_side", message: format!("{tier}: default_side {} must be in 1..=max_side ({})", s.default_side, s.max_side) });
+                return Err(ConfigError::Invalid {
+                    key: "tiers.*.default_side",
+                    message: format!(
+                        "{tier}: default_side {} must be in 1..=max_side ({})",
+                        s.default_side, s.max_side
+                    ),
+                });
             }
             if s.default_samples == 0 || s.default_samples > s.max_samples {
-                return Err(ConfigError::Invalid { key: "tiers.*.default_samples", message: format!("{tier}: default_samples {} must be in 1..=max_samples ({})", s.default_samples, s.max_samples) });
+                return Err(ConfigError::Invalid {
+                    key: "tiers.*.default_samples",
+                    message: format!(
+                        "{tier}: default_samples {} must be in 1..=max_samples ({})",
+                        s.default_samples, s.max_samples
+                    ),
+                });
             }
         }
         Ok(())

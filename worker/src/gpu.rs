@@ -178,7 +178,13 @@ impl Gpu {
     }
 
     /// Records one dispatch of `pipeline` over `threads` invocations; binding i is `buffers[i]`.
-    pub fn dispatch(&self, enc: &mut wgpu::CommandEncoder, pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer], threads: u32) {
+    pub fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[&wgpu::Buffer],
+        threads: u32,
+    ) {
         if threads == 0 {
             return;
         }
@@ -206,7 +212,11 @@ impl Gpu {
     }
 
     /// Submits `enc`, then copies the first `elems[i]` elements of each `reads[i]` back to the CPU.
-    pub fn submit_and_read<T: Pod>(&self, mut enc: wgpu::CommandEncoder, reads: &[(&wgpu::Buffer, usize)]) -> Result<Vec<Vec<T>>, EngineError> {
+    pub fn submit_and_read<T: Pod>(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        reads: &[(&wgpu::Buffer, usize)],
+    ) -> Result<Vec<Vec<T>>, EngineError> {
         let mut staging = Vec::new();
         for (buf, elems) in reads {
             let bytes = ((elems * std::mem::size_of::<T>()) as u64).max(4).next_multiple_of(4);
@@ -227,13 +237,9 @@ impl Gpu {
                 let _ = tx.send(r);
             });
         }
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| backend_err("waiting for the GPU", e))?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| backend_err("waiting for the GPU", e))?;
         for _ in &staging {
-            rx.recv()
-                .map_err(|e| backend_err("readback", e))?
-                .map_err(|e| backend_err("readback", e))?;
+            rx.recv().map_err(|e| backend_err("readback", e))?.map_err(|e| backend_err("readback", e))?;
         }
         if let Some(e) = self.error.lock().ok().and_then(|mut e| e.take()) {
             return Err(EngineError::Backend(e));
@@ -288,7 +294,12 @@ impl<'g> BandRenderer<'g> {
 
     /// Renders one band: samples (fused kernel or given), tone, resolve, watermark, quantise and
     /// thumbnail, in one submission. Returns the packed 8-bit pixels and thumbnail pixels.
-    pub fn run(&self, tile: &SampleTile, post: &PostParams, samples: Samples<'_>) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+    pub fn run(
+        &self,
+        tile: &SampleTile,
+        post: &PostParams,
+        samples: Samples<'_>,
+    ) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
         let g = self.gpu;
         let p = &g.pipelines;
         let (width, rows) = (post.dims[0], post.dims[1]);
@@ -318,7 +329,8 @@ impl<'g> BandRenderer<'g> {
         g.dispatch(&mut enc, &p.watermark, &[&self.post, &self.pixels, g.glyphs()], pixels);
         g.dispatch(&mut enc, &p.quantize, &[&self.post, &self.pixels, &self.packed], pixels);
         g.dispatch(&mut enc, &p.thumbnail, &[&self.post, &self.pixels, &self.thumb], thumbs);
-        let mut out = g.submit_and_read::<u32>(enc, &[(&self.packed, pixels as usize), (&self.thumb, thumbs as usize)])?;
+        let mut out =
+            g.submit_and_read::<u32>(enc, &[(&self.packed, pixels as usize), (&self.thumb, thumbs as usize)])?;
         let thumb = out.pop().unwrap_or_default();
         let packed = out.pop().unwrap_or_default();
         Ok((packed, thumb))
@@ -363,7 +375,14 @@ mod tests {
             .unwrap_or(0)
     }
 
-    fn run_one<T: Pod>(g: &Gpu, pipeline: &wgpu::ComputePipeline, bufs: &[&wgpu::Buffer], threads: u32, read: &wgpu::Buffer, n: usize) -> Vec<T> {
+    fn run_one<T: Pod>(
+        g: &Gpu,
+        pipeline: &wgpu::ComputePipeline,
+        bufs: &[&wgpu::Buffer],
+        threads: u32,
+        read: &wgpu::Buffer,
+        n: usize,
+    ) -> Vec<T> {
         let mut enc = g.encoder();
         g.dispatch(&mut enc, pipeline, bufs, threads);
         g.submit_and_read::<T>(enc, &[(read, n)]).unwrap().remove(0)
@@ -384,7 +403,14 @@ mod tests {
                 latent: c.latent,
             };
             g.write(&band.cppn, &[params]);
-            let gpu: Vec<f32> = run_one(&g, &g.pipelines.cppn, &[&band.cppn, &band.weights, &band.samples], tile.len() as u32, &band.samples, tile.len() * 3);
+            let gpu: Vec<f32> = run_one(
+                &g,
+                &g.pipelines.cppn,
+                &[&band.cppn, &band.weights, &band.samples],
+                tile.len() as u32,
+                &band.samples,
+                tile.len() * 3,
+            );
             let mut cpu = vec![0.0; tile.len() * 3];
             render_tile_cpu(&c, &tile, 2, &mut cpu);
             // Stated tolerance: 1e-4 per channel (the same approximations; FMA and division rounding differ).
@@ -411,7 +437,8 @@ mod tests {
 
         // tone: 1e-5.
         let samples = g.storage_init("samples", &raw);
-        let toned_gpu: Vec<f32> = run_one(&g, &g.pipelines.tone, &[&post_buf, &samples], n_samples as u32, &samples, n_samples * 3);
+        let toned_gpu: Vec<f32> =
+            run_one(&g, &g.pipelines.tone, &[&post_buf, &samples], n_samples as u32, &samples, n_samples * 3);
         let mut toned = raw.clone();
         post::tone(&p, &mut toned);
         assert!(max_diff(&toned_gpu, &toned) < 1e-5, "tone: {}", max_diff(&toned_gpu, &toned));
@@ -419,14 +446,22 @@ mod tests {
         // resolve: 1e-6.
         let samples = g.storage_init("samples", &toned);
         let pixels = g.storage("pixels", (n_pixels * 12) as u64);
-        let resolved_gpu: Vec<f32> = run_one(&g, &g.pipelines.resolve, &[&post_buf, &samples, &pixels], n_pixels as u32, &pixels, n_pixels * 3);
+        let resolved_gpu: Vec<f32> =
+            run_one(&g, &g.pipelines.resolve, &[&post_buf, &samples, &pixels], n_pixels as u32, &pixels, n_pixels * 3);
         let mut resolved = vec![0.0; n_pixels * 3];
         post::resolve(&p, &toned, &mut resolved);
         assert!(max_diff(&resolved_gpu, &resolved) < 1e-6, "resolve: {}", max_diff(&resolved_gpu, &resolved));
 
         // watermark: 1e-6, and it must have marked something.
         let pixels = g.storage_init("pixels", &resolved);
-        let marked_gpu: Vec<f32> = run_one(&g, &g.pipelines.watermark, &[&post_buf, &pixels, g.glyphs()], n_pixels as u32, &pixels, n_pixels * 3);
+        let marked_gpu: Vec<f32> = run_one(
+            &g,
+            &g.pipelines.watermark,
+            &[&post_buf, &pixels, g.glyphs()],
+            n_pixels as u32,
+            &pixels,
+            n_pixels * 3,
+        );
         let mut marked = resolved.clone();
         post::watermark(&p, &mut marked);
         assert_ne!(marked, resolved, "the watermark changed nothing");
@@ -435,14 +470,16 @@ mod tests {
         // quantize (with dither): 1 level.
         let pixels = g.storage_init("pixels", &marked);
         let packed = g.storage("packed", (n_pixels * 4) as u64);
-        let q_gpu: Vec<u32> = run_one(&g, &g.pipelines.quantize, &[&post_buf, &pixels, &packed], n_pixels as u32, &packed, n_pixels);
+        let q_gpu: Vec<u32> =
+            run_one(&g, &g.pipelines.quantize, &[&post_buf, &pixels, &packed], n_pixels as u32, &packed, n_pixels);
         let mut q = vec![0u32; n_pixels];
         post::quantize(&p, &marked, &mut q);
         assert!(max_level_diff(&q_gpu, &q) <= 1, "quantize: {} levels", max_level_diff(&q_gpu, &q));
 
         // thumbnail: 1 level.
         let thumb = g.storage("thumb", (n_thumb * 4) as u64);
-        let t_gpu: Vec<u32> = run_one(&g, &g.pipelines.thumbnail, &[&post_buf, &pixels, &thumb], n_thumb as u32, &thumb, n_thumb);
+        let t_gpu: Vec<u32> =
+            run_one(&g, &g.pipelines.thumbnail, &[&post_buf, &pixels, &thumb], n_thumb as u32, &thumb, n_thumb);
         let mut t = vec![0u32; n_thumb];
         post::thumbnail(&p, &marked, &mut t);
         assert!(max_level_diff(&t_gpu, &t) <= 1, "thumbnail: {} levels", max_level_diff(&t_gpu, &t));

@@ -5,7 +5,8 @@ use kiln_worker::cli::{Cli, run};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cli.log_json {
         logs.json().init();

@@ -42,7 +42,8 @@ impl Metrics {
             &["tier", "model", "backend"],
         )
         .expect("valid metric");
-        let pixels = IntCounterVec::new(Opts::new(PIXELS_RENDERED, "Output pixels rendered"), &["tier"]).expect("valid metric");
+        let pixels =
+            IntCounterVec::new(Opts::new(PIXELS_RENDERED, "Output pixels rendered"), &["tier"]).expect("valid metric");
         let cache_hits = IntCounter::new(CACHE_HITS, "Render requests answered from the cache").expect("valid metric");
         let cache_misses = IntCounter::new(CACHE_MISSES, "Render requests that had to render").expect("valid metric");
         for c in [

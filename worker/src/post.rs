@@ -43,13 +43,29 @@ pub const FLAG_DITHER: u32 = 2;
 impl PostParams {
     /// Parameters for one band.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(style: &Style, width: u32, height: u32, rows: u32, y0: u32, samples: u32, flags: u32, thumb: (u32, u32)) -> Self {
+    pub fn new(
+        style: &Style,
+        width: u32,
+        height: u32,
+        rows: u32,
+        y0: u32,
+        samples: u32,
+        flags: u32,
+        thumb: (u32, u32),
+    ) -> Self {
         PostParams {
             dims: [width, rows, samples, y0],
             dims2: [height, flags, thumb.0, thumb.1],
             tone: [style.contrast, 0.0, 0.0, 0.0],
             palette: style.palette.map(|c| [c[0], c[1], c[2], 0.0]),
         }
+    }
+    /// The same band restricted to `rows` rows starting `row0` rows into it.
+    pub fn sub_rows(&self, row0: u32, rows: u32) -> Self {
+        let mut p = *self;
+        p.dims[1] = rows;
+        p.dims[3] += row0;
+        p
     }
     fn width(&self) -> usize {
         self.dims[0] as usize

@@ -181,6 +181,10 @@ pub fn render_to<W: Write>(
         Backend::Cpu { .. } => None,
     };
 
+    let threads = match &engine.backend {
+        Backend::Cpu { threads } => *threads,
+        Backend::Wgpu(_) => 1,
+    };
     let mut writer = png_encoder(out, w, h).write_header()?;
     let mut stream = writer.stream_writer_with_size(1 << 20)?;
     let mut thumb_rgb = Vec::with_capacity((plan.thumb_w * plan.thumb_h * 3) as usize);
@@ -199,18 +203,17 @@ pub fn render_to<W: Write>(
         if let (Some(m), Some(d)) = (&burn_module, &burn_device) {
             m.render_tile(&model, &tile, d, &mut samples_buf)?;
         }
-        let (packed, thumb) = match (&gpu_bands, &engine.backend) {
-            (Some(bands), _) => {
+        let (packed, thumb) = match &gpu_bands {
+            Some(bands) => {
                 let src = if burn_module.is_some() { Samples::Given(&samples_buf) } else { Samples::Fused };
                 bands.run(&tile, &params, src)?
             }
-            (None, Backend::Cpu { threads }) => {
+            None => {
                 if burn_module.is_none() {
-                    render_tile_cpu(&model, &tile, *threads, &mut samples_buf);
+                    render_tile_cpu(&model, &tile, threads, &mut samples_buf);
                 }
-                cpu_post(&params, &mut samples_buf)
+                cpu_post(&params, &mut samples_buf, threads)
             }
-            (None, Backend::Wgpu(_)) => unreachable!("a wgpu backend always has band buffers"),
         };
         stats.render_seconds += band_start.elapsed().as_secs_f64();
         let encode_start = Instant::now();
@@ -233,18 +236,31 @@ pub fn render_to<W: Write>(
     Ok((thumb_png, stats))
 }
 
-/// The post chain on the CPU: the references of the kernels, in the kernels' order.
-fn cpu_post(p: &PostParams, samples: &mut [f32]) -> (Vec<u32>, Vec<u32>) {
-    let pixels_n = (p.dims[0] * p.dims[1]) as usize;
-    let thumb_n = (p.dims2[3] * p.dims[1].div_ceil(p.dims2[2])) as usize;
-    let mut pixels = vec![0.0f32; pixels_n * 3];
-    let mut packed = vec![0u32; pixels_n];
-    let mut thumb = vec![0u32; thumb_n];
-    post::tone(p, samples);
-    post::resolve(p, samples, &mut pixels);
-    post::watermark(p, &mut pixels);
-    post::quantize(p, &pixels, &mut packed);
-    post::thumbnail(p, &pixels, &mut thumb);
+/// The post chain on the CPU: the references of the kernels, in the kernels' order, on `threads`
+/// threads over row chunks that hold whole thumbnail rows (so the split changes no bit).
+fn cpu_post(p: &PostParams, samples: &mut [f32], threads: usize) -> (Vec<u32>, Vec<u32>) {
+    let (w, rows, s, f, tw) = (p.dims[0] as usize, p.dims[1], p.dims[2] as usize, p.dims2[2], p.dims2[3] as usize);
+    let mut pixels = vec![0.0f32; w * rows as usize * 3];
+    let mut packed = vec![0u32; w * rows as usize];
+    let mut thumb = vec![0u32; tw * rows.div_ceil(f) as usize];
+    let chunk = rows.div_ceil(threads.max(1) as u32).next_multiple_of(f) as usize;
+    std::thread::scope(|scope| {
+        let parts = samples
+            .chunks_mut(chunk * s * w * s * 3)
+            .zip(pixels.chunks_mut(chunk * w * 3))
+            .zip(packed.chunks_mut(chunk * w))
+            .zip(thumb.chunks_mut(chunk / f as usize * tw));
+        for (k, (((sm, px), pk), th)) in parts.enumerate() {
+            let sub = p.sub_rows((k * chunk) as u32, (pk.len() / w) as u32);
+            scope.spawn(move || {
+                post::tone(&sub, sm);
+                post::resolve(&sub, sm, px);
+                post::watermark(&sub, px);
+                post::quantize(&sub, px, pk);
+                post::thumbnail(&sub, px, th);
+            });
+        }
+    });
     (packed, thumb)
 }
 

@@ -97,7 +97,12 @@ impl AssetStore {
     /// Moves a finished PNG into place under its hash, with its thumbnail and provenance
     /// (`provenance` is given the hash and returns the JSON). Returns the hash and size.
     /// An asset already stored keeps its first provenance.
-    pub fn commit(&self, pending: PendingAsset, thumb: &[u8], provenance: impl FnOnce(&str) -> String) -> io::Result<(String, u64)> {
+    pub fn commit(
+        &self,
+        pending: PendingAsset,
+        thumb: &[u8],
+        provenance: impl FnOnce(&str) -> String,
+    ) -> io::Result<(String, u64)> {
         let PendingAsset { file, tmp, hasher, bytes } = pending;
         let file = file.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;

@@ -89,7 +89,8 @@ pub fn open_backend(choice: BackendChoice, threads: usize) -> Result<Backend, En
 impl Worker {
     /// A worker over a config's data dir, with a ready engine.
     pub fn new(cfg: &WorkerConfig, backend: Backend) -> Result<Worker, WorkerError> {
-        let store = AssetStore::open(&cfg.data_dir).map_err(|source| WorkerError::Store { path: cfg.data_dir.clone(), source })?;
+        let store = AssetStore::open(&cfg.data_dir)
+            .map_err(|source| WorkerError::Store { path: cfg.data_dir.clone(), source })?;
         // Bounded by entries standing for bytes: each entry is a key and a hash (~200 bytes).
         let cache = moka::sync::Cache::builder()
             .weigher(|_k: &CacheKey, v: &Cached| (64 + 32 + v.hash.len()) as u32)
@@ -170,7 +171,10 @@ impl Worker {
         self.store.put_key(&key, &asset).map_err(store_err)?;
         self.cache.insert(key, Cached { hash: asset.as_str().into() });
         let tier = req.tier.as_str();
-        self.metrics.render_seconds.with_label_values(&[tier, MODEL_ID, backend]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .render_seconds
+            .with_label_values(&[tier, MODEL_ID, backend])
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.pixels.with_label_values(&[tier]).inc_by(u64::from(req.width) * u64::from(req.height));
         tracing::info!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");
         Ok(Rendered { path: self.store.path(&asset), asset, key, cache_hit: false, stats: Some(stats) })

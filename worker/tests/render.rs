@@ -60,7 +60,11 @@ fn the_same_request_twice_gives_byte_identical_pngs() {
 fn wgpu_and_cpu_agree_within_tolerance() {
     let Some(g) = wgpu() else { return };
     // Stated tolerance: at most 2 levels in any channel, PSNR at least 45 dB.
-    for r in [req("neon busy mirror", 4, Tier::Preview, 128, None), req("ocean calm", 2, Tier::Final, 96, Some(3)), req("dusk", 5, Tier::Print, 100, None)] {
+    for r in [
+        req("neon busy mirror", 4, Tier::Preview, 128, None),
+        req("ocean calm", 2, Tier::Final, 96, Some(3)),
+        req("dusk", 5, Tier::Print, 100, None),
+    ] {
         let (_, _, a) = decode(&png(&cpu(), &r));
         let (_, _, b) = decode(&png(&g, &r));
         let (max, psnr, _) = compare(&a, &b);
@@ -103,7 +107,10 @@ fn tiers_are_the_same_artwork_at_another_resolution() {
     for y in 0..128 {
         for x in 0..128 {
             for c in 0..3 {
-                let s: u32 = [(0, 0), (1, 0), (0, 1), (1, 1)].iter().map(|(dx, dy)| u32::from(fin[((2 * y + dy) * 256 + 2 * x + dx) * 3 + c])).sum();
+                let s: u32 = [(0, 0), (1, 0), (0, 1), (1, 1)]
+                    .iter()
+                    .map(|(dx, dy)| u32::from(fin[((2 * y + dy) * 256 + 2 * x + dx) * 3 + c]))
+                    .sum();
                 down[(y * 128 + x) * 3 + c] = ((s + 2) / 4) as u8;
             }
         }
@@ -155,7 +162,8 @@ fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
     assert_eq!(third.asset, first.asset);
     assert_eq!(w.metrics.cache_misses.get(), 0);
     // The provenance names what made it.
-    let prov: serde_json::Value = serde_json::from_slice(&std::fs::read(w.store().provenance_path(&first.asset)).unwrap()).unwrap();
+    let prov: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.store().provenance_path(&first.asset)).unwrap()).unwrap();
     assert_eq!(prov["asset"], first.asset.as_str());
     assert_eq!(prov["cache_key"], first.key.to_string().as_str());
     assert_eq!(prov["backend"], "cpu");
@@ -180,13 +188,17 @@ fn the_cli_renders_and_reports_hash_key_and_cache_state() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("a.png");
     let o = out.to_str().unwrap();
-    let (ok, stdout, stderr) = cli(&["render", "--prompt", "Ocean  Calm", "--seed", "3", "--tier", "preview", "--width", "64", "--out", o], dir.path());
+    let (ok, stdout, stderr) = cli(
+        &["render", "--prompt", "Ocean  Calm", "--seed", "3", "--tier", "preview", "--width", "64", "--out", o],
+        dir.path(),
+    );
     assert!(ok, "{stderr}");
     let hash = blake3::hash(&std::fs::read(&out).unwrap()).to_hex().to_string();
     assert!(stdout.contains(&format!("asset {hash}")), "{stdout}");
     assert!(stdout.contains("cache miss") && stdout.contains("key   "), "{stdout}");
     // The same request, spelled differently: a hit.
-    let (ok, stdout, _) = cli(&["render", "--prompt", "ocean calm", "--seed", "3", "--width", "64", "--out", o], dir.path());
+    let (ok, stdout, _) =
+        cli(&["render", "--prompt", "ocean calm", "--seed", "3", "--width", "64", "--out", o], dir.path());
     assert!(ok && stdout.contains("cache hit") && stdout.contains(&hash), "{stdout}");
 }
 
@@ -210,9 +222,13 @@ fn bad_input_gets_a_clear_error_naming_the_problem() {
         assert!(!ok, "{extra:?} succeeded");
         assert!(stderr.contains(expect), "{extra:?}: expected {expect:?} in {stderr}");
     }
-    let (ok, _, stderr) = cli(&["render", "--prompt", "x", "--seed", "1", "--width", "8", "--out", "/nonexistent/dir/x.png"], dir.path());
+    let (ok, _, stderr) =
+        cli(&["render", "--prompt", "x", "--seed", "1", "--width", "8", "--out", "/nonexistent/dir/x.png"], dir.path());
     assert!(!ok && stderr.contains("/nonexistent/dir") && stderr.contains("does not exist"), "{stderr}");
-    let (ok, _, stderr) = cli(&["render", "--prompt", "x", "--seed", "1", "--width", "8", "--out", dir.path().to_str().unwrap()], dir.path());
+    let (ok, _, stderr) = cli(
+        &["render", "--prompt", "x", "--seed", "1", "--width", "8", "--out", dir.path().to_str().unwrap()],
+        dir.path(),
+    );
     assert!(!ok && stderr.contains("is a directory"), "{stderr}");
     assert!(!out.exists());
 }

@@ -29,10 +29,7 @@ fn linear(w: &[f32], b: &[f32], d_in: usize, d_out: usize, device: &Device) -> L
     }
     Linear {
         weight: Param::from_tensor(Tensor::<2>::from_data(TensorData::new(t, [d_in, d_out]), device)),
-        bias: Some(Param::from_tensor(Tensor::<1>::from_data(
-            TensorData::new(b[..d_out].to_vec(), [d_out]),
-            device,
-        ))),
+        bias: Some(Param::from_tensor(Tensor::<1>::from_data(TensorData::new(b[..d_out].to_vec(), [d_out]), device))),
     }
 }
 
@@ -65,7 +62,13 @@ impl CppnModule {
 
     /// Evaluates a tile through burn on `device`, `chunk` samples per forward pass so memory
     /// stays bounded. Output as [`super::cppn::render_tile_cpu`]: 3 floats per sample.
-    pub fn render_tile(&self, c: &Cppn, tile: &SampleTile, device: &Device, out: &mut [f32]) -> Result<(), EngineError> {
+    pub fn render_tile(
+        &self,
+        c: &Cppn,
+        tile: &SampleTile,
+        device: &Device,
+        out: &mut [f32],
+    ) -> Result<(), EngineError> {
         const CHUNK: usize = 1 << 16;
         let n = tile.len();
         let mut start = 0;
@@ -82,9 +85,8 @@ impl CppnModule {
                 .forward(x)
                 .try_into_data()
                 .map_err(|e| EngineError::Backend(format!("burn readback failed: {e:?}")))?;
-            let values = data
-                .as_slice::<f32>()
-                .map_err(|e| EngineError::Backend(format!("burn output is not f32: {e:?}")))?;
+            let values =
+                data.as_slice::<f32>().map_err(|e| EngineError::Backend(format!("burn output is not f32: {e:?}")))?;
             out[start * 3..end * 3].copy_from_slice(values);
             start = end;
         }

@@ -231,8 +231,8 @@ fn max_sel(a: f32, b: f32) -> f32 {
 pub fn tanh_approx(x: f32) -> f32 {
     let x = max_sel(min_sel(x, TANH_CLAMP), -TANH_CLAMP);
     let x2 = x * x;
-    let mut p = x2 * -2.760_768_5e-16 + 2.000_187_9e-13;
-    p = x2 * p + -8.604_671_5e-11;
+    let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
+    p = x2 * p + -8.604_672e-11;
     p = x2 * p + 5.122_297e-8;
     p = x2 * p + 1.485_722_4e-5;
     p = x2 * p + 6.372_619_3e-4;
@@ -361,6 +361,8 @@ fn eval_block<const FMA: bool>(c: &Cppn, input: &[Lanes; INPUTS], out: &mut [Lan
     }
 }
 
+// The lane loops index several arrays with one lane number; iterators would hide that shape.
+#[allow(clippy::needless_range_loop)]
 /// Evaluates rows `rows` of `tile` into `out` (3 floats per sample, row-major within the tile).
 #[inline(always)]
 fn render_rows<const FMA: bool>(c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {

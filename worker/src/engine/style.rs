@@ -45,14 +45,46 @@ struct Palette {
 }
 
 const PALETTES: [Palette; 8] = [
-    Palette { name: "ember", words: &["ember", "fire", "lava", "sunset"], stops: [0x12_0608, 0x5c_1a10, 0xc4_3d12, 0xf5_9e2c, 0xff_e9b0] },
-    Palette { name: "ocean", words: &["ocean", "sea", "tide", "wave"], stops: [0x04_1024, 0x0b_3c5d, 0x1d_7a8c, 0x6f_c5c0, 0xe6_f7f1] },
-    Palette { name: "forest", words: &["forest", "moss", "leaf"], stops: [0x0d_1a0f, 0x27_4d2a, 0x5f_8a3a, 0xb5_c46a, 0xf0_ead0] },
-    Palette { name: "neon", words: &["neon", "cyber", "electric"], stops: [0x0a_0018, 0x5a_00b8, 0xff_2fa8, 0x00_e5ff, 0xf4_ff6b] },
-    Palette { name: "mono", words: &["mono", "ink", "noir"], stops: [0x08_0808, 0x3a_3a3a, 0x7a_7a7a, 0xbd_bdbd, 0xf7_f5f0] },
-    Palette { name: "pastel", words: &["pastel", "candy"], stops: [0xf2_c6de, 0xc6_def1, 0xdb_cdf0, 0xfa_edcb, 0xc9_e4de] },
-    Palette { name: "dusk", words: &["dusk", "twilight", "violet"], stops: [0x1b_1035, 0x4b_2a6b, 0x9c_4f96, 0xf2_8c7c, 0xff_d6a5] },
-    Palette { name: "desert", words: &["desert", "sand", "dune"], stops: [0x3b_2416, 0x8a_5a34, 0xc9_8b4f, 0xe8_c07d, 0xf8_ecd2] },
+    Palette {
+        name: "ember",
+        words: &["ember", "fire", "lava", "sunset"],
+        stops: [0x12_0608, 0x5c_1a10, 0xc4_3d12, 0xf5_9e2c, 0xff_e9b0],
+    },
+    Palette {
+        name: "ocean",
+        words: &["ocean", "sea", "tide", "wave"],
+        stops: [0x04_1024, 0x0b_3c5d, 0x1d_7a8c, 0x6f_c5c0, 0xe6_f7f1],
+    },
+    Palette {
+        name: "forest",
+        words: &["forest", "moss", "leaf"],
+        stops: [0x0d_1a0f, 0x27_4d2a, 0x5f_8a3a, 0xb5_c46a, 0xf0_ead0],
+    },
+    Palette {
+        name: "neon",
+        words: &["neon", "cyber", "electric"],
+        stops: [0x0a_0018, 0x5a_00b8, 0xff_2fa8, 0x00_e5ff, 0xf4_ff6b],
+    },
+    Palette {
+        name: "mono",
+        words: &["mono", "ink", "noir"],
+        stops: [0x08_0808, 0x3a_3a3a, 0x7a_7a7a, 0xbd_bdbd, 0xf7_f5f0],
+    },
+    Palette {
+        name: "pastel",
+        words: &["pastel", "candy"],
+        stops: [0xf2_c6de, 0xc6_def1, 0xdb_cdf0, 0xfa_edcb, 0xc9_e4de],
+    },
+    Palette {
+        name: "dusk",
+        words: &["dusk", "twilight", "violet"],
+        stops: [0x1b_1035, 0x4b_2a6b, 0x9c_4f96, 0xf2_8c7c, 0xff_d6a5],
+    },
+    Palette {
+        name: "desert",
+        words: &["desert", "sand", "dune"],
+        stops: [0x3b_2416, 0x8a_5a34, 0xc9_8b4f, 0xe8_c07d, 0xf8_ecd2],
+    },
 ];
 
 const SYMMETRY_WORDS: [(&str, Symmetry); 9] = [
@@ -91,11 +123,7 @@ pub struct Style {
 
 /// sRGB transfer function, decoding: a sRGB component in [0, 1] to linear light.
 pub fn srgb_to_linear(c: f32) -> f32 {
-    if c <= 0.040_45 {
-        c / 12.92
-    } else {
-        ((c + 0.055) / 1.055).powf(2.4)
-    }
+    if c <= 0.040_45 { c / 12.92 } else { ((c + 0.055) / 1.055).powf(2.4) }
 }
 
 fn hex_to_linear(rgb: u32) -> [f32; 3] {
@@ -141,14 +169,7 @@ impl Style {
         });
         let frequency = frequency.unwrap_or_else(|| rng.range(0.8, 1.6));
         let contrast = contrast.unwrap_or_else(|| rng.range(0.95, 1.35));
-        Style {
-            palette_name: p.name,
-            palette: p.stops.map(hex_to_linear),
-            symmetry,
-            frequency,
-            contrast,
-            rest_hash,
-        }
+        Style { palette_name: p.name, palette: p.stops.map(hex_to_linear), symmetry, frequency, contrast, rest_hash }
     }
 }
 
