@@ -168,6 +168,26 @@ pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The whole of a binary's `main` after parsing: logging (`KILN_LOG` filter, JSON on request),
+/// the command, and its error printed once with its whole chain, as an exit code.
+pub fn main_with(cli: Cli) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = load_config(&cli)?;

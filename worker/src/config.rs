@@ -119,6 +119,19 @@ where
     }
 }
 
+/// An enum setting from the environment; the error lists the accepted values.
+fn env_enum<T: clap::ValueEnum>(
+    key: &'static str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<T>, ConfigError> {
+    let Some(value) = lookup(key) else { return Ok(None) };
+    T::from_str(value.trim(), true).map(Some).map_err(|_| {
+        let names: Vec<String> =
+            T::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|p| p.get_name().to_owned()).collect();
+        ConfigError::Env { key, value, message: format!("expected one of {}", names.join(", ")) }
+    })
+}
+
 impl WorkerConfig {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -138,20 +151,8 @@ impl WorkerConfig {
         if let Some(d) = env("KILN_DATA_DIR").filter(|d| !d.is_empty()) {
             cfg.data_dir = d.into();
         }
-        if let Some(b) = env("KILN_BACKEND") {
-            cfg.backend = clap::ValueEnum::from_str(b.trim(), true).map_err(|_| ConfigError::Env {
-                key: "KILN_BACKEND",
-                value: b,
-                message: "expected auto, cpu or wgpu".into(),
-            })?;
-        }
-        if let Some(e) = env("KILN_ENGINE") {
-            cfg.engine = clap::ValueEnum::from_str(e.trim(), true).map_err(|_| ConfigError::Env {
-                key: "KILN_ENGINE",
-                value: e,
-                message: "expected fused or burn".into(),
-            })?;
-        }
+        cfg.backend = env_enum("KILN_BACKEND", env)?.unwrap_or(cfg.backend);
+        cfg.engine = env_enum("KILN_ENGINE", env)?.unwrap_or(cfg.engine);
         cfg.threads = env_parse("KILN_THREADS", env)?.unwrap_or(cfg.threads);
         cfg.cache_bytes = env_parse("KILN_CACHE_BYTES", env)?.unwrap_or(cfg.cache_bytes);
         cfg.band_samples = env_parse("KILN_BAND_SAMPLES", env)?.unwrap_or(cfg.band_samples);
