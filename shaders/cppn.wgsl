@@ -30,16 +30,16 @@ const TAU: f32 = 6.28318530717959;
 fn tanh_approx(x0: f32) -> f32 {
     let x = clamp(x0, -TANH_CLAMP, TANH_CLAMP);
     let x2 = x * x;
-    var p = x2 * -2.7607685e-16 + 2.0001879e-13;
-    p = x2 * p + -8.6046715e-11;
-    p = x2 * p + 5.122297e-8;
-    p = x2 * p + 1.4857224e-5;
-    p = x2 * p + 6.3726193e-4;
-    p = x2 * p + 4.8935246e-3;
+    var p = fma(x2, -2.7607685e-16, 2.0001879e-13);
+    p = fma(x2, p, -8.6046715e-11);
+    p = fma(x2, p, 5.122297e-8);
+    p = fma(x2, p, 1.4857224e-5);
+    p = fma(x2, p, 6.3726193e-4);
+    p = fma(x2, p, 4.8935246e-3);
     p = p * x;
-    var q = x2 * 1.1982584e-6 + 1.1853471e-4;
-    q = x2 * q + 2.2684346e-3;
-    q = x2 * q + 4.893525e-3;
+    var q = fma(x2, 1.1982584e-6, 1.1853471e-4);
+    q = fma(x2, q, 2.2684346e-3);
+    q = fma(x2, q, 4.893525e-3);
     return p / q;
 }
 
@@ -48,10 +48,10 @@ fn sin_approx(x: f32) -> f32 {
     var r = x - k * TAU;
     if (r > HALF_PI) { r = PI - r; } else if (r < -HALF_PI) { r = -PI - r; }
     let r2 = r * r;
-    var p = r2 * -2.5052108e-8 + 2.7557319e-6;
-    p = r2 * p + -1.984127e-4;
-    p = r2 * p + 8.333333e-3;
-    p = r2 * p + -1.6666667e-1;
+    var p = fma(r2, -2.5052108e-8, 2.7557319e-6);
+    p = fma(r2, p, -1.984127e-4);
+    p = fma(r2, p, 8.333333e-3);
+    p = fma(r2, p, -1.6666667e-1);
     return r + r * r2 * p;
 }
 
@@ -60,12 +60,12 @@ fn exp_approx(v0: f32) -> f32 {
     let t = v * 1.44269504;
     let k = floor(t + 0.5);
     let f = (t - k) * 0.693147181;
-    var p = f * 1.3888889e-3 + 8.333333e-3;
-    p = f * p + 4.1666668e-2;
-    p = f * p + 1.6666667e-1;
-    p = f * p + 0.5;
-    p = f * p + 1.0;
-    p = f * p + 1.0;
+    var p = fma(f, 1.3888889e-3, 8.333333e-3);
+    p = fma(f, p, 4.1666668e-2);
+    p = fma(f, p, 1.6666667e-1);
+    p = fma(f, p, 0.5);
+    p = fma(f, p, 1.0);
+    p = fma(f, p, 1.0);
     return p * bitcast<f32>(u32(i32(k) + 127) << 23u);
 }
 

@@ -8,8 +8,9 @@ use clap::Args;
 use kiln_protocol::{RenderRequest, Tier};
 
 use crate::config::{BackendChoice, WorkerConfig};
-use crate::engine::cppn::{FLOPS_PER_SAMPLE, MODEL_ID};
-use crate::render::{Engine, ModelPath, render_to};
+use crate::engine::cppn::{Cppn, FLOPS_PER_SAMPLE, MODEL_ID, SampleTile, render_tile_cpu};
+use crate::engine::style::Style;
+use crate::render::{Backend, Engine, ModelPath, render_to};
 use crate::worker::open_backend;
 
 /// `bench`'s arguments.
@@ -125,6 +126,24 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
                 samples as f64 / s / 1e6,
                 samples as f64 * FLOPS_PER_SAMPLE as f64 / s / 1e9,
                 peak_rss_mib(),
+            );
+        }
+        if let (Backend::Cpu { threads }, ModelPath::Fused) = (&engine.backend, path) {
+            // The model alone, without post chain or bands: where the rest of the time goes.
+            let c = Cppn::new(7, Style::from_prompt("bench ember kaleidoscope"));
+            let tile = SampleTile { x0: 0, y0: 0, w: 2048, h: 512, full_w: 2048, full_h: 512 };
+            let mut out = vec![0.0; tile.len() * 3];
+            let secs: Vec<f64> = (0..runs)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    render_tile_cpu(&c, &tile, *threads, &mut out);
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            let s = median(secs);
+            println!(
+                "# cpu model only (fused loop, 2048x512 samples): {:.1} GFLOP/s",
+                tile.len() as f64 * FLOPS_PER_SAMPLE as f64 / s / 1e9
             );
         }
     }

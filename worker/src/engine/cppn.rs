@@ -229,18 +229,23 @@ fn max_sel(a: f32, b: f32) -> f32 {
 /// tanh by a 13/6 rational approximation (Eigen's), max error about 1e-6.
 #[inline(always)]
 pub fn tanh_approx(x: f32) -> f32 {
+    tanh_g::<false>(x)
+}
+
+#[inline(always)]
+fn tanh_g<const FMA: bool>(x: f32) -> f32 {
     let x = max_sel(min_sel(x, TANH_CLAMP), -TANH_CLAMP);
     let x2 = x * x;
-    let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
-    p = x2 * p + -8.604_672e-11;
-    p = x2 * p + 5.122_297e-8;
-    p = x2 * p + 1.485_722_4e-5;
-    p = x2 * p + 6.372_619_3e-4;
-    p = x2 * p + 4.893_524_6e-3;
+    let mut p = madd::<FMA>(x2, -2.760_768_5e-16, 2.000_188e-13);
+    p = madd::<FMA>(x2, p, -8.604_672e-11);
+    p = madd::<FMA>(x2, p, 5.122_297e-8);
+    p = madd::<FMA>(x2, p, 1.485_722_4e-5);
+    p = madd::<FMA>(x2, p, 6.372_619_3e-4);
+    p = madd::<FMA>(x2, p, 4.893_524_6e-3);
     p *= x;
-    let mut q = x2 * 1.198_258_4e-6 + 1.185_347_1e-4;
-    q = x2 * q + 2.268_434_6e-3;
-    q = x2 * q + 4.893_525e-3;
+    let mut q = madd::<FMA>(x2, 1.198_258_4e-6, 1.185_347_1e-4);
+    q = madd::<FMA>(x2, q, 2.268_434_6e-3);
+    q = madd::<FMA>(x2, q, 4.893_525e-3);
     p / q
 }
 
@@ -248,6 +253,11 @@ pub fn tanh_approx(x: f32) -> f32 {
 /// for the arguments a CPPN sees (|x| below a few hundred).
 #[inline(always)]
 pub fn sin_approx(x: f32) -> f32 {
+    sin_g::<false>(x)
+}
+
+#[inline(always)]
+fn sin_g<const FMA: bool>(x: f32) -> f32 {
     let k = (x * (1.0 / TAU) + 0.5).floor();
     let r = x - k * TAU;
     let r = if r > HALF_PI {
@@ -258,26 +268,31 @@ pub fn sin_approx(x: f32) -> f32 {
         r
     };
     let r2 = r * r;
-    let mut p = r2 * -2.505_210_8e-8 + 2.755_731_9e-6;
-    p = r2 * p + -1.984_127e-4;
-    p = r2 * p + 8.333_333e-3;
-    p = r2 * p + -1.666_666_7e-1;
+    let mut p = madd::<FMA>(r2, -2.505_210_8e-8, 2.755_731_9e-6);
+    p = madd::<FMA>(r2, p, -1.984_127e-4);
+    p = madd::<FMA>(r2, p, 8.333_333e-3);
+    p = madd::<FMA>(r2, p, -1.666_666_7e-1);
     r + r * r2 * p
 }
 
 /// exp by splitting into 2^k · 2^f with |f| ≤ 1/2 and a degree-6 polynomial, relative error about 1e-7.
 #[inline(always)]
 pub fn exp_approx(v: f32) -> f32 {
+    exp_g::<false>(v)
+}
+
+#[inline(always)]
+fn exp_g<const FMA: bool>(v: f32) -> f32 {
     let v = max_sel(min_sel(v, 87.0), -87.0);
     let t = v * std::f32::consts::LOG2_E;
     let k = (t + 0.5).floor();
     let f = (t - k) * std::f32::consts::LN_2;
-    let mut p = f * 1.388_888_9e-3 + 8.333_333e-3;
-    p = f * p + 4.166_666_8e-2;
-    p = f * p + 1.666_666_7e-1;
-    p = f * p + 0.5;
-    p = f * p + 1.0;
-    p = f * p + 1.0;
+    let mut p = madd::<FMA>(f, 1.388_888_9e-3, 8.333_333e-3);
+    p = madd::<FMA>(f, p, 4.166_666_8e-2);
+    p = madd::<FMA>(f, p, 1.666_666_7e-1);
+    p = madd::<FMA>(f, p, 0.5);
+    p = madd::<FMA>(f, p, 1.0);
+    p = madd::<FMA>(f, p, 1.0);
     let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
     p * scale
 }
@@ -335,11 +350,11 @@ fn dense<const IN: usize, const OUT: usize, const FMA: bool>(
 }
 
 #[inline(always)]
-fn activate_all(act: Act, y: &mut [Lanes; HIDDEN]) {
+fn activate_all<const FMA: bool>(act: Act, y: &mut [Lanes; HIDDEN]) {
     match act {
-        Act::Tanh => y.iter_mut().flatten().for_each(|v| *v = tanh_approx(*v)),
-        Act::Sin => y.iter_mut().flatten().for_each(|v| *v = sin_approx(*v)),
-        Act::Gauss => y.iter_mut().flatten().for_each(|v| *v = exp_approx(-*v * *v)),
+        Act::Tanh => y.iter_mut().flatten().for_each(|v| *v = tanh_g::<FMA>(*v)),
+        Act::Sin => y.iter_mut().flatten().for_each(|v| *v = sin_g::<FMA>(*v)),
+        Act::Gauss => y.iter_mut().flatten().for_each(|v| *v = exp_g::<FMA>(-*v * *v)),
     }
 }
 
@@ -348,16 +363,16 @@ fn eval_block<const FMA: bool>(c: &Cppn, input: &[Lanes; INPUTS], out: &mut [Lan
     let mut a = [[0.0f32; L]; HIDDEN]; // [32, L]
     let mut b = [[0.0f32; L]; HIDDEN];
     dense::<INPUTS, HIDDEN, FMA>(&c.w0, &c.b0, input, &mut a);
-    activate_all(c.acts[0], &mut a);
+    activate_all::<FMA>(c.acts[0], &mut a);
     dense::<HIDDEN, HIDDEN, FMA>(&c.wh[0], &c.bh[0], &a, &mut b);
-    activate_all(c.acts[1], &mut b);
+    activate_all::<FMA>(c.acts[1], &mut b);
     dense::<HIDDEN, HIDDEN, FMA>(&c.wh[1], &c.bh[1], &b, &mut a);
-    activate_all(c.acts[2], &mut a);
+    activate_all::<FMA>(c.acts[2], &mut a);
     dense::<HIDDEN, HIDDEN, FMA>(&c.wh[2], &c.bh[2], &a, &mut b);
-    activate_all(c.acts[3], &mut b);
+    activate_all::<FMA>(c.acts[3], &mut b);
     dense::<HIDDEN, 4, FMA>(&c.wo, &c.bo, &b, out); // [4, L], row 3 is padding
     for row in out.iter_mut().take(3) {
-        row.iter_mut().for_each(|v| *v = sigmoid_approx(*v));
+        row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp_g::<FMA>(-*v)));
     }
 }
 
