@@ -59,6 +59,11 @@ impl AssetStore {
         Ok(AssetStore { root })
     }
 
+    /// The data directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn shard(&self, hash: &str) -> PathBuf {
         self.root.join("assets").join(hash.get(..2).unwrap_or("00"))
     }

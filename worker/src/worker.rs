@@ -144,7 +144,7 @@ impl Worker {
             return Ok(Rendered { path: self.store.path(&asset), asset, key, cache_hit: true, stats: None });
         }
         self.metrics.cache_misses.inc();
-        let store_err = |source| WorkerError::Store { path: self.store.path(""), source };
+        let store_err = |source| WorkerError::Store { path: self.store.root().to_path_buf(), source };
         let started = Instant::now();
         let mut pending = self.store.begin().map_err(store_err)?;
         let (thumb, stats) = render_to(&self.engine, req, &mut pending, progress)?;
