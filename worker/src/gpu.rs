@@ -281,7 +281,17 @@ impl<'g> BandRenderer<'g> {
     pub fn new(gpu: &'g Gpu, model: &'g Cppn, max_samples: usize, max_pixels: usize, max_thumb: usize) -> Self {
         BandRenderer {
             gpu,
-            weights: gpu.storage_init("weights", &model.flat_weights()),
+            weights: {
+                // A uniform buffer (see the header of cppn.wgsl): 3684 weights = 921 vec4.
+                let b = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("weights"),
+                    size: (model.flat_weights().len() * 4) as u64,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                gpu.write(&b, &model.flat_weights());
+                b
+            },
             cppn: gpu.uniform::<CppnParams>("cppn params"),
             post: gpu.uniform::<PostParams>("post params"),
             samples: gpu.storage("samples", (max_samples * 12) as u64),
