@@ -206,6 +206,10 @@ pub struct RenderRequest {
     pub height: u32,
     /// Supersampling factor per axis: `samples × samples` samples per pixel.
     pub samples: u32,
+    /// Whether the post chain blends the preview watermark (from `tiers.<tier>.watermark`).
+    pub watermark: bool,
+    /// Whether the post chain quantises with an ordered dither (from `tiers.<tier>.dither`).
+    pub dither: bool,
 }
 
 impl RenderRequest {
@@ -251,7 +255,17 @@ impl RenderRequest {
         if samples == 0 || samples > spec.max_samples {
             return Err(RequestError::Samples { value: samples, tier, limit: spec.max_samples });
         }
-        Ok(RenderRequest { model: model.to_owned(), prompt, seed, tier, width, height, samples })
+        Ok(RenderRequest {
+            model: model.to_owned(),
+            prompt,
+            seed,
+            tier,
+            width,
+            height,
+            samples,
+            watermark: spec.watermark,
+            dither: spec.dither,
+        })
     }
 
     /// The cache key input of this request under a given model version and post chain.

@@ -279,17 +279,18 @@ impl<'g> BandRenderer<'g> {
     /// Buffers for bands of at most `max_samples` samples, `max_pixels` pixels and `max_thumb`
     /// thumbnail pixels.
     pub fn new(gpu: &'g Gpu, model: &'g Cppn, max_samples: usize, max_pixels: usize, max_thumb: usize) -> Self {
+        let weights = model.flat_weights();
         BandRenderer {
             gpu,
             weights: {
                 // A uniform buffer (see the header of cppn.wgsl): 3684 weights = 921 vec4.
                 let b = gpu.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("weights"),
-                    size: (model.flat_weights().len() * 4) as u64,
+                    size: (weights.len() * 4) as u64,
                     usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 });
-                gpu.write(&b, &model.flat_weights());
+                gpu.write(&b, &weights);
                 b
             },
             cppn: gpu.uniform::<CppnParams>("cppn params"),

@@ -3,22 +3,38 @@
 //! tests in `gpu.rs` hold each kernel to its reference within the tolerance its header states.
 
 use bytemuck::{Pod, Zeroable};
+use kiln_protocol::RenderRequest;
 
 use crate::engine::style::Style;
 
-/// The post chain's version: enters the cache key. It hashes the WGSL sources and this revision
-/// number (bump it when a CPU reference changes a pixel), so an edited kernel cannot serve stale art.
-pub fn post_chain_version() -> &'static str {
-    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The version of a request's post chain: enters the cache key. It hashes the WGSL sources and a
+/// revision number (bump it when a CPU reference changes a pixel), so an edited kernel cannot serve
+/// stale art, and names the optional stages the request runs, so a watermarked preview and an
+/// unmarked final of the same size never share a cache entry.
+pub fn post_chain_version(req: &RenderRequest) -> String {
+    static BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     const REVISION: u32 = 1;
-    V.get_or_init(|| {
+    let base = BASE.get_or_init(|| {
         let mut h = blake3::Hasher::new();
         h.update(&REVISION.to_le_bytes());
         for (_, src) in crate::gpu::SHADERS {
             h.update(src.as_bytes());
         }
         format!("post{REVISION}-{}", &h.finalize().to_hex()[..12])
-    })
+    });
+    let mut v = base.clone();
+    if req.watermark {
+        v.push_str("+watermark");
+    }
+    if req.dither {
+        v.push_str("+dither");
+    }
+    v
+}
+
+/// The post-chain flags (`FLAG_*`) a request asks for.
+pub fn flags(req: &RenderRequest) -> u32 {
+    (if req.watermark { FLAG_WATERMARK } else { 0 }) | (if req.dither { FLAG_DITHER } else { 0 })
 }
 
 /// The `Post` uniform of `shaders/common.wgsl`.

@@ -16,7 +16,7 @@ use crate::engine::burn_model::CppnModule;
 use crate::engine::cppn::{Cppn, SampleTile, render_tile_cpu};
 use crate::engine::style::Style;
 use crate::gpu::{BandRenderer, Gpu, Samples};
-use crate::post::{self, FLAG_DITHER, FLAG_WATERMARK, PostParams};
+use crate::post::{self, PostParams};
 
 /// Long side of a thumbnail, at most.
 pub const THUMB_SIDE: u32 = 256;
@@ -161,11 +161,7 @@ pub fn render_to<W: Write>(
     let model = Cppn::new(req.seed, style);
     let (w, h, s) = (req.width, req.height, req.samples);
     let plan = Plan::new(w, h, s, engine.band_samples);
-    let spec_flags = match req.tier {
-        kiln_protocol::Tier::Preview => FLAG_WATERMARK,
-        kiln_protocol::Tier::Final => 0,
-        kiln_protocol::Tier::Print => FLAG_DITHER,
-    };
+    let flags = post::flags(req);
     let max_band_pixels = (w * plan.band_rows) as usize;
     let max_band_samples = max_band_pixels * (s * s) as usize;
     let max_thumb = (plan.thumb_w * plan.band_rows.div_ceil(plan.thumb_factor)) as usize;
@@ -196,7 +192,7 @@ pub fn render_to<W: Write>(
         let rows = plan.band_rows.min(h - y0);
         let band_start = Instant::now();
         let tile = SampleTile { x0: 0, y0: y0 * s, w: w * s, h: rows * s, full_w: w * s, full_h: h * s };
-        let params = PostParams::new(&model.style, w, h, rows, y0, s, spec_flags, (plan.thumb_factor, plan.thumb_w));
+        let params = PostParams::new(&model.style, w, h, rows, y0, s, flags, (plan.thumb_factor, plan.thumb_w));
         if burn_module.is_some() || gpu_bands.is_none() {
             samples_buf.resize(tile.len() * 3, 0.0);
         }

@@ -116,7 +116,7 @@ impl Worker {
 
     /// The cache key of a request under this worker's model and post chain.
     pub fn key(&self, req: &RenderRequest) -> CacheKey {
-        req.key_input(model_version(), post_chain_version()).key()
+        req.key_input(model_version(), &post_chain_version(req)).key()
     }
 
     /// The asset for a key, from memory or the store's key index, if there is one.
@@ -137,7 +137,8 @@ impl Worker {
         if req.model != MODEL_ID {
             return Err(WorkerError::UnknownModel(req.model.clone()));
         }
-        let key = self.key(req);
+        let key_input = req.key_input(model_version(), &post_chain_version(req));
+        let key = key_input.key();
         if let Some(asset) = self.cached(&key) {
             self.metrics.cache_hits.inc();
             tracing::info!(%key, asset, "cache hit");
@@ -155,9 +156,9 @@ impl Worker {
                 "thumbnail": blake3::hash(&thumb).to_hex().to_string(),
                 "request": req,
                 "cache_key": key,
-                "key_input": req.key_input(model_version(), post_chain_version()),
+                "key_input": key_input,
                 "model": { "id": MODEL_ID, "version": model_version(), "path": self.engine.path },
-                "post_chain_version": post_chain_version(),
+                "post_chain_version": key_input.post_chain_version,
                 "backend": backend,
                 "device": self.engine.backend.device_name(),
                 "timings": stats,

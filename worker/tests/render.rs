@@ -232,3 +232,22 @@ fn bad_input_gets_a_clear_error_naming_the_problem() {
     assert!(!ok && stderr.contains("is a directory"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_preview_and_a_final_of_the_same_size_do_not_share_a_cache_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = Worker::new(&config(dir.path()), Backend::Cpu { threads: 2 }).unwrap();
+    let preview = req("ember", 3, Tier::Preview, 64, Some(1));
+    let fin = req("ember", 3, Tier::Final, 64, Some(1));
+    assert_ne!(w.key(&preview), w.key(&fin), "watermarked and unmarked share a key");
+    let a = w.render(&preview, &mut |_| {}).unwrap();
+    let b = w.render(&fin, &mut |_| {}).unwrap();
+    assert!(!b.cache_hit, "the final was served the watermarked preview");
+    assert_ne!(a.asset, b.asset);
+    // The tier's config decides the post chain: a preview without watermark is the final's pixels.
+    let mut limits = TierLimits::default();
+    limits.preview.watermark = false;
+    let plain = RenderRequest::resolve("cppn", "ember", 3, Tier::Preview, Some(64), None, Some(1), &limits).unwrap();
+    assert_eq!(png(&cpu(), &plain), png(&cpu(), &fin));
+    assert_eq!(w.key(&plain), w.key(&fin));
+}
