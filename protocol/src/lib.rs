@@ -3,10 +3,12 @@
 //! Serde only, no I/O: everything here is shared by the scheduler, the workers and the CLI, and a
 //! change to the cache key or a payload is a versioned contract change (see DESIGN.md).
 
+mod job;
 mod key;
 mod prompt;
 mod request;
 
+pub use job::{JobRequest, JobState, ParseStateError};
 pub use key::{CacheKey, KeyInput, ParseKeyError};
 pub use prompt::normalise_prompt;
 pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};

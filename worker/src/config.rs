@@ -104,7 +104,14 @@ pub enum ConfigError {
     },
 }
 
-fn env_parse<T: std::str::FromStr>(
+/// Reads and parses a TOML config file; errors name the file and, from the parser, the line.
+pub fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.to_string() })
+}
+
+/// A setting from the environment, parsed; the error names the variable.
+pub fn env_parse<T: std::str::FromStr>(
     key: &'static str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<T>, ConfigError>
@@ -120,7 +127,7 @@ where
 }
 
 /// An enum setting from the environment; the error lists the accepted values.
-fn env_enum<T: clap::ValueEnum>(
+pub fn env_enum<T: clap::ValueEnum>(
     key: &'static str,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<T>, ConfigError> {
@@ -142,22 +149,30 @@ impl WorkerConfig {
     pub fn load_with(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut cfg = match file {
             None => WorkerConfig::default(),
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?
-            }
+            Some(path) => Self::from_table(read_toml(path)?, path)?,
         };
-        if let Some(d) = env("KILN_DATA_DIR").filter(|d| !d.is_empty()) {
-            cfg.data_dir = d.into();
-        }
-        cfg.backend = env_enum("KILN_BACKEND", env)?.unwrap_or(cfg.backend);
-        cfg.engine = env_enum("KILN_ENGINE", env)?.unwrap_or(cfg.engine);
-        cfg.threads = env_parse("KILN_THREADS", env)?.unwrap_or(cfg.threads);
-        cfg.cache_bytes = env_parse("KILN_CACHE_BYTES", env)?.unwrap_or(cfg.cache_bytes);
-        cfg.band_samples = env_parse("KILN_BAND_SAMPLES", env)?.unwrap_or(cfg.band_samples);
-        cfg.validate()?;
+        cfg.apply_env(env)?;
         Ok(cfg)
+    }
+
+    /// The config a parsed TOML table gives (`path` names the file in errors).
+    pub fn from_table(table: toml::Table, path: &Path) -> Result<Self, ConfigError> {
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Applies the `KILN_*` environment on top, then checks the result.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(d) = env("KILN_DATA_DIR").filter(|d| !d.is_empty()) {
+            self.data_dir = d.into();
+        }
+        self.backend = env_enum("KILN_BACKEND", env)?.unwrap_or(self.backend);
+        self.engine = env_enum("KILN_ENGINE", env)?.unwrap_or(self.engine);
+        self.threads = env_parse("KILN_THREADS", env)?.unwrap_or(self.threads);
+        self.cache_bytes = env_parse("KILN_CACHE_BYTES", env)?.unwrap_or(self.cache_bytes);
+        self.band_samples = env_parse("KILN_BAND_SAMPLES", env)?.unwrap_or(self.band_samples);
+        self.validate()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

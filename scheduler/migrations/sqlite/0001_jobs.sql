@@ -1,0 +1,68 @@
+-- Kiln scheduler schema, version 1 (SQLite). The job row is the projection of its events:
+-- every change to `jobs` is written in the same transaction as the event that causes it.
+
+CREATE TABLE jobs (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; the list cursor
+    id              TEXT    NOT NULL UNIQUE,
+    state           TEXT    NOT NULL,
+    tier            TEXT    NOT NULL,
+    request         TEXT    NOT NULL,                  -- the resolved RenderRequest, JSON
+    cache_key       TEXT    NOT NULL,
+    client          TEXT    NOT NULL,                  -- the submitting token's name
+    idempotency_key TEXT,
+    follows         TEXT,                              -- the job whose render this one waits on
+    attempt         INTEGER NOT NULL DEFAULT 0,
+    asset           TEXT,
+    error           TEXT,
+    created_ms      INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL,
+    started_ms      INTEGER,
+    finished_ms     INTEGER
+);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (client, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_state_tier ON jobs (state, tier);
+CREATE INDEX jobs_created ON jobs (created_ms);
+CREATE INDEX jobs_live_key ON jobs (cache_key) WHERE state IN ('queued', 'dispatched', 'running');
+CREATE INDEX jobs_follows ON jobs (follows) WHERE follows IS NOT NULL;
+
+CREATE TABLE job_events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  TEXT    NOT NULL REFERENCES jobs (id),
+    at_ms   INTEGER NOT NULL,
+    state   TEXT    NOT NULL,
+    attempt INTEGER NOT NULL,
+    detail  TEXT    NOT NULL DEFAULT '',
+    asset   TEXT,
+    error   TEXT
+);
+CREATE INDEX job_events_job ON job_events (job_id, seq);
+
+-- Jobs to hand to a worker queue; `sent_ms` is set when they are.
+CREATE TABLE outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     TEXT    NOT NULL REFERENCES jobs (id),
+    tier       TEXT    NOT NULL,
+    client     TEXT    NOT NULL,
+    attempt    INTEGER NOT NULL,
+    not_before INTEGER NOT NULL,
+    sent_ms    INTEGER
+);
+CREATE INDEX outbox_unsent ON outbox (not_before) WHERE sent_ms IS NULL;
+
+-- Rendered assets by content hash, and the cache key that made each.
+CREATE TABLE assets (
+    hash       TEXT    PRIMARY KEY,
+    cache_key  TEXT    NOT NULL,
+    bytes      INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX assets_key ON assets (cache_key);
+
+-- API tokens: only the BLAKE3 of each secret is kept.
+CREATE TABLE api_tokens (
+    token_hash TEXT    PRIMARY KEY,
+    name       TEXT    NOT NULL UNIQUE,
+    role       TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);

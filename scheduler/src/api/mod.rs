@@ -1,0 +1,498 @@
+//! The HTTP API under `/v1` (axum), plus `/healthz` and `/metrics`. The fixed points other tools
+//! rely on: `POST /v1/jobs` answers 201 with the job (`id`, `state`); `GET /v1/jobs/{id}` carries
+//! `asset` once succeeded; `GET /v1/assets/{hash}` answers the PNG; `GET /metrics` the Prometheus
+//! text. The whole surface is described in `scheduler/openapi.json`, served at `/v1/openapi.json`.
+
+pub mod error;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use kiln_protocol::{JobRequest, JobState, Tier};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub use error::ApiError;
+
+use crate::auth::{Caller, Role};
+use crate::scheduler::{Live, Scheduler};
+use crate::store::{Admission, Job, ListQuery};
+use crate::time::{parse_time, rfc3339};
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+type AppState = Arc<Scheduler>;
+
+/// The API's router.
+pub fn router(s: AppState) -> Router {
+    let body_limit = s.cfg.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/assets/{hash}", get(asset))
+        .route("/v1/assets/{hash}/provenance", get(provenance))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(s)
+}
+
+/// The caller a request's bearer token names.
+fn caller(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "missing; send `Authorization: Bearer <token>` (the operator's is in DATA/operator.token)",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::unauthorized("expected `Bearer <token>`"))?;
+    s.authenticate(token).ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))
+}
+
+/// A job as the API shows it.
+pub fn job_json(j: &Job) -> Value {
+    let mut v = json!({
+        "id": j.id,
+        "state": j.state,
+        "tier": j.tier,
+        "model": j.request.model,
+        "prompt": j.request.prompt,
+        "seed": j.request.seed,
+        "width": j.request.width,
+        "height": j.request.height,
+        "samples": j.request.samples,
+        "watermark": j.request.watermark,
+        "dither": j.request.dither,
+        "cache_key": j.cache_key,
+        "client": j.client,
+        "attempt": j.attempt,
+        "created_at": rfc3339(j.created_ms),
+        "updated_at": rfc3339(j.updated_ms),
+        "links": { "self": format!("/v1/jobs/{}", j.id), "events": format!("/v1/jobs/{}/events", j.id) },
+    });
+    let opt = |v: &mut Value, k: &str, x: Option<Value>| {
+        if let Some(x) = x {
+            v[k] = x;
+        }
+    };
+    opt(&mut v, "asset", j.asset.clone().map(Value::from));
+    opt(&mut v, "error", j.error.clone().map(Value::from));
+    opt(&mut v, "follows", j.follows.clone().map(Value::from));
+    opt(&mut v, "idempotency_key", j.idempotency_key.clone().map(Value::from));
+    opt(&mut v, "started_at", j.started_ms.map(|t| rfc3339(t).into()));
+    opt(&mut v, "finished_at", j.finished_ms.map(|t| rfc3339(t).into()));
+    if let Some(a) = &j.asset {
+        v["links"]["asset"] = format!("/v1/assets/{a}").into();
+        v["links"]["thumbnail"] = format!("/v1/assets/{a}?variant=thumb").into();
+        v["links"]["provenance"] = format!("/v1/assets/{a}/provenance").into();
+    }
+    v
+}
+
+/// `POST /v1/jobs`: one job (a JSON object) or several (an array). 201 with the job(s); a repeat
+/// of an idempotency key answers 200 with the first job.
+async fn submit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&s, &headers)?;
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large(s.cfg.limits.max_body_bytes)
+        }
+        e => ApiError::invalid("body", e.body_text()),
+    })?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let header_key = headers.get("idempotency-key").map(|v| {
+        v.to_str()
+            .map(str::to_owned)
+            .map_err(|_| ApiError::invalid("idempotency-key", "the header must be visible ASCII"))
+    });
+    match value {
+        Value::Array(items) => {
+            let limit = s.cfg.limits.max_jobs_per_request;
+            if items.len() > limit {
+                return Err(ApiError::invalid(
+                    "jobs",
+                    format!(
+                        "{} jobs exceeds the limit of {limit} per request (scheduler.limits.max_jobs_per_request)",
+                        items.len()
+                    ),
+                ));
+            }
+            if header_key.is_some() {
+                return Err(ApiError::invalid(
+                    "idempotency-key",
+                    "the header is for a single job; give each job its own idempotency_key",
+                ));
+            }
+            // Validate all before admitting any, so a bad item does not leave half a batch.
+            let mut reqs = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                let req: JobRequest = serde_json::from_value(item).map_err(|e| {
+                    let mut err = ApiError::from_json(&e);
+                    err.message = format!("jobs[{i}].{}", err.message);
+                    err
+                })?;
+                s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
+                reqs.push(req);
+            }
+            let mut jobs = Vec::with_capacity(reqs.len());
+            for req in &reqs {
+                jobs.push(job_json(&s.submit(&who, req).await?.0));
+            }
+            Ok((StatusCode::CREATED, Json(json!({ "jobs": jobs }))).into_response())
+        }
+        Value::Object(_) => {
+            let mut req: JobRequest = serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
+            if let Some(k) = header_key {
+                req.idempotency_key = Some(k?);
+            }
+            let (job, admission) = s.submit(&who, &req).await?;
+            let status = if admission == Admission::Existing { StatusCode::OK } else { StatusCode::CREATED };
+            let mut resp = (status, Json(job_json(&job))).into_response();
+            if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+                resp.headers_mut().insert(header::LOCATION, loc);
+            }
+            Ok(resp)
+        }
+        _ => Err(ApiError::invalid("body", "expected a JSON object (one job) or an array of them")),
+    }
+}
+
+/// `GET /v1/jobs`' query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    state: Option<String>,
+    tier: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    client: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::invalid_msg(format!("query: {}", e.body_text()))
+}
+
+/// `GET /v1/jobs`: newest first, filtered, a page at a time (`next` is the following page's cursor).
+async fn list(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &headers)?;
+    let Query(q) = q.map_err(query_error)?;
+    let time = |field: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
+        v.as_deref()
+            .map(|t| {
+                parse_time(t).ok_or_else(|| ApiError::invalid(field, format!("{t:?} is not RFC 3339 or unix seconds")))
+            })
+            .transpose()
+    };
+    let max = s.cfg.limits.max_page;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > max {
+        return Err(ApiError::invalid("limit", format!("{limit} is outside 1..={max} (scheduler.limits.max_page)")));
+    }
+    let client = match (who.role, q.client) {
+        (Role::Operator, c) => c,
+        (_, Some(c)) if c != who.name => {
+            return Err(ApiError::forbidden("client: a client token lists only its own jobs"));
+        }
+        _ => Some(who.name.clone()),
+    };
+    let query = ListQuery {
+        state: q
+            .state
+            .as_deref()
+            .map(str::parse::<JobState>)
+            .transpose()
+            .map_err(|e| ApiError::invalid_msg(e.to_string()))?,
+        tier: q
+            .tier
+            .as_deref()
+            .map(str::parse::<Tier>)
+            .transpose()
+            .map_err(|e| ApiError::invalid_msg(e.to_string()))?,
+        since_ms: time("since", &q.since)?,
+        until_ms: time("until", &q.until)?,
+        client,
+        limit,
+        before_seq: q
+            .cursor
+            .as_deref()
+            .map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor", "use the `next` of the previous page")))
+            .transpose()?,
+    };
+    let page = s.store.list(query).await?;
+    Ok(Json(json!({
+        "jobs": page.jobs.iter().map(job_json).collect::<Vec<_>>(),
+        "next": page.next.map(|n| n.to_string()),
+    })))
+}
+
+/// `GET /v1/jobs/{id}`'s query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetParams {
+    /// Seconds to wait for the job to end (long poll), at most 60.
+    wait: Option<f64>,
+}
+
+/// `GET /v1/jobs/{id}`; with `?wait=SECONDS`, answers when the job ends or the wait is up.
+async fn get_job(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    q: Result<Query<GetParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &headers)?;
+    let Query(q) = q.map_err(query_error)?;
+    let job = match q.wait {
+        Some(w) if !(0.0..=60.0).contains(&w) => {
+            return Err(ApiError::invalid("wait", format!("{w} is outside 0..=60 seconds")));
+        }
+        Some(w) => s.wait_terminal(&who, &id, Duration::from_secs_f64(w)).await?,
+        None => s.job(&who, &id).await?,
+    };
+    job.map(|j| Json(job_json(&j))).ok_or_else(|| ApiError::not_found(format!("id: no job {id:?}")))
+}
+
+/// `POST /v1/jobs/{id}/cancel`.
+async fn cancel(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&s, &headers)?;
+    match s.cancel(&who, &id).await? {
+        Some(j) => Ok(Json(job_json(&j))),
+        None => Err(ApiError::not_found(format!("id: no job {id:?}"))),
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: Server-Sent Events. The job's stored events first (after
+/// `Last-Event-ID` when given), then live ones and render progress, until it ends.
+async fn events(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let who = caller(&s, &headers)?;
+    // Subscribe before reading the log, so nothing falls between the two.
+    let mut rx = s.subscribe();
+    if s.job(&who, &id).await?.is_none() {
+        return Err(ApiError::not_found(format!("id: no job {id:?}")));
+    }
+    let after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (tx, out) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    tokio::spawn(async move {
+        let send_event = |e: &crate::store::Event| {
+            SseEvent::default().event("state").id(e.seq.to_string()).json_data(e).unwrap_or_default()
+        };
+        let mut last = after;
+        let mut done = false;
+        match s.store.events(&id, after).await {
+            Ok(past) => {
+                for e in &past {
+                    last = e.seq;
+                    done |= e.state.is_terminal();
+                    if tx.send(send_event(e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(job_id = id, error = %e, "events: cannot read the log"),
+        }
+        while !done {
+            let live = match rx.recv().await {
+                Ok(l) => l,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind: the log has what was missed.
+                    let Ok(missed) = s.store.events(&id, last).await else { return };
+                    for e in &missed {
+                        last = e.seq;
+                        done |= e.state.is_terminal();
+                        if tx.send(send_event(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            };
+            if live.job_id() != id {
+                continue;
+            }
+            let msg = match &*live {
+                Live::Event(e) if e.seq > last => {
+                    last = e.seq;
+                    done = e.state.is_terminal();
+                    send_event(e)
+                }
+                Live::Event(_) => continue,
+                Live::Progress { rows_done, rows, .. } => SseEvent::default()
+                    .event("progress")
+                    .json_data(json!({ "job_id": id, "rows_done": rows_done, "rows": rows }))
+                    .unwrap_or_default(),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(out, |mut out| async move { out.recv().await.map(|e| (Ok(e), out)) });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /v1/assets/{hash}`'s query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssetParams {
+    /// `thumb` for the thumbnail (long side at most 256 px).
+    variant: Option<String>,
+}
+
+fn check_hash(hash: &str) -> Result<(), ApiError> {
+    if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("hash", "expected 64 lower-case hex digits (BLAKE3)"))
+    }
+}
+
+fn asset_auth(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
+    if s.cfg.public_assets { Ok(()) } else { caller(s, headers).map(|_| ()) }
+}
+
+/// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag.
+async fn asset(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+    q: Result<Query<AssetParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    asset_auth(&s, &headers)?;
+    check_hash(&hash)?;
+    let Query(q) = q.map_err(query_error)?;
+    let (path, etag) = match q.variant.as_deref() {
+        None | Some("full") => (s.worker.store().path(&hash), format!("\"{hash}\"")),
+        Some("thumb") => (s.worker.store().thumb_path(&hash), format!("\"{hash}.thumb\"")),
+        Some(v) => return Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
+    };
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(format!("hash: no asset {hash}")));
+        }
+        Err(e) => return Err(ApiError::internal(&e)),
+    };
+    let len = file.metadata().await.map_err(|e| ApiError::internal(&e))?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/png".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable".to_owned()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /v1/assets/{hash}/provenance`: who asked, model and version, parameters, backend, timings.
+async fn provenance(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    asset_auth(&s, &headers)?;
+    check_hash(&hash)?;
+    match tokio::fs::read(s.worker.store().provenance_path(&hash)).await {
+        Ok(bytes) => Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ApiError::not_found(format!("hash: no asset {hash}")))
+        }
+        Err(e) => Err(ApiError::internal(&e)),
+    }
+}
+
+/// `POST /v1/tokens`' body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    name: String,
+    role: Role,
+}
+
+/// `POST /v1/tokens` (operator): a new token; its secret is shown this once.
+async fn create_token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&s, &headers)?;
+    if who.role != Role::Operator {
+        return Err(ApiError::forbidden("only an operator token may create tokens"));
+    }
+    let body = body.map_err(|_| ApiError::too_large(s.cfg.limits.max_body_bytes))?;
+    let req: NewToken = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    if req.name.is_empty() || req.name.len() > 100 || req.name.chars().any(char::is_control) {
+        return Err(ApiError::invalid("name", "must be 1 to 100 printable characters"));
+    }
+    let secret = s.create_token(&req.name, req.role).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "name": req.name, "role": req.role, "token": secret.expose() })))
+        .into_response())
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// `GET /healthz`: 200 while the store answers.
+async fn healthz(State(s): State<AppState>) -> Response {
+    match s.store.counts().await {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable", "error": e.to_string() })))
+            .into_response(),
+    }
+}
+
+/// `GET /metrics`: the scheduler's and the workers' metrics in the Prometheus text format.
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut text = s.metrics.encode();
+    text.push_str(&s.worker.metrics.encode());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}

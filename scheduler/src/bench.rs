@@ -1,0 +1,207 @@
+//! `kiln bench farm`: the embedded farm end to end through HTTP, with the load on the same
+//! machine. (a) Cache hits: one request rendered once, then submitted again and again; every
+//! submit is answered `cached`. (b) Tiny renders: 16×16 jobs with distinct seeds, each submitted
+//! and then awaited (`GET /v1/jobs/{id}?wait=`), so a job counts when it has succeeded.
+//! Prints submits (or jobs) per second and p50/p99 latency, the median of `--runs` runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hyper::Method;
+use hyper::body::Bytes;
+use kiln_worker::config::BackendChoice;
+use kiln_worker::worker::open_backend;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Secret;
+use crate::client::Client;
+use crate::config::FarmConfig;
+use crate::farm::Farm;
+
+/// `kiln bench farm`'s arguments.
+#[derive(Debug, Args)]
+pub struct FarmBenchArgs {
+    /// Cache-hit submits per run.
+    #[arg(long, default_value_t = 20_000)]
+    pub hits: usize,
+    /// Tiny (16×16) jobs per run.
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// In-process workers.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Runs; the figures are the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// One phase's figures.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    percentile(&xs, 0.5)
+}
+
+/// Runs `n` operations over `concurrency` clients; each returns its latency in seconds.
+async fn drive<F, Fut>(n: usize, concurrency: usize, op: F) -> anyhow::Result<Figures>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<f64>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (op, next) = (op.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(lat);
+                }
+                lat.push(op(i).await?);
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.context("a load task panicked")??);
+    }
+    let wall = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok(Figures {
+        per_second: n as f64 / wall,
+        p50_ms: percentile(&all, 0.5) * 1e3,
+        p99_ms: percentile(&all, 0.99) * 1e3,
+    })
+}
+
+async fn submit(c: &Client, body: Bytes) -> anyhow::Result<serde_json::Value> {
+    let r = c.send(Method::POST, "/v1/jobs", Some(body)).await?;
+    if !r.status.is_success() {
+        bail!("submit answered {}: {}", r.status, String::from_utf8_lossy(&r.body));
+    }
+    Ok(r.json()?)
+}
+
+async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<(Figures, Figures)> {
+    let dir = std::env::temp_dir().join(format!("kiln-bench-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = cfg.clone();
+    cfg.worker.data_dir = dir.clone();
+    cfg.worker.backend = BackendChoice::Cpu;
+    cfg.worker.threads = 1;
+    cfg.scheduler.listen = "127.0.0.1:0".parse().expect("valid address");
+    cfg.scheduler.workers = a.workers;
+    let backend = open_backend(BackendChoice::Cpu, 1)?;
+    let farm = Farm::build(&cfg, backend).await?;
+    let url = format!("http://{}", farm.local_addr()?);
+    let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+    let c = Client::new(&url, Some(Secret::new(token)));
+
+    // (a) cache hits: render once, then the same request again and again.
+    let hit =
+        Bytes::from(json!({ "prompt": "bench cache hit", "seed": 1, "tier": "preview", "width": 16 }).to_string());
+    let first = submit(&c, hit.clone()).await?;
+    let id = first["id"].as_str().context("no id")?.to_owned();
+    c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
+    let ch = c.clone();
+    let hits = drive(a.hits, a.concurrency, move |_| {
+        let (c, body) = (ch.clone(), hit.clone());
+        async move {
+            let t = Instant::now();
+            let j = submit(&c, body).await?;
+            if j["state"] != "cached" {
+                bail!("a repeat was not answered from the cache: {j}");
+            }
+            Ok(t.elapsed().as_secs_f64())
+        }
+    })
+    .await?;
+
+    // (b) tiny renders, each submitted and awaited.
+    let base = 1_000_000 * (run as u64 + 1);
+    let ct = c.clone();
+    let tiny = drive(a.jobs, a.concurrency, move |i| {
+        let c = ct.clone();
+        async move {
+            let body = json!({ "prompt": "bench tiny", "seed": base + i as u64, "tier": "preview", "width": 16 });
+            let t = Instant::now();
+            let j = submit(&c, Bytes::from(body.to_string())).await?;
+            let id = j["id"].as_str().context("no id")?;
+            let done = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
+            if done["state"] != "succeeded" {
+                bail!("a tiny job did not succeed: {done}");
+            }
+            Ok(t.elapsed().as_secs_f64())
+        }
+    })
+    .await?;
+    stop.cancel();
+    server.await.context("the farm panicked")??;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((hits, tiny))
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
+    println!(
+        "kiln bench farm: {} cache-hit submits and {} tiny 16×16 jobs per run, {} clients, {} workers, {} runs (medians)",
+        a.hits, a.jobs, a.concurrency, a.workers, a.runs
+    );
+    let (mut h, mut t) = (Vec::new(), Vec::new());
+    for run in 0..a.runs.max(1) {
+        let (hits, tiny) = one_run(cfg, a, run).await?;
+        println!(
+            "  run {}: cache hits {:.0}/s p50 {:.2} ms p99 {:.2} ms | tiny jobs {:.0}/s p50 {:.2} ms p99 {:.2} ms",
+            run + 1,
+            hits.per_second,
+            hits.p50_ms,
+            hits.p99_ms,
+            tiny.per_second,
+            tiny.p50_ms,
+            tiny.p99_ms
+        );
+        h.push(hits);
+        t.push(tiny);
+    }
+    let med = |xs: &[Figures], f: fn(&Figures) -> f64| median(xs.iter().map(f).collect());
+    println!(
+        "cache-hit submits: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: p99 < 5 ms)",
+        med(&h, |f| f.per_second),
+        med(&h, |f| f.p50_ms),
+        med(&h, |f| f.p99_ms)
+    );
+    println!(
+        "tiny jobs end to end: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: >= 5000/s)",
+        med(&t, |f| f.per_second),
+        med(&t, |f| f.p50_ms),
+        med(&t, |f| f.p99_ms)
+    );
+    Ok(())
+}

@@ -1,0 +1,471 @@
+//! The `kiln` command line: `kiln up` runs the whole farm in one process; `submit`, `jobs`,
+//! `job`, `cancel` and `token` talk to a farm over its API; `render` and `bench` run the engine
+//! directly.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use kiln_protocol::{JobRequest, JobState, Tier};
+use kiln_worker::config::BackendChoice;
+use kiln_worker::worker::open_backend;
+use serde_json::{Value, json};
+
+use crate::auth::{Role, Secret};
+use crate::client::Client;
+use crate::config::FarmConfig;
+use crate::farm::{Farm, shutdown_signal};
+
+/// Kiln, a render farm for generative-art studios: renders (prompt, seed, tier) to the same PNG
+/// every time, answers repeats from its cache, and runs on one laptop with `kiln up`.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML config file (defaults < file < KILN_* environment).
+    #[arg(long, global = true, env = "KILN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory: database, assets, operator token [default: ~/.local/share/kiln; env KILN_DATA_DIR].
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long, global = true)]
+    pub print_config: bool,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole farm in this process: API, SQLite state, cache, in-process workers. Ctrl-C drains and stops.
+    Up(UpArgs),
+    /// Submit a render job; with --wait, show its progress and fetch the PNG.
+    Submit(SubmitArgs),
+    /// List jobs, newest first.
+    Jobs(JobsArgs),
+    /// Show one job and its events.
+    Job(JobArgs),
+    /// Cancel a job.
+    Cancel(JobArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Render one image locally, without a farm (the worker's command).
+    Render(kiln_worker::cli::RenderArgs),
+    /// Benchmarks: the engine, or the farm end to end through HTTP.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `kiln up`'s arguments.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address for the API [default: 127.0.0.1:7878; env KILN_LISTEN].
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// In-process workers [default: 2; env KILN_WORKERS].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// auto, cpu or wgpu [default: auto; env KILN_BACKEND].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendChoice>,
+}
+
+/// Where the farm is and how to talk to it.
+#[derive(Debug, Args, Clone)]
+pub struct Remote {
+    /// The farm's URL [default: the local `kiln up`'s, from DATA/api.url].
+    #[arg(long, env = "KILN_SERVER")]
+    pub server: Option<String>,
+    /// API token [default: DATA/operator.token].
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `kiln submit`'s arguments.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The prompt; its words steer palette, symmetry, frequency and contrast.
+    pub prompt: String,
+    /// The seed [default: chosen by the farm and recorded].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// preview, final or print.
+    #[arg(long, default_value = "preview")]
+    pub tier: Tier,
+    /// Width in pixels [default: the tier's].
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Height in pixels [default: the tier's].
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Supersampling per axis [default: the tier's].
+    #[arg(long)]
+    pub samples: Option<u32>,
+    /// Idempotency key: submitting again with it returns the same job.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait for the job to end, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Write the PNG here (implies --wait).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln jobs`' arguments.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in this state.
+    #[arg(long)]
+    pub state: Option<JobState>,
+    /// Only jobs of this tier.
+    #[arg(long)]
+    pub tier: Option<Tier>,
+    /// How many.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Arguments naming one job.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job's id.
+    pub id: String,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token (needs an operator token); prints the secret once.
+    Create {
+        /// Who holds it (unique).
+        #[arg(long)]
+        name: String,
+        /// operator or client.
+        #[arg(long, default_value = "client")]
+        role: Role,
+        /// Talking to the farm.
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// `kiln bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The render engine: megapixels/s, effective GFLOP/s and peak memory per backend and tier.
+    Engine(kiln_worker::bench::BenchArgs),
+    /// The farm end to end through HTTP: cache-hit submits and tiny renders, per second and p50/p99.
+    Farm(crate::bench::FarmBenchArgs),
+}
+
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Role::Operator, Role::Client]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+/// The config with the command line's overrides on top.
+pub fn load_config(cli: &Cli) -> anyhow::Result<FarmConfig> {
+    let mut cfg = FarmConfig::load(cli.config.as_deref())?;
+    if let Some(d) = &cli.data_dir {
+        cfg.worker.data_dir = d.clone();
+    }
+    match &cli.command {
+        Some(Command::Up(a)) => {
+            cfg.scheduler.listen = a.listen.unwrap_or(cfg.scheduler.listen);
+            cfg.scheduler.workers = a.workers.unwrap_or(cfg.scheduler.workers);
+            cfg.worker.backend = a.backend.unwrap_or(cfg.worker.backend);
+            cfg.validate()?;
+        }
+        Some(Command::Render(r)) => {
+            cfg.worker.backend = r.backend.unwrap_or(cfg.worker.backend);
+            cfg.worker.engine = r.engine.unwrap_or(cfg.worker.engine);
+        }
+        _ => {}
+    }
+    Ok(cfg)
+}
+
+/// The file where a running `kiln up` leaves its API URL.
+pub fn url_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("api.url")
+}
+
+/// A client from `--server`/`--token`, else the local farm's data dir.
+pub fn client(cfg: &FarmConfig, r: &Remote) -> anyhow::Result<Client> {
+    let server = match &r.server {
+        Some(s) => s.clone(),
+        None => {
+            let f = url_file(cfg.data_dir());
+            std::fs::read_to_string(&f)
+                .map(|s| s.trim().to_owned())
+                .with_context(|| format!("no --server given and no local farm found ({} is missing); start one with `kiln up` or pass --server / KILN_SERVER", f.display()))?
+        }
+    };
+    let token = match &r.token {
+        Some(t) => t.clone(),
+        None => {
+            let f = cfg.token_path();
+            std::fs::read_to_string(&f).map(|s| s.trim().to_owned()).with_context(|| {
+                format!("no --token given and cannot read {}; pass --token / KILN_TOKEN", f.display())
+            })?
+        }
+    };
+    Ok(Client::new(&server, Some(Secret::new(token))))
+}
+
+/// The whole of `main` after parsing: logging (`KILN_LOG`, JSON on request), the command, and its
+/// error printed once with its chain, as an exit code.
+pub fn main_with(cli: Cli) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn,sqlx=warn".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = load_config(&cli)?;
+    if cli.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    match cli.command {
+        None => bail!("no command given; try `kiln up`, `kiln submit --help` or `kiln --help`"),
+        Some(Command::Render(args)) => kiln_worker::cli::render(&cfg.worker, &args),
+        Some(Command::Bench(BenchCommand::Engine(args))) => kiln_worker::bench::run(&cfg.worker, &args),
+        Some(Command::Bench(BenchCommand::Farm(args))) => runtime()?.block_on(crate::bench::run(&cfg, &args)),
+        Some(Command::Up(_)) => runtime()?.block_on(up(cfg)),
+        Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
+        Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),
+        Some(Command::Job(args)) => runtime()?.block_on(job(&cfg, &args)),
+        Some(Command::Cancel(args)) => runtime()?.block_on(cancel(&cfg, &args)),
+        Some(Command::Token(TokenCommand::Create { name, role, remote })) => runtime()?.block_on(async {
+            let c = client(&cfg, &remote)?;
+            let v = c.call(Method::POST, "/v1/tokens", Some(&json!({ "name": name, "role": role }))).await?;
+            if remote.json {
+                println!("{v:#}");
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+                eprintln!("token {name:?} ({role}) created; it is shown only this once");
+            }
+            Ok(())
+        }),
+    }
+}
+
+async fn up(cfg: FarmConfig) -> anyhow::Result<()> {
+    let backend = open_backend(cfg.worker.backend, cfg.worker.threads()).context("failed to open the backend")?;
+    let device = format!("{} ({})", backend.name(), backend.device_name());
+    let farm = Farm::build(&cfg, backend).await?;
+    let addr = farm.local_addr()?;
+    let url = format!("http://{addr}");
+    let url_path = url_file(cfg.data_dir());
+    std::fs::write(&url_path, format!("{url}\n")).with_context(|| format!("failed to write {}", url_path.display()))?;
+    let (token, created) = farm.token_file();
+    println!("kiln up: the farm is running");
+    println!("  API      {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+    println!("  metrics  {url}/metrics");
+    println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
+    println!("  data     {}", cfg.data_dir().display());
+    println!("  workers  {} on {device}", cfg.scheduler.workers);
+    println!("Try: kiln submit \"ember kaleidoscope\" --wait --out art.png      Ctrl-C drains and stops.");
+    let _ = std::io::stdout().flush();
+    farm.run_until_stopped(shutdown_signal()).await?;
+    let _ = std::fs::remove_file(&url_path);
+    println!("kiln up: stopped");
+    Ok(())
+}
+
+fn print_job(v: &Value) {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    println!(
+        "{}  {:<10} {:<8} {}×{} seed {}  {:?}",
+        s("id"),
+        s("state"),
+        s("tier"),
+        v["width"],
+        v["height"],
+        v["seed"],
+        s("prompt")
+    );
+    if let Some(a) = v["asset"].as_str() {
+        println!("  asset  {a}");
+    }
+    if let Some(e) = v["error"].as_str() {
+        println!("  error  {e}");
+    }
+}
+
+async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let req = JobRequest {
+        prompt: a.prompt.clone(),
+        seed: a.seed,
+        tier: a.tier,
+        width: a.width,
+        height: a.height,
+        samples: a.samples,
+        model: None,
+        idempotency_key: a.idempotency_key.clone(),
+    };
+    if let Some(out) = &a.out {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            bail!("--out {}: the directory {} does not exist", out.display(), parent.display());
+        }
+    }
+    let mut job = c.call(Method::POST, "/v1/jobs", Some(&serde_json::to_value(&req)?)).await?;
+    let id = job["id"].as_str().context("the farm answered a job without an id")?.to_owned();
+    if !a.remote.json {
+        eprintln!("job {id}: {}", job["state"].as_str().unwrap_or("?"));
+    }
+    if a.wait || a.out.is_some() {
+        let tty = std::io::stderr().is_terminal() && !a.remote.json;
+        c.follow(&id, |kind, data| {
+            match kind {
+                "progress" if tty => {
+                    let (done, rows) =
+                        (data["rows_done"].as_u64().unwrap_or(0), data["rows"].as_u64().unwrap_or(1).max(1));
+                    let pct = done * 100 / rows;
+                    let bar = "#".repeat((pct / 4) as usize);
+                    eprint!("\r  rendering [{bar:<25}] {pct:3}%");
+                }
+                "state" => {
+                    let state = data["state"].as_str().unwrap_or("?");
+                    if !a.remote.json {
+                        if tty {
+                            eprint!("\r\x1b[K");
+                        }
+                        eprintln!("  {state}: {}", data["detail"].as_str().unwrap_or(""));
+                    }
+                    return !state.parse::<JobState>().is_ok_and(JobState::is_terminal);
+                }
+                _ => {}
+            }
+            true
+        })
+        .await?;
+        job = c.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?;
+        let state: JobState = job["state"].as_str().unwrap_or("").parse().unwrap_or(JobState::Queued);
+        if let Some(out) = &a.out {
+            let asset = job["asset"].as_str().with_context(|| format!("job {id} ended {state} without an asset"))?;
+            let bytes = c.bytes(&format!("/v1/assets/{asset}")).await?;
+            std::fs::write(out, &bytes).with_context(|| format!("failed to write --out {}", out.display()))?;
+            if !a.remote.json {
+                eprintln!("  wrote {} ({} bytes)", out.display(), bytes.len());
+            }
+        }
+        if a.remote.json {
+            println!("{job:#}");
+        } else {
+            print_job(&job);
+        }
+        if !matches!(state, JobState::Succeeded | JobState::Cached) {
+            bail!("job {id} ended {state}: {}", job["error"].as_str().unwrap_or("no error recorded"));
+        }
+    } else if a.remote.json {
+        println!("{job:#}");
+    } else {
+        print_job(&job);
+    }
+    Ok(())
+}
+
+async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let mut path = format!("/v1/jobs?limit={}", a.limit);
+    if let Some(s) = a.state {
+        path.push_str(&format!("&state={s}"));
+    }
+    if let Some(t) = a.tier {
+        path.push_str(&format!("&tier={t}"));
+    }
+    let page = c.call(Method::GET, &path, None).await?;
+    if a.remote.json {
+        println!("{page:#}");
+        return Ok(());
+    }
+    let jobs = page["jobs"].as_array().cloned().unwrap_or_default();
+    if jobs.is_empty() {
+        println!("no jobs");
+    }
+    for j in &jobs {
+        print_job(j);
+    }
+    Ok(())
+}
+
+async fn job(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let job = c.call(Method::GET, &format!("/v1/jobs/{}", a.id), None).await?;
+    if a.remote.json {
+        println!("{job:#}");
+        return Ok(());
+    }
+    print_job(&job);
+    // The stored events, read from the stream until it has nothing more to say at once.
+    let mut events = Vec::new();
+    let follow = c.follow(&a.id, |kind, data| {
+        if kind == "state" {
+            events.push(data.clone());
+        }
+        !data["state"].as_str().and_then(|s| s.parse::<JobState>().ok()).is_some_and(JobState::is_terminal)
+    });
+    let _ = tokio::time::timeout(Duration::from_millis(300), follow).await;
+    for e in &events {
+        let at = e["at_ms"].as_i64().map(crate::time::rfc3339).unwrap_or_default();
+        println!("  {at}  {:<10} {}", e["state"].as_str().unwrap_or(""), e["detail"].as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
+async fn cancel(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let job = c.call(Method::POST, &format!("/v1/jobs/{}/cancel", a.id), None).await?;
+    if a.remote.json {
+        println!("{job:#}");
+    } else {
+        print_job(&job);
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! A small client of the `/v1` API for the CLI, the benchmark and the tests: JSON calls with the
+//! bearer token, raw bytes for assets, and a reader of a job's event stream.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::auth::Secret;
+
+/// What can go wrong talking to the farm.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the farm at {url}: {source}")]
+    Connect {
+        /// Where.
+        url: String,
+        /// Why.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The response broke off.
+    #[error("reading the response from {url}: {source}")]
+    Read {
+        /// Where.
+        url: String,
+        /// Why.
+        source: hyper::Error,
+    },
+    /// The server said no; `message` is its error message.
+    #[error("{status}: {message}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The API's message (which names the field).
+        message: String,
+    },
+    /// The server answered something that is not the expected JSON.
+    #[error("unexpected response from {url}: {message}")]
+    Protocol {
+        /// Where.
+        url: String,
+        /// What.
+        message: String,
+    },
+    /// A bad URL or header.
+    #[error("bad request to build: {0}")]
+    Build(#[from] hyper::http::Error),
+}
+
+/// A response: status, headers and body.
+#[derive(Debug)]
+pub struct Reply {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: hyper::HeaderMap,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+/// A client of one farm.
+#[derive(Clone)]
+pub struct Client {
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: Option<Secret>,
+}
+
+impl Client {
+    /// A client of the farm at `base` (e.g. `http://127.0.0.1:7878`).
+    pub fn new(base: &str, token: Option<Secret>) -> Client {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        let http = HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(conn);
+        Client { http, base: base.trim_end_matches('/').to_owned(), token }
+    }
+
+    /// The farm's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends a request and reads the whole response, whatever its status.
+    pub async fn send(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<Reply, ClientError> {
+        self.send_with(method, path, body, &[]).await
+    }
+
+    /// [`Self::send`] with extra headers.
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {}", t.expose()));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(body.unwrap_or_default()))?;
+        let resp = self.http.request(req).await.map_err(|source| ClientError::Connect { url: url.clone(), source })?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    }
+
+    /// A JSON call: 2xx answers the body; anything else is a [`ClientError::Status`] carrying
+    /// the API's message.
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+        let bytes = body.map(|b| Bytes::from(b.to_string()));
+        let reply = self.send(method, path, bytes).await?;
+        check(&reply)?;
+        reply.json().map_err(|e| ClientError::Protocol { url: format!("{}{path}", self.base), message: e.to_string() })
+    }
+
+    /// Raw bytes (an asset); non-2xx is an error.
+    pub async fn bytes(&self, path: &str) -> Result<Bytes, ClientError> {
+        let reply = self.send(Method::GET, path, None).await?;
+        check(&reply)?;
+        Ok(reply.body)
+    }
+
+    /// Reads a job's event stream, calling `on` with each event's name and data until it returns
+    /// `false` or the stream ends.
+    pub async fn follow(&self, job_id: &str, mut on: impl FnMut(&str, &Value) -> bool) -> Result<(), ClientError> {
+        let url = format!("{}/v1/jobs/{job_id}/events", self.base);
+        let mut req = Request::builder().uri(&url).header("accept", "text/event-stream");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {}", t.expose()));
+        }
+        let resp = self
+            .http
+            .request(req.body(Full::new(Bytes::new()))?)
+            .await
+            .map_err(|source| ClientError::Connect { url: url.clone(), source })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
+            return Err(error_of(status, &body));
+        }
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|source| ClientError::Read { url: url.clone(), source })?;
+            let Some(data) = frame.data_ref() else { continue };
+            buf.push_str(&String::from_utf8_lossy(data));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut event, mut data) = ("message", String::new());
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = if e.trim() == "state" {
+                            "state"
+                        } else if e.trim() == "progress" {
+                            "progress"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                if !on(event, &value) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn error_of(status: StatusCode, body: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect());
+    ClientError::Status { status, message }
+}
+
+fn check(reply: &Reply) -> Result<(), ClientError> {
+    if reply.status.is_success() { Ok(()) } else { Err(error_of(reply.status, &reply.body)) }
+}

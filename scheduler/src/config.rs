@@ -1,0 +1,209 @@
+//! The farm's configuration: the worker's settings (top level of the file, as for
+//! `kiln-worker`) and the scheduler's (`[scheduler]`). Built-in defaults < TOML file < `KILN_*`
+//! environment; a bad value fails naming its key, before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use kiln_protocol::Tier;
+use kiln_worker::config::{ConfigError, WorkerConfig, env_parse, read_toml};
+use serde::{Deserialize, Serialize};
+
+use crate::retry::RetryPolicy;
+
+/// Limits on what one API call may ask (`[scheduler.limits]`). Prompt length and pixels per tier
+/// are the tiers' (`[tiers.*]`, `tiers.max_prompt_chars`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body in bytes (`scheduler.limits.max_body_bytes`, `KILN_MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+    /// Most jobs one `POST /v1/jobs` may carry (`scheduler.limits.max_jobs_per_request`).
+    pub max_jobs_per_request: usize,
+    /// Largest page of `GET /v1/jobs` (`scheduler.limits.max_page`).
+    pub max_page: u32,
+    /// Longest idempotency key, in bytes (`scheduler.limits.max_idempotency_key`).
+    pub max_idempotency_key: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body_bytes: 256 * 1024, max_jobs_per_request: 100, max_page: 500, max_idempotency_key: 200 }
+    }
+}
+
+/// The scheduler's settings (`[scheduler]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Where the API listens (`scheduler.listen`, `KILN_LISTEN`).
+    pub listen: SocketAddr,
+    /// In-process workers (`scheduler.workers`, `KILN_WORKERS`).
+    pub workers: usize,
+    /// Tiers the in-process workers serve (`scheduler.worker_tiers`).
+    pub worker_tiers: Vec<Tier>,
+    /// Whether `GET /v1/assets/...` needs no token (`scheduler.public_assets`, `KILN_PUBLIC_ASSETS`).
+    pub public_assets: bool,
+    /// Seconds a shutdown waits for renders in hand before leaving them to the next start
+    /// (`scheduler.shutdown_grace_seconds`).
+    pub shutdown_grace_seconds: u64,
+    /// Request limits.
+    pub limits: Limits,
+    /// Retries of failed renders.
+    pub retry: RetryPolicy,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            workers: 2,
+            worker_tiers: Tier::ALL.to_vec(),
+            public_assets: false,
+            shutdown_grace_seconds: 30,
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// The whole farm's settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FarmConfig {
+    /// The worker's settings (data dir, backend, tiers...).
+    pub worker: WorkerConfig,
+    /// The scheduler's.
+    pub scheduler: SchedulerConfig,
+}
+
+impl FarmConfig {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Self::load`] with an explicit environment (for tests).
+    pub fn load_with(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut cfg = FarmConfig::default();
+        if let Some(path) = file {
+            let mut table = read_toml(path)?;
+            if let Some(s) = table.remove("scheduler") {
+                cfg.scheduler = s.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.into(),
+                    message: format!("in [scheduler]: {e}"),
+                })?;
+            }
+            cfg.worker = WorkerConfig::from_table(table, path)?;
+        }
+        cfg.worker.apply_env(env)?;
+        let s = &mut cfg.scheduler;
+        if let Some(v) = env("KILN_LISTEN") {
+            s.listen = v.trim().parse().map_err(|e: std::net::AddrParseError| ConfigError::Env {
+                key: "KILN_LISTEN",
+                value: v.clone(),
+                message: format!("{e}; expected HOST:PORT, e.g. 127.0.0.1:7878"),
+            })?;
+        }
+        s.workers = env_parse("KILN_WORKERS", env)?.unwrap_or(s.workers);
+        s.public_assets = env_parse("KILN_PUBLIC_ASSETS", env)?.unwrap_or(s.public_assets);
+        s.retry.max_attempts = env_parse("KILN_MAX_ATTEMPTS", env)?.unwrap_or(s.retry.max_attempts);
+        s.limits.max_body_bytes = env_parse("KILN_MAX_BODY_BYTES", env)?.unwrap_or(s.limits.max_body_bytes);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.scheduler;
+        let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if s.workers == 0 || s.workers > 256 {
+            return bad("scheduler.workers", format!("{} is outside 1..=256", s.workers));
+        }
+        if s.worker_tiers.is_empty() {
+            return bad("scheduler.worker_tiers", "must name at least one tier".into());
+        }
+        if s.retry.max_attempts == 0 {
+            return bad("scheduler.retry.max_attempts", "must be at least 1".into());
+        }
+        if s.limits.max_body_bytes < 1024 {
+            return bad(
+                "scheduler.limits.max_body_bytes",
+                format!("{} is below the minimum of 1024", s.limits.max_body_bytes),
+            );
+        }
+        if s.limits.max_jobs_per_request == 0 || s.limits.max_page == 0 {
+            return bad("scheduler.limits", "max_jobs_per_request and max_page must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.worker.data_dir
+    }
+
+    /// Where the operator token is kept.
+    pub fn token_path(&self) -> PathBuf {
+        self.worker.data_dir.join("operator.token")
+    }
+
+    /// The effective configuration as TOML (`--print-config`).
+    pub fn to_toml(&self) -> String {
+        let mut out = self.worker.to_toml();
+        let mut wrapped = toml::Table::new();
+        match toml::Value::try_from(&self.scheduler) {
+            Ok(v) => {
+                wrapped.insert("scheduler".into(), v);
+                out.push('\n');
+                out.push_str(&toml::to_string_pretty(&wrapped).unwrap_or_default());
+            }
+            Err(e) => out.push_str(&format!("# cannot print [scheduler]: {e}\n")),
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_sets_both_sections_and_the_environment_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(
+            &f,
+            "threads = 1\n[scheduler]\nworkers = 3\nlisten = \"127.0.0.1:9000\"\n[scheduler.retry]\nmax_attempts = 2\n",
+        )
+        .unwrap();
+        let cfg = FarmConfig::load_with(Some(&f), &|k| (k == "KILN_WORKERS").then(|| "5".to_owned())).unwrap();
+        assert_eq!(cfg.worker.threads, 1);
+        assert_eq!(cfg.scheduler.workers, 5);
+        assert_eq!(cfg.scheduler.listen.port(), 9000);
+        assert_eq!(cfg.scheduler.retry.max_attempts, 2);
+        let again = FarmConfig::load_with(None, &|_| None).unwrap();
+        assert_eq!(again.scheduler, SchedulerConfig::default());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(&f, "[scheduler]\nworkerz = 3\n").unwrap();
+        let e = FarmConfig::load_with(Some(&f), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("workerz") && e.contains("[scheduler]"), "{e}");
+        let e = FarmConfig::load_with(None, &|k| (k == "KILN_LISTEN").then(|| "localhost".to_owned())).unwrap_err();
+        assert!(e.to_string().contains("KILN_LISTEN"), "{e}");
+        let e = FarmConfig::load_with(None, &|k| (k == "KILN_WORKERS").then(|| "0".to_owned())).unwrap_err();
+        assert!(e.to_string().contains("scheduler.workers"), "{e}");
+    }
+
+    #[test]
+    fn the_printed_config_loads_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = FarmConfig::load_with(None, &|_| None).unwrap();
+        let f = dir.path().join("printed.toml");
+        std::fs::write(&f, cfg.to_toml()).unwrap();
+        assert_eq!(FarmConfig::load_with(Some(&f), &|_| None).unwrap(), cfg);
+    }
+}

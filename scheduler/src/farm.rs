@@ -1,0 +1,169 @@
+//! The embedded farm: SQLite state, the API, the dispatcher and N in-process workers in one
+//! process. [`Farm::build`] does everything that can fail before a port is bound;
+//! [`Farm::run_until_stopped`] serves until its shutdown future resolves, then drains.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_worker::render::Backend;
+use kiln_worker::worker::Worker;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Role;
+use crate::config::FarmConfig;
+use crate::scheduler::Scheduler;
+use crate::store::{SqliteStore, Store};
+
+/// The database file in the data dir.
+pub const DB_FILE: &str = "kiln.db";
+
+/// A farm ready to run.
+pub struct Farm {
+    sched: Arc<Scheduler>,
+    listener: TcpListener,
+    token_path: PathBuf,
+    token_created: bool,
+}
+
+/// Writes a secret readable by its owner only.
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+impl Farm {
+    /// Opens the data dir and database, loads the engine, makes sure an operator token exists
+    /// (creating `DATA/operator.token`, mode 0600, on first start) and binds the listener.
+    pub async fn build(cfg: &FarmConfig, backend: Backend) -> anyhow::Result<Farm> {
+        let data = cfg.data_dir();
+        std::fs::create_dir_all(data).with_context(|| format!("failed to create the data dir {}", data.display()))?;
+        let db = data.join(DB_FILE);
+        let store =
+            SqliteStore::open(&db).await.with_context(|| format!("failed to open the database {}", db.display()))?;
+        let worker = Worker::new(&cfg.worker, backend).context("failed to set up the worker")?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let sched = Scheduler::new(store, Arc::new(worker), cfg.scheduler.clone(), cfg.worker.tiers.clone())
+            .await
+            .context("failed to load the scheduler's state")?;
+        let token_path = cfg.token_path();
+        let existing = std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_owned());
+        let token_created = match existing {
+            Some(t) if sched.authenticate(&t).is_some_and(|c| c.role == Role::Operator) => false,
+            _ => {
+                // First start, or the file was lost: a fresh operator token, under a free name.
+                let mut n = 1;
+                let secret = loop {
+                    let name = if n == 1 { "operator".to_owned() } else { format!("operator-{n}") };
+                    match sched.create_token(&name, Role::Operator).await {
+                        Ok(s) => break s,
+                        Err(crate::store::StoreError::Conflict(_)) if n < 1000 => n += 1,
+                        Err(e) => return Err(e).context("failed to create the operator token"),
+                    }
+                };
+                write_private(&token_path, secret.expose())
+                    .with_context(|| format!("failed to write the operator token to {}", token_path.display()))?;
+                true
+            }
+        };
+        let addr = cfg.scheduler.listen;
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("failed to listen on {addr} (scheduler.listen)"))?;
+        Ok(Farm { sched, listener, token_path, token_created })
+    }
+
+    /// Where the API listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.sched
+    }
+
+    /// Where the operator token is, and whether this start created it.
+    pub fn token_file(&self) -> (&Path, bool) {
+        (&self.token_path, self.token_created)
+    }
+
+    /// Serves until `shutdown` resolves; then stops taking work, lets renders in hand finish for
+    /// up to `scheduler.shutdown_grace_seconds`, and returns. Whatever did not finish is still
+    /// in the database and runs again at the next start.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Farm { sched, listener, .. } = self;
+        let resumed = sched.resume().await.context("failed to resume the jobs of the last run")?;
+        if resumed > 0 {
+            tracing::info!(jobs = resumed, "resumed jobs that were in hand when the farm last stopped");
+        }
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(sched.clone().run_dispatcher(stop.clone()));
+        for n in 0..sched.cfg.workers {
+            tracker.spawn(sched.clone().run_worker(n, sched.cfg.worker_tiers.clone(), stop.clone()));
+        }
+        tracker.close();
+        let http_stop = stop.clone();
+        let app = crate::api::router(sched.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
+        });
+        shutdown.await;
+        tracing::info!("shutting down: no new work; finishing renders in hand");
+        stop.cancel();
+        let grace = Duration::from_secs(sched.cfg.shutdown_grace_seconds);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                grace_seconds = grace.as_secs(),
+                "renders still in hand after the grace period; they run again at the next start"
+            );
+        }
+        // Open event streams and long polls end with the process.
+        if tokio::time::timeout(Duration::from_secs(1), server).await.is_err() {
+            tracing::info!("closed connections still open after shutdown");
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,17 @@
+//! Kiln's scheduler: the job API, the durable store (SQLite, PostgreSQL next), the seed-keyed
+//! cache and single flight, dispatch to workers by tier, retries, and the embedded farm that
+//! runs all of it in one process (`kiln up`).
+
+pub mod api;
+pub mod auth;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod farm;
+pub mod metrics;
+pub mod queue;
+pub mod retry;
+pub mod scheduler;
+pub mod store;
+pub mod time;

@@ -1,0 +1,114 @@
+//! The scheduler's Prometheus metrics. Names are constants with the `kiln_` prefix, in base
+//! units; labels are tier and state, never a job id.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::store::Event;
+use kiln_protocol::{JobState, Tier};
+
+/// Jobs in each state, by tier (a gauge: moves as jobs move).
+pub const JOBS: &str = "kiln_jobs";
+/// Seconds from submit to the start of the render that served it, by tier.
+pub const QUEUE_WAIT_SECONDS: &str = "kiln_job_queue_wait_seconds";
+/// Seconds from submit to a terminal state, by tier and final state.
+pub const JOB_SECONDS: &str = "kiln_job_seconds";
+/// Submits answered from the cache, by tier.
+pub const SUBMIT_CACHE_HITS: &str = "kiln_submit_cache_hits_total";
+/// Submits attached to a render already in flight, by tier.
+pub const SUBMIT_COALESCED: &str = "kiln_submit_coalesced_total";
+/// Renders a worker has in hand right now.
+pub const RENDERS_IN_FLIGHT: &str = "kiln_renders_in_flight";
+/// Attempts that ended, by tier and outcome (succeeded, retry, failed).
+pub const ATTEMPTS: &str = "kiln_render_attempts_total";
+
+/// The scheduler's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// [`JOBS`].
+    pub jobs: IntGaugeVec,
+    /// [`QUEUE_WAIT_SECONDS`].
+    pub queue_wait: HistogramVec,
+    /// [`JOB_SECONDS`].
+    pub job_seconds: HistogramVec,
+    /// [`SUBMIT_CACHE_HITS`].
+    pub cache_hits: IntCounterVec,
+    /// [`SUBMIT_COALESCED`].
+    pub coalesced: IntCounterVec,
+    /// [`RENDERS_IN_FLIGHT`].
+    pub in_flight: IntGauge,
+    /// [`ATTEMPTS`].
+    pub attempts: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let buckets = vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
+        let jobs = IntGaugeVec::new(Opts::new(JOBS, "Jobs in each state"), &["tier", "state"]).expect("valid metric");
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(QUEUE_WAIT_SECONDS, "Seconds from submit to the start of its render")
+                .buckets(buckets.clone()),
+            &["tier"],
+        )
+        .expect("valid metric");
+        let job_seconds = HistogramVec::new(
+            HistogramOpts::new(JOB_SECONDS, "Seconds from submit to a terminal state").buckets(buckets),
+            &["tier", "state"],
+        )
+        .expect("valid metric");
+        let cache_hits = IntCounterVec::new(Opts::new(SUBMIT_CACHE_HITS, "Submits answered from the cache"), &["tier"])
+            .expect("valid metric");
+        let coalesced =
+            IntCounterVec::new(Opts::new(SUBMIT_COALESCED, "Submits attached to a render in flight"), &["tier"])
+                .expect("valid metric");
+        let in_flight = IntGauge::new(RENDERS_IN_FLIGHT, "Renders in hand").expect("valid metric");
+        let attempts = IntCounterVec::new(Opts::new(ATTEMPTS, "Render attempts that ended"), &["tier", "outcome"])
+            .expect("valid metric");
+        for c in [
+            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_wait.clone()),
+            Box::new(job_seconds.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(coalesced.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(attempts.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        for tier in Tier::ALL {
+            for state in JobState::ALL {
+                jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(0);
+            }
+        }
+        Metrics { registry, jobs, queue_wait, job_seconds, cache_hits, coalesced, in_flight, attempts }
+    }
+
+    /// Moves the state gauge for an event that is now durable, and times the job when it starts
+    /// or ends.
+    pub fn observe(&self, e: &Event) {
+        let tier = e.tier.as_str();
+        if let Some(from) = e.from {
+            self.jobs.with_label_values(&[tier, from.as_str()]).dec();
+        }
+        self.jobs.with_label_values(&[tier, e.state.as_str()]).inc();
+        let secs = (e.at_ms - e.created_ms).max(0) as f64 / 1000.0;
+        if e.state == JobState::Running {
+            self.queue_wait.with_label_values(&[tier]).observe(secs);
+        } else if e.state.is_terminal() {
+            self.job_seconds.with_label_values(&[tier, e.state.as_str()]).observe(secs);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}

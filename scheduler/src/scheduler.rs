@@ -1,0 +1,387 @@
+//! The scheduler's logic, the same in both modes: admit jobs (validate, key, cache, single
+//! flight), hand the outbox to the worker queue, run workers, record results, retry, cancel, and
+//! tell listeners about each durable change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError, Tier};
+use kiln_worker::engine::cppn::MODEL_ID;
+use kiln_worker::prng::Rng;
+use kiln_worker::worker::{Worker, WorkerError};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Caller, Role, Secret, new_token, token_hash};
+use crate::config::SchedulerConfig;
+use crate::metrics::Metrics;
+use crate::queue::JobQueue;
+use crate::retry::Decision;
+use crate::store::{Admission, Event, Job, NewJob, Outcome, Store, StoreError, TokenRow};
+use crate::time::now_ms;
+
+/// What a submit may get wrong; each names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The request breaks a tier limit or names an unknown tier.
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    /// The idempotency key is too long.
+    #[error("idempotency_key: {len} bytes exceeds the limit of {limit} (scheduler.limits.max_idempotency_key)")]
+    IdempotencyKey {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The model is not one this farm has.
+    #[error("model: unknown model {0:?}; this farm has \"cppn\"")]
+    UnknownModel(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Something a listener hears about a job: a durable event, or render progress.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Live {
+    /// A transition, already durable.
+    Event(Event),
+    /// Rows done so far in a render (not stored).
+    Progress {
+        /// The job.
+        job_id: String,
+        /// Rows finished.
+        rows_done: u32,
+        /// Rows in all.
+        rows: u32,
+    },
+}
+
+impl Live {
+    /// The job it is about.
+    pub fn job_id(&self) -> &str {
+        match self {
+            Live::Event(e) => &e.job_id,
+            Live::Progress { job_id, .. } => job_id,
+        }
+    }
+}
+
+/// The scheduler: shared by the API, the dispatcher and the workers.
+pub struct Scheduler {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// The render engine and asset store (the embedded farm's workers share it).
+    pub worker: Arc<Worker>,
+    /// The in-process worker queue.
+    pub queue: JobQueue,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub cfg: SchedulerConfig,
+    live: broadcast::Sender<Arc<Live>>,
+    tokens: RwLock<HashMap<String, Caller>>,
+    dispatch_wake: Notify,
+    rng: Mutex<Rng>,
+    tiers: kiln_protocol::TierLimits,
+}
+
+/// Whether a worker error is worth another attempt: I/O and backend trouble are; a request the
+/// engine cannot serve is not.
+pub fn is_transient(e: &WorkerError) -> bool {
+    !matches!(e, WorkerError::UnknownModel(_) | WorkerError::Engine(kiln_worker::engine::EngineError::NoAdapter))
+}
+
+impl Scheduler {
+    /// A scheduler over a store and a worker. Loads the tokens and the job counts.
+    pub async fn new(
+        store: Arc<dyn Store>,
+        worker: Arc<Worker>,
+        cfg: SchedulerConfig,
+        tiers: kiln_protocol::TierLimits,
+    ) -> Result<Arc<Scheduler>, StoreError> {
+        let seed = crate::auth::os_random::<8>().map(u64::from_le_bytes).unwrap_or_else(|_| now_ms() as u64);
+        let (live, _) = broadcast::channel(16 * 1024);
+        let s = Scheduler {
+            store,
+            worker,
+            queue: JobQueue::default(),
+            metrics: Metrics::new(),
+            cfg,
+            live,
+            tokens: RwLock::new(HashMap::new()),
+            dispatch_wake: Notify::new(),
+            rng: Mutex::new(Rng::new(seed)),
+            tiers,
+        };
+        s.reload_tokens().await?;
+        for (tier, state, n) in s.store.counts().await? {
+            s.metrics.jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(n);
+        }
+        Ok(Arc::new(s))
+    }
+
+    /// Listens to every job's events and progress from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Live>> {
+        self.live.subscribe()
+    }
+
+    fn publish(&self, events: Vec<Event>) {
+        for e in events {
+            self.metrics.observe(&e);
+            let _ = self.live.send(Arc::new(Live::Event(e)));
+        }
+    }
+
+    fn random(&self) -> u64 {
+        self.rng.lock().unwrap_or_else(|p| p.into_inner()).next_u64()
+    }
+
+    /// A new job id: creation time and randomness, so ids sort roughly by age and never collide.
+    fn new_id(&self) -> String {
+        format!("j{:011x}{:012x}", now_ms(), self.random() >> 16)
+    }
+
+    async fn reload_tokens(&self) -> Result<(), StoreError> {
+        let rows = self.store.tokens().await?;
+        let map = rows.into_iter().map(|t| (t.token_hash, Caller { name: t.name, role: t.role })).collect();
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Who a bearer token belongs to.
+    pub fn authenticate(&self, token: &str) -> Option<Caller> {
+        self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(&token_hash(token)).cloned()
+    }
+
+    /// Creates a token; the secret is returned once and never stored.
+    pub async fn create_token(&self, name: &str, role: Role) -> Result<Secret, StoreError> {
+        let secret = new_token().map_err(|e| StoreError::Corrupt { what: "random source", message: e.to_string() })?;
+        let row = TokenRow { token_hash: token_hash(secret.expose()), name: name.to_owned(), role };
+        self.store.add_token(row, now_ms()).await?;
+        self.reload_tokens().await?;
+        Ok(secret)
+    }
+
+    /// Resolves and validates a request as the farm would run it.
+    pub fn resolve(&self, req: &JobRequest) -> Result<RenderRequest, SubmitError> {
+        let model = req.model.as_deref().unwrap_or(MODEL_ID);
+        if model != MODEL_ID {
+            return Err(SubmitError::UnknownModel(model.to_owned()));
+        }
+        if let Some(k) = &req.idempotency_key {
+            let limit = self.cfg.limits.max_idempotency_key;
+            if k.len() > limit {
+                return Err(SubmitError::IdempotencyKey { len: k.len(), limit });
+            }
+        }
+        let seed = req.seed.unwrap_or_else(|| self.random() >> 11);
+        Ok(RenderRequest::resolve(model, &req.prompt, seed, req.tier, req.width, req.height, req.samples, &self.tiers)?)
+    }
+
+    /// Admits a job: an earlier one for the same idempotency key, the cache, a render in flight,
+    /// or a new render. Returns the job and whether it is new.
+    pub async fn submit(&self, caller: &Caller, req: &JobRequest) -> Result<(Job, Admission), SubmitError> {
+        let request = self.resolve(req)?;
+        let new = NewJob {
+            id: self.new_id(),
+            cache_key: self.worker.key(&request).to_string(),
+            request,
+            client: caller.name.clone(),
+            idempotency_key: req.idempotency_key.clone(),
+            now_ms: now_ms(),
+        };
+        let s = self.store.submit(new).await?;
+        let tier = s.job.tier.as_str();
+        match s.admission {
+            Admission::Queued => self.dispatch_wake.notify_one(),
+            Admission::Cached => self.metrics.cache_hits.with_label_values(&[tier]).inc(),
+            Admission::Attached => self.metrics.coalesced.with_label_values(&[tier]).inc(),
+            Admission::Existing => {}
+        }
+        self.publish(s.events);
+        Ok((s.job, s.admission))
+    }
+
+    /// Cancels a job; a client may cancel only its own. `Ok(None)`: no such job (or not theirs).
+    pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Option<Job>, StoreError> {
+        if caller.role != Role::Operator {
+            match self.store.job(id).await? {
+                Some(j) if j.client == caller.name => {}
+                _ => return Ok(None),
+            }
+        }
+        let Some((job, events)) = self.store.cancel(id, &caller.name, now_ms()).await? else { return Ok(None) };
+        if events.iter().any(|e| e.state == JobState::Queued) {
+            self.dispatch_wake.notify_one();
+        }
+        self.publish(events);
+        Ok(Some(job))
+    }
+
+    /// One job, if the caller may see it.
+    pub async fn job(&self, caller: &Caller, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self.store.job(id).await?.filter(|j| caller.role == Role::Operator || j.client == caller.name))
+    }
+
+    /// Waits up to `wait` for a job to reach a terminal state; returns it as it is then.
+    pub async fn wait_terminal(&self, caller: &Caller, id: &str, wait: Duration) -> Result<Option<Job>, StoreError> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let job = self.job(caller, id).await?;
+            match &job {
+                Some(j) if !j.state.is_terminal() => {}
+                _ => return Ok(job),
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Err(_) => return self.job(caller, id).await,
+                    Ok(Ok(l)) => match &*l {
+                        Live::Event(e) if e.job_id == id && e.state.is_terminal() => break,
+                        _ => {}
+                    },
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return self.job(caller, id).await,
+                }
+            }
+        }
+    }
+
+    /// Resumes after a restart: jobs that were dispatched or running are queued again.
+    pub async fn resume(&self) -> Result<usize, StoreError> {
+        let events = self.store.resume(now_ms()).await?;
+        let n = events.len();
+        self.publish(events);
+        self.dispatch_wake.notify_one();
+        Ok(n)
+    }
+
+    /// Moves due outbox rows to the worker queue until cancelled.
+    pub async fn run_dispatcher(self: Arc<Self>, stop: CancellationToken) {
+        const BATCH: u32 = 512;
+        loop {
+            let now = now_ms();
+            let next_due = match self.store.take_due(now, BATCH).await {
+                Ok(due) => {
+                    let full = due.jobs.len() == BATCH as usize;
+                    self.publish(due.events);
+                    self.queue.push_all(due.jobs);
+                    if full {
+                        continue;
+                    }
+                    due.next_due_ms
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "dispatch: cannot read the outbox; trying again in 1 s");
+                    Some(now + 1000)
+                }
+            };
+            let sleep = next_due.map_or(Duration::from_secs(3600), |t| Duration::from_millis((t - now).max(1) as u64));
+            tokio::select! {
+                () = self.dispatch_wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One in-process worker: takes jobs of `tiers` until cancelled, finishing the one in hand.
+    pub async fn run_worker(self: Arc<Self>, n: usize, tiers: Vec<Tier>, stop: CancellationToken) {
+        loop {
+            let d = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                d = self.queue.pop(&tiers) => d,
+            };
+            let started = match self.store.start(&d.job_id, d.attempt, now_ms()).await {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    // The job stays dispatched; the next start of the farm runs it.
+                    tracing::error!(job_id = d.job_id, error = %e, "worker: cannot mark the job running");
+                    continue;
+                }
+            };
+            let (job, events) = started;
+            self.publish(events);
+            let outcome = self.render(n, &job, d.attempt).await;
+            self.record(&job, d.attempt, outcome).await;
+        }
+    }
+
+    async fn render(&self, n: usize, job: &Job, attempt: u32) -> Outcome {
+        self.metrics.in_flight.inc();
+        let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.id.clone());
+        tracing::info!(job_id = id, worker = n, attempt, tier = %req.tier, "rendering");
+        let result = tokio::task::spawn_blocking(move || {
+            let mut last = 0;
+            worker.render(&req, &mut |p| {
+                // Progress is for people: at most every 2% and the end.
+                if p.rows_done == p.rows || p.rows_done * 50 / p.rows.max(1) > last {
+                    last = p.rows_done * 50 / p.rows.max(1);
+                    let _ = live.send(Arc::new(Live::Progress {
+                        job_id: id.clone(),
+                        rows_done: p.rows_done,
+                        rows: p.rows,
+                    }));
+                }
+            })
+        })
+        .await;
+        self.metrics.in_flight.dec();
+        let (error, transient) = match result {
+            Ok(Ok(r)) => {
+                let bytes = std::fs::metadata(&r.path).map_or(0, |m| m.len());
+                return Outcome::Succeeded { asset: r.asset, bytes };
+            }
+            Ok(Err(e)) => (e.to_string(), is_transient(&e)),
+            Err(e) => (format!("the render panicked: {e}"), true),
+        };
+        let jitter = (self.random() >> 11) as f64 / (1u64 << 53) as f64;
+        match self.cfg.retry.decide(attempt, transient, jitter) {
+            Decision::RetryAfter(wait) => {
+                tracing::warn!(
+                    job_id = job.id,
+                    attempt,
+                    error,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "render failed; will retry"
+                );
+                Outcome::Retry { error, retry_at_ms: now_ms() + wait.as_millis() as i64 }
+            }
+            Decision::GiveUp => {
+                tracing::error!(job_id = job.id, attempt, error, "render failed; giving up");
+                Outcome::Failed { error }
+            }
+        }
+    }
+
+    async fn record(&self, job: &Job, attempt: u32, outcome: Outcome) {
+        let label = match &outcome {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Failed { .. } => "failed",
+        };
+        self.metrics.attempts.with_label_values(&[job.tier.as_str(), label]).inc();
+        let retry = matches!(outcome, Outcome::Retry { .. });
+        // The result is worth keeping: a few tries before leaving the job to the next start.
+        for wait_ms in [0, 100, 1000, 5000] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            match self.store.finish(&job.id, attempt, outcome.clone(), now_ms()).await {
+                Ok(events) => {
+                    self.publish(events);
+                    if retry {
+                        self.dispatch_wake.notify_one();
+                    }
+                    return;
+                }
+                Err(e) => tracing::error!(job_id = job.id, error = %e, "cannot record the result; trying again"),
+            }
+        }
+    }
+}

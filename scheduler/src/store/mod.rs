@@ -1,0 +1,308 @@
+//! The scheduler's durable state behind one trait: jobs and their append-only event log, the
+//! outbox of jobs to hand to workers, assets and API tokens. SQLite here (embedded mode);
+//! PostgreSQL implements the same trait for the distributed mode.
+//!
+//! Every method that changes a job appends events and updates the job row (their projection) in
+//! one transaction, and returns the events so the caller can publish them once they are durable.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use kiln_protocol::{JobState, RenderRequest, Tier};
+use serde::Serialize;
+
+pub use sqlite::SqliteStore;
+
+/// A boxed future, so the trait stays usable as `dyn Store`.
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value does not parse (a corrupt or newer database).
+    #[error("database holds a bad {what}: {message}")]
+    Corrupt {
+        /// Which value.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The writer task is gone (the store is shutting down).
+    #[error("the store is shut down")]
+    Closed,
+    /// A name that must be unique is taken.
+    #[error("{0} already exists")]
+    Conflict(String),
+}
+
+/// A job as stored: the projection of its events.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    /// Its id.
+    pub id: String,
+    /// Its state.
+    pub state: JobState,
+    /// Its tier.
+    pub tier: Tier,
+    /// The resolved request (sizes, samples, normalised prompt, seed).
+    pub request: RenderRequest,
+    /// The cache key.
+    pub cache_key: String,
+    /// The name of the token that submitted it.
+    pub client: String,
+    /// The submitter's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// The job whose render this one is attached to (single flight).
+    pub follows: Option<String>,
+    /// Attempts made (0 before the first).
+    pub attempt: u32,
+    /// The asset, once succeeded or cached.
+    pub asset: Option<String>,
+    /// The last error.
+    pub error: Option<String>,
+    /// Creation time, unix milliseconds.
+    pub created_ms: i64,
+    /// Last change, unix milliseconds.
+    pub updated_ms: i64,
+    /// When the render started, unix milliseconds.
+    pub started_ms: Option<i64>,
+    /// When it ended, unix milliseconds.
+    pub finished_ms: Option<i64>,
+}
+
+/// One transition in a job's life.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Order of events across all jobs.
+    pub seq: i64,
+    /// The job.
+    pub job_id: String,
+    /// The job's tier (not stored with the event; carried for metrics).
+    #[serde(skip)]
+    pub tier: Tier,
+    /// The state before (not stored; carried for metrics). `None` for a new job.
+    #[serde(skip)]
+    pub from: Option<JobState>,
+    /// When the job was created, unix milliseconds (not stored with the event; for metrics).
+    #[serde(skip)]
+    pub created_ms: i64,
+    /// When, unix milliseconds.
+    pub at_ms: i64,
+    /// The state it moved to.
+    pub state: JobState,
+    /// The attempt.
+    pub attempt: u32,
+    /// A short human note: why, or what happened.
+    pub detail: String,
+    /// The asset, for `succeeded` and `cached`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asset: Option<String>,
+    /// The error, for `failed` and retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A job to create.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Its id.
+    pub id: String,
+    /// The resolved request.
+    pub request: RenderRequest,
+    /// Its cache key.
+    pub cache_key: String,
+    /// The submitting token's name.
+    pub client: String,
+    /// The idempotency key, if any.
+    pub idempotency_key: Option<String>,
+    /// Creation time, unix milliseconds.
+    pub now_ms: i64,
+}
+
+/// How a submit was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A new job, queued for a render.
+    Queued,
+    /// A new job answered at once from an asset already stored for its key.
+    Cached,
+    /// A new job attached to a live render of the same key.
+    Attached,
+    /// The idempotency key matched an earlier job, which is returned.
+    Existing,
+}
+
+/// The result of [`Store::submit`].
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The job.
+    pub job: Job,
+    /// How it was admitted.
+    pub admission: Admission,
+    /// Events written.
+    pub events: Vec<Event>,
+}
+
+/// A job handed to the worker queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The job.
+    pub job_id: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Who submitted it (for fairness within the tier).
+    pub client: String,
+    /// The attempt the worker makes.
+    pub attempt: u32,
+}
+
+/// How a render ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// It made an asset.
+    Succeeded {
+        /// BLAKE3 of the PNG.
+        asset: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// It failed and will be tried again at `retry_at_ms`.
+    Retry {
+        /// The error.
+        error: String,
+        /// When, unix milliseconds.
+        retry_at_ms: i64,
+    },
+    /// It failed for good.
+    Failed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// Outbox rows handed out by [`Store::take_due`].
+#[derive(Debug, Clone, Default)]
+pub struct Due {
+    /// The jobs, now `dispatched`.
+    pub jobs: Vec<Dispatch>,
+    /// Their events.
+    pub events: Vec<Event>,
+    /// When the next row not yet due falls due, unix milliseconds.
+    pub next_due_ms: Option<i64>,
+}
+
+/// A job as a change left it, with the events written; `None` when there was nothing to change.
+pub type JobChange = Option<(Job, Vec<Event>)>;
+
+/// How many jobs a tier has in a state.
+pub type StateCount = (Tier, JobState, i64);
+
+/// Filters and page for [`Store::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only jobs of this tier.
+    pub tier: Option<Tier>,
+    /// Only jobs created at or after (unix ms).
+    pub since_ms: Option<i64>,
+    /// Only jobs created before (unix ms).
+    pub until_ms: Option<i64>,
+    /// Only this client's jobs.
+    pub client: Option<String>,
+    /// Page size.
+    pub limit: u32,
+    /// Continue after this cursor (from the previous page), newest first.
+    pub before_seq: Option<i64>,
+}
+
+/// A page of jobs.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The jobs, newest first.
+    pub jobs: Vec<Job>,
+    /// The cursor for the next page, if there may be one.
+    pub next: Option<i64>,
+}
+
+/// A stored asset.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssetRow {
+    /// BLAKE3 hex of the PNG.
+    pub hash: String,
+    /// The cache key that made it.
+    pub cache_key: String,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// A stored API token (its hash, never the secret).
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    /// BLAKE3 hex of the secret.
+    pub token_hash: String,
+    /// A unique name: who holds it.
+    pub name: String,
+    /// Its role.
+    pub role: crate::auth::Role,
+}
+
+/// The scheduler's durable state.
+pub trait Store: Send + Sync + 'static {
+    /// Admits a job in one transaction: an earlier job with the same idempotency key, else a
+    /// `cached` job when an asset exists for the key, else a job attached to a live render of the
+    /// same key, else a new `queued` job with an outbox row.
+    fn submit(&self, job: NewJob) -> BoxFut<'_, Result<Submitted, StoreError>>;
+
+    /// Marks up to `limit` due outbox rows sent and their jobs `dispatched`; returns them, with
+    /// the time the next not-yet-due row falls due.
+    fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>>;
+
+    /// Moves a dispatched job to `running` for `attempt`; `None` when it is no longer that
+    /// attempt's to run (cancelled, or a stale delivery).
+    fn start(&self, job_id: &str, attempt: u32, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>>;
+
+    /// Records how `attempt` of a job ended, and moves every job attached to it. Idempotent by
+    /// job id and attempt: a second report changes nothing. A stored asset is recorded even when
+    /// the job was cancelled meanwhile.
+    fn finish(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        outcome: Outcome,
+        now_ms: i64,
+    ) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+
+    /// Cancels a live job. A cancelled job's attached jobs pass to the oldest of them, which is
+    /// queued for its own render. Returns the job as it now is, or `None` if there is no such job.
+    fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>>;
+
+    /// After a restart of the embedded farm: every job that was dispatched or running is queued
+    /// again with a fresh outbox row (its worker died with the process).
+    fn resume(&self, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+
+    /// One job.
+    fn job(&self, id: &str) -> BoxFut<'_, Result<Option<Job>, StoreError>>;
+    /// A page of jobs.
+    fn list(&self, q: ListQuery) -> BoxFut<'_, Result<Page, StoreError>>;
+    /// A job's events after `after_seq`, in order.
+    fn events(&self, job_id: &str, after_seq: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+    /// Jobs by tier and state, for the metrics.
+    fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>>;
+
+    /// An asset by hash.
+    fn asset(&self, hash: &str) -> BoxFut<'_, Result<Option<AssetRow>, StoreError>>;
+
+    /// Every token that is not revoked.
+    fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>>;
+    /// Adds a token; a taken name is a [`StoreError::Conflict`].
+    fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>>;
+}

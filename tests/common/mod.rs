@@ -1,0 +1,160 @@
+//! Starting a farm for a test: in process on port 0 in a fresh data dir, or as the `kiln`
+//! binary (for the tests that kill it).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+use kiln_scheduler::auth::Secret;
+use kiln_scheduler::client::{Client, Reply};
+use kiln_scheduler::config::FarmConfig;
+use kiln_scheduler::farm::Farm;
+use kiln_scheduler::scheduler::Scheduler;
+use kiln_worker::config::BackendChoice;
+use kiln_worker::worker::open_backend;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A farm running inside the test process.
+pub struct TestFarm {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub token: String,
+    pub client: Client,
+    pub sched: Arc<Scheduler>,
+    stop: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The config a test farm runs with: CPU backend, port 0, the given data dir.
+pub fn test_config(data: &Path) -> FarmConfig {
+    let mut cfg = FarmConfig::load_with(None, &|_| None).expect("default config");
+    cfg.worker.data_dir = data.to_path_buf();
+    cfg.worker.backend = BackendChoice::Cpu;
+    cfg.worker.threads = 2;
+    cfg.scheduler.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.scheduler.workers = 2;
+    cfg.scheduler.retry.base_ms = 50;
+    cfg
+}
+
+impl TestFarm {
+    /// Starts a farm with the default test config.
+    pub async fn start() -> TestFarm {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = test_config(dir.path());
+        Self::start_with(dir, cfg).await
+    }
+
+    /// Starts a farm with a config (its data dir inside `dir`).
+    pub async fn start_with(dir: tempfile::TempDir, cfg: FarmConfig) -> TestFarm {
+        let backend = open_backend(BackendChoice::Cpu, cfg.worker.threads()).unwrap();
+        let farm = Farm::build(&cfg, backend).await.unwrap();
+        let url = format!("http://{}", farm.local_addr().unwrap());
+        let token = std::fs::read_to_string(cfg.token_path()).unwrap().trim().to_owned();
+        let sched = farm.scheduler().clone();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let handle = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+        let client = Client::new(&url, Some(Secret::new(token.clone())));
+        TestFarm { dir, url, token, client, sched, stop, handle: Some(handle) }
+    }
+
+    /// A client with another token (or none).
+    pub fn client_with(&self, token: Option<&str>) -> Client {
+        Client::new(&self.url, token.map(|t| Secret::new(t.to_owned())))
+    }
+
+    /// Submits one job; panics unless the answer is 2xx.
+    pub async fn submit(&self, body: Value) -> Value {
+        self.client.call(Method::POST, "/v1/jobs", Some(&body)).await.unwrap()
+    }
+
+    /// Waits for a job to end and returns it.
+    pub async fn wait(&self, id: &str) -> Value {
+        self.client.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await.unwrap()
+    }
+
+    /// A raw call.
+    pub async fn raw(&self, method: Method, path: &str, body: &str) -> Reply {
+        let body = (!body.is_empty()).then(|| hyper::body::Bytes::from(body.to_owned()));
+        self.client.send(method, path, body).await.unwrap()
+    }
+
+    /// A counter or gauge from `/metrics` (the sum over its label sets that contain `labels`).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let text = self.client.send(Method::GET, "/metrics", None).await.unwrap().body;
+        metric_in(&String::from_utf8_lossy(&text), name, labels)
+    }
+
+    /// Stops the farm and waits for it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+        self.dir
+    }
+}
+
+/// Sums a metric's samples whose labels contain `labels`.
+pub fn metric_in(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A job request body.
+pub fn job(prompt: &str, seed: u64, tier: &str) -> Value {
+    json!({ "prompt": prompt, "seed": seed, "tier": tier })
+}
+
+/// The `kiln` binary.
+pub fn kiln() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.env_remove("KILN_CONFIG").env_remove("KILN_DATA_DIR").env_remove("KILN_SERVER").env_remove("KILN_TOKEN");
+    c.env("KILN_LOG", "warn");
+    c
+}
+
+/// `kiln up` as a child process; returns it with the API URL it printed.
+pub fn spawn_up(data: &Path, extra: &[&str]) -> (Child, String) {
+    let mut child = kiln()
+        .args(["up", "--listen", "127.0.0.1:0", "--backend", "cpu", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("kiln up starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut url = None;
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        if let Some(rest) = line.trim().strip_prefix("API") {
+            url = rest.split_whitespace().next().map(|u| u.trim_end_matches("/v1").to_owned());
+            break;
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url.expect("kiln up printed its API URL"))
+}
+
+/// The operator token of a data dir.
+pub fn operator_token(data: &Path) -> String {
+    std::fs::read_to_string(data.join("operator.token")).unwrap().trim().to_owned()
+}
+
+/// A path inside a temp dir.
+pub fn file_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}

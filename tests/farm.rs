@@ -1,0 +1,336 @@
+//! The embedded farm end to end through HTTP: render and download, the cache and single flight,
+//! a kill and restart, bad input, auth, events, assets, idempotency, listing, cancel and retry.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_preview_renders_to_the_png_kiln_render_gives() {
+    let farm = TestFarm::start().await;
+    let created = farm.submit(job("ember kaleidoscope", 7, "preview")).await;
+    assert_eq!(created["state"], "queued");
+    let id = created["id"].as_str().unwrap();
+    let done = farm.wait(id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let asset = done["asset"].as_str().unwrap();
+    let png = farm.client.bytes(&format!("/v1/assets/{asset}")).await.unwrap();
+    assert_eq!(blake3::hash(&png).to_hex().as_str(), asset, "the asset hash is the BLAKE3 of the bytes served");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // The same request through `kiln render`, in a data dir of its own.
+    let other = tempfile::tempdir().unwrap();
+    let out = other.path().join("art.png");
+    let status = kiln()
+        .args(["render", "--prompt", "ember kaleidoscope", "--seed", "7", "--tier", "preview", "--backend", "cpu"])
+        .arg("--data-dir")
+        .arg(other.path().join("data"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), png.to_vec(), "the farm and `kiln render` give the same PNG");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeat_is_cached_and_a_hundred_identical_submits_render_once() {
+    let farm = TestFarm::start().await;
+    let first = farm.submit(job("calm ocean", 3, "preview")).await;
+    let done = farm.wait(first["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded");
+    let renders = farm.metric("kiln_cache_misses_total", "").await;
+    assert_eq!(renders, 1.0);
+
+    let again = farm.submit(job("  Calm   OCEAN ", 3, "preview")).await;
+    assert_eq!(again["state"], "cached", "a normalised repeat is answered at once: {again}");
+    assert_eq!(again["asset"], done["asset"]);
+    assert_ne!(again["id"], done["id"]);
+    assert_eq!(farm.metric("kiln_cache_misses_total", "").await, renders, "the render counter did not move");
+    assert_eq!(farm.metric("kiln_submit_cache_hits_total", "tier=\"preview\"").await, 1.0);
+
+    // 100 identical submits at once: one render serves them all.
+    let body = json!({ "prompt": "neon quad", "seed": 11, "tier": "preview", "width": 256 });
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (c, body) = (farm.client.clone(), body.clone());
+        tasks.push(tokio::spawn(async move { c.call(Method::POST, "/v1/jobs", Some(&body)).await.unwrap() }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    let mut assets = std::collections::BTreeSet::new();
+    for id in &ids {
+        let j = farm.wait(id).await;
+        assert!(j["state"] == "succeeded" || j["state"] == "cached", "{j}");
+        assets.insert(j["asset"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(assets.len(), 1, "every submit got the same asset");
+    assert_eq!(farm.metric("kiln_cache_misses_total", "").await, renders + 1.0, "exactly one render for 100 submits");
+    let attached = farm.metric("kiln_submit_coalesced_total", "").await;
+    let cached = farm.metric("kiln_submit_cache_hits_total", "").await - 1.0;
+    assert_eq!(attached + cached, 99.0, "the other 99 attached to the render or hit the cache");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_clear_4xx_and_the_farm_keeps_serving() {
+    let farm = TestFarm::start().await;
+    let expect = |r: &kiln_scheduler::client::Reply, status: StatusCode, field: &str, words: &str| {
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["error"]["field"], field, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(words), "{msg:?} should mention {words:?}");
+    };
+    let r = farm.raw(Method::POST, "/v1/jobs", "{\"prompt\": \"a\", ").await;
+    expect(&r, StatusCode::BAD_REQUEST, "body", "JSON");
+    let r = farm.raw(Method::POST, "/v1/jobs", r#"{"prompt":"a","tier":"preview","colour":"red"}"#).await;
+    expect(&r, StatusCode::BAD_REQUEST, "colour", "unknown field");
+    let r = farm.raw(Method::POST, "/v1/jobs", r#"{"prompt":"a"}"#).await;
+    expect(&r, StatusCode::BAD_REQUEST, "tier", "missing field");
+    let r = farm.raw(Method::POST, "/v1/jobs", r#"{"prompt":"a","tier":"poster"}"#).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let long = "word ".repeat(500);
+    let r = farm.raw(Method::POST, "/v1/jobs", &json!({ "prompt": long, "tier": "preview" }).to_string()).await;
+    expect(&r, StatusCode::BAD_REQUEST, "prompt", "limit of 2000");
+    let r = farm.raw(Method::POST, "/v1/jobs", r#"{"prompt":"a","tier":"final","width":99999}"#).await;
+    expect(&r, StatusCode::BAD_REQUEST, "width", "tiers.final.max_side");
+    let r = farm
+        .raw(Method::POST, "/v1/jobs", &json!({ "prompt": "x".repeat(400_000), "tier": "preview" }).to_string())
+        .await;
+    expect(&r, StatusCode::PAYLOAD_TOO_LARGE, "body", "max_body_bytes");
+    let many: Vec<Value> = (0..101).map(|i| job("a", i, "preview")).collect();
+    let r = farm.raw(Method::POST, "/v1/jobs", &Value::Array(many).to_string()).await;
+    expect(&r, StatusCode::BAD_REQUEST, "jobs", "max_jobs_per_request");
+    let r = farm.raw(Method::GET, "/v1/jobs?limit=0", "").await;
+    expect(&r, StatusCode::BAD_REQUEST, "limit", "1..=500");
+    let r = farm.raw(Method::GET, "/v1/jobs?state=done", "").await;
+    expect(&r, StatusCode::BAD_REQUEST, "state", "unknown job state");
+    let r = farm.raw(Method::GET, "/v1/assets/not-a-hash", "").await;
+    expect(&r, StatusCode::BAD_REQUEST, "hash", "hex");
+
+    // Auth: none, a wrong one, and a client acting on another's job.
+    let anon = farm
+        .client_with(None)
+        .send(Method::POST, "/v1/jobs", Some(job("a", 1, "preview").to_string().into()))
+        .await
+        .unwrap();
+    expect(&anon, StatusCode::UNAUTHORIZED, "authorization", "Bearer");
+    let wrong = farm.client_with(Some("kiln_0000")).send(Method::GET, "/v1/jobs", None).await.unwrap();
+    expect(&wrong, StatusCode::UNAUTHORIZED, "authorization", "unknown");
+    let made = farm
+        .client
+        .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "alice", "role": "client" })))
+        .await
+        .unwrap();
+    let alice = farm.client_with(made["token"].as_str());
+    let r = alice.send(Method::POST, "/v1/tokens", Some(r#"{"name":"eve","role":"operator"}"#.into())).await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let ops_job = farm.submit(job("operator's", 5, "preview")).await;
+    let r =
+        alice.send(Method::POST, &format!("/v1/jobs/{}/cancel", ops_job["id"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "a client cannot see or cancel another's job");
+    let r = farm.raw(Method::POST, "/v1/tokens", r#"{"name":"alice","role":"client"}"#).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    // Still serving, and a client's own job works.
+    let mine = alice.call(Method::POST, "/v1/jobs", Some(&job("alice's", 9, "preview"))).await.unwrap();
+    assert_eq!(mine["client"], "alice");
+    let listed = alice.call(Method::GET, "/v1/jobs", None).await.unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "a client lists only its own jobs");
+    assert_eq!(farm.client.call(Method::GET, "/healthz", None).await.unwrap()["status"], "ok");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_keys_listing_and_a_batch() {
+    let farm = TestFarm::start().await;
+    let mut body = job("forest mirror", 21, "preview");
+    body["idempotency_key"] = "order-1".into();
+    let a = farm.submit(body.clone()).await;
+    let r = farm.raw(Method::POST, "/v1/jobs", &body.to_string()).await;
+    assert_eq!(r.status, StatusCode::OK, "a repeat of the key answers the first job");
+    assert_eq!(r.json().unwrap()["id"], a["id"]);
+    // The header works the same.
+    let plain = hyper::body::Bytes::from(job("forest mirror", 22, "preview").to_string());
+    let h = [("idempotency-key", "order-2")];
+    let first = farm.client.send_with(Method::POST, "/v1/jobs", Some(plain.clone()), &h).await.unwrap();
+    let second = farm.client.send_with(Method::POST, "/v1/jobs", Some(plain), &h).await.unwrap();
+    assert_eq!((first.status, second.status), (StatusCode::CREATED, StatusCode::OK));
+    assert_eq!(first.json().unwrap()["id"], second.json().unwrap()["id"]);
+
+    // A batch, then the list with filters and pages.
+    let batch: Vec<Value> =
+        (0..5).map(|i| json!({ "prompt": "dusk", "seed": 100 + i, "tier": "final", "width": 64 })).collect();
+    let made = farm.client.call(Method::POST, "/v1/jobs", Some(&Value::Array(batch))).await.unwrap();
+    let ids: Vec<String> =
+        made["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 5);
+    for id in &ids {
+        assert_eq!(farm.wait(id).await["state"], "succeeded");
+    }
+    let page1 = farm.client.call(Method::GET, "/v1/jobs?tier=final&limit=3", None).await.unwrap();
+    let got1: Vec<&str> = page1["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(got1.len(), 3);
+    let next = page1["next"].as_str().expect("a second page");
+    let page2 =
+        farm.client.call(Method::GET, &format!("/v1/jobs?tier=final&limit=3&cursor={next}"), None).await.unwrap();
+    let got2: Vec<&str> = page2["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let mut all: Vec<&str> = got1.iter().chain(got2.iter()).copied().collect();
+    all.reverse();
+    assert_eq!(all, ids.iter().map(String::as_str).collect::<Vec<_>>(), "newest first, no gaps, no repeats");
+    let previews = farm.client.call(Method::GET, "/v1/jobs?tier=preview&state=succeeded", None).await.unwrap();
+    assert!(previews["jobs"].as_array().unwrap().iter().all(|j| j["tier"] == "preview"));
+    let future = farm.client.call(Method::GET, "/v1/jobs?since=2100-01-01T00:00:00Z", None).await.unwrap();
+    assert!(future["jobs"].as_array().unwrap().is_empty());
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_stream_assets_and_provenance() {
+    let farm = TestFarm::start().await;
+    let j = farm.submit(json!({ "prompt": "pastel quad", "seed": 4, "tier": "final", "width": 512 })).await;
+    let id = j["id"].as_str().unwrap().to_owned();
+    let mut states = Vec::new();
+    let mut progress = 0;
+    farm.client
+        .follow(&id, |kind, data| {
+            match kind {
+                "state" => states.push(data["state"].as_str().unwrap().to_owned()),
+                "progress" => progress += 1,
+                _ => {}
+            }
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(states, ["queued", "dispatched", "running", "succeeded"], "the stream ends with the job");
+    assert!(progress >= 1, "render progress is streamed");
+    let done = farm.wait(&id).await;
+    let asset = done["asset"].as_str().unwrap();
+
+    let r = farm.raw(Method::GET, &format!("/v1/assets/{asset}"), "").await;
+    assert_eq!(r.headers["content-type"], "image/png");
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{asset}\""));
+    let c = farm.client.clone();
+    let not_modified = c
+        .send_with(Method::GET, &format!("/v1/assets/{asset}"), None, &[("if-none-match", &etag)])
+        .await
+        .unwrap()
+        .status;
+    assert_eq!(not_modified, StatusCode::NOT_MODIFIED);
+    let thumb = c.bytes(&format!("/v1/assets/{asset}?variant=thumb")).await.unwrap();
+    assert!(thumb.len() < r.body.len() && thumb.starts_with(b"\x89PNG"));
+    let prov = c.call(Method::GET, &format!("/v1/assets/{asset}/provenance"), None).await.unwrap();
+    assert_eq!(prov["asset"], asset);
+    assert_eq!(prov["request"]["seed"], 4);
+    assert_eq!(prov["backend"], "cpu");
+    let missing = farm.raw(Method::GET, &format!("/v1/assets/{}", "0".repeat(64)), "").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let anon = farm.client_with(None).send(Method::GET, &format!("/v1/assets/{asset}"), None).await.unwrap();
+    assert_eq!(anon.status, StatusCode::UNAUTHORIZED, "assets are private unless scheduler.public_assets");
+
+    let doc = c.call(Method::GET, "/v1/openapi.json", None).await.unwrap();
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/events",
+        "/v1/assets/{hash}",
+        "/healthz",
+        "/metrics",
+    ] {
+        assert!(doc["paths"][path].is_object(), "OpenAPI documents {path}");
+    }
+    let metrics = String::from_utf8(farm.raw(Method::GET, "/metrics", "").await.body.to_vec()).unwrap();
+    for name in [
+        "kiln_jobs",
+        "kiln_job_queue_wait_seconds",
+        "kiln_job_seconds",
+        "kiln_renders_in_flight",
+        "kiln_render_seconds",
+    ] {
+        assert!(metrics.contains(name), "/metrics has {name}");
+    }
+    assert_eq!(metric_in(&metrics, "kiln_jobs", "state=\"succeeded\",tier=\"final\""), 1.0);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_leader_hands_its_render_to_an_attached_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.workers = 1;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    // Keep the one worker busy so the next jobs wait in the queue.
+    let busy = farm.submit(json!({ "prompt": "busy", "seed": 1, "tier": "final", "width": 2048 })).await;
+    let body = json!({ "prompt": "ember mirror", "seed": 2, "tier": "print", "width": 64 });
+    let leader = farm.submit(body.clone()).await;
+    let follower = farm.submit(body).await;
+    assert_eq!(follower["follows"], leader["id"], "the second attaches to the first's render");
+    let cancelled = farm
+        .client
+        .call(Method::POST, &format!("/v1/jobs/{}/cancel", leader["id"].as_str().unwrap()), None)
+        .await
+        .unwrap();
+    assert_eq!(cancelled["state"], "cancelled");
+    let f = farm.wait(follower["id"].as_str().unwrap()).await;
+    assert_eq!(f["state"], "succeeded", "the attached job took over the render: {f}");
+    assert_eq!(farm.wait(busy["id"].as_str().unwrap()).await["state"], "succeeded");
+    let l = farm.client.call(Method::GET, &format!("/v1/jobs/{}", leader["id"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(l["state"], "cancelled", "a cancelled job stays cancelled");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transient_failure_is_retried_with_backoff() {
+    let farm = TestFarm::start().await;
+    // The asset store's scratch dir becomes a file: every render fails to store (root or not).
+    let tmp = farm.dir.path().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+    let j = farm.submit(job("retry me", 1, "preview")).await;
+    let id = j["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = farm.client.call(Method::GET, &format!("/v1/jobs/{id}"), None).await.unwrap();
+        if now["attempt"].as_u64() >= Some(1) && now["error"].is_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the first attempt never failed: {now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::create_dir(&tmp).unwrap();
+    let done = farm.wait(&id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(done["attempt"].as_u64().unwrap() >= 2, "it took another attempt: {done}");
+    assert!(farm.metric("kiln_render_attempts_total", "outcome=\"retry\"").await >= 1.0);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempts_run_out_and_the_job_keeps_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.retry.max_attempts = 2;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let tmp = farm.dir.path().join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+    let j = farm.submit(job("doomed", 1, "preview")).await;
+    let done = farm.wait(j["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["attempt"], 2);
+    assert!(done["error"].as_str().unwrap().contains("asset store"), "{done}");
+    farm.stop().await;
+}
