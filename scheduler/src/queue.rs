@@ -124,7 +124,18 @@ mod tests {
     use super::*;
 
     fn d(id: &str, tier: Tier, client: &str) -> Dispatch {
-        Dispatch { job_id: id.into(), tier, client: client.into(), attempt: 1 }
+        let request =
+            kiln_protocol::RenderRequest::resolve("cppn", "q", 1, tier, Some(8), None, None, &Default::default())
+                .expect("a valid request");
+        Dispatch {
+            job_id: id.into(),
+            tier,
+            client: client.into(),
+            attempt: 1,
+            request,
+            cache_key: String::new(),
+            created_ms: 0,
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
 use crate::queue::JobQueue;
 use crate::retry::Decision;
-use crate::store::{Admission, Event, Job, NewJob, Outcome, Store, StoreError, TokenRow};
+use crate::store::{Admission, Dispatch, Event, Job, NewJob, Outcome, Store, StoreError, TokenRow};
 use crate::time::now_ms;
 
 /// What a submit may get wrong; each names the field.
@@ -298,8 +298,8 @@ impl Scheduler {
                 () = stop.cancelled() => return,
                 d = self.queue.pop(&tiers) => d,
             };
-            let started = match self.store.start(&d.job_id, d.attempt, now_ms()).await {
-                Ok(Some(s)) => s,
+            let started = match self.store.start(&d, now_ms()).await {
+                Ok(Some(e)) => e,
                 Ok(None) => continue,
                 Err(e) => {
                     // The job stays dispatched; the next start of the farm runs it.
@@ -307,16 +307,16 @@ impl Scheduler {
                     continue;
                 }
             };
-            let (job, events) = started;
-            self.publish(events);
-            let outcome = self.render(n, &job, d.attempt).await;
-            self.record(&job, d.attempt, outcome).await;
+            self.publish(vec![started]);
+            let outcome = self.render(n, &d).await;
+            self.record(&d, outcome).await;
         }
     }
 
-    async fn render(&self, n: usize, job: &Job, attempt: u32) -> Outcome {
+    async fn render(&self, n: usize, job: &Dispatch) -> Outcome {
+        let attempt = job.attempt;
         self.metrics.in_flight.inc();
-        let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.id.clone());
+        let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.job_id.clone());
         tracing::info!(job_id = id, worker = n, attempt, tier = %req.tier, "rendering");
         let result = tokio::task::spawn_blocking(move || {
             let mut last = 0;
@@ -346,7 +346,7 @@ impl Scheduler {
         match self.cfg.retry.decide(attempt, transient, jitter) {
             Decision::RetryAfter(wait) => {
                 tracing::warn!(
-                    job_id = job.id,
+                    job_id = job.job_id,
                     attempt,
                     error,
                     retry_in_ms = wait.as_millis() as u64,
@@ -355,13 +355,13 @@ impl Scheduler {
                 Outcome::Retry { error, retry_at_ms: now_ms() + wait.as_millis() as i64 }
             }
             Decision::GiveUp => {
-                tracing::error!(job_id = job.id, attempt, error, "render failed; giving up");
+                tracing::error!(job_id = job.job_id, attempt, error, "render failed; giving up");
                 Outcome::Failed { error }
             }
         }
     }
 
-    async fn record(&self, job: &Job, attempt: u32, outcome: Outcome) {
+    async fn record(&self, job: &Dispatch, outcome: Outcome) {
         let label = match &outcome {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Retry { .. } => "retry",
@@ -372,7 +372,7 @@ impl Scheduler {
         // The result is worth keeping: a few tries before leaving the job to the next start.
         for wait_ms in [0, 100, 1000, 5000] {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            match self.store.finish(&job.id, attempt, outcome.clone(), now_ms()).await {
+            match self.store.finish(job, outcome.clone(), now_ms()).await {
                 Ok(events) => {
                     self.publish(events);
                     if retry {
@@ -380,7 +380,7 @@ impl Scheduler {
                     }
                     return;
                 }
-                Err(e) => tracing::error!(job_id = job.id, error = %e, "cannot record the result; trying again"),
+                Err(e) => tracing::error!(job_id = job.job_id, error = %e, "cannot record the result; trying again"),
             }
         }
     }

@@ -1,5 +1,5 @@
--- Kiln scheduler schema, version 1 (SQLite). The job row is the projection of its events:
--- every change to `jobs` is written in the same transaction as the event that causes it.
+-- Kiln scheduler schema, version 1 (SQLite). The job row is the projection of its events: the
+-- trigger below applies each event to its job as it is appended, in the same transaction.
 
 CREATE TABLE jobs (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT, -- creation order; the list cursor
@@ -36,6 +36,20 @@ CREATE TABLE job_events (
     error   TEXT
 );
 CREATE INDEX job_events_job ON job_events (job_id, seq);
+
+CREATE TRIGGER job_events_project AFTER INSERT ON job_events
+BEGIN
+    UPDATE jobs SET
+        state       = NEW.state,
+        attempt     = NEW.attempt,
+        asset       = COALESCE(NEW.asset, asset),
+        error       = COALESCE(NEW.error, error),
+        updated_ms  = NEW.at_ms,
+        started_ms  = CASE WHEN NEW.state = 'running' THEN NEW.at_ms ELSE started_ms END,
+        finished_ms = CASE WHEN NEW.state IN ('succeeded', 'failed', 'cancelled', 'cached') THEN NEW.at_ms
+                           ELSE finished_ms END
+    WHERE id = NEW.job_id;
+END;
 
 -- Jobs to hand to a worker queue; `sent_ms` is set when they are.
 CREATE TABLE outbox (

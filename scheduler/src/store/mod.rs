@@ -38,6 +38,9 @@ pub enum StoreError {
     /// The writer task is gone (the store is shutting down).
     #[error("the store is shut down")]
     Closed,
+    /// The write was rolled back with the rest of its transaction; trying again may work.
+    #[error("database write rolled back: {0}")]
+    RolledBack(String),
     /// A name that must be unique is taken.
     #[error("{0} already exists")]
     Conflict(String),
@@ -151,7 +154,7 @@ pub struct Submitted {
     pub events: Vec<Event>,
 }
 
-/// A job handed to the worker queue.
+/// A job handed to the worker queue, with what the worker needs to run it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dispatch {
     /// The job.
@@ -162,6 +165,12 @@ pub struct Dispatch {
     pub client: String,
     /// The attempt the worker makes.
     pub attempt: u32,
+    /// The resolved request.
+    pub request: RenderRequest,
+    /// Its cache key.
+    pub cache_key: String,
+    /// When the job was created, unix milliseconds.
+    pub created_ms: i64,
 }
 
 /// How a render ended.
@@ -266,20 +275,14 @@ pub trait Store: Send + Sync + 'static {
     /// the time the next not-yet-due row falls due.
     fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>>;
 
-    /// Moves a dispatched job to `running` for `attempt`; `None` when it is no longer that
-    /// attempt's to run (cancelled, or a stale delivery).
-    fn start(&self, job_id: &str, attempt: u32, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>>;
+    /// Moves a dispatched job to `running` for the dispatch's attempt; `None` when it is no
+    /// longer that attempt's to run (cancelled, or a stale delivery).
+    fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>>;
 
     /// Records how `attempt` of a job ended, and moves every job attached to it. Idempotent by
     /// job id and attempt: a second report changes nothing. A stored asset is recorded even when
     /// the job was cancelled meanwhile.
-    fn finish(
-        &self,
-        job_id: &str,
-        attempt: u32,
-        outcome: Outcome,
-        now_ms: i64,
-    ) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+    fn finish(&self, d: &Dispatch, outcome: Outcome, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
 
     /// Cancels a live job. A cancelled job's attached jobs pass to the oldest of them, which is
     /// queued for its own render. Returns the job as it now is, or `None` if there is no such job.

@@ -1,9 +1,11 @@
 //! The SQLite store: WAL, one writer connection with group commit, a pool of readers.
 //!
 //! Every change goes through one writer task. It takes whatever operations are waiting (up to
-//! [`MAX_BATCH`]), runs each inside its own savepoint of one transaction, commits once, and only
-//! then answers their callers: a caller never hears "done" for a write that is not durable, and a
-//! burst of submits costs one commit instead of hundreds. Being the only writer also makes the
+//! [`MAX_BATCH`]), runs them in one transaction, commits once, and only then answers their
+//! callers: a caller never hears "done" for a write that is not durable, and a burst of submits
+//! costs one commit instead of hundreds. If any operation in a batch fails, the whole batch rolls
+//! back and every caller in it gets an error (a refusal that writes nothing, like a taken token
+//! name, is an answer, not a failure), so no half-done operation is ever committed. Being the only writer also makes the
 //! submit's cache and single-flight checks race-free. `synchronous = NORMAL` under WAL keeps
 //! every committed transaction through a crash of the process; a power cut may lose the last
 //! few (SQLite's documented trade), never corrupt the file.
@@ -27,9 +29,9 @@ pub const MAX_BATCH: usize = 512;
 
 type OpFn<T> = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFut<'c, Result<T, StoreError>> + Send>;
 
-/// One queued write: runs in a savepoint, answers after the commit.
+/// One queued write: runs inside the batch's transaction, answers after the commit.
 trait WriteOp: Send {
-    /// Runs the write; `false` when it failed and its savepoint must be rolled back.
+    /// Runs the write; `false` when it failed and the batch must be rolled back.
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFut<'c, bool>;
     /// Answers the caller: its own result if the commit held, else the commit's error.
     fn finish(self: Box<Self>, commit: Result<(), String>);
@@ -56,8 +58,9 @@ impl<T: Send + 'static> WriteOp for Op<T> {
         let out = match (commit, self.out) {
             (_, Some(Err(e))) => Err(e),
             (Ok(()), Some(Ok(v))) => Ok(v),
-            (Err(e), Some(Ok(_))) => Err(StoreError::Corrupt { what: "commit", message: e }),
-            (_, None) => Err(StoreError::Closed),
+            (Err(e), Some(Ok(_))) => Err(StoreError::RolledBack(e)),
+            (Err(e), None) => Err(StoreError::RolledBack(e)),
+            (Ok(()), None) => Err(StoreError::Closed),
         };
         let _ = self.reply.send(out);
     }
@@ -88,7 +91,16 @@ impl SqliteStore {
         let read =
             SqlitePoolOptions::new().max_connections(4).connect_with(options(path).create_if_missing(false)).await?;
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(writer(conn, rx));
+        // The writer gets a thread of its own: each statement is a round trip to SQLite's
+        // thread, and on a runtime busy with HTTP and renders every round trip would queue.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Corrupt { what: "writer thread", message: e.to_string() })?;
+        std::thread::Builder::new()
+            .name("kiln-store-writer".into())
+            .spawn(move || rt.block_on(writer(conn, rx)))
+            .map_err(|e| StoreError::Corrupt { what: "writer thread", message: e.to_string() })?;
         Ok(SqliteStore { writer: tx, read })
     }
 
@@ -102,26 +114,34 @@ impl SqliteStore {
 
 async fn writer(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
     let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(MAX_BATCH);
+    let (mut busy, mut ops, mut batches, started) = (0f64, 0usize, 0usize, std::time::Instant::now());
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let t = std::time::Instant::now();
         let commit = run_batch(&mut conn, &mut batch).await.map_err(|e| e.to_string());
+        busy += t.elapsed().as_secs_f64();
+        ops += batch.len();
+        batches += 1;
         if let Err(e) = &commit {
-            tracing::error!(error = %e, ops = batch.len(), "store: a transaction failed; its writes are refused");
+            tracing::error!(error = %e, ops = batch.len(), "store: a transaction rolled back; its callers are told");
         }
         for op in batch.drain(..) {
             op.finish(commit.clone());
         }
     }
+    let up = started.elapsed().as_secs_f64();
+    tracing::info!(busy_seconds = busy, up_seconds = up, ops, batches, "store writer stopped");
     let _ = conn.close().await;
 }
 
 async fn run_batch(conn: &mut SqliteConnection, batch: &mut [Box<dyn WriteOp>]) -> Result<(), sqlx::Error> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     for op in batch.iter_mut() {
-        sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
         if !op.run(conn).await {
-            sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
+            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+            return Err(sqlx::Error::Protocol(
+                "another write in the same transaction failed; nothing was written".into(),
+            ));
         }
-        sqlx::query("RELEASE op").execute(&mut *conn).await?;
     }
     if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
@@ -190,7 +210,8 @@ struct Change<'a> {
     error: Option<&'a str>,
 }
 
-/// Appends an event and projects it onto the job row; the single place a job changes.
+/// Appends an event; the `job_events_project` trigger projects it onto the job row. The single
+/// place a job changes state. `job` is updated in memory to match.
 async fn transition(
     conn: &mut SqliteConnection,
     job: &mut Job,
@@ -200,19 +221,7 @@ async fn transition(
 ) -> Result<Event, StoreError> {
     let from = job.state;
     let attempt = change.attempt.unwrap_or(job.attempt);
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-    )
-    .bind(&job.id)
-    .bind(now_ms)
-    .bind(to.as_str())
-    .bind(i64::from(attempt))
-    .bind(change.detail)
-    .bind(change.asset)
-    .bind(change.error)
-    .fetch_one(&mut *conn)
-    .await?;
+    let seq = insert_event(conn, &job.id, to, attempt, &change, now_ms).await?;
     job.state = to;
     job.attempt = attempt;
     job.updated_ms = now_ms;
@@ -228,42 +237,105 @@ async fn transition(
     if to.is_terminal() {
         job.finished_ms = Some(now_ms);
     }
-    sqlx::query(
-        "UPDATE jobs SET state = ?, attempt = ?, asset = ?, error = ?, updated_ms = ?, started_ms = ?, \
-         finished_ms = ?, follows = ? WHERE id = ?",
+    Ok(event(seq, &job.id, job.tier, Some(from), job.created_ms, to, attempt, &change, now_ms))
+}
+
+async fn insert_event(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    to: JobState,
+    attempt: u32,
+    change: &Change<'_>,
+    now_ms: i64,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
     )
+    .bind(job_id)
+    .bind(now_ms)
     .bind(to.as_str())
     .bind(i64::from(attempt))
-    .bind(&job.asset)
-    .bind(&job.error)
+    .bind(change.detail)
+    .bind(change.asset)
+    .bind(change.error)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// Appends an event for a dispatched job only if it is still in `expect` at `attempt_now`.
+async fn insert_event_if(
+    conn: &mut SqliteConnection,
+    d: &Dispatch,
+    expect: JobState,
+    attempt_now: u32,
+    to: JobState,
+    change: &Change<'_>,
+    now_ms: i64,
+) -> Result<Option<Event>, StoreError> {
+    let attempt = change.attempt.unwrap_or(attempt_now);
+    let seq: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+         SELECT id, ?, ?, ?, ?, ?, ? FROM jobs WHERE id = ? AND state = ? AND attempt = ? RETURNING seq",
+    )
     .bind(now_ms)
-    .bind(job.started_ms)
-    .bind(job.finished_ms)
-    .bind(&job.follows)
-    .bind(&job.id)
-    .execute(&mut *conn)
+    .bind(to.as_str())
+    .bind(i64::from(attempt))
+    .bind(change.detail)
+    .bind(change.asset)
+    .bind(change.error)
+    .bind(&d.job_id)
+    .bind(expect.as_str())
+    .bind(i64::from(attempt_now))
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(Event {
+    Ok(seq.map(|seq| event(seq, &d.job_id, d.tier, Some(expect), d.created_ms, to, attempt, change, now_ms)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    seq: i64,
+    job_id: &str,
+    tier: Tier,
+    from: Option<JobState>,
+    created_ms: i64,
+    to: JobState,
+    attempt: u32,
+    change: &Change<'_>,
+    now_ms: i64,
+) -> Event {
+    Event {
         seq,
-        job_id: job.id.clone(),
-        tier: job.tier,
-        from: Some(from),
-        created_ms: job.created_ms,
+        job_id: job_id.to_owned(),
+        tier,
+        from,
+        created_ms,
         at_ms: now_ms,
         state: to,
         attempt,
         detail: change.detail.to_owned(),
         asset: change.asset.map(str::to_owned),
         error: change.error.map(str::to_owned),
-    })
+    }
 }
 
 async fn insert_outbox(conn: &mut SqliteConnection, job: &Job, not_before: i64) -> Result<(), StoreError> {
+    insert_outbox_row(conn, &job.id, job.tier, &job.client, job.attempt + 1, not_before).await
+}
+
+async fn insert_outbox_row(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    tier: Tier,
+    client: &str,
+    attempt: u32,
+    not_before: i64,
+) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO outbox (job_id, tier, client, attempt, not_before) VALUES (?, ?, ?, ?, ?)")
-        .bind(&job.id)
-        .bind(job.tier.as_str())
-        .bind(&job.client)
-        .bind(i64::from(job.attempt + 1))
+        .bind(job_id)
+        .bind(tier.as_str())
+        .bind(client)
+        .bind(i64::from(attempt))
         .bind(not_before)
         .execute(&mut *conn)
         .await?;
@@ -293,21 +365,17 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
             return Ok(Submitted { job: job_from_row(&row)?, admission: Admission::Existing, events: vec![] });
         }
     }
-    let asset: Option<String> = sqlx::query_scalar("SELECT hash FROM assets WHERE cache_key = ? LIMIT 1")
-        .bind(&new.cache_key)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let leader: Option<String> = if asset.is_some() {
-        None
-    } else {
-        sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE cache_key = ? AND follows IS NULL \
-             AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1",
-        )
-        .bind(&new.cache_key)
-        .fetch_optional(&mut *conn)
-        .await?
-    };
+    // The cache first, then a live render of the same key to attach to.
+    let row = sqlx::query(
+        "SELECT (SELECT hash FROM assets WHERE cache_key = ?1 LIMIT 1) AS asset, \
+         (SELECT id FROM jobs WHERE cache_key = ?1 AND follows IS NULL \
+          AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) AS leader",
+    )
+    .bind(&new.cache_key)
+    .fetch_one(&mut *conn)
+    .await?;
+    let asset: Option<String> = row.try_get("asset")?;
+    let leader: Option<String> = if asset.is_some() { None } else { row.try_get("leader")? };
     let request = serde_json::to_string(&new.request).map_err(|e| corrupt("request", e))?;
     let mut job = Job {
         id: new.id,
@@ -357,111 +425,135 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
 
 async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Result<Due, StoreError> {
     let rows = sqlx::query(
-        "SELECT id, job_id, tier, client, attempt FROM outbox WHERE sent_ms IS NULL AND not_before <= ? \
-         ORDER BY id LIMIT ?",
+        "SELECT o.id, o.job_id, o.tier, o.client, o.attempt, j.state, j.request, j.cache_key, j.created_ms \
+         FROM outbox o JOIN jobs j ON j.id = o.job_id \
+         WHERE o.sent_ms IS NULL AND o.not_before <= ? ORDER BY o.id LIMIT ?",
     )
     .bind(now_ms)
     .bind(i64::from(limit))
     .fetch_all(&mut *conn)
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let outbox_id: i64 = row.try_get("id")?;
-        let job_id: String = row.try_get("job_id")?;
-        let attempt = u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("outbox attempt", e))?;
-        sqlx::query("UPDATE outbox SET sent_ms = ? WHERE id = ?")
+    let mut due = Due::default();
+    if let Some(last) = rows.last() {
+        // Exactly the rows read: due, unsent, up to the last id (the writer is alone).
+        let last_id: i64 = last.try_get("id")?;
+        sqlx::query("UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND not_before <= ?1 AND id <= ?2")
             .bind(now_ms)
-            .bind(outbox_id)
+            .bind(last_id)
             .execute(&mut *conn)
             .await?;
-        let Some(mut job) = load_job(conn, &job_id).await? else { continue };
+    }
+    for row in &rows {
         // A job cancelled (or finished) since its row was written is not handed out.
-        if job.state != JobState::Queued {
+        let state: String = row.try_get("state")?;
+        if state != JobState::Queued.as_str() {
             continue;
         }
-        let detail = format!("to the {} queue", job.tier);
-        events.push(
-            transition(conn, &mut job, JobState::Dispatched, Change { detail: &detail, ..Change::default() }, now_ms)
-                .await?,
-        );
         let tier: String = row.try_get("tier")?;
-        out.push(Dispatch {
-            job_id,
+        let request: String = row.try_get("request")?;
+        let d = Dispatch {
+            job_id: row.try_get("job_id")?,
             tier: Tier::from_str(&tier).map_err(|e| corrupt("outbox tier", e))?,
             client: row.try_get("client")?,
-            attempt,
-        });
+            attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("outbox attempt", e))?,
+            request: serde_json::from_str(&request).map_err(|e| corrupt("job request", e))?,
+            cache_key: row.try_get("cache_key")?,
+            created_ms: row.try_get("created_ms")?,
+        };
+        let detail = format!("to the {} queue", d.tier);
+        let change = Change { detail: &detail, ..Change::default() };
+        // Still at the previous attempt until a worker starts this one.
+        let seq = insert_event(conn, &d.job_id, JobState::Dispatched, d.attempt - 1, &change, now_ms).await?;
+        due.events.push(event(
+            seq,
+            &d.job_id,
+            d.tier,
+            Some(JobState::Queued),
+            d.created_ms,
+            JobState::Dispatched,
+            d.attempt - 1,
+            &change,
+            now_ms,
+        ));
+        due.jobs.push(d);
     }
-    let next: Option<i64> =
+    due.next_due_ms =
         sqlx::query_scalar("SELECT MIN(not_before) FROM outbox WHERE sent_ms IS NULL").fetch_one(&mut *conn).await?;
-    Ok(Due { jobs: out, events, next_due_ms: next })
+    Ok(due)
 }
 
-async fn start_op(
+async fn start_op(conn: &mut SqliteConnection, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
+    let detail = format!("attempt {}", d.attempt);
+    let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
+    insert_event_if(conn, d, JobState::Dispatched, d.attempt - 1, JobState::Running, &change, now_ms).await
+}
+
+/// Moves every live job attached to `leader` with the same change.
+async fn move_followers(
     conn: &mut SqliteConnection,
-    job_id: &str,
-    attempt: u32,
+    leader: &str,
+    to: JobState,
+    change: &Change<'_>,
     now_ms: i64,
-) -> Result<JobChange, StoreError> {
-    let Some(mut job) = load_job(conn, job_id).await? else { return Ok(None) };
-    if job.state != JobState::Dispatched || job.attempt + 1 != attempt {
-        return Ok(None);
+) -> Result<Vec<Event>, StoreError> {
+    let mut events = Vec::new();
+    for mut f in followers(conn, leader).await? {
+        let change = Change { attempt: None, detail: change.detail, asset: change.asset, error: change.error };
+        events.push(transition(conn, &mut f, to, change, now_ms).await?);
     }
-    let detail = format!("attempt {attempt}");
-    let change = Change { attempt: Some(attempt), detail: &detail, ..Change::default() };
-    let e = transition(conn, &mut job, JobState::Running, change, now_ms).await?;
-    Ok(Some((job, vec![e])))
+    Ok(events)
 }
 
 async fn finish_op(
     conn: &mut SqliteConnection,
-    job_id: &str,
-    attempt: u32,
+    d: &Dispatch,
     outcome: Outcome,
     now_ms: i64,
 ) -> Result<Vec<Event>, StoreError> {
-    let Some(mut job) = load_job(conn, job_id).await? else { return Ok(vec![]) };
+    let attempt = d.attempt;
     if let Outcome::Succeeded { asset, bytes } = &outcome {
         sqlx::query("INSERT OR IGNORE INTO assets (hash, cache_key, bytes, created_ms) VALUES (?, ?, ?, ?)")
             .bind(asset)
-            .bind(&job.cache_key)
+            .bind(&d.cache_key)
             .bind(i64::try_from(*bytes).unwrap_or(i64::MAX))
             .bind(now_ms)
             .execute(&mut *conn)
             .await?;
     }
-    // Idempotent by job id + attempt: only the running attempt's first report counts.
-    if job.state != JobState::Running || job.attempt != attempt {
-        return Ok(vec![]);
-    }
+    // Idempotent by job id + attempt: only the running attempt's first report moves the job.
     let mut events = Vec::new();
-    match &outcome {
-        Outcome::Succeeded { asset, .. } => {
-            let change = Change { detail: "rendered", asset: Some(asset), ..Change::default() };
-            events.push(transition(conn, &mut job, JobState::Succeeded, change, now_ms).await?);
-            let detail = format!("served by the render of job {job_id}");
-            for mut f in followers(conn, job_id).await? {
-                let change = Change { detail: &detail, asset: Some(asset), ..Change::default() };
-                events.push(transition(conn, &mut f, JobState::Succeeded, change, now_ms).await?);
-            }
-        }
-        Outcome::Retry { error, retry_at_ms } => {
-            let detail = format!("attempt {attempt} failed; retrying");
-            let change = Change { detail: &detail, error: Some(error), ..Change::default() };
-            events.push(transition(conn, &mut job, JobState::Queued, change, now_ms).await?);
-            insert_outbox(conn, &job, *retry_at_ms).await?;
-        }
-        Outcome::Failed { error } => {
-            let detail = format!("attempt {attempt} failed; giving up");
-            let change = Change { detail: &detail, error: Some(error), ..Change::default() };
-            events.push(transition(conn, &mut job, JobState::Failed, change, now_ms).await?);
-            let detail = format!("the render of job {job_id} failed");
-            for mut f in followers(conn, job_id).await? {
-                let change = Change { detail: &detail, error: Some(error), ..Change::default() };
-                events.push(transition(conn, &mut f, JobState::Failed, change, now_ms).await?);
-            }
-        }
+    let (to, change, followers_to) = match &outcome {
+        Outcome::Succeeded { asset, .. } => (
+            JobState::Succeeded,
+            Change { detail: "rendered", asset: Some(asset), ..Change::default() },
+            Some(JobState::Succeeded),
+        ),
+        Outcome::Retry { error, .. } => (
+            JobState::Queued,
+            Change { detail: "attempt failed; retrying", error: Some(error), ..Change::default() },
+            None,
+        ),
+        Outcome::Failed { error } => (
+            JobState::Failed,
+            Change { detail: "attempt failed; giving up", error: Some(error), ..Change::default() },
+            Some(JobState::Failed),
+        ),
+    };
+    let Some(e) = insert_event_if(conn, d, JobState::Running, attempt, to, &change, now_ms).await? else {
+        return Ok(events);
+    };
+    events.push(e);
+    if let Outcome::Retry { retry_at_ms, .. } = &outcome {
+        insert_outbox_row(conn, &d.job_id, d.tier, &d.client, attempt + 1, *retry_at_ms).await?;
+    }
+    if let Some(to) = followers_to {
+        let detail = format!(
+            "{} by the render of job {}",
+            if to == JobState::Succeeded { "served" } else { "failed" },
+            d.job_id
+        );
+        let change = Change { detail: &detail, ..change };
+        events.extend(move_followers(conn, &d.job_id, to, &change, now_ms).await?);
     }
     Ok(events)
 }
@@ -481,6 +573,7 @@ async fn cancel_op(conn: &mut SqliteConnection, job_id: &str, by: &str, now_ms: 
         let mut attached = followers(conn, job_id).await?.into_iter();
         if let Some(mut heir) = attached.next() {
             heir.follows = None;
+            sqlx::query("UPDATE jobs SET follows = NULL WHERE id = ?").bind(&heir.id).execute(&mut *conn).await?;
             let detail = format!("leads the render after job {job_id} was cancelled");
             events.push(
                 transition(conn, &mut heir, JobState::Queued, Change { detail: &detail, ..Change::default() }, now_ms)
@@ -532,22 +625,14 @@ impl Store for SqliteStore {
         Box::pin(self.write(Box::new(move |c| Box::pin(take_due_op(c, now_ms, limit)))))
     }
 
-    fn start(&self, job_id: &str, attempt: u32, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>> {
-        let id = job_id.to_owned();
-        Box::pin(self.write(Box::new(move |c| Box::pin(async move { start_op(c, &id, attempt, now_ms).await }))))
+    fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>> {
+        let d = d.clone();
+        Box::pin(self.write(Box::new(move |c| Box::pin(async move { start_op(c, &d, now_ms).await }))))
     }
 
-    fn finish(
-        &self,
-        job_id: &str,
-        attempt: u32,
-        outcome: Outcome,
-        now_ms: i64,
-    ) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-        let id = job_id.to_owned();
-        Box::pin(
-            self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &id, attempt, outcome, now_ms).await }))),
-        )
+    fn finish(&self, d: &Dispatch, outcome: Outcome, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+        let d = d.clone();
+        Box::pin(self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &d, outcome, now_ms).await }))))
     }
 
     fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>> {
@@ -666,14 +751,15 @@ impl Store for SqliteStore {
     }
 
     fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>> {
-        Box::pin(self.write(Box::new(move |c| {
+        // A taken name is a refusal that writes nothing: an answer, not a failed write.
+        let op: OpFn<Result<(), StoreError>> = Box::new(move |c| {
             Box::pin(async move {
                 let taken: Option<i64> = sqlx::query_scalar("SELECT 1 FROM api_tokens WHERE name = ?")
                     .bind(&token.name)
                     .fetch_optional(&mut *c)
                     .await?;
                 if taken.is_some() {
-                    return Err(StoreError::Conflict(format!("a token named {:?}", token.name)));
+                    return Ok(Err(StoreError::Conflict(format!("a token named {:?}", token.name))));
                 }
                 sqlx::query("INSERT INTO api_tokens (token_hash, name, role, created_ms) VALUES (?, ?, ?, ?)")
                     .bind(&token.token_hash)
@@ -682,8 +768,9 @@ impl Store for SqliteStore {
                     .bind(now_ms)
                     .execute(&mut *c)
                     .await?;
-                Ok(())
+                Ok(Ok(()))
             })
-        })))
+        });
+        Box::pin(async move { self.write(op).await? })
     }
 }
