@@ -91,16 +91,7 @@ impl SqliteStore {
         let read =
             SqlitePoolOptions::new().max_connections(4).connect_with(options(path).create_if_missing(false)).await?;
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        // The writer gets a thread of its own: each statement is a round trip to SQLite's
-        // thread, and on a runtime busy with HTTP and renders every round trip would queue.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Corrupt { what: "writer thread", message: e.to_string() })?;
-        std::thread::Builder::new()
-            .name("kiln-store-writer".into())
-            .spawn(move || rt.block_on(writer(conn, rx)))
-            .map_err(|e| StoreError::Corrupt { what: "writer thread", message: e.to_string() })?;
+        tokio::spawn(writer(conn, rx));
         Ok(SqliteStore { writer: tx, read })
     }
 
@@ -434,6 +425,7 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
     .fetch_all(&mut *conn)
     .await?;
     let mut due = Due::default();
+    let mut seen = std::collections::HashSet::new();
     if let Some(last) = rows.last() {
         // Exactly the rows read: due, unsent, up to the last id (the writer is alone).
         let last_id: i64 = last.try_get("id")?;
@@ -446,7 +438,8 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
     for row in &rows {
         // A job cancelled (or finished) since its row was written is not handed out.
         let state: String = row.try_get("state")?;
-        if state != JobState::Queued.as_str() {
+        let job_id: String = row.try_get("job_id")?;
+        if state != JobState::Queued.as_str() || !seen.insert(job_id) {
             continue;
         }
         let tier: String = row.try_get("tier")?;
@@ -592,6 +585,14 @@ async fn cancel_op(conn: &mut SqliteConnection, job_id: &str, by: &str, now_ms: 
 }
 
 async fn resume_op(conn: &mut SqliteConnection, now_ms: i64) -> Result<Vec<Event>, StoreError> {
+    // Outbox rows marked sent whose jobs never left `queued` (a crash between the two) go again.
+    // This comes before the requeue below, whose fresh rows must not be doubled.
+    sqlx::query(
+        "UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL AND id IN (SELECT o.id FROM outbox o \
+         JOIN jobs j ON j.id = o.job_id WHERE j.state = 'queued' AND j.follows IS NULL AND o.attempt = j.attempt + 1)",
+    )
+    .execute(&mut *conn)
+    .await?;
     let rows =
         sqlx::query("SELECT * FROM jobs WHERE state IN ('dispatched', 'running') AND follows IS NULL ORDER BY seq")
             .fetch_all(&mut *conn)
@@ -600,19 +601,10 @@ async fn resume_op(conn: &mut SqliteConnection, now_ms: i64) -> Result<Vec<Event
     for row in &rows {
         let mut job = job_from_row(row)?;
         let detail = format!("resumed after a restart (was {})", job.state);
-        events.push(
-            transition(conn, &mut job, JobState::Queued, Change { detail: &detail, ..Change::default() }, now_ms)
-                .await?,
-        );
+        let change = Change { detail: &detail, ..Change::default() };
+        events.push(transition(conn, &mut job, JobState::Queued, change, now_ms).await?);
         insert_outbox(conn, &job, now_ms).await?;
     }
-    // Outbox rows marked sent whose jobs never left `queued` (a crash between the two) go again.
-    sqlx::query(
-        "UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL AND id IN (SELECT o.id FROM outbox o \
-         JOIN jobs j ON j.id = o.job_id WHERE j.state = 'queued' AND j.follows IS NULL AND o.attempt = j.attempt + 1)",
-    )
-    .execute(&mut *conn)
-    .await?;
     Ok(events)
 }
 
@@ -772,5 +764,151 @@ impl Store for SqliteStore {
             })
         });
         Box::pin(async move { self.write(op).await? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::TierLimits;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("kiln.db")).await.unwrap();
+        (dir, s)
+    }
+
+    fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
+        let request =
+            RenderRequest::resolve("cppn", "test", seed, Tier::Preview, Some(16), None, None, &TierLimits::default())
+                .unwrap();
+        NewJob {
+            id: id.into(),
+            request,
+            cache_key: key.into(),
+            client: "tester".into(),
+            idempotency_key: None,
+            now_ms: 1000,
+        }
+    }
+
+    /// The job row a fold of the events gives.
+    fn fold(events: &[Event]) -> (JobState, u32, Option<String>, Option<String>) {
+        let mut out = (JobState::Queued, 0, None, None);
+        for e in events {
+            out.0 = e.state;
+            out.1 = e.attempt;
+            if e.asset.is_some() {
+                out.2 = e.asset.clone();
+            }
+            if e.error.is_some() {
+                out.3 = e.error.clone();
+            }
+        }
+        out
+    }
+
+    async fn check_projection(s: &SqliteStore, id: &str) {
+        let job = s.job(id).await.unwrap().unwrap();
+        let events = s.events(id, 0).await.unwrap();
+        assert_eq!((job.state, job.attempt, job.asset.clone(), job.error.clone()), fold(&events), "{id}: {events:?}");
+    }
+
+    #[tokio::test]
+    async fn the_job_row_is_the_projection_of_its_events_through_a_whole_life() {
+        let (_d, s) = store().await;
+        let sub = s.submit(new_job("a", "k1", 1)).await.unwrap();
+        assert_eq!(sub.admission, Admission::Queued);
+        check_projection(&s, "a").await;
+        let due = s.take_due(2000, 10).await.unwrap();
+        assert_eq!(due.jobs.len(), 1);
+        let d = &due.jobs[0];
+        assert_eq!((d.attempt, d.cache_key.as_str()), (1, "k1"));
+        check_projection(&s, "a").await;
+        assert!(s.start(d, 2001).await.unwrap().is_some());
+        check_projection(&s, "a").await;
+        let retry = Outcome::Retry { error: "disk hiccup".into(), retry_at_ms: 5000 };
+        assert_eq!(s.finish(d, retry, 2002).await.unwrap().len(), 1);
+        check_projection(&s, "a").await;
+        let early = s.take_due(4000, 10).await.unwrap();
+        assert!(early.jobs.is_empty(), "a retry waits for its backoff");
+        assert_eq!(early.next_due_ms, Some(5000));
+        let d2 = s.take_due(5000, 10).await.unwrap().jobs.remove(0);
+        assert_eq!(d2.attempt, 2);
+        s.start(&d2, 5001).await.unwrap().unwrap();
+        s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10 }, 5002).await.unwrap();
+        check_projection(&s, "a").await;
+        let job = s.job("a").await.unwrap().unwrap();
+        assert_eq!((job.state, job.attempt, job.asset.as_deref()), (JobState::Succeeded, 2, Some("h1")));
+        assert_eq!(job.error.as_deref(), Some("disk hiccup"), "a job keeps its last error");
+        assert_eq!((job.started_ms, job.finished_ms), (Some(5001), Some(5002)));
+    }
+
+    #[tokio::test]
+    async fn reports_are_idempotent_by_job_and_attempt() {
+        let (_d, s) = store().await;
+        s.submit(new_job("a", "k1", 1)).await.unwrap();
+        let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
+        assert!(s.start(&d, 2001).await.unwrap().is_some());
+        assert!(s.start(&d, 2002).await.unwrap().is_none(), "a second start of the same attempt is refused");
+        let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10 };
+        assert_eq!(s.finish(&d, ok.clone(), 2003).await.unwrap().len(), 1);
+        assert!(s.finish(&d, ok, 2004).await.unwrap().is_empty(), "a redelivered result changes nothing");
+        let stale = Dispatch { attempt: 7, ..d.clone() };
+        assert!(s.finish(&stale, Outcome::Failed { error: "late".into() }, 2005).await.unwrap().is_empty());
+        let events = s.events("a", 0).await.unwrap();
+        assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 1);
+        check_projection(&s, "a").await;
+    }
+
+    #[tokio::test]
+    async fn the_cache_and_single_flight_are_decided_in_the_writer() {
+        let (_d, s) = store().await;
+        s.submit(new_job("lead", "k", 1)).await.unwrap();
+        let f = s.submit(new_job("follow", "k", 1)).await.unwrap();
+        assert_eq!(f.admission, Admission::Attached);
+        assert_eq!(f.job.follows.as_deref(), Some("lead"));
+        let due = s.take_due(2000, 10).await.unwrap();
+        assert_eq!(due.jobs.len(), 1, "only the leader goes to a worker");
+        let d = &due.jobs[0];
+        s.start(d, 2001).await.unwrap();
+        let events = s.finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1 }, 2002).await.unwrap();
+        assert_eq!(events.len(), 2, "the leader and its follower succeed together");
+        check_projection(&s, "follow").await;
+        let c = s.submit(new_job("later", "k", 1)).await.unwrap();
+        assert_eq!(
+            (c.admission, c.job.state, c.job.asset.as_deref()),
+            (Admission::Cached, JobState::Cached, Some("h"))
+        );
+        let mut again = new_job("dup", "k2", 2);
+        again.idempotency_key = Some("once".into());
+        let first = s.submit(again.clone()).await.unwrap();
+        again.id = "dup2".into();
+        let second = s.submit(again).await.unwrap();
+        assert_eq!((second.admission, second.job.id.as_str()), (Admission::Existing, first.job.id.as_str()));
+    }
+
+    #[tokio::test]
+    async fn resume_requeues_jobs_in_hand_and_a_cancelled_job_is_never_handed_out() {
+        let (_d, s) = store().await;
+        for (id, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+            s.submit(new_job(id, &format!("k{seed}"), seed)).await.unwrap();
+        }
+        let due = s.take_due(2000, 2).await.unwrap();
+        assert_eq!(due.jobs.len(), 2);
+        s.start(&due.jobs[0], 2001).await.unwrap().unwrap();
+        // "a" running, "b" dispatched, "c" queued; "c" is cancelled; then the process dies.
+        s.cancel("c", "tester", 2002).await.unwrap().unwrap();
+        let resumed = s.resume(3000).await.unwrap();
+        let mut ids: Vec<_> = resumed.iter().map(|e| e.job_id.as_str()).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
+        let due = s.take_due(3001, 10).await.unwrap();
+        let mut ids: Vec<_> = due.jobs.iter().map(|d| (d.job_id.as_str(), d.attempt)).collect();
+        ids.sort();
+        assert_eq!(ids, [("a", 2), ("b", 1)], "the running one takes a new attempt, the dispatched one its first");
+        for id in ["a", "b", "c"] {
+            check_projection(&s, id).await;
+        }
     }
 }
