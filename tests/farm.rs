@@ -293,7 +293,12 @@ async fn a_cancelled_leader_hands_its_render_to_an_attached_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transient_failure_is_retried_with_backoff() {
-    let farm = TestFarm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    // Room for many attempts, so a slow machine cannot spend them all before the fix below.
+    cfg.scheduler.retry.max_attempts = 50;
+    cfg.scheduler.retry.max_ms = 200;
+    let farm = TestFarm::start_with(dir, cfg).await;
     // The asset store's scratch dir becomes a file: every render fails to store (root or not).
     let tmp = farm.dir.path().join("tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -332,5 +337,21 @@ async fn attempts_run_out_and_the_job_keeps_its_error() {
     assert_eq!(done["state"], "failed");
     assert_eq!(done["attempt"], 2);
     assert!(done["error"].as_str().unwrap().contains("asset store"), "{done}");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn assets_can_be_public_by_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.public_assets = true;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let j = farm.submit(job("mono", 1, "preview")).await;
+    let asset = farm.wait(j["id"].as_str().unwrap()).await["asset"].as_str().unwrap().to_owned();
+    let anon = farm.client_with(None);
+    let png = anon.bytes(&format!("/v1/assets/{asset}")).await.unwrap();
+    assert_eq!(blake3::hash(&png).to_hex().as_str(), asset);
+    let r = anon.send(Method::GET, &format!("/v1/jobs/{}", j["id"].as_str().unwrap()), None).await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "jobs still need a token");
     farm.stop().await;
 }

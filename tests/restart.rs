@@ -111,10 +111,13 @@ async fn the_cli_submits_waits_and_fetches_and_the_token_is_private() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no job"), "{}", String::from_utf8_lossy(&bad.stderr));
 
-    // A restart keeps the token.
+    // SIGTERM drains and exits cleanly; a restart keeps the token.
     let token = operator_token(&data);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let term = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "kiln up exits 0 after SIGTERM: {status:?}");
+    assert!(!data.join("api.url").exists(), "a clean stop removes api.url");
     let (mut child, _url) = spawn_up(&data, &[]);
     assert_eq!(operator_token(&data), token);
     child.kill().unwrap();

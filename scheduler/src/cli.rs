@@ -22,7 +22,13 @@ use crate::farm::{Farm, shutdown_signal};
 /// Kiln, a render farm for generative-art studios: renders (prompt, seed, tier) to the same PNG
 /// every time, answers repeats from its cache, and runs on one laptop with `kiln up`.
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, long_about = None)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln, a render farm for generative-art studios. `kiln up` runs the whole farm on this machine; \
+             the other commands talk to it, or render directly.",
+    long_about = None
+)]
 pub struct Cli {
     /// TOML config file (defaults < file < KILN_* environment).
     #[arg(long, global = true, env = "KILN_CONFIG")]
