@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use kiln_protocol::{JobRequest, JobState, Tier};
+use kiln_worker::cli::{GlobalArgs, run_main};
 use kiln_worker::config::BackendChoice;
 use kiln_worker::worker::open_backend;
 use serde_json::{Value, json};
@@ -30,18 +31,9 @@ use crate::farm::{Farm, shutdown_signal};
     long_about = None
 )]
 pub struct Cli {
-    /// TOML config file (defaults < file < KILN_* environment).
-    #[arg(long, global = true, env = "KILN_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Data directory: database, assets, operator token [default: ~/.local/share/kiln; env KILN_DATA_DIR].
-    #[arg(long, global = true)]
-    pub data_dir: Option<PathBuf>,
-    /// Print the effective configuration as TOML and exit.
-    #[arg(long, global = true)]
-    pub print_config: bool,
-    /// Log as JSON lines.
-    #[arg(long, global = true)]
-    pub log_json: bool,
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -196,8 +188,8 @@ impl clap::ValueEnum for Role {
 
 /// The config with the command line's overrides on top.
 pub fn load_config(cli: &Cli) -> anyhow::Result<FarmConfig> {
-    let mut cfg = FarmConfig::load(cli.config.as_deref())?;
-    if let Some(d) = &cli.data_dir {
+    let mut cfg = FarmConfig::load(cli.global.config.as_deref())?;
+    if let Some(d) = &cli.global.data_dir {
         cfg.worker.data_dir = d.clone();
     }
     match &cli.command {
@@ -244,24 +236,10 @@ pub fn client(cfg: &FarmConfig, r: &Remote) -> anyhow::Result<Client> {
     Ok(Client::new(&server, Some(Secret::new(token))))
 }
 
-/// The whole of `main` after parsing: logging (`KILN_LOG`, JSON on request), the command, and its
-/// error printed once with its chain, as an exit code.
+/// The whole of `main` after parsing (see [`kiln_worker::cli::run_main`]).
 pub fn main_with(cli: Cli) -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn,sqlx=warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_json {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
-    match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let global = cli.global.clone();
+    run_main(&global, || run(cli))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -271,7 +249,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = load_config(&cli)?;
-    if cli.print_config {
+    if cli.global.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }

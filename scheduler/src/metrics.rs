@@ -1,7 +1,8 @@
 //! The scheduler's Prometheus metrics. Names are constants with the `kiln_` prefix, in base
 //! units; labels are tier and state, never a job id.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use kiln_worker::metrics::{encode, register_all};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::store::Event;
 use kiln_protocol::{JobState, Tier};
@@ -72,17 +73,18 @@ impl Metrics {
         let in_flight = IntGauge::new(RENDERS_IN_FLIGHT, "Renders in hand").expect("valid metric");
         let attempts = IntCounterVec::new(Opts::new(ATTEMPTS, "Render attempts that ended"), &["tier", "outcome"])
             .expect("valid metric");
-        for c in [
-            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(queue_wait.clone()),
-            Box::new(job_seconds.clone()),
-            Box::new(cache_hits.clone()),
-            Box::new(coalesced.clone()),
-            Box::new(in_flight.clone()),
-            Box::new(attempts.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
+        register_all(
+            &registry,
+            vec![
+                Box::new(jobs.clone()),
+                Box::new(queue_wait.clone()),
+                Box::new(job_seconds.clone()),
+                Box::new(cache_hits.clone()),
+                Box::new(coalesced.clone()),
+                Box::new(in_flight.clone()),
+                Box::new(attempts.clone()),
+            ],
+        );
         for tier in Tier::ALL {
             for state in JobState::ALL {
                 jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(0);
@@ -109,6 +111,6 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        encode(&self.registry)
     }
 }

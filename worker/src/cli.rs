@@ -16,10 +16,21 @@ use crate::worker::{Worker, open_backend};
 #[derive(Debug, Parser)]
 #[command(name = "kiln-worker", version, about, long_about = None)]
 pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options every Kiln binary takes, on any subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
     /// TOML config file (defaults < file < KILN_* environment).
     #[arg(long, global = true, env = "KILN_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Data directory: assets, cache index [default: ~/.local/share/kiln; env KILN_DATA_DIR].
+    /// Data directory: database, assets, cache index, operator token [default: ~/.local/share/kiln; env KILN_DATA_DIR].
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
@@ -28,9 +39,6 @@ pub struct Cli {
     /// Log as JSON lines.
     #[arg(long, global = true)]
     pub log_json: bool,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Option<Command>,
 }
 
 /// Subcommands.
@@ -82,8 +90,8 @@ pub struct RenderArgs {
 
 /// Loads the config with the command line's overrides on top.
 pub fn load_config(cli: &Cli) -> anyhow::Result<WorkerConfig> {
-    let mut cfg = WorkerConfig::load(cli.config.as_deref())?;
-    if let Some(d) = &cli.data_dir {
+    let mut cfg = WorkerConfig::load(cli.global.config.as_deref())?;
+    if let Some(d) = &cli.global.data_dir {
         cfg.data_dir = d.clone();
     }
     if let Some(Command::Render(r)) = &cli.command {
@@ -170,16 +178,16 @@ pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
 
 /// The whole of a binary's `main` after parsing: logging (`KILN_LOG` filter, JSON on request),
 /// the command, and its error printed once with its whole chain, as an exit code.
-pub fn main_with(cli: Cli) -> std::process::ExitCode {
+pub fn run_main(global: &GlobalArgs, run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn".into());
+        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn,sqlx=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cli.log_json {
+    if global.log_json {
         logs.json().init();
     } else {
         logs.init();
     }
-    match run(cli) {
+    match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -188,10 +196,16 @@ pub fn main_with(cli: Cli) -> std::process::ExitCode {
     }
 }
 
+/// `kiln-worker`'s `main` after parsing.
+pub fn main_with(cli: Cli) -> std::process::ExitCode {
+    let global = cli.global.clone();
+    run_main(&global, || run(cli))
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = load_config(&cli)?;
-    if cli.print_config {
+    if cli.global.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
     }

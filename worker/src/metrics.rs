@@ -46,19 +46,32 @@ impl Metrics {
             IntCounterVec::new(Opts::new(PIXELS_RENDERED, "Output pixels rendered"), &["tier"]).expect("valid metric");
         let cache_hits = IntCounter::new(CACHE_HITS, "Render requests answered from the cache").expect("valid metric");
         let cache_misses = IntCounter::new(CACHE_MISSES, "Render requests that had to render").expect("valid metric");
-        for c in [
-            Box::new(render_seconds.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(pixels.clone()),
-            Box::new(cache_hits.clone()),
-            Box::new(cache_misses.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
-        }
+        register_all(
+            &registry,
+            vec![
+                Box::new(render_seconds.clone()),
+                Box::new(pixels.clone()),
+                Box::new(cache_hits.clone()),
+                Box::new(cache_misses.clone()),
+            ],
+        );
         Metrics { registry, render_seconds, pixels, cache_hits, cache_misses }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        encode(&self.registry)
     }
+}
+
+/// Registers metrics whose names are constants, so a clash is a programming error.
+pub fn register_all(registry: &Registry, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+    for c in collectors {
+        registry.register(c).expect("metric names are unique");
+    }
+}
+
+/// A registry's metrics in the Prometheus text format.
+pub fn encode(registry: &Registry) -> String {
+    TextEncoder::new().encode_to_string(&registry.gather()).unwrap_or_default()
 }

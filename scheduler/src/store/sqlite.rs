@@ -145,15 +145,21 @@ fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
     StoreError::Corrupt { what, message: message.to_string() }
 }
 
+fn tier_of(row: &sqlx::sqlite::SqliteRow) -> Result<Tier, StoreError> {
+    Tier::from_str(&row.try_get::<String, _>("tier")?).map_err(|e| corrupt("tier", e))
+}
+
+fn state_of(row: &sqlx::sqlite::SqliteRow) -> Result<JobState, StoreError> {
+    JobState::from_str(&row.try_get::<String, _>("state")?).map_err(|e| corrupt("state", e))
+}
+
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, StoreError> {
-    let state: String = row.try_get("state")?;
-    let tier: String = row.try_get("tier")?;
     let request: String = row.try_get("request")?;
     let attempt: i64 = row.try_get("attempt")?;
     Ok(Job {
         id: row.try_get("id")?,
-        state: JobState::from_str(&state).map_err(|e| corrupt("job state", e))?,
-        tier: Tier::from_str(&tier).map_err(|e| corrupt("job tier", e))?,
+        state: state_of(row)?,
+        tier: tier_of(row)?,
         request: serde_json::from_str::<RenderRequest>(&request).map_err(|e| corrupt("job request", e))?,
         cache_key: row.try_get("cache_key")?,
         client: row.try_get("client")?,
@@ -170,7 +176,6 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, StoreError> {
 }
 
 fn event_from_row(row: &sqlx::sqlite::SqliteRow, tier: Tier) -> Result<Event, StoreError> {
-    let state: String = row.try_get("state")?;
     let attempt: i64 = row.try_get("attempt")?;
     Ok(Event {
         seq: row.try_get("seq")?,
@@ -179,7 +184,7 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow, tier: Tier) -> Result<Event, St
         from: None,
         created_ms: 0,
         at_ms: row.try_get("at_ms")?,
-        state: JobState::from_str(&state).map_err(|e| corrupt("event state", e))?,
+        state: state_of(row)?,
         attempt: u32::try_from(attempt).map_err(|e| corrupt("event attempt", e))?,
         detail: row.try_get("detail")?,
         asset: row.try_get("asset")?,
@@ -212,7 +217,7 @@ async fn transition(
 ) -> Result<Event, StoreError> {
     let from = job.state;
     let attempt = change.attempt.unwrap_or(job.attempt);
-    let seq = insert_event(conn, &job.id, to, attempt, &change, now_ms).await?;
+    let seq = append_event(conn, &job.id, to, attempt, &change, now_ms).await?;
     job.state = to;
     job.attempt = attempt;
     job.updated_ms = now_ms;
@@ -231,6 +236,8 @@ async fn transition(
     Ok(event(seq, &job.id, job.tier, Some(from), job.created_ms, to, attempt, &change, now_ms))
 }
 
+/// Appends an event for `job_id`; with a guard, only while the job is in that state at that
+/// attempt (`None` when it is not). The trigger projects it onto the job row.
 async fn insert_event(
     conn: &mut SqliteConnection,
     job_id: &str,
@@ -238,10 +245,12 @@ async fn insert_event(
     attempt: u32,
     change: &Change<'_>,
     now_ms: i64,
-) -> Result<i64, StoreError> {
+    guard: Option<(JobState, u32)>,
+) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(
         "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+         SELECT id, ?2, ?3, ?4, ?5, ?6, ?7 FROM jobs \
+         WHERE id = ?1 AND (?8 IS NULL OR (state = ?8 AND attempt = ?9)) RETURNING seq",
     )
     .bind(job_id)
     .bind(now_ms)
@@ -250,8 +259,24 @@ async fn insert_event(
     .bind(change.detail)
     .bind(change.asset)
     .bind(change.error)
-    .fetch_one(&mut *conn)
+    .bind(guard.map(|(s, _)| s.as_str()))
+    .bind(guard.map(|(_, a)| i64::from(a)))
+    .fetch_optional(&mut *conn)
     .await?)
+}
+
+/// [`insert_event`] for a job that must exist.
+async fn append_event(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    to: JobState,
+    attempt: u32,
+    change: &Change<'_>,
+    now_ms: i64,
+) -> Result<i64, StoreError> {
+    insert_event(conn, job_id, to, attempt, change, now_ms, None)
+        .await?
+        .ok_or_else(|| corrupt("event", format!("job {job_id} is missing")))
 }
 
 /// Appends an event for a dispatched job only if it is still in `expect` at `attempt_now`.
@@ -265,21 +290,7 @@ async fn insert_event_if(
     now_ms: i64,
 ) -> Result<Option<Event>, StoreError> {
     let attempt = change.attempt.unwrap_or(attempt_now);
-    let seq: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-         SELECT id, ?, ?, ?, ?, ?, ? FROM jobs WHERE id = ? AND state = ? AND attempt = ? RETURNING seq",
-    )
-    .bind(now_ms)
-    .bind(to.as_str())
-    .bind(i64::from(attempt))
-    .bind(change.detail)
-    .bind(change.asset)
-    .bind(change.error)
-    .bind(&d.job_id)
-    .bind(expect.as_str())
-    .bind(i64::from(attempt_now))
-    .fetch_optional(&mut *conn)
-    .await?;
+    let seq = insert_event(conn, &d.job_id, to, attempt, change, now_ms, Some((expect, attempt_now))).await?;
     Ok(seq.map(|seq| event(seq, &d.job_id, d.tier, Some(expect), d.created_ms, to, attempt, change, now_ms)))
 }
 
@@ -437,16 +448,14 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
     }
     for row in &rows {
         // A job cancelled (or finished) since its row was written is not handed out.
-        let state: String = row.try_get("state")?;
         let job_id: String = row.try_get("job_id")?;
-        if state != JobState::Queued.as_str() || !seen.insert(job_id) {
+        if state_of(row)? != JobState::Queued || !seen.insert(job_id) {
             continue;
         }
-        let tier: String = row.try_get("tier")?;
         let request: String = row.try_get("request")?;
         let d = Dispatch {
             job_id: row.try_get("job_id")?,
-            tier: Tier::from_str(&tier).map_err(|e| corrupt("outbox tier", e))?,
+            tier: tier_of(row)?,
             client: row.try_get("client")?,
             attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("outbox attempt", e))?,
             request: serde_json::from_str(&request).map_err(|e| corrupt("job request", e))?,
@@ -456,7 +465,7 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
         let detail = format!("to the {} queue", d.tier);
         let change = Change { detail: &detail, ..Change::default() };
         // Still at the previous attempt until a worker starts this one.
-        let seq = insert_event(conn, &d.job_id, JobState::Dispatched, d.attempt - 1, &change, now_ms).await?;
+        let seq = append_event(conn, &d.job_id, JobState::Dispatched, d.attempt - 1, &change, now_ms).await?;
         due.events.push(event(
             seq,
             &d.job_id,
@@ -691,17 +700,7 @@ impl Store for SqliteStore {
             let rows = sqlx::query("SELECT tier, state, COUNT(*) AS n FROM jobs GROUP BY tier, state")
                 .fetch_all(&self.read)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    let tier: String = r.try_get("tier")?;
-                    let state: String = r.try_get("state")?;
-                    Ok((
-                        Tier::from_str(&tier).map_err(|e| corrupt("job tier", e))?,
-                        JobState::from_str(&state).map_err(|e| corrupt("job state", e))?,
-                        r.try_get("n")?,
-                    ))
-                })
-                .collect()
+            rows.iter().map(|r| Ok((tier_of(r)?, state_of(r)?, r.try_get("n")?))).collect()
         })
     }
 
