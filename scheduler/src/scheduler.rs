@@ -11,7 +11,7 @@ use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
 use kiln_worker::worker::{Worker, WorkerError};
 use serde::Serialize;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Role, Secret, new_token, token_hash};
@@ -84,6 +84,7 @@ pub struct Scheduler {
     /// Settings.
     pub cfg: SchedulerConfig,
     live: broadcast::Sender<Arc<Live>>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     tokens: RwLock<HashMap<String, Caller>>,
     dispatch_wake: Notify,
     rng: Mutex<Rng>,
@@ -113,6 +114,7 @@ impl Scheduler {
             metrics: Metrics::new(),
             cfg,
             live,
+            waiters: Mutex::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
             dispatch_wake: Notify::new(),
             rng: Mutex::new(Rng::new(seed)),
@@ -133,7 +135,15 @@ impl Scheduler {
     fn publish(&self, events: Vec<Event>) {
         for e in events {
             self.metrics.observe(&e);
-            let _ = self.live.send(Arc::new(Live::Event(e)));
+            if e.state.is_terminal() {
+                let waiting = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&e.job_id);
+                for w in waiting.into_iter().flatten() {
+                    let _ = w.send(());
+                }
+            }
+            if self.live.receiver_count() > 0 {
+                let _ = self.live.send(Arc::new(Live::Event(e)));
+            }
         }
     }
 
@@ -229,27 +239,31 @@ impl Scheduler {
     }
 
     /// Waits up to `wait` for a job to reach a terminal state; returns it as it is then.
+    /// Each waiter is woken only by its own job's end (no thundering herd of long polls).
     pub async fn wait_terminal(&self, caller: &Caller, id: &str, wait: Duration) -> Result<Option<Job>, StoreError> {
-        let mut rx = self.subscribe();
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let job = self.job(caller, id).await?;
-            match &job {
-                Some(j) if !j.state.is_terminal() => {}
-                _ => return Ok(job),
+        // Register before reading, so an end between the two is not missed.
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().push(tx);
+        let job = self.job(caller, id).await;
+        let job = match job {
+            Ok(Some(j)) if !j.state.is_terminal() => {
+                let _ = tokio::time::timeout(wait, rx).await;
+                self.job(caller, id).await
             }
-            loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Err(_) => return self.job(caller, id).await,
-                    Ok(Ok(l)) => match &*l {
-                        Live::Event(e) if e.job_id == id && e.state.is_terminal() => break,
-                        _ => {}
-                    },
-                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return self.job(caller, id).await,
-                }
+            other => {
+                drop(rx);
+                other
+            }
+        };
+        // This waiter is done: forget it, and any others whose callers have gone.
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                waiters.remove(id);
             }
         }
+        job
     }
 
     /// Resumes after a restart: jobs that were dispatched or running are queued again.

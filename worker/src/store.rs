@@ -35,11 +35,15 @@ impl Write for PendingAsset {
     }
 }
 
-fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes a file whole or not at all (temp file, then rename); with `durable`, its bytes are on
+/// disk before it appears.
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let tmp = dir.join(format!("{}.{}", std::process::id(), unique()));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     fs::rename(&tmp, path)
 }
 
@@ -119,17 +123,19 @@ impl AssetStore {
         if self.contains(&hash) {
             fs::remove_file(&tmp)?;
         } else {
-            write_atomic(&tmp_dir, &self.thumb_path(&hash), thumb)?;
-            write_atomic(&tmp_dir, &self.provenance_path(&hash), provenance(&hash).as_bytes())?;
+            write_atomic(&tmp_dir, &self.thumb_path(&hash), thumb, true)?;
+            write_atomic(&tmp_dir, &self.provenance_path(&hash), provenance(&hash).as_bytes(), true)?;
             // The PNG lands last: its presence means the asset is complete.
             fs::rename(&tmp, self.path(&hash))?;
         }
         Ok((hash, bytes))
     }
 
-    /// Records that `key` rendered to `hash`.
+    /// Records that `key` rendered to `hash`. The index is a cache, not a record: it is not
+    /// synced (an fsync less per asset), and an entry lost in a power cut costs one re-render of
+    /// the same bytes. [`Self::lookup_key`] checks what it reads.
     pub fn put_key(&self, key: &CacheKey, hash: &str) -> io::Result<()> {
-        write_atomic(&self.root.join("tmp"), &self.root.join("keys").join(key.to_string()), hash.as_bytes())
+        write_atomic(&self.root.join("tmp"), &self.root.join("keys").join(key.to_string()), hash.as_bytes(), false)
     }
 
     /// The asset a key rendered to, if it is recorded and the asset is still stored.

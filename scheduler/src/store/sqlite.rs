@@ -367,94 +367,133 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
             return Ok(Submitted { job: job_from_row(&row)?, admission: Admission::Existing, events: vec![] });
         }
     }
-    // The cache first, then a live render of the same key to attach to.
-    let row = sqlx::query(
-        "SELECT (SELECT hash FROM assets WHERE cache_key = ?1 LIMIT 1) AS asset, \
-         (SELECT id FROM jobs WHERE cache_key = ?1 AND follows IS NULL \
-          AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) AS leader",
-    )
-    .bind(&new.cache_key)
-    .fetch_one(&mut *conn)
-    .await?;
-    let asset: Option<String> = row.try_get("asset")?;
-    let leader: Option<String> = if asset.is_some() { None } else { row.try_get("leader")? };
     let request = serde_json::to_string(&new.request).map_err(|e| corrupt("request", e))?;
-    let mut job = Job {
+    // One round trip: the job attached to a live render of its key unless the key has an asset;
+    // its first event (`cached` when there is an asset); an outbox row when it leads a render.
+    // Each statement names the same parameters in a `p` row: sqlx binds `?N` by number, but a
+    // statement that skips a number shifts the binding of the ones after it.
+    let rows = sqlx::query(
+        "WITH p AS (SELECT ?1 AS id, ?2 AS tier, ?3 AS request, ?4 AS key, ?5 AS client, ?6 AS idem, ?7 AS now) \
+         INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, follows, attempt, \
+           created_ms, updated_ms) \
+         SELECT p.id, 'queued', p.tier, p.request, p.key, p.client, p.idem, \
+           CASE WHEN EXISTS (SELECT 1 FROM assets WHERE cache_key = p.key) THEN NULL \
+                ELSE (SELECT id FROM jobs WHERE cache_key = p.key AND follows IS NULL \
+                      AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) END, \
+           0, p.now, p.now FROM p; \
+         WITH p AS (SELECT ?1 AS id, ?2 AS tier, ?3 AS request, ?4 AS key, ?5 AS client, ?6 AS idem, ?7 AS now) \
+         INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
+         SELECT j.id, p.now, CASE WHEN a.hash IS NULL THEN 'queued' ELSE 'cached' END, 0, \
+           CASE WHEN a.hash IS NOT NULL THEN 'answered from the cache' \
+                WHEN j.follows IS NOT NULL THEN 'attached to the render of job ' || j.follows \
+                ELSE 'queued' END, a.hash \
+         FROM p JOIN jobs j ON j.id = p.id \
+         LEFT JOIN assets a ON a.hash = (SELECT hash FROM assets WHERE cache_key = p.key LIMIT 1) \
+         RETURNING seq, state, detail, asset; \
+         WITH p AS (SELECT ?1 AS id, ?2 AS tier, ?3 AS request, ?4 AS key, ?5 AS client, ?6 AS idem, ?7 AS now) \
+         INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
+         SELECT j.id, j.tier, j.client, 1, p.now FROM p JOIN jobs j ON j.id = p.id \
+         WHERE j.state = 'queued' AND j.follows IS NULL; \
+         SELECT follows FROM jobs WHERE id = ?1",
+    )
+    .bind(&new.id)
+    .bind(new.request.tier.as_str())
+    .bind(&request)
+    .bind(&new.cache_key)
+    .bind(&new.client)
+    .bind(&new.idempotency_key)
+    .bind(new.now_ms)
+    .fetch_all(&mut *conn)
+    .await?;
+    let [first, last] = rows.as_slice() else {
+        return Err(corrupt("submit", format!("expected 2 result rows, got {}", rows.len())));
+    };
+    let state = state_of(first)?;
+    let asset: Option<String> = first.try_get("asset")?;
+    let follows: Option<String> = last.try_get("follows")?;
+    let admission = match (state, &follows) {
+        (JobState::Cached, _) => Admission::Cached,
+        (_, Some(_)) => Admission::Attached,
+        _ => Admission::Queued,
+    };
+    let job = Job {
         id: new.id,
-        state: JobState::Queued,
+        state,
         tier: new.request.tier,
         request: new.request,
         cache_key: new.cache_key,
         client: new.client,
         idempotency_key: new.idempotency_key,
-        follows: leader.clone(),
+        follows,
         attempt: 0,
-        asset: None,
+        asset: asset.clone(),
         error: None,
         created_ms: new.now_ms,
         updated_ms: new.now_ms,
         started_ms: None,
-        finished_ms: None,
+        finished_ms: state.is_terminal().then_some(new.now_ms),
     };
-    let (first, admission, detail) = match (&asset, &leader) {
-        (Some(_), _) => (JobState::Cached, Admission::Cached, "answered from the cache".to_owned()),
-        (None, Some(l)) => (JobState::Queued, Admission::Attached, format!("attached to the render of job {l}")),
-        (None, None) => (JobState::Queued, Admission::Queued, "queued".to_owned()),
+    let event = Event {
+        seq: first.try_get("seq")?,
+        job_id: job.id.clone(),
+        tier: job.tier,
+        from: None,
+        created_ms: job.created_ms,
+        at_ms: new.now_ms,
+        state,
+        attempt: 0,
+        detail: first.try_get("detail")?,
+        asset,
+        error: None,
     };
-    sqlx::query(
-        "INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, follows, attempt, \
-         created_ms, updated_ms) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-    )
-    .bind(&job.id)
-    .bind(job.tier.as_str())
-    .bind(&request)
-    .bind(&job.cache_key)
-    .bind(&job.client)
-    .bind(&job.idempotency_key)
-    .bind(&job.follows)
-    .bind(job.created_ms)
-    .bind(job.created_ms)
-    .execute(&mut *conn)
-    .await?;
-    let change = Change { detail: &detail, asset: asset.as_deref(), ..Change::default() };
-    let mut event = transition(conn, &mut job, first, change, new.now_ms).await?;
-    event.from = None;
-    if admission == Admission::Queued {
-        insert_outbox(conn, &job, new.now_ms).await?;
-    }
     Ok(Submitted { job, admission, events: vec![event] })
 }
 
 async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Result<Due, StoreError> {
+    // Round trip one: the due rows, and when the next row not yet due falls due.
     let rows = sqlx::query(
         "SELECT o.id, o.job_id, o.tier, o.client, o.attempt, j.state, j.request, j.cache_key, j.created_ms \
          FROM outbox o JOIN jobs j ON j.id = o.job_id \
-         WHERE o.sent_ms IS NULL AND o.not_before <= ? ORDER BY o.id LIMIT ?",
+         WHERE o.sent_ms IS NULL AND o.not_before <= ?1 ORDER BY o.id LIMIT ?2; \
+         SELECT MIN(not_before) AS next FROM outbox WHERE sent_ms IS NULL AND not_before > ?1",
     )
     .bind(now_ms)
     .bind(i64::from(limit))
     .fetch_all(&mut *conn)
     .await?;
-    let mut due = Due::default();
-    let mut seen = std::collections::HashSet::new();
-    if let Some(last) = rows.last() {
-        // Exactly the rows read: due, unsent, up to the last id (the writer is alone).
-        let last_id: i64 = last.try_get("id")?;
-        sqlx::query("UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND not_before <= ?1 AND id <= ?2")
-            .bind(now_ms)
-            .bind(last_id)
-            .execute(&mut *conn)
-            .await?;
-    }
-    for row in &rows {
-        // A job cancelled (or finished) since its row was written is not handed out.
+    let (next, due_rows) = rows.split_last().ok_or_else(|| corrupt("outbox", "no MIN row"))?;
+    let mut due = Due { next_due_ms: next.try_get("next")?, ..Due::default() };
+    let (Some(first), Some(last)) = (due_rows.first(), due_rows.last()) else { return Ok(due) };
+    let (first_id, last_id): (i64, i64) = (first.try_get("id")?, last.try_get("id")?);
+    // Round trip two: mark exactly those rows sent (the writer is alone), and move each of
+    // their jobs that is still queued (a cancelled one is not handed out) to `dispatched`.
+    let moved = sqlx::query(
+        "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND not_before <= ?1 AND id BETWEEN ?2 AND ?3; \
+         INSERT INTO job_events (job_id, at_ms, state, attempt, detail) \
+         SELECT j.id, ?1, 'dispatched', j.attempt, 'to the ' || j.tier || ' queue' FROM jobs j \
+         WHERE j.state = 'queued' AND j.follows IS NULL \
+           AND j.id IN (SELECT job_id FROM outbox WHERE sent_ms = ?1 AND id BETWEEN ?2 AND ?3) \
+         RETURNING seq, job_id, attempt",
+    )
+    .bind(now_ms)
+    .bind(first_id)
+    .bind(last_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut moved: std::collections::HashMap<String, (i64, u32)> = moved
+        .iter()
+        .map(|r| {
+            let attempt = u32::try_from(r.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("event attempt", e))?;
+            Ok((r.try_get("job_id")?, (r.try_get("seq")?, attempt)))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    for row in due_rows {
         let job_id: String = row.try_get("job_id")?;
-        if state_of(row)? != JobState::Queued || !seen.insert(job_id) {
-            continue;
-        }
+        // Each moved job once, with its first due row.
+        let Some((seq, attempt_now)) = moved.remove(&job_id) else { continue };
         let request: String = row.try_get("request")?;
         let d = Dispatch {
-            job_id: row.try_get("job_id")?,
+            job_id,
             tier: tier_of(row)?,
             client: row.try_get("client")?,
             attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("outbox attempt", e))?,
@@ -464,23 +503,20 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
         };
         let detail = format!("to the {} queue", d.tier);
         let change = Change { detail: &detail, ..Change::default() };
-        // Still at the previous attempt until a worker starts this one.
-        let seq = append_event(conn, &d.job_id, JobState::Dispatched, d.attempt - 1, &change, now_ms).await?;
+        let dispatched = JobState::Dispatched;
         due.events.push(event(
             seq,
             &d.job_id,
             d.tier,
             Some(JobState::Queued),
             d.created_ms,
-            JobState::Dispatched,
-            d.attempt - 1,
+            dispatched,
+            attempt_now,
             &change,
             now_ms,
         ));
         due.jobs.push(d);
     }
-    due.next_due_ms =
-        sqlx::query_scalar("SELECT MIN(not_before) FROM outbox WHERE sent_ms IS NULL").fetch_one(&mut *conn).await?;
     Ok(due)
 }
 
@@ -490,22 +526,6 @@ async fn start_op(conn: &mut SqliteConnection, d: &Dispatch, now_ms: i64) -> Res
     insert_event_if(conn, d, JobState::Dispatched, d.attempt - 1, JobState::Running, &change, now_ms).await
 }
 
-/// Moves every live job attached to `leader` with the same change.
-async fn move_followers(
-    conn: &mut SqliteConnection,
-    leader: &str,
-    to: JobState,
-    change: &Change<'_>,
-    now_ms: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let mut events = Vec::new();
-    for mut f in followers(conn, leader).await? {
-        let change = Change { attempt: None, detail: change.detail, asset: change.asset, error: change.error };
-        events.push(transition(conn, &mut f, to, change, now_ms).await?);
-    }
-    Ok(events)
-}
-
 async fn finish_op(
     conn: &mut SqliteConnection,
     d: &Dispatch,
@@ -513,51 +533,94 @@ async fn finish_op(
     now_ms: i64,
 ) -> Result<Vec<Event>, StoreError> {
     let attempt = d.attempt;
-    if let Outcome::Succeeded { asset, bytes } = &outcome {
-        sqlx::query("INSERT OR IGNORE INTO assets (hash, cache_key, bytes, created_ms) VALUES (?, ?, ?, ?)")
-            .bind(asset)
-            .bind(&d.cache_key)
-            .bind(i64::try_from(*bytes).unwrap_or(i64::MAX))
-            .bind(now_ms)
-            .execute(&mut *conn)
-            .await?;
-    }
-    // Idempotent by job id + attempt: only the running attempt's first report moves the job.
-    let mut events = Vec::new();
-    let (to, change, followers_to) = match &outcome {
-        Outcome::Succeeded { asset, .. } => (
-            JobState::Succeeded,
-            Change { detail: "rendered", asset: Some(asset), ..Change::default() },
-            Some(JobState::Succeeded),
-        ),
-        Outcome::Retry { error, .. } => (
-            JobState::Queued,
-            Change { detail: "attempt failed; retrying", error: Some(error), ..Change::default() },
-            None,
-        ),
+    let (to, detail, asset, bytes, error, retry_at, followers_to) = match &outcome {
+        Outcome::Succeeded { asset, bytes } => {
+            (JobState::Succeeded, "rendered", Some(asset.as_str()), Some(*bytes), None, None, Some(JobState::Succeeded))
+        }
+        Outcome::Retry { error, retry_at_ms } => {
+            (JobState::Queued, "attempt failed; retrying", None, None, Some(error.as_str()), Some(*retry_at_ms), None)
+        }
         Outcome::Failed { error } => (
             JobState::Failed,
-            Change { detail: "attempt failed; giving up", error: Some(error), ..Change::default() },
+            "attempt failed; giving up",
+            None,
+            None,
+            Some(error.as_str()),
+            None,
             Some(JobState::Failed),
         ),
     };
-    let Some(e) = insert_event_if(conn, d, JobState::Running, attempt, to, &change, now_ms).await? else {
-        return Ok(events);
+    let followers_detail = match followers_to {
+        Some(JobState::Succeeded) => format!("served by the render of job {}", d.job_id),
+        _ => format!("the render of job {} failed", d.job_id),
     };
-    events.push(e);
-    if let Outcome::Retry { retry_at_ms, .. } = &outcome {
-        insert_outbox_row(conn, &d.job_id, d.tier, &d.client, attempt + 1, *retry_at_ms).await?;
-    }
-    if let Some(to) = followers_to {
-        let detail = format!(
-            "{} by the render of job {}",
-            if to == JobState::Succeeded { "served" } else { "failed" },
-            d.job_id
-        );
-        let change = Change { detail: &detail, ..change };
-        events.extend(move_followers(conn, &d.job_id, to, &change, now_ms).await?);
-    }
-    Ok(events)
+    // One round trip. The asset is recorded even when the job was cancelled meanwhile. Only the
+    // running attempt's first report moves the job (idempotent by job id + attempt); a retry
+    // gets its outbox row only then (`changes()`), and attached jobs move with their leader.
+    let rows = sqlx::query(
+        "WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
+           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
+         INSERT OR IGNORE INTO assets (hash, cache_key, bytes, created_ms) \
+         SELECT p.asset, p.key, p.bytes, p.now FROM p WHERE p.asset IS NOT NULL; \
+         WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
+           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
+         INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+         SELECT j.id, p.now, p.state, p.attempt, p.detail, p.asset, p.error FROM p JOIN jobs j ON j.id = p.job \
+         WHERE j.state = 'running' AND j.attempt = p.attempt \
+         RETURNING seq, job_id, 'running' AS from_state, 0 AS created_ms; \
+         WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
+           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
+         INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
+         SELECT p.job, p.tier, p.client, p.attempt + 1, p.retry_at FROM p \
+         WHERE p.retry_at IS NOT NULL AND changes() = 1; \
+         WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
+           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
+         INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+         SELECT f.id, p.now, p.f_state, f.attempt, p.f_detail, p.asset, p.error FROM p JOIN jobs f ON f.follows = p.job \
+         WHERE p.f_state IS NOT NULL AND f.state = 'queued' \
+           AND EXISTS (SELECT 1 FROM jobs l WHERE l.id = p.job AND l.state = p.state AND l.attempt = p.attempt \
+                       AND l.updated_ms = p.now) \
+         RETURNING seq, job_id, 'queued' AS from_state, (SELECT created_ms FROM jobs WHERE id = job_id) AS created_ms",
+    )
+    .bind(&d.job_id)
+    .bind(now_ms)
+    .bind(to.as_str())
+    .bind(i64::from(attempt))
+    .bind(detail)
+    .bind(asset)
+    .bind(error)
+    .bind(&d.cache_key)
+    .bind(bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX)))
+    .bind(followers_to.map(JobState::as_str))
+    .bind(&followers_detail)
+    .bind(retry_at)
+    .bind(d.tier.as_str())
+    .bind(&d.client)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let leader = r.try_get::<String, _>("from_state")? == "running";
+            let (state, detail, created_ms) = if leader {
+                (to, detail.to_owned(), d.created_ms)
+            } else {
+                (followers_to.unwrap_or(to), followers_detail.clone(), r.try_get("created_ms")?)
+            };
+            Ok(Event {
+                seq: r.try_get("seq")?,
+                job_id: r.try_get("job_id")?,
+                tier: d.tier,
+                from: Some(if leader { JobState::Running } else { JobState::Queued }),
+                created_ms,
+                at_ms: now_ms,
+                state,
+                attempt: if leader { attempt } else { 0 },
+                detail,
+                asset: asset.map(str::to_owned),
+                error: error.map(str::to_owned),
+            })
+        })
+        .collect()
 }
 
 async fn cancel_op(conn: &mut SqliteConnection, job_id: &str, by: &str, now_ms: i64) -> Result<JobChange, StoreError> {
