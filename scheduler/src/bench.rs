@@ -21,6 +21,8 @@ use crate::auth::Secret;
 use crate::client::Client;
 use crate::config::FarmConfig;
 use crate::farm::Farm;
+use crate::store::{NewJob, Outcome, SqliteStore, Store};
+use kiln_protocol::{RenderRequest, Tier};
 
 /// `kiln bench farm`'s arguments.
 #[derive(Debug, Args)]
@@ -44,6 +46,20 @@ pub struct FarmBenchArgs {
     /// Keep each run's data dir (database, assets) for a look afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Runs; the figures are the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// `kiln bench store`'s arguments.
+#[derive(Debug, Args)]
+pub struct StoreBenchArgs {
+    /// Jobs per run.
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: usize,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
     /// Runs; the figures are the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -182,6 +198,89 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok((hits, tiny))
+}
+
+/// One run of the store alone: submit every job, dispatch them all, then start and finish each.
+async fn store_run(a: &StoreBenchArgs, run: usize) -> anyhow::Result<[f64; 3]> {
+    let dir = std::env::temp_dir().join(format!("kiln-bench-store-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join(crate::farm::DB_FILE)).await?);
+    let limits = kiln_protocol::TierLimits::default();
+    let (n, now) = (a.jobs, crate::time::now_ms());
+    let submit = {
+        let store = store.clone();
+        drive(n, a.concurrency, move |i| {
+            let (store, limits) = (store.clone(), limits.clone());
+            async move {
+                let request =
+                    RenderRequest::resolve("cppn", "bench", i as u64, Tier::Preview, Some(16), None, None, &limits)?;
+                let job = NewJob {
+                    id: format!("bench-{run}-{i}"),
+                    request,
+                    cache_key: format!("bench-key-{run}-{i}"),
+                    client: "bench".into(),
+                    idempotency_key: None,
+                    now_ms: now,
+                };
+                let t = Instant::now();
+                store.submit(job).await?;
+                Ok(t.elapsed().as_secs_f64())
+            }
+        })
+        .await?
+    };
+    let t = Instant::now();
+    let mut due = Vec::with_capacity(n);
+    loop {
+        let d = store.take_due(now, 512).await?;
+        if d.jobs.is_empty() {
+            break;
+        }
+        due.extend(d.jobs);
+    }
+    let take = n as f64 / t.elapsed().as_secs_f64();
+    let due = Arc::new(due);
+    let finish = {
+        let store = store.clone();
+        drive(due.len(), a.concurrency, move |i| {
+            let (store, due) = (store.clone(), due.clone());
+            async move {
+                let t = Instant::now();
+                store.start(&due[i], now).await?.context("a dispatched job would not start")?;
+                store.finish(&due[i], Outcome::Succeeded { asset: format!("{i:064x}"), bytes: 1 }, now).await?;
+                Ok(t.elapsed().as_secs_f64())
+            }
+        })
+        .await?
+    };
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok([submit.per_second, take, finish.per_second])
+}
+
+/// Runs `kiln bench store` and prints its figures.
+pub async fn run_store(a: &StoreBenchArgs) -> anyhow::Result<()> {
+    println!(
+        "kiln bench store: the SQLite store alone, {} jobs over {} callers, {} runs (medians): the ceiling the farm's own writes put on jobs/s",
+        a.jobs, a.concurrency, a.runs
+    );
+    let mut runs = Vec::new();
+    for run in 0..a.runs.max(1) {
+        let r = store_run(a, run).await?;
+        println!("  run {}: submit {:.0}/s, dispatch {:.0}/s, start+finish {:.0}/s", run + 1, r[0], r[1], r[2]);
+        runs.push(r);
+    }
+    let m = |i: usize| median(runs.iter().map(|r| r[i]).collect());
+    let per_job = 1.0 / m(0) + 1.0 / m(1) + 1.0 / m(2);
+    println!(
+        "store: submit {:.0}/s, dispatch {:.0}/s, start+finish {:.0}/s; a whole job's writes: {:.0} jobs/s",
+        m(0),
+        m(1),
+        m(2),
+        1.0 / per_job
+    );
+    Ok(())
 }
 
 /// Runs the benchmark and prints its figures.

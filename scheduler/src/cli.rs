@@ -175,6 +175,8 @@ pub enum BenchCommand {
     Engine(kiln_worker::bench::BenchArgs),
     /// The farm end to end through HTTP: cache-hit submits and tiny renders, per second and p50/p99.
     Farm(crate::bench::FarmBenchArgs),
+    /// The store alone: how many jobs/s its writes allow, without HTTP or rendering.
+    Store(crate::bench::StoreBenchArgs),
 }
 
 impl clap::ValueEnum for Role {
@@ -258,6 +260,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Render(args)) => kiln_worker::cli::render(&cfg.worker, &args),
         Some(Command::Bench(BenchCommand::Engine(args))) => kiln_worker::bench::run(&cfg.worker, &args),
         Some(Command::Bench(BenchCommand::Farm(args))) => runtime()?.block_on(crate::bench::run(&cfg, &args)),
+        Some(Command::Bench(BenchCommand::Store(args))) => runtime()?.block_on(crate::bench::run_store(&args)),
         Some(Command::Up(_)) => runtime()?.block_on(up(cfg)),
         Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
         Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),
