@@ -86,12 +86,16 @@ fn options(path: &Path) -> SqliteConnectOptions {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let mut conn = options(path).connect().await?;
+        // The writer never checkpoints inside a commit (that would stall every caller in the
+        // batch); a background task checkpoints from its own connection instead.
+        let mut conn = options(path).pragma("wal_autocheckpoint", "0").connect().await?;
         sqlx::migrate!("./migrations/sqlite").run(&mut conn).await?;
         let read =
             SqlitePoolOptions::new().max_connections(4).connect_with(options(path).create_if_missing(false)).await?;
+        let checkpoints = options(path).create_if_missing(false).connect().await?;
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(writer(conn, rx));
+        tokio::spawn(checkpointer(checkpoints, tx.downgrade()));
         Ok(SqliteStore { writer: tx, read })
     }
 
@@ -101,6 +105,23 @@ impl SqliteStore {
         self.writer.send(op).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// Copies the WAL back into the database every second without blocking the writer (`PASSIVE`),
+/// until the store is dropped.
+async fn checkpointer(mut conn: SqliteConnection, store: mpsc::WeakSender<Box<dyn WriteOp>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if store.upgrade().is_none() {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
+            tracing::warn!(error = %e, "store: WAL checkpoint failed; trying again in a second");
+        }
+    }
+    let _ = conn.close().await;
 }
 
 async fn writer(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
