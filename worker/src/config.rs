@@ -12,7 +12,8 @@ use crate::render::ModelPath;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
-    /// wgpu if an adapter exists (and say which), else the CPU.
+    /// wgpu on a hardware adapter (and say which), else the CPU: a software adapter such as
+    /// lavapipe is slower than the CPU path.
     Auto,
     /// The CPU.
     Cpu,

@@ -135,6 +135,11 @@ impl Gpu {
         &self.info.name
     }
 
+    /// Whether the adapter is a software rasteriser (lavapipe, llvmpipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// The adapter's graphics API and device type, e.g. "Vulkan Cpu".
     pub fn adapter_kind(&self) -> String {
         format!("{:?} {:?}", self.info.backend, self.info.device_type)

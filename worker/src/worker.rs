@@ -68,12 +68,21 @@ pub struct Worker {
     pub metrics: Metrics,
 }
 
-/// Opens the backend a config asks for. `auto` takes wgpu when an adapter exists and says which.
+/// Opens the backend a config asks for. `auto` takes wgpu when a hardware adapter exists and says
+/// which; a software one (lavapipe) is slower than the fused CPU path, so `auto` leaves it alone.
 pub fn open_backend(choice: BackendChoice, threads: usize) -> Result<Backend, EngineError> {
     match choice {
         BackendChoice::Cpu => Ok(Backend::Cpu { threads }),
         BackendChoice::Wgpu => Ok(Backend::Wgpu(Arc::new(Gpu::new()?))),
         BackendChoice::Auto => match Gpu::new() {
+            Ok(g) if g.is_software() => {
+                tracing::info!(
+                    adapter = g.adapter_name(),
+                    threads,
+                    "backend auto: the only adapter is a software one, slower than the cpu path; using the cpu (--backend wgpu forces it)"
+                );
+                Ok(Backend::Cpu { threads })
+            }
             Ok(g) => {
                 tracing::info!(adapter = g.adapter_name(), kind = %g.adapter_kind(), "backend auto: using wgpu");
                 Ok(Backend::Wgpu(Arc::new(g)))
