@@ -376,10 +376,12 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
         let state: JobState = job["state"].as_str().unwrap_or("").parse().unwrap_or(JobState::Queued);
         if let Some(out) = &a.out {
             let asset = job["asset"].as_str().with_context(|| format!("job {id} ended {state} without an asset"))?;
-            let bytes = c.bytes(&format!("/v1/assets/{asset}")).await?;
-            std::fs::write(out, &bytes).with_context(|| format!("failed to write --out {}", out.display()))?;
+            let n = c
+                .download(&format!("/v1/assets/{asset}"), out)
+                .await
+                .with_context(|| format!("failed to fetch the PNG to --out {}", out.display()))?;
             if !a.remote.json {
-                eprintln!("  wrote {} ({} bytes)", out.display(), bytes.len());
+                eprintln!("  wrote {} ({n} bytes)", out.display());
             }
         }
         if a.remote.json {

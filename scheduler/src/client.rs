@@ -51,6 +51,17 @@ pub enum ClientError {
     Build(#[from] hyper::http::Error),
 }
 
+/// What can go wrong saving a download.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The farm's side.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Writing the file.
+    #[error("writing the file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// A response: status, headers and body.
 #[derive(Debug)]
 pub struct Reply {
@@ -136,6 +147,44 @@ impl Client {
         let reply = self.send(Method::GET, path, None).await?;
         check(&reply)?;
         Ok(reply.body)
+    }
+
+    /// Streams an asset (or any body) to `out` without holding it in memory; returns its size.
+    /// A non-2xx answer is an error and leaves `out` untouched.
+    pub async fn download(&self, path: &str, out: &std::path::Path) -> Result<u64, DownloadError> {
+        use tokio::io::AsyncWriteExt;
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {}", t.expose()));
+        }
+        let resp = self
+            .http
+            .request(req.body(Full::new(Bytes::new())).map_err(ClientError::from)?)
+            .await
+            .map_err(|source| ClientError::Connect { url: url.clone(), source })?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
+            return Err(error_of(status, &body).into());
+        }
+        let mut tmp = out.as_os_str().to_owned();
+        tmp.push(".part");
+        let tmp = std::path::PathBuf::from(tmp);
+        let mut file = tokio::fs::File::create(&tmp).await?;
+        let mut body = resp.into_body();
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|source| ClientError::Read { url: url.clone(), source })?;
+            if let Some(data) = frame.data_ref() {
+                file.write_all(data).await?;
+                n += data.len() as u64;
+            }
+        }
+        file.flush().await?;
+        drop(file);
+        tokio::fs::rename(&tmp, out).await?;
+        Ok(n)
     }
 
     /// Reads a job's event stream, calling `on` with each event's name and data until it returns
