@@ -303,7 +303,12 @@ async fn up(cfg: FarmConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_job(v: &Value) {
+/// Prints a job: its JSON with `--json`, else a line and its asset or error.
+fn print_job(v: &Value, json: bool) {
+    if json {
+        println!("{v:#}");
+        return;
+    }
     let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
     println!(
         "{}  {:<10} {:<8} {}×{} seed {}  {:?}",
@@ -384,19 +389,13 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
                 eprintln!("  wrote {} ({n} bytes)", out.display());
             }
         }
-        if a.remote.json {
-            println!("{job:#}");
-        } else {
-            print_job(&job);
-        }
+        print_job(&job, a.remote.json);
         if !matches!(state, JobState::Succeeded | JobState::Cached) {
             bail!("job {id} ended {state}: {}", job["error"].as_str().unwrap_or("no error recorded"));
         }
-    } else if a.remote.json {
-        println!("{job:#}");
-    } else {
-        print_job(&job);
+        return Ok(());
     }
+    print_job(&job, a.remote.json);
     Ok(())
 }
 
@@ -419,7 +418,7 @@ async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
         println!("no jobs");
     }
     for j in &jobs {
-        print_job(j);
+        print_job(j, false);
     }
     Ok(())
 }
@@ -427,11 +426,10 @@ async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
 async fn job(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
     let job = c.call(Method::GET, &format!("/v1/jobs/{}", a.id), None).await?;
+    print_job(&job, a.remote.json);
     if a.remote.json {
-        println!("{job:#}");
         return Ok(());
     }
-    print_job(&job);
     // The stored events, read from the stream until it has nothing more to say at once.
     let mut events = Vec::new();
     let follow = c.follow(&a.id, |kind, data| {
@@ -451,10 +449,6 @@ async fn job(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
 async fn cancel(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
     let job = c.call(Method::POST, &format!("/v1/jobs/{}/cancel", a.id), None).await?;
-    if a.remote.json {
-        println!("{job:#}");
-    } else {
-        print_job(&job);
-    }
+    print_job(&job, a.remote.json);
     Ok(())
 }

@@ -115,6 +115,20 @@ impl Client {
         body: Option<Bytes>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, ClientError> {
+        let (url, resp) = self.open(method, path, body, headers).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    }
+
+    /// Sends a request with the token and returns the response unread, with its URL.
+    async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<(String, hyper::Response<hyper::body::Incoming>), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url);
         for (k, v) in headers {
@@ -128,9 +142,23 @@ impl Client {
         }
         let req = req.body(Full::new(body.unwrap_or_default()))?;
         let resp = self.http.request(req).await.map_err(|source| ClientError::Connect { url: url.clone(), source })?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
-        Ok(Reply { status: parts.status, headers: parts.headers, body })
+        Ok((url, resp))
+    }
+
+    /// [`Self::open`] for a GET whose body is streamed: a non-2xx answer is read whole and
+    /// returned as the API's error.
+    async fn open_stream(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(String, hyper::body::Incoming), ClientError> {
+        let (url, resp) = self.open(Method::GET, path, None, headers).await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
+            return Err(error_of(status, &body));
+        }
+        Ok((url, resp.into_body()))
     }
 
     /// A JSON call: 2xx answers the body; anything else is a [`ClientError::Status`] carrying
@@ -153,26 +181,11 @@ impl Client {
     /// A non-2xx answer is an error and leaves `out` untouched.
     pub async fn download(&self, path: &str, out: &std::path::Path) -> Result<u64, DownloadError> {
         use tokio::io::AsyncWriteExt;
-        let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().uri(&url);
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {}", t.expose()));
-        }
-        let resp = self
-            .http
-            .request(req.body(Full::new(Bytes::new())).map_err(ClientError::from)?)
-            .await
-            .map_err(|source| ClientError::Connect { url: url.clone(), source })?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
-            return Err(error_of(status, &body).into());
-        }
+        let (url, mut body) = self.open_stream(path, &[]).await?;
         let mut tmp = out.as_os_str().to_owned();
         tmp.push(".part");
         let tmp = std::path::PathBuf::from(tmp);
         let mut file = tokio::fs::File::create(&tmp).await?;
-        let mut body = resp.into_body();
         let mut n = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|source| ClientError::Read { url: url.clone(), source })?;
@@ -190,22 +203,8 @@ impl Client {
     /// Reads a job's event stream, calling `on` with each event's name and data until it returns
     /// `false` or the stream ends.
     pub async fn follow(&self, job_id: &str, mut on: impl FnMut(&str, &Value) -> bool) -> Result<(), ClientError> {
-        let url = format!("{}/v1/jobs/{job_id}/events", self.base);
-        let mut req = Request::builder().uri(&url).header("accept", "text/event-stream");
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {}", t.expose()));
-        }
-        let resp = self
-            .http
-            .request(req.body(Full::new(Bytes::new()))?)
-            .await
-            .map_err(|source| ClientError::Connect { url: url.clone(), source })?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let body = resp.into_body().collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
-            return Err(error_of(status, &body));
-        }
-        let mut body = resp.into_body();
+        let path = format!("/v1/jobs/{job_id}/events");
+        let (url, mut body) = self.open_stream(&path, &[("accept", "text/event-stream")]).await?;
         let mut buf = String::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|source| ClientError::Read { url: url.clone(), source })?;

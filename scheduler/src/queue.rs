@@ -112,11 +112,6 @@ impl JobQueue {
             notified.await;
         }
     }
-
-    /// Jobs waiting in a tier.
-    pub fn len(&self, tier: Tier) -> usize {
-        self.lanes.lock().unwrap_or_else(|p| p.into_inner()).len(tier)
-    }
 }
 
 #[cfg(test)]

@@ -194,15 +194,26 @@ impl Scheduler {
     }
 
     /// Admits a job: an earlier one for the same idempotency key, the cache, a render in flight,
-    /// or a new render. Returns the job and whether it is new.
+    /// or a new render. Returns the job and how it was admitted.
     pub async fn submit(&self, caller: &Caller, req: &JobRequest) -> Result<(Job, Admission), SubmitError> {
         let request = self.resolve(req)?;
+        self.submit_resolved(caller, request, req.idempotency_key.clone()).await
+    }
+
+    /// [`Self::submit`] for a request already resolved (a batch is resolved whole before any of
+    /// it is admitted).
+    pub async fn submit_resolved(
+        &self,
+        caller: &Caller,
+        request: RenderRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<(Job, Admission), SubmitError> {
         let new = NewJob {
             id: self.new_id(),
             cache_key: self.worker.key(&request).to_string(),
             request,
             client: caller.name.clone(),
-            idempotency_key: req.idempotency_key.clone(),
+            idempotency_key,
             now_ms: now_ms(),
         };
         let s = self.store.submit(new).await?;
@@ -219,11 +230,8 @@ impl Scheduler {
 
     /// Cancels a job; a client may cancel only its own. `Ok(None)`: no such job (or not theirs).
     pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Option<Job>, StoreError> {
-        if caller.role != Role::Operator {
-            match self.store.job(id).await? {
-                Some(j) if j.client == caller.name => {}
-                _ => return Ok(None),
-            }
+        if caller.role != Role::Operator && self.job(caller, id).await?.is_none() {
+            return Ok(None);
         }
         let Some((job, events)) = self.store.cancel(id, &caller.name, now_ms()).await? else { return Ok(None) };
         if events.iter().any(|e| e.state == JobState::Queued) {
@@ -349,10 +357,7 @@ impl Scheduler {
         .await;
         self.metrics.in_flight.dec();
         let (error, transient) = match result {
-            Ok(Ok(r)) => {
-                let bytes = std::fs::metadata(&r.path).map_or(0, |m| m.len());
-                return Outcome::Succeeded { asset: r.asset, bytes };
-            }
+            Ok(Ok(r)) => return Outcome::Succeeded { asset: r.asset, bytes: r.bytes },
             Ok(Err(e)) => (e.to_string(), is_transient(&e)),
             Err(e) => (format!("the render panicked: {e}"), true),
         };

@@ -50,6 +50,8 @@ pub struct Rendered {
     pub cache_hit: bool,
     /// Where the PNG is stored.
     pub path: PathBuf,
+    /// The PNG's size in bytes.
+    pub bytes: u64,
     /// Timings, when it rendered.
     pub stats: Option<RenderStats>,
 }
@@ -151,7 +153,9 @@ impl Worker {
         if let Some(asset) = self.cached(&key) {
             self.metrics.cache_hits.inc();
             tracing::info!(%key, asset, "cache hit");
-            return Ok(Rendered { path: self.store.path(&asset), asset, key, cache_hit: true, stats: None });
+            let path = self.store.path(&asset);
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            return Ok(Rendered { path, bytes, asset, key, cache_hit: true, stats: None });
         }
         self.metrics.cache_misses.inc();
         let store_err = |source| WorkerError::Store { path: self.store.root().to_path_buf(), source };
@@ -177,7 +181,7 @@ impl Worker {
             }))
             .unwrap_or_default()
         };
-        let (asset, _bytes) = self.store.commit(pending, &thumb, provenance).map_err(store_err)?;
+        let (asset, bytes) = self.store.commit(pending, &thumb, provenance).map_err(store_err)?;
         self.store.put_key(&key, &asset).map_err(store_err)?;
         self.cache.insert(key, Cached { hash: asset.as_str().into() });
         let tier = req.tier.as_str();
@@ -187,6 +191,6 @@ impl Worker {
             .observe(started.elapsed().as_secs_f64());
         self.metrics.pixels.with_label_values(&[tier]).inc_by(u64::from(req.width) * u64::from(req.height));
         tracing::info!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");
-        Ok(Rendered { path: self.store.path(&asset), asset, key, cache_hit: false, stats: Some(stats) })
+        Ok(Rendered { path: self.store.path(&asset), bytes, asset, key, cache_hit: false, stats: Some(stats) })
     }
 }

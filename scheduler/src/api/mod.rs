@@ -109,6 +109,16 @@ pub fn job_json(j: &Job) -> Value {
     v
 }
 
+/// A request body, or the error naming the size limit (or what else went wrong reading it).
+fn body_bytes(s: &Scheduler, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large(s.cfg.limits.max_body_bytes)
+        }
+        e => ApiError::invalid("body", e.body_text()),
+    })
+}
+
 /// `POST /v1/jobs`: one job (a JSON object) or several (an array). 201 with the job(s); a repeat
 /// of an idempotency key answers 200 with the first job.
 async fn submit(
@@ -117,12 +127,7 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = caller(&s, &headers)?;
-    let body = body.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::too_large(s.cfg.limits.max_body_bytes)
-        }
-        e => ApiError::invalid("body", e.body_text()),
-    })?;
+    let body = body_bytes(&s, body)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
     let header_key = headers.get("idempotency-key").map(|v| {
         v.to_str()
@@ -148,19 +153,19 @@ async fn submit(
                 ));
             }
             // Validate all before admitting any, so a bad item does not leave half a batch.
-            let mut reqs = Vec::with_capacity(items.len());
+            let mut resolved = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
                 let req: JobRequest = serde_json::from_value(item).map_err(|e| {
                     let mut err = ApiError::from_json(&e);
                     err.message = format!("jobs[{i}].{}", err.message);
                     err
                 })?;
-                s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
-                reqs.push(req);
+                let request = s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
+                resolved.push((request, req.idempotency_key));
             }
-            let mut jobs = Vec::with_capacity(reqs.len());
-            for req in &reqs {
-                jobs.push(job_json(&s.submit(&who, req).await?.0));
+            let mut jobs = Vec::with_capacity(resolved.len());
+            for (request, key) in resolved {
+                jobs.push(job_json(&s.submit_resolved(&who, request, key).await?.0));
             }
             Ok((StatusCode::CREATED, Json(json!({ "jobs": jobs }))).into_response())
         }
@@ -314,33 +319,31 @@ async fn events(
         let send_event = |e: &crate::store::Event| {
             SseEvent::default().event("state").id(e.seq.to_string()).json_data(e).unwrap_or_default()
         };
-        let mut last = after;
-        let mut done = false;
-        match s.store.events(&id, after).await {
-            Ok(past) => {
-                for e in &past {
-                    last = e.seq;
-                    done |= e.state.is_terminal();
-                    if tx.send(send_event(e)).await.is_err() {
-                        return;
+        let (mut last, mut done, mut from_log) = (after, false, true);
+        loop {
+            // At the start, and whenever the live feed fell behind, the log has what was missed.
+            if from_log {
+                from_log = false;
+                match s.store.events(&id, last).await {
+                    Ok(events) => {
+                        for e in &events {
+                            last = e.seq;
+                            done |= e.state.is_terminal();
+                            if tx.send(send_event(e)).await.is_err() {
+                                return;
+                            }
+                        }
                     }
+                    Err(e) => tracing::warn!(job_id = id, error = %e, "events: cannot read the log"),
                 }
             }
-            Err(e) => tracing::warn!(job_id = id, error = %e, "events: cannot read the log"),
-        }
-        while !done {
+            if done {
+                return;
+            }
             let live = match rx.recv().await {
                 Ok(l) => l,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    // Fell behind: the log has what was missed.
-                    let Ok(missed) = s.store.events(&id, last).await else { return };
-                    for e in &missed {
-                        last = e.seq;
-                        done |= e.state.is_terminal();
-                        if tx.send(send_event(e)).await.is_err() {
-                            return;
-                        }
-                    }
+                    from_log = true;
                     continue;
                 }
                 Err(_) => return,
@@ -467,7 +470,7 @@ async fn create_token(
     if who.role != Role::Operator {
         return Err(ApiError::forbidden("only an operator token may create tokens"));
     }
-    let body = body.map_err(|_| ApiError::too_large(s.cfg.limits.max_body_bytes))?;
+    let body = body_bytes(&s, body)?;
     let req: NewToken = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
     if req.name.is_empty() || req.name.len() > 100 || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 100 printable characters"));
@@ -483,7 +486,7 @@ async fn openapi() -> impl IntoResponse {
 
 /// `GET /healthz`: 200 while the store answers.
 async fn healthz(State(s): State<AppState>) -> Response {
-    match s.store.counts().await {
+    match s.store.ping().await {
         Ok(_) => Json(json!({ "status": "ok" })).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable", "error": e.to_string() })))
             .into_response(),

@@ -242,17 +242,6 @@ pub struct Page {
     pub next: Option<i64>,
 }
 
-/// A stored asset.
-#[derive(Debug, Clone, Serialize)]
-pub struct AssetRow {
-    /// BLAKE3 hex of the PNG.
-    pub hash: String,
-    /// The cache key that made it.
-    pub cache_key: String,
-    /// Size in bytes.
-    pub bytes: u64,
-}
-
 /// A stored API token (its hash, never the secret).
 #[derive(Debug, Clone)]
 pub struct TokenRow {
@@ -301,8 +290,8 @@ pub trait Store: Send + Sync + 'static {
     /// Jobs by tier and state, for the metrics.
     fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>>;
 
-    /// An asset by hash.
-    fn asset(&self, hash: &str) -> BoxFut<'_, Result<Option<AssetRow>, StoreError>>;
+    /// Answers when the database does (for `/healthz`).
+    fn ping(&self) -> BoxFut<'_, Result<(), StoreError>>;
 
     /// Every token that is not revoked.
     fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>>;

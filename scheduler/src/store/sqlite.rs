@@ -20,8 +20,8 @@ use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Admission, AssetRow, BoxFut, Dispatch, Due, Event, Job, JobChange, ListQuery, NewJob, Outcome, Page, StateCount,
-    Store, StoreError, Submitted, TokenRow,
+    Admission, BoxFut, Dispatch, Due, Event, Job, JobChange, ListQuery, NewJob, Outcome, Page, StateCount, Store,
+    StoreError, Submitted, TokenRow,
 };
 
 /// Most operations one transaction takes.
@@ -227,34 +227,18 @@ struct Change<'a> {
     error: Option<&'a str>,
 }
 
-/// Appends an event; the `job_events_project` trigger projects it onto the job row. The single
-/// place a job changes state. `job` is updated in memory to match.
+/// Appends an event moving `job` to `to`; the `job_events_project` trigger projects it onto the
+/// job row (the one place that projection is written: read the row back for the job as it is now).
 async fn transition(
     conn: &mut SqliteConnection,
-    job: &mut Job,
+    job: &Job,
     to: JobState,
     change: Change<'_>,
     now_ms: i64,
 ) -> Result<Event, StoreError> {
-    let from = job.state;
     let attempt = change.attempt.unwrap_or(job.attempt);
     let seq = append_event(conn, &job.id, to, attempt, &change, now_ms).await?;
-    job.state = to;
-    job.attempt = attempt;
-    job.updated_ms = now_ms;
-    if let Some(a) = change.asset {
-        job.asset = Some(a.to_owned());
-    }
-    if let Some(e) = change.error {
-        job.error = Some(e.to_owned());
-    }
-    if to == JobState::Running {
-        job.started_ms = Some(now_ms);
-    }
-    if to.is_terminal() {
-        job.finished_ms = Some(now_ms);
-    }
-    Ok(event(seq, &job.id, job.tier, Some(from), job.created_ms, to, attempt, &change, now_ms))
+    Ok(event(seq, &job.id, job.tier, Some(job.state), job.created_ms, to, attempt, &change, now_ms))
 }
 
 /// Appends an event for `job_id`; with a guard, only while the job is in that state at that
@@ -342,23 +326,13 @@ fn event(
     }
 }
 
+/// Queues a job's next attempt for a worker.
 async fn insert_outbox(conn: &mut SqliteConnection, job: &Job, not_before: i64) -> Result<(), StoreError> {
-    insert_outbox_row(conn, &job.id, job.tier, &job.client, job.attempt + 1, not_before).await
-}
-
-async fn insert_outbox_row(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-    tier: Tier,
-    client: &str,
-    attempt: u32,
-    not_before: i64,
-) -> Result<(), StoreError> {
     sqlx::query("INSERT INTO outbox (job_id, tier, client, attempt, not_before) VALUES (?, ?, ?, ?, ?)")
-        .bind(job_id)
-        .bind(tier.as_str())
-        .bind(client)
-        .bind(i64::from(attempt))
+        .bind(&job.id)
+        .bind(job.tier.as_str())
+        .bind(&job.client)
+        .bind(i64::from(job.attempt + 1))
         .bind(not_before)
         .execute(&mut *conn)
         .await?;
@@ -447,26 +421,16 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
         idempotency_key: new.idempotency_key,
         follows,
         attempt: 0,
-        asset: asset.clone(),
+        asset,
         error: None,
         created_ms: new.now_ms,
         updated_ms: new.now_ms,
         started_ms: None,
         finished_ms: state.is_terminal().then_some(new.now_ms),
     };
-    let event = Event {
-        seq: first.try_get("seq")?,
-        job_id: job.id.clone(),
-        tier: job.tier,
-        from: None,
-        created_ms: job.created_ms,
-        at_ms: new.now_ms,
-        state,
-        attempt: 0,
-        detail: first.try_get("detail")?,
-        asset,
-        error: None,
-    };
+    let detail: String = first.try_get("detail")?;
+    let change = Change { detail: &detail, asset: job.asset.as_deref(), ..Change::default() };
+    let event = event(first.try_get("seq")?, &job.id, job.tier, None, job.created_ms, state, 0, &change, new.now_ms);
     Ok(Submitted { job, admission, events: vec![event] })
 }
 
@@ -621,59 +585,54 @@ async fn finish_op(
     .await?;
     rows.iter()
         .map(|r| {
-            let leader = r.try_get::<String, _>("from_state")? == "running";
-            let (state, detail, created_ms) = if leader {
-                (to, detail.to_owned(), d.created_ms)
-            } else {
-                (followers_to.unwrap_or(to), followers_detail.clone(), r.try_get("created_ms")?)
-            };
-            Ok(Event {
-                seq: r.try_get("seq")?,
-                job_id: r.try_get("job_id")?,
-                tier: d.tier,
-                from: Some(if leader { JobState::Running } else { JobState::Queued }),
-                created_ms,
-                at_ms: now_ms,
-                state,
-                attempt: if leader { attempt } else { 0 },
-                detail,
-                asset: asset.map(str::to_owned),
-                error: error.map(str::to_owned),
-            })
+            let seq = r.try_get("seq")?;
+            let job_id: String = r.try_get("job_id")?;
+            if r.try_get::<String, _>("from_state")? == "running" {
+                let change = Change { detail, asset, error, attempt: None };
+                return Ok(event(
+                    seq,
+                    &job_id,
+                    d.tier,
+                    Some(JobState::Running),
+                    d.created_ms,
+                    to,
+                    attempt,
+                    &change,
+                    now_ms,
+                ));
+            }
+            let change = Change { detail: &followers_detail, asset, error, attempt: None };
+            let (state, created_ms) = (followers_to.unwrap_or(to), r.try_get("created_ms")?);
+            Ok(event(seq, &job_id, d.tier, Some(JobState::Queued), created_ms, state, 0, &change, now_ms))
         })
         .collect()
 }
 
 async fn cancel_op(conn: &mut SqliteConnection, job_id: &str, by: &str, now_ms: i64) -> Result<JobChange, StoreError> {
-    let Some(mut job) = load_job(conn, job_id).await? else { return Ok(None) };
+    let Some(job) = load_job(conn, job_id).await? else { return Ok(None) };
     if job.state.is_terminal() {
         return Ok(Some((job, vec![])));
     }
     let detail = format!("cancelled by {by}");
     let mut events = vec![
-        transition(conn, &mut job, JobState::Cancelled, Change { detail: &detail, ..Change::default() }, now_ms)
-            .await?,
+        transition(conn, &job, JobState::Cancelled, Change { detail: &detail, ..Change::default() }, now_ms).await?,
     ];
-    if job.follows.is_none() {
+    if job.follows.is_none()
+        && let Some(heir) = followers(conn, job_id).await?.into_iter().next()
+    {
         // The render this job led goes on for those attached to it: the oldest leads a new one.
-        let mut attached = followers(conn, job_id).await?.into_iter();
-        if let Some(mut heir) = attached.next() {
-            heir.follows = None;
-            sqlx::query("UPDATE jobs SET follows = NULL WHERE id = ?").bind(&heir.id).execute(&mut *conn).await?;
-            let detail = format!("leads the render after job {job_id} was cancelled");
-            events.push(
-                transition(conn, &mut heir, JobState::Queued, Change { detail: &detail, ..Change::default() }, now_ms)
-                    .await?,
-            );
-            insert_outbox(conn, &heir, now_ms).await?;
-            sqlx::query("UPDATE jobs SET follows = ? WHERE follows = ? AND id != ?")
-                .bind(&heir.id)
-                .bind(job_id)
-                .bind(&heir.id)
-                .execute(&mut *conn)
-                .await?;
-        }
+        sqlx::query("UPDATE jobs SET follows = CASE WHEN id = ?1 THEN NULL ELSE ?1 END WHERE follows = ?2")
+            .bind(&heir.id)
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+        let detail = format!("leads the render after job {job_id} was cancelled");
+        events.push(
+            transition(conn, &heir, JobState::Queued, Change { detail: &detail, ..Change::default() }, now_ms).await?,
+        );
+        insert_outbox(conn, &heir, now_ms).await?;
     }
+    let job = load_job(conn, job_id).await?.ok_or_else(|| corrupt("job", format!("{job_id} vanished")))?;
     Ok(Some((job, events)))
 }
 
@@ -692,10 +651,10 @@ async fn resume_op(conn: &mut SqliteConnection, now_ms: i64) -> Result<Vec<Event
             .await?;
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
-        let mut job = job_from_row(row)?;
+        let job = job_from_row(row)?;
         let detail = format!("resumed after a restart (was {})", job.state);
         let change = Change { detail: &detail, ..Change::default() };
-        events.push(transition(conn, &mut job, JobState::Queued, change, now_ms).await?);
+        events.push(transition(conn, &job, JobState::Queued, change, now_ms).await?);
         insert_outbox(conn, &job, now_ms).await?;
     }
     Ok(events)
@@ -788,22 +747,10 @@ impl Store for SqliteStore {
         })
     }
 
-    fn asset(&self, hash: &str) -> BoxFut<'_, Result<Option<AssetRow>, StoreError>> {
-        let hash = hash.to_owned();
+    fn ping(&self) -> BoxFut<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let row = sqlx::query("SELECT hash, cache_key, bytes FROM assets WHERE hash = ?")
-                .bind(hash)
-                .fetch_optional(&self.read)
-                .await?;
-            row.map(|r| {
-                let bytes: i64 = r.try_get("bytes")?;
-                Ok(AssetRow {
-                    hash: r.try_get("hash")?,
-                    cache_key: r.try_get("cache_key")?,
-                    bytes: u64::try_from(bytes).map_err(|e| corrupt("asset size", e))?,
-                })
-            })
-            .transpose()
+            sqlx::query("SELECT 1").execute(&self.read).await?;
+            Ok(())
         })
     }
 
