@@ -1,4 +1,5 @@
-//! Kiln's wire types and contracts: render requests, tiers, prompt normalisation and the cache key.
+//! Kiln's wire types and contracts: render requests, tiers, prompt normalisation, the cache key,
+//! and the broker messages and names ([`wire`]).
 //!
 //! Serde only, no I/O: everything here is shared by the scheduler, the workers and the CLI, and a
 //! change to the cache key or a payload is a versioned contract change (see DESIGN.md).
@@ -7,6 +8,7 @@ mod job;
 mod key;
 mod prompt;
 mod request;
+pub mod wire;
 
 pub use job::{JobRequest, JobState, ParseStateError};
 pub use key::{CacheKey, KeyInput, ParseKeyError};

@@ -1,5 +1,6 @@
 //! API tokens and roles. A token is `kiln_` and 32 random hex digits; only its BLAKE3 is stored.
-//! Roles: `operator` may do everything; `client` may submit, read and cancel its own jobs.
+//! Roles: `operator` may do everything; `client` may submit, read and cancel its own jobs;
+//! `worker` (a `kiln-worker` daemon) may only upload the assets it renders.
 
 use std::fmt;
 use std::io::Read;
@@ -15,6 +16,8 @@ pub enum Role {
     Operator,
     /// Submit jobs, read them, cancel its own.
     Client,
+    /// Upload rendered assets (a `kiln-worker` daemon).
+    Worker,
 }
 
 impl Role {
@@ -23,6 +26,7 @@ impl Role {
         match self {
             Role::Operator => "operator",
             Role::Client => "client",
+            Role::Worker => "worker",
         }
     }
 }
@@ -39,7 +43,8 @@ impl FromStr for Role {
         match s {
             "operator" => Ok(Role::Operator),
             "client" => Ok(Role::Client),
-            _ => Err(format!("role: unknown role {s:?}; expected operator or client")),
+            "worker" => Ok(Role::Worker),
+            _ => Err(format!("role: unknown role {s:?}; expected operator, client or worker")),
         }
     }
 }
@@ -53,27 +58,7 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// A secret that does not print.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: String) -> Secret {
-        Secret(s)
-    }
-
-    /// The secret itself, for the one place that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use kiln_worker::client::Secret;
 
 /// Random bytes from the operating system.
 pub fn os_random<const N: usize>() -> std::io::Result<[u8; N]> {
@@ -85,7 +70,7 @@ pub fn os_random<const N: usize>() -> std::io::Result<[u8; N]> {
 /// A new token secret.
 pub fn new_token() -> std::io::Result<Secret> {
     let bytes: [u8; 16] = os_random()?;
-    Ok(Secret(format!("kiln_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())))
+    Ok(Secret::new(format!("kiln_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())))
 }
 
 /// What the store keeps of a token.

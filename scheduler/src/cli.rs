@@ -181,7 +181,7 @@ pub enum BenchCommand {
 
 impl clap::ValueEnum for Role {
     fn value_variants<'a>() -> &'a [Self] {
-        &[Role::Operator, Role::Client]
+        &[Role::Operator, Role::Client, Role::Worker]
     }
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         Some(clap::builder::PossibleValue::new(self.as_str()))

@@ -24,11 +24,19 @@ pub struct Limits {
     pub max_page: u32,
     /// Longest idempotency key, in bytes (`scheduler.limits.max_idempotency_key`).
     pub max_idempotency_key: usize,
+    /// Largest asset a worker may upload, in bytes.
+    pub max_asset_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 256 * 1024, max_jobs_per_request: 100, max_page: 500, max_idempotency_key: 200 }
+        Limits {
+            max_body_bytes: 256 * 1024,
+            max_jobs_per_request: 100,
+            max_page: 500,
+            max_idempotency_key: 200,
+            max_asset_bytes: 1 << 30,
+        }
     }
 }
 
@@ -51,6 +59,32 @@ pub struct SchedulerConfig {
     pub limits: Limits,
     /// Retries of failed renders.
     pub retry: RetryPolicy,
+    /// The database: unset for SQLite in the data dir, `sqlite://PATH`, or `postgres://…`
+    /// (distributed mode) [env KILN_DATABASE_URL].
+    pub database_url: Option<String>,
+    /// The broker (distributed mode: jobs go to `kiln-worker` daemons over RabbitMQ instead of
+    /// in-process workers).
+    pub broker: BrokerConfig,
+}
+
+/// `[scheduler.broker]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `amqp://…`; unset runs the embedded in-process workers [env KILN_AMQP_URL].
+    pub amqp_url: Option<String>,
+    /// The prefix of exchange and queue names [env KILN_AMQP_PREFIX].
+    pub prefix: String,
+    /// Outbox messages published ahead of their confirms.
+    pub window: u32,
+    /// A worker unheard for this long is shown as lost.
+    pub lost_after_seconds: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig { amqp_url: None, prefix: "kiln".into(), window: 512, lost_after_seconds: 30 }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +97,8 @@ impl Default for SchedulerConfig {
             shutdown_grace_seconds: 30,
             limits: Limits::default(),
             retry: RetryPolicy::default(),
+            database_url: None,
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -105,6 +141,15 @@ impl FarmConfig {
             })?;
         }
         s.workers = env_parse("KILN_WORKERS", env)?.unwrap_or(s.workers);
+        if let Some(v) = env("KILN_DATABASE_URL").filter(|v| !v.is_empty()) {
+            s.database_url = Some(v);
+        }
+        if let Some(v) = env("KILN_AMQP_URL").filter(|v| !v.is_empty()) {
+            s.broker.amqp_url = Some(v);
+        }
+        if let Some(v) = env("KILN_AMQP_PREFIX").filter(|v| !v.is_empty()) {
+            s.broker.prefix = v;
+        }
         s.public_assets = env_parse("KILN_PUBLIC_ASSETS", env)?.unwrap_or(s.public_assets);
         s.retry.max_attempts = env_parse("KILN_MAX_ATTEMPTS", env)?.unwrap_or(s.retry.max_attempts);
         s.limits.max_body_bytes = env_parse("KILN_MAX_BODY_BYTES", env)?.unwrap_or(s.limits.max_body_bytes);
@@ -130,6 +175,20 @@ impl FarmConfig {
                 "scheduler.limits.max_body_bytes",
                 format!("{} is below the minimum of 1024", s.limits.max_body_bytes),
             );
+        }
+        if let Some(url) = &s.database_url
+            && !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| url.starts_with(p))
+        {
+            return bad("scheduler.database_url", format!("{url:?}: expected sqlite://PATH or postgres://…"));
+        }
+        if let Some(url) = &s.broker.amqp_url
+            && !url.starts_with("amqp://")
+            && !url.starts_with("amqps://")
+        {
+            return bad("scheduler.broker.amqp_url", format!("{url:?}: expected amqp://…"));
+        }
+        if s.broker.window == 0 {
+            return bad("scheduler.broker.window", "must be at least 1".into());
         }
         if s.limits.max_jobs_per_request == 0 || s.limits.max_page == 0 {
             return bad("scheduler.limits", "max_jobs_per_request and max_page must be at least 1".into());

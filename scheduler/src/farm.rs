@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Role;
 use crate::config::FarmConfig;
 use crate::scheduler::Scheduler;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store};
 
 /// The database file in the data dir.
 pub const DB_FILE: &str = "kiln.db";
@@ -46,17 +46,36 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Opens the store the config names: SQLite in the data dir unless `scheduler.database_url`
+/// says `sqlite://PATH` or `postgres://…`.
+pub async fn open_store(cfg: &FarmConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.scheduler.database_url.as_deref() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let shown = url.split('@').next_back().unwrap_or(url);
+            let store = PgStore::open(url).await.with_context(|| format!("failed to open the database at {shown}"))?;
+            Ok(Arc::new(store))
+        }
+        other => {
+            let db = match other.and_then(|u| u.strip_prefix("sqlite://").or_else(|| u.strip_prefix("sqlite:"))) {
+                Some(path) => PathBuf::from(path),
+                None => cfg.data_dir().join(DB_FILE),
+            };
+            let store = SqliteStore::open(&db)
+                .await
+                .with_context(|| format!("failed to open the database {}", db.display()))?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 impl Farm {
     /// Opens the data dir and database, loads the engine, makes sure an operator token exists
     /// (creating `DATA/operator.token`, mode 0600, on first start) and binds the listener.
     pub async fn build(cfg: &FarmConfig, backend: Backend) -> anyhow::Result<Farm> {
         let data = cfg.data_dir();
         std::fs::create_dir_all(data).with_context(|| format!("failed to create the data dir {}", data.display()))?;
-        let db = data.join(DB_FILE);
-        let store =
-            SqliteStore::open(&db).await.with_context(|| format!("failed to open the database {}", db.display()))?;
+        let store = open_store(cfg).await?;
         let worker = Worker::new(&cfg.worker, backend).context("failed to set up the worker")?;
-        let store: Arc<dyn Store> = Arc::new(store);
         let sched = Scheduler::new(store, Arc::new(worker), cfg.scheduler.clone(), cfg.worker.tiers.clone())
             .await
             .context("failed to load the scheduler's state")?;
@@ -106,15 +125,20 @@ impl Farm {
     /// in the database and runs again at the next start.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Farm { sched, listener, .. } = self;
-        let resumed = sched.resume().await.context("failed to resume the jobs of the last run")?;
-        if resumed > 0 {
-            tracing::info!(jobs = resumed, "resumed jobs that were in hand when the farm last stopped");
-        }
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(sched.clone().run_dispatcher(stop.clone()));
-        for n in 0..sched.cfg.workers {
-            tracker.spawn(sched.clone().run_worker(n, sched.cfg.worker_tiers.clone(), stop.clone()));
+        if sched.cfg.broker.amqp_url.is_some() {
+            // Distributed: jobs in hand are the broker's and the workers'; nothing to resume.
+            tracker.spawn(crate::broker::run(sched.clone(), sched.cfg.broker.clone(), stop.clone()));
+        } else {
+            let resumed = sched.resume().await.context("failed to resume the jobs of the last run")?;
+            if resumed > 0 {
+                tracing::info!(jobs = resumed, "resumed jobs that were in hand when the farm last stopped");
+            }
+            tracker.spawn(sched.clone().run_dispatcher(stop.clone()));
+            for n in 0..sched.cfg.workers {
+                tracker.spawn(sched.clone().run_worker(n, sched.cfg.worker_tiers.clone(), stop.clone()));
+            }
         }
         tracker.close();
         let http_stop = stop.clone();
@@ -140,30 +164,4 @@ impl Farm {
     }
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-}
+pub use kiln_worker::cli::shutdown_signal;

@@ -1,12 +1,13 @@
-//! Kiln's scheduler: the job API, the durable store (SQLite, PostgreSQL next), the seed-keyed
+//! Kiln's scheduler: the job API, the durable store (SQLite or PostgreSQL), the seed-keyed
 //! cache and single flight, dispatch to workers by tier, retries, and the embedded farm that
 //! runs all of it in one process (`kiln up`).
 
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod broker;
 pub mod cli;
-pub mod client;
+pub use kiln_worker::client;
 pub mod config;
 pub mod farm;
 pub mod metrics;
@@ -14,4 +15,5 @@ pub mod queue;
 pub mod retry;
 pub mod scheduler;
 pub mod store;
+pub mod testenv;
 pub mod time;

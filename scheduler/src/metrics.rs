@@ -2,7 +2,7 @@
 //! units; labels are tier and state, never a job id.
 
 use kiln_worker::metrics::{encode, register_all};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::store::Event;
 use kiln_protocol::{JobState, Tier};
@@ -22,6 +22,11 @@ pub const RENDERS_IN_FLIGHT: &str = "kiln_renders_in_flight";
 /// Attempts that ended, by tier and outcome (succeeded, retry, failed).
 pub const ATTEMPTS: &str = "kiln_render_attempts_total";
 
+/// Outbox messages the broker confirmed (distributed mode).
+pub const RELAYED: &str = "kiln_relay_messages_total";
+/// Broker messages refused by the scheduler, by kind (result, heartbeat).
+pub const BAD_MESSAGES: &str = "kiln_scheduler_bad_messages_total";
+
 /// The scheduler's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -40,6 +45,10 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// [`ATTEMPTS`].
     pub attempts: IntCounterVec,
+    /// [`RELAYED`].
+    pub relayed: IntCounter,
+    /// [`BAD_MESSAGES`].
+    pub bad_messages: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -73,6 +82,9 @@ impl Metrics {
         let in_flight = IntGauge::new(RENDERS_IN_FLIGHT, "Renders in hand").expect("valid metric");
         let attempts = IntCounterVec::new(Opts::new(ATTEMPTS, "Render attempts that ended"), &["tier", "outcome"])
             .expect("valid metric");
+        let relayed = IntCounter::new(RELAYED, "Outbox messages confirmed by the broker").expect("valid metric");
+        let bad_messages =
+            IntCounterVec::new(Opts::new(BAD_MESSAGES, "Broker messages refused"), &["kind"]).expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -83,6 +95,8 @@ impl Metrics {
                 Box::new(coalesced.clone()),
                 Box::new(in_flight.clone()),
                 Box::new(attempts.clone()),
+                Box::new(relayed.clone()),
+                Box::new(bad_messages.clone()),
             ],
         );
         for tier in Tier::ALL {
@@ -90,7 +104,18 @@ impl Metrics {
                 jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(0);
             }
         }
-        Metrics { registry, jobs, queue_wait, job_seconds, cache_hits, coalesced, in_flight, attempts }
+        Metrics {
+            registry,
+            jobs,
+            queue_wait,
+            job_seconds,
+            cache_hits,
+            coalesced,
+            in_flight,
+            attempts,
+            relayed,
+            bad_messages,
+        }
     }
 
     /// Moves the state gauge for an event that is now durable, and times the job when it starts

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError, Tier};
 use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
-use kiln_worker::worker::{Worker, WorkerError};
+use kiln_worker::worker::Worker;
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -83,18 +83,14 @@ pub struct Scheduler {
     pub metrics: Metrics,
     /// Settings.
     pub cfg: SchedulerConfig,
+    /// Workers heard from over the broker (distributed mode).
+    pub registry: crate::broker::Registry,
     live: broadcast::Sender<Arc<Live>>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     tokens: RwLock<HashMap<String, Caller>>,
-    dispatch_wake: Notify,
+    pub(crate) dispatch_wake: Notify,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
-}
-
-/// Whether a worker error is worth another attempt: I/O and backend trouble are; a request the
-/// engine cannot serve is not.
-pub fn is_transient(e: &WorkerError) -> bool {
-    !matches!(e, WorkerError::UnknownModel(_) | WorkerError::Engine(kiln_worker::engine::EngineError::NoAdapter))
 }
 
 impl Scheduler {
@@ -112,6 +108,7 @@ impl Scheduler {
             worker,
             queue: JobQueue::default(),
             metrics: Metrics::new(),
+            registry: crate::broker::Registry::new(Duration::from_secs(cfg.broker.lost_after_seconds)),
             cfg,
             live,
             waiters: Mutex::new(HashMap::new()),
@@ -132,7 +129,7 @@ impl Scheduler {
         self.live.subscribe()
     }
 
-    fn publish(&self, events: Vec<Event>) {
+    pub(crate) fn publish(&self, events: Vec<Event>) {
         for e in events {
             self.metrics.observe(&e);
             if e.state.is_terminal() {
@@ -358,9 +355,15 @@ impl Scheduler {
         self.metrics.in_flight.dec();
         let (error, transient) = match result {
             Ok(Ok(r)) => return Outcome::Succeeded { asset: r.asset, bytes: r.bytes },
-            Ok(Err(e)) => (e.to_string(), is_transient(&e)),
+            Ok(Err(e)) => (e.to_string(), e.is_transient()),
             Err(e) => (format!("the render panicked: {e}"), true),
         };
+        self.failure_outcome(job, error, transient)
+    }
+
+    /// What a failed attempt leads to: a retry after a backoff with jitter, or giving up.
+    pub(crate) fn failure_outcome(&self, job: &Dispatch, error: String, transient: bool) -> Outcome {
+        let attempt = job.attempt;
         let jitter = (self.random() >> 11) as f64 / (1u64 << 53) as f64;
         match self.cfg.retry.decide(attempt, transient, jitter) {
             Decision::RetryAfter(wait) => {
@@ -380,13 +383,18 @@ impl Scheduler {
         }
     }
 
-    async fn record(&self, job: &Dispatch, outcome: Outcome) {
-        let label = match &outcome {
+    /// Counts an attempt's outcome.
+    pub(crate) fn count_attempt(&self, job: &Dispatch, outcome: &Outcome) {
+        let label = match outcome {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Retry { .. } => "retry",
             Outcome::Failed { .. } => "failed",
         };
         self.metrics.attempts.with_label_values(&[job.tier.as_str(), label]).inc();
+    }
+
+    async fn record(&self, job: &Dispatch, outcome: Outcome) {
+        self.count_attempt(job, &outcome);
         let retry = matches!(outcome, Outcome::Retry { .. });
         // The result is worth keeping: a few tries before leaving the job to the next start.
         for wait_ms in [0, 100, 1000, 5000] {

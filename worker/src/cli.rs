@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln_protocol::{RenderRequest, Tier};
 
 use crate::config::{BackendChoice, WorkerConfig};
+use crate::consume::RunConfig;
 use crate::engine::cppn::MODEL_ID;
 use crate::render::{ModelPath, Progress};
 use crate::worker::{Worker, open_backend};
@@ -48,6 +49,33 @@ pub enum Command {
     Render(RenderArgs),
     /// Measure the engine: megapixels/s, effective GFLOP/s and peak memory per backend and tier.
     Bench(crate::bench::BenchArgs),
+    /// Run as a daemon of the distributed farm: take jobs from RabbitMQ, render, upload the
+    /// asset to the scheduler, publish the result. Settings: `[run]` in the config file, KILN_*
+    /// environment, these flags. SIGTERM drains (finishes what is in hand, hands back the rest).
+    Run(RunArgs),
+}
+
+/// `run`'s arguments (each overrides `[run]` and the environment).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The broker, e.g. amqp://user:pass@host:5672/%2f [env KILN_AMQP_URL].
+    #[arg(long)]
+    pub amqp_url: Option<String>,
+    /// Tiers to serve, comma separated, e.g. preview,final [default: all; env KILN_WORKER_TIERS].
+    #[arg(long)]
+    pub tiers: Option<String>,
+    /// The scheduler, for asset uploads [default: http://127.0.0.1:7878; env KILN_SCHEDULER_URL].
+    #[arg(long)]
+    pub scheduler_url: Option<String>,
+    /// Renders at once [default: 1; env KILN_CONCURRENCY].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Deliveries the broker may send ahead per tier [default: 32; env KILN_PREFETCH].
+    #[arg(long)]
+    pub prefetch: Option<u16>,
+    /// auto, cpu or wgpu [default: auto; env KILN_BACKEND].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendChoice>,
 }
 
 /// `render`'s arguments.
@@ -86,6 +114,28 @@ pub struct RenderArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Loads the engine's config and the daemon's (`[run]`): defaults < file < environment.
+pub fn load_configs(
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(WorkerConfig, RunConfig), crate::config::ConfigError> {
+    use crate::config::{ConfigError, read_toml};
+    let (mut cfg, mut run) = (WorkerConfig::default(), RunConfig::default());
+    if let Some(path) = file {
+        let mut table = read_toml(path)?;
+        if let Some(r) = table.remove("run") {
+            run = r.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.into(),
+                message: format!("in [run]: {e}"),
+            })?;
+        }
+        cfg = WorkerConfig::from_table(table, path)?;
+    }
+    cfg.apply_env(env)?;
+    run.apply_env(env)?;
+    Ok((cfg, run))
 }
 
 /// Loads the config with the command line's overrides on top.
@@ -204,6 +254,9 @@ pub fn main_with(cli: Cli) -> std::process::ExitCode {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Run(args)) = &cli.command {
+        return run_daemon(&cli.global, args);
+    }
     let cfg = load_config(&cli)?;
     if cli.global.print_config {
         print!("{}", cfg.to_toml());
@@ -212,6 +265,87 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Some(Command::Render(args)) => render(&cfg, args),
         Some(Command::Bench(args)) => crate::bench::run(&cfg, args),
-        None => bail!("no command given; try `kiln-worker render --help` or `kiln-worker bench --help`"),
+        Some(Command::Run(_)) => unreachable!("handled above"),
+        None => bail!(
+            "no command given; try `kiln-worker run --help`, `kiln-worker render --help` or `kiln-worker bench --help`"
+        ),
+    }
+}
+
+/// `kiln-worker run`.
+fn run_daemon(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok();
+    let (mut cfg, mut run) = load_configs(global.config.as_deref(), &env)?;
+    if let Some(d) = &global.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    cfg.backend = args.backend.unwrap_or(cfg.backend);
+    let flags = |k: &str| match k {
+        "KILN_AMQP_URL" => args.amqp_url.clone(),
+        "KILN_WORKER_TIERS" => args.tiers.clone(),
+        "KILN_SCHEDULER_URL" => args.scheduler_url.clone(),
+        "KILN_CONCURRENCY" => args.concurrency.map(|c| c.to_string()),
+        "KILN_PREFETCH" => args.prefetch.map(|c| c.to_string()),
+        _ => None,
+    };
+    run.apply_env(&flags).map_err(|e| {
+        let flag = |s: String| {
+            [
+                ("KILN_AMQP_URL", "--amqp-url"),
+                ("KILN_WORKER_TIERS", "--tiers"),
+                ("KILN_SCHEDULER_URL", "--scheduler-url"),
+            ]
+            .iter()
+            .chain(&[("KILN_CONCURRENCY", "--concurrency"), ("KILN_PREFETCH", "--prefetch")])
+            .fold(s, |s, (k, f)| s.replace(k, f))
+        };
+        anyhow::anyhow!(flag(e.to_string()))
+    })?;
+    if global.print_config {
+        let mut wrapped = toml::Table::new();
+        wrapped.insert("run".into(), toml::Value::try_from(&run)?);
+        print!("{}\n{}", cfg.to_toml(), toml::to_string_pretty(&wrapped)?);
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let backend = open_backend(cfg.backend, cfg.threads()).context("failed to open the backend")?;
+        let worker = std::sync::Arc::new(Worker::new(&cfg, backend)?);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signalled = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("signal received: draining");
+            signalled.cancel();
+        });
+        crate::consume::run(worker, run, stop).await
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
     }
 }

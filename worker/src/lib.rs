@@ -1,9 +1,12 @@
 //! Kiln's worker: the render engine (burn models and fused kernels), wgpu post-processing,
 //! PNG encoding, the content-addressed asset store and the seed-keyed cache.
 
+pub mod amqp;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod consume;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;

@@ -12,6 +12,9 @@ pub const CACHE_HITS: &str = "kiln_cache_hits_total";
 /// Requests that had to render.
 pub const CACHE_MISSES: &str = "kiln_cache_misses_total";
 
+/// Broker messages refused (dead-lettered) by the worker daemon.
+pub const BAD_MESSAGES: &str = "kiln_worker_bad_messages_total";
+
 /// The worker's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -24,6 +27,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     /// [`CACHE_MISSES`].
     pub cache_misses: IntCounter,
+    /// [`BAD_MESSAGES`].
+    pub bad_messages: IntCounter,
 }
 
 impl Default for Metrics {
@@ -46,6 +51,8 @@ impl Metrics {
             IntCounterVec::new(Opts::new(PIXELS_RENDERED, "Output pixels rendered"), &["tier"]).expect("valid metric");
         let cache_hits = IntCounter::new(CACHE_HITS, "Render requests answered from the cache").expect("valid metric");
         let cache_misses = IntCounter::new(CACHE_MISSES, "Render requests that had to render").expect("valid metric");
+        let bad_messages =
+            IntCounter::new(BAD_MESSAGES, "Job messages refused and dead-lettered").expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -53,9 +60,10 @@ impl Metrics {
                 Box::new(pixels.clone()),
                 Box::new(cache_hits.clone()),
                 Box::new(cache_misses.clone()),
+                Box::new(bad_messages.clone()),
             ],
         );
-        Metrics { registry, render_seconds, pixels, cache_hits, cache_misses }
+        Metrics { registry, render_seconds, pixels, cache_hits, cache_misses, bad_messages }
     }
 
     /// The Prometheus text exposition of every metric.

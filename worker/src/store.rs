@@ -131,6 +131,34 @@ impl AssetStore {
         Ok((hash, bytes))
     }
 
+    /// Stores a PNG made elsewhere (a worker's upload) under `hash`; `Ok(false)`, storing
+    /// nothing, when the bytes do not hash to it. Storing an asset already here changes nothing.
+    pub fn import(&self, hash: &str, png: &[u8]) -> io::Result<bool> {
+        if blake3::hash(png).to_hex().as_str() != hash {
+            return Ok(false);
+        }
+        if !self.contains(hash) {
+            fs::create_dir_all(self.shard(hash))?;
+            write_atomic(&self.root.join("tmp"), &self.path(hash), png, true)?;
+        }
+        Ok(true)
+    }
+
+    /// Stores the thumbnail of an imported asset.
+    pub fn import_thumb(&self, hash: &str, png: &[u8]) -> io::Result<()> {
+        fs::create_dir_all(self.shard(hash))?;
+        write_atomic(&self.root.join("tmp"), &self.thumb_path(hash), png, true)
+    }
+
+    /// Stores the provenance of an imported asset (the first one stays).
+    pub fn import_provenance(&self, hash: &str, json: &[u8]) -> io::Result<()> {
+        if self.provenance_path(hash).is_file() {
+            return Ok(());
+        }
+        fs::create_dir_all(self.shard(hash))?;
+        write_atomic(&self.root.join("tmp"), &self.provenance_path(hash), json, true)
+    }
+
     /// Records that `key` rendered to `hash`. The index is a cache, not a record: it is not
     /// synced (an fsync less per asset), and an entry lost in a power cut costs one re-render of
     /// the same bytes. [`Self::lookup_key`] checks what it reads.

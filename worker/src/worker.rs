@@ -39,6 +39,14 @@ pub enum WorkerError {
     UnknownModel(String),
 }
 
+impl WorkerError {
+    /// Whether another attempt may succeed: I/O and backend trouble may pass; a request the
+    /// engine cannot serve will not.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, WorkerError::UnknownModel(_) | WorkerError::Engine(EngineError::NoAdapter))
+    }
+}
+
 /// The answer to a render request.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rendered {
@@ -66,6 +74,7 @@ pub struct Worker {
     engine: Engine,
     store: AssetStore,
     cache: moka::sync::Cache<CacheKey, Cached>,
+    tiers: kiln_protocol::TierLimits,
     /// The worker's metrics.
     pub metrics: Metrics,
 }
@@ -111,6 +120,7 @@ impl Worker {
             engine: Engine { backend, path: cfg.engine, band_samples: cfg.band_samples },
             store,
             cache,
+            tiers: cfg.tiers.clone(),
             metrics: Metrics::new(),
         })
     }
@@ -118,6 +128,11 @@ impl Worker {
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The tier limits this worker renders within.
+    pub fn tier_limits(&self) -> &kiln_protocol::TierLimits {
+        &self.tiers
     }
 
     /// The asset store.

@@ -42,8 +42,12 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(events))
-        .route("/v1/assets/{hash}", get(asset))
-        .route("/v1/assets/{hash}/provenance", get(provenance))
+        .route(
+            "/v1/assets/{hash}",
+            get(asset).put(put_asset).layer(DefaultBodyLimit::max(s.cfg.limits.max_asset_bytes)),
+        )
+        .route("/v1/assets/{hash}/provenance", get(provenance).put(put_provenance))
+        .route("/v1/workers", get(workers))
         .route("/v1/tokens", post(create_token))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
@@ -67,6 +71,15 @@ fn caller(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
         .map(str::trim)
         .ok_or_else(|| ApiError::unauthorized("expected `Bearer <token>`"))?;
     s.authenticate(token).ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))
+}
+
+/// A caller who may use the job API: an operator or a client (a worker token only uploads).
+fn person(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let who = caller(s, headers)?;
+    if who.role == Role::Worker {
+        return Err(ApiError::forbidden("a worker token may only upload assets"));
+    }
+    Ok(who)
 }
 
 /// A job as the API shows it.
@@ -126,7 +139,7 @@ async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers)?;
+    let who = person(&s, &headers)?;
     let body = body_bytes(&s, body)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
     let header_key = headers.get("idempotency-key").map(|v| {
@@ -209,7 +222,7 @@ async fn list(
     headers: HeaderMap,
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let who = caller(&s, &headers)?;
+    let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
     let time = |field: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
         v.as_deref()
@@ -275,7 +288,7 @@ async fn get_job(
     Path(id): Path<String>,
     q: Result<Query<GetParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let who = caller(&s, &headers)?;
+    let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
     let job = match q.wait {
         Some(w) if !(0.0..=60.0).contains(&w) => {
@@ -293,7 +306,7 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let who = caller(&s, &headers)?;
+    let who = person(&s, &headers)?;
     match s.cancel(&who, &id).await? {
         Some(j) => Ok(Json(job_json(&j))),
         None => Err(ApiError::not_found(format!("id: no job {id:?}"))),
@@ -307,7 +320,7 @@ async fn events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let who = caller(&s, &headers)?;
+    let who = person(&s, &headers)?;
     // Subscribe before reading the log, so nothing falls between the two.
     let mut rx = s.subscribe();
     if s.job(&who, &id).await?.is_none() {
@@ -392,6 +405,80 @@ fn asset_auth(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
     if s.cfg.public_assets { Ok(()) } else { caller(s, headers).map(|_| ()) }
 }
 
+/// `PUT /v1/assets/{hash}` (worker or operator token): stores an asset a worker rendered; the
+/// body must hash to `{hash}` (BLAKE3). `?variant=thumb` stores its thumbnail.
+async fn put_asset(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+    q: Result<Query<AssetParams>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    uploader(&s, &headers)?;
+    check_hash(&hash)?;
+    let Query(q) = q.map_err(query_error)?;
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large(s.cfg.limits.max_asset_bytes)
+        }
+        e => ApiError::invalid("body", e.body_text()),
+    })?;
+    let store = s.worker.clone();
+    let thumb = match q.variant.as_deref() {
+        None | Some("full") => false,
+        Some("thumb") => true,
+        Some(v) => return Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
+    };
+    let stored = tokio::task::spawn_blocking(move || {
+        if thumb { store.store().import_thumb(&hash, &body).map(|()| true) } else { store.store().import(&hash, &body) }
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+    .map_err(|e| ApiError::internal(&e))?;
+    if !stored {
+        return Err(ApiError::invalid("body", "the bytes do not hash to the asset's BLAKE3 in the path"));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PUT /v1/assets/{hash}/provenance` (worker or operator token): an uploaded asset's provenance.
+async fn put_provenance(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(hash): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    uploader(&s, &headers)?;
+    check_hash(&hash)?;
+    let body = body_bytes(&s, body)?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    if v.get("asset").and_then(Value::as_str) != Some(hash.as_str()) {
+        return Err(ApiError::invalid("asset", "must equal the hash in the path"));
+    }
+    let store = s.worker.clone();
+    tokio::task::spawn_blocking(move || store.store().import_provenance(&hash, &body))
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::internal(&e))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn uploader(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
+    match caller(s, headers)?.role {
+        Role::Worker | Role::Operator => Ok(()),
+        Role::Client => Err(ApiError::forbidden("uploading assets needs a worker or operator token")),
+    }
+}
+
+/// `GET /v1/workers` (operator): the workers heard from, with their state (`active`,
+/// `draining`, `lost`: no heartbeat for `scheduler.broker.lost_after_seconds`).
+async fn workers(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if person(&s, &headers)?.role != Role::Operator {
+        return Err(ApiError::forbidden("the worker registry is the operator's"));
+    }
+    Ok(Json(json!({ "workers": s.registry.list(crate::time::now_ms()) })).into_response())
+}
+
 /// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag.
 async fn asset(
     State(s): State<AppState>,
@@ -466,7 +553,7 @@ async fn create_token(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers)?;
+    let who = person(&s, &headers)?;
     if who.role != Role::Operator {
         return Err(ApiError::forbidden("only an operator token may create tokens"));
     }

@@ -5,7 +5,13 @@
 //! Every method that changes a job appends events and updates the job row (their projection) in
 //! one transaction, and returns the events so the caller can publish them once they are durable.
 
+pub mod postgres;
+mod rows;
 pub mod sqlite;
+pub mod writer;
+
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,6 +19,7 @@ use std::pin::Pin;
 use kiln_protocol::{JobState, RenderRequest, Tier};
 use serde::Serialize;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so the trait stays usable as `dyn Store`.
@@ -208,6 +215,42 @@ pub struct Due {
     pub next_due_ms: Option<i64>,
 }
 
+impl Due {
+    /// The live rows of `pending` that `events` moved to `dispatched`.
+    fn new(pending: Pending, events: Vec<Event>) -> Due {
+        let moved: std::collections::HashSet<&str> = events.iter().map(|e| e.job_id.as_str()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let jobs = pending
+            .rows
+            .into_iter()
+            .filter(|o| o.live && moved.contains(o.dispatch.job_id.as_str()) && seen.insert(o.dispatch.job_id.clone()))
+            .map(|o| o.dispatch)
+            .collect();
+        Due { jobs, events, next_due_ms: pending.next_due_ms }
+    }
+}
+
+/// An outbox row due for the broker.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The row.
+    pub id: i64,
+    /// Whether its job still waits for it; a row whose job was cancelled (or moved on) is only
+    /// marked sent.
+    pub live: bool,
+    /// What the worker gets.
+    pub dispatch: Dispatch,
+}
+
+/// What [`Store::pending`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    /// The due rows, oldest first.
+    pub rows: Vec<Outgoing>,
+    /// When the next row not yet due falls due, unix milliseconds.
+    pub next_due_ms: Option<i64>,
+}
+
 /// A job as a change left it, with the events written; `None` when there was nothing to change.
 pub type JobChange = Option<(Job, Vec<Event>)>;
 
@@ -264,8 +307,16 @@ pub trait Store: Send + Sync + 'static {
     /// the time the next not-yet-due row falls due.
     fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>>;
 
-    /// Moves a dispatched job to `running` for the dispatch's attempt; `None` when it is no
-    /// longer that attempt's to run (cancelled, or a stale delivery).
+    /// Reads up to `limit` due outbox rows without changing them (the broker relay publishes
+    /// them, then calls [`Store::mark_sent`] once the broker has confirmed).
+    fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>>;
+
+    /// Marks outbox rows sent and moves each job still waiting for that attempt to `dispatched`.
+    fn mark_sent(&self, ids: Vec<i64>, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+
+    /// Moves a job waiting for the dispatch's attempt (`queued` with the row sent but not yet
+    /// marked, or `dispatched`) to `running`; `None` when it is no longer that attempt's to run
+    /// (cancelled, or a stale delivery).
     fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>>;
 
     /// Records how `attempt` of a job ended, and moves every job attached to it. Idempotent by

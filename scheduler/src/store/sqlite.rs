@@ -1,12 +1,7 @@
 //! The SQLite store: WAL, one writer connection with group commit, a pool of readers.
 //!
-//! Every change goes through one writer task. It takes whatever operations are waiting (up to
-//! [`MAX_BATCH`]), runs them in one transaction, commits once, and only then answers their
-//! callers: a caller never hears "done" for a write that is not durable, and a burst of submits
-//! costs one commit instead of hundreds. If any operation in a batch fails, the whole batch rolls
-//! back and every caller in it gets an error (a refusal that writes nothing, like a taken token
-//! name, is an answer, not a failure), so no half-done operation is ever committed. Being the only writer also makes the
-//! submit's cache and single-flight checks race-free. `synchronous = NORMAL` under WAL keeps
+//! Every change goes through the group-commit writer ([`super::writer`]); a refusal that writes
+//! nothing (a taken token name) is an answer, not a failure. `synchronous = NORMAL` under WAL keeps
 //! every committed transaction through a crash of the process; a power cut may lose the last
 //! few (SQLite's documented trade), never corrupt the file.
 
@@ -14,63 +9,32 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use kiln_protocol::{JobState, RenderRequest, Tier};
+use kiln_protocol::{JobState, Tier};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
-use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Admission, BoxFut, Dispatch, Due, Event, Job, JobChange, ListQuery, NewJob, Outcome, Page, StateCount, Store,
-    StoreError, Submitted, TokenRow,
+use super::rows::{
+    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    start_allowed, state_of, tier_of, token_from_row,
 };
-
-/// Most operations one transaction takes.
-pub const MAX_BATCH: usize = 512;
-
-type OpFn<T> = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFut<'c, Result<T, StoreError>> + Send>;
-
-/// One queued write: runs inside the batch's transaction, answers after the commit.
-trait WriteOp: Send {
-    /// Runs the write; `false` when it failed and the batch must be rolled back.
-    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFut<'c, bool>;
-    /// Answers the caller: its own result if the commit held, else the commit's error.
-    fn finish(self: Box<Self>, commit: Result<(), String>);
-}
-
-struct Op<T> {
-    f: Option<OpFn<T>>,
-    out: Option<Result<T, StoreError>>,
-    reply: oneshot::Sender<Result<T, StoreError>>,
-}
-
-impl<T: Send + 'static> WriteOp for Op<T> {
-    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFut<'c, bool> {
-        Box::pin(async move {
-            let Some(f) = self.f.take() else { return false };
-            let r = f(conn).await;
-            let ok = r.is_ok();
-            self.out = Some(r);
-            ok
-        })
-    }
-
-    fn finish(self: Box<Self>, commit: Result<(), String>) {
-        let out = match (commit, self.out) {
-            (_, Some(Err(e))) => Err(e),
-            (Ok(()), Some(Ok(v))) => Ok(v),
-            (Err(e), Some(Ok(_))) => Err(StoreError::RolledBack(e)),
-            (Err(e), None) => Err(StoreError::RolledBack(e)),
-            (Ok(()), None) => Err(StoreError::Closed),
-        };
-        let _ = self.reply.send(out);
-    }
-}
+use super::writer::{Connect, OpFn, WeakWriter, WriteConn, Writer};
+use super::{
+    Admission, BoxFut, Dispatch, Due, Event, Job, JobChange, ListQuery, NewJob, Outcome, Page, Pending, StateCount,
+    Store, StoreError, Submitted, TokenRow,
+};
 
 /// The SQLite store.
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: mpsc::Sender<Box<dyn WriteOp>>,
+    writer: Writer<SqliteConnection>,
     read: SqlitePool,
+}
+
+impl WriteConn for SqliteConnection {
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
+    fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::query(sql).execute(self).await.map(|_| ()) })
+    }
 }
 
 fn options(path: &Path) -> SqliteConnectOptions {
@@ -93,28 +57,29 @@ impl SqliteStore {
         let read =
             SqlitePoolOptions::new().max_connections(4).connect_with(options(path).create_if_missing(false)).await?;
         let checkpoints = options(path).create_if_missing(false).connect().await?;
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(writer(conn, rx));
-        tokio::spawn(checkpointer(checkpoints, tx.downgrade()));
-        Ok(SqliteStore { writer: tx, read })
+        let path = path.to_path_buf();
+        let connect: Connect<SqliteConnection> = Box::new(move || {
+            let opts = options(&path).create_if_missing(false).pragma("wal_autocheckpoint", "0");
+            Box::pin(async move { Ok(opts.connect().await?) })
+        });
+        let writer = Writer::spawn(conn, connect);
+        tokio::spawn(checkpointer(checkpoints, writer.downgrade()));
+        Ok(SqliteStore { writer, read })
     }
 
-    async fn write<T: Send + 'static>(&self, f: OpFn<T>) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let op: Box<dyn WriteOp> = Box::new(Op { f: Some(f), out: None, reply });
-        self.writer.send(op).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+    async fn write<T: Send + 'static>(&self, f: OpFn<SqliteConnection, T>) -> Result<T, StoreError> {
+        self.writer.write(f).await
     }
 }
 
 /// Copies the WAL back into the database every second without blocking the writer (`PASSIVE`),
 /// until the store is dropped.
-async fn checkpointer(mut conn: SqliteConnection, store: mpsc::WeakSender<Box<dyn WriteOp>>) {
+async fn checkpointer(mut conn: SqliteConnection, store: WeakWriter<SqliteConnection>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if store.upgrade().is_none() {
+        if !store.is_alive() {
             break;
         }
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
@@ -124,107 +89,9 @@ async fn checkpointer(mut conn: SqliteConnection, store: mpsc::WeakSender<Box<dy
     let _ = conn.close().await;
 }
 
-async fn writer(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Box<dyn WriteOp>>) {
-    let mut batch: Vec<Box<dyn WriteOp>> = Vec::with_capacity(MAX_BATCH);
-    let (mut busy, mut ops, mut batches, started) = (0f64, 0usize, 0usize, std::time::Instant::now());
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let t = std::time::Instant::now();
-        let commit = run_batch(&mut conn, &mut batch).await.map_err(|e| e.to_string());
-        busy += t.elapsed().as_secs_f64();
-        ops += batch.len();
-        batches += 1;
-        if let Err(e) = &commit {
-            tracing::error!(error = %e, ops = batch.len(), "store: a transaction rolled back; its callers are told");
-        }
-        for op in batch.drain(..) {
-            op.finish(commit.clone());
-        }
-    }
-    let up = started.elapsed().as_secs_f64();
-    tracing::info!(busy_seconds = busy, up_seconds = up, ops, batches, "store writer stopped");
-    let _ = conn.close().await;
-}
-
-async fn run_batch(conn: &mut SqliteConnection, batch: &mut [Box<dyn WriteOp>]) -> Result<(), sqlx::Error> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    for op in batch.iter_mut() {
-        if !op.run(conn).await {
-            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
-            return Err(sqlx::Error::Protocol(
-                "another write in the same transaction failed; nothing was written".into(),
-            ));
-        }
-    }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e);
-    }
-    Ok(())
-}
-
-fn corrupt(what: &'static str, message: impl ToString) -> StoreError {
-    StoreError::Corrupt { what, message: message.to_string() }
-}
-
-fn tier_of(row: &sqlx::sqlite::SqliteRow) -> Result<Tier, StoreError> {
-    Tier::from_str(&row.try_get::<String, _>("tier")?).map_err(|e| corrupt("tier", e))
-}
-
-fn state_of(row: &sqlx::sqlite::SqliteRow) -> Result<JobState, StoreError> {
-    JobState::from_str(&row.try_get::<String, _>("state")?).map_err(|e| corrupt("state", e))
-}
-
-fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Job, StoreError> {
-    let request: String = row.try_get("request")?;
-    let attempt: i64 = row.try_get("attempt")?;
-    Ok(Job {
-        id: row.try_get("id")?,
-        state: state_of(row)?,
-        tier: tier_of(row)?,
-        request: serde_json::from_str::<RenderRequest>(&request).map_err(|e| corrupt("job request", e))?,
-        cache_key: row.try_get("cache_key")?,
-        client: row.try_get("client")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        follows: row.try_get("follows")?,
-        attempt: u32::try_from(attempt).map_err(|e| corrupt("job attempt", e))?,
-        asset: row.try_get("asset")?,
-        error: row.try_get("error")?,
-        created_ms: row.try_get("created_ms")?,
-        updated_ms: row.try_get("updated_ms")?,
-        started_ms: row.try_get("started_ms")?,
-        finished_ms: row.try_get("finished_ms")?,
-    })
-}
-
-fn event_from_row(row: &sqlx::sqlite::SqliteRow, tier: Tier) -> Result<Event, StoreError> {
-    let attempt: i64 = row.try_get("attempt")?;
-    Ok(Event {
-        seq: row.try_get("seq")?,
-        job_id: row.try_get("job_id")?,
-        tier,
-        from: None,
-        created_ms: 0,
-        at_ms: row.try_get("at_ms")?,
-        state: state_of(row)?,
-        attempt: u32::try_from(attempt).map_err(|e| corrupt("event attempt", e))?,
-        detail: row.try_get("detail")?,
-        asset: row.try_get("asset")?,
-        error: row.try_get("error")?,
-    })
-}
-
 async fn load_job(conn: &mut SqliteConnection, id: &str) -> Result<Option<Job>, StoreError> {
     let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
     row.as_ref().map(job_from_row).transpose()
-}
-
-/// What a transition writes besides its state.
-#[derive(Default)]
-struct Change<'a> {
-    attempt: Option<u32>,
-    detail: &'a str,
-    asset: Option<&'a str>,
-    error: Option<&'a str>,
 }
 
 /// Appends an event moving `job` to `to`; the `job_events_project` trigger projects it onto the
@@ -250,12 +117,11 @@ async fn insert_event(
     attempt: u32,
     change: &Change<'_>,
     now_ms: i64,
-    guard: Option<(JobState, u32)>,
 ) -> Result<Option<i64>, StoreError> {
     Ok(sqlx::query_scalar(
         "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
          SELECT id, ?2, ?3, ?4, ?5, ?6, ?7 FROM jobs \
-         WHERE id = ?1 AND (?8 IS NULL OR (state = ?8 AND attempt = ?9)) RETURNING seq",
+         WHERE id = ?1 RETURNING seq",
     )
     .bind(job_id)
     .bind(now_ms)
@@ -264,8 +130,6 @@ async fn insert_event(
     .bind(change.detail)
     .bind(change.asset)
     .bind(change.error)
-    .bind(guard.map(|(s, _)| s.as_str()))
-    .bind(guard.map(|(_, a)| i64::from(a)))
     .fetch_optional(&mut *conn)
     .await?)
 }
@@ -279,51 +143,9 @@ async fn append_event(
     change: &Change<'_>,
     now_ms: i64,
 ) -> Result<i64, StoreError> {
-    insert_event(conn, job_id, to, attempt, change, now_ms, None)
+    insert_event(conn, job_id, to, attempt, change, now_ms)
         .await?
         .ok_or_else(|| corrupt("event", format!("job {job_id} is missing")))
-}
-
-/// Appends an event for a dispatched job only if it is still in `expect` at `attempt_now`.
-async fn insert_event_if(
-    conn: &mut SqliteConnection,
-    d: &Dispatch,
-    expect: JobState,
-    attempt_now: u32,
-    to: JobState,
-    change: &Change<'_>,
-    now_ms: i64,
-) -> Result<Option<Event>, StoreError> {
-    let attempt = change.attempt.unwrap_or(attempt_now);
-    let seq = insert_event(conn, &d.job_id, to, attempt, change, now_ms, Some((expect, attempt_now))).await?;
-    Ok(seq.map(|seq| event(seq, &d.job_id, d.tier, Some(expect), d.created_ms, to, attempt, change, now_ms)))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn event(
-    seq: i64,
-    job_id: &str,
-    tier: Tier,
-    from: Option<JobState>,
-    created_ms: i64,
-    to: JobState,
-    attempt: u32,
-    change: &Change<'_>,
-    now_ms: i64,
-) -> Event {
-    Event {
-        seq,
-        job_id: job_id.to_owned(),
-        tier,
-        from,
-        created_ms,
-        at_ms: now_ms,
-        state: to,
-        attempt,
-        detail: change.detail.to_owned(),
-        asset: change.asset.map(str::to_owned),
-        error: change.error.map(str::to_owned),
-    }
 }
 
 /// Queues a job's next attempt for a worker.
@@ -434,81 +256,66 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
     Ok(Submitted { job, admission, events: vec![event] })
 }
 
-async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Result<Due, StoreError> {
-    // Round trip one: the due rows, and when the next row not yet due falls due.
+/// The due outbox rows, oldest first, and when the next row not yet due falls due.
+async fn pending_op<'e>(exec: impl sqlx::SqliteExecutor<'e>, now_ms: i64, limit: u32) -> Result<Pending, StoreError> {
     let rows = sqlx::query(
-        "SELECT o.id, o.job_id, o.tier, o.client, o.attempt, j.state, j.request, j.cache_key, j.created_ms \
+        "SELECT o.id, o.job_id, o.tier, o.client, o.attempt, j.request, j.cache_key, j.created_ms, \
+           (j.state = 'queued' AND j.follows IS NULL AND j.attempt + 1 = o.attempt) AS live \
          FROM outbox o JOIN jobs j ON j.id = o.job_id \
          WHERE o.sent_ms IS NULL AND o.not_before <= ?1 ORDER BY o.id LIMIT ?2; \
          SELECT MIN(not_before) AS next FROM outbox WHERE sent_ms IS NULL AND not_before > ?1",
     )
     .bind(now_ms)
     .bind(i64::from(limit))
-    .fetch_all(&mut *conn)
+    .fetch_all(exec)
     .await?;
-    let (next, due_rows) = rows.split_last().ok_or_else(|| corrupt("outbox", "no MIN row"))?;
-    let mut due = Due { next_due_ms: next.try_get("next")?, ..Due::default() };
-    let (Some(first), Some(last)) = (due_rows.first(), due_rows.last()) else { return Ok(due) };
-    let (first_id, last_id): (i64, i64) = (first.try_get("id")?, last.try_get("id")?);
-    // Round trip two: mark exactly those rows sent (the writer is alone), and move each of
-    // their jobs that is still queued (a cancelled one is not handed out) to `dispatched`.
-    let moved = sqlx::query(
-        "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND not_before <= ?1 AND id BETWEEN ?2 AND ?3; \
+    let (next, due) = rows.split_last().ok_or_else(|| corrupt("outbox", "no MIN row"))?;
+    let rows = due.iter().map(|r| outgoing_from_row(r, r.try_get("live")?)).collect::<Result<_, StoreError>>()?;
+    Ok(Pending { rows, next_due_ms: next.try_get("next")? })
+}
+
+/// Marks outbox rows sent and moves each of their jobs that still waits for that attempt to
+/// `dispatched` (a cancelled job, or one whose result came first, stays as it is).
+async fn mark_sent_op(conn: &mut SqliteConnection, ids: &[i64], now_ms: i64) -> Result<Vec<Event>, StoreError> {
+    let ids = serde_json::to_string(ids).map_err(|e| corrupt("outbox ids", e))?;
+    let rows = sqlx::query(
+        "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND id IN (SELECT value FROM json_each(?2)); \
          INSERT INTO job_events (job_id, at_ms, state, attempt, detail) \
          SELECT j.id, ?1, 'dispatched', j.attempt, 'to the ' || j.tier || ' queue' FROM jobs j \
-         WHERE j.state = 'queued' AND j.follows IS NULL \
-           AND j.id IN (SELECT job_id FROM outbox WHERE sent_ms = ?1 AND id BETWEEN ?2 AND ?3) \
-         RETURNING seq, job_id, attempt",
+         WHERE j.state = 'queued' AND j.follows IS NULL AND j.id IN (SELECT o.job_id FROM outbox o \
+           WHERE o.id IN (SELECT value FROM json_each(?2)) AND o.attempt = j.attempt + 1) \
+         RETURNING seq, job_id, attempt, (SELECT tier FROM jobs WHERE id = job_id) AS tier, \
+           (SELECT created_ms FROM jobs WHERE id = job_id) AS created_ms",
     )
     .bind(now_ms)
-    .bind(first_id)
-    .bind(last_id)
+    .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
-    let mut moved: std::collections::HashMap<String, (i64, u32)> = moved
-        .iter()
-        .map(|r| {
-            let attempt = u32::try_from(r.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("event attempt", e))?;
-            Ok((r.try_get("job_id")?, (r.try_get("seq")?, attempt)))
-        })
-        .collect::<Result<_, StoreError>>()?;
-    for row in due_rows {
-        let job_id: String = row.try_get("job_id")?;
-        // Each moved job once, with its first due row.
-        let Some((seq, attempt_now)) = moved.remove(&job_id) else { continue };
-        let request: String = row.try_get("request")?;
-        let d = Dispatch {
-            job_id,
-            tier: tier_of(row)?,
-            client: row.try_get("client")?,
-            attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).map_err(|e| corrupt("outbox attempt", e))?,
-            request: serde_json::from_str(&request).map_err(|e| corrupt("job request", e))?,
-            cache_key: row.try_get("cache_key")?,
-            created_ms: row.try_get("created_ms")?,
-        };
-        let detail = format!("to the {} queue", d.tier);
-        let change = Change { detail: &detail, ..Change::default() };
-        let dispatched = JobState::Dispatched;
-        due.events.push(event(
-            seq,
-            &d.job_id,
-            d.tier,
-            Some(JobState::Queued),
-            d.created_ms,
-            dispatched,
-            attempt_now,
-            &change,
-            now_ms,
-        ));
-        due.jobs.push(d);
-    }
-    Ok(due)
+    rows.iter().map(|r| dispatched_event(r, now_ms)).collect()
+}
+
+async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Result<Due, StoreError> {
+    let pending = pending_op(&mut *conn, now_ms, limit).await?;
+    let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
+    let events = if ids.is_empty() { vec![] } else { mark_sent_op(conn, &ids, now_ms).await? };
+    Ok(Due::new(pending, events))
 }
 
 async fn start_op(conn: &mut SqliteConnection, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
+    let row = sqlx::query("SELECT state, attempt, follows FROM jobs WHERE id = ?")
+        .bind(&d.job_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let (from, attempt, follows): (JobState, i64, Option<String>) =
+        (state_of(&row)?, row.col("attempt")?, row.col("follows")?);
+    if !start_allowed(from, attempt, follows.is_some(), d) {
+        return Ok(None);
+    }
     let detail = format!("attempt {}", d.attempt);
     let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
-    insert_event_if(conn, d, JobState::Dispatched, d.attempt - 1, JobState::Running, &change, now_ms).await
+    let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
+    Ok(Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, now_ms)))
 }
 
 async fn finish_op(
@@ -517,28 +324,7 @@ async fn finish_op(
     outcome: Outcome,
     now_ms: i64,
 ) -> Result<Vec<Event>, StoreError> {
-    let attempt = d.attempt;
-    let (to, detail, asset, bytes, error, retry_at, followers_to) = match &outcome {
-        Outcome::Succeeded { asset, bytes } => {
-            (JobState::Succeeded, "rendered", Some(asset.as_str()), Some(*bytes), None, None, Some(JobState::Succeeded))
-        }
-        Outcome::Retry { error, retry_at_ms } => {
-            (JobState::Queued, "attempt failed; retrying", None, None, Some(error.as_str()), Some(*retry_at_ms), None)
-        }
-        Outcome::Failed { error } => (
-            JobState::Failed,
-            "attempt failed; giving up",
-            None,
-            None,
-            Some(error.as_str()),
-            None,
-            Some(JobState::Failed),
-        ),
-    };
-    let followers_detail = match followers_to {
-        Some(JobState::Succeeded) => format!("served by the render of job {}", d.job_id),
-        _ => format!("the render of job {} failed", d.job_id),
-    };
+    let f = Finish::new(d, &outcome);
     // One round trip. The asset is recorded even when the job was cancelled meanwhile. Only the
     // running attempt's first report moves the job (idempotent by job id + attempt); a retry
     // gets its outbox row only then (`changes()`), and attached jobs move with their leader.
@@ -569,16 +355,16 @@ async fn finish_op(
     )
     .bind(&d.job_id)
     .bind(now_ms)
-    .bind(to.as_str())
-    .bind(i64::from(attempt))
-    .bind(detail)
-    .bind(asset)
-    .bind(error)
+    .bind(f.to.as_str())
+    .bind(i64::from(d.attempt))
+    .bind(f.detail)
+    .bind(f.asset)
+    .bind(f.error)
     .bind(&d.cache_key)
-    .bind(bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX)))
-    .bind(followers_to.map(JobState::as_str))
-    .bind(&followers_detail)
-    .bind(retry_at)
+    .bind(f.bytes)
+    .bind(f.followers_to.map(JobState::as_str))
+    .bind(&f.followers_detail)
+    .bind(f.retry_at)
     .bind(d.tier.as_str())
     .bind(&d.client)
     .fetch_all(&mut *conn)
@@ -588,22 +374,9 @@ async fn finish_op(
             let seq = r.try_get("seq")?;
             let job_id: String = r.try_get("job_id")?;
             if r.try_get::<String, _>("from_state")? == "running" {
-                let change = Change { detail, asset, error, attempt: None };
-                return Ok(event(
-                    seq,
-                    &job_id,
-                    d.tier,
-                    Some(JobState::Running),
-                    d.created_ms,
-                    to,
-                    attempt,
-                    &change,
-                    now_ms,
-                ));
+                return Ok(f.lead_event(d, seq, now_ms));
             }
-            let change = Change { detail: &followers_detail, asset, error, attempt: None };
-            let (state, created_ms) = (followers_to.unwrap_or(to), r.try_get("created_ms")?);
-            Ok(event(seq, &job_id, d.tier, Some(JobState::Queued), created_ms, state, 0, &change, now_ms))
+            Ok(f.follower_event(d, seq, &job_id, r.try_get("created_ms")?, now_ms))
         })
         .collect()
 }
@@ -667,6 +440,14 @@ impl Store for SqliteStore {
 
     fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
         Box::pin(self.write(Box::new(move |c| Box::pin(take_due_op(c, now_ms, limit)))))
+    }
+
+    fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>> {
+        Box::pin(pending_op(&self.read, now_ms, limit))
+    }
+
+    fn mark_sent(&self, ids: Vec<i64>, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+        Box::pin(self.write(Box::new(move |c| Box::pin(async move { mark_sent_op(c, &ids, now_ms).await }))))
     }
 
     fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>> {
@@ -759,22 +540,13 @@ impl Store for SqliteStore {
             let rows = sqlx::query("SELECT token_hash, name, role FROM api_tokens WHERE revoked_ms IS NULL")
                 .fetch_all(&self.read)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    let role: String = r.try_get("role")?;
-                    Ok(TokenRow {
-                        token_hash: r.try_get("token_hash")?,
-                        name: r.try_get("name")?,
-                        role: role.parse().map_err(|e| corrupt("token role", e))?,
-                    })
-                })
-                .collect()
+            rows.iter().map(token_from_row).collect()
         })
     }
 
     fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>> {
         // A taken name is a refusal that writes nothing: an answer, not a failed write.
-        let op: OpFn<Result<(), StoreError>> = Box::new(move |c| {
+        let op: OpFn<SqliteConnection, Result<(), StoreError>> = Box::new(move |c| {
             Box::pin(async move {
                 let taken: Option<i64> = sqlx::query_scalar("SELECT 1 FROM api_tokens WHERE name = ?")
                     .bind(&token.name)
@@ -794,151 +566,5 @@ impl Store for SqliteStore {
             })
         });
         Box::pin(async move { self.write(op).await? })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kiln_protocol::TierLimits;
-
-    async fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("kiln.db")).await.unwrap();
-        (dir, s)
-    }
-
-    fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
-        let request =
-            RenderRequest::resolve("cppn", "test", seed, Tier::Preview, Some(16), None, None, &TierLimits::default())
-                .unwrap();
-        NewJob {
-            id: id.into(),
-            request,
-            cache_key: key.into(),
-            client: "tester".into(),
-            idempotency_key: None,
-            now_ms: 1000,
-        }
-    }
-
-    /// The job row a fold of the events gives.
-    fn fold(events: &[Event]) -> (JobState, u32, Option<String>, Option<String>) {
-        let mut out = (JobState::Queued, 0, None, None);
-        for e in events {
-            out.0 = e.state;
-            out.1 = e.attempt;
-            if e.asset.is_some() {
-                out.2 = e.asset.clone();
-            }
-            if e.error.is_some() {
-                out.3 = e.error.clone();
-            }
-        }
-        out
-    }
-
-    async fn check_projection(s: &SqliteStore, id: &str) {
-        let job = s.job(id).await.unwrap().unwrap();
-        let events = s.events(id, 0).await.unwrap();
-        assert_eq!((job.state, job.attempt, job.asset.clone(), job.error.clone()), fold(&events), "{id}: {events:?}");
-    }
-
-    #[tokio::test]
-    async fn the_job_row_is_the_projection_of_its_events_through_a_whole_life() {
-        let (_d, s) = store().await;
-        let sub = s.submit(new_job("a", "k1", 1)).await.unwrap();
-        assert_eq!(sub.admission, Admission::Queued);
-        check_projection(&s, "a").await;
-        let due = s.take_due(2000, 10).await.unwrap();
-        assert_eq!(due.jobs.len(), 1);
-        let d = &due.jobs[0];
-        assert_eq!((d.attempt, d.cache_key.as_str()), (1, "k1"));
-        check_projection(&s, "a").await;
-        assert!(s.start(d, 2001).await.unwrap().is_some());
-        check_projection(&s, "a").await;
-        let retry = Outcome::Retry { error: "disk hiccup".into(), retry_at_ms: 5000 };
-        assert_eq!(s.finish(d, retry, 2002).await.unwrap().len(), 1);
-        check_projection(&s, "a").await;
-        let early = s.take_due(4000, 10).await.unwrap();
-        assert!(early.jobs.is_empty(), "a retry waits for its backoff");
-        assert_eq!(early.next_due_ms, Some(5000));
-        let d2 = s.take_due(5000, 10).await.unwrap().jobs.remove(0);
-        assert_eq!(d2.attempt, 2);
-        s.start(&d2, 5001).await.unwrap().unwrap();
-        s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10 }, 5002).await.unwrap();
-        check_projection(&s, "a").await;
-        let job = s.job("a").await.unwrap().unwrap();
-        assert_eq!((job.state, job.attempt, job.asset.as_deref()), (JobState::Succeeded, 2, Some("h1")));
-        assert_eq!(job.error.as_deref(), Some("disk hiccup"), "a job keeps its last error");
-        assert_eq!((job.started_ms, job.finished_ms), (Some(5001), Some(5002)));
-    }
-
-    #[tokio::test]
-    async fn reports_are_idempotent_by_job_and_attempt() {
-        let (_d, s) = store().await;
-        s.submit(new_job("a", "k1", 1)).await.unwrap();
-        let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
-        assert!(s.start(&d, 2001).await.unwrap().is_some());
-        assert!(s.start(&d, 2002).await.unwrap().is_none(), "a second start of the same attempt is refused");
-        let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10 };
-        assert_eq!(s.finish(&d, ok.clone(), 2003).await.unwrap().len(), 1);
-        assert!(s.finish(&d, ok, 2004).await.unwrap().is_empty(), "a redelivered result changes nothing");
-        let stale = Dispatch { attempt: 7, ..d.clone() };
-        assert!(s.finish(&stale, Outcome::Failed { error: "late".into() }, 2005).await.unwrap().is_empty());
-        let events = s.events("a", 0).await.unwrap();
-        assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 1);
-        check_projection(&s, "a").await;
-    }
-
-    #[tokio::test]
-    async fn the_cache_and_single_flight_are_decided_in_the_writer() {
-        let (_d, s) = store().await;
-        s.submit(new_job("lead", "k", 1)).await.unwrap();
-        let f = s.submit(new_job("follow", "k", 1)).await.unwrap();
-        assert_eq!(f.admission, Admission::Attached);
-        assert_eq!(f.job.follows.as_deref(), Some("lead"));
-        let due = s.take_due(2000, 10).await.unwrap();
-        assert_eq!(due.jobs.len(), 1, "only the leader goes to a worker");
-        let d = &due.jobs[0];
-        s.start(d, 2001).await.unwrap();
-        let events = s.finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1 }, 2002).await.unwrap();
-        assert_eq!(events.len(), 2, "the leader and its follower succeed together");
-        check_projection(&s, "follow").await;
-        let c = s.submit(new_job("later", "k", 1)).await.unwrap();
-        assert_eq!(
-            (c.admission, c.job.state, c.job.asset.as_deref()),
-            (Admission::Cached, JobState::Cached, Some("h"))
-        );
-        let mut again = new_job("dup", "k2", 2);
-        again.idempotency_key = Some("once".into());
-        let first = s.submit(again.clone()).await.unwrap();
-        again.id = "dup2".into();
-        let second = s.submit(again).await.unwrap();
-        assert_eq!((second.admission, second.job.id.as_str()), (Admission::Existing, first.job.id.as_str()));
-    }
-
-    #[tokio::test]
-    async fn resume_requeues_jobs_in_hand_and_a_cancelled_job_is_never_handed_out() {
-        let (_d, s) = store().await;
-        for (id, seed) in [("a", 1), ("b", 2), ("c", 3)] {
-            s.submit(new_job(id, &format!("k{seed}"), seed)).await.unwrap();
-        }
-        let due = s.take_due(2000, 2).await.unwrap();
-        assert_eq!(due.jobs.len(), 2);
-        s.start(&due.jobs[0], 2001).await.unwrap().unwrap();
-        // "a" running, "b" dispatched, "c" queued; "c" is cancelled; then the process dies.
-        s.cancel("c", "tester", 2002).await.unwrap().unwrap();
-        let resumed = s.resume(3000).await.unwrap();
-        let mut ids: Vec<_> = resumed.iter().map(|e| e.job_id.as_str()).collect();
-        ids.sort();
-        assert_eq!(ids, ["a", "b"]);
-        let due = s.take_due(3001, 10).await.unwrap();
-        let mut ids: Vec<_> = due.jobs.iter().map(|d| (d.job_id.as_str(), d.attempt)).collect();
-        ids.sort();
-        assert_eq!(ids, [("a", 2), ("b", 1)], "the running one takes a new attempt, the dispatched one its first");
-        for id in ["a", "b", "c"] {
-            check_projection(&s, id).await;
-        }
     }
 }

@@ -1,5 +1,6 @@
-//! A small client of the `/v1` API for the CLI, the benchmark and the tests: JSON calls with the
-//! bearer token, raw bytes for assets, and a reader of a job's event stream.
+//! A small client of the scheduler's `/v1` API for the CLI, the worker daemon (asset uploads),
+//! the benchmark and the tests: JSON calls with the bearer token, raw bytes for assets, and a
+//! reader of a job's event stream.
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -9,7 +10,27 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::auth::Secret;
+/// A secret that does not print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
 
 /// What can go wrong talking to the farm.
 #[derive(Debug, thiserror::Error)]

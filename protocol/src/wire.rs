@@ -1,0 +1,291 @@
+//! The messages the scheduler and workers exchange over RabbitMQ, and the names of the
+//! exchanges and queues they use. Versioned contracts: every message carries its schema version
+//! (`v`) and is sent with the content type [`CONTENT_TYPE`] and the AMQP `type` naming its kind and
+//! version; a consumer that gets anything else dead-letters it with the reason.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{RenderRequest, Tier};
+
+/// The schema version of every message here.
+pub const SCHEMA_VERSION: u32 = 1;
+/// The content type every message is sent with.
+pub const CONTENT_TYPE: &str = "application/json";
+/// The AMQP `type` of a job message.
+pub const JOB_TYPE: &str = "kiln.job.v1";
+/// The AMQP `type` of a result message.
+pub const RESULT_TYPE: &str = "kiln.result.v1";
+/// The AMQP `type` of a heartbeat.
+pub const HEARTBEAT_TYPE: &str = "kiln.heartbeat.v1";
+/// The highest message priority a job queue honours (`x-max-priority`).
+pub const MAX_PRIORITY: u8 = 9;
+/// The header a dead-lettered message carries with the reason it was refused.
+pub const REASON_HEADER: &str = "x-kiln-reason";
+
+/// The names of the broker objects, all under one prefix (`kiln` unless configured otherwise,
+/// so several farms or test runs can share a broker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names::new("kiln")
+    }
+}
+
+impl Names {
+    /// Names under `prefix`.
+    pub fn new(prefix: &str) -> Names {
+        Names { prefix: prefix.to_owned() }
+    }
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// The direct exchange jobs are published to, routed by tier name.
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    /// A tier's durable job queue (bound to the jobs exchange with the tier's name).
+    pub fn tier_queue(&self, tier: Tier) -> String {
+        format!("{}.jobs.{}", self.prefix, tier.as_str())
+    }
+    /// The fanout exchange refused and expired messages go to.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    /// The durable queue of dead letters, for the operator.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    /// The durable queue workers publish results to (through the default exchange).
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+    /// The queue workers publish heartbeats to (through the default exchange); each heartbeat
+    /// expires after a minute unread.
+    pub fn heartbeats_queue(&self) -> String {
+        format!("{}.heartbeats", self.prefix)
+    }
+    /// Every queue, for tests and tools that clean up.
+    pub fn queues(&self) -> Vec<String> {
+        let mut q: Vec<String> = Tier::ALL.iter().map(|t| self.tier_queue(*t)).collect();
+        q.extend([self.dead_queue(), self.results_queue(), self.heartbeats_queue()]);
+        q
+    }
+}
+
+/// A render for a worker: one attempt of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMessage {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub v: u32,
+    /// The job.
+    pub job_id: String,
+    /// The attempt (1 for the first); a result is recorded only for the attempt the job is on.
+    pub attempt: u32,
+    /// Who submitted it.
+    pub client: String,
+    /// The cache key the scheduler computed.
+    pub cache_key: String,
+    /// When the job was created, unix milliseconds.
+    pub created_ms: i64,
+    /// What to render.
+    pub request: RenderRequest,
+}
+
+impl JobMessage {
+    /// The message priority within its tier queue: a later attempt has waited longer and goes
+    /// first.
+    pub fn priority(&self) -> u8 {
+        (4 + self.attempt.min(5)) as u8
+    }
+}
+
+/// How an attempt ended, as a worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The render made an asset, stored (or uploaded) before this was sent.
+    Succeeded {
+        /// BLAKE3 of the PNG.
+        asset: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// The render failed.
+    Failed {
+        /// What went wrong.
+        error: String,
+        /// Whether another attempt may succeed.
+        transient: bool,
+    },
+}
+
+/// A worker's report of an attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultMessage {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub v: u32,
+    /// The job message the worker ran, as it got it.
+    pub job: JobMessage,
+    /// The worker's id.
+    pub worker: String,
+    /// The backend and device that rendered it (provenance).
+    pub backend: String,
+    /// When the render started, unix milliseconds.
+    pub started_ms: i64,
+    /// When it ended.
+    pub finished_ms: i64,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+}
+
+/// A worker's heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub v: u32,
+    /// The worker's id (unique per process).
+    pub worker_id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// `wgpu` or `cpu`.
+    pub backend: String,
+    /// The adapter (GPU) or CPU it renders on.
+    pub adapter: String,
+    /// Device memory in bytes, where known.
+    pub memory_bytes: Option<u64>,
+    /// Models it can run.
+    pub models: Vec<String>,
+    /// Tiers it consumes.
+    pub tiers: Vec<Tier>,
+    /// Renders in hand.
+    pub in_flight: u32,
+    /// Renders it runs at once.
+    pub concurrency: u32,
+    /// Whether it is draining (stopped taking work).
+    pub draining: bool,
+    /// When it was sent, unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// Why a message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// The content type is not [`CONTENT_TYPE`].
+    #[error("content type {0:?} is not {CONTENT_TYPE}")]
+    ContentType(String),
+    /// The AMQP `type` is not the expected kind and version.
+    #[error("message type {got:?} is not {want}")]
+    Type {
+        /// What came.
+        got: String,
+        /// What was expected.
+        want: &'static str,
+    },
+    /// The body does not parse.
+    #[error("body: {0}")]
+    Body(#[from] serde_json::Error),
+    /// A schema version this build does not know.
+    #[error("v: schema version {0} is not {SCHEMA_VERSION}")]
+    Version(u32),
+}
+
+/// Decodes a message of kind `want` (one of the `*_TYPE` constants), checking its content type,
+/// type and schema version. Absent properties are accepted (tools publishing by hand).
+pub fn decode<T: serde::de::DeserializeOwned + Versioned>(
+    content_type: Option<&str>,
+    kind: Option<&str>,
+    want: &'static str,
+    body: &[u8],
+) -> Result<T, MessageError> {
+    if let Some(ct) = content_type
+        && ct != CONTENT_TYPE
+    {
+        return Err(MessageError::ContentType(ct.to_owned()));
+    }
+    if let Some(k) = kind
+        && k != want
+    {
+        return Err(MessageError::Type { got: k.to_owned(), want });
+    }
+    let v: T = serde_json::from_slice(body)?;
+    if v.version() != SCHEMA_VERSION {
+        return Err(MessageError::Version(v.version()));
+    }
+    Ok(v)
+}
+
+/// A message with a schema version.
+pub trait Versioned {
+    /// Its `v`.
+    fn version(&self) -> u32;
+}
+
+impl Versioned for JobMessage {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+impl Versioned for ResultMessage {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+impl Versioned for Heartbeat {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TierLimits;
+
+    fn job() -> JobMessage {
+        let request =
+            RenderRequest::resolve("cppn", "a fox", 7, Tier::Preview, Some(32), None, None, &TierLimits::default())
+                .unwrap();
+        JobMessage {
+            v: 1,
+            job_id: "j1".into(),
+            attempt: 1,
+            client: "c".into(),
+            cache_key: "k".into(),
+            created_ms: 5,
+            request,
+        }
+    }
+
+    #[test]
+    fn a_job_message_round_trips_and_bad_ones_are_refused_with_the_reason() {
+        let body = serde_json::to_vec(&job()).unwrap();
+        let back: JobMessage = decode(Some(CONTENT_TYPE), Some(JOB_TYPE), JOB_TYPE, &body).unwrap();
+        assert_eq!(back, job());
+        let e = decode::<JobMessage>(Some("text/plain"), None, JOB_TYPE, &body).unwrap_err();
+        assert!(e.to_string().contains("text/plain"), "{e}");
+        let e = decode::<JobMessage>(None, Some(RESULT_TYPE), JOB_TYPE, &body).unwrap_err();
+        assert!(e.to_string().contains("kiln.result.v1"), "{e}");
+        let e = decode::<JobMessage>(None, None, JOB_TYPE, b"{not json").unwrap_err();
+        assert!(e.to_string().starts_with("body:"), "{e}");
+        let mut v2 = job();
+        v2.v = 2;
+        let e = decode::<JobMessage>(None, None, JOB_TYPE, &serde_json::to_vec(&v2).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("schema version 2"), "{e}");
+    }
+
+    #[test]
+    fn names_sit_under_the_prefix_and_retries_go_first() {
+        let n = Names::default();
+        assert_eq!(n.tier_queue(Tier::Print), "kiln.jobs.print");
+        assert_eq!(n.queues().len(), 6);
+        let mut j = job();
+        let first = j.priority();
+        j.attempt = 3;
+        assert!(j.priority() > first && j.priority() <= MAX_PRIORITY);
+    }
+}

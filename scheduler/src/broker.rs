@@ -1,0 +1,366 @@
+//! Distributed dispatch over RabbitMQ: the outbox relay (publish with confirms, mark sent only
+//! after the confirm), the results consumer (record each worker's result, then ack), and the
+//! worker registry fed by heartbeats. Reconnects with backoff when the broker goes away; rows not
+//! yet confirmed stay unsent and are published again, and a result is acked only once it is
+//! durable in the store, so nothing is lost and a repeat changes nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kiln_protocol::wire::{
+    self, AttemptOutcome, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, Names, RESULT_TYPE, ResultMessage,
+};
+use kiln_worker::amqp::{self, PublishError};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::scheduler::Scheduler;
+use crate::store::{Dispatch, Outcome};
+use crate::time::now_ms;
+
+/// A worker as the registry knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerEntry {
+    /// Its last heartbeat.
+    #[serde(flatten)]
+    pub heartbeat: Heartbeat,
+    /// `active`, `draining` or `lost`.
+    pub state: &'static str,
+    /// When it was last heard from, unix milliseconds.
+    pub last_seen_ms: i64,
+}
+
+/// The workers heard from (by heartbeat), kept in memory: after a restart of the scheduler the
+/// registry fills again within one heartbeat period.
+#[derive(Debug, Default)]
+pub struct Registry {
+    workers: Mutex<HashMap<String, (Heartbeat, i64)>>,
+    lost_after_ms: i64,
+}
+
+impl Registry {
+    /// A registry that shows a worker unheard for `lost_after` as lost.
+    pub fn new(lost_after: Duration) -> Registry {
+        Registry { workers: Mutex::new(HashMap::new()), lost_after_ms: lost_after.as_millis() as i64 }
+    }
+
+    /// Records a heartbeat.
+    pub fn heard(&self, hb: Heartbeat, now_ms: i64) {
+        let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        if !w.contains_key(&hb.worker_id) {
+            tracing::info!(worker = hb.worker_id, host = hb.host, backend = hb.backend, "a worker joined");
+        }
+        w.insert(hb.worker_id.clone(), (hb, now_ms));
+    }
+
+    /// Every worker, with its state as of `now_ms`, by id.
+    pub fn list(&self, now_ms: i64) -> Vec<WorkerEntry> {
+        let w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<WorkerEntry> = w
+            .values()
+            .map(|(hb, seen)| WorkerEntry {
+                state: if now_ms - seen > self.lost_after_ms {
+                    "lost"
+                } else if hb.draining {
+                    "draining"
+                } else {
+                    "active"
+                },
+                heartbeat: hb.clone(),
+                last_seen_ms: *seen,
+            })
+            .collect();
+        out.sort_by(|a, b| a.heartbeat.worker_id.cmp(&b.heartbeat.worker_id));
+        out
+    }
+}
+
+/// Runs the relay, the results consumer and the heartbeat listener until `stop`, reconnecting
+/// whenever the broker goes away.
+pub async fn run(sched: Arc<Scheduler>, cfg: BrokerConfig, stop: CancellationToken) {
+    let Some(url) = cfg.amqp_url.clone() else { return };
+    let names = Names::new(&cfg.prefix);
+    loop {
+        let Some(conn) = amqp::connect_with_backoff(&url, "kiln-scheduler", stop.cancelled()).await else { return };
+        tracing::info!(prefix = names.prefix(), "connected to RabbitMQ");
+        let session = stop.child_token();
+        let result = tokio::select! {
+            r = run_session(&sched, &cfg, &names, &conn, session.clone()) => r,
+            () = stop.cancelled() => Ok(()),
+        };
+        session.cancel();
+        let _ = conn.close(200, "bye".into()).await;
+        match result {
+            Ok(()) if stop.is_cancelled() => return,
+            Ok(()) => tracing::warn!("the broker session ended; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, "lost the broker; reconnecting"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn run_session(
+    sched: &Arc<Scheduler>,
+    cfg: &BrokerConfig,
+    names: &Names,
+    conn: &Connection,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let publ = amqp::confirm_channel(conn).await?;
+    amqp::declare_topology(&publ, names).await?;
+    let results = conn.create_channel().await?;
+    results.basic_qos(1024, BasicQosOptions::default()).await?;
+    let beats = conn.create_channel().await?;
+    let dead = amqp::confirm_channel(conn).await?;
+    tokio::select! {
+        r = relay(sched, cfg, names, &publ, &stop) => r,
+        r = consume_results(sched, names, &results, &dead) => r,
+        r = consume_heartbeats(sched, names, &beats) => r,
+    }
+}
+
+/// Publishes due outbox rows, up to `window` ahead of their confirms, and marks sent exactly
+/// those the broker confirmed.
+async fn relay(
+    sched: &Arc<Scheduler>,
+    cfg: &BrokerConfig,
+    names: &Names,
+    ch: &Channel,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let exchange = names.jobs_exchange();
+    loop {
+        let now = now_ms();
+        let pending = match sched.store.pending(now, cfg.window).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "relay: cannot read the outbox; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if pending.rows.is_empty() {
+            let sleep = pending
+                .next_due_ms
+                .map_or(Duration::from_secs(3600), |t| Duration::from_millis((t - now).max(1) as u64));
+            tokio::select! {
+                () = sched.dispatch_wake.notified() => {}
+                () = tokio::time::sleep(sleep) => {}
+                () = stop.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        let mut confirms = Vec::with_capacity(pending.rows.len());
+        let mut done = Vec::with_capacity(pending.rows.len());
+        for o in &pending.rows {
+            if !o.live {
+                done.push(o.id);
+                continue;
+            }
+            let msg = job_message(&o.dispatch);
+            let body = serde_json::to_vec(&msg)?;
+            let props =
+                amqp::properties(JOB_TYPE, &format!("{}:{}", msg.job_id, msg.attempt)).with_priority(msg.priority());
+            let confirm = ch
+                .basic_publish(
+                    exchange.clone().into(),
+                    msg.request.tier.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?;
+            confirms.push((o.id, confirm));
+        }
+        let mut refused = 0;
+        for (id, confirm) in confirms {
+            match confirm.await {
+                Ok(c) if c.is_ack() => done.push(id),
+                Ok(_) => refused += 1,
+                Err(e) => {
+                    // The channel is gone: mark what was confirmed, then reconnect.
+                    mark_sent(sched, done).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        if refused > 0 {
+            tracing::warn!(refused, "relay: the broker refused messages; they go again");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        mark_sent(sched, done).await;
+    }
+}
+
+async fn mark_sent(sched: &Scheduler, ids: Vec<i64>) {
+    if ids.is_empty() {
+        return;
+    }
+    sched.metrics.relayed.inc_by(ids.len() as u64);
+    match sched.store.mark_sent(ids, now_ms()).await {
+        Ok(events) => sched.publish(events),
+        // Not lost: the rows stay unsent and are published again; a repeat is harmless.
+        Err(e) => tracing::error!(error = %e, "relay: cannot mark rows sent; they will be published again"),
+    }
+}
+
+/// The message a worker gets for a dispatch.
+pub fn job_message(d: &Dispatch) -> JobMessage {
+    JobMessage {
+        v: wire::SCHEMA_VERSION,
+        job_id: d.job_id.clone(),
+        attempt: d.attempt,
+        client: d.client.clone(),
+        cache_key: d.cache_key.clone(),
+        created_ms: d.created_ms,
+        request: d.request.clone(),
+    }
+}
+
+fn dispatch_of(m: &JobMessage) -> Dispatch {
+    Dispatch {
+        job_id: m.job_id.clone(),
+        tier: m.request.tier,
+        client: m.client.clone(),
+        attempt: m.attempt,
+        request: m.request.clone(),
+        cache_key: m.cache_key.clone(),
+        created_ms: m.created_ms,
+    }
+}
+
+/// Records workers' results. Each batch of deliveries at hand is recorded concurrently (one
+/// transaction for the lot, by the store's group commit), then acked.
+async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, dead: &Channel) -> anyhow::Result<()> {
+    let mut consumer = ch
+        .basic_consume(
+            names.results_queue().into(),
+            "kiln-scheduler-results".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let Some(first) = consumer.next().await else { anyhow::bail!("the results consumer was closed") };
+        let mut batch = vec![first?];
+        while batch.len() < 512 {
+            match futures_util::FutureExt::now_or_never(consumer.next()) {
+                Some(Some(d)) => batch.push(d?),
+                _ => break,
+            }
+        }
+        let recorded =
+            futures_util::future::join_all(batch.iter().map(|d| record_delivery(sched, names, dead, d))).await;
+        for (d, ok) in batch.iter().zip(recorded) {
+            if ok {
+                d.ack(BasicAckOptions::default()).await?;
+            } else {
+                // The store is down: the result goes back to the queue and comes again.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                d.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
+            }
+        }
+    }
+}
+
+/// Records one result delivery; `false` when it must come again (the store failed).
+async fn record_delivery(sched: &Scheduler, names: &Names, dead: &Channel, d: &lapin::message::Delivery) -> bool {
+    let p = &d.properties;
+    let msg: Result<ResultMessage, _> = wire::decode(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        p.kind().as_ref().map(|s| s.as_str()),
+        RESULT_TYPE,
+        &d.data,
+    );
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => {
+            sched.metrics.bad_messages.with_label_values(&["result"]).inc();
+            let reason = e.to_string();
+            tracing::warn!(reason, "dead-lettering a bad result message");
+            return match amqp::dead_letter(dead, names, &d.data, p, &reason).await {
+                Ok(()) => true,
+                Err(PublishError::Broker(e)) => {
+                    tracing::error!(error = %e, "cannot dead-letter a bad result");
+                    false
+                }
+                Err(PublishError::Nacked) => false,
+            };
+        }
+    };
+    sched.record_result(dispatch_of(&msg.job), &msg).await
+}
+
+async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel) -> anyhow::Result<()> {
+    let opts = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+    let mut consumer = ch
+        .basic_consume(names.heartbeats_queue().into(), "kiln-scheduler-heartbeats".into(), opts, FieldTable::default())
+        .await?;
+    while let Some(d) = consumer.next().await {
+        let d = d?;
+        let p = &d.properties;
+        let hb: Result<Heartbeat, _> = wire::decode(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            p.kind().as_ref().map(|s| s.as_str()),
+            HEARTBEAT_TYPE,
+            &d.data,
+        );
+        match hb {
+            Ok(hb) => sched.registry.heard(hb, now_ms()),
+            Err(e) => {
+                sched.metrics.bad_messages.with_label_values(&["heartbeat"]).inc();
+                tracing::warn!(error = %e, "ignoring a bad heartbeat");
+            }
+        }
+    }
+    anyhow::bail!("the heartbeat consumer was closed")
+}
+
+impl Scheduler {
+    /// Records a worker's result for `d`: the job moves to `running` (if the worker's start was
+    /// not seen yet) and then to its outcome. `false` when the store failed (try again later).
+    pub(crate) async fn record_result(&self, d: Dispatch, msg: &ResultMessage) -> bool {
+        let outcome = match &msg.outcome {
+            AttemptOutcome::Succeeded { asset, bytes } => {
+                if self.worker.store().contains(asset) {
+                    Outcome::Succeeded { asset: asset.clone(), bytes: *bytes }
+                } else {
+                    let error = format!("worker {} reported asset {asset}, which never arrived here", msg.worker);
+                    self.failure_outcome(&d, error, true)
+                }
+            }
+            AttemptOutcome::Failed { error, transient } => {
+                self.failure_outcome(&d, format!("on worker {}: {error}", msg.worker), *transient)
+            }
+        };
+        let started = match self.store.start(&d, msg.started_ms).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(job_id = d.job_id, error = %e, "cannot record a result (start)");
+                return false;
+            }
+        };
+        self.publish(started.into_iter().collect());
+        self.count_attempt(&d, &outcome);
+        let retry = matches!(outcome, Outcome::Retry { .. });
+        match self.store.finish(&d, outcome, now_ms()).await {
+            Ok(events) => {
+                self.publish(events);
+                if retry {
+                    self.dispatch_wake.notify_one();
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(job_id = d.job_id, error = %e, "cannot record a result");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! One store test suite, run against both stores: SQLite in a temporary directory, and
+//! PostgreSQL in a fresh schema of the test database (see [`crate::testenv`]).
+
+use super::*;
+use kiln_protocol::TierLimits;
+
+async fn sqlite_store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("kiln.db")).await.unwrap();
+    (dir, s)
+}
+
+async fn pg_store() -> Option<PgStore> {
+    let url = crate::testenv::fresh_database().await?;
+    Some(PgStore::open(&url).await.unwrap())
+}
+
+/// Runs each case against both stores.
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                let (_dir, s) = super::sqlite_store().await;
+                super::$name(&s).await;
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                let Some(s) = super::pg_store().await else { return };
+                super::$name(&s).await;
+            })*
+        }
+    };
+}
+
+both_stores!(
+    the_job_row_is_the_projection_of_its_events_through_a_whole_life,
+    reports_are_idempotent_by_job_and_attempt,
+    the_cache_and_single_flight_are_decided_in_the_writer,
+    resume_requeues_jobs_in_hand_and_a_cancelled_job_is_never_handed_out,
+    the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it,
+    tokens_are_unique_by_name,
+);
+
+fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
+    let request =
+        RenderRequest::resolve("cppn", "test", seed, Tier::Preview, Some(16), None, None, &TierLimits::default())
+            .unwrap();
+    NewJob {
+        id: id.into(),
+        request,
+        cache_key: key.into(),
+        client: "tester".into(),
+        idempotency_key: None,
+        now_ms: 1000,
+    }
+}
+
+/// The job row a fold of the events gives.
+fn fold(events: &[Event]) -> (JobState, u32, Option<String>, Option<String>) {
+    let mut out = (JobState::Queued, 0, None, None);
+    for e in events {
+        out.0 = e.state;
+        out.1 = e.attempt;
+        if e.asset.is_some() {
+            out.2 = e.asset.clone();
+        }
+        if e.error.is_some() {
+            out.3 = e.error.clone();
+        }
+    }
+    out
+}
+
+async fn check_projection(s: &dyn Store, id: &str) {
+    let job = s.job(id).await.unwrap().unwrap();
+    let events = s.events(id, 0).await.unwrap();
+    assert_eq!((job.state, job.attempt, job.asset.clone(), job.error.clone()), fold(&events), "{id}: {events:?}");
+}
+
+async fn the_job_row_is_the_projection_of_its_events_through_a_whole_life(s: &dyn Store) {
+    let sub = s.submit(new_job("a", "k1", 1)).await.unwrap();
+    assert_eq!(sub.admission, Admission::Queued);
+    check_projection(s, "a").await;
+    let due = s.take_due(2000, 10).await.unwrap();
+    assert_eq!(due.jobs.len(), 1);
+    let d = &due.jobs[0];
+    assert_eq!((d.attempt, d.cache_key.as_str()), (1, "k1"));
+    check_projection(s, "a").await;
+    assert!(s.start(d, 2001).await.unwrap().is_some());
+    check_projection(s, "a").await;
+    let retry = Outcome::Retry { error: "disk hiccup".into(), retry_at_ms: 5000 };
+    assert_eq!(s.finish(d, retry, 2002).await.unwrap().len(), 1);
+    check_projection(s, "a").await;
+    let early = s.take_due(4000, 10).await.unwrap();
+    assert!(early.jobs.is_empty(), "a retry waits for its backoff");
+    assert_eq!(early.next_due_ms, Some(5000));
+    let d2 = s.take_due(5000, 10).await.unwrap().jobs.remove(0);
+    assert_eq!(d2.attempt, 2);
+    s.start(&d2, 5001).await.unwrap().unwrap();
+    s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10 }, 5002).await.unwrap();
+    check_projection(s, "a").await;
+    let job = s.job("a").await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt, job.asset.as_deref()), (JobState::Succeeded, 2, Some("h1")));
+    assert_eq!(job.error.as_deref(), Some("disk hiccup"), "a job keeps its last error");
+    assert_eq!((job.started_ms, job.finished_ms), (Some(5001), Some(5002)));
+}
+
+async fn reports_are_idempotent_by_job_and_attempt(s: &dyn Store) {
+    s.submit(new_job("a", "k1", 1)).await.unwrap();
+    let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
+    assert!(s.start(&d, 2001).await.unwrap().is_some());
+    assert!(s.start(&d, 2002).await.unwrap().is_none(), "a second start of the same attempt is refused");
+    let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10 };
+    assert_eq!(s.finish(&d, ok.clone(), 2003).await.unwrap().len(), 1);
+    assert!(s.finish(&d, ok, 2004).await.unwrap().is_empty(), "a redelivered result changes nothing");
+    let stale = Dispatch { attempt: 7, ..d.clone() };
+    assert!(s.finish(&stale, Outcome::Failed { error: "late".into() }, 2005).await.unwrap().is_empty());
+    let events = s.events("a", 0).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 1);
+    check_projection(s, "a").await;
+}
+
+async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {
+    s.submit(new_job("lead", "k", 1)).await.unwrap();
+    let f = s.submit(new_job("follow", "k", 1)).await.unwrap();
+    assert_eq!(f.admission, Admission::Attached);
+    assert_eq!(f.job.follows.as_deref(), Some("lead"));
+    let due = s.take_due(2000, 10).await.unwrap();
+    assert_eq!(due.jobs.len(), 1, "only the leader goes to a worker");
+    let d = &due.jobs[0];
+    s.start(d, 2001).await.unwrap();
+    let events = s.finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1 }, 2002).await.unwrap();
+    assert_eq!(events.len(), 2, "the leader and its follower succeed together");
+    check_projection(s, "follow").await;
+    let c = s.submit(new_job("later", "k", 1)).await.unwrap();
+    assert_eq!((c.admission, c.job.state, c.job.asset.as_deref()), (Admission::Cached, JobState::Cached, Some("h")));
+    let mut again = new_job("dup", "k2", 2);
+    again.idempotency_key = Some("once".into());
+    let first = s.submit(again.clone()).await.unwrap();
+    again.id = "dup2".into();
+    let second = s.submit(again).await.unwrap();
+    assert_eq!((second.admission, second.job.id.as_str()), (Admission::Existing, first.job.id.as_str()));
+}
+
+async fn resume_requeues_jobs_in_hand_and_a_cancelled_job_is_never_handed_out(s: &dyn Store) {
+    for (id, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        s.submit(new_job(id, &format!("k{seed}"), seed)).await.unwrap();
+    }
+    let due = s.take_due(2000, 2).await.unwrap();
+    assert_eq!(due.jobs.len(), 2);
+    s.start(&due.jobs[0], 2001).await.unwrap().unwrap();
+    // "a" running, "b" dispatched, "c" queued; "c" is cancelled; then the process dies.
+    s.cancel("c", "tester", 2002).await.unwrap().unwrap();
+    let resumed = s.resume(3000).await.unwrap();
+    let mut ids: Vec<_> = resumed.iter().map(|e| e.job_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b"]);
+    let due = s.take_due(3001, 10).await.unwrap();
+    let mut ids: Vec<_> = due.jobs.iter().map(|d| (d.job_id.as_str(), d.attempt)).collect();
+    ids.sort();
+    assert_eq!(ids, [("a", 2), ("b", 1)], "the running one takes a new attempt, the dispatched one its first");
+    for id in ["a", "b", "c"] {
+        check_projection(s, id).await;
+    }
+}
+
+async fn the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it(s: &dyn Store) {
+    for (id, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        s.submit(new_job(id, &format!("k{seed}"), seed)).await.unwrap();
+    }
+    s.cancel("c", "tester", 1500).await.unwrap().unwrap();
+    let p = s.pending(2000, 10).await.unwrap();
+    assert_eq!(p.rows.len(), 3);
+    let live: Vec<_> = p.rows.iter().map(|o| (o.dispatch.job_id.as_str(), o.live)).collect();
+    assert_eq!(live, [("a", true), ("b", true), ("c", false)], "a cancelled job's row is only marked sent");
+    assert_eq!(s.pending(2000, 10).await.unwrap().rows.len(), 3, "reading changes nothing");
+    // "b" was published and its worker's result came back before the relay marked the row.
+    let b = p.rows[1].dispatch.clone();
+    let started = s.start(&b, 2001).await.unwrap().expect("a queued job whose row went out may start");
+    assert_eq!(started.from, Some(JobState::Queued));
+    s.finish(&b, Outcome::Succeeded { asset: "hb".into(), bytes: 3 }, 2002).await.unwrap();
+    let ids = p.rows.iter().map(|o| o.id).collect();
+    let events = s.mark_sent(ids, 2003).await.unwrap();
+    let moved: Vec<_> = events.iter().map(|e| (e.job_id.as_str(), e.state)).collect();
+    assert_eq!(moved, [("a", JobState::Dispatched)], "only the job still waiting moves");
+    assert!(s.pending(5000, 10).await.unwrap().rows.is_empty());
+    assert_eq!(s.job("b").await.unwrap().unwrap().state, JobState::Succeeded);
+    let a = p.rows[0].dispatch.clone();
+    assert!(s.start(&a, 2004).await.unwrap().is_some());
+    assert!(s.start(&a, 2005).await.unwrap().is_none(), "a duplicate delivery does not start twice");
+    for id in ["a", "b", "c"] {
+        check_projection(s, id).await;
+    }
+}
+
+async fn tokens_are_unique_by_name(s: &dyn Store) {
+    let row = |hash: &str| TokenRow { token_hash: hash.into(), name: "ops".into(), role: crate::auth::Role::Operator };
+    s.add_token(row("h1"), 1).await.unwrap();
+    assert!(matches!(s.add_token(row("h2"), 2).await, Err(StoreError::Conflict(_))));
+    let tokens = s.tokens().await.unwrap();
+    assert_eq!((tokens.len(), tokens[0].token_hash.as_str()), (1, "h1"));
+    // The refusal did not roll back anything else.
+    s.submit(new_job("x", "kx", 9)).await.unwrap();
+}

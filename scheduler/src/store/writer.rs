@@ -1,0 +1,181 @@
+//! Group commit, shared by both stores: one writer task owns the database's write connection.
+//! It takes whatever operations are waiting (up to [`MAX_BATCH`]), runs them in one
+//! transaction, commits once, and only then answers their callers: a caller never hears "done"
+//! for a write that is not durable, and a burst of submits, dispatches and results costs one
+//! commit instead of hundreds. If any operation in a batch fails, the whole batch rolls back and
+//! every caller in it gets an error, so no half-done operation is ever committed. Being the only
+//! writer also makes the submit's cache and single-flight checks race-free.
+//!
+//! When the connection breaks (the database restarted), the batch's callers get an error and the
+//! writer connects again, with backoff, before the next batch.
+
+use std::time::Duration;
+
+use sqlx::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BoxFut, StoreError};
+
+/// Most operations one transaction takes.
+pub const MAX_BATCH: usize = 512;
+
+/// A write: runs on the writer's connection inside the batch's transaction.
+pub type OpFn<C, T> = Box<dyn for<'c> FnOnce(&'c mut C) -> BoxFut<'c, Result<T, StoreError>> + Send>;
+
+/// Makes the writer's connection (again, after it broke).
+pub type Connect<C> = Box<dyn Fn() -> BoxFut<'static, Result<C, StoreError>> + Send + Sync>;
+
+/// A connection the writer can run transactions on.
+pub trait WriteConn: Connection + Send + 'static {
+    /// How a batch's transaction starts.
+    const BEGIN: &'static str;
+    /// Runs one statement that returns nothing.
+    fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>>;
+}
+
+/// One queued write: runs inside the batch's transaction, answers after the commit.
+trait WriteOp<C>: Send {
+    /// Runs the write; `false` when it failed and the batch must be rolled back.
+    fn run<'c>(&'c mut self, conn: &'c mut C) -> BoxFut<'c, bool>;
+    /// Answers the caller: its own result if the commit held, else the commit's error.
+    fn finish(self: Box<Self>, commit: Result<(), String>);
+}
+
+struct Op<C, T> {
+    f: Option<OpFn<C, T>>,
+    out: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<C: Send + 'static, T: Send + 'static> WriteOp<C> for Op<C, T> {
+    fn run<'c>(&'c mut self, conn: &'c mut C) -> BoxFut<'c, bool> {
+        Box::pin(async move {
+            let Some(f) = self.f.take() else { return false };
+            let r = f(conn).await;
+            let ok = r.is_ok();
+            self.out = Some(r);
+            ok
+        })
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), String>) {
+        let out = match (commit, self.out) {
+            (_, Some(Err(e))) => Err(e),
+            (Ok(()), Some(Ok(v))) => Ok(v),
+            (Err(e), Some(Ok(_)) | None) => Err(StoreError::RolledBack(e)),
+            (Ok(()), None) => Err(StoreError::Closed),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+/// The handle callers send writes through; cheap to clone.
+pub struct Writer<C> {
+    tx: mpsc::Sender<Box<dyn WriteOp<C>>>,
+}
+
+impl<C> Clone for Writer<C> {
+    fn clone(&self) -> Self {
+        Writer { tx: self.tx.clone() }
+    }
+}
+
+impl<C: WriteConn> Writer<C> {
+    /// Starts the writer task on `conn`; `connect` makes a new connection when it breaks.
+    pub fn spawn(conn: C, connect: Connect<C>) -> Writer<C> {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(run(conn, connect, rx));
+        Writer { tx }
+    }
+
+    /// Runs `f` in the next batch; answers once its transaction has committed (or failed).
+    pub async fn write<T: Send + 'static>(&self, f: OpFn<C, T>) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let op: Box<dyn WriteOp<C>> = Box::new(Op { f: Some(f), out: None, reply });
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A handle that does not keep the writer alive (for background tasks that stop with it).
+    pub fn downgrade(&self) -> WeakWriter<C> {
+        WeakWriter { tx: self.tx.downgrade() }
+    }
+}
+
+/// See [`Writer::downgrade`].
+pub struct WeakWriter<C> {
+    tx: mpsc::WeakSender<Box<dyn WriteOp<C>>>,
+}
+
+impl<C> WeakWriter<C> {
+    /// Whether the store is still open.
+    pub fn is_alive(&self) -> bool {
+        self.tx.strong_count() > 0
+    }
+}
+
+async fn run<C: WriteConn>(conn: C, connect: Connect<C>, mut rx: mpsc::Receiver<Box<dyn WriteOp<C>>>) {
+    let mut conn = Some(conn);
+    let mut batch: Vec<Box<dyn WriteOp<C>>> = Vec::with_capacity(MAX_BATCH);
+    let (mut busy, mut ops, mut batches, started) = (0f64, 0usize, 0usize, std::time::Instant::now());
+    let mut backoff = Duration::from_millis(100);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let t = std::time::Instant::now();
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match connect().await {
+                Ok(c) => {
+                    tracing::info!("store: the writer is connected again");
+                    backoff = Duration::from_millis(100);
+                    conn.insert(c)
+                }
+                Err(e) => {
+                    let message = format!("the database is unreachable: {e}");
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "store: cannot connect");
+                    for op in batch.drain(..) {
+                        op.finish(Err(message.clone()));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+        };
+        let commit = run_batch(c, &mut batch).await.map_err(|e| e.to_string());
+        busy += t.elapsed().as_secs_f64();
+        ops += batch.len();
+        batches += 1;
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, ops = batch.len(), "store: a transaction rolled back; its callers are told");
+            if c.ping().await.is_err() {
+                tracing::warn!("store: the write connection is gone; reconnecting before the next batch");
+                conn = None;
+            }
+        }
+        for op in batch.drain(..) {
+            op.finish(commit.clone());
+        }
+    }
+    let up = started.elapsed().as_secs_f64();
+    tracing::info!(busy_seconds = busy, up_seconds = up, ops, batches, "store writer stopped");
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+}
+
+async fn run_batch<C: WriteConn>(conn: &mut C, batch: &mut [Box<dyn WriteOp<C>>]) -> Result<(), sqlx::Error> {
+    conn.exec(C::BEGIN).await?;
+    for op in batch.iter_mut() {
+        if !op.run(conn).await {
+            conn.exec("ROLLBACK").await?;
+            return Err(sqlx::Error::Protocol(
+                "another write in the same transaction failed; nothing was written".into(),
+            ));
+        }
+    }
+    if let Err(e) = conn.exec("COMMIT").await {
+        let _ = conn.exec("ROLLBACK").await;
+        return Err(e);
+    }
+    Ok(())
+}

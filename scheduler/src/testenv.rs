@@ -1,0 +1,93 @@
+//! For tests: where the real services are, and what to do when one is not there.
+//!
+//! Tests that need PostgreSQL or RabbitMQ read `KILN_TEST_DATABASE_URL` and `KILN_TEST_AMQP_URL`
+//! (defaults: the standard local ports). Where a service is unreachable such a test says so and
+//! skips, unless `KILN_TEST_REQUIRE_SERVICES=1` (CI sets it): then it fails.
+
+use std::time::Duration;
+
+use sqlx::Connection;
+
+/// The default PostgreSQL URL for tests.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The default RabbitMQ URL for tests.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Whether a missing service fails the test.
+pub fn services_required() -> bool {
+    std::env::var("KILN_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+fn skip_or_fail(service: &str, var: &str, url: &str, e: &dyn std::fmt::Display) {
+    if services_required() {
+        panic!("KILN_TEST_REQUIRE_SERVICES=1 but {service} at {url} is unreachable ({var}): {e}");
+    }
+    eprintln!("skipping: {service} at {url} is unreachable ({e}); set {var}, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+}
+
+/// The PostgreSQL server tests use.
+pub fn database_url() -> String {
+    std::env::var("KILN_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// The RabbitMQ broker tests use.
+pub fn amqp_url() -> String {
+    std::env::var("KILN_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// A URL for a fresh, empty schema of the test database, so tests never see each other's rows;
+/// `None` (after saying why) when PostgreSQL is unreachable and not required. Schemas left by
+/// earlier runs more than an hour old are dropped.
+pub async fn fresh_database() -> Option<String> {
+    let base = database_url();
+    let mut conn = match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            skip_or_fail("PostgreSQL", "KILN_TEST_DATABASE_URL", &base, &e);
+            return None;
+        }
+        Err(e) => {
+            skip_or_fail("PostgreSQL", "KILN_TEST_DATABASE_URL", &base, &e);
+            return None;
+        }
+    };
+    let now = crate::time::now_ms();
+    let old: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'kiln_t_%' \
+         AND split_part(nspname, '_', 3)::bigint < $1",
+    )
+    .bind(now - 3_600_000)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap_or_default();
+    for s in old {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {s} CASCADE"))).execute(&mut conn).await;
+    }
+    let schema = format!("kiln_t_{now}_{}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .expect("create a test schema");
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+}
+
+/// A unique prefix for a test's exchanges and queues on the shared broker, or `None` (after
+/// saying why) when RabbitMQ is unreachable and not required.
+pub async fn amqp() -> Option<(String, String)> {
+    let url = amqp_url();
+    let addr = url.split('@').next_back().and_then(|h| h.split('/').next()).unwrap_or("127.0.0.1:5672").to_owned();
+    match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
+            return None;
+        }
+        Err(e) => {
+            skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
+            return None;
+        }
+    }
+    let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
+    Some((url, prefix))
+}

@@ -1,0 +1,231 @@
+//! The distributed farm against the real PostgreSQL and RabbitMQ: the scheduler in this process
+//! (PostgreSQL store, RabbitMQ dispatch), `kiln-worker run` as separate processes. Each test uses
+//! its own database schema and its own exchange and queue prefix, and deletes its queues at the end.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestFarm, job, test_config};
+use hyper::Method;
+use kiln_protocol::wire::{Names, REASON_HEADER};
+use kiln_scheduler::auth::Role;
+use kiln_scheduler::testenv;
+use kiln_worker::amqp::lapin;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
+use serde_json::Value;
+
+/// A distributed farm for one test, and what it needs to clean up.
+struct Distributed {
+    farm: TestFarm,
+    amqp_url: String,
+    names: Names,
+    worker_token: String,
+    workers: Vec<(Child, tempfile::TempDir)>,
+}
+
+impl Distributed {
+    /// `None` (the test skips) when a service is missing and not required.
+    async fn start() -> Option<Distributed> {
+        let db = testenv::fresh_database().await?;
+        let (amqp_url, prefix) = testenv::amqp().await?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(dir.path());
+        cfg.scheduler.database_url = Some(db);
+        cfg.scheduler.broker.amqp_url = Some(amqp_url.clone());
+        cfg.scheduler.broker.prefix = prefix.clone();
+        cfg.scheduler.broker.lost_after_seconds = 5;
+        let farm = TestFarm::start_with(dir, cfg).await;
+        let worker_token = farm.sched.create_token("workers", Role::Worker).await.unwrap().expose().to_owned();
+        Some(Distributed { farm, amqp_url, names: Names::new(&prefix), worker_token, workers: vec![] })
+    }
+
+    /// Starts a `kiln-worker run` process.
+    fn spawn_worker(&mut self, id: &str) {
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-worker");
+        assert!(exe.is_file(), "{} is not built (cargo test --workspace builds it)", exe.display());
+        let data = tempfile::tempdir().unwrap();
+        let child = Command::new(exe)
+            .arg("run")
+            .env_remove("KILN_CONFIG")
+            .env("KILN_LOG", "warn")
+            .env("KILN_DATA_DIR", data.path())
+            .env("KILN_BACKEND", "cpu")
+            .env("KILN_THREADS", "1")
+            .env("KILN_AMQP_URL", &self.amqp_url)
+            .env("KILN_AMQP_PREFIX", self.names.prefix())
+            .env("KILN_SCHEDULER_URL", &self.farm.url)
+            .env("KILN_WORKER_TOKEN", &self.worker_token)
+            .env("KILN_WORKER_ID", id)
+            .env("KILN_CONCURRENCY", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("kiln-worker starts");
+        self.workers.push((child, data));
+    }
+
+    async fn channel(&self) -> lapin::Channel {
+        let conn = kiln_worker::amqp::connect(&self.amqp_url, "kiln-test").await.unwrap();
+        kiln_worker::amqp::confirm_channel(&conn).await.unwrap()
+    }
+
+    /// Submits `n` tiny distinct jobs; returns their ids.
+    async fn submit(&self, n: u64, seed0: u64) -> Vec<String> {
+        let mut ids = Vec::new();
+        for seed in seed0..seed0 + n {
+            let mut body = job("a distributed test", seed, "preview");
+            body["width"] = 24.into();
+            let j = self.farm.submit(body).await;
+            ids.push(j["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    }
+
+    /// Waits for every job to end; returns them.
+    async fn wait_all(&self, ids: &[String], within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        for id in ids {
+            loop {
+                let j = self.farm.wait(id).await;
+                let state = j["state"].as_str().unwrap().to_owned();
+                if ["succeeded", "failed", "cancelled", "cached"].contains(&state.as_str()) {
+                    out.push(j);
+                    break;
+                }
+                assert!(Instant::now() < deadline, "job {id} still {state}");
+            }
+        }
+        out
+    }
+
+    /// How many `succeeded` events each job has.
+    async fn succeeded_events(&self, ids: &[String]) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for id in ids {
+            let events = self.farm.sched.store.events(id, 0).await.unwrap();
+            out.insert(id.clone(), events.iter().filter(|e| e.state.as_str() == "succeeded").count());
+        }
+        out
+    }
+
+    async fn stop(mut self) {
+        for (child, _) in &mut self.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ch = self.channel().await;
+        for q in self.names.queues() {
+            let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
+        }
+        self.farm.stop().await;
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the worker did not drain within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
+    let Some(mut d) = Distributed::start().await else { return };
+    d.spawn_worker("w-e2e");
+    let ids = d.submit(3, 1).await;
+    for j in d.wait_all(&ids, Duration::from_secs(120)).await {
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let hash = j["asset"].as_str().unwrap();
+        let png = d.farm.client.bytes(&format!("/v1/assets/{hash}")).await.unwrap();
+        assert_eq!(blake3::hash(&png).to_hex().as_str(), hash, "the asset arrived intact");
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
+        assert_eq!(prov["asset"], hash);
+    }
+    // The same request again is a cache hit; no worker involved.
+    let mut again = job("a distributed test", 1, "preview");
+    again["width"] = 24.into();
+    assert_eq!(d.farm.submit(again).await["state"], "cached");
+    let workers = d.farm.client.call(Method::GET, "/v1/workers", None).await.unwrap();
+    let w = &workers["workers"][0];
+    assert_eq!((w["worker_id"].as_str(), w["state"].as_str()), (Some("w-e2e"), Some("active")), "{workers}");
+    assert_eq!(w["tiers"].as_array().unwrap().len(), 3);
+    // SIGTERM drains and exits cleanly.
+    let status = terminate(&mut d.workers[0].0);
+    assert!(status.success(), "{status}");
+    // A worker token cannot use the job API.
+    let as_worker = d.farm.client_with(Some(&d.worker_token));
+    let e = as_worker.call(Method::GET, "/v1/jobs", None).await.unwrap_err();
+    assert!(e.to_string().contains("403"), "{e}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_carries_on() {
+    let Some(mut d) = Distributed::start().await else { return };
+    d.spawn_worker("w-dlq");
+    let ch = d.channel().await;
+    // Straight onto the preview queue, the way a broken tool would.
+    for body in [&b"{not json"[..], br#"{"v": 99, "job_id": "x"}"#] {
+        ch.basic_publish(
+            "".into(),
+            d.names.tier_queue(kiln_protocol::Tier::Preview).into(),
+            BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let ids = d.submit(2, 100).await;
+    for j in d.wait_all(&ids, Duration::from_secs(120)).await {
+        assert_eq!(j["state"], "succeeded", "the worker carried on: {j}");
+    }
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let got = ch.basic_get(d.names.dead_queue().into(), BasicGetOptions { no_ack: true }).await.unwrap();
+        let msg = got.expect("a dead letter");
+        let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
+        let reason = headers.inner().get(REASON_HEADER).map(|v| format!("{v:?}")).unwrap_or_default();
+        reasons.push(reason);
+    }
+    assert!(reasons.iter().any(|r| r.contains("body")), "{reasons:?}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_worker_mid_render_loses_nothing_and_repeats_nothing() {
+    let Some(mut d) = Distributed::start().await else { return };
+    d.spawn_worker("w-victim");
+    d.spawn_worker("w-survivor");
+    let ids = d.submit(200, 1000).await;
+    // Let some finish, then kill one worker with jobs in hand.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = d.farm.metric("kiln_jobs", "state=\"succeeded\"").await;
+        if done >= 20.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.workers[0].0.kill().unwrap();
+    d.workers[0].0.wait().unwrap();
+    let jobs = d.wait_all(&ids, Duration::from_secs(240)).await;
+    assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "every job succeeded");
+    let counts = d.succeeded_events(&ids).await;
+    assert!(counts.values().all(|&n| n == 1), "exactly one succeeded result per job: {counts:?}");
+    d.stop().await;
+}

@@ -1,0 +1,207 @@
+//! RabbitMQ plumbing shared by the worker daemon and the scheduler: connecting (with backoff),
+//! declaring the topology, and publishing Kiln messages with publisher confirms.
+//!
+//! Topology (names under a prefix, see [`Names`]; `infra/rabbitmq/definitions.json` holds the same):
+//! - `{p}.jobs`: durable direct exchange, routed by tier name to the tier queues.
+//! - `{p}.jobs.{preview,final,print}`: durable queues, priorities 0..=9, dead letters to `{p}.dead`.
+//! - `{p}.dead`: durable fanout exchange and queue of refused messages (with the reason in
+//!   the `x-kiln-reason` header).
+//! - `{p}.results`: durable queue of workers' results, dead letters to `{p}.dead`.
+//! - `{p}.heartbeats`: durable queue of worker heartbeats; each expires unread after a minute.
+//!
+//! Retries are delayed on the scheduler's side (the outbox row's `not_before`), so there are
+//! no delay queues.
+
+use std::time::Duration;
+
+use kiln_protocol::Tier;
+use kiln_protocol::wire::{CONTENT_TYPE, MAX_PRIORITY, Names, REASON_HEADER};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+pub use lapin;
+
+/// Heartbeats expire unread after this long.
+pub const HEARTBEAT_TTL_MS: u32 = 60_000;
+
+/// Connects once.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+    Connection::connect(url, props).await
+}
+
+/// Connects, trying again with backoff (100 ms doubling to 5 s) until it works or `stop` fires;
+/// `None` when stopped.
+pub async fn connect_with_backoff(url: &str, name: &str, stop: impl Future<Output = ()>) -> Option<Connection> {
+    let mut backoff = Duration::from_millis(100);
+    tokio::pin!(stop);
+    loop {
+        match connect(url, name).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach RabbitMQ");
+            }
+        }
+        tokio::select! {
+            () = &mut stop => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.to_owned()))
+}
+
+/// The arguments each queue is declared with (the same as `infra/rabbitmq/definitions.json`).
+pub fn queue_arguments(names: &Names, queue: &str) -> FieldTable {
+    let dlx = ("x-dead-letter-exchange", text(&names.dead_exchange()));
+    if Tier::ALL.iter().any(|t| names.tier_queue(*t) == queue) {
+        args(&[("x-max-priority", AMQPValue::ShortShortUInt(MAX_PRIORITY)), dlx])
+    } else if queue == names.results_queue() {
+        args(&[dlx])
+    } else if queue == names.heartbeats_queue() {
+        args(&[("x-message-ttl", AMQPValue::LongUInt(HEARTBEAT_TTL_MS)), ("x-max-length", AMQPValue::LongUInt(10_000))])
+    } else {
+        FieldTable::default()
+    }
+}
+
+/// Declares every exchange, queue and binding (idempotent; both sides do it at start).
+pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    ch.exchange_declare(names.jobs_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
+    ch.exchange_declare(names.dead_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
+    for q in names.queues() {
+        ch.queue_declare(q.clone().into(), QueueDeclareOptions::durable(), queue_arguments(names, &q)).await?;
+    }
+    let bind = QueueBindOptions::default();
+    for t in Tier::ALL {
+        let (q, x, key) = (names.tier_queue(t), names.jobs_exchange(), t.as_str());
+        ch.queue_bind(q.into(), x.into(), key.into(), bind, FieldTable::default()).await?;
+    }
+    let (q, x) = (names.dead_queue(), names.dead_exchange());
+    ch.queue_bind(q.into(), x.into(), "".into(), bind, FieldTable::default()).await?;
+    Ok(())
+}
+
+/// A channel with publisher confirms on.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// The properties of a durable Kiln message of `kind` (a `*_TYPE` constant).
+pub fn properties(kind: &str, message_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_type(kind.to_owned().into())
+        .with_message_id(message_id.to_owned().into())
+        .with_delivery_mode(2)
+}
+
+/// Publishes and waits for the broker's confirm; an error unless the broker acked it.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), PublishError> {
+    let confirm = ch
+        .basic_publish(
+            exchange.to_owned().into(),
+            routing_key.to_owned().into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await?
+        .await?;
+    if confirm.is_ack() { Ok(()) } else { Err(PublishError::Nacked) }
+}
+
+/// Dead-letters a refused message with its reason (the original body and properties, plus the
+/// `x-kiln-reason` header), confirmed.
+pub async fn dead_letter(
+    ch: &Channel,
+    names: &Names,
+    body: &[u8],
+    props: &BasicProperties,
+    reason: &str,
+) -> Result<(), PublishError> {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(REASON_HEADER.into(), text(reason));
+    let props = props.clone().with_headers(headers).with_delivery_mode(2);
+    publish_confirmed(ch, &names.dead_exchange(), "", body, props).await
+}
+
+/// A publish the broker did not take.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The connection or channel failed.
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker refused the message.
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_of(v: &AMQPValue) -> serde_json::Value {
+        match v {
+            AMQPValue::ShortShortUInt(n) => (*n).into(),
+            AMQPValue::LongUInt(n) => (*n).into(),
+            AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned().into(),
+            other => panic!("unexpected argument {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_shipped_definitions_match_what_the_code_declares() {
+        let text = include_str!("../../infra/rabbitmq/definitions.json");
+        let defs: serde_json::Value = serde_json::from_str(text).unwrap();
+        let names = Names::default();
+        let queues = defs["queues"].as_array().unwrap();
+        let mut shipped: Vec<&str> = queues.iter().map(|q| q["name"].as_str().unwrap()).collect();
+        let mut declared = names.queues();
+        shipped.sort();
+        declared.sort();
+        assert_eq!(shipped, declared);
+        for q in queues {
+            let name = q["name"].as_str().unwrap();
+            assert_eq!(q["durable"], true, "{name}");
+            let code: serde_json::Map<String, serde_json::Value> = queue_arguments(&names, name)
+                .inner()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), json_of(v)))
+                .collect();
+            assert_eq!(&serde_json::Value::Object(code), &q["arguments"], "{name}");
+        }
+        let bindings = defs["bindings"].as_array().unwrap();
+        for t in Tier::ALL {
+            assert!(
+                bindings
+                    .iter()
+                    .any(|b| b["destination"] == names.tier_queue(t).as_str() && b["routing_key"] == t.as_str()),
+                "{t} binding"
+            );
+        }
+    }
+}

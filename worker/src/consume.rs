@@ -1,0 +1,456 @@
+//! `kiln-worker run`: the worker daemon of the distributed farm.
+//!
+//! It consumes the tier queues its config names (a channel per tier, each with its own
+//! prefetch), renders with the engine at most `concurrency` jobs at once, uploads each new asset
+//! to the scheduler (`PUT /v1/assets/{hash}` with a worker token) unless the asset store is
+//! shared, publishes the result with a publisher confirm, and only then acks the delivery. A
+//! crash anywhere before the ack hands the job back to the broker, which delivers it again; the
+//! scheduler records only the first result of an attempt, so a repeat is harmless.
+//!
+//! A message that does not decode, has an unknown schema version or asks for a render outside
+//! this worker's tier limits is dead-lettered with the reason and counted; the worker carries on.
+//! When the broker goes away the worker reconnects with backoff. `SIGTERM` drains: it stops
+//! consuming, finishes what it has in hand within `grace_seconds`, and hands the rest back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kiln_protocol::wire::{
+    self, AttemptOutcome, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, Names, RESULT_TYPE, ResultMessage,
+};
+use kiln_protocol::{RenderRequest, Tier};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp;
+use crate::client::{Client, Secret};
+use crate::config::ConfigError;
+use crate::worker::Worker;
+
+/// The daemon's settings (`[run]` in the worker's config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The broker [env KILN_AMQP_URL].
+    pub amqp_url: String,
+    /// The prefix of the exchange and queue names [env KILN_AMQP_PREFIX].
+    pub amqp_prefix: String,
+    /// The tiers this worker serves [env KILN_WORKER_TIERS, comma separated].
+    pub tiers: Vec<Tier>,
+    /// Unacked deliveries the broker may hand this worker per tier [env KILN_PREFETCH].
+    pub prefetch: u16,
+    /// Renders at once [env KILN_CONCURRENCY].
+    pub concurrency: usize,
+    /// The scheduler's URL, for asset uploads [env KILN_SCHEDULER_URL].
+    pub scheduler_url: String,
+    /// A `worker` token for the uploads [env KILN_WORKER_TOKEN]; never printed.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// The asset folder is shared with the scheduler (no upload) [env KILN_SHARED_ASSETS].
+    pub shared_assets: bool,
+    /// Seconds between heartbeats.
+    pub heartbeat_seconds: u64,
+    /// Seconds a drain waits for renders in hand before handing them back.
+    pub grace_seconds: u64,
+    /// This worker's id [default: host-pid; env KILN_WORKER_ID].
+    pub worker_id: Option<String>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_prefix: "kiln".into(),
+            tiers: Tier::ALL.to_vec(),
+            prefetch: 32,
+            concurrency: 1,
+            scheduler_url: "http://127.0.0.1:7878".into(),
+            token: None,
+            shared_assets: false,
+            heartbeat_seconds: 5,
+            grace_seconds: 30,
+            worker_id: None,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Applies the `KILN_*` overrides and checks the result; errors name the key.
+    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        use crate::config::env_parse;
+        if let Some(v) = env("KILN_AMQP_URL") {
+            self.amqp_url = v;
+        }
+        if let Some(v) = env("KILN_AMQP_PREFIX") {
+            self.amqp_prefix = v;
+        }
+        if let Some(v) = env("KILN_WORKER_TIERS") {
+            self.tiers = v
+                .split(',')
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| t.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e: kiln_protocol::RequestError| ConfigError::Env {
+                    key: "KILN_WORKER_TIERS",
+                    value: v.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        if let Some(v) = env("KILN_SCHEDULER_URL") {
+            self.scheduler_url = v;
+        }
+        if let Some(v) = env("KILN_WORKER_TOKEN").filter(|v| !v.is_empty()) {
+            self.token = Some(v);
+        }
+        if let Some(v) = env("KILN_WORKER_ID").filter(|v| !v.is_empty()) {
+            self.worker_id = Some(v);
+        }
+        self.prefetch = env_parse("KILN_PREFETCH", env)?.unwrap_or(self.prefetch);
+        self.concurrency = env_parse("KILN_CONCURRENCY", env)?.unwrap_or(self.concurrency);
+        self.shared_assets = env_parse("KILN_SHARED_ASSETS", env)?.unwrap_or(self.shared_assets);
+        self.validate()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
+            return bad("run.amqp_url", format!("{:?} is not an amqp:// URL", self.amqp_url));
+        }
+        if self.amqp_prefix.is_empty()
+            || !self.amqp_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad("run.amqp_prefix", format!("{:?} must be letters, digits, '-', '_' or '.'", self.amqp_prefix));
+        }
+        if self.tiers.is_empty() {
+            return bad("run.tiers", "must name at least one tier".into());
+        }
+        if self.prefetch == 0 {
+            return bad("run.prefetch", "must be at least 1".into());
+        }
+        if self.concurrency == 0 || self.concurrency > 256 {
+            return bad("run.concurrency", format!("{} is outside 1..=256", self.concurrency));
+        }
+        if self.heartbeat_seconds == 0 {
+            return bad("run.heartbeat_seconds", "must be at least 1".into());
+        }
+        if !self.shared_assets && self.token.is_none() {
+            return bad(
+                "run.token",
+                "a worker token is needed to upload assets (KILN_WORKER_TOKEN; make one with `kiln token create --role worker NAME`), or set run.shared_assets".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// This worker's id.
+    pub fn id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()))
+    }
+}
+
+/// The machine's host name.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The running daemon's shared state.
+struct Daemon {
+    worker: Arc<Worker>,
+    cfg: RunConfig,
+    names: Names,
+    id: String,
+    upload: Option<Client>,
+    in_flight: AtomicU32,
+    draining: AtomicBool,
+}
+
+/// Runs the daemon until `stop` fires, then drains.
+pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -> anyhow::Result<()> {
+    let upload = (!cfg.shared_assets).then(|| Client::new(&cfg.scheduler_url, cfg.token.clone().map(Secret::new)));
+    let d = Arc::new(Daemon {
+        names: Names::new(&cfg.amqp_prefix),
+        id: cfg.id(),
+        worker,
+        upload,
+        cfg,
+        in_flight: AtomicU32::new(0),
+        draining: AtomicBool::new(false),
+    });
+    tracing::info!(worker_id = d.id, tiers = ?d.cfg.tiers, concurrency = d.cfg.concurrency, "worker daemon starting");
+    loop {
+        let Some(conn) = amqp::connect_with_backoff(&d.cfg.amqp_url, &d.id, stop.cancelled()).await else {
+            return Ok(());
+        };
+        match d.clone().session(&conn, &stop).await {
+            Ok(()) => {
+                let _ = conn.close(200, "drained".into()).await;
+                tracing::info!(worker_id = d.id, "worker daemon stopped");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the broker; reconnecting (deliveries in hand go back to the queue)");
+                let _ = conn.close(320, "reconnecting".into()).await;
+            }
+        }
+    }
+}
+
+impl Daemon {
+    /// One connection's life: `Ok` when stopped and drained, `Err` when the broker went away.
+    async fn session(self: Arc<Self>, conn: &Connection, stop: &CancellationToken) -> anyhow::Result<()> {
+        let publ = amqp::confirm_channel(conn).await?;
+        amqp::declare_topology(&publ, &self.names).await?;
+        let mut consumers = Vec::new();
+        let mut channels = Vec::new();
+        for tier in &self.cfg.tiers {
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default()).await?;
+            let tag = format!("{}-{tier}", self.id);
+            let c = ch
+                .basic_consume(
+                    self.names.tier_queue(*tier).into(),
+                    tag.clone().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(c);
+            channels.push((ch, tag));
+        }
+        tracing::info!(worker_id = self.id, "consuming");
+        let session = stop.child_token();
+        let beat = tokio::spawn(self.clone().heartbeats(publ.clone(), session.clone()));
+        let mut deliveries = futures_util::stream::select_all(consumers);
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
+        let mut tasks = tokio::task::JoinSet::new();
+        let lost = loop {
+            let permit = tokio::select! {
+                () = stop.cancelled() => break None,
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
+            let delivery = tokio::select! {
+                () = stop.cancelled() => break None,
+                d = deliveries.next() => d,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    let me = self.clone();
+                    let publ = publ.clone();
+                    tasks.spawn(async move {
+                        me.handle(&publ, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => break Some(anyhow::Error::from(e)),
+                None => break Some(anyhow::anyhow!("the broker closed the consumers")),
+            }
+            while tasks.try_join_next().is_some() {}
+        };
+        if let Some(e) = lost {
+            session.cancel();
+            tasks.abort_all();
+            let _ = beat.await;
+            return Err(e);
+        }
+        // Drain: stop taking work, finish what is in hand, hand back what the broker sent ahead.
+        self.draining.store(true, Ordering::Relaxed);
+        for (ch, tag) in &channels {
+            let _ = ch.basic_cancel(tag.clone().into(), BasicCancelOptions::default()).await;
+        }
+        let grace = Duration::from_secs(self.cfg.grace_seconds);
+        tracing::info!(in_hand = tasks.len(), grace_seconds = grace.as_secs(), "draining");
+        let finished = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(left = tasks.len(), "grace period over; handing the renders still in hand back");
+            tasks.abort_all();
+        }
+        self.send_heartbeat(&publ).await;
+        session.cancel();
+        let _ = beat.await;
+        for (ch, _) in channels {
+            let _ = ch.close(200, "draining".into()).await;
+        }
+        Ok(())
+    }
+
+    async fn heartbeats(self: Arc<Self>, publ: Channel, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(self.cfg.heartbeat_seconds));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => self.send_heartbeat(&publ).await,
+            }
+        }
+    }
+
+    async fn send_heartbeat(&self, publ: &Channel) {
+        let engine = self.worker.engine();
+        let hb = Heartbeat {
+            v: wire::SCHEMA_VERSION,
+            worker_id: self.id.clone(),
+            host: host_name(),
+            backend: engine.backend.name().to_owned(),
+            adapter: engine.backend.device_name(),
+            memory_bytes: None,
+            models: vec![crate::engine::cppn::MODEL_ID.to_owned()],
+            tiers: self.cfg.tiers.clone(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            concurrency: self.cfg.concurrency as u32,
+            draining: self.draining.load(Ordering::Relaxed),
+            at_ms: now_ms(),
+        };
+        let body = serde_json::to_vec(&hb).unwrap_or_default();
+        let props = amqp::properties(HEARTBEAT_TYPE, &format!("{}:{}", self.id, hb.at_ms));
+        if let Err(e) = amqp::publish_confirmed(publ, "", &self.names.heartbeats_queue(), &body, props).await {
+            tracing::warn!(error = %e, "cannot send a heartbeat");
+        }
+    }
+
+    /// Checks a job message: it decodes, and its request is one this worker's tier limits allow.
+    fn check(&self, delivery: &lapin::message::Delivery) -> Result<JobMessage, String> {
+        let p = &delivery.properties;
+        let msg: JobMessage = wire::decode(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            p.kind().as_ref().map(|s| s.as_str()),
+            JOB_TYPE,
+            &delivery.data,
+        )
+        .map_err(|e| e.to_string())?;
+        let r = &msg.request;
+        RenderRequest::resolve(
+            &r.model,
+            &r.prompt,
+            r.seed,
+            r.tier,
+            Some(r.width),
+            Some(r.height),
+            Some(r.samples),
+            self.worker.tier_limits(),
+        )
+        .map_err(|e| format!("request outside this worker's limits: {e}"))?;
+        Ok(msg)
+    }
+
+    async fn handle(&self, publ: &Channel, delivery: lapin::message::Delivery) {
+        let msg = match self.check(&delivery) {
+            Ok(m) => m,
+            Err(reason) => {
+                self.worker.metrics.bad_messages.inc();
+                tracing::warn!(reason, routing_key = %delivery.routing_key, "dead-lettering a bad job message");
+                let dl = amqp::dead_letter(publ, &self.names, &delivery.data, &delivery.properties, &reason).await;
+                let _ = match dl {
+                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                    // Not lost: back to the queue until the dead-letter exchange takes it.
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot dead-letter; handing the message back");
+                        delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+                    }
+                };
+                return;
+            }
+        };
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started_ms = now_ms();
+        let (worker, req) = (self.worker.clone(), msg.request.clone());
+        let result = tokio::task::spawn_blocking(move || worker.render(&req, &mut |_| {})).await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let outcome = match result {
+            Ok(Ok(r)) => {
+                if let Err(e) = self.upload(&r.asset).await {
+                    tracing::error!(job_id = msg.job_id, error = %e, "cannot upload the asset; handing the job back");
+                    let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                    return;
+                }
+                AttemptOutcome::Succeeded { asset: r.asset, bytes: r.bytes }
+            }
+            Ok(Err(e)) => AttemptOutcome::Failed { error: e.to_string(), transient: e.is_transient() },
+            Err(e) => AttemptOutcome::Failed { error: format!("the render panicked: {e}"), transient: true },
+        };
+        let result = ResultMessage {
+            v: wire::SCHEMA_VERSION,
+            backend: format!(
+                "{} ({})",
+                self.worker.engine().backend.name(),
+                self.worker.engine().backend.device_name()
+            ),
+            worker: self.id.clone(),
+            started_ms,
+            finished_ms: now_ms(),
+            outcome,
+            job: msg,
+        };
+        let body = serde_json::to_vec(&result).unwrap_or_default();
+        let id = format!("{}:{}", result.job.job_id, result.job.attempt);
+        let props = amqp::properties(RESULT_TYPE, &id);
+        match amqp::publish_confirmed(publ, "", &self.names.results_queue(), &body, props).await {
+            Ok(()) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Err(e) => {
+                // Unacked: the broker hands the job out again and the result is made again.
+                tracing::error!(job = id, error = %e, "cannot publish the result; the job goes back to the queue");
+                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            }
+        }
+    }
+
+    /// Uploads an asset, its thumbnail and its provenance to the scheduler (unless the store is
+    /// shared).
+    async fn upload(&self, hash: &str) -> anyhow::Result<()> {
+        let Some(client) = &self.upload else { return Ok(()) };
+        let store = self.worker.store();
+        let parts = [
+            (store.path(hash), format!("/v1/assets/{hash}")),
+            (store.thumb_path(hash), format!("/v1/assets/{hash}?variant=thumb")),
+            (store.provenance_path(hash), format!("/v1/assets/{hash}/provenance")),
+        ];
+        for (i, (file, url)) in parts.iter().enumerate() {
+            let body = match tokio::fs::read(file).await {
+                Ok(b) => hyper::body::Bytes::from(b),
+                // A cached asset from before thumbnails and provenance were kept: the PNG is enough.
+                Err(e) if i > 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", file.display())),
+            };
+            put_with_retry(client, url, body).await?;
+        }
+        Ok(())
+    }
+}
+
+/// PUTs `body`, trying again with backoff for up to two minutes (the scheduler may be
+/// restarting); a 4xx is final.
+async fn put_with_retry(client: &Client, path: &str, body: hyper::body::Bytes) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let err = match client.send_with(hyper::Method::PUT, path, Some(body.clone()), &[]).await {
+            Ok(r) if r.status.is_success() => return Ok(()),
+            Ok(r) if r.status.is_client_error() => {
+                anyhow::bail!("the scheduler refused {path}: {} {}", r.status, String::from_utf8_lossy(&r.body))
+            }
+            Ok(r) => r.status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + backoff > deadline {
+            anyhow::bail!("PUT {path}: {err}");
+        }
+        tracing::warn!(path, error = err, retry_in_ms = backoff.as_millis() as u64, "upload failed; trying again");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
