@@ -30,6 +30,8 @@ struct Distributed {
 impl Distributed {
     /// `None` (the test skips) when a service is missing and not required.
     async fn start() -> Option<Distributed> {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let db = testenv::fresh_database().await?;
         let (amqp_url, prefix) = testenv::amqp().await?;
         let dir = tempfile::tempdir().unwrap();
@@ -68,9 +70,11 @@ impl Distributed {
         self.workers.push((child, data));
     }
 
-    async fn channel(&self) -> lapin::Channel {
+    /// A connection (kept open while the channel is used) and a confirming channel on it.
+    async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = kiln_worker::amqp::connect(&self.amqp_url, "kiln-test").await.unwrap();
-        kiln_worker::amqp::confirm_channel(&conn).await.unwrap()
+        let ch = kiln_worker::amqp::confirm_channel(&conn).await.unwrap();
+        (conn, ch)
     }
 
     /// Submits `n` tiny distinct jobs; returns their ids.
@@ -118,7 +122,7 @@ impl Distributed {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let ch = self.channel().await;
+        let (_conn, ch) = self.channel().await;
         for q in self.names.queues() {
             let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
         }
@@ -174,34 +178,45 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
 async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_carries_on() {
     let Some(mut d) = Distributed::start().await else { return };
     d.spawn_worker("w-dlq");
-    let ch = d.channel().await;
+    let (_conn, ch) = d.channel().await;
     // Straight onto the preview queue, the way a broken tool would.
     for body in [&b"{not json"[..], br#"{"v": 99, "job_id": "x"}"#] {
-        ch.basic_publish(
-            "".into(),
-            d.names.tier_queue(kiln_protocol::Tier::Preview).into(),
-            BasicPublishOptions::default(),
-            body,
-            lapin::BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                d.names.tier_queue(kiln_protocol::Tier::Preview).into(),
+                BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
     }
     let ids = d.submit(2, 100).await;
     for j in d.wait_all(&ids, Duration::from_secs(120)).await {
         assert_eq!(j["state"], "succeeded", "the worker carried on: {j}");
     }
     let mut reasons = Vec::new();
-    for _ in 0..2 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reasons.len() < 2 {
         let got = ch.basic_get(d.names.dead_queue().into(), BasicGetOptions { no_ack: true }).await.unwrap();
-        let msg = got.expect("a dead letter");
+        let Some(msg) = got else {
+            assert!(Instant::now() < deadline, "two dead letters, got {reasons:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
         let headers = msg.delivery.properties.headers().clone().unwrap_or_default();
-        let reason = headers.inner().get(REASON_HEADER).map(|v| format!("{v:?}")).unwrap_or_default();
+        let reason = match headers.inner().get(REASON_HEADER) {
+            Some(lapin::types::AMQPValue::LongString(r)) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
+            other => panic!("no reason header: {other:?}"),
+        };
         reasons.push(reason);
     }
-    assert!(reasons.iter().any(|r| r.contains("body")), "{reasons:?}");
+    assert!(reasons.iter().all(|r| r.starts_with("body: ")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("missing field")), "{reasons:?}");
     d.stop().await;
 }
 
