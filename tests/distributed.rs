@@ -179,6 +179,8 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_car
     let Some(mut d) = Distributed::start().await else { return };
     d.spawn_worker("w-dlq");
     let (_conn, ch) = d.channel().await;
+    // The queues may not exist yet (the worker and the scheduler declare them as they connect).
+    kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
     // Straight onto the preview queue, the way a broken tool would.
     for body in [&b"{not json"[..], br#"{"v": 99, "job_id": "x"}"#] {
         let confirm = ch
