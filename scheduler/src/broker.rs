@@ -271,20 +271,13 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
 
 /// Records one result delivery; `false` when it must come again (the store failed).
 async fn record_delivery(sched: &Scheduler, names: &Names, dead: &Channel, d: &lapin::message::Delivery) -> bool {
-    let p = &d.properties;
-    let msg: Result<ResultMessage, _> = wire::decode(
-        p.content_type().as_ref().map(|s| s.as_str()),
-        p.kind().as_ref().map(|s| s.as_str()),
-        RESULT_TYPE,
-        &d.data,
-    );
-    let msg = match msg {
+    let msg = match amqp::decode::<ResultMessage>(d, RESULT_TYPE) {
         Ok(m) => m,
         Err(e) => {
             sched.metrics.bad_messages.with_label_values(&["result"]).inc();
             let reason = e.to_string();
             tracing::warn!(reason, "dead-lettering a bad result message");
-            return match amqp::dead_letter(dead, names, &d.data, p, &reason).await {
+            return match amqp::dead_letter(dead, names, &d.data, &d.properties, &reason).await {
                 Ok(()) => true,
                 Err(PublishError::Broker(e)) => {
                     tracing::error!(error = %e, "cannot dead-letter a bad result");
@@ -304,14 +297,7 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
         .await?;
     while let Some(d) = consumer.next().await {
         let d = d?;
-        let p = &d.properties;
-        let hb: Result<Heartbeat, _> = wire::decode(
-            p.content_type().as_ref().map(|s| s.as_str()),
-            p.kind().as_ref().map(|s| s.as_str()),
-            HEARTBEAT_TYPE,
-            &d.data,
-        );
-        match hb {
+        match amqp::decode::<Heartbeat>(&d, HEARTBEAT_TYPE) {
             Ok(hb) => sched.registry.heard(hb, now_ms()),
             Err(e) => {
                 sched.metrics.bad_messages.with_label_values(&["heartbeat"]).inc();

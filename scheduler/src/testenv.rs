@@ -40,12 +40,9 @@ pub fn amqp_url() -> String {
 /// earlier runs more than an hour old are dropped.
 pub async fn fresh_database() -> Option<String> {
     let base = database_url();
-    let mut conn = match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            skip_or_fail("PostgreSQL", "KILN_TEST_DATABASE_URL", &base, &e);
-            return None;
-        }
+    let connect = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base)).await;
+    let mut conn = match connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
+        Ok(c) => c,
         Err(e) => {
             skip_or_fail("PostgreSQL", "KILN_TEST_DATABASE_URL", &base, &e);
             return None;
@@ -77,16 +74,10 @@ pub async fn fresh_database() -> Option<String> {
 pub async fn amqp() -> Option<(String, String)> {
     let url = amqp_url();
     let addr = url.split('@').next_back().and_then(|h| h.split('/').next()).unwrap_or("127.0.0.1:5672").to_owned();
-    match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
-            return None;
-        }
-        Err(e) => {
-            skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
-            return None;
-        }
+    let connect = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
+    if let Err(e) = connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
+        skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
+        return None;
     }
     let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
     Some((url, prefix))

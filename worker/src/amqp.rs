@@ -149,6 +149,21 @@ pub async fn dead_letter(
     publish_confirmed(ch, &names.dead_exchange(), "", body, props).await
 }
 
+/// Decodes a delivery as a Kiln message of kind `want` (a `*_TYPE` constant), checking its
+/// content type, type and schema version ([`kiln_protocol::wire::decode`]).
+pub fn decode<T: serde::de::DeserializeOwned + kiln_protocol::wire::Versioned>(
+    d: &lapin::message::Delivery,
+    want: &'static str,
+) -> Result<T, kiln_protocol::wire::MessageError> {
+    let p = &d.properties;
+    kiln_protocol::wire::decode(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        p.kind().as_ref().map(|s| s.as_str()),
+        want,
+        &d.data,
+    )
+}
+
 /// A publish the broker did not take.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

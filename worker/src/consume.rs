@@ -174,6 +174,7 @@ struct Daemon {
     cfg: RunConfig,
     names: Names,
     id: String,
+    host: String,
     upload: Option<Client>,
     in_flight: AtomicU32,
     draining: AtomicBool,
@@ -185,6 +186,7 @@ pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -
     let d = Arc::new(Daemon {
         names: Names::new(&cfg.amqp_prefix),
         id: cfg.id(),
+        host: host_name(),
         worker,
         upload,
         cfg,
@@ -303,7 +305,7 @@ impl Daemon {
         let hb = Heartbeat {
             v: wire::SCHEMA_VERSION,
             worker_id: self.id.clone(),
-            host: host_name(),
+            host: self.host.clone(),
             backend: engine.backend.name().to_owned(),
             adapter: engine.backend.device_name(),
             memory_bytes: None,
@@ -323,14 +325,7 @@ impl Daemon {
 
     /// Checks a job message: it decodes, and its request is one this worker's tier limits allow.
     fn check(&self, delivery: &lapin::message::Delivery) -> Result<JobMessage, String> {
-        let p = &delivery.properties;
-        let msg: JobMessage = wire::decode(
-            p.content_type().as_ref().map(|s| s.as_str()),
-            p.kind().as_ref().map(|s| s.as_str()),
-            JOB_TYPE,
-            &delivery.data,
-        )
-        .map_err(|e| e.to_string())?;
+        let msg: JobMessage = amqp::decode(delivery, JOB_TYPE).map_err(|e| e.to_string())?;
         let r = &msg.request;
         RenderRequest::resolve(
             &r.model,

@@ -7,6 +7,7 @@
 
 pub mod postgres;
 mod rows;
+mod shared;
 pub mod sqlite;
 pub mod writer;
 

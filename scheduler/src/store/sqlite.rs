@@ -6,7 +6,6 @@
 //! few (SQLite's documented trade), never corrupt the file.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use kiln_protocol::{JobState, Tier};
@@ -15,7 +14,7 @@ use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
 
 use super::rows::{
     Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
-    start_allowed, state_of, tier_of, token_from_row,
+    start_allowed, state_of, token_from_row,
 };
 use super::writer::{Connect, OpFn, WeakWriter, WriteConn, Writer};
 use super::{
@@ -87,90 +86,6 @@ async fn checkpointer(mut conn: SqliteConnection, store: WeakWriter<SqliteConnec
         }
     }
     let _ = conn.close().await;
-}
-
-async fn load_job(conn: &mut SqliteConnection, id: &str) -> Result<Option<Job>, StoreError> {
-    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
-    row.as_ref().map(job_from_row).transpose()
-}
-
-/// Appends an event moving `job` to `to`; the `job_events_project` trigger projects it onto the
-/// job row (the one place that projection is written: read the row back for the job as it is now).
-async fn transition(
-    conn: &mut SqliteConnection,
-    job: &Job,
-    to: JobState,
-    change: Change<'_>,
-    now_ms: i64,
-) -> Result<Event, StoreError> {
-    let attempt = change.attempt.unwrap_or(job.attempt);
-    let seq = append_event(conn, &job.id, to, attempt, &change, now_ms).await?;
-    Ok(event(seq, &job.id, job.tier, Some(job.state), job.created_ms, to, attempt, &change, now_ms))
-}
-
-/// Appends an event for `job_id`; with a guard, only while the job is in that state at that
-/// attempt (`None` when it is not). The trigger projects it onto the job row.
-async fn insert_event(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-    to: JobState,
-    attempt: u32,
-    change: &Change<'_>,
-    now_ms: i64,
-) -> Result<Option<i64>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-         SELECT id, ?2, ?3, ?4, ?5, ?6, ?7 FROM jobs \
-         WHERE id = ?1 RETURNING seq",
-    )
-    .bind(job_id)
-    .bind(now_ms)
-    .bind(to.as_str())
-    .bind(i64::from(attempt))
-    .bind(change.detail)
-    .bind(change.asset)
-    .bind(change.error)
-    .fetch_optional(&mut *conn)
-    .await?)
-}
-
-/// [`insert_event`] for a job that must exist.
-async fn append_event(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-    to: JobState,
-    attempt: u32,
-    change: &Change<'_>,
-    now_ms: i64,
-) -> Result<i64, StoreError> {
-    insert_event(conn, job_id, to, attempt, change, now_ms)
-        .await?
-        .ok_or_else(|| corrupt("event", format!("job {job_id} is missing")))
-}
-
-/// Queues a job's next attempt for a worker.
-async fn insert_outbox(conn: &mut SqliteConnection, job: &Job, not_before: i64) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO outbox (job_id, tier, client, attempt, not_before) VALUES (?, ?, ?, ?, ?)")
-        .bind(&job.id)
-        .bind(job.tier.as_str())
-        .bind(&job.client)
-        .bind(i64::from(job.attempt + 1))
-        .bind(not_before)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Live jobs attached to `leader`, oldest first.
-async fn followers(conn: &mut SqliteConnection, leader: &str) -> Result<Vec<Job>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT * FROM jobs WHERE follows = ? AND state NOT IN ('succeeded', 'failed', 'cancelled', 'cached') \
-         ORDER BY seq",
-    )
-    .bind(leader)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter().map(job_from_row).collect()
 }
 
 async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted, StoreError> {
@@ -257,7 +172,7 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
 }
 
 /// The due outbox rows, oldest first, and when the next row not yet due falls due.
-async fn pending_op<'e>(exec: impl sqlx::SqliteExecutor<'e>, now_ms: i64, limit: u32) -> Result<Pending, StoreError> {
+async fn pending_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Result<Pending, StoreError> {
     let rows = sqlx::query(
         "SELECT o.id, o.job_id, o.tier, o.client, o.attempt, j.request, j.cache_key, j.created_ms, \
            (j.state = 'queued' AND j.follows IS NULL AND j.attempt + 1 = o.attempt) AS live \
@@ -267,7 +182,7 @@ async fn pending_op<'e>(exec: impl sqlx::SqliteExecutor<'e>, now_ms: i64, limit:
     )
     .bind(now_ms)
     .bind(i64::from(limit))
-    .fetch_all(exec)
+    .fetch_all(&mut *conn)
     .await?;
     let (next, due) = rows.split_last().ok_or_else(|| corrupt("outbox", "no MIN row"))?;
     let rows = due.iter().map(|r| outgoing_from_row(r, r.try_get("live")?)).collect::<Result<_, StoreError>>()?;
@@ -299,23 +214,6 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
     let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
     let events = if ids.is_empty() { vec![] } else { mark_sent_op(conn, &ids, now_ms).await? };
     Ok(Due::new(pending, events))
-}
-
-async fn start_op(conn: &mut SqliteConnection, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
-    let row = sqlx::query("SELECT state, attempt, follows FROM jobs WHERE id = ?")
-        .bind(&d.job_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(row) = row else { return Ok(None) };
-    let (from, attempt, follows): (JobState, i64, Option<String>) =
-        (state_of(&row)?, row.col("attempt")?, row.col("follows")?);
-    if !start_allowed(from, attempt, follows.is_some(), d) {
-        return Ok(None);
-    }
-    let detail = format!("attempt {}", d.attempt);
-    let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
-    let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
-    Ok(Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, now_ms)))
 }
 
 async fn finish_op(
@@ -381,190 +279,5 @@ async fn finish_op(
         .collect()
 }
 
-async fn cancel_op(conn: &mut SqliteConnection, job_id: &str, by: &str, now_ms: i64) -> Result<JobChange, StoreError> {
-    let Some(job) = load_job(conn, job_id).await? else { return Ok(None) };
-    if job.state.is_terminal() {
-        return Ok(Some((job, vec![])));
-    }
-    let detail = format!("cancelled by {by}");
-    let mut events = vec![
-        transition(conn, &job, JobState::Cancelled, Change { detail: &detail, ..Change::default() }, now_ms).await?,
-    ];
-    if job.follows.is_none()
-        && let Some(heir) = followers(conn, job_id).await?.into_iter().next()
-    {
-        // The render this job led goes on for those attached to it: the oldest leads a new one.
-        sqlx::query("UPDATE jobs SET follows = CASE WHEN id = ?1 THEN NULL ELSE ?1 END WHERE follows = ?2")
-            .bind(&heir.id)
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
-        let detail = format!("leads the render after job {job_id} was cancelled");
-        events.push(
-            transition(conn, &heir, JobState::Queued, Change { detail: &detail, ..Change::default() }, now_ms).await?,
-        );
-        insert_outbox(conn, &heir, now_ms).await?;
-    }
-    let job = load_job(conn, job_id).await?.ok_or_else(|| corrupt("job", format!("{job_id} vanished")))?;
-    Ok(Some((job, events)))
-}
-
-async fn resume_op(conn: &mut SqliteConnection, now_ms: i64) -> Result<Vec<Event>, StoreError> {
-    // Outbox rows marked sent whose jobs never left `queued` (a crash between the two) go again.
-    // This comes before the requeue below, whose fresh rows must not be doubled.
-    sqlx::query(
-        "UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL AND id IN (SELECT o.id FROM outbox o \
-         JOIN jobs j ON j.id = o.job_id WHERE j.state = 'queued' AND j.follows IS NULL AND o.attempt = j.attempt + 1)",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let rows =
-        sqlx::query("SELECT * FROM jobs WHERE state IN ('dispatched', 'running') AND follows IS NULL ORDER BY seq")
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let job = job_from_row(row)?;
-        let detail = format!("resumed after a restart (was {})", job.state);
-        let change = Change { detail: &detail, ..Change::default() };
-        events.push(transition(conn, &job, JobState::Queued, change, now_ms).await?);
-        insert_outbox(conn, &job, now_ms).await?;
-    }
-    Ok(events)
-}
-
-impl Store for SqliteStore {
-    fn submit(&self, job: NewJob) -> BoxFut<'_, Result<Submitted, StoreError>> {
-        Box::pin(self.write(Box::new(move |c| Box::pin(submit_op(c, job)))))
-    }
-
-    fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
-        Box::pin(self.write(Box::new(move |c| Box::pin(take_due_op(c, now_ms, limit)))))
-    }
-
-    fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>> {
-        Box::pin(pending_op(&self.read, now_ms, limit))
-    }
-
-    fn mark_sent(&self, ids: Vec<i64>, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-        Box::pin(self.write(Box::new(move |c| Box::pin(async move { mark_sent_op(c, &ids, now_ms).await }))))
-    }
-
-    fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>> {
-        let d = d.clone();
-        Box::pin(self.write(Box::new(move |c| Box::pin(async move { start_op(c, &d, now_ms).await }))))
-    }
-
-    fn finish(&self, d: &Dispatch, outcome: Outcome, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-        let d = d.clone();
-        Box::pin(self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &d, outcome, now_ms).await }))))
-    }
-
-    fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>> {
-        let (id, by) = (job_id.to_owned(), by.to_owned());
-        Box::pin(self.write(Box::new(move |c| Box::pin(async move { cancel_op(c, &id, &by, now_ms).await }))))
-    }
-
-    fn resume(&self, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-        Box::pin(self.write(Box::new(move |c| Box::pin(resume_op(c, now_ms)))))
-    }
-
-    fn job(&self, id: &str) -> BoxFut<'_, Result<Option<Job>, StoreError>> {
-        let id = id.to_owned();
-        Box::pin(async move {
-            let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(&self.read).await?;
-            row.as_ref().map(job_from_row).transpose()
-        })
-    }
-
-    fn list(&self, q: ListQuery) -> BoxFut<'_, Result<Page, StoreError>> {
-        Box::pin(async move {
-            let limit = q.limit.max(1);
-            let rows = sqlx::query(
-                "SELECT * FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR tier = ?2) \
-                 AND (?3 IS NULL OR created_ms >= ?3) AND (?4 IS NULL OR created_ms < ?4) \
-                 AND (?5 IS NULL OR client = ?5) AND (?6 IS NULL OR seq < ?6) ORDER BY seq DESC LIMIT ?7",
-            )
-            .bind(q.state.map(JobState::as_str))
-            .bind(q.tier.map(Tier::as_str))
-            .bind(q.since_ms)
-            .bind(q.until_ms)
-            .bind(q.client)
-            .bind(q.before_seq)
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await?;
-            let next = if rows.len() == limit as usize {
-                rows.last().map(|r| r.try_get::<i64, _>("seq")).transpose()?
-            } else {
-                None
-            };
-            Ok(Page { jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?, next })
-        })
-    }
-
-    fn events(&self, job_id: &str, after_seq: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-        let id = job_id.to_owned();
-        Box::pin(async move {
-            let tier: Option<String> =
-                sqlx::query_scalar("SELECT tier FROM jobs WHERE id = ?").bind(&id).fetch_optional(&self.read).await?;
-            let Some(tier) = tier else { return Ok(vec![]) };
-            let tier = Tier::from_str(&tier).map_err(|e| corrupt("job tier", e))?;
-            let rows = sqlx::query("SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq")
-                .bind(&id)
-                .bind(after_seq)
-                .fetch_all(&self.read)
-                .await?;
-            rows.iter().map(|r| event_from_row(r, tier)).collect()
-        })
-    }
-
-    fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>> {
-        Box::pin(async move {
-            let rows = sqlx::query("SELECT tier, state, COUNT(*) AS n FROM jobs GROUP BY tier, state")
-                .fetch_all(&self.read)
-                .await?;
-            rows.iter().map(|r| Ok((tier_of(r)?, state_of(r)?, r.try_get("n")?))).collect()
-        })
-    }
-
-    fn ping(&self) -> BoxFut<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.read).await?;
-            Ok(())
-        })
-    }
-
-    fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>> {
-        Box::pin(async move {
-            let rows = sqlx::query("SELECT token_hash, name, role FROM api_tokens WHERE revoked_ms IS NULL")
-                .fetch_all(&self.read)
-                .await?;
-            rows.iter().map(token_from_row).collect()
-        })
-    }
-
-    fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>> {
-        // A taken name is a refusal that writes nothing: an answer, not a failed write.
-        let op: OpFn<SqliteConnection, Result<(), StoreError>> = Box::new(move |c| {
-            Box::pin(async move {
-                let taken: Option<i64> = sqlx::query_scalar("SELECT 1 FROM api_tokens WHERE name = ?")
-                    .bind(&token.name)
-                    .fetch_optional(&mut *c)
-                    .await?;
-                if taken.is_some() {
-                    return Ok(Err(StoreError::Conflict(format!("a token named {:?}", token.name))));
-                }
-                sqlx::query("INSERT INTO api_tokens (token_hash, name, role, created_ms) VALUES (?, ?, ?, ?)")
-                    .bind(&token.token_hash)
-                    .bind(&token.name)
-                    .bind(token.role.as_str())
-                    .bind(now_ms)
-                    .execute(&mut *c)
-                    .await?;
-                Ok(Ok(()))
-            })
-        });
-        Box::pin(async move { self.write(op).await? })
-    }
-}
+super::shared::shared_ops!(SqliteConnection);
+super::shared::store_impl!(SqliteStore, SqliteConnection);

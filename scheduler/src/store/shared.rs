@@ -1,0 +1,286 @@
+//! What the SQLite and PostgreSQL stores share to the letter: the SQL both dialects accept
+//! (`$N` parameters, `CAST`, `ON CONFLICT`), written once and stamped out for each connection
+//! type by two macros. What differs (the one-round-trip submit, dispatch and finish, opening,
+//! checkpoints) stays in `sqlite.rs` and `postgres.rs`.
+
+/// The writes both stores make the same way, as free functions over `$conn`.
+macro_rules! shared_ops {
+    ($conn:ty) => {
+        async fn load_job(conn: &mut $conn, id: &str) -> Result<Option<Job>, StoreError> {
+            let row = sqlx::query("SELECT * FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *conn).await?;
+            row.as_ref().map(job_from_row).transpose()
+        }
+
+        /// Appends an event for a job that must exist; the trigger projects it onto the job row.
+        async fn append_event(
+            conn: &mut $conn,
+            job_id: &str,
+            to: JobState,
+            attempt: u32,
+            change: &Change<'_>,
+            now_ms: i64,
+        ) -> Result<i64, StoreError> {
+            let seq: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+                 SELECT id, $2, $3, $4, $5, $6, $7 FROM jobs WHERE id = $1 RETURNING seq",
+            )
+            .bind(job_id)
+            .bind(now_ms)
+            .bind(to.as_str())
+            .bind(i64::from(attempt))
+            .bind(change.detail)
+            .bind(change.asset)
+            .bind(change.error)
+            .fetch_optional(&mut *conn)
+            .await?;
+            seq.ok_or_else(|| corrupt("event", format!("job {job_id} is missing")))
+        }
+
+        async fn transition(
+            conn: &mut $conn,
+            job: &Job,
+            to: JobState,
+            change: Change<'_>,
+            now_ms: i64,
+        ) -> Result<Event, StoreError> {
+            let attempt = change.attempt.unwrap_or(job.attempt);
+            let seq = append_event(conn, &job.id, to, attempt, &change, now_ms).await?;
+            Ok(event(seq, &job.id, job.tier, Some(job.state), job.created_ms, to, attempt, &change, now_ms))
+        }
+
+        async fn insert_outbox(conn: &mut $conn, job: &Job, not_before: i64) -> Result<(), StoreError> {
+            sqlx::query("INSERT INTO outbox (job_id, tier, client, attempt, not_before) VALUES ($1, $2, $3, $4, $5)")
+                .bind(&job.id)
+                .bind(job.tier.as_str())
+                .bind(&job.client)
+                .bind(i64::from(job.attempt + 1))
+                .bind(not_before)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        async fn start_op(conn: &mut $conn, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
+            let row = sqlx::query("SELECT state, attempt, follows FROM jobs WHERE id = $1")
+                .bind(&d.job_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let (from, attempt, follows): (JobState, i64, Option<String>) =
+                (state_of(&row)?, row.col("attempt")?, row.col("follows")?);
+            if !start_allowed(from, attempt, follows.is_some(), d) {
+                return Ok(None);
+            }
+            let detail = format!("attempt {}", d.attempt);
+            let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
+            let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
+            Ok(Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, now_ms)))
+        }
+
+        /// Live jobs attached to `leader`, oldest first.
+        async fn followers(conn: &mut $conn, leader: &str) -> Result<Vec<Job>, StoreError> {
+            let rows = sqlx::query(
+                "SELECT * FROM jobs WHERE follows = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'cached') \
+                 ORDER BY seq",
+            )
+            .bind(leader)
+            .fetch_all(&mut *conn)
+            .await?;
+            rows.iter().map(job_from_row).collect()
+        }
+
+        async fn cancel_op(conn: &mut $conn, job_id: &str, by: &str, now_ms: i64) -> Result<JobChange, StoreError> {
+            let Some(job) = load_job(conn, job_id).await? else { return Ok(None) };
+            if job.state.is_terminal() {
+                return Ok(Some((job, vec![])));
+            }
+            let detail = format!("cancelled by {by}");
+            let mut events = vec![
+                transition(conn, &job, JobState::Cancelled, Change { detail: &detail, ..Change::default() }, now_ms).await?,
+            ];
+            if job.follows.is_none()
+                && let Some(heir) = followers(conn, job_id).await?.into_iter().next()
+            {
+                // The render this job led goes on for those attached to it: the oldest leads a new one.
+                sqlx::query("UPDATE jobs SET follows = CASE WHEN id = $1 THEN NULL ELSE $1 END WHERE follows = $2")
+                    .bind(&heir.id)
+                    .bind(job_id)
+                    .execute(&mut *conn)
+                    .await?;
+                let detail = format!("leads the render after job {job_id} was cancelled");
+                events.push(
+                    transition(conn, &heir, JobState::Queued, Change { detail: &detail, ..Change::default() }, now_ms).await?,
+                );
+                insert_outbox(conn, &heir, now_ms).await?;
+            }
+            let job = load_job(conn, job_id).await?.ok_or_else(|| corrupt("job", format!("{job_id} vanished")))?;
+            Ok(Some((job, events)))
+        }
+
+        async fn resume_op(conn: &mut $conn, now_ms: i64) -> Result<Vec<Event>, StoreError> {
+            sqlx::query(
+                "UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL AND id IN (SELECT o.id FROM outbox o \
+                 JOIN jobs j ON j.id = o.job_id WHERE j.state = 'queued' AND j.follows IS NULL AND o.attempt = j.attempt + 1)",
+            )
+            .execute(&mut *conn)
+            .await?;
+            let rows =
+                sqlx::query("SELECT * FROM jobs WHERE state IN ('dispatched', 'running') AND follows IS NULL ORDER BY seq")
+                    .fetch_all(&mut *conn)
+                    .await?;
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let job = job_from_row(row)?;
+                let detail = format!("resumed after a restart (was {})", job.state);
+                let change = Change { detail: &detail, ..Change::default() };
+                events.push(transition(conn, &job, JobState::Queued, change, now_ms).await?);
+                insert_outbox(conn, &job, now_ms).await?;
+            }
+            Ok(events)
+        }
+    };
+}
+
+/// `impl Store` for a store with a group-commit `writer`, a `read` pool and the `*_op`
+/// functions in scope.
+macro_rules! store_impl {
+    ($store:ty, $conn:ty) => {
+        impl Store for $store {
+            fn submit(&self, job: NewJob) -> BoxFut<'_, Result<Submitted, StoreError>> {
+                Box::pin(self.write(Box::new(move |c| Box::pin(submit_op(c, job)))))
+            }
+
+            fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
+                Box::pin(self.write(Box::new(move |c| Box::pin(take_due_op(c, now_ms, limit)))))
+            }
+
+            fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>> {
+                Box::pin(async move {
+                    let mut conn = self.read.acquire().await?;
+                    pending_op(&mut conn, now_ms, limit).await
+                })
+            }
+
+            fn mark_sent(&self, ids: Vec<i64>, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+                Box::pin(self.write(Box::new(move |c| Box::pin(async move { mark_sent_op(c, &ids, now_ms).await }))))
+            }
+
+            fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>> {
+                let d = d.clone();
+                Box::pin(self.write(Box::new(move |c| Box::pin(async move { start_op(c, &d, now_ms).await }))))
+            }
+
+            fn finish(&self, d: &Dispatch, outcome: Outcome, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+                let d = d.clone();
+                Box::pin(self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &d, outcome, now_ms).await }))))
+            }
+
+            fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>> {
+                let (id, by) = (job_id.to_owned(), by.to_owned());
+                Box::pin(self.write(Box::new(move |c| Box::pin(async move { cancel_op(c, &id, &by, now_ms).await }))))
+            }
+
+            fn resume(&self, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+                Box::pin(self.write(Box::new(move |c| Box::pin(resume_op(c, now_ms)))))
+            }
+
+            fn job(&self, id: &str) -> BoxFut<'_, Result<Option<Job>, StoreError>> {
+                let id = id.to_owned();
+                Box::pin(async move {
+                    let row = sqlx::query("SELECT * FROM jobs WHERE id = $1").bind(id).fetch_optional(&self.read).await?;
+                    row.as_ref().map(job_from_row).transpose()
+                })
+            }
+
+            fn list(&self, q: ListQuery) -> BoxFut<'_, Result<Page, StoreError>> {
+                Box::pin(async move {
+                    let limit = q.limit.max(1);
+                    let rows = sqlx::query(
+                        "SELECT * FROM jobs WHERE (CAST($1 AS TEXT) IS NULL OR state = $1) \
+                         AND (CAST($2 AS TEXT) IS NULL OR tier = $2) \
+                         AND (CAST($3 AS BIGINT) IS NULL OR created_ms >= $3) AND (CAST($4 AS BIGINT) IS NULL OR created_ms < $4) \
+                         AND (CAST($5 AS TEXT) IS NULL OR client = $5) AND (CAST($6 AS BIGINT) IS NULL OR seq < $6) \
+                         ORDER BY seq DESC LIMIT $7",
+                    )
+                    .bind(q.state.map(JobState::as_str))
+                    .bind(q.tier.map(Tier::as_str))
+                    .bind(q.since_ms)
+                    .bind(q.until_ms)
+                    .bind(q.client)
+                    .bind(q.before_seq)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?;
+                    let next =
+                        if rows.len() == limit as usize { rows.last().map(|r| r.col::<i64>("seq")).transpose()? } else { None };
+                    Ok(Page { jobs: rows.iter().map(job_from_row).collect::<Result<_, _>>()?, next })
+                })
+            }
+
+            fn events(&self, job_id: &str, after_seq: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+                let id = job_id.to_owned();
+                Box::pin(async move {
+                    let rows = sqlx::query(
+                        "SELECT e.*, j.tier FROM job_events e JOIN jobs j ON j.id = e.job_id \
+                         WHERE e.job_id = $1 AND e.seq > $2 ORDER BY e.seq",
+                    )
+                    .bind(&id)
+                    .bind(after_seq)
+                    .fetch_all(&self.read)
+                    .await?;
+                    rows.iter().map(|r| event_from_row(r, super::rows::tier_of(r)?)).collect()
+                })
+            }
+
+            fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>> {
+                Box::pin(async move {
+                    let rows = sqlx::query("SELECT tier, state, COUNT(*) AS n FROM jobs GROUP BY tier, state")
+                        .fetch_all(&self.read)
+                        .await?;
+                    rows.iter().map(|r| Ok((super::rows::tier_of(r)?, state_of(r)?, r.col("n")?))).collect()
+                })
+            }
+
+            fn ping(&self) -> BoxFut<'_, Result<(), StoreError>> {
+                Box::pin(async move {
+                    sqlx::query("SELECT 1").execute(&self.read).await?;
+                    Ok(())
+                })
+            }
+
+            fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>> {
+                Box::pin(async move {
+                    let rows = sqlx::query("SELECT token_hash, name, role FROM api_tokens WHERE revoked_ms IS NULL")
+                        .fetch_all(&self.read)
+                        .await?;
+                    rows.iter().map(token_from_row).collect()
+                })
+            }
+
+            fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>> {
+                // A taken name is a refusal that writes nothing: an answer, not a failed write.
+                let op: OpFn<$conn, Result<(), StoreError>> = Box::new(move |c| {
+                    Box::pin(async move {
+                        let inserted = sqlx::query(
+                            "INSERT INTO api_tokens (token_hash, name, role, created_ms) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (name) DO NOTHING",
+                        )
+                        .bind(&token.token_hash)
+                        .bind(&token.name)
+                        .bind(token.role.as_str())
+                        .bind(now_ms)
+                        .execute(&mut *c)
+                        .await?;
+                        if inserted.rows_affected() == 0 {
+                            return Ok(Err(StoreError::Conflict(format!("a token named {:?}", token.name))));
+                        }
+                        Ok(Ok(()))
+                    })
+                });
+                Box::pin(async move { self.write(op).await? })
+            }
+        }
+    };
+}
+
+pub(super) use {shared_ops, store_impl};
