@@ -5,11 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{TestFarm, job, test_config};
+use common::{TestFarm, WorkerEnv, job, test_config};
 use hyper::Method;
 use kiln_protocol::wire::{Names, REASON_HEADER};
 use kiln_scheduler::auth::Role;
@@ -47,27 +46,13 @@ impl Distributed {
 
     /// Starts a `kiln-worker run` process.
     fn spawn_worker(&mut self, id: &str) {
-        let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-worker");
-        assert!(exe.is_file(), "{} is not built (cargo test --workspace builds it)", exe.display());
-        let data = tempfile::tempdir().unwrap();
-        let child = Command::new(exe)
-            .arg("run")
-            .env_remove("KILN_CONFIG")
-            .env("KILN_LOG", "warn")
-            .env("KILN_DATA_DIR", data.path())
-            .env("KILN_BACKEND", "cpu")
-            .env("KILN_THREADS", "1")
-            .env("KILN_AMQP_URL", &self.amqp_url)
-            .env("KILN_AMQP_PREFIX", self.names.prefix())
-            .env("KILN_SCHEDULER_URL", &self.farm.url)
-            .env("KILN_WORKER_TOKEN", &self.worker_token)
-            .env("KILN_WORKER_ID", id)
-            .env("KILN_CONCURRENCY", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("kiln-worker starts");
-        self.workers.push((child, data));
+        let env = WorkerEnv {
+            amqp_url: &self.amqp_url,
+            prefix: self.names.prefix(),
+            scheduler_url: &self.farm.url,
+            token: &self.worker_token,
+        };
+        self.workers.push(common::spawn_worker(&env, id));
     }
 
     /// A connection (kept open while the channel is used) and a confirming channel on it.

@@ -257,12 +257,15 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
         }
         let recorded =
             futures_util::future::join_all(batch.iter().map(|d| record_delivery(sched, names, dead, d))).await;
+        if recorded.iter().any(|ok| !ok) {
+            // The store is down: what failed goes back to the queue and comes again, after a pause
+            // so a store that is down is not asked hundreds of times a second.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         for (d, ok) in batch.iter().zip(recorded) {
             if ok {
                 d.ack(BasicAckOptions::default()).await?;
             } else {
-                // The store is down: the result goes back to the queue and comes again.
-                tokio::time::sleep(Duration::from_millis(200)).await;
                 d.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
             }
         }

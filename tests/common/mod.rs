@@ -126,14 +126,14 @@ pub fn kiln() -> Command {
 
 /// `kiln up` as a child process; returns it with the API URL it printed.
 pub fn spawn_up(data: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = kiln()
-        .args(["up", "--listen", "127.0.0.1:0", "--backend", "cpu", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("kiln up starts");
+    let mut cmd = kiln();
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--backend", "cpu", "--data-dir"]).arg(data).args(extra);
+    spawn_farm(cmd)
+}
+
+/// Starts a farm binary (`kiln up`, `kiln-scheduler`); returns it with the API URL it printed.
+pub fn spawn_farm(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the farm starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut url = None;
@@ -146,7 +146,45 @@ pub fn spawn_up(data: &Path, extra: &[&str]) -> (Child, String) {
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, url.expect("kiln up printed its API URL"))
+    (child, url.expect("the farm printed its API URL"))
+}
+
+/// A binary built next to `kiln` by `cargo test --workspace` (`kiln-worker`, `kiln-scheduler`).
+pub fn sibling(name: &str) -> Command {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name(name);
+    assert!(exe.is_file(), "{} is not built (cargo test --workspace builds it)", exe.display());
+    let mut c = Command::new(exe);
+    c.env_remove("KILN_CONFIG").env("KILN_LOG", "warn");
+    c
+}
+
+/// Where a `kiln-worker run` finds the broker and the scheduler.
+pub struct WorkerEnv<'a> {
+    pub amqp_url: &'a str,
+    pub prefix: &'a str,
+    pub scheduler_url: &'a str,
+    pub token: &'a str,
+}
+
+/// `kiln-worker run` as a child process: CPU, one thread, two renders at once; with its data dir.
+pub fn spawn_worker(env: &WorkerEnv, id: &str) -> (Child, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    let child = sibling("kiln-worker")
+        .arg("run")
+        .env("KILN_DATA_DIR", data.path())
+        .env("KILN_BACKEND", "cpu")
+        .env("KILN_THREADS", "1")
+        .env("KILN_AMQP_URL", env.amqp_url)
+        .env("KILN_AMQP_PREFIX", env.prefix)
+        .env("KILN_SCHEDULER_URL", env.scheduler_url)
+        .env("KILN_WORKER_TOKEN", env.token)
+        .env("KILN_WORKER_ID", id)
+        .env("KILN_CONCURRENCY", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("kiln-worker starts");
+    (child, data)
 }
 
 /// The operator token of a data dir.
