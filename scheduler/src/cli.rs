@@ -177,6 +177,8 @@ pub enum BenchCommand {
     Farm(crate::bench::FarmBenchArgs),
     /// The store alone: how many jobs/s its writes allow, without HTTP or rendering.
     Store(crate::bench::StoreBenchArgs),
+    /// The distributed farm (PostgreSQL, RabbitMQ) end to end beside the broker's raw ceiling.
+    Dispatch(crate::bench::dispatch::DispatchBenchArgs),
 }
 
 impl clap::ValueEnum for Role {
@@ -261,6 +263,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Engine(args))) => kiln_worker::bench::run(&cfg.worker, &args),
         Some(Command::Bench(BenchCommand::Farm(args))) => runtime()?.block_on(crate::bench::run(&cfg, &args)),
         Some(Command::Bench(BenchCommand::Store(args))) => runtime()?.block_on(crate::bench::run_store(&args)),
+        Some(Command::Bench(BenchCommand::Dispatch(args))) => {
+            runtime()?.block_on(crate::bench::dispatch::run(&cfg, &args))
+        }
         Some(Command::Up(_)) => runtime()?.block_on(up(cfg)),
         Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
         Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),

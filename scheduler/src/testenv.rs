@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+use crate::store::PgStore;
+
 /// The default PostgreSQL URL for tests.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// The default RabbitMQ URL for tests.
@@ -58,15 +60,10 @@ pub async fn fresh_database() -> Option<String> {
     .await
     .unwrap_or_default();
     for s in old {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {s} CASCADE"))).execute(&mut conn).await;
+        let _ = PgStore::drop_schema(&base, &s).await;
     }
     let schema = format!("kiln_t_{now}_{}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut conn)
-        .await
-        .expect("create a test schema");
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+    Some(PgStore::create_schema(&base, &schema).await.expect("create a test schema"))
 }
 
 /// A unique prefix for a test's exchanges and queues on the shared broker, or `None` (after

@@ -54,6 +54,25 @@ impl PgStore {
         Ok(PgStore { writer: Writer::spawn(conn, connect), read })
     }
 
+    /// Creates the schema `name` in the database at `base` and returns a URL whose connections
+    /// use it: a private namespace for a test or a benchmark on a shared server. `name` must be
+    /// a plain identifier (letters, digits, `_`).
+    pub async fn create_schema(base: &str, name: &str) -> Result<String, StoreError> {
+        check_identifier(name)?;
+        let mut conn = PgConnectOptions::from_str(base)?.connect().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&mut conn).await?;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Ok(format!("{base}{sep}options=-csearch_path%3D{name}"))
+    }
+
+    /// Drops the schema `name` (and everything in it) from the database at `base`.
+    pub async fn drop_schema(base: &str, name: &str) -> Result<(), StoreError> {
+        check_identifier(name)?;
+        let mut conn = PgConnectOptions::from_str(base)?.connect().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {name} CASCADE"))).execute(&mut conn).await?;
+        Ok(())
+    }
+
     async fn write<T: Send + 'static>(&self, f: OpFn<PgConnection, T>) -> Result<T, StoreError> {
         self.writer.write(f).await
     }
@@ -155,11 +174,17 @@ async fn pending_op(conn: &mut PgConnection, now_ms: i64, limit: u32) -> Result<
 
 async fn mark_sent_op(conn: &mut PgConnection, ids: &[i64], now_ms: i64) -> Result<Vec<Event>, StoreError> {
     let rows = sqlx::query(
-        "WITH u AS (UPDATE outbox SET sent_ms = $1 WHERE sent_ms IS NULL AND id = ANY($2)), \
+        // Every lookup goes from the given ids by primary key (`OFFSET 0` keeps each lateral
+        // subquery a per-row index probe): under a burst the planner's statistics lag, and a scan
+        // of the state index would visit every job that was ever queued.
+        "WITH u AS (UPDATE outbox SET sent_ms = $1 WHERE id IN (SELECT x.id FROM unnest($2::BIGINT[]) AS i (id) \
+           CROSS JOIN LATERAL (SELECT id, sent_ms FROM outbox WHERE id = i.id OFFSET 0) x WHERE x.sent_ms IS NULL)), \
          ins AS (INSERT INTO job_events (job_id, at_ms, state, attempt, detail) \
-           SELECT j.id, $1, 'dispatched', j.attempt, 'to the ' || j.tier || ' queue' FROM jobs j \
-           WHERE j.state = 'queued' AND j.follows IS NULL AND j.id IN (SELECT o.job_id FROM outbox o \
-             WHERE o.id = ANY($2) AND o.attempt = j.attempt + 1) \
+           SELECT j.id, $1, 'dispatched', j.attempt, 'to the ' || j.tier || ' queue' \
+           FROM (SELECT DISTINCT o.job_id, o.attempt FROM unnest($2::BIGINT[]) AS i (id) \
+             CROSS JOIN LATERAL (SELECT job_id, attempt FROM outbox WHERE id = i.id OFFSET 0) o) o \
+           CROSS JOIN LATERAL (SELECT id, attempt, tier, state, follows FROM jobs WHERE id = o.job_id OFFSET 0) j \
+           WHERE j.state = 'queued' AND j.follows IS NULL AND j.attempt + 1 = o.attempt \
            RETURNING seq, job_id, attempt) \
          SELECT ins.seq, ins.job_id, ins.attempt, j.tier, j.created_ms FROM ins JOIN jobs j ON j.id = ins.job_id",
     )
@@ -248,3 +273,10 @@ async fn finish_op(
 
 super::shared::shared_ops!(PgConnection);
 super::shared::store_impl!(PgStore, PgConnection);
+
+fn check_identifier(name: &str) -> Result<(), StoreError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::BadName(format!("schema name {name:?}: only letters, digits and '_'")));
+    }
+    Ok(())
+}

@@ -24,6 +24,8 @@ use crate::farm::Farm;
 use crate::store::{NewJob, Outcome, SqliteStore, Store};
 use kiln_protocol::{RenderRequest, Tier};
 
+pub mod dispatch;
+
 /// `kiln bench farm`'s arguments.
 #[derive(Debug, Args)]
 pub struct FarmBenchArgs {

@@ -1,0 +1,316 @@
+//! `kiln bench dispatch`: the distributed farm end to end against the real PostgreSQL and
+//! RabbitMQ, beside the broker's own ceiling on this machine.
+//!
+//! Each run, in a schema and under a queue prefix of its own (both removed afterwards):
+//! 1. **Raw ceiling**: a bare lapin loop publishes persistent messages the size of a job message
+//!    to the preview tier queue (the same exchange, queue arguments and durability as the farm's),
+//!    awaiting confirms under a window, while a consumer with a large prefetch acks them in
+//!    batches. Messages per second, from the first publish to the last ack.
+//! 2. **End to end**: the scheduler (PostgreSQL store, relay, results consumer) and worker
+//!    daemons in this process, sharing the asset folder (no upload). Each HTTP client submits a
+//!    tiny 16×16 job with a fresh seed and waits for it (`GET /v1/jobs/{id}?wait=`), so a job
+//!    counts once its result is recorded. Jobs per second and p50/p99 latency.
+//!
+//! A job costs two broker messages (the job, then its result), so the farm's share of the
+//! ceiling is `ceiling / 2` jobs per second.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures_util::StreamExt;
+use hyper::Method;
+use hyper::body::Bytes;
+use kiln_protocol::wire::{self, JOB_TYPE, JobMessage, Names};
+use kiln_protocol::{RenderRequest, Tier, TierLimits};
+use kiln_worker::amqp::{self, lapin};
+use kiln_worker::config::BackendChoice;
+use kiln_worker::consume::RunConfig;
+use kiln_worker::worker::open_backend;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{Figures, drive, median, submit};
+use crate::auth::Secret;
+use crate::client::Client;
+use crate::config::FarmConfig;
+use crate::farm::Farm;
+use crate::store::PgStore;
+
+/// Messages each job costs on the broker: the job, then its result.
+pub const MESSAGES_PER_JOB: f64 = 2.0;
+
+/// `kiln bench dispatch`'s arguments.
+#[derive(Debug, Args)]
+pub struct DispatchBenchArgs {
+    /// Tiny (16×16) jobs per run.
+    #[arg(long, default_value_t = 5_000)]
+    pub jobs: usize,
+    /// Concurrent HTTP clients, each submitting a job and waiting for it.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Worker daemons (in this process, sharing the asset folder).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Renders at once per worker daemon.
+    #[arg(long, default_value_t = 64)]
+    pub worker_concurrency: usize,
+    /// Each worker's prefetch per tier.
+    #[arg(long, default_value_t = 256)]
+    pub prefetch: u16,
+    /// Messages for the raw broker ceiling per run.
+    #[arg(long, default_value_t = 20_000)]
+    pub raw_messages: usize,
+    /// The PostgreSQL database (a scratch schema is made in it and dropped).
+    #[arg(long, env = "KILN_DATABASE_URL", default_value = crate::testenv::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// The RabbitMQ broker (queues under a scratch prefix, deleted afterwards).
+    #[arg(long, env = "KILN_AMQP_URL", default_value = crate::testenv::DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+    /// Runs; the figures are the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// A job message as the relay sends it for a tiny job: the raw loop's payload.
+fn sample_job_message() -> anyhow::Result<Vec<u8>> {
+    let request = RenderRequest::resolve(
+        "cppn",
+        "bench dispatch",
+        1,
+        Tier::Preview,
+        Some(16),
+        None,
+        None,
+        &TierLimits::default(),
+    )?;
+    let msg = JobMessage {
+        v: wire::SCHEMA_VERSION,
+        job_id: "01JBENCHDISPATCHSAMPLEJOB0".into(),
+        attempt: 1,
+        client: "operator".into(),
+        cache_key: "0".repeat(64),
+        created_ms: crate::time::now_ms(),
+        request,
+    };
+    Ok(serde_json::to_vec(&msg)?)
+}
+
+/// A fresh prefix for a run's queues.
+fn scratch_name(what: &str, run: usize) -> String {
+    format!("kiln_bench_{what}_{}_{run}", std::process::id())
+}
+
+/// Deletes every queue under `names` (exchanges are left; they hold nothing).
+async fn delete_queues(url: &str, names: &Names) -> anyhow::Result<()> {
+    let conn = amqp::connect(url, "kiln-bench-cleanup").await?;
+    let ch = conn.create_channel().await?;
+    for q in names.queues() {
+        ch.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// The bare broker loop: `n` persistent messages of `body`'s size published with confirms
+/// (at most `window` unconfirmed) while a consumer acks them in batches. Messages per second.
+async fn raw_ceiling(
+    url: &str,
+    names: &Names,
+    body: &[u8],
+    n: usize,
+    window: usize,
+    prefetch: u16,
+) -> anyhow::Result<f64> {
+    let conn = amqp::connect(url, "kiln-bench-raw").await.context("connecting to RabbitMQ")?;
+    let publ = amqp::confirm_channel(&conn).await?;
+    amqp::declare_topology(&publ, names).await?;
+    let cons = conn.create_channel().await?;
+    cons.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = cons
+        .basic_consume(
+            names.tier_queue(Tier::Preview).into(),
+            "kiln-bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            // What is at hand (up to 64 deliveries), acked with one `multiple` ack.
+            let Some(first) = consumer.next().await else { bail!("the consumer was closed after {got} messages") };
+            let mut last = first?;
+            got += 1;
+            while got < n && got % 64 != 0 {
+                match futures_util::FutureExt::now_or_never(consumer.next()) {
+                    Some(Some(d)) => {
+                        last = d?;
+                        got += 1;
+                    }
+                    Some(None) => bail!("the consumer was closed after {got} messages"),
+                    None => break,
+                }
+            }
+            last.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let exchange = names.jobs_exchange();
+    let mut confirms = VecDeque::with_capacity(window);
+    for i in 0..n {
+        let props = amqp::properties(JOB_TYPE, &format!("raw:{i}"));
+        let c = publ
+            .basic_publish(
+                exchange.clone().into(),
+                Tier::Preview.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?;
+        confirms.push_back(c);
+        if confirms.len() >= window
+            && let Some(c) = confirms.pop_front()
+        {
+            if !c.await?.is_ack() {
+                bail!("the broker refused a message");
+            }
+        }
+    }
+    for c in confirms {
+        if !c.await?.is_ack() {
+            bail!("the broker refused a message");
+        }
+    }
+    consume.await.context("the consumer panicked")??;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let _ = conn.close(200, "done".into()).await;
+    Ok(rate)
+}
+
+/// One end-to-end run: a farm on PostgreSQL and RabbitMQ with worker daemons in this process.
+async fn end_to_end(
+    cfg: &FarmConfig,
+    a: &DispatchBenchArgs,
+    run: usize,
+    db: &str,
+    prefix: &str,
+) -> anyhow::Result<Figures> {
+    let dir = std::env::temp_dir().join(format!("kiln-bench-dispatch-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = cfg.clone();
+    cfg.worker.data_dir = dir.clone();
+    cfg.worker.backend = BackendChoice::Cpu;
+    cfg.worker.threads = 1;
+    cfg.scheduler.listen = "127.0.0.1:0".parse().expect("valid address");
+    cfg.scheduler.database_url = Some(db.to_owned());
+    cfg.scheduler.broker.amqp_url = Some(a.amqp_url.clone());
+    cfg.scheduler.broker.prefix = prefix.to_owned();
+    let farm = Farm::build(&cfg, open_backend(BackendChoice::Cpu, 1)?).await?;
+    let url = format!("http://{}", farm.local_addr()?);
+    let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
+    let worker = farm.scheduler().worker.clone();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+    let mut daemons = Vec::new();
+    for i in 0..a.workers {
+        let rc = RunConfig {
+            amqp_url: a.amqp_url.clone(),
+            amqp_prefix: prefix.to_owned(),
+            tiers: vec![Tier::Preview],
+            prefetch: a.prefetch,
+            concurrency: a.worker_concurrency,
+            shared_assets: true,
+            worker_id: Some(format!("bench-{run}-{i}")),
+            ..RunConfig::default()
+        };
+        daemons.push(tokio::spawn(kiln_worker::consume::run(worker.clone(), rc, stop.clone())));
+    }
+    let c = Client::new(&url, Some(Secret::new(token)));
+    let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
+    let figures = drive(a.jobs, a.concurrency, move |i| {
+        let c = c.clone();
+        async move {
+            let body = json!({ "prompt": "bench dispatch", "seed": base + i as u64, "tier": "preview", "width": 16 });
+            let t = Instant::now();
+            let j = submit(&c, Bytes::from(body.to_string())).await?;
+            let id = j["id"].as_str().context("no id")?;
+            let done = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
+            if done["state"] != "succeeded" {
+                bail!("a tiny job did not succeed: {done}");
+            }
+            Ok(t.elapsed().as_secs_f64())
+        }
+    })
+    .await;
+    stop.cancel();
+    for d in daemons {
+        d.await.context("a worker daemon panicked")??;
+    }
+    server.await.context("the farm panicked")??;
+    let _ = std::fs::remove_dir_all(&dir);
+    figures
+}
+
+/// Runs `kiln bench dispatch` and prints its figures.
+pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> {
+    let body = sample_job_message()?;
+    let shown_db = a.database_url.split('@').next_back().unwrap_or(&a.database_url);
+    let shown_mq = a.amqp_url.split('@').next_back().unwrap_or(&a.amqp_url);
+    println!(
+        "kiln bench dispatch: PostgreSQL {shown_db}, RabbitMQ {shown_mq}; per run {} raw {}-byte messages, then {} tiny 16×16 jobs over {} clients, {} worker daemons × {} renders, prefetch {}; {} runs (medians)",
+        a.raw_messages,
+        body.len(),
+        a.jobs,
+        a.concurrency,
+        a.workers,
+        a.worker_concurrency,
+        a.prefetch,
+        a.runs
+    );
+    let window = cfg.scheduler.broker.window as usize;
+    let (mut raws, mut e2es) = (Vec::new(), Vec::new());
+    for run in 0..a.runs.max(1) {
+        let names = Names::new(&scratch_name("raw", run));
+        let raw = raw_ceiling(&a.amqp_url, &names, &body, a.raw_messages, window, a.prefetch).await;
+        delete_queues(&a.amqp_url, &names).await?;
+        let raw = raw?;
+        let schema = scratch_name("db", run);
+        let db = PgStore::create_schema(&a.database_url, &schema).await.context("making a scratch schema")?;
+        let prefix = scratch_name("mq", run);
+        let e2e = end_to_end(cfg, a, run, &db, &prefix).await;
+        let _ = PgStore::drop_schema(&a.database_url, &schema).await;
+        delete_queues(&a.amqp_url, &Names::new(&prefix)).await?;
+        let e2e = e2e?;
+        println!(
+            "  run {}: raw ceiling {:.0} msgs/s; end to end {:.0} jobs/s, p50 {:.1} ms, p99 {:.1} ms",
+            run + 1,
+            raw,
+            e2e.per_second,
+            e2e.p50_ms,
+            e2e.p99_ms
+        );
+        raws.push(raw);
+        e2es.push(e2e);
+    }
+    let raw = median(raws);
+    let jobs_s = median(e2es.iter().map(|f| f.per_second).collect());
+    let share = raw / MESSAGES_PER_JOB;
+    println!("raw broker ceiling: {raw:.0} msgs/s ({} B persistent, confirms, batched acks)", body.len());
+    println!(
+        "end to end: {jobs_s:.0} jobs/s, p50 {:.1} ms, p99 {:.1} ms (aim: >= 5000 jobs/s)",
+        median(e2es.iter().map(|f| f.p50_ms).collect()),
+        median(e2es.iter().map(|f| f.p99_ms).collect())
+    );
+    println!(
+        "ceiling / {MESSAGES_PER_JOB} messages per job = {share:.0} jobs/s; end to end is {:.2} of it (aim: >= 0.5)",
+        jobs_s / share
+    );
+    Ok(())
+}
