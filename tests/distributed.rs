@@ -29,6 +29,11 @@ struct Distributed {
 impl Distributed {
     /// `None` (the test skips) when a service is missing and not required.
     async fn start() -> Option<Distributed> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Distributed::start`] with changes to the scheduler's config.
+    async fn start_with(change: impl FnOnce(&mut kiln_scheduler::config::FarmConfig)) -> Option<Distributed> {
         let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| "warn".into());
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let db = testenv::fresh_database().await?;
@@ -39,6 +44,7 @@ impl Distributed {
         cfg.scheduler.broker.amqp_url = Some(amqp_url.clone());
         cfg.scheduler.broker.prefix = prefix.clone();
         cfg.scheduler.broker.lost_after_seconds = 5;
+        change(&mut cfg);
         let farm = TestFarm::start_with(dir, cfg).await;
         let worker_token = farm.sched.create_token("workers", Role::Worker).await.unwrap().expose().to_owned();
         Some(Distributed { farm, amqp_url, names: Names::new(&prefix), worker_token, workers: vec![] })
@@ -46,13 +52,39 @@ impl Distributed {
 
     /// Starts a `kiln-worker run` process.
     fn spawn_worker(&mut self, id: &str) {
+        self.spawn_worker_with(id, &[]);
+    }
+
+    /// Starts a `kiln-worker run` process with more environment variables.
+    fn spawn_worker_with(&mut self, id: &str, extra: &[(&str, &str)]) {
         let env = WorkerEnv {
             amqp_url: &self.amqp_url,
             prefix: self.names.prefix(),
             scheduler_url: &self.farm.url,
             token: &self.worker_token,
         };
-        self.workers.push(common::spawn_worker(&env, id));
+        self.workers.push(common::spawn_worker_with(&env, id, extra));
+    }
+
+    /// Starts a misconfigured worker: it believes its asset folder is the scheduler's
+    /// (`shared_assets`) but it is its own, so every asset it reports never arrives and each of
+    /// its attempts fails on the scheduler's side, the way a badly set-up GPU box fails.
+    fn spawn_bad_worker(&mut self, id: &str) {
+        self.spawn_worker_with(id, &[("KILN_SHARED_ASSETS", "true")]);
+    }
+
+    /// The registry's entry for a worker, once `pred` holds for it.
+    async fn worker_where(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let all = self.farm.client.call(Method::GET, "/v1/workers", None).await.unwrap();
+            let entry = all["workers"].as_array().unwrap().iter().find(|w| w["worker_id"] == id).cloned();
+            if let Some(w) = entry.filter(|w| pred(w)) {
+                return w;
+            }
+            assert!(Instant::now() < deadline, "worker {id}: {what}; the registry says {all}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A connection (kept open while the channel is used) and a confirming channel on it.
@@ -229,5 +261,71 @@ async fn kill_9_of_a_worker_mid_render_loses_nothing_and_repeats_nothing() {
     assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "every job succeeded");
     let counts = d.succeeded_events(&ids).await;
     assert!(counts.values().all(|&n| n == 1), "exactly one succeeded result per job: {counts:?}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_fails_many_distinct_jobs_is_drained_until_resumed() {
+    let Some(mut d) = Distributed::start_with(|cfg| {
+        cfg.scheduler.broker.drain_after_jobs = 3;
+        cfg.scheduler.retry.max_attempts = 6;
+        cfg.scheduler.retry.max_ms = 200;
+    })
+    .await
+    else {
+        return;
+    };
+    d.spawn_bad_worker("w-bad");
+    d.spawn_worker("w-good");
+    let ids = d.submit(20, 2000).await;
+    for j in d.wait_all(&ids, Duration::from_secs(120)).await {
+        assert_eq!(j["state"], "succeeded", "the good worker did what the bad one failed: {j}");
+    }
+    let bad = d.worker_where("w-bad", "drained, and says so in its heartbeat", |w| !w["drained"].is_null()).await;
+    assert_eq!(bad["state"], "drained", "{bad}");
+    let reason = bad["drained_reason"].as_str().unwrap();
+    assert!(reason.contains("distinct jobs within") && reason.contains("never arrived"), "{reason}");
+    let all = d.farm.client.call(Method::GET, "/v1/workers", None).await.unwrap();
+    assert_eq!(all["drained"][0]["worker_id"], "w-bad", "{all}");
+    let good = d.worker_where("w-good", "active", |w| w["state"] == "active").await;
+    assert!(good["drained_reason"].is_null());
+    assert_eq!(d.farm.metric("kiln_workers_drained_total", "").await, 1.0);
+    // Drained, it takes no work: new jobs all succeed at their first attempt.
+    let more = d.submit(8, 3000).await;
+    for j in d.wait_all(&more, Duration::from_secs(60)).await {
+        assert_eq!((j["state"].as_str(), j["attempt"].as_u64()), (Some("succeeded"), Some(1)), "{j}");
+    }
+    // The operator resumes it; it says so in its next heartbeat.
+    let r = d.farm.client.call(Method::POST, "/v1/workers/w-bad/resume", None).await.unwrap();
+    assert_eq!(r["state"], "resumed");
+    d.worker_where("w-bad", "active again", |w| w["state"] == "active" && w["drained"].is_null()).await;
+    let again = d.farm.client.call(Method::POST, "/v1/workers/w-bad/resume", None).await.unwrap_err();
+    assert!(again.to_string().contains("409"), "{again}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_fails_on_several_distinct_workers_is_quarantined() {
+    let Some(mut d) = Distributed::start_with(|cfg| {
+        cfg.scheduler.broker.quarantine_after_workers = 2;
+        cfg.scheduler.broker.drain_after_jobs = 100;
+        cfg.scheduler.retry.max_attempts = 40;
+        cfg.scheduler.retry.max_ms = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    d.spawn_bad_worker("w-bad-1");
+    d.spawn_bad_worker("w-bad-2");
+    let ids = d.submit(1, 4000).await;
+    let j = &d.wait_all(&ids, Duration::from_secs(120)).await[0];
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap();
+    assert!(error.starts_with("quarantined: failed on 2 distinct workers (w-bad-1, w-bad-2); last: "), "{error}");
+    let events = d.farm.sched.store.events(&ids[0], 0).await.unwrap();
+    let last = events.last().unwrap();
+    assert!(last.detail.starts_with("quarantined"), "{last:?}");
+    assert_eq!(d.farm.metric("kiln_jobs_quarantined_total", "").await, 1.0);
     d.stop().await;
 }

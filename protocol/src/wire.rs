@@ -17,6 +17,8 @@ pub const JOB_TYPE: &str = "kiln.job.v1";
 pub const RESULT_TYPE: &str = "kiln.result.v1";
 /// The AMQP `type` of a heartbeat.
 pub const HEARTBEAT_TYPE: &str = "kiln.heartbeat.v1";
+/// The AMQP `type` of a control message (scheduler to one worker).
+pub const CONTROL_TYPE: &str = "kiln.control.v1";
 /// The highest message priority a job queue honours (`x-max-priority`).
 pub const MAX_PRIORITY: u8 = 9;
 /// The header a dead-lettered message carries with the reason it was refused.
@@ -68,6 +70,11 @@ impl Names {
     /// expires after a minute unread.
     pub fn heartbeats_queue(&self) -> String {
         format!("{}.heartbeats", self.prefix)
+    }
+    /// The direct exchange the scheduler sends control messages to, routed by worker id to the
+    /// private queue each worker binds while it is connected.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
     }
     /// Every queue, for tests and tools that clean up.
     pub fn queues(&self) -> Vec<String> {
@@ -168,8 +175,36 @@ pub struct Heartbeat {
     pub concurrency: u32,
     /// Whether it is draining (stopped taking work).
     pub draining: bool,
+    /// Why the scheduler drained it, while it is drained (it takes no work until resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<String>,
     /// When it was sent, unix milliseconds.
     pub at_ms: i64,
+}
+
+/// What the scheduler tells one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// Stop taking work (finish what is in hand, hand back what was sent ahead) until resumed.
+    Drain {
+        /// Why, as the operator will read it.
+        reason: String,
+    },
+    /// Take work again.
+    Resume,
+}
+
+/// A control message for one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlMessage {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub v: u32,
+    /// The worker it is for.
+    pub worker_id: String,
+    /// What to do.
+    #[serde(flatten)]
+    pub command: Command,
 }
 
 /// Why a message was refused.
@@ -236,6 +271,11 @@ impl Versioned for ResultMessage {
     }
 }
 impl Versioned for Heartbeat {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+impl Versioned for ControlMessage {
     fn version(&self) -> u32 {
         self.v
     }

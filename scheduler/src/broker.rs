@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kiln_protocol::wire::{
-    self, AttemptOutcome, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, Names, RESULT_TYPE, ResultMessage,
+    self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
+    Names, RESULT_TYPE, ResultMessage,
 };
 use kiln_worker::amqp::{self, PublishError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::scheduler::Scheduler;
-use crate::store::{Dispatch, Outcome};
+use crate::store::{AttemptFailure, Dispatch, DrainedWorker, Outcome};
 use crate::time::now_ms;
 
 /// A worker as the registry knows it.
@@ -30,54 +31,124 @@ pub struct WorkerEntry {
     /// Its last heartbeat.
     #[serde(flatten)]
     pub heartbeat: Heartbeat,
-    /// `active`, `draining` or `lost`.
+    /// `active`, `draining`, `drained` or `lost`.
     pub state: &'static str,
+    /// Why the scheduler drained it, while it is drained.
+    pub drained_reason: Option<String>,
     /// When it was last heard from, unix milliseconds.
     pub last_seen_ms: i64,
 }
 
 /// The workers heard from (by heartbeat), kept in memory: after a restart of the scheduler the
-/// registry fills again within one heartbeat period.
+/// registry fills again within one heartbeat period. It also holds the drained workers (a
+/// mirror of the store's) and the control messages waiting to be sent to workers.
 #[derive(Debug, Default)]
 pub struct Registry {
     workers: Mutex<HashMap<String, (Heartbeat, i64)>>,
+    drained: Mutex<HashMap<String, DrainedWorker>>,
+    commands: Mutex<Vec<ControlMessage>>,
+    /// Woken when a command is waiting.
+    pub(crate) command_wake: tokio::sync::Notify,
     lost_after_ms: i64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Registry {
     /// A registry that shows a worker unheard for `lost_after` as lost.
     pub fn new(lost_after: Duration) -> Registry {
-        Registry { workers: Mutex::new(HashMap::new()), lost_after_ms: lost_after.as_millis() as i64 }
+        Registry { lost_after_ms: lost_after.as_millis() as i64, ..Registry::default() }
     }
 
-    /// Records a heartbeat.
+    /// Records a heartbeat; a worker whose view of its drain differs from the scheduler's is
+    /// told again (it restarted, or a command was lost).
     pub fn heard(&self, hb: Heartbeat, now_ms: i64) {
-        let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let drained = lock(&self.drained).get(&hb.worker_id).map(|d| d.reason.clone());
+        match (&drained, &hb.drained) {
+            (Some(reason), None) => self.command(&hb.worker_id, Command::Drain { reason: reason.clone() }),
+            (None, Some(_)) => self.command(&hb.worker_id, Command::Resume),
+            _ => {}
+        }
+        let mut w = lock(&self.workers);
         if !w.contains_key(&hb.worker_id) {
             tracing::info!(worker = hb.worker_id, host = hb.host, backend = hb.backend, "a worker joined");
         }
         w.insert(hb.worker_id.clone(), (hb, now_ms));
     }
 
-    /// Every worker, with its state as of `now_ms`, by id.
+    /// Queues a command for a worker.
+    fn command(&self, worker_id: &str, command: Command) {
+        let msg = ControlMessage { v: wire::SCHEMA_VERSION, worker_id: worker_id.to_owned(), command };
+        lock(&self.commands).push(msg);
+        self.command_wake.notify_one();
+    }
+
+    /// The commands waiting to be sent.
+    fn take_commands(&self) -> Vec<ControlMessage> {
+        std::mem::take(&mut *lock(&self.commands))
+    }
+
+    /// Puts back commands that could not be sent.
+    fn put_back(&self, mut msgs: Vec<ControlMessage>) {
+        let mut c = lock(&self.commands);
+        msgs.append(&mut c);
+        *c = msgs;
+    }
+
+    /// Replaces the drained workers (from the store, at the start of a broker session).
+    pub fn set_drained(&self, list: Vec<DrainedWorker>) {
+        *lock(&self.drained) = list.into_iter().map(|d| (d.worker_id.clone(), d)).collect();
+    }
+
+    /// Marks a worker drained and tells it.
+    pub fn drain(&self, d: DrainedWorker) {
+        self.command(&d.worker_id, Command::Drain { reason: d.reason.clone() });
+        lock(&self.drained).insert(d.worker_id.clone(), d);
+    }
+
+    /// Lets a drained worker work again and tells it.
+    pub fn resume(&self, worker_id: &str) {
+        lock(&self.drained).remove(worker_id);
+        self.command(worker_id, Command::Resume);
+    }
+
+    /// Every worker heard from, with its state as of `now_ms`, by id.
     pub fn list(&self, now_ms: i64) -> Vec<WorkerEntry> {
-        let w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let drained = lock(&self.drained);
+        let w = lock(&self.workers);
         let mut out: Vec<WorkerEntry> = w
             .values()
-            .map(|(hb, seen)| WorkerEntry {
-                state: if now_ms - seen > self.lost_after_ms {
-                    "lost"
-                } else if hb.draining {
-                    "draining"
-                } else {
-                    "active"
-                },
-                heartbeat: hb.clone(),
-                last_seen_ms: *seen,
+            .map(|(hb, seen)| {
+                let reason = drained.get(&hb.worker_id).map(|d| d.reason.clone());
+                WorkerEntry {
+                    state: if now_ms - seen > self.lost_after_ms {
+                        "lost"
+                    } else if reason.is_some() {
+                        "drained"
+                    } else if hb.draining {
+                        "draining"
+                    } else {
+                        "active"
+                    },
+                    drained_reason: reason,
+                    heartbeat: hb.clone(),
+                    last_seen_ms: *seen,
+                }
             })
             .collect();
         out.sort_by(|a, b| a.heartbeat.worker_id.cmp(&b.heartbeat.worker_id));
         out
+    }
+
+    /// Workers by state, for the `kiln_workers` gauge.
+    pub fn counts(&self, now_ms: i64) -> HashMap<&'static str, usize> {
+        let mut n = HashMap::new();
+        for e in self.list(now_ms) {
+            *n.entry(e.state).or_default() += 1;
+        }
+        n
     }
 }
 
@@ -118,10 +189,33 @@ async fn run_session(
     results.basic_qos(1024, BasicQosOptions::default()).await?;
     let beats = conn.create_channel().await?;
     let dead = amqp::confirm_channel(conn).await?;
+    let control = amqp::confirm_channel(conn).await?;
+    sched.registry.set_drained(sched.store.drained().await?);
     tokio::select! {
         r = relay(sched, cfg, names, &publ, &stop) => r,
         r = consume_results(sched, names, &results, &dead) => r,
         r = consume_heartbeats(sched, names, &beats) => r,
+        r = send_commands(sched, names, &control) => r,
+    }
+}
+
+/// Sends the registry's commands to their workers as they come.
+async fn send_commands(sched: &Scheduler, names: &Names, ch: &Channel) -> anyhow::Result<()> {
+    let exchange = names.control_exchange();
+    loop {
+        let mut msgs = sched.registry.take_commands();
+        while !msgs.is_empty() {
+            let m = msgs.remove(0);
+            let body = serde_json::to_vec(&m)?;
+            let props = amqp::properties(CONTROL_TYPE, &format!("{}:{}", m.worker_id, now_ms()));
+            if let Err(e) = amqp::publish_confirmed(ch, &exchange, &m.worker_id, &body, props).await {
+                msgs.insert(0, m);
+                sched.registry.put_back(msgs);
+                anyhow::bail!("cannot send a control message: {e}");
+            }
+            tracing::info!(worker = m.worker_id, command = ?m.command, "told a worker");
+        }
+        sched.registry.command_wake.notified().await;
     }
 }
 
@@ -312,10 +406,53 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
 }
 
 impl Scheduler {
+    /// Records a failed attempt and applies the rules: the job is quarantined (the returned
+    /// outcome) once it has failed on `quarantine_after_workers` distinct workers; the worker is
+    /// drained once it has failed `drain_after_jobs` distinct jobs within the window.
+    async fn weigh_failure(
+        &self,
+        d: &Dispatch,
+        msg: &ResultMessage,
+        error: &str,
+    ) -> Result<Option<Outcome>, crate::store::StoreError> {
+        let b = &self.cfg.broker;
+        let failure = AttemptFailure {
+            job_id: d.job_id.clone(),
+            attempt: d.attempt,
+            worker: msg.worker.clone(),
+            error: error.to_owned(),
+            at_ms: msg.finished_ms,
+        };
+        let since = now_ms() - (b.drain_window_seconds * 1000) as i64;
+        let tally = self.store.record_failure(failure, since).await?;
+        if tally.worker_jobs >= b.drain_after_jobs {
+            let reason = format!(
+                "failed {} distinct jobs within {} s (last: job {}: {error})",
+                tally.worker_jobs, b.drain_window_seconds, d.job_id
+            );
+            if self.store.set_drained(&msg.worker, Some(&reason), now_ms()).await? {
+                tracing::warn!(worker = msg.worker, reason, "draining a worker");
+                self.metrics.workers_drained.inc();
+                self.registry.drain(DrainedWorker { worker_id: msg.worker.clone(), reason, at_ms: now_ms() });
+            }
+        }
+        if tally.job_workers.len() >= b.quarantine_after_workers as usize {
+            let error = format!(
+                "quarantined: failed on {} distinct workers ({}); last: {error}",
+                tally.job_workers.len(),
+                tally.job_workers.join(", ")
+            );
+            tracing::error!(job_id = d.job_id, error, "quarantining a job");
+            self.metrics.jobs_quarantined.inc();
+            return Ok(Some(Outcome::Quarantined { error }));
+        }
+        Ok(None)
+    }
+
     /// Records a worker's result for `d`: the job moves to `running` (if the worker's start was
     /// not seen yet) and then to its outcome. `false` when the store failed (try again later).
     pub(crate) async fn record_result(&self, d: Dispatch, msg: &ResultMessage) -> bool {
-        let outcome = match &msg.outcome {
+        let mut outcome = match &msg.outcome {
             AttemptOutcome::Succeeded { asset, bytes } => {
                 if self.worker.store().contains(asset) {
                     Outcome::Succeeded { asset: asset.clone(), bytes: *bytes }
@@ -328,6 +465,16 @@ impl Scheduler {
                 self.failure_outcome(&d, format!("on worker {}: {error}", msg.worker), *transient)
             }
         };
+        if let Outcome::Retry { error, .. } | Outcome::Failed { error } = &outcome {
+            match self.weigh_failure(&d, msg, error).await {
+                Ok(Some(quarantined)) => outcome = quarantined,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(job_id = d.job_id, error = %e, "cannot record a failed attempt");
+                    return false;
+                }
+            }
+        }
         let started = match self.store.start(&d, msg.started_ms).await {
             Ok(e) => e,
             Err(e) => {

@@ -79,11 +79,27 @@ pub struct BrokerConfig {
     pub window: u32,
     /// A worker unheard for this long is shown as lost.
     pub lost_after_seconds: u64,
+    /// A job that fails on this many distinct workers is quarantined (failed for good: the
+    /// job, not the workers, is at fault).
+    pub quarantine_after_workers: u32,
+    /// A worker that fails this many distinct jobs within `drain_window_seconds` is drained
+    /// (it takes no work until the operator resumes it: the worker is at fault).
+    pub drain_after_jobs: u32,
+    /// The window for `drain_after_jobs`.
+    pub drain_window_seconds: u64,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { amqp_url: None, prefix: "kiln".into(), window: 512, lost_after_seconds: 30 }
+        BrokerConfig {
+            amqp_url: None,
+            prefix: "kiln".into(),
+            window: 512,
+            lost_after_seconds: 30,
+            quarantine_after_workers: 3,
+            drain_after_jobs: 5,
+            drain_window_seconds: 600,
+        }
     }
 }
 
@@ -189,6 +205,12 @@ impl FarmConfig {
         }
         if s.broker.window == 0 {
             return bad("scheduler.broker.window", "must be at least 1".into());
+        }
+        if s.broker.quarantine_after_workers < 2 {
+            return bad("scheduler.broker.quarantine_after_workers", "must be at least 2 (distinct workers)".into());
+        }
+        if s.broker.drain_after_jobs < 2 {
+            return bad("scheduler.broker.drain_after_jobs", "must be at least 2 (distinct jobs)".into());
         }
         if s.limits.max_jobs_per_request == 0 || s.limits.max_page == 0 {
             return bad("scheduler.limits", "max_jobs_per_request and max_page must be at least 1".into());

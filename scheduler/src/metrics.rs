@@ -26,6 +26,14 @@ pub const ATTEMPTS: &str = "kiln_render_attempts_total";
 pub const RELAYED: &str = "kiln_relay_messages_total";
 /// Broker messages refused by the scheduler, by kind (result, heartbeat).
 pub const BAD_MESSAGES: &str = "kiln_scheduler_bad_messages_total";
+/// Jobs quarantined for failing on too many distinct workers.
+pub const QUARANTINED: &str = "kiln_jobs_quarantined_total";
+/// Workers drained for failing too many distinct jobs.
+pub const DRAINED: &str = "kiln_workers_drained_total";
+/// Workers heard from, by state (active, draining, drained, lost), as of the scrape.
+pub const WORKERS: &str = "kiln_workers";
+/// The worker states [`WORKERS`] reports.
+pub const WORKER_STATES: [&str; 4] = ["active", "draining", "drained", "lost"];
 
 /// The scheduler's metrics.
 #[derive(Clone)]
@@ -49,6 +57,12 @@ pub struct Metrics {
     pub relayed: IntCounter,
     /// [`BAD_MESSAGES`].
     pub bad_messages: IntCounterVec,
+    /// [`QUARANTINED`].
+    pub jobs_quarantined: IntCounter,
+    /// [`DRAINED`].
+    pub workers_drained: IntCounter,
+    /// [`WORKERS`].
+    pub workers: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -85,6 +99,12 @@ impl Metrics {
         let relayed = IntCounter::new(RELAYED, "Outbox messages confirmed by the broker").expect("valid metric");
         let bad_messages =
             IntCounterVec::new(Opts::new(BAD_MESSAGES, "Broker messages refused"), &["kind"]).expect("valid metric");
+        let jobs_quarantined = IntCounter::new(QUARANTINED, "Jobs quarantined (failed on too many distinct workers)")
+            .expect("valid metric");
+        let workers_drained =
+            IntCounter::new(DRAINED, "Workers drained (failed too many distinct jobs)").expect("valid metric");
+        let workers =
+            IntGaugeVec::new(Opts::new(WORKERS, "Workers heard from, by state"), &["state"]).expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -97,6 +117,9 @@ impl Metrics {
                 Box::new(attempts.clone()),
                 Box::new(relayed.clone()),
                 Box::new(bad_messages.clone()),
+                Box::new(jobs_quarantined.clone()),
+                Box::new(workers_drained.clone()),
+                Box::new(workers.clone()),
             ],
         );
         for tier in Tier::ALL {
@@ -115,6 +138,9 @@ impl Metrics {
             attempts,
             relayed,
             bad_messages,
+            jobs_quarantined,
+            workers_drained,
+            workers,
         }
     }
 

@@ -389,6 +389,7 @@ impl Scheduler {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Retry { .. } => "retry",
             Outcome::Failed { .. } => "failed",
+            Outcome::Quarantined { .. } => "quarantined",
         };
         self.metrics.attempts.with_label_values(&[job.tier.as_str(), label]).inc();
     }

@@ -168,6 +168,11 @@ pub struct WorkerEnv<'a> {
 
 /// `kiln-worker run` as a child process: CPU, one thread, two renders at once; with its data dir.
 pub fn spawn_worker(env: &WorkerEnv, id: &str) -> (Child, tempfile::TempDir) {
+    spawn_worker_with(env, id, &[])
+}
+
+/// [`spawn_worker`] with more environment variables.
+pub fn spawn_worker_with(env: &WorkerEnv, id: &str, extra: &[(&str, &str)]) -> (Child, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     let child = sibling("kiln-worker")
         .arg("run")
@@ -180,6 +185,7 @@ pub fn spawn_worker(env: &WorkerEnv, id: &str) -> (Child, tempfile::TempDir) {
         .env("KILN_WORKER_TOKEN", env.token)
         .env("KILN_WORKER_ID", id)
         .env("KILN_CONCURRENCY", "2")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -8,6 +8,8 @@
 //!   the `x-kiln-reason` header).
 //! - `{p}.results`: durable queue of workers' results, dead letters to `{p}.dead`.
 //! - `{p}.heartbeats`: durable queue of worker heartbeats; each expires unread after a minute.
+//! - `{p}.control`: durable direct exchange of the scheduler's commands to workers (drain,
+//!   resume), routed by worker id to a private queue each worker binds while it is connected.
 //!
 //! Retries are delayed on the scheduler's side (the outbox row's `not_before`), so there are
 //! no delay queues.
@@ -84,6 +86,7 @@ pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), lapin::
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     ch.exchange_declare(names.jobs_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
     ch.exchange_declare(names.dead_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default()).await?;
+    ch.exchange_declare(names.control_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
     for q in names.queues() {
         ch.queue_declare(q.clone().into(), QueueDeclareOptions::durable(), queue_arguments(names, &q)).await?;
     }
@@ -208,6 +211,17 @@ mod tests {
                 .map(|(k, v)| (k.as_str().to_owned(), json_of(v)))
                 .collect();
             assert_eq!(&serde_json::Value::Object(code), &q["arguments"], "{name}");
+        }
+        let exchanges: Vec<(&str, &str)> = defs["exchanges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["name"].as_str().unwrap(), x["type"].as_str().unwrap()))
+            .collect();
+        for (name, kind) in
+            [(names.jobs_exchange(), "direct"), (names.dead_exchange(), "fanout"), (names.control_exchange(), "direct")]
+        {
+            assert!(exchanges.contains(&(name.as_str(), kind)), "{name} ({kind}) in {exchanges:?}");
         }
         let bindings = defs["bindings"].as_array().unwrap();
         for t in Tier::ALL {

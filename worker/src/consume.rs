@@ -18,12 +18,16 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kiln_protocol::wire::{
-    self, AttemptOutcome, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, Names, RESULT_TYPE, ResultMessage,
+    self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
+    Names, RESULT_TYPE, ResultMessage,
 };
 use kiln_protocol::{RenderRequest, Tier};
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, Consumer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -178,6 +182,16 @@ struct Daemon {
     upload: Option<Client>,
     in_flight: AtomicU32,
     draining: AtomicBool,
+    /// Why the scheduler drained this worker, while it is drained.
+    drained: std::sync::Mutex<Option<String>>,
+}
+
+/// How a stretch of consuming ended.
+enum Ended {
+    /// `stop` fired; the work in hand is done or handed back.
+    Stopped,
+    /// The scheduler drained this worker; the work in hand is done or handed back.
+    Drained,
 }
 
 /// Runs the daemon until `stop` fires, then drains.
@@ -192,6 +206,7 @@ pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -
         cfg,
         in_flight: AtomicU32::new(0),
         draining: AtomicBool::new(false),
+        drained: std::sync::Mutex::new(None),
     });
     tracing::info!(worker_id = d.id, tiers = ?d.cfg.tiers, concurrency = d.cfg.concurrency, "worker daemon starting");
     loop {
@@ -213,10 +228,111 @@ pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -
 }
 
 impl Daemon {
+    fn drained_reason(&self) -> Option<String> {
+        self.drained.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_drained(&self, reason: Option<String>) {
+        *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
     /// One connection's life: `Ok` when stopped and drained, `Err` when the broker went away.
     async fn session(self: Arc<Self>, conn: &Connection, stop: &CancellationToken) -> anyhow::Result<()> {
         let publ = amqp::confirm_channel(conn).await?;
         amqp::declare_topology(&publ, &self.names).await?;
+        let mut control = self.control_consumer(conn).await?;
+        let session = stop.child_token();
+        let beat = tokio::spawn(self.clone().heartbeats(publ.clone(), session.clone()));
+        let result = loop {
+            if self.drained_reason().is_some() {
+                // Drained: take no work; wait to be resumed (or stopped).
+                tokio::select! {
+                    () = stop.cancelled() => break Ok(()),
+                    m = control.next() => match self.control(m) {
+                        Ok(()) => continue,
+                        Err(e) => break Err(e),
+                    },
+                }
+            }
+            match self.clone().consume(conn, &publ, &mut control, stop).await {
+                Ok(Ended::Stopped) => break Ok(()),
+                Ok(Ended::Drained) => {
+                    tracing::warn!(
+                        reason = self.drained_reason(),
+                        "drained by the scheduler; taking no work until resumed"
+                    );
+                    self.send_heartbeat(&publ).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if result.is_ok() {
+            self.send_heartbeat(&publ).await;
+        }
+        session.cancel();
+        let _ = beat.await;
+        result
+    }
+
+    /// A private queue bound to the control exchange by this worker's id.
+    async fn control_consumer(&self, conn: &Connection) -> anyhow::Result<Consumer> {
+        let ch = conn.create_channel().await?;
+        let private = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+        let q = ch.queue_declare("".into(), private, FieldTable::default()).await?;
+        let (x, key) = (self.names.control_exchange(), self.id.clone());
+        ch.queue_bind(q.name().clone(), x.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+        let opts = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+        let tag = format!("{}-control", self.id);
+        Ok(ch.basic_consume(q.name().clone(), tag.into(), opts, FieldTable::default()).await?)
+    }
+
+    /// Applies a control message; an error when the broker closed the consumer. A bad message is
+    /// counted and ignored (the scheduler sends its command again on the next heartbeat).
+    fn control(&self, m: Option<Result<lapin::message::Delivery, lapin::Error>>) -> anyhow::Result<()> {
+        let d = m.ok_or_else(|| anyhow::anyhow!("the broker closed the control consumer"))??;
+        match amqp::decode::<ControlMessage>(&d, CONTROL_TYPE) {
+            Ok(c) if c.worker_id == self.id => match c.command {
+                Command::Drain { reason } => self.set_drained(Some(reason)),
+                Command::Resume => {
+                    if self.drained_reason().is_some() {
+                        tracing::info!("resumed by the scheduler; taking work again");
+                    }
+                    self.set_drained(None);
+                }
+            },
+            Ok(c) => tracing::warn!(to = c.worker_id, "ignoring a control message for another worker"),
+            Err(e) => {
+                self.worker.metrics.bad_messages.inc();
+                tracing::warn!(error = %e, "ignoring a bad control message");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a control message while consuming: `Some` when consuming must end (drained, or
+    /// the broker went away).
+    fn stop_consuming(
+        &self,
+        m: Option<Result<lapin::message::Delivery, lapin::Error>>,
+    ) -> Option<anyhow::Result<Ended>> {
+        match self.control(m) {
+            Ok(()) if self.drained_reason().is_some() => Some(Ok(Ended::Drained)),
+            Ok(()) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Consumes the tier queues until stopped, drained or the broker goes away. Stopped or
+    /// drained, it stops taking work, finishes what is in hand within the grace period and hands
+    /// back what the broker sent ahead.
+    async fn consume(
+        self: Arc<Self>,
+        conn: &Connection,
+        publ: &Channel,
+        control: &mut Consumer,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Ended> {
         let mut consumers = Vec::new();
         let mut channels = Vec::new();
         for tier in &self.cfg.tiers {
@@ -235,18 +351,24 @@ impl Daemon {
             channels.push((ch, tag));
         }
         tracing::info!(worker_id = self.id, "consuming");
-        let session = stop.child_token();
-        let beat = tokio::spawn(self.clone().heartbeats(publ.clone(), session.clone()));
         let mut deliveries = futures_util::stream::select_all(consumers);
         let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
-        let lost = loop {
+        let ended = loop {
             let permit = tokio::select! {
-                () = stop.cancelled() => break None,
+                () = stop.cancelled() => break Ok(Ended::Stopped),
+                m = control.next() => match self.stop_consuming(m) {
+                    Some(r) => break r,
+                    None => continue,
+                },
                 p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             };
             let delivery = tokio::select! {
-                () = stop.cancelled() => break None,
+                () = stop.cancelled() => break Ok(Ended::Stopped),
+                m = control.next() => match self.stop_consuming(m) {
+                    Some(r) => break r,
+                    None => continue,
+                },
                 d = deliveries.next() => d,
             };
             match delivery {
@@ -258,19 +380,22 @@ impl Daemon {
                         drop(permit);
                     });
                 }
-                Some(Err(e)) => break Some(anyhow::Error::from(e)),
-                None => break Some(anyhow::anyhow!("the broker closed the consumers")),
+                Some(Err(e)) => break Err(anyhow::Error::from(e)),
+                None => break Err(anyhow::anyhow!("the broker closed the consumers")),
             }
             while tasks.try_join_next().is_some() {}
         };
-        if let Some(e) = lost {
-            session.cancel();
-            tasks.abort_all();
-            let _ = beat.await;
-            return Err(e);
+        let ended = match ended {
+            Ok(e) => e,
+            Err(e) => {
+                tasks.abort_all();
+                return Err(e);
+            }
+        };
+        // Stop taking work, finish what is in hand, hand back what the broker sent ahead.
+        if matches!(ended, Ended::Stopped) {
+            self.draining.store(true, Ordering::Relaxed);
         }
-        // Drain: stop taking work, finish what is in hand, hand back what the broker sent ahead.
-        self.draining.store(true, Ordering::Relaxed);
         for (ch, tag) in &channels {
             let _ = ch.basic_cancel(tag.clone().into(), BasicCancelOptions::default()).await;
         }
@@ -281,13 +406,10 @@ impl Daemon {
             tracing::warn!(left = tasks.len(), "grace period over; handing the renders still in hand back");
             tasks.abort_all();
         }
-        self.send_heartbeat(&publ).await;
-        session.cancel();
-        let _ = beat.await;
         for (ch, _) in channels {
             let _ = ch.close(200, "draining".into()).await;
         }
-        Ok(())
+        Ok(ended)
     }
 
     async fn heartbeats(self: Arc<Self>, publ: Channel, stop: CancellationToken) {
@@ -313,7 +435,8 @@ impl Daemon {
             tiers: self.cfg.tiers.clone(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             concurrency: self.cfg.concurrency as u32,
-            draining: self.draining.load(Ordering::Relaxed),
+            draining: self.draining.load(Ordering::Relaxed) || self.drained_reason().is_some(),
+            drained: self.drained_reason(),
             at_ms: now_ms(),
         };
         let body = serde_json::to_vec(&hb).unwrap_or_default();

@@ -48,6 +48,7 @@ pub fn router(s: AppState) -> Router {
         )
         .route("/v1/assets/{hash}/provenance", get(provenance).put(put_provenance))
         .route("/v1/workers", get(workers))
+        .route("/v1/workers/{id}/resume", post(resume_worker))
         .route("/v1/tokens", post(create_token))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
@@ -471,12 +472,31 @@ fn uploader(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// `GET /v1/workers` (operator): the workers heard from, with their state (`active`,
-/// `draining`, `lost`: no heartbeat for `scheduler.broker.lost_after_seconds`).
+/// `draining`, `drained` with the reason, `lost`: no heartbeat for
+/// `scheduler.broker.lost_after_seconds`), and every drained worker, heard from or not.
 async fn workers(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     if person(&s, &headers)?.role != Role::Operator {
         return Err(ApiError::forbidden("the worker registry is the operator's"));
     }
-    Ok(Json(json!({ "workers": s.registry.list(crate::time::now_ms()) })).into_response())
+    let drained = s.store.drained().await?;
+    Ok(Json(json!({ "workers": s.registry.list(crate::time::now_ms()), "drained": drained })).into_response())
+}
+
+/// `POST /v1/workers/{id}/resume` (operator): a drained worker may take work again.
+async fn resume_worker(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if person(&s, &headers)?.role != Role::Operator {
+        return Err(ApiError::forbidden("only an operator may resume a worker"));
+    }
+    if !s.store.set_drained(&id, None, crate::time::now_ms()).await? {
+        return Err(ApiError::conflict(format!("worker {id:?} is not drained")));
+    }
+    tracing::info!(worker = id, "resumed by the operator");
+    s.registry.resume(&id);
+    Ok(Json(json!({ "worker_id": id, "state": "resumed" })).into_response())
 }
 
 /// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag.
@@ -582,6 +602,10 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 /// `GET /metrics`: the scheduler's and the workers' metrics in the Prometheus text format.
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let counts = s.registry.counts(crate::time::now_ms());
+    for state in crate::metrics::WORKER_STATES {
+        s.metrics.workers.with_label_values(&[state]).set(counts.get(state).copied().unwrap_or(0) as i64);
+    }
     let mut text = s.metrics.encode();
     text.push_str(&s.worker.metrics.encode());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)

@@ -176,10 +176,9 @@ async fn raw_ceiling(
         confirms.push_back(c);
         if confirms.len() >= window
             && let Some(c) = confirms.pop_front()
+            && !c.await?.is_ack()
         {
-            if !c.await?.is_ack() {
-                bail!("the broker refused a message");
-            }
+            bail!("the broker refused a message");
         }
     }
     for c in confirms {

@@ -206,6 +206,11 @@ pub enum Outcome {
         /// The error.
         error: String,
     },
+    /// It failed on too many distinct workers: the job is poison, and fails for good.
+    Quarantined {
+        /// Why, naming the workers, and the last error.
+        error: String,
+    },
 }
 
 /// Outbox rows handed out by [`Store::take_due`].
@@ -352,4 +357,50 @@ pub trait Store: Send + Sync + 'static {
     fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>>;
     /// Adds a token; a taken name is a [`StoreError::Conflict`].
     fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>>;
+
+    /// Records a worker's failed attempt (once per job and attempt: a repeat changes nothing)
+    /// and tallies what the quarantine and drain rules weigh: the distinct workers this job has
+    /// failed on, and the distinct jobs this worker has failed since `since_ms` (or since the
+    /// operator last resumed it, if later).
+    fn record_failure(&self, f: AttemptFailure, since_ms: i64) -> BoxFut<'_, Result<FailureTally, StoreError>>;
+    /// Drains a worker (`Some(reason)`; `true` when it was not drained already) or resumes it
+    /// (`None`; `true` when it was drained).
+    fn set_drained(&self, worker: &str, reason: Option<&str>, now_ms: i64) -> BoxFut<'_, Result<bool, StoreError>>;
+    /// The workers drained now, by id.
+    fn drained(&self) -> BoxFut<'_, Result<Vec<DrainedWorker>, StoreError>>;
+}
+
+/// A worker's failed attempt at a job (distributed mode).
+#[derive(Debug, Clone)]
+pub struct AttemptFailure {
+    /// The job.
+    pub job_id: String,
+    /// The attempt that failed.
+    pub attempt: u32,
+    /// The worker it failed on.
+    pub worker: String,
+    /// What went wrong.
+    pub error: String,
+    /// When, unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// What the quarantine and drain rules weigh after a failure.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureTally {
+    /// The distinct workers the job has failed on, by id.
+    pub job_workers: Vec<String>,
+    /// The distinct jobs the worker has failed within the window.
+    pub worker_jobs: u32,
+}
+
+/// A worker the scheduler drained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DrainedWorker {
+    /// Its id.
+    pub worker_id: String,
+    /// Why.
+    pub reason: String,
+    /// When, unix milliseconds.
+    pub at_ms: i64,
 }

@@ -17,8 +17,8 @@ use super::rows::{
 };
 use super::writer::{Connect, OpFn, WriteConn, Writer};
 use super::{
-    Admission, BoxFut, Dispatch, Due, Event, Job, JobChange, ListQuery, NewJob, Outcome, Page, Pending, StateCount,
-    Store, StoreError, Submitted, TokenRow,
+    Admission, AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery,
+    NewJob, Outcome, Page, Pending, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 use kiln_protocol::{JobState, Tier};
 

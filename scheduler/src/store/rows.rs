@@ -230,6 +230,15 @@ impl<'a> Finish<'a> {
                 Some(*retry_at_ms),
                 None,
             ),
+            Outcome::Quarantined { error } => (
+                JobState::Failed,
+                "quarantined: failed on too many distinct workers",
+                None,
+                None,
+                Some(error.as_str()),
+                None,
+                Some(JobState::Failed),
+            ),
             Outcome::Failed { error } => (
                 JobState::Failed,
                 "attempt failed; giving up",

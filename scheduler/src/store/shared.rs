@@ -279,6 +279,97 @@ macro_rules! store_impl {
                 });
                 Box::pin(async move { self.write(op).await? })
             }
+
+            fn record_failure(
+                &self,
+                f: AttemptFailure,
+                since_ms: i64,
+            ) -> BoxFut<'_, Result<FailureTally, StoreError>> {
+                Box::pin(self.write(Box::new(move |c| {
+                    Box::pin(async move {
+                        sqlx::query(
+                            "INSERT INTO attempt_failures (job_id, attempt, worker, error, at_ms) \
+                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id, attempt) DO NOTHING",
+                        )
+                        .bind(&f.job_id)
+                        .bind(i64::from(f.attempt))
+                        .bind(&f.worker)
+                        .bind(&f.error)
+                        .bind(f.at_ms)
+                        .execute(&mut *c)
+                        .await?;
+                        let job_workers: Vec<String> = sqlx::query_scalar(
+                            "SELECT DISTINCT worker FROM attempt_failures WHERE job_id = $1 ORDER BY worker",
+                        )
+                        .bind(&f.job_id)
+                        .fetch_all(&mut *c)
+                        .await?;
+                        let worker_jobs: i64 = sqlx::query_scalar(
+                            "SELECT COUNT(DISTINCT job_id) FROM attempt_failures WHERE worker = $1 AND at_ms >= $2 \
+                             AND at_ms >= COALESCE((SELECT changed_ms FROM worker_controls \
+                               WHERE worker = $1 AND drained IS NULL), 0)",
+                        )
+                        .bind(&f.worker)
+                        .bind(since_ms)
+                        .fetch_one(&mut *c)
+                        .await?;
+                        Ok(FailureTally { job_workers, worker_jobs: u32::try_from(worker_jobs).unwrap_or(u32::MAX) })
+                    })
+                })))
+            }
+
+            fn set_drained(
+                &self,
+                worker: &str,
+                reason: Option<&str>,
+                now_ms: i64,
+            ) -> BoxFut<'_, Result<bool, StoreError>> {
+                let (worker, reason) = (worker.to_owned(), reason.map(str::to_owned));
+                Box::pin(self.write(Box::new(move |c| {
+                    Box::pin(async move {
+                        let done = match &reason {
+                            Some(reason) => {
+                                sqlx::query(
+                                    "INSERT INTO worker_controls (worker, drained, changed_ms) VALUES ($1, $2, $3) \
+                                     ON CONFLICT (worker) DO UPDATE SET drained = excluded.drained, \
+                                     changed_ms = excluded.changed_ms WHERE worker_controls.drained IS NULL",
+                                )
+                                .bind(&worker)
+                                .bind(reason)
+                                .bind(now_ms)
+                                .execute(&mut *c)
+                                .await?
+                            }
+                            None => {
+                                sqlx::query(
+                                    "UPDATE worker_controls SET drained = NULL, changed_ms = $2 \
+                                     WHERE worker = $1 AND drained IS NOT NULL",
+                                )
+                                .bind(&worker)
+                                .bind(now_ms)
+                                .execute(&mut *c)
+                                .await?
+                            }
+                        };
+                        Ok(done.rows_affected() > 0)
+                    })
+                })))
+            }
+
+            fn drained(&self) -> BoxFut<'_, Result<Vec<DrainedWorker>, StoreError>> {
+                Box::pin(async move {
+                    let rows = sqlx::query(
+                        "SELECT worker, drained, changed_ms FROM worker_controls WHERE drained IS NOT NULL ORDER BY worker",
+                    )
+                    .fetch_all(&self.read)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok(DrainedWorker { worker_id: r.col("worker")?, reason: r.col("drained")?, at_ms: r.col("changed_ms")? })
+                        })
+                        .collect()
+                })
+            }
         }
     };
 }

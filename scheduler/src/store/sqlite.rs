@@ -18,8 +18,8 @@ use super::rows::{
 };
 use super::writer::{Connect, OpFn, WeakWriter, WriteConn, Writer};
 use super::{
-    Admission, BoxFut, Dispatch, Due, Event, Job, JobChange, ListQuery, NewJob, Outcome, Page, Pending, StateCount,
-    Store, StoreError, Submitted, TokenRow,
+    Admission, AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery,
+    NewJob, Outcome, Page, Pending, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 
 /// The SQLite store.

@@ -42,6 +42,7 @@ both_stores!(
     resume_requeues_jobs_in_hand_and_a_cancelled_job_is_never_handed_out,
     the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it,
     tokens_are_unique_by_name,
+    failures_are_tallied_per_job_and_per_worker_and_a_resume_starts_the_count_afresh,
 );
 
 fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
@@ -204,4 +205,40 @@ async fn tokens_are_unique_by_name(s: &dyn Store) {
     assert_eq!((tokens.len(), tokens[0].token_hash.as_str()), (1, "h1"));
     // The refusal did not roll back anything else.
     s.submit(new_job("x", "kx", 9)).await.unwrap();
+}
+
+async fn failures_are_tallied_per_job_and_per_worker_and_a_resume_starts_the_count_afresh(s: &dyn Store) {
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        s.submit(new_job(id, &format!("key-{id}"), i as u64)).await.unwrap();
+    }
+    let fail = |job: &str, attempt: u32, worker: &str, at_ms: i64| AttemptFailure {
+        job_id: job.into(),
+        attempt,
+        worker: worker.into(),
+        error: "boom".into(),
+        at_ms,
+    };
+    let t = s.record_failure(fail("a", 1, "w2", 1000), 0).await.unwrap();
+    assert_eq!((t.job_workers.clone(), t.worker_jobs), (vec!["w2".to_owned()], 1));
+    // The same attempt reported again counts once.
+    assert_eq!(s.record_failure(fail("a", 1, "w2", 1000), 0).await.unwrap(), t);
+    // Another attempt on the same worker: still one distinct worker, one distinct job.
+    let t = s.record_failure(fail("a", 2, "w2", 1100), 0).await.unwrap();
+    assert_eq!((t.job_workers.len(), t.worker_jobs), (1, 1));
+    let t = s.record_failure(fail("a", 3, "w1", 1200), 0).await.unwrap();
+    assert_eq!(t.job_workers, vec!["w1".to_owned(), "w2".to_owned()], "distinct workers, by id");
+    let t = s.record_failure(fail("b", 1, "w2", 1300), 0).await.unwrap();
+    assert_eq!(t.worker_jobs, 2);
+    // Only failures within the window count.
+    assert_eq!(s.record_failure(fail("c", 1, "w2", 1400), 1250).await.unwrap().worker_jobs, 2);
+    // Drained once; a second drain changes nothing; resumed, the count starts afresh.
+    assert!(s.set_drained("w2", Some("failed 3 distinct jobs"), 1500).await.unwrap());
+    assert!(!s.set_drained("w2", Some("again"), 1600).await.unwrap());
+    let d = s.drained().await.unwrap();
+    assert_eq!(d, vec![DrainedWorker { worker_id: "w2".into(), reason: "failed 3 distinct jobs".into(), at_ms: 1500 }]);
+    assert!(s.set_drained("w2", None, 2000).await.unwrap());
+    assert!(!s.set_drained("w2", None, 2100).await.unwrap(), "not drained any more");
+    assert!(s.drained().await.unwrap().is_empty());
+    assert_eq!(s.record_failure(fail("c", 2, "w2", 2500), 0).await.unwrap().worker_jobs, 1);
+    assert!(s.set_drained("w2", Some("failed again"), 3000).await.unwrap(), "drained again");
 }
