@@ -162,7 +162,9 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     let Some(mut d) = Distributed::start().await else { return };
-    d.spawn_worker("w-e2e");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    d.spawn_worker_with("w-e2e", &[("KILN_METRICS_LISTEN", &listen)]);
     let ids = d.submit(3, 1).await;
     for j in d.wait_all(&ids, Duration::from_secs(120)).await {
         assert_eq!(j["state"], "succeeded", "{j}");
@@ -181,6 +183,13 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     let w = &workers["workers"][0];
     assert_eq!((w["worker_id"].as_str(), w["state"].as_str()), (Some("w-e2e"), Some("active")), "{workers}");
     assert_eq!(w["tiers"].as_array().unwrap().len(), 3);
+    // The worker's own endpoint: healthy while connected, and its render metrics.
+    let own = kiln_scheduler::client::Client::new(&format!("http://{listen}"), None);
+    let health = own.send(Method::GET, "/healthz", None).await.unwrap();
+    assert_eq!(health.status, 200, "{:?}", String::from_utf8_lossy(&health.body));
+    assert_eq!(health.json().unwrap()["worker_id"], "w-e2e");
+    let metrics = String::from_utf8_lossy(&own.send(Method::GET, "/metrics", None).await.unwrap().body).into_owned();
+    assert!(common::metric_in(&metrics, "kiln_render_seconds_count", "") >= 3.0, "{metrics}");
     // SIGTERM drains and exits cleanly.
     let status = terminate(&mut d.workers[0].0);
     assert!(status.success(), "{status}");
@@ -261,6 +270,10 @@ async fn kill_9_of_a_worker_mid_render_loses_nothing_and_repeats_nothing() {
     assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "every job succeeded");
     let counts = d.succeeded_events(&ids).await;
     assert!(counts.values().all(|&n| n == 1), "exactly one succeeded result per job: {counts:?}");
+    // Silent for the lost period, the killed worker is shown lost, and counted so.
+    d.worker_where("w-victim", "lost", |w| w["state"] == "lost").await;
+    assert_eq!(d.farm.metric("kiln_workers", "state=\"lost\"").await, 1.0);
+    assert_eq!(d.farm.metric("kiln_workers", "state=\"active\"").await, 1.0);
     d.stop().await;
 }
 

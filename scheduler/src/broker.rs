@@ -47,6 +47,8 @@ pub struct Registry {
     workers: Mutex<HashMap<String, (Heartbeat, i64)>>,
     drained: Mutex<HashMap<String, DrainedWorker>>,
     commands: Mutex<Vec<ControlMessage>>,
+    /// Workers already reported lost (reported once; cleared when heard from again).
+    reported_lost: Mutex<std::collections::HashSet<String>>,
     /// Woken when a command is waiting.
     pub(crate) command_wake: tokio::sync::Notify,
     lost_after_ms: i64,
@@ -70,6 +72,9 @@ impl Registry {
             (Some(reason), None) => self.command(&hb.worker_id, Command::Drain { reason: reason.clone() }),
             (None, Some(_)) => self.command(&hb.worker_id, Command::Resume),
             _ => {}
+        }
+        if lock(&self.reported_lost).remove(&hb.worker_id) {
+            tracing::info!(worker = hb.worker_id, "a lost worker is heard from again");
         }
         let mut w = lock(&self.workers);
         if !w.contains_key(&hb.worker_id) {
@@ -140,6 +145,28 @@ impl Registry {
             .collect();
         out.sort_by(|a, b| a.heartbeat.worker_id.cmp(&b.heartbeat.worker_id));
         out
+    }
+
+    /// Says once (a warning) of each worker that has become lost: no heartbeat for the lost
+    /// period. Whatever it had in hand goes back to its queue when the broker sees its connection
+    /// close. Returns the newly lost.
+    pub fn sweep(&self, now_ms: i64) -> Vec<String> {
+        let lost: Vec<WorkerEntry> = self.list(now_ms).into_iter().filter(|e| e.state == "lost").collect();
+        let mut reported = lock(&self.reported_lost);
+        let mut newly = Vec::new();
+        for e in lost {
+            if reported.insert(e.heartbeat.worker_id.clone()) {
+                tracing::warn!(
+                    worker = e.heartbeat.worker_id,
+                    host = e.heartbeat.host,
+                    silent_s = (now_ms - e.last_seen_ms) / 1000,
+                    in_flight = e.heartbeat.in_flight,
+                    "a worker is lost (no heartbeat); its unacked jobs return to the queue when its connection closes"
+                );
+                newly.push(e.heartbeat.worker_id);
+            }
+        }
+        newly
     }
 
     /// Workers by state, for the `kiln_workers` gauge.
@@ -392,7 +419,16 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
     let mut consumer = ch
         .basic_consume(names.heartbeats_queue().into(), "kiln-scheduler-heartbeats".into(), opts, FieldTable::default())
         .await?;
-    while let Some(d) = consumer.next().await {
+    let mut sweep = tokio::time::interval(Duration::from_secs(sched.cfg.broker.lost_after_seconds.clamp(1, 10)));
+    loop {
+        let d = tokio::select! {
+            d = consumer.next() => d,
+            _ = sweep.tick() => {
+                sched.registry.sweep(now_ms());
+                continue;
+            }
+        };
+        let Some(d) = d else { anyhow::bail!("the heartbeat consumer was closed") };
         let d = d?;
         match amqp::decode::<Heartbeat>(&d, HEARTBEAT_TYPE) {
             Ok(hb) => sched.registry.heard(hb, now_ms()),
@@ -402,7 +438,6 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
             }
         }
     }
-    anyhow::bail!("the heartbeat consumer was closed")
 }
 
 impl Scheduler {

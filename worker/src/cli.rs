@@ -76,6 +76,9 @@ pub struct RunArgs {
     /// auto, cpu or wgpu [default: auto; env KILN_BACKEND].
     #[arg(long, value_enum)]
     pub backend: Option<BackendChoice>,
+    /// Serve /metrics and /healthz here, e.g. 0.0.0.0:9464 [default: off; env KILN_METRICS_LISTEN].
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `render`'s arguments.
@@ -286,6 +289,7 @@ fn run_daemon(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
         "KILN_SCHEDULER_URL" => args.scheduler_url.clone(),
         "KILN_CONCURRENCY" => args.concurrency.map(|c| c.to_string()),
         "KILN_PREFETCH" => args.prefetch.map(|c| c.to_string()),
+        "KILN_METRICS_LISTEN" => args.metrics_listen.map(|a| a.to_string()),
         _ => None,
     };
     run.apply_env(&flags).map_err(|e| {
@@ -294,9 +298,11 @@ fn run_daemon(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
                 ("KILN_AMQP_URL", "--amqp-url"),
                 ("KILN_WORKER_TIERS", "--tiers"),
                 ("KILN_SCHEDULER_URL", "--scheduler-url"),
+                ("KILN_CONCURRENCY", "--concurrency"),
+                ("KILN_PREFETCH", "--prefetch"),
+                ("KILN_METRICS_LISTEN", "--metrics-listen"),
             ]
             .iter()
-            .chain(&[("KILN_CONCURRENCY", "--concurrency"), ("KILN_PREFETCH", "--prefetch")])
             .fold(s, |s, (k, f)| s.replace(k, f))
         };
         anyhow::anyhow!(flag(e.to_string()))

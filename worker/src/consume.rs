@@ -64,6 +64,9 @@ pub struct RunConfig {
     pub grace_seconds: u64,
     /// This worker's id [default: host-pid; env KILN_WORKER_ID].
     pub worker_id: Option<String>,
+    /// Where to serve `/metrics` and `/healthz`, e.g. `0.0.0.0:9464` [default: off; env
+    /// KILN_METRICS_LISTEN].
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for RunConfig {
@@ -80,6 +83,7 @@ impl Default for RunConfig {
             heartbeat_seconds: 5,
             grace_seconds: 30,
             worker_id: None,
+            metrics_listen: None,
         }
     }
 }
@@ -118,6 +122,7 @@ impl RunConfig {
         self.prefetch = env_parse("KILN_PREFETCH", env)?.unwrap_or(self.prefetch);
         self.concurrency = env_parse("KILN_CONCURRENCY", env)?.unwrap_or(self.concurrency);
         self.shared_assets = env_parse("KILN_SHARED_ASSETS", env)?.unwrap_or(self.shared_assets);
+        self.metrics_listen = env_parse("KILN_METRICS_LISTEN", env)?.or(self.metrics_listen);
         self.validate()
     }
 
@@ -182,6 +187,8 @@ struct Daemon {
     upload: Option<Client>,
     in_flight: AtomicU32,
     draining: AtomicBool,
+    /// Whether a broker session is up.
+    connected: AtomicBool,
     /// Why the scheduler drained this worker, while it is drained.
     drained: std::sync::Mutex<Option<String>>,
 }
@@ -206,8 +213,16 @@ pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -
         cfg,
         in_flight: AtomicU32::new(0),
         draining: AtomicBool::new(false),
+        connected: AtomicBool::new(false),
         drained: std::sync::Mutex::new(None),
     });
+    if let Some(addr) = d.cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("run.metrics_listen: cannot listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "serving /metrics and /healthz");
+        tokio::spawn(d.clone().serve_http(listener, stop.clone()));
+    }
     tracing::info!(worker_id = d.id, tiers = ?d.cfg.tiers, concurrency = d.cfg.concurrency, "worker daemon starting");
     loop {
         let Some(conn) = amqp::connect_with_backoff(&d.cfg.amqp_url, &d.id, stop.cancelled()).await else {
@@ -241,6 +256,7 @@ impl Daemon {
         let publ = amqp::confirm_channel(conn).await?;
         amqp::declare_topology(&publ, &self.names).await?;
         let mut control = self.control_consumer(conn).await?;
+        self.connected.store(true, Ordering::Relaxed);
         let session = stop.child_token();
         let beat = tokio::spawn(self.clone().heartbeats(publ.clone(), session.clone()));
         let result = loop {
@@ -266,12 +282,71 @@ impl Daemon {
                 Err(e) => break Err(e),
             }
         };
+        self.connected.store(false, Ordering::Relaxed);
         if result.is_ok() {
             self.send_heartbeat(&publ).await;
         }
         session.cancel();
         let _ = beat.await;
         result
+    }
+
+    /// Serves `/metrics` (the worker's Prometheus metrics) and `/healthz` (200 while connected
+    /// to the broker and taking work; 503 with the reason otherwise) until `stop`.
+    async fn serve_http(self: Arc<Self>, listener: tokio::net::TcpListener, stop: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                () = stop.cancelled() => return,
+                s = listener.accept() => match s {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let me = me.clone();
+                async move { Ok::<_, std::convert::Infallible>(me.http_answer(req.uri().path())) }
+            });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    }
+
+    fn http_answer(&self, path: &str) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+        let (status, kind, body) = match path {
+            "/metrics" => (200, "text/plain; version=0.0.4", self.worker.metrics.encode()),
+            "/healthz" => {
+                let drained = self.drained_reason();
+                let (ok, status) = if !self.connected.load(Ordering::Relaxed) {
+                    (false, "not connected to the broker")
+                } else if drained.is_some() {
+                    (false, "drained by the scheduler")
+                } else if self.draining.load(Ordering::Relaxed) {
+                    (false, "draining")
+                } else {
+                    (true, "ok")
+                };
+                let body = serde_json::json!({
+                    "status": status,
+                    "worker_id": self.id,
+                    "in_flight": self.in_flight.load(Ordering::Relaxed),
+                    "drained": drained,
+                });
+                (if ok { 200 } else { 503 }, "application/json", body.to_string())
+            }
+            _ => (404, "text/plain", "not found: try /metrics or /healthz\n".to_owned()),
+        };
+        hyper::Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, kind)
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            .unwrap_or_default()
     }
 
     /// A private queue bound to the control exchange by this worker's id.
