@@ -246,6 +246,8 @@ async fn events_stream_assets_and_provenance() {
         "/v1/jobs/{id}/cancel",
         "/v1/jobs/{id}/events",
         "/v1/assets/{hash}",
+        "/v1/workers",
+        "/v1/workers/{id}/resume",
         "/healthz",
         "/metrics",
     ] {
