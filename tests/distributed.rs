@@ -281,20 +281,23 @@ async fn kill_9_of_a_worker_mid_render_loses_nothing_and_repeats_nothing() {
 async fn a_worker_that_fails_many_distinct_jobs_is_drained_until_resumed() {
     let Some(mut d) = Distributed::start_with(|cfg| {
         cfg.scheduler.broker.drain_after_jobs = 3;
-        cfg.scheduler.retry.max_attempts = 6;
+        cfg.scheduler.retry.max_attempts = 20;
         cfg.scheduler.retry.max_ms = 200;
     })
     .await
     else {
         return;
     };
+    // The bad worker alone first, so it is the one that gets the jobs.
     d.spawn_bad_worker("w-bad");
-    d.spawn_worker("w-good");
+    d.worker_where("w-bad", "consuming", |w| w["state"] == "active").await;
     let ids = d.submit(20, 2000).await;
+    let bad = d.worker_where("w-bad", "drained, and says so in its heartbeat", |w| !w["drained"].is_null()).await;
+    // Then a good one, which does what the bad one failed.
+    d.spawn_worker("w-good");
     for j in d.wait_all(&ids, Duration::from_secs(120)).await {
         assert_eq!(j["state"], "succeeded", "the good worker did what the bad one failed: {j}");
     }
-    let bad = d.worker_where("w-bad", "drained, and says so in its heartbeat", |w| !w["drained"].is_null()).await;
     assert_eq!(bad["state"], "drained", "{bad}");
     let reason = bad["drained_reason"].as_str().unwrap();
     assert!(reason.contains("distinct jobs within") && reason.contains("never arrived"), "{reason}");
