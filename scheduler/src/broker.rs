@@ -510,18 +510,14 @@ impl Scheduler {
                 }
             }
         }
-        let started = match self.store.start(&d, msg.started_ms).await {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(job_id = d.job_id, error = %e, "cannot record a result (start)");
-                return false;
-            }
-        };
-        self.publish(started.into_iter().collect());
-        self.count_attempt(&d, &outcome);
         let retry = matches!(outcome, Outcome::Retry { .. });
-        match self.store.finish(&d, outcome, now_ms()).await {
+        let counted = outcome.clone();
+        match self.store.record(&d, msg.started_ms, outcome, now_ms()).await {
             Ok(events) => {
+                // Nothing written: a repeat of a result already recorded (or a stale attempt).
+                if !events.is_empty() {
+                    self.count_attempt(&d, &counted);
+                }
                 self.publish(events);
                 if retry {
                     self.dispatch_wake.notify_one();

@@ -333,6 +333,17 @@ pub trait Store: Send + Sync + 'static {
     /// the job was cancelled meanwhile.
     fn finish(&self, d: &Dispatch, outcome: Outcome, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
 
+    /// A worker's whole attempt reported at once (distributed mode): [`Store::start`] at
+    /// `started_ms` (unless the start is recorded already) and then [`Store::finish`], in one
+    /// write. Idempotent by job id and attempt, as both are.
+    fn record(
+        &self,
+        d: &Dispatch,
+        started_ms: i64,
+        outcome: Outcome,
+        now_ms: i64,
+    ) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+
     /// Cancels a live job. A cancelled job's attached jobs pass to the oldest of them, which is
     /// queued for its own render. Returns the job as it now is, or `None` if there is no such job.
     fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>>;

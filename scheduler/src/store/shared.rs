@@ -175,6 +175,19 @@ macro_rules! store_impl {
                 Box::pin(self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &d, outcome, now_ms).await }))))
             }
 
+            fn record(
+                &self,
+                d: &Dispatch,
+                started_ms: i64,
+                outcome: Outcome,
+                now_ms: i64,
+            ) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
+                let d = d.clone();
+                Box::pin(self.write(Box::new(move |c| {
+                    Box::pin(async move { record_op(c, &d, started_ms, outcome, now_ms).await })
+                })))
+            }
+
             fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>> {
                 let (id, by) = (job_id.to_owned(), by.to_owned());
                 Box::pin(self.write(Box::new(move |c| Box::pin(async move { cancel_op(c, &id, &by, now_ms).await }))))

@@ -279,5 +279,18 @@ async fn finish_op(
         .collect()
 }
 
+/// Start and finish in one op (the same statements, one place in the batch).
+async fn record_op(
+    conn: &mut SqliteConnection,
+    d: &Dispatch,
+    started_ms: i64,
+    outcome: Outcome,
+    now_ms: i64,
+) -> Result<Vec<Event>, StoreError> {
+    let mut events: Vec<Event> = start_op(&mut *conn, d, started_ms).await?.into_iter().collect();
+    events.extend(finish_op(conn, d, outcome, now_ms).await?);
+    Ok(events)
+}
+
 super::shared::shared_ops!(SqliteConnection);
 super::shared::store_impl!(SqliteStore, SqliteConnection);

@@ -43,6 +43,7 @@ both_stores!(
     the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it,
     tokens_are_unique_by_name,
     failures_are_tallied_per_job_and_per_worker_and_a_resume_starts_the_count_afresh,
+    a_whole_attempt_recorded_at_once_is_start_then_finish,
 );
 
 fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
@@ -241,4 +242,44 @@ async fn failures_are_tallied_per_job_and_per_worker_and_a_resume_starts_the_cou
     assert!(s.drained().await.unwrap().is_empty());
     assert_eq!(s.record_failure(fail("c", 2, "w2", 2500), 0).await.unwrap().worker_jobs, 1);
     assert!(s.set_drained("w2", Some("failed again"), 3000).await.unwrap(), "drained again");
+}
+
+async fn a_whole_attempt_recorded_at_once_is_start_then_finish(s: &dyn Store) {
+    s.submit(new_job("lead", "k", 1)).await.unwrap();
+    s.submit(new_job("follow", "k", 1)).await.unwrap();
+    let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
+    // A failure first: started and queued again in one write, with a retry row.
+    let retry = Outcome::Retry { error: "on worker w: boom".into(), retry_at_ms: 3000 };
+    let events = s.record(&d, 2001, retry, 2002).await.unwrap();
+    let states: Vec<(JobState, Option<JobState>, i64)> = events.iter().map(|e| (e.state, e.from, e.at_ms)).collect();
+    assert_eq!(
+        states,
+        vec![(JobState::Running, Some(JobState::Dispatched), 2001), (JobState::Queued, Some(JobState::Running), 2002)]
+    );
+    assert!(events[0].seq < events[1].seq);
+    check_projection(s, "lead").await;
+    let d2 = s.take_due(3000, 10).await.unwrap().jobs.remove(0);
+    assert_eq!(d2.attempt, 2);
+    // The retry succeeds (its result overtaking the relay's mark would be the same: `queued`
+    // at the attempt before also starts); the follower succeeds with it.
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 3 };
+    let events = s.record(&d2, 3001, ok.clone(), 3002).await.unwrap();
+    let ids: Vec<(&str, JobState)> = events.iter().map(|e| (e.job_id.as_str(), e.state)).collect();
+    assert_eq!(ids, vec![("lead", JobState::Running), ("lead", JobState::Succeeded), ("follow", JobState::Succeeded)]);
+    assert_eq!(s.job("lead").await.unwrap().unwrap().started_ms, Some(3001));
+    check_projection(s, "lead").await;
+    check_projection(s, "follow").await;
+    // Repeats and stale attempts change nothing.
+    assert!(s.record(&d2, 3001, ok, 3003).await.unwrap().is_empty());
+    assert!(s.record(&d, 2001, Outcome::Failed { error: "late".into() }, 3004).await.unwrap().is_empty());
+    let lead = s.events("lead", 0).await.unwrap();
+    assert_eq!(lead.iter().filter(|e| e.state == JobState::Succeeded).count(), 1);
+    // A start recorded on its own (an older scheduler, or the embedded path) is not repeated.
+    s.submit(new_job("b", "k2", 2)).await.unwrap();
+    let db = s.take_due(4000, 10).await.unwrap().jobs.remove(0);
+    s.start(&db, 4001).await.unwrap().unwrap();
+    let events = s.record(&db, 4001, Outcome::Failed { error: "bad".into() }, 4002).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.state).collect::<Vec<_>>(), vec![JobState::Failed]);
+    check_projection(s, "b").await;
+    assert_eq!(s.job("b").await.unwrap().unwrap().error.as_deref(), Some("bad"));
 }
