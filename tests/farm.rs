@@ -357,3 +357,50 @@ async fn assets_can_be_public_by_config() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "jobs still need a token");
     farm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_uploaded_asset_is_streamed_checked_against_its_hash_and_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.limits.max_asset_bytes = 3 << 20;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let scratch = tempfile::tempdir().unwrap();
+    // 2 MiB of bytes that do not repeat, uploaded from a file in many chunks.
+    let mut bytes = Vec::with_capacity(2 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    while bytes.len() < 2 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    let file = scratch.path().join("big.bin");
+    std::fs::write(&file, &bytes).unwrap();
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    let path = format!("/v1/assets/{hash}");
+    // Under the wrong hash: refused, nothing stored.
+    let wrong = format!("/v1/assets/{}", "ab".repeat(32));
+    let r = farm.client.put_file(&wrong, &file).await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("do not hash"));
+    assert_eq!(farm.raw(Method::GET, &wrong, "").await.status, StatusCode::NOT_FOUND);
+    // A client may not upload.
+    let client = farm.client.call(Method::POST, "/v1/tokens", Some(&json!({"name": "c", "role": "client"}))).await;
+    let as_client = farm.client_with(client.unwrap()["token"].as_str());
+    assert_eq!(as_client.put_file(&path, &file).await.unwrap().status, StatusCode::FORBIDDEN);
+    // Under its hash: stored, and it downloads intact.
+    let r = farm.client.put_file(&path, &file).await.unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(farm.client.bytes(&path).await.unwrap().as_ref(), &bytes[..]);
+    // Over the limit: 413, and nothing stored.
+    bytes.extend_from_slice(&bytes.clone());
+    std::fs::write(&file, &bytes).unwrap();
+    let big = format!("/v1/assets/{}", blake3::hash(&bytes).to_hex());
+    let r = farm.client.put_file(&big, &file).await.unwrap();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(farm.raw(Method::GET, &big, "").await.status, StatusCode::NOT_FOUND);
+    // No scratch file is left behind.
+    let left: Vec<_> = std::fs::read_dir(farm.dir.path().join("tmp")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    farm.stop().await;
+}

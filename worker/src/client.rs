@@ -2,7 +2,8 @@
 //! the benchmark and the tests: JSON calls with the bearer token, raw bytes for assets, and a
 //! reader of a job's event stream.
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client as HyperClient;
@@ -101,10 +102,17 @@ impl Reply {
     }
 }
 
+/// A request body: bytes in memory, or a file streamed from disk.
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
 /// A client of one farm.
 #[derive(Clone)]
 pub struct Client {
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<HttpConnector, Body>,
     base: String,
     token: Option<Secret>,
 }
@@ -142,12 +150,36 @@ impl Client {
         Ok(Reply { status: parts.status, headers: parts.headers, body })
     }
 
+    /// PUTs a file, streamed from disk (an asset of any size), and reads the whole response.
+    pub async fn put_file(&self, path: &str, file: &std::path::Path) -> Result<Reply, DownloadError> {
+        let f = tokio::fs::File::open(file).await?;
+        let frames = futures_util::TryStreamExt::map_ok(tokio_util::io::ReaderStream::new(f), hyper::body::Frame::data);
+        let body = StreamBody::new(frames).boxed();
+        let (url, resp) = self.open_body(Method::PUT, path, body, "application/octet-stream", &[]).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|source| ClientError::Read { url, source })?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    }
+
     /// Sends a request with the token and returns the response unread, with its URL.
     async fn open(
         &self,
         method: Method,
         path: &str,
         body: Option<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Result<(String, hyper::Response<hyper::body::Incoming>), ClientError> {
+        let kind = if body.is_some() { "application/json" } else { "" };
+        self.open_body(method, path, full(body.unwrap_or_default()), kind, headers).await
+    }
+
+    /// [`Self::open`] with any body and its content type (none when empty).
+    async fn open_body(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        content_type: &str,
         headers: &[(&str, &str)],
     ) -> Result<(String, hyper::Response<hyper::body::Incoming>), ClientError> {
         let url = format!("{}{path}", self.base);
@@ -158,10 +190,10 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {}", t.expose()));
         }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
+        if !content_type.is_empty() {
+            req = req.header("content-type", content_type);
         }
-        let req = req.body(Full::new(body.unwrap_or_default()))?;
+        let req = req.body(body)?;
         let resp = self.http.request(req).await.map_err(|source| ClientError::Connect { url: url.clone(), source })?;
         Ok((url, resp))
     }

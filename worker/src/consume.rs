@@ -564,12 +564,18 @@ impl Daemon {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let outcome = match result {
             Ok(Ok(r)) => {
-                if let Err(e) = self.upload(&r.asset).await {
-                    tracing::error!(job_id = msg.job_id, error = %e, "cannot upload the asset; handing the job back");
-                    let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
-                    return;
+                match self.upload(&r.asset).await {
+                    Ok(()) => AttemptOutcome::Succeeded { asset: r.asset, bytes: r.bytes },
+                    // The scheduler said no (too large, a bad token): this attempt fails, and the
+                    // scheduler's retry, quarantine and drain rules decide what comes next (a
+                    // misconfigured worker gets drained; the job goes to another).
+                    Err(UploadError::Refused(error)) => AttemptOutcome::Failed { error, transient: true },
+                    Err(UploadError::Failed(e)) => {
+                        tracing::error!(job_id = msg.job_id, error = %e, "cannot upload the asset; handing the job back");
+                        let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                        return;
+                    }
                 }
-                AttemptOutcome::Succeeded { asset: r.asset, bytes: r.bytes }
             }
             Ok(Err(e)) => AttemptOutcome::Failed { error: e.to_string(), transient: e.is_transient() },
             Err(e) => AttemptOutcome::Failed { error: format!("the render panicked: {e}"), transient: true },
@@ -604,7 +610,7 @@ impl Daemon {
 
     /// Uploads an asset, its thumbnail and its provenance to the scheduler (unless the store is
     /// shared).
-    async fn upload(&self, hash: &str) -> anyhow::Result<()> {
+    async fn upload(&self, hash: &str) -> Result<(), UploadError> {
         let Some(client) = &self.upload else { return Ok(()) };
         let store = self.worker.store();
         let parts = [
@@ -613,34 +619,50 @@ impl Daemon {
             (store.provenance_path(hash), format!("/v1/assets/{hash}/provenance")),
         ];
         for (i, (file, url)) in parts.iter().enumerate() {
-            let body = match tokio::fs::read(file).await {
-                Ok(b) => hyper::body::Bytes::from(b),
-                // A cached asset from before thumbnails and provenance were kept: the PNG is enough.
-                Err(e) if i > 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", file.display())),
-            };
-            put_with_retry(client, url, body).await?;
+            // A cached asset from before thumbnails and provenance were kept: the PNG is enough.
+            if i > 0 && !file.is_file() {
+                continue;
+            }
+            put_with_retry(client, url, file).await?;
         }
         Ok(())
     }
 }
 
-/// PUTs `body`, trying again with backoff for up to two minutes (the scheduler may be
-/// restarting); a 4xx is final.
-async fn put_with_retry(client: &Client, path: &str, body: hyper::body::Bytes) -> anyhow::Result<()> {
+/// Why an upload did not happen.
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    /// The scheduler refused it (a 4xx): final.
+    #[error("{0}")]
+    Refused(String),
+    /// It could not be done now (the scheduler unreachable or failing, the file unreadable).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// PUTs a file (streamed from disk), trying again with backoff for up to two minutes (the
+/// scheduler may be restarting); a 4xx is final.
+async fn put_with_retry(client: &Client, path: &str, file: &std::path::Path) -> Result<(), UploadError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let mut backoff = Duration::from_millis(100);
     loop {
-        let err = match client.send_with(hyper::Method::PUT, path, Some(body.clone()), &[]).await {
+        let err = match client.put_file(path, file).await {
             Ok(r) if r.status.is_success() => return Ok(()),
             Ok(r) if r.status.is_client_error() => {
-                anyhow::bail!("the scheduler refused {path}: {} {}", r.status, String::from_utf8_lossy(&r.body))
+                let why = String::from_utf8_lossy(&r.body);
+                return Err(UploadError::Refused(format!(
+                    "the scheduler refused the upload {path}: {} {why}",
+                    r.status
+                )));
             }
             Ok(r) => r.status.to_string(),
+            Err(crate::client::DownloadError::Io(e)) => {
+                return Err(UploadError::Failed(format!("reading {}: {e}", file.display())));
+            }
             Err(e) => e.to_string(),
         };
         if tokio::time::Instant::now() + backoff > deadline {
-            anyhow::bail!("PUT {path}: {err}");
+            return Err(UploadError::Failed(format!("PUT {path}: {err}")));
         }
         tracing::warn!(path, error = err, retry_in_ms = backoff.as_millis() as u64, "upload failed; trying again");
         tokio::time::sleep(backoff).await;

@@ -131,23 +131,22 @@ impl AssetStore {
         Ok((hash, bytes))
     }
 
-    /// Stores a PNG made elsewhere (a worker's upload) under `hash`; `Ok(false)`, storing
-    /// nothing, when the bytes do not hash to it. Storing an asset already here changes nothing.
-    pub fn import(&self, hash: &str, png: &[u8]) -> io::Result<bool> {
-        if blake3::hash(png).to_hex().as_str() != hash {
-            return Ok(false);
-        }
-        if !self.contains(hash) {
-            fs::create_dir_all(self.shard(hash))?;
-            write_atomic(&self.root.join("tmp"), &self.path(hash), png, true)?;
-        }
-        Ok(true)
+    /// A fresh path in the store's scratch folder (the same file system as the assets), for a
+    /// file to be filled and then moved in with [`Self::import_file`].
+    pub fn scratch_path(&self) -> PathBuf {
+        self.root.join("tmp").join(format!("{}.{}", std::process::id(), unique()))
     }
 
-    /// Stores the thumbnail of an imported asset.
-    pub fn import_thumb(&self, hash: &str, png: &[u8]) -> io::Result<()> {
+    /// Moves a file that was written and synced at a [`Self::scratch_path`] and whose BLAKE3 the
+    /// caller checked is `hash` into place: as the asset (unless it is there already), or as its
+    /// thumbnail. The scratch file is gone afterwards either way.
+    pub fn import_file(&self, hash: &str, scratch: &Path, thumb: bool) -> io::Result<()> {
+        if !thumb && self.contains(hash) {
+            return fs::remove_file(scratch);
+        }
         fs::create_dir_all(self.shard(hash))?;
-        write_atomic(&self.root.join("tmp"), &self.thumb_path(hash), png, true)
+        let to = if thumb { self.thumb_path(hash) } else { self.path(hash) };
+        fs::rename(scratch, to)
     }
 
     /// Stores the provenance of an imported asset (the first one stays).

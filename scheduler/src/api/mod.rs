@@ -413,33 +413,84 @@ async fn put_asset(
     headers: HeaderMap,
     Path(hash): Path<String>,
     q: Result<Query<AssetParams>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    uploader(&s, &headers)?;
-    check_hash(&hash)?;
-    let Query(q) = q.map_err(query_error)?;
-    let body = body.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::too_large(s.cfg.limits.max_asset_bytes)
+    let checked = uploader(&s, &headers).and_then(|()| check_hash(&hash)).and_then(|()| {
+        let Query(q) = q.map_err(query_error)?;
+        match q.variant.as_deref() {
+            None | Some("full") => Ok(false),
+            Some("thumb") => Ok(true),
+            Some(v) => Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
         }
-        e => ApiError::invalid("body", e.body_text()),
-    })?;
-    let store = s.worker.clone();
-    let thumb = match q.variant.as_deref() {
-        None | Some("full") => false,
-        Some("thumb") => true,
-        Some(v) => return Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
+    });
+    let thumb = match checked {
+        Ok(thumb) => thumb,
+        Err(e) => {
+            // Read the upload (up to a bound) so the sender hears why, not a broken pipe.
+            discard(body, s.cfg.limits.max_asset_bytes.saturating_mul(4)).await;
+            return Err(e);
+        }
     };
-    let stored = tokio::task::spawn_blocking(move || {
-        if thumb { store.store().import_thumb(&hash, &body).map(|()| true) } else { store.store().import(&hash, &body) }
-    })
-    .await
-    .map_err(|e| ApiError::internal(&e))?
-    .map_err(|e| ApiError::internal(&e))?;
-    if !stored {
-        return Err(ApiError::invalid("body", "the bytes do not hash to the asset's BLAKE3 in the path"));
+    // Streamed to a scratch file while hashed, so a print-sized PNG never sits in memory.
+    let scratch = s.worker.store().scratch_path();
+    let received = receive(body, &scratch, s.cfg.limits.max_asset_bytes).await;
+    let result = match received {
+        // A thumbnail has its own bytes; the asset it belongs to is checked when it comes.
+        Ok(got) if thumb || got == hash => {
+            let store = s.worker.clone();
+            let scratch = scratch.clone();
+            tokio::task::spawn_blocking(move || store.store().import_file(&hash, &scratch, thumb))
+                .await
+                .map_err(|e| ApiError::internal(&e))?
+                .map_err(|e| ApiError::internal(&e))
+        }
+        Ok(_) => Err(ApiError::invalid("body", "the bytes do not hash to the asset's BLAKE3 in the path")),
+        Err(e) => Err(e),
+    };
+    if scratch.exists() {
+        let _ = tokio::fs::remove_file(&scratch).await;
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
+    result.map(|()| StatusCode::NO_CONTENT.into_response())
+}
+
+/// Reads and drops a body, up to `bound` bytes.
+async fn discard(body: axum::body::Body, bound: usize) {
+    use futures_util::StreamExt;
+    let (mut n, mut stream) = (0usize, body.into_data_stream());
+    while let Some(Ok(chunk)) = stream.next().await {
+        n += chunk.len();
+        if n > bound {
+            return;
+        }
+    }
+}
+
+/// Writes an upload to `path` (synced), counting it against `limit`; returns its BLAKE3.
+async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -> Result<String, ApiError> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::File::create(path).await.map_err(|e| ApiError::internal(&e))?;
+    let mut hasher = blake3::Hasher::new();
+    let (mut n, mut stream) = (0usize, body.into_data_stream());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("the upload broke off: {e}")))?;
+        n += chunk.len();
+        if n > limit {
+            // Read on (up to a bound) without keeping anything, so the sender hears the 413
+            // instead of a broken pipe, and does not take it for a network fault worth retrying.
+            if n > limit.saturating_mul(4) {
+                return Err(ApiError::too_large(limit));
+            }
+            continue;
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(|e| ApiError::internal(&e))?;
+    }
+    if n > limit {
+        return Err(ApiError::too_large(limit));
+    }
+    file.sync_all().await.map_err(|e| ApiError::internal(&e))?;
+    Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// `PUT /v1/assets/{hash}/provenance` (worker or operator token): an uploaded asset's provenance.
