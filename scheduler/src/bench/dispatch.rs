@@ -20,8 +20,6 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use futures_util::StreamExt;
-use hyper::Method;
-use hyper::body::Bytes;
 use kiln_protocol::wire::{self, JOB_TYPE, JobMessage, Names};
 use kiln_protocol::{RenderRequest, Tier, TierLimits};
 use kiln_worker::amqp::{self, lapin};
@@ -30,10 +28,9 @@ use kiln_worker::consume::RunConfig;
 use kiln_worker::worker::open_backend;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{Figures, drive, median, submit};
+use super::{Figures, median, tiny_jobs};
 use crate::auth::Secret;
 use crate::client::Client;
 use crate::config::FarmConfig;
@@ -233,21 +230,7 @@ async fn end_to_end(
     }
     let c = Client::new(&url, Some(Secret::new(token)));
     let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
-    let figures = drive(a.jobs, a.concurrency, move |i| {
-        let c = c.clone();
-        async move {
-            let body = json!({ "prompt": "bench dispatch", "seed": base + i as u64, "tier": "preview", "width": 16 });
-            let t = Instant::now();
-            let j = submit(&c, Bytes::from(body.to_string())).await?;
-            let id = j["id"].as_str().context("no id")?;
-            let done = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
-            if done["state"] != "succeeded" {
-                bail!("a tiny job did not succeed: {done}");
-            }
-            Ok(t.elapsed().as_secs_f64())
-        }
-    })
-    .await;
+    let figures = tiny_jobs(&c, "bench dispatch", base, a.jobs, a.concurrency).await;
     stop.cancel();
     for d in daemons {
         d.await.context("a worker daemon panicked")??;

@@ -131,6 +131,27 @@ async fn submit(c: &Client, body: Bytes) -> anyhow::Result<serde_json::Value> {
     Ok(r.json()?)
 }
 
+/// `n` tiny 16×16 jobs with seeds from `seed0`, each submitted and awaited by one of
+/// `concurrency` clients; a job counts once it has succeeded.
+async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: usize) -> anyhow::Result<Figures> {
+    let (c, prompt) = (c.clone(), prompt.to_owned());
+    drive(n, concurrency, move |i| {
+        let c = c.clone();
+        let body = json!({ "prompt": prompt, "seed": seed0 + i as u64, "tier": "preview", "width": 16 });
+        async move {
+            let t = Instant::now();
+            let j = submit(&c, Bytes::from(body.to_string())).await?;
+            let id = j["id"].as_str().context("no id")?;
+            let done = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
+            if done["state"] != "succeeded" {
+                bail!("a tiny job did not succeed: {done}");
+            }
+            Ok(t.elapsed().as_secs_f64())
+        }
+    })
+    .await
+}
+
 async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<(Vec<Figures>, Figures)> {
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}-{run}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -176,22 +197,7 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
 
     // (b) tiny renders, each submitted and awaited.
     let base = 1_000_000 * (run as u64 + 1);
-    let ct = c.clone();
-    let tiny = drive(a.jobs, a.concurrency, move |i| {
-        let c = ct.clone();
-        async move {
-            let body = json!({ "prompt": "bench tiny", "seed": base + i as u64, "tier": "preview", "width": 16 });
-            let t = Instant::now();
-            let j = submit(&c, Bytes::from(body.to_string())).await?;
-            let id = j["id"].as_str().context("no id")?;
-            let done = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
-            if done["state"] != "succeeded" {
-                bail!("a tiny job did not succeed: {done}");
-            }
-            Ok(t.elapsed().as_secs_f64())
-        }
-    })
-    .await?;
+    let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency).await?;
     stop.cancel();
     server.await.context("the farm panicked")??;
     if a.keep {
