@@ -482,6 +482,10 @@ impl Daemon {
             tasks.abort_all();
         }
         for (ch, _) in channels {
+            // Everything still unacked on the channel (sent ahead, or cut off by the grace
+            // period) goes back to the queue now, before the channel closes.
+            let back = BasicNackOptions { multiple: true, requeue: true };
+            let _ = ch.basic_nack(0, back).await;
             let _ = ch.close(200, "draining".into()).await;
         }
         Ok(ended)
