@@ -14,7 +14,7 @@ use kiln_protocol::wire::{Names, REASON_HEADER};
 use kiln_scheduler::auth::Role;
 use kiln_scheduler::testenv;
 use kiln_worker::amqp::lapin;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use serde_json::Value;
 
 /// A distributed farm for one test, and what it needs to clean up.
@@ -140,9 +140,7 @@ impl Distributed {
             let _ = child.wait();
         }
         let (_conn, ch) = self.channel().await;
-        for q in self.names.queues() {
-            let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
-        }
+        let _ = kiln_worker::amqp::delete_queues(&ch, &self.names).await;
         self.farm.stop().await;
     }
 }

@@ -25,8 +25,6 @@ use kiln_scheduler::client::Client;
 use kiln_scheduler::store::Store;
 use kiln_scheduler::store::postgres::PgStore;
 use kiln_scheduler::testenv;
-use kiln_worker::amqp::lapin;
-use lapin::options::QueueDeleteOptions;
 use serde_json::{Value, json};
 
 /// One fault test at a time (an async lock: it is held across awaits, and a failed test does
@@ -205,9 +203,7 @@ impl Fleet {
         if let Ok(conn) = kiln_worker::amqp::connect(&self.amqp_url, "kiln-test").await
             && let Ok(ch) = conn.create_channel().await
         {
-            for q in Names::new(&self.prefix).queues() {
-                let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
-            }
+            let _ = kiln_worker::amqp::delete_queues(&ch, &Names::new(&self.prefix)).await;
         }
     }
 }

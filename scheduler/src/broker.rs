@@ -230,14 +230,12 @@ async fn run_session(
 async fn send_commands(sched: &Scheduler, names: &Names, ch: &Channel) -> anyhow::Result<()> {
     let exchange = names.control_exchange();
     loop {
-        let mut msgs = sched.registry.take_commands();
-        while !msgs.is_empty() {
-            let m = msgs.remove(0);
-            let body = serde_json::to_vec(&m)?;
+        let msgs = sched.registry.take_commands();
+        for (i, m) in msgs.iter().enumerate() {
+            let body = serde_json::to_vec(m)?;
             let props = amqp::properties(CONTROL_TYPE, &format!("{}:{}", m.worker_id, now_ms()));
             if let Err(e) = amqp::publish_confirmed(ch, &exchange, &m.worker_id, &body, props).await {
-                msgs.insert(0, m);
-                sched.registry.put_back(msgs);
+                sched.registry.put_back(msgs[i..].to_vec());
                 anyhow::bail!("cannot send a control message: {e}");
             }
             tracing::info!(worker = m.worker_id, command = ?m.command, "told a worker");
@@ -511,12 +509,12 @@ impl Scheduler {
             }
         }
         let retry = matches!(outcome, Outcome::Retry { .. });
-        let counted = outcome.clone();
+        let label = outcome.label();
         match self.store.record(&d, msg.started_ms, outcome, now_ms()).await {
             Ok(events) => {
                 // Nothing written: a repeat of a result already recorded (or a stale attempt).
                 if !events.is_empty() {
-                    self.count_attempt(&d, &counted);
+                    self.count_attempt(&d, label);
                 }
                 self.publish(events);
                 if retry {

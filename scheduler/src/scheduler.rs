@@ -384,18 +384,12 @@ impl Scheduler {
     }
 
     /// Counts an attempt's outcome.
-    pub(crate) fn count_attempt(&self, job: &Dispatch, outcome: &Outcome) {
-        let label = match outcome {
-            Outcome::Succeeded { .. } => "succeeded",
-            Outcome::Retry { .. } => "retry",
-            Outcome::Failed { .. } => "failed",
-            Outcome::Quarantined { .. } => "quarantined",
-        };
-        self.metrics.attempts.with_label_values(&[job.tier.as_str(), label]).inc();
+    pub(crate) fn count_attempt(&self, job: &Dispatch, outcome: &str) {
+        self.metrics.attempts.with_label_values(&[job.tier.as_str(), outcome]).inc();
     }
 
     async fn record(&self, job: &Dispatch, outcome: Outcome) {
-        self.count_attempt(job, &outcome);
+        self.count_attempt(job, outcome.label());
         let retry = matches!(outcome, Outcome::Retry { .. });
         // The result is worth keeping: a few tries before leaving the job to the next start.
         for wait_ms in [0, 100, 1000, 5000] {

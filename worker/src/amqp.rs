@@ -100,6 +100,15 @@ pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), lapin::
     Ok(())
 }
 
+/// Deletes every queue under `names` (the exchanges hold nothing and stay): for tests and
+/// benchmarks that borrow a broker under a scratch prefix.
+pub async fn delete_queues(ch: &Channel, names: &Names) -> Result<(), lapin::Error> {
+    for q in names.queues() {
+        ch.queue_delete(q.into(), lapin::options::QueueDeleteOptions::default()).await?;
+    }
+    Ok(())
+}
+
 /// A channel with publisher confirms on.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
     let ch = conn.create_channel().await?;

@@ -426,8 +426,7 @@ async fn put_asset(
     let thumb = match checked {
         Ok(thumb) => thumb,
         Err(e) => {
-            // Read the upload (up to a bound) so the sender hears why, not a broken pipe.
-            discard(body, s.cfg.limits.max_asset_bytes.saturating_mul(4)).await;
+            discard(body.into_data_stream(), s.cfg.limits.max_asset_bytes.saturating_mul(4)).await;
             return Err(e);
         }
     };
@@ -453,15 +452,13 @@ async fn put_asset(
     result.map(|()| StatusCode::NO_CONTENT.into_response())
 }
 
-/// Reads and drops a body, up to `bound` bytes.
-async fn discard(body: axum::body::Body, bound: usize) {
+/// Reads and drops the rest of an upload, up to `left` more bytes: so the sender of a refused
+/// upload hears the 4xx instead of a broken pipe, and does not take it for a fault worth retrying.
+async fn discard(mut stream: axum::body::BodyDataStream, mut left: usize) {
     use futures_util::StreamExt;
-    let (mut n, mut stream) = (0usize, body.into_data_stream());
     while let Some(Ok(chunk)) = stream.next().await {
-        n += chunk.len();
-        if n > bound {
-            return;
-        }
+        let Some(rest) = left.checked_sub(chunk.len()) else { return };
+        left = rest;
     }
 }
 
@@ -476,18 +473,11 @@ async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -
         let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("the upload broke off: {e}")))?;
         n += chunk.len();
         if n > limit {
-            // Read on (up to a bound) without keeping anything, so the sender hears the 413
-            // instead of a broken pipe, and does not take it for a network fault worth retrying.
-            if n > limit.saturating_mul(4) {
-                return Err(ApiError::too_large(limit));
-            }
-            continue;
+            discard(stream, limit.saturating_mul(3)).await;
+            return Err(ApiError::too_large(limit));
         }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(|e| ApiError::internal(&e))?;
-    }
-    if n > limit {
-        return Err(ApiError::too_large(limit));
     }
     file.sync_all().await.map_err(|e| ApiError::internal(&e))?;
     Ok(hasher.finalize().to_hex().to_string())

@@ -23,18 +23,12 @@ use futures_util::StreamExt;
 use kiln_protocol::wire::{self, JOB_TYPE, JobMessage, Names};
 use kiln_protocol::{RenderRequest, Tier, TierLimits};
 use kiln_worker::amqp::{self, lapin};
-use kiln_worker::config::BackendChoice;
 use kiln_worker::consume::RunConfig;
-use kiln_worker::worker::open_backend;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio_util::sync::CancellationToken;
 
-use super::{Figures, median, tiny_jobs};
-use crate::auth::Secret;
-use crate::client::Client;
+use super::{BenchFarm, Figures, median, tiny_jobs};
 use crate::config::FarmConfig;
-use crate::farm::Farm;
 use crate::store::PgStore;
 
 /// Messages each job costs on the broker: the job, then its result.
@@ -101,13 +95,10 @@ fn scratch_name(what: &str, run: usize) -> String {
     format!("kiln_bench_{what}_{}_{run}", std::process::id())
 }
 
-/// Deletes every queue under `names` (exchanges are left; they hold nothing).
+/// Deletes the queues a run made.
 async fn delete_queues(url: &str, names: &Names) -> anyhow::Result<()> {
     let conn = amqp::connect(url, "kiln-bench-cleanup").await?;
-    let ch = conn.create_channel().await?;
-    for q in names.queues() {
-        ch.queue_delete(q.into(), QueueDeleteOptions::default()).await?;
-    }
+    amqp::delete_queues(&conn.create_channel().await?, names).await?;
     let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
@@ -197,23 +188,13 @@ async fn end_to_end(
     db: &str,
     prefix: &str,
 ) -> anyhow::Result<Figures> {
-    let dir = std::env::temp_dir().join(format!("kiln-bench-dispatch-{}-{run}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = cfg.clone();
-    cfg.worker.data_dir = dir.clone();
-    cfg.worker.backend = BackendChoice::Cpu;
-    cfg.worker.threads = 1;
-    cfg.scheduler.listen = "127.0.0.1:0".parse().expect("valid address");
-    cfg.scheduler.database_url = Some(db.to_owned());
-    cfg.scheduler.broker.amqp_url = Some(a.amqp_url.clone());
-    cfg.scheduler.broker.prefix = prefix.to_owned();
-    let farm = Farm::build(&cfg, open_backend(BackendChoice::Cpu, 1)?).await?;
-    let url = format!("http://{}", farm.local_addr()?);
-    let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
-    let worker = farm.scheduler().worker.clone();
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let server = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+    let farm = BenchFarm::start(cfg, &format!("dispatch-{run}"), |cfg| {
+        cfg.scheduler.database_url = Some(db.to_owned());
+        cfg.scheduler.broker.amqp_url = Some(a.amqp_url.clone());
+        cfg.scheduler.broker.prefix = prefix.to_owned();
+    })
+    .await?;
+    let (worker, stop) = (farm.sched.worker.clone(), farm.stop.clone());
     let mut daemons = Vec::new();
     for i in 0..a.workers {
         let rc = RunConfig {
@@ -228,15 +209,13 @@ async fn end_to_end(
         };
         daemons.push(tokio::spawn(kiln_worker::consume::run(worker.clone(), rc, stop.clone())));
     }
-    let c = Client::new(&url, Some(Secret::new(token)));
     let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
-    let figures = tiny_jobs(&c, "bench dispatch", base, a.jobs, a.concurrency).await;
+    let figures = tiny_jobs(&farm.client, "bench dispatch", base, a.jobs, a.concurrency).await;
     stop.cancel();
     for d in daemons {
         d.await.context("a worker daemon panicked")??;
     }
-    server.await.context("the farm panicked")??;
-    let _ = std::fs::remove_dir_all(&dir);
+    farm.stop(false).await?;
     figures
 }
 

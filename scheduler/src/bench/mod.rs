@@ -152,23 +152,50 @@ async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: 
     .await
 }
 
+/// A farm a benchmark run serves on port 0 from a fresh data dir, on the CPU with one thread.
+struct BenchFarm {
+    dir: std::path::PathBuf,
+    client: Client,
+    sched: Arc<crate::scheduler::Scheduler>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchFarm {
+    /// Starts one in `TMP/kiln-bench-{name}-PID`, with `cfg` changed by `change`.
+    async fn start(cfg: &FarmConfig, name: &str, change: impl FnOnce(&mut FarmConfig)) -> anyhow::Result<BenchFarm> {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = cfg.clone();
+        cfg.worker.data_dir = dir.clone();
+        cfg.worker.backend = BackendChoice::Cpu;
+        cfg.worker.threads = 1;
+        cfg.scheduler.listen = "127.0.0.1:0".parse().expect("valid address");
+        change(&mut cfg);
+        let farm = Farm::build(&cfg, open_backend(BackendChoice::Cpu, 1)?).await?;
+        let url = format!("http://{}", farm.local_addr()?);
+        let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
+        let sched = farm.scheduler().clone();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let server = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+        Ok(BenchFarm { dir, client: Client::new(&url, Some(Secret::new(token))), sched, stop, server })
+    }
+
+    /// Stops the farm; its data dir is removed unless `keep`.
+    async fn stop(self, keep: bool) -> anyhow::Result<std::path::PathBuf> {
+        self.stop.cancel();
+        self.server.await.context("the farm panicked")??;
+        if !keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        Ok(self.dir)
+    }
+}
+
 async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<(Vec<Figures>, Figures)> {
-    let dir = std::env::temp_dir().join(format!("kiln-bench-{}-{run}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = cfg.clone();
-    cfg.worker.data_dir = dir.clone();
-    cfg.worker.backend = BackendChoice::Cpu;
-    cfg.worker.threads = 1;
-    cfg.scheduler.listen = "127.0.0.1:0".parse().expect("valid address");
-    cfg.scheduler.workers = a.workers;
-    let backend = open_backend(BackendChoice::Cpu, 1)?;
-    let farm = Farm::build(&cfg, backend).await?;
-    let url = format!("http://{}", farm.local_addr()?);
-    let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let server = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
-    let c = Client::new(&url, Some(Secret::new(token)));
+    let farm = BenchFarm::start(cfg, &format!("farm-{run}"), |cfg| cfg.scheduler.workers = a.workers).await?;
+    let c = farm.client.clone();
 
     // (a) cache hits: render once, then the same request again and again.
     let hit =
@@ -198,12 +225,9 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
     // (b) tiny renders, each submitted and awaited.
     let base = 1_000_000 * (run as u64 + 1);
     let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency).await?;
-    stop.cancel();
-    server.await.context("the farm panicked")??;
+    let dir = farm.stop(a.keep).await?;
     if a.keep {
         println!("  run {}: data kept in {}", run + 1, dir.display());
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok((hits, tiny))
 }

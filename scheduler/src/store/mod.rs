@@ -213,6 +213,18 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// Its name in the attempts metric: succeeded, retry, failed or quarantined.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded { .. } => "succeeded",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Quarantined { .. } => "quarantined",
+        }
+    }
+}
+
 /// Outbox rows handed out by [`Store::take_due`].
 #[derive(Debug, Clone, Default)]
 pub struct Due {

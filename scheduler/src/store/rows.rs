@@ -230,18 +230,13 @@ impl<'a> Finish<'a> {
                 Some(*retry_at_ms),
                 None,
             ),
-            Outcome::Quarantined { error } => (
+            Outcome::Failed { error } | Outcome::Quarantined { error } => (
                 JobState::Failed,
-                "quarantined: failed on too many distinct workers",
-                None,
-                None,
-                Some(error.as_str()),
-                None,
-                Some(JobState::Failed),
-            ),
-            Outcome::Failed { error } => (
-                JobState::Failed,
-                "attempt failed; giving up",
+                if matches!(outcome, Outcome::Quarantined { .. }) {
+                    "quarantined: failed on too many distinct workers"
+                } else {
+                    "attempt failed; giving up"
+                },
                 None,
                 None,
                 Some(error.as_str()),
