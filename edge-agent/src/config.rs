@@ -1,0 +1,427 @@
+//! The agent's configuration: one TOML file listing the devices it drives, with a few
+//! `KILN_EDGE_*` environment variables over it. A bad file fails with a message naming the key,
+//! before anything connects.
+//!
+//! ```toml
+//! data_dir = "/var/lib/kiln-edge"
+//! telemetry_interval_ms = 5000
+//! [mqtt]
+//! url = "mqtt://192.168.1.10:1883"
+//! [scheduler]
+//! url = "http://192.168.1.10:7070"
+//! token = "…device token…"
+//! [[device]]
+//! id = "printer-1"
+//! kind = "printer"
+//! modbus = { address = "192.168.1.50:502", unit = 1 }
+//! command = ["lp", "-d", "studio", "{file}"]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_protocol::fleet::{DeviceKind, valid_id};
+use serde::{Deserialize, Serialize};
+
+/// Everything the agent needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the spool, the task journal and fetched assets live (`KILN_EDGE_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// How often each device sends telemetry, milliseconds.
+    #[serde(default = "defaults::telemetry_interval_ms")]
+    pub telemetry_interval_ms: u64,
+    /// The MQTT broker.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    /// The scheduler's HTTP API, for assets.
+    pub scheduler: SchedulerConfig,
+    /// The on-disk spool of telemetry and task reports.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// The devices this agent drives.
+    #[serde(rename = "device", default)]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// The MQTT session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` (`KILN_EDGE_MQTT_URL`).
+    pub url: String,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Keepalive, seconds: the broker declares the device offline (its last will) after 1.5 of these
+    /// without a word.
+    pub keepalive_s: u64,
+    /// User name, if the broker asks for one.
+    pub username: Option<String>,
+    /// Password (`KILN_EDGE_MQTT_PASSWORD`).
+    pub password: Option<String>,
+    /// The longest wait between reconnect attempts, milliseconds (the wait doubles from 100 ms).
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://127.0.0.1:1883".into(),
+            prefix: "kiln".into(),
+            keepalive_s: 5,
+            username: None,
+            password: None,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The broker's host and port.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        parse_mqtt_url(&self.url)
+    }
+}
+
+/// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+        return Err(format!("{url:?} is not mqtt://host:port"));
+    }
+    match rest.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port.parse().map_err(|_| format!("{url:?}: the port {port:?} is not a number"))?;
+            Ok((host.trim_matches(['[', ']']).to_owned(), port))
+        }
+        None => Ok((rest.to_owned(), 1883)),
+    }
+}
+
+/// The scheduler's HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Its base URL, `http://host:port` (`KILN_EDGE_SCHEDULER_URL`).
+    pub url: String,
+    /// A `device` token (`KILN_EDGE_TOKEN`): fetches assets, uploads photos.
+    pub token: String,
+}
+
+/// The spool's bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// At most this many messages wait per device; past it the oldest telemetry is dropped (and
+    /// counted). Task reports are never dropped.
+    pub max_entries: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig { max_entries: 5_000 }
+    }
+}
+
+/// One device and how to drive it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Its id: a topic level, so 1 to 64 of `A-Z a-z 0-9 - _ .`.
+    pub id: String,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Printer and lights: where its Modbus registers are.
+    #[serde(default)]
+    pub modbus: Option<ModbusConfig>,
+    /// Printer: the register map.
+    #[serde(default)]
+    pub printer: PrinterMap,
+    /// Lights: the register map.
+    #[serde(default)]
+    pub lights: LightsMap,
+    /// A command to run: printer `{file}` (such as `["lp", "-d", "studio", "{file}"]`), camera
+    /// `{out}` (such as `["libcamera-still", "-o", "{out}"]`), display `{file}`.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Printer: a spool folder the file is copied into; display: the folder a signage player
+    /// watches (`current.png` and `current.json` are replaced atomically).
+    #[serde(default)]
+    pub folder: Option<PathBuf>,
+    /// Camera: an HTTP URL that answers a snapshot.
+    #[serde(default)]
+    pub snapshot_url: Option<String>,
+    /// The longest a command, a snapshot or a print may take, milliseconds.
+    #[serde(default = "defaults::step_timeout_ms")]
+    pub step_timeout_ms: u64,
+}
+
+/// Where a device's Modbus registers are: a TCP address or a serial line (RTU).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusConfig {
+    /// `host:port` of a Modbus TCP device.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// A serial device (RTU), such as `/dev/ttyUSB0`. Devices on the same line share one bus
+    /// task, which owns it.
+    #[serde(default)]
+    pub serial: Option<PathBuf>,
+    /// The serial line's baud rate.
+    #[serde(default = "defaults::baud")]
+    pub baud: u32,
+    /// The unit (slave) id.
+    #[serde(default = "defaults::unit")]
+    pub unit: u8,
+    /// Each call's timeout, milliseconds.
+    #[serde(default = "defaults::modbus_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after a timeout or a broken connection (not after an exception reply).
+    #[serde(default = "defaults::modbus_retries")]
+    pub retries: u32,
+}
+
+impl ModbusConfig {
+    /// Each call's timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// A printer's registers (holding registers and coils, zero-based addresses) and status values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrinterMap {
+    /// Status register.
+    pub status: u16,
+    /// Media (sheets) left.
+    pub media: u16,
+    /// Ink left, percent.
+    pub ink: u16,
+    /// Jobs printed (a counter).
+    pub jobs: u16,
+    /// Error code (0: none; 1: out of paper; 2: out of ink; 3: jam).
+    pub error_code: u16,
+    /// Coil that starts the job handed over.
+    pub start_coil: u16,
+    /// Coil that aborts the job under way.
+    pub abort_coil: u16,
+    /// The status value meaning ready.
+    pub ready_value: u16,
+    /// The status value meaning printing.
+    pub busy_value: u16,
+    /// The status value meaning error.
+    pub error_value: u16,
+    /// How often a job under way is polled, milliseconds.
+    pub poll_ms: u64,
+}
+
+impl Default for PrinterMap {
+    fn default() -> Self {
+        PrinterMap {
+            status: 0,
+            media: 1,
+            ink: 2,
+            jobs: 3,
+            error_code: 4,
+            start_coil: 0,
+            abort_coil: 1,
+            ready_value: 0,
+            busy_value: 1,
+            error_value: 2,
+            poll_ms: 100,
+        }
+    }
+}
+
+/// A light rig's holding registers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LightsMap {
+    /// Scene number register.
+    pub scene: u16,
+    /// Brightness register (0 to `max_brightness`).
+    pub brightness: u16,
+    /// The highest brightness the rig takes.
+    pub max_brightness: u16,
+}
+
+impl Default for LightsMap {
+    fn default() -> Self {
+        LightsMap { scene: 0, brightness: 1, max_brightness: 1000 }
+    }
+}
+
+mod defaults {
+    pub fn telemetry_interval_ms() -> u64 {
+        5_000
+    }
+    pub fn step_timeout_ms() -> u64 {
+        600_000
+    }
+    pub fn baud() -> u32 {
+        9_600
+    }
+    pub fn unit() -> u8 {
+        1
+    }
+    pub fn modbus_timeout_ms() -> u64 {
+        1_000
+    }
+    pub fn modbus_retries() -> u32 {
+        2
+    }
+}
+
+/// A config that cannot be used, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads `path`, applies `KILN_EDGE_*` from `env`, and checks it.
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Config::parse(&text, env).map_err(|ConfigError(m)| ConfigError(format!("{}: {m}", path.display())))
+    }
+
+    /// Parses TOML, applies `KILN_EDGE_*` from `env`, and checks it.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        if let Some(v) = env("KILN_EDGE_DATA_DIR") {
+            cfg.data_dir = v.into();
+        }
+        if let Some(v) = env("KILN_EDGE_MQTT_URL") {
+            cfg.mqtt.url = v;
+        }
+        if let Some(v) = env("KILN_EDGE_MQTT_PASSWORD") {
+            cfg.mqtt.password = Some(v);
+        }
+        if let Some(v) = env("KILN_EDGE_SCHEDULER_URL") {
+            cfg.scheduler.url = v;
+        }
+        if let Some(v) = env("KILN_EDGE_TOKEN") {
+            cfg.scheduler.token = v;
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ids, one way to reach each device, sane numbers.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        self.mqtt.host_port().map_err(|m| ConfigError(format!("mqtt.url: {m}")))?;
+        if self.mqtt.keepalive_s == 0 || self.mqtt.keepalive_s > 3600 {
+            return err(format!("mqtt.keepalive_s: {} is not between 1 and 3600", self.mqtt.keepalive_s));
+        }
+        if !self.scheduler.url.starts_with("http://") {
+            return err(format!("scheduler.url: {:?} must start with http://", self.scheduler.url));
+        }
+        if self.spool.max_entries < 10 {
+            return err(format!("spool.max_entries: {} is below 10", self.spool.max_entries));
+        }
+        if self.telemetry_interval_ms < 100 {
+            return err(format!("telemetry_interval_ms: {} is below 100", self.telemetry_interval_ms));
+        }
+        if self.devices.is_empty() {
+            return err("device: no [[device]] is configured; the agent would have nothing to do".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let key = format!("device[{i}]");
+            if !valid_id(&d.id) {
+                return err(format!("{key}.id: {:?} is not 1 to 64 of A-Z a-z 0-9 - _ .", d.id));
+            }
+            if !seen.insert(&d.id) {
+                return err(format!("{key}.id: {:?} is configured twice", d.id));
+            }
+            d.check().map_err(|m| ConfigError(format!("{key} ({}): {m}", d.id)))?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceConfig {
+    fn check(&self) -> Result<(), String> {
+        let has_command = self.command.is_some();
+        if let Some(c) = &self.command
+            && c.is_empty()
+        {
+            return Err("command: is empty".into());
+        }
+        match self.kind {
+            DeviceKind::Printer | DeviceKind::Lights => {
+                let Some(m) = &self.modbus else {
+                    return Err(format!("modbus: a {} needs its Modbus address or serial line", self.kind));
+                };
+                if m.address.is_some() == m.serial.is_some() {
+                    return Err("modbus: give exactly one of address (TCP) or serial (RTU)".into());
+                }
+                if m.timeout_ms == 0 {
+                    return Err("modbus.timeout_ms: must be above 0".into());
+                }
+                if self.kind == DeviceKind::Printer && has_command == self.folder.is_some() {
+                    return Err("give exactly one of command (with {file}) or folder (a spool folder)".into());
+                }
+            }
+            DeviceKind::Camera => {
+                if has_command == self.snapshot_url.is_some() {
+                    return Err("give exactly one of command (with {out}) or snapshot_url".into());
+                }
+                if let Some(c) = &self.command
+                    && !c.iter().any(|a| a.contains("{out}"))
+                {
+                    return Err("command: must name the photo's path as {out}".into());
+                }
+            }
+            DeviceKind::Display => {
+                if has_command == self.folder.is_some() {
+                    return Err("give exactly one of command (with {file}) or folder".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "data_dir = \"/tmp/x\"\n[scheduler]\nurl = \"http://127.0.0.1:7070\"\ntoken = \"t\"\n";
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!("{BASE}{extra}"), &|_| None)
+    }
+
+    #[test]
+    fn a_good_config_parses_and_the_environment_wins() {
+        let text = format!(
+            "{BASE}[[device]]\nid = \"p1\"\nkind = \"printer\"\nmodbus = {{ address = \"127.0.0.1:5020\" }}\nfolder = \"/tmp/spool\"\n"
+        );
+        let env = |k: &str| (k == "KILN_EDGE_MQTT_URL").then(|| "mqtt://10.0.0.2:1884".to_owned());
+        let cfg = Config::parse(&text, &env).unwrap();
+        assert_eq!(cfg.mqtt.host_port().unwrap(), ("10.0.0.2".to_owned(), 1884));
+        assert_eq!(cfg.devices[0].modbus.as_ref().unwrap().retries, 2);
+        assert_eq!(cfg.devices[0].printer.start_coil, 0);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key() {
+        let cases = [
+            ("", "no [[device]]"),
+            ("[[device]]\nid = \"a/b\"\nkind = \"camera\"\nsnapshot_url = \"http://x\"\n", "device[0].id"),
+            ("[[device]]\nid = \"p\"\nkind = \"printer\"\nfolder = \"/x\"\n", "modbus: a printer needs"),
+            ("[[device]]\nid = \"c\"\nkind = \"camera\"\ncommand = [\"snap\"]\n", "{out}"),
+            ("[[device]]\nid = \"c\"\nkind = \"toaster\"\n", "unknown variant `toaster`"),
+            ("[[device]]\nid = \"c\"\nkind = \"display\"\nfolder = \"/x\"\ncolour = 1\n", "unknown field `colour`"),
+            ("[mqtt]\nurl = \"mqtt://h:notaport\"\n", "mqtt.url"),
+        ];
+        for (extra, want) in cases {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The agent's HTTP: fetching assets by hash from the scheduler (verified against their BLAKE3
+//! before use), uploading photos as assets, and reading a camera's snapshot URL. Bodies stream to
+//! and from disk.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame};
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// An HTTP client bound to the scheduler.
+#[derive(Clone)]
+pub struct Http {
+    client: HyperClient<HttpConnector, Body>,
+    base: String,
+    token: String,
+    timeout: Duration,
+}
+
+impl Http {
+    /// A client for the scheduler at `base` (`http://host:port`) with a device token.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Http {
+        let client = HyperClient::builder(TokioExecutor::new()).build_http();
+        Http { client, base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), timeout }
+    }
+
+    fn url(&self, url: &str) -> String {
+        if url.starts_with('/') { format!("{}{url}", self.base) } else { url.to_owned() }
+    }
+
+    /// The asset `hash` in `dir` (as `dir/{hash}`), fetched from `url` (absolute, or a path on the
+    /// scheduler) unless a copy is there, and checked against its hash either way.
+    pub async fn asset(&self, url: &str, hash: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+        tokio::fs::create_dir_all(dir).await?;
+        let path = dir.join(hash);
+        if path.is_file() && hash_file(&path).await? == hash {
+            return Ok(path);
+        }
+        let tmp = dir.join(format!("{hash}.part"));
+        let got = self.get_to_file(&self.url(url), &tmp, true).await?;
+        if got != hash {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            anyhow::bail!("asset {hash}: the bytes fetched hash to {got}; refused");
+        }
+        tokio::fs::rename(&tmp, &path).await?;
+        Ok(path)
+    }
+
+    /// GETs `url` into `path`; the BLAKE3 of what was written.
+    pub async fn get_to_file(&self, url: &str, path: &Path, auth: bool) -> anyhow::Result<String> {
+        let mut req = Request::builder().method(Method::GET).uri(url);
+        if auth {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        }
+        let req = req.body(Empty::new().map_err(|never| match never {}).boxed())?;
+        let work = async {
+            let resp = self.client.request(req).await?;
+            if resp.status() != StatusCode::OK {
+                let status = resp.status();
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                anyhow::bail!("GET {url}: {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+            }
+            let mut file = tokio::fs::File::create(path).await?;
+            let mut hasher = blake3::Hasher::new();
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    hasher.update(&data);
+                    file.write_all(&data).await?;
+                }
+            }
+            file.sync_all().await?;
+            Ok(hasher.finalize().to_hex().to_string())
+        };
+        tokio::time::timeout(self.timeout, work).await.map_err(|_| anyhow::anyhow!("GET {url}: no answer in time"))?
+    }
+
+    /// Uploads the file at `path` as an asset; its hash.
+    pub async fn upload(&self, path: &Path) -> anyhow::Result<String> {
+        let hash = hash_file(path).await?;
+        let file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        let stream = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data);
+        let body = BodyExt::boxed(StreamBody::new(stream));
+        let url = format!("{}/v1/assets/{hash}", self.base);
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(&url)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_LENGTH, len)
+            .body(body)?;
+        let work = async {
+            let resp = self.client.request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            if !status.is_success() {
+                anyhow::bail!("PUT {url}: {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+            }
+            Ok(())
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| anyhow::anyhow!("PUT {url}: no answer in time"))??;
+        Ok(hash)
+    }
+}
+
+/// The BLAKE3 of a file, hex.
+pub async fn hash_file(path: &Path) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}

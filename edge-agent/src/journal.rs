@@ -1,0 +1,139 @@
+//! The task journal: one synced file per task id, written before the task is acknowledged and
+//! again at each step, so a task delivered twice (MQTT is at least once, and the scheduler resends
+//! what it has not heard back on) is carried out once, and a task cut off by a crash is not
+//! started again.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use kiln_protocol::fleet::{DeviceTask, ReportState};
+use serde::{Deserialize, Serialize};
+
+use crate::spool::write_synced;
+
+/// What the journal knows of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The task as it came.
+    pub task: DeviceTask,
+    /// The last state reached.
+    pub state: ReportState,
+    /// The last detail.
+    pub detail: Option<String>,
+    /// An asset the task made.
+    pub output_asset: Option<String>,
+    /// When the state was reached, unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// A device's journal.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`.
+    pub fn open(dir: &Path) -> io::Result<Journal> {
+        fs::create_dir_all(dir)?;
+        Ok(Journal { dir: dir.to_path_buf() })
+    }
+
+    fn path(&self, task_id: &str) -> PathBuf {
+        self.dir.join(format!("{task_id}.json"))
+    }
+
+    /// The record of a task, if it was ever taken in. An unreadable record counts as taken in
+    /// (failed): a task the agent cannot prove it did not start is not started.
+    pub fn get(&self, task_id: &str) -> io::Result<Option<Record>> {
+        match fs::read(self.path(task_id)) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(io::Error::other)?)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a task's record, synced.
+    pub fn put(&self, record: &Record) -> io::Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
+        write_synced(&self.dir, &format!("{}.json", record.task.task_id), &bytes)
+    }
+
+    /// Tasks taken in but not ended (accepted or running), oldest first.
+    pub fn unfinished(&self) -> io::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for item in fs::read_dir(&self.dir)? {
+            let path = item?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) if !r.state.is_terminal() => out.push(r),
+                Ok(_) => {}
+                Err(e) => tracing::error!(path = %path.display(), error = e, "an unreadable journal record"),
+            }
+        }
+        out.sort_by_key(|r| r.at_ms);
+        Ok(out)
+    }
+
+    /// Forgets ended tasks last touched before `before_ms` (a week back, at start).
+    pub fn prune(&self, before_ms: i64) -> io::Result<usize> {
+        let mut n = 0;
+        for item in fs::read_dir(&self.dir)? {
+            let path = item?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let old = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                .is_some_and(|r| r.state.is_terminal() && r.at_ms < before_ms);
+            if old {
+                fs::remove_file(&path)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_protocol::fleet::{FLEET_VERSION, TaskKind};
+
+    fn task(id: &str) -> DeviceTask {
+        DeviceTask {
+            v: FLEET_VERSION,
+            task_id: id.into(),
+            kind: TaskKind::Lights,
+            asset: None,
+            params: Default::default(),
+            deadline_ms: i64::MAX,
+        }
+    }
+
+    #[test]
+    fn records_persist_and_unfinished_ones_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.get("t1").unwrap(), None);
+        let mut r =
+            Record { task: task("t1"), state: ReportState::Running, detail: None, output_asset: None, at_ms: 10 };
+        j.put(&r).unwrap();
+        j.put(&Record { task: task("t2"), state: ReportState::Succeeded, at_ms: 5, ..r.clone() }).unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.get("t1").unwrap().unwrap().state, ReportState::Running);
+        assert_eq!(j.unfinished().unwrap().iter().map(|r| r.task.task_id.as_str()).collect::<Vec<_>>(), ["t1"]);
+        r.state = ReportState::Failed;
+        j.put(&r).unwrap();
+        assert!(j.unfinished().unwrap().is_empty());
+        assert_eq!(j.prune(8).unwrap(), 1, "t2 ended before 8");
+        assert!(j.get("t2").unwrap().is_none() && j.get("t1").unwrap().is_some());
+    }
+}

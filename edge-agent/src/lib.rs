@@ -1,0 +1,65 @@
+//! kiln-edge: the agent on a Raspberry Pi beside a printer, a camera, a light rig or a gallery
+//! display. It reports each device's health over MQTT (retained status with a last will,
+//! telemetry), reads its device over Modbus, and carries out the scheduler's tasks: print an
+//! asset, take a photo, show an asset, set the lights.
+//!
+//! Nothing is lost and nothing is done twice: telemetry and task reports go through an on-disk
+//! spool ([`spool`]) that survives broker outages and reboots, and a journal of task ids
+//! ([`journal`]) turns a redelivered task into a repeat of its report. See DESIGN.md, "Edge fleet",
+//! for the topics, and [`session`] for how a device's session runs.
+
+pub mod config;
+pub mod drivers;
+pub mod http;
+pub mod journal;
+pub mod modbus;
+pub mod session;
+#[cfg(feature = "sim")]
+pub mod sim;
+pub mod spool;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::drivers::Driver;
+use crate::modbus::Buses;
+
+/// Now, unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs every configured device until `stop`; then each says goodbye (offline) and stops.
+pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let mut buses = Buses::default();
+    let mut devices = Vec::new();
+    for dev in &cfg.devices {
+        let state_dir = cfg.data_dir.join("devices").join(&dev.id);
+        std::fs::create_dir_all(&state_dir)?;
+        let driver = Driver::new(dev, &mut buses, &state_dir);
+        let name = dev.id.clone();
+        let run = session::run_device(cfg.clone(), dev.clone(), driver, stop.clone());
+        devices.push((name, tokio::spawn(run)));
+    }
+    tracing::info!(devices = devices.len(), broker = cfg.mqtt.url, "kiln-edge running");
+    let mut first_error = None;
+    for (name, handle) in devices {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(device = name, error = %format!("{e:#}"), "the device stopped");
+                first_error.get_or_insert(e.context(format!("device {name}")));
+            }
+            Err(e) => {
+                first_error.get_or_insert(anyhow::anyhow!("device {name}: {e}"));
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}

@@ -1,0 +1,533 @@
+//! One device's life: its MQTT session, its task executor and its telemetry.
+//!
+//! Each device has its own MQTT connection (so its own last will), client id `kiln-edge-{id}`,
+//! clean session. On every connect it publishes its birth (retained status, QoS 1), subscribes to
+//! its tasks and to the scheduler's status, and sends its spool. The spool goes one message at a
+//! time: the next leaves only when the broker has acknowledged the one before (QoS 1 PUBACK), so
+//! telemetry and reports arrive in the order they were made, across outages and restarts. A
+//! message in flight when the connection breaks is sent again on the next one (at least once; the
+//! scheduler drops what it has seen). Tasks that arrive while the agent is away are not queued by
+//! the broker (clean session): the scheduler sends again what it has not heard accepted, and does
+//! so at once when the device is born again.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_protocol::fleet::{
+    DeviceKind, DeviceState, DeviceStatus, DeviceTask, FLEET_VERSION, ReportState, SchedulerStatus, TaskReport,
+    Telemetry, Topics, decode, valid_id,
+};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DeviceConfig};
+use crate::drivers::{Driver, TaskCtx};
+use crate::http::Http;
+use crate::journal::{Journal, Record};
+use crate::now_ms;
+use crate::spool::{Kind, Spool, write_synced};
+
+/// The device's health as its status shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// Online or degraded.
+    pub state: DeviceState,
+    /// Why, when degraded.
+    pub detail: Option<String>,
+}
+
+/// What a device's tasks share.
+struct Shared {
+    id: String,
+    kind: DeviceKind,
+    topics: Topics,
+    spool: Mutex<Spool>,
+    wake: Notify,
+    health: watch::Sender<Health>,
+    /// Payloads dropped because they could not be read (no task id to reject).
+    malformed: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn spool(&self, kind: Kind, topic: &str, payload: &[u8]) {
+        let pushed = self
+            .spool
+            .lock()
+            .map_err(|_| "poisoned".to_owned())
+            .and_then(|mut s| s.push(kind, topic, payload).map_err(|e| e.to_string()));
+        match pushed {
+            Ok(_) => self.wake.notify_one(),
+            Err(e) => tracing::error!(device = self.id, error = e, "could not spool a message; it is lost"),
+        }
+    }
+
+    fn report(&self, r: &Record) {
+        self.send_report(TaskReport {
+            v: FLEET_VERSION,
+            task_id: r.task.task_id.clone(),
+            state: r.state,
+            at_ms: r.at_ms,
+            detail: r.detail.clone(),
+            output_asset: r.output_asset.clone(),
+        });
+    }
+
+    fn send_report(&self, report: TaskReport) {
+        let payload = serde_json::to_vec(&report).unwrap_or_default();
+        self.spool(Kind::Report, &self.topics.task_report(&self.id, &report.task_id), &payload);
+    }
+
+    fn set_health(&self, state: DeviceState, detail: Option<String>) {
+        let next = Health { state, detail };
+        self.health.send_if_modified(|h| {
+            let changed = *h != next;
+            *h = next;
+            changed
+        });
+    }
+}
+
+/// Runs one device until `stop`.
+pub async fn run_device(
+    cfg: Arc<Config>,
+    dev: DeviceConfig,
+    driver: Driver,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = cfg.data_dir.join("devices").join(&dev.id);
+    let spool = Spool::open(&dir.join("spool"), cfg.spool.max_entries)?;
+    let journal = Journal::open(&dir.join("journal"))?;
+    let pruned = journal.prune(now_ms() - 7 * 24 * 3600 * 1000)?;
+    if pruned > 0 {
+        tracing::debug!(device = dev.id, pruned, "forgot ended tasks older than a week");
+    }
+    let (health, _) = watch::channel(Health { state: DeviceState::Online, detail: None });
+    let shared = Arc::new(Shared {
+        id: dev.id.clone(),
+        kind: dev.kind,
+        topics: Topics::new(&cfg.mqtt.prefix),
+        spool: Mutex::new(spool),
+        wake: Notify::new(),
+        health,
+        malformed: Default::default(),
+    });
+    let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, Duration::from_millis(dev.step_timeout_ms));
+    let (task_tx, task_rx) = mpsc::channel(256);
+    let executor = Executor {
+        shared: shared.clone(),
+        journal,
+        driver: Arc::new(tokio::sync::Mutex::new(driver)),
+        http,
+        assets_dir: cfg.data_dir.join("assets"),
+        work_dir: dir.join("work"),
+    };
+    let driver = executor.driver.clone();
+    let exec = tokio::spawn(executor.run(task_rx, stop.clone()));
+    let telemetry =
+        tokio::spawn(telemetry(shared.clone(), driver, dir.clone(), cfg.telemetry_interval_ms, stop.clone()));
+    let session = mqtt(&cfg, &dev, shared, task_tx, stop).await;
+    let _ = telemetry.await;
+    let _ = exec.await;
+    session
+}
+
+/// The MQTT session: connect, birth, subscribe, send the spool in order, take tasks in.
+async fn mqtt(
+    cfg: &Config,
+    dev: &DeviceConfig,
+    shared: Arc<Shared>,
+    tasks: mpsc::Sender<DeviceTask>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let boot_id = format!("{:016x}", rand_u64());
+    let (host, port) = cfg.mqtt.host_port().map_err(anyhow::Error::msg)?;
+    let topics = shared.topics.clone();
+    let status = |health: &Health| DeviceStatus {
+        v: FLEET_VERSION,
+        state: health.state,
+        boot_id: boot_id.clone(),
+        kind: dev.kind,
+        capabilities: vec![capability(dev.kind).to_owned()],
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        at_ms: now_ms(),
+        detail: health.detail.clone(),
+    };
+    let will = status(&Health { state: DeviceState::Offline, detail: Some("the agent's connection was lost".into()) });
+    let mut opts = MqttOptions::new(format!("kiln-edge-{}", dev.id), host, port);
+    opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_s))
+        .set_clean_session(true)
+        .set_max_packet_size(256 * 1024, 256 * 1024)
+        .set_last_will(LastWill::new(topics.status(&dev.id), serde_json::to_vec(&will)?, QoS::AtLeastOnce, true));
+    if let (Some(u), p) = (&cfg.mqtt.username, &cfg.mqtt.password) {
+        opts.set_credentials(u.clone(), p.clone().unwrap_or_default());
+    }
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    let mut health = shared.health.subscribe();
+    let mut connected = false;
+    // Our QoS 1 publishes in the order asked, so the next `Outgoing::Publish` names the packet id
+    // of the front one: `Some(seq)` for a spooled message, `None` for a status.
+    let mut expect: VecDeque<Option<u64>> = VecDeque::new();
+    let mut inflight: Option<(u64, Option<u16>)> = None;
+    let mut backoff = Duration::from_millis(100);
+    let max_backoff = Duration::from_millis(cfg.mqtt.reconnect_max_ms);
+    let mut scheduler_boot: Option<String> = None;
+    let publish_status = |h: &Health, expect: &mut VecDeque<Option<u64>>| {
+        let payload = serde_json::to_vec(&status(h)).unwrap_or_default();
+        if client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, payload).is_ok() {
+            expect.push_back(None);
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            ev = events.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    backoff = Duration::from_millis(100);
+                    expect.clear();
+                    inflight = None;
+                    tracing::info!(device = dev.id, "connected to the broker");
+                    let h = health.borrow_and_update().clone();
+                    publish_status(&h, &mut expect);
+                    let _ = client.try_subscribe(topics.tasks(&dev.id), QoS::AtLeastOnce);
+                    let _ = client.try_subscribe(topics.scheduler_status(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.topic == topics.tasks(&dev.id) {
+                        take_task(&shared, &tasks, &p.payload);
+                    } else if p.topic == topics.scheduler_status() {
+                        match decode::<SchedulerStatus>(&p.payload) {
+                            Ok(s) if s.state == DeviceState::Online && scheduler_boot.as_deref() != Some(&s.boot_id) => {
+                                if scheduler_boot.is_some() {
+                                    tracing::info!(device = dev.id, boot = s.boot_id, "the scheduler was reborn; announcing again");
+                                    let h = health.borrow().clone();
+                                    publish_status(&h, &mut expect);
+                                }
+                                scheduler_boot = Some(s.boot_id);
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tracing::warn!(device = dev.id, error = %e, "dropped a scheduler status");
+                            }
+                        }
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Some(Some(seq)) = expect.pop_front()
+                        && let Some((s, id)) = inflight.as_mut()
+                        && *s == seq
+                    {
+                        *id = Some(pkid);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some((seq, Some(pkid))) = inflight
+                        && pkid == ack.pkid
+                    {
+                        let removed = shared.spool.lock().map_err(|_| "poisoned".to_owned()).and_then(|mut s| s.remove(seq).map_err(|e| e.to_string()));
+                        if let Err(e) = removed {
+                            tracing::error!(device = dev.id, error = e, "could not remove a sent message from the spool");
+                        }
+                        inflight = None;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        tracing::warn!(device = dev.id, error = %e, "lost the broker; reconnecting");
+                    } else {
+                        tracing::debug!(device = dev.id, error = %e, "broker unreachable");
+                    }
+                    connected = false;
+                    expect.clear();
+                    inflight = None;
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            },
+            () = shared.wake.notified(), if connected => {}
+            Ok(()) = health.changed(), if connected => {
+                let h = health.borrow_and_update().clone();
+                tracing::info!(device = dev.id, state = %h.state, detail = h.detail.as_deref().unwrap_or(""), "health changed");
+                publish_status(&h, &mut expect);
+            }
+        }
+        if connected && inflight.is_none() {
+            let front = shared.spool.lock().ok().and_then(|mut s| s.front().ok().flatten());
+            if let Some(entry) = front
+                && client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload).is_ok()
+            {
+                expect.push_back(Some(entry.seq));
+                inflight = Some((entry.seq, None));
+            }
+        }
+    }
+    // A clean goodbye: offline (retained) so the scheduler need not wait for the keepalive.
+    if connected {
+        let bye = status(&Health { state: DeviceState::Offline, detail: Some("the agent stopped".into()) });
+        let _ = client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, serde_json::to_vec(&bye)?);
+        let _ = client.try_disconnect();
+        let drain = async {
+            while let Ok(ev) = events.poll().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
+    Ok(())
+}
+
+/// A task from the broker: to the executor, or rejected (with a report when it names its id).
+fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) {
+    let task = match decode::<DeviceTask>(payload) {
+        Ok(t) => t,
+        Err(e) => {
+            let id = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("task_id").and_then(|t| t.as_str()).map(str::to_owned))
+                .filter(|id| valid_id(id));
+            match id {
+                Some(task_id) => {
+                    tracing::warn!(device = shared.id, task = task_id, error = %e, "rejected a malformed task");
+                    shared.send_report(TaskReport {
+                        v: FLEET_VERSION,
+                        task_id,
+                        state: ReportState::Rejected,
+                        at_ms: now_ms(),
+                        detail: Some(e.to_string()),
+                        output_asset: None,
+                    });
+                }
+                None => {
+                    shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(device = shared.id, error = %e, "dropped a task payload with no usable task_id");
+                }
+            }
+            return;
+        }
+    };
+    if let Err(mpsc::error::TrySendError::Full(t)) = tasks.try_send(task) {
+        // The scheduler sends again what it does not hear accepted.
+        tracing::warn!(device = shared.id, task = t.task_id, "256 tasks wait already; this one is left for a resend");
+    }
+}
+
+/// Carries out tasks one at a time, journalled.
+struct Executor {
+    shared: Arc<Shared>,
+    journal: Journal,
+    driver: Arc<tokio::sync::Mutex<Driver>>,
+    http: Http,
+    assets_dir: PathBuf,
+    work_dir: PathBuf,
+}
+
+impl Executor {
+    fn record(
+        &self,
+        task: &DeviceTask,
+        state: ReportState,
+        detail: Option<String>,
+        output_asset: Option<String>,
+    ) -> bool {
+        let r = Record { task: task.clone(), state, detail, output_asset, at_ms: now_ms() };
+        if let Err(e) = self.journal.put(&r) {
+            // Without the journal a redelivery could run the task twice: refuse to go on.
+            tracing::error!(device = self.shared.id, task = task.task_id, error = %e, "could not write the task journal");
+            return false;
+        }
+        self.shared.report(&r);
+        true
+    }
+
+    async fn run(self, mut rx: mpsc::Receiver<DeviceTask>, stop: CancellationToken) {
+        // What a previous run left: a task cut off mid-way is not run again; one only accepted is.
+        let mut backlog: VecDeque<DeviceTask> = VecDeque::new();
+        match self.journal.unfinished() {
+            Ok(records) => {
+                for r in records {
+                    if r.state == ReportState::Running {
+                        self.record(
+                            &r.task,
+                            ReportState::Failed,
+                            Some(
+                                "interrupted: the agent stopped while this ran; not run again (check the device)"
+                                    .into(),
+                            ),
+                            None,
+                        );
+                    } else {
+                        backlog.push_back(r.task);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(device = self.shared.id, error = %e, "could not read the task journal"),
+        }
+        loop {
+            let (task, fresh) = match backlog.pop_front() {
+                Some(t) => (t, false),
+                None => tokio::select! {
+                    () = stop.cancelled() => return,
+                    t = rx.recv() => match t { Some(t) => (t, true), None => return },
+                },
+            };
+            if fresh {
+                match self.journal.get(&task.task_id) {
+                    Ok(Some(r)) => {
+                        // A redelivery: say again where it stands, do nothing else.
+                        self.shared.report(&r);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(device = self.shared.id, task = task.task_id, error = %e, "journal unreadable; not running");
+                        continue;
+                    }
+                }
+            }
+            if task.kind.device_kind() != self.shared.kind {
+                self.record(
+                    &task,
+                    ReportState::Rejected,
+                    Some(format!("a {} cannot do a {} task", self.shared.kind, task.kind)),
+                    None,
+                );
+                continue;
+            }
+            if now_ms() > task.deadline_ms {
+                self.record(&task, ReportState::Rejected, Some("past its deadline; not run".into()), None);
+                continue;
+            }
+            if (fresh && !self.record(&task, ReportState::Accepted, None, None))
+                || !self.record(&task, ReportState::Running, None, None)
+            {
+                continue;
+            }
+            let ctx = TaskCtx {
+                http: &self.http,
+                assets_dir: &self.assets_dir,
+                work_dir: &self.work_dir,
+                deadline_ms: task.deadline_ms,
+            };
+            let result = self.driver.lock().await.run(&task, &ctx).await;
+            match result {
+                Ok(done) => {
+                    if self.shared.health.borrow().state == DeviceState::Degraded {
+                        self.shared.set_health(DeviceState::Online, None);
+                    }
+                    self.record(&task, ReportState::Succeeded, Some(done.detail), done.output_asset);
+                }
+                Err(e) => {
+                    if e.device_fault {
+                        self.shared.set_health(DeviceState::Degraded, Some(e.message.clone()));
+                    }
+                    self.record(&task, ReportState::Failed, Some(e.message), None);
+                }
+            }
+        }
+    }
+}
+
+/// Sends the device's readings every interval, through the spool.
+async fn telemetry(
+    shared: Arc<Shared>,
+    driver: Arc<tokio::sync::Mutex<Driver>>,
+    dir: PathBuf,
+    interval_ms: u64,
+    stop: CancellationToken,
+) {
+    let boot_id = format!("{:016x}", rand_u64());
+    let mut seq: u64 =
+        std::fs::read_to_string(dir.join("telemetry_seq")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A task under way holds the driver; its telemetry waits for the next tick.
+        let readings = match driver.try_lock() {
+            Ok(mut d) => Some(d.readings().await),
+            Err(_) => None,
+        };
+        let mut values = match readings {
+            Some(Ok(r)) => {
+                if shared.health.borrow().state == DeviceState::Degraded {
+                    shared.set_health(DeviceState::Online, None);
+                }
+                r
+            }
+            Some(Err(e)) => {
+                if e.device_fault {
+                    shared.set_health(DeviceState::Degraded, Some(e.message.clone()));
+                }
+                let mut r = std::collections::BTreeMap::new();
+                r.insert("error".into(), serde_json::Value::from(e.message));
+                r
+            }
+            None => {
+                let mut r = std::collections::BTreeMap::new();
+                r.insert("busy".into(), serde_json::Value::from(true));
+                r
+            }
+        };
+        let (depth, dropped) = shared.spool.lock().map(|s| (s.len(), s.dropped())).unwrap_or((0, 0));
+        values.insert("spool_depth".into(), depth.into());
+        values.insert("malformed_dropped".into(), shared.malformed.load(std::sync::atomic::Ordering::Relaxed).into());
+        if let Some(t) = cpu_temp_c() {
+            values.insert("cpu_temp_c".into(), t.into());
+        }
+        seq += 1;
+        if let Err(e) = write_synced(&dir, "telemetry_seq", seq.to_string().as_bytes()) {
+            tracing::error!(device = shared.id, error = %e, "could not keep the telemetry sequence");
+        }
+        let t = Telemetry {
+            v: FLEET_VERSION,
+            boot_id: boot_id.clone(),
+            seq,
+            at_ms: now_ms(),
+            readings: values,
+            spool_dropped: dropped,
+        };
+        shared.spool(
+            Kind::Telemetry,
+            &shared.topics.telemetry(&shared.id),
+            &serde_json::to_vec(&t).unwrap_or_default(),
+        );
+    }
+}
+
+fn cpu_temp_c() -> Option<f64> {
+    let milli: f64 = std::fs::read_to_string("/sys/class/thermal/thermal_zone0/temp").ok()?.trim().parse().ok()?;
+    Some(milli / 1000.0)
+}
+
+fn capability(kind: DeviceKind) -> &'static str {
+    match kind {
+        DeviceKind::Printer => "print",
+        DeviceKind::Lights => "lights",
+        DeviceKind::Camera => "capture",
+        DeviceKind::Display => "display",
+    }
+}
+
+/// A random-enough 64-bit id (boot ids): the clock, the process id and a counter through BLAKE3.
+fn rand_u64() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&nanos.to_le_bytes()).update(&std::process::id().to_le_bytes()).update(&n.to_le_bytes());
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}

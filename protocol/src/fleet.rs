@@ -1,0 +1,475 @@
+//! The edge fleet's MQTT contract: topic names and the payloads agents and the scheduler
+//! exchange (DESIGN.md, "Edge fleet"). Every payload is JSON and carries its schema version `v`;
+//! a receiver that gets anything else drops it and counts it (or, for a task, rejects it).
+//!
+//! | topic | from | QoS / retain |
+//! |---|---|---|
+//! | `{p}/devices/{id}/status` | agent | 1, retained; the last will says `offline` |
+//! | `{p}/devices/{id}/telemetry` | agent | 1 (through the agent's spool) |
+//! | `{p}/devices/{id}/tasks` | scheduler | 1 |
+//! | `{p}/devices/{id}/tasks/{task}` | agent | 1 (through the agent's spool) |
+//! | `{p}/scheduler/status` | scheduler | 1, retained; agents re-announce when it is (re)born |
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The schema version of every fleet payload.
+pub const FLEET_VERSION: u32 = 1;
+
+/// The longest device or task id (they are topic levels, so they are kept short and plain).
+pub const MAX_ID_LEN: usize = 64;
+
+/// Whether `id` may name a device or a task: 1 to 64 of `A-Z a-z 0-9 - _ .`, so it is one MQTT
+/// topic level with no wildcard in it.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// The fleet's topic names, all under one prefix (`kiln` unless configured otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics::new("kiln")
+    }
+}
+
+/// What a fleet topic names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// A device's retained status.
+    Status(String),
+    /// A device's telemetry.
+    Telemetry(String),
+    /// Tasks for a device.
+    Tasks(String),
+    /// A device's report on one task: (device, task).
+    TaskReport(String, String),
+    /// The scheduler's retained status.
+    SchedulerStatus,
+}
+
+impl Topics {
+    /// Topics under `prefix`.
+    pub fn new(prefix: &str) -> Topics {
+        Topics { prefix: prefix.trim_end_matches('/').to_owned() }
+    }
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// `{p}/devices/{id}/status`.
+    pub fn status(&self, device: &str) -> String {
+        format!("{}/devices/{device}/status", self.prefix)
+    }
+    /// `{p}/devices/{id}/telemetry`.
+    pub fn telemetry(&self, device: &str) -> String {
+        format!("{}/devices/{device}/telemetry", self.prefix)
+    }
+    /// `{p}/devices/{id}/tasks`.
+    pub fn tasks(&self, device: &str) -> String {
+        format!("{}/devices/{device}/tasks", self.prefix)
+    }
+    /// `{p}/devices/{id}/tasks/{task}`.
+    pub fn task_report(&self, device: &str, task: &str) -> String {
+        format!("{}/devices/{device}/tasks/{task}", self.prefix)
+    }
+    /// `{p}/scheduler/status`.
+    pub fn scheduler_status(&self) -> String {
+        format!("{}/scheduler/status", self.prefix)
+    }
+    /// The filters the scheduler subscribes to: every device's status, telemetry and task reports.
+    pub fn scheduler_filters(&self) -> [String; 3] {
+        let p = &self.prefix;
+        [format!("{p}/devices/+/status"), format!("{p}/devices/+/telemetry"), format!("{p}/devices/+/tasks/+")]
+    }
+    /// What `topic` names, if it is one of ours (with valid ids).
+    pub fn parse(&self, topic: &str) -> Option<Topic> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
+        if rest == "scheduler/status" {
+            return Some(Topic::SchedulerStatus);
+        }
+        let parts: Vec<&str> = rest.strip_prefix("devices/")?.split('/').collect();
+        let topic = match parts.as_slice() {
+            [id, "status"] => Topic::Status((*id).to_owned()),
+            [id, "telemetry"] => Topic::Telemetry((*id).to_owned()),
+            [id, "tasks"] => Topic::Tasks((*id).to_owned()),
+            [id, "tasks", task] if valid_id(task) => Topic::TaskReport((*id).to_owned(), (*task).to_owned()),
+            _ => return None,
+        };
+        valid_id(parts[0]).then_some(topic)
+    }
+}
+
+macro_rules! wire_enum {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $variant:ident = $s:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// Its wire name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $s),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$variant),)+
+                    _ => {
+                        let all: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                        Err(format!(concat!("unknown ", $what, " {:?}; expected one of {}"), s, all.join(", ")))
+                    }
+                }
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// What a device is.
+    DeviceKind, "device kind" {
+        /// A printer (Modbus status and coils; the file goes by a command or a spool folder).
+        Printer = "printer",
+        /// A studio light rig (Modbus holding registers for scene and brightness).
+        Lights = "lights",
+        /// A camera (a command or an HTTP snapshot URL).
+        Camera = "camera",
+        /// A gallery display (a command, or a folder a signage player watches).
+        Display = "display",
+    }
+);
+
+wire_enum!(
+    /// A device's state as its status says (the scheduler adds `offline` from the last will).
+    DeviceState, "device state" {
+        /// Up and answering.
+        Online = "online",
+        /// Up, but its hardware is failing (a Modbus device that stopped answering, say).
+        Degraded = "degraded",
+        /// Gone: the agent's last will, or its clean goodbye.
+        Offline = "offline",
+    }
+);
+
+wire_enum!(
+    /// What a task asks of a device.
+    TaskKind, "task kind" {
+        /// Print an asset.
+        Print = "print",
+        /// Take a photo; it is uploaded as an asset.
+        Capture = "capture",
+        /// Show an asset on a display.
+        Display = "display",
+        /// Set a light scene and brightness.
+        Lights = "lights",
+    }
+);
+
+impl TaskKind {
+    /// The device kind that carries out this task.
+    pub fn device_kind(self) -> DeviceKind {
+        match self {
+            TaskKind::Print => DeviceKind::Printer,
+            TaskKind::Capture => DeviceKind::Camera,
+            TaskKind::Display => DeviceKind::Display,
+            TaskKind::Lights => DeviceKind::Lights,
+        }
+    }
+    /// Whether the task needs an asset to work on.
+    pub fn needs_asset(self) -> bool {
+        matches!(self, TaskKind::Print | TaskKind::Display)
+    }
+}
+
+wire_enum!(
+    /// A task's state as the agent reports it.
+    ReportState, "report state" {
+        /// Taken into the agent's journal; it will be carried out.
+        Accepted = "accepted",
+        /// Under way.
+        Running = "running",
+        /// Done.
+        Succeeded = "succeeded",
+        /// Tried and failed (the detail says why).
+        Failed = "failed",
+        /// Refused without being tried: past its deadline, malformed, or not for this device.
+        Rejected = "rejected",
+    }
+);
+
+impl ReportState {
+    /// Whether nothing follows this state.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, ReportState::Succeeded | ReportState::Failed | ReportState::Rejected)
+    }
+}
+
+/// `{p}/devices/{id}/status`, retained. The agent's birth (and its last will, with `offline`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Schema version.
+    pub v: u32,
+    /// The state.
+    pub state: DeviceState,
+    /// A fresh id for each start of the agent.
+    pub boot_id: String,
+    /// What the device is.
+    pub kind: DeviceKind,
+    /// The task kinds (and extras) it supports.
+    pub capabilities: Vec<String>,
+    /// The agent's version.
+    pub version: String,
+    /// When, unix milliseconds.
+    pub at_ms: i64,
+    /// Why, for `degraded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `{p}/devices/{id}/telemetry`: the device's readings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// Schema version.
+    pub v: u32,
+    /// The agent start that sent it.
+    pub boot_id: String,
+    /// Increases by one per telemetry message of a device, across restarts (it is kept on disk).
+    pub seq: u64,
+    /// When the readings were taken, unix milliseconds.
+    pub at_ms: i64,
+    /// Named readings: Modbus registers, CPU temperature, free disk, spool depth, what is shown.
+    pub readings: BTreeMap<String, serde_json::Value>,
+    /// Spooled messages the agent dropped so far because its spool was full (telemetry only).
+    pub spool_dropped: u64,
+}
+
+/// An asset a task works on: its BLAKE3 and where to fetch it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssetRef {
+    /// The BLAKE3 of its bytes, hex.
+    pub hash: String,
+    /// Where the agent fetches it (`GET`, with the agent's device token).
+    pub url: String,
+}
+
+/// `{p}/devices/{id}/tasks`: one task for the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceTask {
+    /// Schema version.
+    pub v: u32,
+    /// Its id: the agent's journal key, so a redelivered task is not run twice.
+    pub task_id: String,
+    /// What to do.
+    pub kind: TaskKind,
+    /// The asset, for print and display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset: Option<AssetRef>,
+    /// Task parameters (lights: `scene`, `brightness`).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// After this (unix milliseconds) the task is rejected, not run.
+    pub deadline_ms: i64,
+}
+
+/// `{p}/devices/{id}/tasks/{task}`: how a task is going.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskReport {
+    /// Schema version.
+    pub v: u32,
+    /// The task.
+    pub task_id: String,
+    /// Its state.
+    pub state: ReportState,
+    /// When, unix milliseconds.
+    pub at_ms: i64,
+    /// A short note: why it failed or was rejected, or what was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// An asset the task made (a capture's photo), already uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_asset: Option<String>,
+}
+
+/// `{p}/scheduler/status`, retained: the scheduler's birth. Agents re-announce when its boot id
+/// changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerStatus {
+    /// Schema version.
+    pub v: u32,
+    /// `online`, or `offline` from its last will.
+    pub state: DeviceState,
+    /// A fresh id for each start of the scheduler.
+    pub boot_id: String,
+    /// When, unix milliseconds.
+    pub at_ms: i64,
+}
+
+/// Why a payload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// Not JSON of the expected shape.
+    #[error("malformed payload: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// A schema version this side does not speak.
+    #[error("unsupported schema version {0} (this side speaks {FLEET_VERSION})")]
+    Version(u32),
+    /// A field that parses but cannot be used.
+    #[error("field {field}: {message}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Parses a fleet payload and checks its version.
+pub fn decode<T: serde::de::DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, PayloadError> {
+    let value: T = serde_json::from_slice(bytes)?;
+    if value.version() != FLEET_VERSION {
+        return Err(PayloadError::Version(value.version()));
+    }
+    value.check()?;
+    Ok(value)
+}
+
+/// A payload with a schema version and field checks beyond its shape.
+pub trait Versioned {
+    /// Its `v`.
+    fn version(&self) -> u32;
+    /// Checks the fields serde cannot.
+    fn check(&self) -> Result<(), PayloadError> {
+        Ok(())
+    }
+}
+
+fn id_field(field: &'static str, id: &str) -> Result<(), PayloadError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(PayloadError::Field { field, message: format!("{id:?} is not 1 to {MAX_ID_LEN} of A-Z a-z 0-9 - _ .") })
+    }
+}
+
+/// Whether `hash` looks like a BLAKE3 hex digest.
+pub fn valid_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Versioned for DeviceStatus {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl Versioned for Telemetry {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl Versioned for SchedulerStatus {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl Versioned for DeviceTask {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn check(&self) -> Result<(), PayloadError> {
+        id_field("task_id", &self.task_id)?;
+        match &self.asset {
+            Some(a) if !valid_hash(&a.hash) => {
+                Err(PayloadError::Field { field: "asset.hash", message: "must be 64 hex digits (BLAKE3)".into() })
+            }
+            None if self.kind.needs_asset() => {
+                Err(PayloadError::Field { field: "asset", message: format!("a {} task needs an asset", self.kind) })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Versioned for TaskReport {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn check(&self) -> Result<(), PayloadError> {
+        id_field("task_id", &self.task_id)?;
+        match &self.output_asset {
+            Some(h) if !valid_hash(h) => {
+                Err(PayloadError::Field { field: "output_asset", message: "must be 64 hex digits (BLAKE3)".into() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip_and_refuse_strangers() {
+        let t = Topics::new("studio");
+        assert_eq!(t.parse(&t.status("p1")), Some(Topic::Status("p1".into())));
+        assert_eq!(t.parse(&t.telemetry("p1")), Some(Topic::Telemetry("p1".into())));
+        assert_eq!(t.parse(&t.tasks("p1")), Some(Topic::Tasks("p1".into())));
+        assert_eq!(t.parse(&t.task_report("p1", "t-9")), Some(Topic::TaskReport("p1".into(), "t-9".into())));
+        assert_eq!(t.parse(&t.scheduler_status()), Some(Topic::SchedulerStatus));
+        for bad in ["kiln/devices/p1/status", "studio/devices/p1", "studio/devices//status", "studio/devices/p+/status"]
+        {
+            assert_eq!(t.parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn payloads_check_their_version_and_fields() {
+        let task = DeviceTask {
+            v: FLEET_VERSION,
+            task_id: "t1".into(),
+            kind: TaskKind::Lights,
+            asset: None,
+            params: serde_json::Map::new(),
+            deadline_ms: 5,
+        };
+        let bytes = serde_json::to_vec(&task).unwrap();
+        assert_eq!(decode::<DeviceTask>(&bytes).unwrap(), task);
+        let print = br#"{"v":1,"task_id":"t2","kind":"print","deadline_ms":1}"#;
+        assert!(matches!(decode::<DeviceTask>(print), Err(PayloadError::Field { field: "asset", .. })));
+        let v2 = br#"{"v":2,"task_id":"t2","kind":"lights","deadline_ms":1}"#;
+        assert!(matches!(decode::<DeviceTask>(v2), Err(PayloadError::Version(2))));
+        assert!(matches!(decode::<DeviceTask>(b"\xff{"), Err(PayloadError::Malformed(_))));
+        let bad_id = br#"{"v":1,"task_id":"a/b","kind":"lights","deadline_ms":1}"#;
+        assert!(matches!(decode::<DeviceTask>(bad_id), Err(PayloadError::Field { field: "task_id", .. })));
+        assert_eq!("camera".parse::<DeviceKind>(), Ok(DeviceKind::Camera));
+        assert!("toaster".parse::<DeviceKind>().unwrap_err().contains("printer, lights, camera, display"));
+    }
+}
