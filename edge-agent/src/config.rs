@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_protocol::fleet::{DeviceKind, valid_id};
+use kiln_protocol::fleet::{DeviceKind, parse_mqtt_url, valid_id};
 use serde::{Deserialize, Serialize};
 
 /// Everything the agent needs.
@@ -81,22 +81,6 @@ impl MqttConfig {
     /// The broker's host and port.
     pub fn host_port(&self) -> Result<(String, u16), String> {
         parse_mqtt_url(&self.url)
-    }
-}
-
-/// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
-        return Err(format!("{url:?} is not mqtt://host:port"));
-    }
-    match rest.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port.parse().map_err(|_| format!("{url:?}: the port {port:?} is not a number"))?;
-            Ok((host.trim_matches(['[', ']']).to_owned(), port))
-        }
-        None => Ok((rest.to_owned(), 1883)),
     }
 }
 

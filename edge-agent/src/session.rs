@@ -1,6 +1,6 @@
 //! One device's life: its MQTT session, its task executor and its telemetry.
 //!
-//! Each device has its own MQTT connection (so its own last will), client id `kiln-edge-{id}`,
+//! Each device has its own MQTT connection (so its own last will), client id `{prefix}-edge-{id}`,
 //! clean session. On every connect it publishes its birth (retained status, QoS 1), subscribes to
 //! its tasks and to the scheduler's status, and sends its spool. The spool goes one message at a
 //! time: the next leaves only when the broker has acknowledged the one before (QoS 1 PUBACK), so
@@ -156,7 +156,10 @@ async fn mqtt(
         detail: health.detail.clone(),
     };
     let will = status(&Health { state: DeviceState::Offline, detail: Some("the agent's connection was lost".into()) });
-    let mut opts = MqttOptions::new(format!("kiln-edge-{}", dev.id), host, port);
+    // The prefix is in the client id so farms (or tests) sharing a broker do not take over each
+    // other's sessions: a broker drops the older connection of a client id it sees twice.
+    let client_id = format!("{}-edge-{}", cfg.mqtt.prefix.replace('/', "_"), dev.id);
+    let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_s))
         .set_clean_session(true)
         .set_max_packet_size(256 * 1024, 256 * 1024)

@@ -30,6 +30,22 @@ pub fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+        return Err(format!("{url:?} is not mqtt://host:port"));
+    }
+    match rest.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port.parse().map_err(|_| format!("{url:?}: the port {port:?} is not a number"))?;
+            Ok((host.trim_matches(['[', ']']).to_owned(), port))
+        }
+        None => Ok((rest.to_owned(), 1883)),
+    }
+}
+
 /// The fleet's topic names, all under one prefix (`kiln` unless configured otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {

@@ -1,6 +1,7 @@
 //! API tokens and roles. A token is `kiln_` and 32 random hex digits; only its BLAKE3 is stored.
 //! Roles: `operator` may do everything; `client` may submit, read and cancel its own jobs;
-//! `worker` (a `kiln-worker` daemon) may only upload the assets it renders.
+//! `worker` (a `kiln-worker` daemon) may only upload the assets it renders; `device` (a `kiln-edge`
+//! agent) may fetch assets and upload the photos it takes.
 
 use std::fmt;
 use std::io::Read;
@@ -18,6 +19,8 @@ pub enum Role {
     Client,
     /// Upload rendered assets (a `kiln-worker` daemon).
     Worker,
+    /// Fetch assets and upload photos (a `kiln-edge` agent).
+    Device,
 }
 
 impl Role {
@@ -27,6 +30,7 @@ impl Role {
             Role::Operator => "operator",
             Role::Client => "client",
             Role::Worker => "worker",
+            Role::Device => "device",
         }
     }
 }
@@ -44,7 +48,8 @@ impl FromStr for Role {
             "operator" => Ok(Role::Operator),
             "client" => Ok(Role::Client),
             "worker" => Ok(Role::Worker),
-            _ => Err(format!("role: unknown role {s:?}; expected operator, client or worker")),
+            "device" => Ok(Role::Device),
+            _ => Err(format!("role: unknown role {s:?}; expected operator, client, worker or device")),
         }
     }
 }

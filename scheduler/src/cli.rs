@@ -159,7 +159,7 @@ pub enum TokenCommand {
         /// Who holds it (unique).
         #[arg(long)]
         name: String,
-        /// operator or client.
+        /// operator, client, worker (a kiln-worker daemon) or device (a kiln-edge agent).
         #[arg(long, default_value = "client")]
         role: Role,
         /// Talking to the farm.
@@ -183,7 +183,7 @@ pub enum BenchCommand {
 
 impl clap::ValueEnum for Role {
     fn value_variants<'a>() -> &'a [Self] {
-        &[Role::Operator, Role::Client, Role::Worker]
+        &[Role::Operator, Role::Client, Role::Worker, Role::Device]
     }
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         Some(clap::builder::PossibleValue::new(self.as_str()))

@@ -65,6 +65,43 @@ pub struct SchedulerConfig {
     /// The broker (distributed mode: jobs go to `kiln-worker` daemons over RabbitMQ instead of
     /// in-process workers).
     pub broker: BrokerConfig,
+    /// The edge fleet (MQTT).
+    pub fleet: FleetConfig,
+}
+
+/// `[scheduler.fleet]`: the bridge to the edge agents over MQTT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// `mqtt://host:port` of the broker the agents use; unset runs no fleet bridge (`kiln up`
+    /// embeds a broker and sets it) [env KILN_MQTT_URL].
+    pub mqtt_url: Option<String>,
+    /// The topic prefix [env KILN_MQTT_PREFIX].
+    pub prefix: String,
+    /// The scheduler's MQTT keepalive, seconds.
+    pub keepalive_seconds: u64,
+    /// A task sent but not accepted within this is sent again.
+    pub resend_after_seconds: u64,
+    /// Sends of a task without an answer before it fails.
+    pub max_sends: u32,
+    /// The deadline of a task created without one, seconds from its creation.
+    pub default_deadline_seconds: u64,
+    /// How long past its deadline an accepted task may run before it is timed out.
+    pub run_grace_seconds: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            mqtt_url: None,
+            prefix: "kiln".into(),
+            keepalive_seconds: 5,
+            resend_after_seconds: 10,
+            max_sends: 5,
+            default_deadline_seconds: 3600,
+            run_grace_seconds: 120,
+        }
+    }
 }
 
 /// `[scheduler.broker]`.
@@ -115,6 +152,7 @@ impl Default for SchedulerConfig {
             retry: RetryPolicy::default(),
             database_url: None,
             broker: BrokerConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -163,6 +201,12 @@ impl FarmConfig {
         if let Some(v) = env("KILN_AMQP_URL").filter(|v| !v.is_empty()) {
             s.broker.amqp_url = Some(v);
         }
+        if let Some(v) = env("KILN_MQTT_URL").filter(|v| !v.is_empty()) {
+            s.fleet.mqtt_url = Some(v);
+        }
+        if let Some(v) = env("KILN_MQTT_PREFIX").filter(|v| !v.is_empty()) {
+            s.fleet.prefix = v;
+        }
         if let Some(v) = env("KILN_AMQP_PREFIX").filter(|v| !v.is_empty()) {
             s.broker.prefix = v;
         }
@@ -202,6 +246,20 @@ impl FarmConfig {
             && !url.starts_with("amqps://")
         {
             return bad("scheduler.broker.amqp_url", format!("{url:?}: expected amqp://…"));
+        }
+        if let Some(url) = &s.fleet.mqtt_url
+            && let Err(e) = kiln_protocol::fleet::parse_mqtt_url(url)
+        {
+            return bad("scheduler.fleet.mqtt_url", e);
+        }
+        if s.fleet.keepalive_seconds == 0 || s.fleet.max_sends == 0 || s.fleet.resend_after_seconds == 0 {
+            return bad(
+                "scheduler.fleet",
+                "keepalive_seconds, resend_after_seconds and max_sends must be at least 1".into(),
+            );
+        }
+        if !kiln_protocol::fleet::valid_id(&s.fleet.prefix.replace('/', "_")) {
+            return bad("scheduler.fleet.prefix", format!("{:?}: use letters, digits, - _ . and /", s.fleet.prefix));
         }
         if s.broker.window == 0 {
             return bad("scheduler.broker.window", "must be at least 1".into());

@@ -140,6 +140,9 @@ impl Farm {
                 tracker.spawn(sched.clone().run_worker(n, sched.cfg.worker_tiers.clone(), stop.clone()));
             }
         }
+        if sched.cfg.fleet.mqtt_url.is_some() {
+            tracker.spawn(crate::fleet::run(sched.clone(), sched.cfg.fleet.clone(), stop.clone()));
+        }
         tracker.close();
         let http_stop = stop.clone();
         let app = crate::api::router(sched.clone());

@@ -10,6 +10,7 @@ pub mod cli;
 pub use kiln_worker::client;
 pub mod config;
 pub mod farm;
+pub mod fleet;
 pub mod metrics;
 pub mod queue;
 pub mod retry;

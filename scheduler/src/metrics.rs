@@ -32,6 +32,18 @@ pub const QUARANTINED: &str = "kiln_jobs_quarantined_total";
 pub const DRAINED: &str = "kiln_workers_drained_total";
 /// Workers heard from, by state (active, draining, drained, lost), as of the scrape.
 pub const WORKERS: &str = "kiln_workers";
+/// Edge devices by kind and state (online, degraded, offline), as of the last sweep.
+pub const DEVICES: &str = "kiln_devices";
+/// Seconds since each device's latest telemetry, as of the last sweep.
+pub const DEVICE_TELEMETRY_AGE: &str = "kiln_device_telemetry_age_seconds";
+/// Telemetry each device's agent dropped because its spool was full (as the agent reports it).
+pub const DEVICE_SPOOL_DROPPED: &str = "kiln_device_spool_dropped";
+/// Device tasks that ended, by task kind and outcome.
+pub const DEVICE_TASKS: &str = "kiln_device_tasks_total";
+/// Seconds from a device task's creation to its end, by task kind and outcome.
+pub const DEVICE_TASK_SECONDS: &str = "kiln_device_task_seconds";
+/// Fleet messages the scheduler dropped, by topic kind and reason.
+pub const FLEET_DROPPED: &str = "kiln_fleet_messages_dropped_total";
 /// The worker states [`WORKERS`] reports.
 pub const WORKER_STATES: [&str; 4] = ["active", "draining", "drained", "lost"];
 
@@ -63,6 +75,18 @@ pub struct Metrics {
     pub workers_drained: IntCounter,
     /// [`WORKERS`].
     pub workers: IntGaugeVec,
+    /// [`DEVICES`].
+    pub devices: IntGaugeVec,
+    /// [`DEVICE_TELEMETRY_AGE`].
+    pub device_telemetry_age: prometheus::GaugeVec,
+    /// [`DEVICE_SPOOL_DROPPED`].
+    pub device_spool_dropped: IntGaugeVec,
+    /// [`DEVICE_TASKS`].
+    pub device_tasks: IntCounterVec,
+    /// [`DEVICE_TASK_SECONDS`].
+    pub device_task_seconds: HistogramVec,
+    /// [`FLEET_DROPPED`].
+    pub fleet_dropped: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -105,6 +129,29 @@ impl Metrics {
             IntCounter::new(DRAINED, "Workers drained (failed too many distinct jobs)").expect("valid metric");
         let workers =
             IntGaugeVec::new(Opts::new(WORKERS, "Workers heard from, by state"), &["state"]).expect("valid metric");
+        let devices = IntGaugeVec::new(Opts::new(DEVICES, "Edge devices by kind and state"), &["kind", "state"])
+            .expect("valid metric");
+        let device_telemetry_age = prometheus::GaugeVec::new(
+            Opts::new(DEVICE_TELEMETRY_AGE, "Seconds since a device's latest telemetry"),
+            &["device"],
+        )
+        .expect("valid metric");
+        let device_spool_dropped = IntGaugeVec::new(
+            Opts::new(DEVICE_SPOOL_DROPPED, "Telemetry an agent dropped from its full spool"),
+            &["device"],
+        )
+        .expect("valid metric");
+        let device_tasks = IntCounterVec::new(Opts::new(DEVICE_TASKS, "Device tasks that ended"), &["kind", "outcome"])
+            .expect("valid metric");
+        let device_task_seconds = HistogramVec::new(
+            HistogramOpts::new(DEVICE_TASK_SECONDS, "Seconds from a device task's creation to its end")
+                .buckets(vec![0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0]),
+            &["kind", "outcome"],
+        )
+        .expect("valid metric");
+        let fleet_dropped =
+            IntCounterVec::new(Opts::new(FLEET_DROPPED, "Fleet messages dropped"), &["topic", "reason"])
+                .expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -120,6 +167,12 @@ impl Metrics {
                 Box::new(jobs_quarantined.clone()),
                 Box::new(workers_drained.clone()),
                 Box::new(workers.clone()),
+                Box::new(devices.clone()),
+                Box::new(device_telemetry_age.clone()),
+                Box::new(device_spool_dropped.clone()),
+                Box::new(device_tasks.clone()),
+                Box::new(device_task_seconds.clone()),
+                Box::new(fleet_dropped.clone()),
             ],
         );
         for tier in Tier::ALL {
@@ -141,6 +194,12 @@ impl Metrics {
             jobs_quarantined,
             workers_drained,
             workers,
+            devices,
+            device_telemetry_age,
+            device_spool_dropped,
+            device_tasks,
+            device_task_seconds,
+            fleet_dropped,
         }
     }
 

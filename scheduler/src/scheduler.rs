@@ -89,6 +89,8 @@ pub struct Scheduler {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     tokens: RwLock<HashMap<String, Caller>>,
     pub(crate) dispatch_wake: Notify,
+    /// Wakes the fleet bridge's sender (a task was created, a device came back).
+    pub fleet_wake: Notify,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
 }
@@ -114,6 +116,7 @@ impl Scheduler {
             waiters: Mutex::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
             dispatch_wake: Notify::new(),
+            fleet_wake: Notify::new(),
             rng: Mutex::new(Rng::new(seed)),
             tiers,
         };

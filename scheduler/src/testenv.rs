@@ -1,6 +1,7 @@
 //! For tests: where the real services are, and what to do when one is not there.
 //!
-//! Tests that need PostgreSQL or RabbitMQ read `KILN_TEST_DATABASE_URL` and `KILN_TEST_AMQP_URL`
+//! Tests that need PostgreSQL, RabbitMQ or an MQTT broker read `KILN_TEST_DATABASE_URL`,
+//! `KILN_TEST_AMQP_URL` and `KILN_TEST_MQTT_URL`
 //! (defaults: the standard local ports). Where a service is unreachable such a test says so and
 //! skips, unless `KILN_TEST_REQUIRE_SERVICES=1` (CI sets it): then it fails.
 
@@ -14,6 +15,9 @@ use crate::store::PgStore;
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// The default RabbitMQ URL for tests.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The default MQTT broker URL for tests.
+pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 
 /// Whether a missing service fails the test.
 pub fn services_required() -> bool {
@@ -74,6 +78,25 @@ pub async fn amqp() -> Option<(String, String)> {
     let connect = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
     if let Err(e) = connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
         skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
+        return None;
+    }
+    let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
+    Some((url, prefix))
+}
+
+/// The MQTT broker tests use.
+pub fn mqtt_url() -> String {
+    std::env::var("KILN_TEST_MQTT_URL").unwrap_or_else(|_| DEFAULT_MQTT_URL.to_owned())
+}
+
+/// The MQTT broker and a unique topic prefix for a test, or `None` (after saying why) when the
+/// broker is unreachable and not required.
+pub async fn mqtt() -> Option<(String, String)> {
+    let url = mqtt_url();
+    let addr = kiln_protocol::fleet::parse_mqtt_url(&url).map(|(h, p)| format!("{h}:{p}")).unwrap_or_default();
+    let connect = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
+    if let Err(e) = connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
+        skip_or_fail("MQTT broker", "KILN_TEST_MQTT_URL", &url, &e);
         return None;
     }
     let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));

@@ -4,6 +4,7 @@
 //! text. The whole surface is described in `scheduler/openapi.json`, served at `/v1/openapi.json`.
 
 pub mod error;
+pub mod fleet;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(fleet::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(s)
@@ -77,8 +79,10 @@ fn caller(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
 /// A caller who may use the job API: an operator or a client (a worker token only uploads).
 fn person(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let who = caller(s, headers)?;
-    if who.role == Role::Worker {
-        return Err(ApiError::forbidden("a worker token may only upload assets"));
+    match who.role {
+        Role::Worker => return Err(ApiError::forbidden("a worker token may only upload assets")),
+        Role::Device => return Err(ApiError::forbidden("a device token may only fetch and upload assets")),
+        Role::Operator | Role::Client => {}
     }
     Ok(who)
 }
@@ -507,8 +511,8 @@ async fn put_provenance(
 
 fn uploader(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
     match caller(s, headers)?.role {
-        Role::Worker | Role::Operator => Ok(()),
-        Role::Client => Err(ApiError::forbidden("uploading assets needs a worker or operator token")),
+        Role::Worker | Role::Operator | Role::Device => Ok(()),
+        Role::Client => Err(ApiError::forbidden("uploading assets needs a worker, device or operator token")),
     }
 }
 

@@ -5,6 +5,7 @@
 //! Every method that changes a job appends events and updates the job row (their projection) in
 //! one transaction, and returns the events so the caller can publish them once they are durable.
 
+pub mod fleet;
 pub mod postgres;
 mod rows;
 mod shared;
@@ -318,7 +319,7 @@ pub struct TokenRow {
 }
 
 /// The scheduler's durable state.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     /// Admits a job in one transaction: an earlier job with the same idempotency key, else a
     /// `cached` job when an asset exists for the key, else a job attached to a live render of the
     /// same key, else a new `queued` job with an outbox row.

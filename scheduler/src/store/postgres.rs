@@ -350,6 +350,7 @@ async fn record_op(
 
 super::shared::shared_ops!(PgConnection);
 super::shared::store_impl!(PgStore, PgConnection);
+super::fleet::fleet_impl!(PgStore, PgConnection);
 
 fn check_identifier(name: &str) -> Result<(), StoreError> {
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {

@@ -294,3 +294,4 @@ async fn record_op(
 
 super::shared::shared_ops!(SqliteConnection);
 super::shared::store_impl!(SqliteStore, SqliteConnection);
+super::fleet::fleet_impl!(SqliteStore, SqliteConnection);

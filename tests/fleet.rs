@@ -1,0 +1,396 @@
+//! The edge fleet end to end: a farm with its fleet bridge on the local Mosquitto, simulated
+//! devices (real Modbus TCP servers on loopback), and a real `kiln-edge` process driving them.
+//! Each test has its own topic prefix, so they share the broker without seeing each other.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestFarm, job, sibling, test_config};
+use hyper::Method;
+use kiln_edge::sim::{PrinterSetup, SimDevice};
+use kiln_scheduler::testenv;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+/// A farm, a printer, a light rig, and an agent driving them plus a camera and a display.
+struct Studio {
+    farm: TestFarm,
+    mqtt_url: String,
+    prefix: String,
+    printer: SimDevice,
+    lights: SimDevice,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    agent: Option<Child>,
+}
+
+impl Drop for Studio {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+impl Studio {
+    async fn start(setup: PrinterSetup) -> Option<Studio> {
+        let (mqtt_url, prefix) = testenv::mqtt().await?;
+        let data = tempfile::tempdir().unwrap();
+        let mut cfg = test_config(data.path());
+        cfg.scheduler.fleet.mqtt_url = Some(mqtt_url.clone());
+        cfg.scheduler.fleet.prefix = prefix.clone();
+        cfg.scheduler.fleet.resend_after_seconds = 2;
+        let farm = TestFarm::start_with(data, cfg).await;
+        let made = farm
+            .client
+            .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "studio-pi", "role": "device" })))
+            .await
+            .unwrap();
+        let token = made["token"].as_str().unwrap().to_owned();
+        let printer = SimDevice::printer("127.0.0.1:0".parse().unwrap(), setup).await.unwrap();
+        let lights = SimDevice::lights("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let config = dir.path().join("edge.toml");
+        let text = format!(
+            r#"data_dir = "{d}/edge"
+telemetry_interval_ms = 300
+[mqtt]
+url = "{mqtt_url}"
+prefix = "{prefix}"
+keepalive_s = 2
+reconnect_max_ms = 500
+[scheduler]
+url = "{url}"
+token = "{token}"
+[[device]]
+id = "printer"
+kind = "printer"
+folder = "{d}/print-spool"
+modbus = {{ address = "{paddr}", timeout_ms = 300, retries = 1 }}
+[[device]]
+id = "lights"
+kind = "lights"
+modbus = {{ address = "{laddr}", timeout_ms = 300, retries = 1 }}
+[[device]]
+id = "camera"
+kind = "camera"
+command = ['sh', '-c', 'printf "photo %s" "$(date +%s%N)" > "$0"', '{{out}}']
+[[device]]
+id = "display"
+kind = "display"
+folder = "{d}/gallery"
+"#,
+            url = farm.url,
+            paddr = printer.addr(),
+            laddr = lights.addr(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None };
+        s.spawn_agent();
+        Some(s)
+    }
+
+    fn spawn_agent(&mut self) {
+        let child = sibling("kiln-edge")
+            .arg("--config")
+            .arg(&self.config)
+            .env("KILN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start kiln-edge");
+        self.agent = Some(child);
+    }
+
+    fn kill_agent(&mut self) {
+        let mut a = self.agent.take().expect("an agent runs");
+        a.kill().unwrap(); // SIGKILL
+        a.wait().unwrap();
+    }
+
+    async fn devices(&self) -> Vec<Value> {
+        let v = self.farm.client.call(Method::GET, "/v1/devices", None).await.unwrap();
+        v["devices"].as_array().unwrap().clone()
+    }
+
+    /// Waits until `ids` all show `state`.
+    async fn wait_state(&self, ids: &[&str], state: &str, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let devices = self.devices().await;
+            let ok = ids.iter().all(|id| devices.iter().any(|d| d["id"] == *id && d["state"] == state));
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < until, "devices {ids:?} not all {state} within {within:?}: {devices:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn create(&self, device: &str, body: Value) -> String {
+        let t = self.farm.client.call(Method::POST, &format!("/v1/devices/{device}/tasks"), Some(&body)).await.unwrap();
+        assert_eq!(t["state"], "queued");
+        t["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn task(&self, id: &str) -> Value {
+        self.farm.client.call(Method::GET, &format!("/v1/tasks/{id}"), None).await.unwrap()
+    }
+
+    /// Waits for a task to reach `state` (or end), and returns it.
+    async fn wait_task(&self, id: &str, state: &str, within: Duration) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let t = self.task(id).await;
+            let ended = ["succeeded", "failed", "timed_out", "expired"].contains(&t["state"].as_str().unwrap());
+            if t["state"] == state || ended {
+                return t;
+            }
+            assert!(Instant::now() < until, "task {id} not {state} within {within:?}: {t:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A rendered asset's hash.
+    async fn render(&self, seed: u64) -> String {
+        let j = self.farm.submit(job("kiln in the studio", seed, "preview")).await;
+        let done = self.farm.wait(j["id"].as_str().unwrap()).await;
+        assert_eq!(done["state"], "succeeded", "{done:#}");
+        done["asset"].as_str().unwrap().to_owned()
+    }
+
+    /// A raw MQTT client on the test's broker, its event loop polled in the background; what it
+    /// receives on its subscriptions comes out of the channel.
+    async fn raw_client(
+        &self,
+        subscribe: &[String],
+    ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+        let (host, port) = kiln_protocol::fleet::parse_mqtt_url(&self.mqtt_url).unwrap();
+        let mut opts = MqttOptions::new(format!("{}-raw-{}", self.prefix, std::process::id()), host, port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = AsyncClient::new(opts, 64);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let subs = subscribe.to_vec();
+        let sub_client = client.clone();
+        tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            while let Ok(ev) = events.poll().await {
+                match ev {
+                    Event::Incoming(Packet::ConnAck(_)) => {
+                        for s in &subs {
+                            sub_client.subscribe(s.clone(), QoS::AtLeastOnce).await.unwrap();
+                        }
+                    }
+                    Event::Incoming(Packet::SubAck(_)) | Event::Incoming(Packet::PingResp) if subs.is_empty() => {}
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        if let Some(r) = ready_tx.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    _ => {}
+                }
+                if subs.is_empty()
+                    && let Some(r) = ready_tx.take()
+                {
+                    let _ = r.send(());
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready).await.expect("raw MQTT client ready").unwrap();
+        (client, rx)
+    }
+
+    fn topic(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+}
+
+const ALL: [&str; 4] = ["printer", "lights", "camera", "display"];
+
+/// The states a task went through, a repeated `sent` (a resend) folded into one.
+fn states(task: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in task["events"].as_array().unwrap() {
+        let s = e["state"].as_str().unwrap().to_owned();
+        if out.last() != Some(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+fn happy_path() -> Vec<String> {
+    ["queued", "sent", "accepted", "running", "succeeded"].iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies() {
+    let Some(mut s) = Studio::start(PrinterSetup::default()).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let asset = s.render(7).await;
+
+    // Lights before the photo.
+    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 3, "brightness": 800 } })).await;
+    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    assert_eq!(&s.lights.registers()[..2], &[3, 800]);
+
+    // Print the approved piece: the file lands in the printer's spool folder and the printer's
+    // job counter moves once.
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let regs = s.printer.registers();
+    assert_eq!((regs[3], regs[1]), (1, 49), "one job, one sheet used: {regs:?}");
+    let spooled: Vec<_> = std::fs::read_dir(s.dir.path().join("print-spool")).unwrap().collect();
+    assert_eq!(spooled.len(), 1);
+
+    // Photograph it: the photo is uploaded as an asset and linked to the task.
+    let capture = s.create("camera", json!({ "kind": "capture" })).await;
+    let t = s.wait_task(&capture, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let photo = t["output_asset"].as_str().expect("the capture names its photo").to_owned();
+    let got = s.farm.raw(Method::GET, &format!("/v1/assets/{photo}"), "").await;
+    assert_eq!(got.status, 200);
+    assert!(got.body.starts_with(b"photo "));
+
+    // Hang it on the gallery screen: the signage folder shows the asset, byte for byte.
+    let display = s.create("display", json!({ "kind": "display", "asset": asset })).await;
+    let t = s.wait_task(&display, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let shown = std::fs::read(s.dir.path().join("gallery/current.png")).unwrap();
+    assert_eq!(blake3::hash(&shown).to_hex().as_str(), asset);
+
+    // A redelivered task is not run again: the same print task, straight to the agent.
+    let (raw, _) = s.raw_client(&[]).await;
+    let again = json!({ "v": 1, "task_id": print, "kind": "print",
+        "asset": { "hash": asset, "url": format!("/v1/assets/{asset}") }, "deadline_ms": i64::MAX });
+    raw.publish(s.topic("devices/printer/tasks"), QoS::AtLeastOnce, false, again.to_string()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.printer.registers()[3], 1, "the repeat was not printed");
+    assert_eq!(s.task(&print).await["state"], "succeeded");
+
+    // Telemetry arrives: the printer's registers, in order (nothing stale dropped).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
+        if d["telemetry"]["media"] == 49 {
+            assert_eq!(d["telemetry"]["printer_state"], "ready");
+            break;
+        }
+        assert!(Instant::now() < until, "no fresh printer telemetry: {d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale_or_unknown_device\"").await, 0.0);
+    assert_eq!(s.farm.metric("kiln_device_tasks_total", "outcome=\"succeeded\"").await, 4.0);
+
+    // The agent killed: its last will marks every device offline within the keepalive window
+    // (2 s; the broker waits 1.5 of them).
+    let killed = Instant::now();
+    s.kill_agent();
+    s.wait_state(&ALL, "offline", Duration::from_secs(6)).await;
+    eprintln!("offline {:?} after the kill", killed.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_dropped_or_rejected_and_a_silent_printer_fails_cleanly() {
+    let Some(s) = Studio::start(PrinterSetup::default()).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let (raw, mut heard) = s.raw_client(&[s.topic("devices/printer/tasks/+")]).await;
+    let garbage: [(&str, &[u8]); 5] = [
+        ("devices/ghost/status", b"not json"),
+        ("devices/printer/telemetry", b"{\"v\":1}"),
+        ("devices/printer/tasks/t-nope", b"{}"),
+        ("devices/printer/tasks", b"\xff\xfe"),
+        // A task the agent can name but not use: rejected with a report.
+        ("devices/printer/tasks", br#"{"v":1,"task_id":"bad-1","kind":"print","deadline_ms":1}"#),
+    ];
+    for (topic, payload) in garbage {
+        raw.publish(s.topic(topic), QoS::AtLeastOnce, false, payload.to_vec()).await.unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    let rejected = loop {
+        let remaining = until.saturating_duration_since(Instant::now());
+        let (topic, payload) = tokio::time::timeout(remaining, heard.recv()).await.expect("a rejected report").unwrap();
+        if topic.ends_with("/tasks/bad-1") {
+            break serde_json::from_slice::<Value>(&payload).unwrap();
+        }
+    };
+    assert_eq!(rejected["state"], "rejected");
+    assert!(rejected["detail"].as_str().unwrap().contains("asset"), "{rejected}");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"malformed\",topic=\"status\"").await;
+        let telemetry =
+            s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"malformed\",topic=\"telemetry\"").await;
+        let report = s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"malformed\",topic=\"report\"").await;
+        let unknown =
+            s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"unknown_task\",topic=\"report\"").await;
+        if status >= 1.0 && telemetry >= 1.0 && report >= 1.0 && unknown >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < until, "drops not counted: {status} {telemetry} {report} {unknown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The agent counts the payload it could not read at all in its telemetry.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
+        if d["telemetry"]["malformed_dropped"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "the agent did not count the unreadable task: {d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The printer stops answering: the print fails cleanly and the device shows degraded.
+    let asset = s.render(8).await;
+    s.printer.set_answering(false);
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "failed", Duration::from_secs(30)).await;
+    assert_eq!(t["state"], "failed", "{t:#}");
+    assert!(t["detail"].as_str().unwrap().contains("no answer"), "{t:#}");
+    assert_eq!(s.printer.registers()[3], 0, "nothing printed");
+    s.wait_state(&["printer"], "degraded", Duration::from_secs(10)).await;
+    let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
+    assert!(d["detail"].as_str().unwrap().contains("no answer"), "{d:#}");
+    // It answers again: back online.
+    s.printer.set_answering(true);
+    s.wait_state(&["printer"], "online", Duration::from_secs(15)).await;
+    let healthz = s.farm.raw(Method::GET, "/healthz", "").await;
+    assert_eq!(healthz.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_print_does_not_print_again() {
+    let setup = PrinterSetup { print_ms: 2_500, ..PrinterSetup::default() };
+    let Some(mut s) = Studio::start(setup).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let asset = s.render(9).await;
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "running", Duration::from_secs(20)).await;
+    assert_eq!(t["state"], "running", "{t:#}");
+    // The start coil is written just after `running` is reported; let it land.
+    let until = Instant::now() + Duration::from_secs(5);
+    while s.printer.registers()[0] != 1 {
+        assert!(Instant::now() < until, "the printer never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.kill_agent();
+    s.spawn_agent();
+    let t = s.wait_task(&print, "failed", Duration::from_secs(20)).await;
+    assert_eq!(t["state"], "failed", "{t:#}");
+    assert!(t["detail"].as_str().unwrap().contains("interrupted"), "{t:#}");
+    // The job the printer had started finishes; nothing starts it again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let regs = s.printer.registers();
+    assert_eq!(regs[3], 1, "printed once: {regs:?}");
+    s.wait_state(&ALL, "online", Duration::from_secs(10)).await;
+}
