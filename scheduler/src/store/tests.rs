@@ -44,6 +44,7 @@ both_stores!(
     tokens_are_unique_by_name,
     failures_are_tallied_per_job_and_per_worker_and_a_resume_starts_the_count_afresh,
     a_whole_attempt_recorded_at_once_is_start_then_finish,
+    devices_and_their_tasks_move_forward_only,
 );
 
 fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
@@ -282,4 +283,70 @@ async fn a_whole_attempt_recorded_at_once_is_start_then_finish(s: &dyn Store) {
     assert_eq!(events.iter().map(|e| e.state).collect::<Vec<_>>(), vec![JobState::Failed]);
     check_projection(s, "b").await;
     assert_eq!(s.job("b").await.unwrap().unwrap().error.as_deref(), Some("bad"));
+}
+
+async fn devices_and_their_tasks_move_forward_only(s: &dyn Store) {
+    use super::fleet::{NewTask, TaskChange, TaskState};
+    use kiln_protocol::fleet::{DeviceKind, DeviceState, DeviceStatus, FLEET_VERSION, TaskKind, Telemetry};
+    let status = |state, boot: &str| DeviceStatus {
+        v: FLEET_VERSION,
+        state,
+        boot_id: boot.into(),
+        kind: DeviceKind::Lights,
+        capabilities: vec!["lights".into()],
+        version: "1".into(),
+        at_ms: 5,
+        detail: None,
+    };
+    assert!(s.announce("l1", status(DeviceState::Online, "b1"), 10).await.unwrap().is_none(), "new");
+    let telemetry = |seq| Telemetry {
+        v: FLEET_VERSION,
+        boot_id: "b1".into(),
+        seq,
+        at_ms: 11,
+        readings: [("scene".to_owned(), serde_json::json!(seq))].into_iter().collect(),
+        spool_dropped: 2,
+    };
+    assert!(s.telemetry("l1", telemetry(2), 11).await.unwrap());
+    assert!(!s.telemetry("l1", telemetry(1), 12).await.unwrap(), "older telemetry is stale");
+    assert!(!s.telemetry("nobody", telemetry(3), 12).await.unwrap(), "an unknown device");
+    let d = s.device("l1").await.unwrap().unwrap();
+    assert_eq!((d.state.as_str(), d.telemetry_seq, d.spool_dropped), ("online", 2, 2));
+    assert_eq!(d.telemetry.unwrap()["scene"], 2);
+
+    let new = NewTask {
+        id: "t1".into(),
+        device_id: "l1".into(),
+        kind: TaskKind::Lights,
+        asset: None,
+        params: serde_json::Map::new(),
+        deadline_ms: 1_000,
+        created_by: "op".into(),
+    };
+    assert_eq!(s.create_task(new, 20).await.unwrap().state, TaskState::Queued);
+    assert_eq!(s.due_tasks(30, 10).await.unwrap().len(), 1);
+    let send = |n| TaskChange { next_send_ms: Some(n), ..TaskChange::default() };
+    assert!(s.move_task("t1", TaskState::Sent, send(40), 30).await.unwrap().is_some());
+    assert!(s.due_tasks(35, 10).await.unwrap().is_empty(), "not due before its resend time");
+    assert_eq!(s.due_tasks(40, 10).await.unwrap().len(), 1);
+    assert!(s.move_task("t1", TaskState::Sent, send(60), 40).await.unwrap().is_some(), "a resend");
+    // The device goes offline and comes back: its unanswered task is due at once.
+    s.announce("l1", status(DeviceState::Offline, "b1"), 41).await.unwrap();
+    assert!(s.due_tasks(100, 10).await.unwrap().is_empty(), "nothing is sent to an offline device");
+    let before = s.announce("l1", status(DeviceState::Online, "b2"), 42).await.unwrap().unwrap();
+    assert_eq!((before.state.as_str(), before.boot_id.as_str()), ("offline", "b1"));
+    assert_eq!(s.resend_now("l1").await.unwrap(), 1);
+    assert_eq!(s.due_tasks(43, 10).await.unwrap().len(), 1);
+    let step = |d: &str| TaskChange { detail: Some(d.into()), ..TaskChange::default() };
+    let m = s.move_task("t1", TaskState::Running, step("go"), 50).await.unwrap().unwrap();
+    assert_eq!((m.from, m.task.state, m.task.sends), (TaskState::Sent, TaskState::Running, 2));
+    assert!(s.move_task("t1", TaskState::Accepted, step("late"), 51).await.unwrap().is_none(), "no going back");
+    assert!(s.move_task("t1", TaskState::Succeeded, step("done"), 52).await.unwrap().is_some());
+    assert!(s.move_task("t1", TaskState::Failed, step("dup"), 53).await.unwrap().is_none(), "ended is ended");
+    let (t, events) = s.task("t1").await.unwrap().unwrap();
+    assert_eq!(t.state, TaskState::Succeeded);
+    let states: Vec<TaskState> = events.iter().map(|e| e.state).collect();
+    assert_eq!(states, [TaskState::Queued, TaskState::Sent, TaskState::Sent, TaskState::Running, TaskState::Succeeded]);
+    assert!(s.live_tasks().await.unwrap().is_empty());
+    assert_eq!(s.tasks(Some("l1".into()), Some(TaskState::Succeeded), 10).await.unwrap().len(), 1);
 }
