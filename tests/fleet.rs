@@ -38,6 +38,12 @@ impl Drop for Studio {
 impl Studio {
     async fn start(setup: PrinterSetup) -> Option<Studio> {
         let (mqtt_url, prefix) = testenv::mqtt().await?;
+        Some(Studio::start_on(setup, mqtt_url, prefix).await)
+    }
+
+    async fn start_on(setup: PrinterSetup, mqtt_url: String, prefix: String) -> Studio {
+        let filter = std::env::var("KILN_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let data = tempfile::tempdir().unwrap();
         let mut cfg = test_config(data.path());
         cfg.scheduler.fleet.mqtt_url = Some(mqtt_url.clone());
@@ -91,14 +97,14 @@ folder = "{d}/gallery"
         std::fs::write(&config, text).unwrap();
         let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None };
         s.spawn_agent();
-        Some(s)
+        s
     }
 
     fn spawn_agent(&mut self) {
         let child = sibling("kiln-edge")
             .arg("--config")
             .arg(&self.config)
-            .env("KILN_LOG", "warn")
+            .env("KILN_LOG", std::env::var("KILN_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .spawn()
             .expect("start kiln-edge");
@@ -288,7 +294,7 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
         assert!(Instant::now() < until, "no fresh printer telemetry: {d:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale_or_unknown_device\"").await, 0.0);
+    assert_eq!(s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale\",topic=\"telemetry\"").await, 0.0);
     assert_eq!(s.farm.metric("kiln_device_tasks_total", "outcome=\"succeeded\"").await, 4.0);
 
     // The agent killed: its last will marks every device offline within the keepalive window
@@ -393,4 +399,96 @@ async fn an_agent_killed_mid_print_does_not_print_again() {
     let regs = s.printer.registers();
     assert_eq!(regs[3], 1, "printed once: {regs:?}");
     s.wait_state(&ALL, "online", Duration::from_secs(10)).await;
+}
+
+/// A private Mosquitto on a free port, so stopping it disturbs no other test.
+struct PrivateBroker {
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    fn start(port: u16) -> PrivateBroker {
+        let child = std::process::Command::new("mosquitto")
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian's package) is installed");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "mosquitto did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateBroker { child: Some(child) }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_and_runs_nothing_twice() {
+    // The shared broker's presence says whether MQTT tests run here at all.
+    if testenv::mqtt().await.is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut broker = PrivateBroker::start(port);
+    let setup = PrinterSetup { print_ms: 2_000, ..PrinterSetup::default() };
+    let s = Studio::start_on(setup, format!("mqtt://127.0.0.1:{port}"), "kiln".into()).await;
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let asset = s.render(10).await;
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    s.wait_task(&print, "running", Duration::from_secs(20)).await;
+    let seq_before = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap()["telemetry_seq"]
+        .as_i64()
+        .unwrap();
+
+    // The broker goes away while the printer prints; the job ends during the outage.
+    broker.stop();
+    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 5 } })).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(s.printer.registers()[3], 1, "the print finished while the broker was away");
+    assert_ne!(s.task(&print).await["state"], "succeeded", "nothing can have been heard yet");
+    let _broker = PrivateBroker::start(port);
+
+    // Afterwards: the result and the telemetry of the outage arrive, in order; the task made
+    // during the outage goes out; nothing ran twice.
+    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(t["state"], "succeeded", "{t:#}");
+    assert_eq!(s.lights.registers()[0], 5);
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
+        // 300 ms telemetry over a 4 s outage: at least 8 spooled messages, delivered after it.
+        if d["telemetry_seq"].as_i64().unwrap() >= seq_before + 8 {
+            assert_eq!(d["spool_dropped"], 0);
+            break;
+        }
+        assert!(Instant::now() < until, "the outage's telemetry did not arrive: {d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale\",topic=\"telemetry\"").await,
+        0.0,
+        "telemetry arrived in order"
+    );
+    assert_eq!(
+        s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale\",topic=\"report\"").await,
+        0.0,
+        "reports in order"
+    );
+    assert_eq!(s.printer.registers()[3], 1, "printed once");
 }

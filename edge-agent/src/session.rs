@@ -1,14 +1,20 @@
 //! One device's life: its MQTT session, its task executor and its telemetry.
 //!
 //! Each device has its own MQTT connection (so its own last will), client id `{prefix}-edge-{id}`,
-//! clean session. On every connect it publishes its birth (retained status, QoS 1), subscribes to
-//! its tasks and to the scheduler's status, and sends its spool. The spool goes one message at a
-//! time: the next leaves only when the broker has acknowledged the one before (QoS 1 PUBACK), so
-//! telemetry and reports arrive in the order they were made, across outages and restarts. A
-//! message in flight when the connection breaks is sent again on the next one (at least once; the
-//! scheduler drops what it has seen). Tasks that arrive while the agent is away are not queued by
-//! the broker (clean session): the scheduler sends again what it has not heard accepted, and does
-//! so at once when the device is born again.
+//! clean session. On every connect it publishes its birth (retained status, QoS 1) and subscribes
+//! to its tasks and to the scheduler's status.
+//!
+//! The spool is sent only while the scheduler's retained status says it is online: a broker
+//! accepts (and acknowledges) a message nobody is subscribed to and drops it, so a broker that
+//! restarted without its sessions, or a scheduler that is away, would otherwise swallow reports
+//! the agent has already let go of. The scheduler subscribes before it announces itself, and its
+//! last will says offline, so the gate opens only when someone is listening. The spool goes one
+//! message at a time: the next leaves only when the broker has acknowledged the one before (QoS 1
+//! PUBACK), so telemetry and reports arrive in the order they were made, across outages and
+//! restarts. A message in flight when the connection breaks is sent again on the next one (at
+//! least once; the scheduler drops what it has seen). Tasks that arrive while the agent is away
+//! are not queued by the broker (clean session): the scheduler sends again what it has not heard
+//! accepted, and does so at once when the device is born again.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -177,6 +183,8 @@ async fn mqtt(
     let mut backoff = Duration::from_millis(100);
     let max_backoff = Duration::from_millis(cfg.mqtt.reconnect_max_ms);
     let mut scheduler_boot: Option<String> = None;
+    // Whether the scheduler's retained status, as heard on this connection, says it is online.
+    let mut scheduler_online = false;
     let publish_status = |h: &Health, expect: &mut VecDeque<Option<u64>>| {
         let payload = serde_json::to_vec(&status(h)).unwrap_or_default();
         if client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, payload).is_ok() {
@@ -189,6 +197,7 @@ async fn mqtt(
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
+                    scheduler_online = false;
                     backoff = Duration::from_millis(100);
                     expect.clear();
                     inflight = None;
@@ -203,15 +212,21 @@ async fn mqtt(
                         take_task(&shared, &tasks, &p.payload);
                     } else if p.topic == topics.scheduler_status() {
                         match decode::<SchedulerStatus>(&p.payload) {
-                            Ok(s) if s.state == DeviceState::Online && scheduler_boot.as_deref() != Some(&s.boot_id) => {
-                                if scheduler_boot.is_some() {
-                                    tracing::info!(device = dev.id, boot = s.boot_id, "the scheduler was reborn; announcing again");
-                                    let h = health.borrow().clone();
-                                    publish_status(&h, &mut expect);
+                            Ok(s) => {
+                                let online = s.state == DeviceState::Online;
+                                if online != scheduler_online {
+                                    tracing::info!(device = dev.id, online, "the scheduler's status");
                                 }
-                                scheduler_boot = Some(s.boot_id);
+                                scheduler_online = online;
+                                if online && scheduler_boot.as_deref() != Some(&s.boot_id) {
+                                    if scheduler_boot.is_some() {
+                                        tracing::info!(device = dev.id, boot = s.boot_id, "the scheduler was reborn; announcing again");
+                                        let h = health.borrow().clone();
+                                        publish_status(&h, &mut expect);
+                                    }
+                                    scheduler_boot = Some(s.boot_id);
+                                }
                             }
-                            Ok(_) => {}
                             Err(e) => {
                                 shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 tracing::warn!(device = dev.id, error = %e, "dropped a scheduler status");
@@ -262,7 +277,7 @@ async fn mqtt(
                 publish_status(&h, &mut expect);
             }
         }
-        if connected && inflight.is_none() {
+        if connected && scheduler_online && inflight.is_none() {
             let front = shared.spool.lock().ok().and_then(|mut s| s.front().ok().flatten());
             if let Some(entry) = front
                 && client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload).is_ok()

@@ -1,7 +1,9 @@
 //! The fleet bridge: the scheduler's MQTT session with the edge agents (DESIGN.md, "Edge fleet").
 //!
-//! - It announces itself on `{p}/scheduler/status` (retained; its last will says offline), so
-//!   agents re-announce when it is born again.
+//! - It announces itself on `{p}/scheduler/status` (retained; its last will says offline) once
+//!   it has subscribed, so agents re-announce when it is born again, and send their spools only
+//!   while it is there to hear them. Its session is persistent (client id `kiln-scheduler-{prefix}`),
+//!   so a broker that keeps sessions queues what arrives while the scheduler reconnects.
 //! - It takes in every device's status, telemetry and task reports, with manual acks: a message
 //!   is acknowledged only once the store has it, so a crash does not lose a report the agent has
 //!   already dropped from its spool. Malformed or stale messages are dropped and counted
@@ -42,10 +44,10 @@ pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToke
     let boot_id = format!("{:016x}", crate::auth::os_random::<8>().map(u64::from_le_bytes).unwrap_or(now_ms() as u64));
     let status = |state| SchedulerStatus { v: FLEET_VERSION, state, boot_id: boot_id.clone(), at_ms: now_ms() };
     let will = serde_json::to_vec(&status(DeviceState::Offline)).unwrap_or_default();
-    let client_id = format!("kiln-scheduler-{}-{}", cfg.prefix.replace('/', "_"), &boot_id[..8]);
+    let client_id = format!("kiln-scheduler-{}", cfg.prefix.replace('/', "_"));
     let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(Duration::from_secs(cfg.keepalive_seconds))
-        .set_clean_session(true)
+        .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(256 * 1024, 256 * 1024)
         .set_last_will(LastWill::new(topics.scheduler_status(), will, QoS::AtLeastOnce, true));
@@ -72,11 +74,13 @@ pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToke
                     tracing::info!(broker = url, "fleet bridge connected");
                     backoff = Duration::from_millis(100);
                     connected.store(true, Ordering::SeqCst);
-                    let birth = serde_json::to_vec(&status(DeviceState::Online)).unwrap_or_default();
-                    let _ = client.try_publish(topics.scheduler_status(), QoS::AtLeastOnce, true, birth);
+                    // Subscribed first: a broker handles a client's packets in order, so agents that
+                    // hear "online" are heard.
                     for filter in topics.scheduler_filters() {
                         let _ = client.try_subscribe(filter, QoS::AtLeastOnce);
                     }
+                    let birth = serde_json::to_vec(&status(DeviceState::Online)).unwrap_or_default();
+                    let _ = client.try_publish(topics.scheduler_status(), QoS::AtLeastOnce, true, birth);
                     sched.fleet_wake.notify_one();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -182,8 +186,16 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
         }
         Some(Topic::Telemetry(id)) => match decode::<Telemetry>(&p.payload) {
             Ok(t) => {
+                let seq = i64::try_from(t.seq).unwrap_or(i64::MAX);
                 if !sched.store.telemetry(&id, t, now).await? {
-                    dropped(sched, "telemetry", "stale_or_unknown_device");
+                    // A repeat (sent again after a broken connection) is expected; one older than
+                    // what is stored arrived out of order.
+                    let reason = match sched.store.device(&id).await? {
+                        None => "unknown_device",
+                        Some(d) if d.telemetry_seq == seq => "duplicate",
+                        Some(_) => "stale",
+                    };
+                    dropped(sched, "telemetry", reason);
                 }
             }
             Err(e) => {
@@ -204,13 +216,13 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                     return Ok(());
                 }
             };
-            match sched.store.task(&task_id).await? {
-                Some((t, _)) if t.device_id == id => {}
+            let current = match sched.store.task(&task_id).await? {
+                Some((t, _)) if t.device_id == id => t.state,
                 _ => {
                     dropped(sched, "report", "unknown_task");
                     return Ok(());
                 }
-            }
+            };
             let (to, detail) = match r.state {
                 ReportState::Accepted => (TaskState::Accepted, r.detail),
                 ReportState::Running => (TaskState::Running, r.detail),
@@ -228,6 +240,9 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
             let change = TaskChange { detail, output_asset: r.output_asset, next_send_ms: None };
             match sched.store.move_task(&task_id, to, change, now).await? {
                 Some(m) => observe(sched, &m),
+                // The same state again is a repeat (a redelivered task, a resent report); an
+                // earlier one arrived out of order.
+                None if current == to => dropped(sched, "report", "duplicate"),
                 None => dropped(sched, "report", "stale"),
             }
         }
