@@ -450,9 +450,8 @@ async fn a_broker_outage_loses_nothing_and_runs_nothing_twice() {
     let asset = s.render(10).await;
     let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
     s.wait_task(&print, "running", Duration::from_secs(20)).await;
-    let seq_before = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap()["telemetry_seq"]
-        .as_i64()
-        .unwrap();
+    let seq_before =
+        s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap()["telemetry_seq"].as_i64().unwrap();
 
     // The broker goes away while the printer prints; the job ends during the outage.
     broker.stop();

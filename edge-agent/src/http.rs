@@ -44,7 +44,10 @@ impl Http {
         if path.is_file() && hash_file(&path).await? == hash {
             return Ok(path);
         }
-        let tmp = dir.join(format!("{hash}.part"));
+        // Devices of one agent share the folder: each fetch writes a part file of its own.
+        static FETCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = FETCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!("{hash}.{n}.part"));
         let got = self.get_to_file(&self.url(url), &tmp, true).await?;
         if got != hash {
             let _ = tokio::fs::remove_file(&tmp).await;

@@ -36,6 +36,14 @@ pub fn now_ms() -> i64 {
 
 /// Runs every configured device until `stop`; then each says goodbye (offline) and stops.
 pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
+    // Fetches a crash cut short.
+    if let Ok(entries) = std::fs::read_dir(cfg.data_dir.join("assets")) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "part") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let cfg = Arc::new(cfg);
     let mut buses = Buses::default();
     let mut devices = Vec::new();

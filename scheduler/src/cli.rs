@@ -42,7 +42,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the whole farm in this process: API, SQLite state, cache, in-process workers. Ctrl-C drains and stops.
+    /// Run the whole farm in this process: API, SQLite state, cache, in-process workers, an MQTT
+    /// broker and a simulated studio (printer, lights, camera, display). Ctrl-C drains and stops.
     Up(UpArgs),
     /// Submit a render job; with --wait, show its progress and fetch the PNG.
     Submit(SubmitArgs),
@@ -52,6 +53,12 @@ pub enum Command {
     Job(JobArgs),
     /// Cancel a job.
     Cancel(JobArgs),
+    /// List the edge devices (printers, lights, cameras, displays) and their state.
+    Devices(DevicesArgs),
+    /// Give a device a physical task (operator): print, capture, display or lights.
+    Task(TaskArgs),
+    /// List device tasks, newest first.
+    Tasks(TasksArgs),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -74,6 +81,13 @@ pub struct UpArgs {
     /// auto, cpu or wgpu [default: auto; env KILN_BACKEND].
     #[arg(long, value_enum)]
     pub backend: Option<BackendChoice>,
+    /// Where the embedded MQTT broker listens, for outside MQTT clients to watch the studio
+    /// (unused when scheduler.fleet.mqtt_url / KILN_MQTT_URL names a broker of your own).
+    #[arg(long, env = "KILN_MQTT_LISTEN", default_value = "127.0.0.1:7883")]
+    pub mqtt_listen: std::net::SocketAddr,
+    /// No simulated devices (a real fleet talks to this farm).
+    #[arg(long)]
+    pub no_devices: bool,
 }
 
 /// Where the farm is and how to talk to it.
@@ -141,6 +155,61 @@ pub struct JobsArgs {
     pub remote: Remote,
 }
 
+/// `kiln devices`' arguments.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln task`'s arguments.
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// The device's id (see `kiln devices`).
+    pub device: String,
+    /// print, capture, display or lights.
+    pub kind: kiln_protocol::fleet::TaskKind,
+    /// The asset to print or display (its hash, as `kiln submit` shows it).
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// A parameter, KEY=VALUE (lights: scene=3, brightness=800); repeatable. Numbers stay numbers.
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(String, Value)>,
+    /// Seconds until the task is past its deadline [default: the farm's, an hour].
+    #[arg(long)]
+    pub deadline: Option<u64>,
+    /// Wait for the task to end, showing each state.
+    #[arg(long)]
+    pub wait: bool,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+fn parse_param(s: &str) -> Result<(String, Value), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    let value = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
+    Ok((k.to_owned(), value))
+}
+
+/// `kiln tasks`' arguments.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only this device's tasks.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Only tasks in this state (queued, sent, accepted, running, succeeded, failed, timed_out, expired).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// How many.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
 /// Arguments naming one job.
 #[derive(Debug, Args)]
 pub struct JobArgs {
@@ -179,6 +248,8 @@ pub enum BenchCommand {
     Store(crate::bench::StoreBenchArgs),
     /// The distributed farm (PostgreSQL, RabbitMQ) end to end beside the broker's raw ceiling.
     Dispatch(crate::bench::dispatch::DispatchBenchArgs),
+    /// Many kiln-edge agents against an MQTT broker and one scheduler: CPU, RSS, task round trips.
+    Fleet(crate::bench::fleet::FleetBenchArgs),
 }
 
 impl clap::ValueEnum for Role {
@@ -266,11 +337,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Dispatch(args))) => {
             runtime()?.block_on(crate::bench::dispatch::run(&cfg, &args))
         }
-        Some(Command::Up(_)) => runtime()?.block_on(up(cfg)),
+        Some(Command::Bench(BenchCommand::Fleet(args))) => runtime()?.block_on(crate::bench::fleet::run(&cfg, &args)),
+        Some(Command::Up(args)) => runtime()?.block_on(up(cfg, &args)),
         Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
         Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),
         Some(Command::Job(args)) => runtime()?.block_on(job(&cfg, &args)),
         Some(Command::Cancel(args)) => runtime()?.block_on(cancel(&cfg, &args)),
+        Some(Command::Devices(args)) => runtime()?.block_on(devices(&cfg, &args)),
+        Some(Command::Task(args)) => runtime()?.block_on(task(&cfg, &args)),
+        Some(Command::Tasks(args)) => runtime()?.block_on(tasks(&cfg, &args)),
         Some(Command::Token(TokenCommand::Create { name, role, remote })) => runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
             let v = c.call(Method::POST, "/v1/tokens", Some(&json!({ "name": name, "role": role }))).await?;
@@ -285,12 +360,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn up(cfg: FarmConfig) -> anyhow::Result<()> {
+async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
     let backend = open_backend(cfg.worker.backend, cfg.worker.threads()).context("failed to open the backend")?;
     let device = format!("{} ({})", backend.name(), backend.device_name());
+    #[cfg(feature = "studio")]
+    let embedded = match &cfg.scheduler.fleet.mqtt_url {
+        Some(_) => false,
+        None => {
+            let addr = crate::studio::start_broker(args.mqtt_listen)?;
+            cfg.scheduler.fleet.mqtt_url = Some(format!("mqtt://{addr}"));
+            true
+        }
+    };
+    #[cfg(not(feature = "studio"))]
+    let embedded = {
+        let _ = args;
+        false
+    };
     let farm = Farm::build(&cfg, backend).await?;
     let addr = farm.local_addr()?;
     let url = format!("http://{addr}");
+    #[cfg(feature = "studio")]
+    let studio = match (&cfg.scheduler.fleet.mqtt_url, args.no_devices) {
+        (Some(mqtt), false) => Some(crate::studio::Studio::start(farm.scheduler(), cfg.data_dir(), mqtt, &url).await?),
+        _ => None,
+    };
     let url_path = url_file(cfg.data_dir());
     std::fs::write(&url_path, format!("{url}\n")).with_context(|| format!("failed to write {}", url_path.display()))?;
     let (token, created) = farm.token_file();
@@ -300,9 +394,21 @@ async fn up(cfg: FarmConfig) -> anyhow::Result<()> {
     println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
     println!("  data     {}", cfg.data_dir().display());
     println!("  workers  {} on {device}", cfg.scheduler.workers);
+    if let Some(mqtt) = &cfg.scheduler.fleet.mqtt_url {
+        println!("  mqtt     {mqtt}{}", if embedded { " (embedded broker)" } else { "" });
+    }
+    #[cfg(feature = "studio")]
+    if let Some(s) = &studio {
+        println!("  studio   printer, lights, camera, display (simulated); the display shows {}", s.gallery.display());
+    }
     println!("Try: kiln submit \"ember kaleidoscope\" --wait --out art.png      Ctrl-C drains and stops.");
+    println!("     kiln devices;  kiln task printer print --asset HASH --wait");
     let _ = std::io::stdout().flush();
     farm.run_until_stopped(shutdown_signal()).await?;
+    #[cfg(feature = "studio")]
+    if let Some(s) = studio {
+        s.stop().await;
+    }
     let _ = std::fs::remove_file(&url_path);
     println!("kiln up: stopped");
     Ok(())
@@ -425,6 +531,101 @@ async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
     for j in &jobs {
         print_job(j, false);
     }
+    Ok(())
+}
+
+async fn devices(cfg: &FarmConfig, a: &DevicesArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let v = c.call(Method::GET, "/v1/devices", None).await?;
+    if a.remote.json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let devices = v["devices"].as_array().cloned().unwrap_or_default();
+    if devices.is_empty() {
+        println!("no devices have announced themselves");
+    }
+    for d in &devices {
+        let s = |k: &str| d[k].as_str().unwrap_or("").to_owned();
+        let age = d["seconds_since_telemetry"].as_f64().map_or("-".to_owned(), |a| format!("{a:.0} s ago"));
+        println!("{:<16} {:<8} {:<9} telemetry {age:<10} {}", s("id"), s("kind"), s("state"), s("detail"));
+    }
+    Ok(())
+}
+
+fn print_task(t: &Value) {
+    let s = |k: &str| t[k].as_str().unwrap_or("").to_owned();
+    println!("{}  {:<9} {:<8} on {:<12} {}", s("id"), s("state"), s("kind"), s("device_id"), s("detail"));
+    if let Some(a) = t["output_asset"].as_str() {
+        println!("  output asset  {a}");
+    }
+}
+
+async fn task(cfg: &FarmConfig, a: &TaskArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let mut body = json!({ "kind": a.kind, "params": a.params.iter().cloned().collect::<serde_json::Map<_, _>>() });
+    if let Some(h) = &a.asset {
+        body["asset"] = h.clone().into();
+    }
+    if let Some(d) = a.deadline {
+        body["deadline_seconds"] = d.into();
+    }
+    let t = c.call(Method::POST, &format!("/v1/devices/{}/tasks", a.device), Some(&body)).await?;
+    let id = t["id"].as_str().unwrap_or_default().to_owned();
+    if !a.wait {
+        if a.remote.json {
+            println!("{t:#}")
+        } else {
+            print_task(&t)
+        }
+        return Ok(());
+    }
+    let mut shown = 0;
+    loop {
+        let t = c.call(Method::GET, &format!("/v1/tasks/{id}"), None).await?;
+        let events = t["events"].as_array().cloned().unwrap_or_default();
+        if !a.remote.json {
+            for e in events.iter().skip(shown) {
+                let detail = e["detail"].as_str().map(|d| format!("  {d}")).unwrap_or_default();
+                eprintln!("{id}  {}{detail}", e["state"].as_str().unwrap_or(""));
+            }
+        }
+        shown = events.len();
+        let state = t["state"].as_str().unwrap_or("");
+        if ["succeeded", "failed", "timed_out", "expired"].contains(&state) {
+            if a.remote.json {
+                println!("{t:#}")
+            } else {
+                print_task(&t)
+            }
+            if state != "succeeded" {
+                bail!("task {id} ended {state}");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn tasks(cfg: &FarmConfig, a: &TasksArgs) -> anyhow::Result<()> {
+    let c = client(cfg, &a.remote)?;
+    let mut path = format!("/v1/tasks?limit={}", a.limit);
+    if let Some(d) = &a.device {
+        path.push_str(&format!("&device={d}"));
+    }
+    if let Some(s) = &a.state {
+        path.push_str(&format!("&state={s}"));
+    }
+    let v = c.call(Method::GET, &path, None).await?;
+    if a.remote.json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+    if tasks.is_empty() {
+        println!("no tasks");
+    }
+    tasks.iter().for_each(print_task);
     Ok(())
 }
 

@@ -16,5 +16,7 @@ pub mod queue;
 pub mod retry;
 pub mod scheduler;
 pub mod store;
+#[cfg(feature = "studio")]
+pub mod studio;
 pub mod testenv;
 pub mod time;

@@ -127,7 +127,12 @@ pub fn kiln() -> Command {
 /// `kiln up` as a child process; returns it with the API URL it printed.
 pub fn spawn_up(data: &Path, extra: &[&str]) -> (Child, String) {
     let mut cmd = kiln();
-    cmd.args(["up", "--listen", "127.0.0.1:0", "--backend", "cpu", "--data-dir"]).arg(data).args(extra);
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--backend", "cpu", "--data-dir"]).arg(data);
+    if !extra.contains(&"--mqtt-listen") {
+        // Tests run side by side: each embedded broker on a port of its own.
+        cmd.args(["--mqtt-listen", "127.0.0.1:0"]);
+    }
+    cmd.args(extra);
     spawn_farm(cmd)
 }
 

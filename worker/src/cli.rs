@@ -233,7 +233,7 @@ pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
 /// the command, and its error printed once with its whole chain, as an exit code.
 pub fn run_main(global: &GlobalArgs, run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn,sqlx=warn".into());
+        .unwrap_or_else(|_| "info,wgpu=warn,naga=warn,cubecl=warn,sqlx=warn,rumqttd=warn".into());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if global.log_json {
         logs.json().init();

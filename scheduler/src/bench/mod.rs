@@ -25,6 +25,7 @@ use crate::store::{NewJob, Outcome, SqliteStore, Store};
 use kiln_protocol::{RenderRequest, Tier};
 
 pub mod dispatch;
+pub mod fleet;
 
 /// `kiln bench farm`'s arguments.
 #[derive(Debug, Args)]

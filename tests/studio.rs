@@ -1,0 +1,100 @@
+//! `kiln up` grows a studio: an embedded MQTT broker that outside clients can watch, and a
+//! simulated printer, light rig, camera and display driven by a kiln-edge agent, all worked from
+//! the `kiln` CLI.
+
+mod common;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper::Method;
+use kiln_scheduler::auth::Secret;
+use kiln_scheduler::client::Client;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+fn cli(url: &str, token: &str, args: &[&str]) -> Output {
+    kiln().args(args).args(["--server", url, "--token", token]).output().expect("kiln runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (mut child, url) = spawn_up(&data, &["--mqtt-listen", &listen]);
+    let token = operator_token(&data);
+    let c = Client::new(&url, Some(Secret::new(token.clone())));
+
+    // Every simulated device announces itself.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = c.call(Method::GET, "/v1/devices", None).await.unwrap();
+        let devices = v["devices"].as_array().unwrap();
+        let online = devices.iter().filter(|d| d["state"] == "online").count();
+        if online == 4 {
+            for d in devices {
+                assert!(d["id"].is_string() && d["kind"].is_string(), "{d}");
+            }
+            break;
+        }
+        assert!(Instant::now() < until, "the studio's devices did not come online: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli(&url, &token, &["devices"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.lines().filter(|l| l.contains("online")).count() == 4, "{text}");
+
+    // An outside MQTT client watches the embedded broker: the retained statuses are there.
+    let mut opts = MqttOptions::new("studio-watcher", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (watcher, mut events) = AsyncClient::new(opts, 16);
+    watcher.subscribe("kiln/devices/+/status", QoS::AtLeastOnce).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 {
+        let left = until.saturating_duration_since(Instant::now());
+        let ev = tokio::time::timeout(left, events.poll()).await.expect("retained statuses").unwrap();
+        if let Event::Incoming(Packet::Publish(p)) = ev {
+            let status: Value = serde_json::from_slice(&p.payload).unwrap();
+            assert_eq!(status["state"], "online", "{status}");
+            seen.insert(p.topic.clone());
+        }
+    }
+
+    // Render, then print → photograph → display from the CLI.
+    let j = c.call(Method::POST, "/v1/jobs", Some(&job("studio piece", 3, "preview"))).await.unwrap();
+    let done = c.call(Method::GET, &format!("/v1/jobs/{}?wait=60", j["id"].as_str().unwrap()), None).await.unwrap();
+    let asset = done["asset"].as_str().unwrap().to_owned();
+    for args in [
+        vec!["task", "lights", "lights", "--param", "scene=2", "--param", "brightness=640", "--wait"],
+        vec!["task", "printer", "print", "--asset", &asset, "--wait"],
+        vec!["task", "camera", "capture", "--wait"],
+        vec!["task", "display", "display", "--asset", &asset, "--wait"],
+    ] {
+        let out = cli(&url, &token, &args);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "kiln {args:?}: {stdout}\n{stderr}");
+        assert!(stdout.contains("succeeded"), "{stdout}");
+        for state in ["queued", "sent", "accepted", "running", "succeeded"] {
+            assert!(stderr.contains(state), "every state shown: {stderr}");
+        }
+    }
+    let shown = std::fs::read(data.join("studio/gallery/current.png")).unwrap();
+    assert_eq!(blake3::hash(&shown).to_hex().as_str(), asset);
+    let out = cli(&url, &token, &["tasks", "--device", "camera", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let photo = v["tasks"][0]["output_asset"].as_str().expect("the photo is linked to the task");
+    let got = c.send(Method::GET, &format!("/v1/assets/{photo}"), None).await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(&got.body[..8], b"\x89PNG\r\n\x1a\n", "the camera photographed the print");
+
+    // A bad task is refused with the field named.
+    let out = cli(&url, &token, &["task", "printer", "capture"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kind"), "{}", String::from_utf8_lossy(&out.stderr));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
