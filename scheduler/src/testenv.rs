@@ -70,18 +70,24 @@ pub async fn fresh_database() -> Option<String> {
     Some(PgStore::create_schema(&base, &schema).await.expect("create a test schema"))
 }
 
+/// `(url, a unique prefix)` when `addr` accepts a TCP connection; else `None`, after saying why
+/// (or failing, when services are required).
+async fn reachable_with_prefix(service: &str, var: &str, url: String, addr: &str) -> Option<(String, String)> {
+    let connect = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await;
+    if let Err(e) = connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
+        skip_or_fail(service, var, &url, &e);
+        return None;
+    }
+    let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
+    Some((url, prefix))
+}
+
 /// A unique prefix for a test's exchanges and queues on the shared broker, or `None` (after
 /// saying why) when RabbitMQ is unreachable and not required.
 pub async fn amqp() -> Option<(String, String)> {
     let url = amqp_url();
     let addr = url.split('@').next_back().and_then(|h| h.split('/').next()).unwrap_or("127.0.0.1:5672").to_owned();
-    let connect = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
-    if let Err(e) = connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
-        skip_or_fail("RabbitMQ", "KILN_TEST_AMQP_URL", &url, &e);
-        return None;
-    }
-    let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
-    Some((url, prefix))
+    reachable_with_prefix("RabbitMQ", "KILN_TEST_AMQP_URL", url, &addr).await
 }
 
 /// The MQTT broker tests use.
@@ -94,11 +100,5 @@ pub fn mqtt_url() -> String {
 pub async fn mqtt() -> Option<(String, String)> {
     let url = mqtt_url();
     let addr = kiln_protocol::fleet::parse_mqtt_url(&url).map(|(h, p)| format!("{h}:{p}")).unwrap_or_default();
-    let connect = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&addr)).await;
-    if let Err(e) = connect.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
-        skip_or_fail("MQTT broker", "KILN_TEST_MQTT_URL", &url, &e);
-        return None;
-    }
-    let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
-    Some((url, prefix))
+    reachable_with_prefix("MQTT broker", "KILN_TEST_MQTT_URL", url, &addr).await
 }
