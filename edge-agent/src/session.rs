@@ -48,6 +48,8 @@ pub struct Health {
 /// What a device's tasks share.
 struct Shared {
     id: String,
+    /// A fresh id for this start of the agent, in the status and the telemetry alike.
+    boot_id: String,
     kind: DeviceKind,
     topics: Topics,
     spool: Mutex<Spool>,
@@ -110,9 +112,15 @@ pub async fn run_device(
     if pruned > 0 {
         tracing::debug!(device = dev.id, pruned, "forgot ended tasks older than a week");
     }
+    // Telemetry seq = (starts of this device << 32) + messages this start: it increases across
+    // restarts with one synced write per start, not one per message.
+    let boots: u64 =
+        std::fs::read_to_string(dir.join("boots")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0) + 1;
+    write_synced(&dir, "boots", boots.to_string().as_bytes())?;
     let (health, _) = watch::channel(Health { state: DeviceState::Online, detail: None });
     let shared = Arc::new(Shared {
         id: dev.id.clone(),
+        boot_id: boot_id(),
         kind: dev.kind,
         topics: Topics::new(&cfg.mqtt.prefix),
         spool: Mutex::new(spool),
@@ -133,7 +141,7 @@ pub async fn run_device(
     let driver = executor.driver.clone();
     let exec = tokio::spawn(executor.run(task_rx, stop.clone()));
     let telemetry =
-        tokio::spawn(telemetry(shared.clone(), driver, dir.clone(), cfg.telemetry_interval_ms, stop.clone()));
+        tokio::spawn(telemetry(shared.clone(), driver, boots << 32, cfg.telemetry_interval_ms, stop.clone()));
     let session = mqtt(&cfg, &dev, shared, task_tx, stop).await;
     let _ = telemetry.await;
     let _ = exec.await;
@@ -148,7 +156,7 @@ async fn mqtt(
     tasks: mpsc::Sender<DeviceTask>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let boot_id = format!("{:016x}", rand_u64());
+    let boot_id = shared.boot_id.clone();
     let (host, port) = cfg.mqtt.host_port().map_err(anyhow::Error::msg)?;
     let topics = shared.topics.clone();
     let status = |health: &Health| DeviceStatus {
@@ -459,13 +467,10 @@ impl Executor {
 async fn telemetry(
     shared: Arc<Shared>,
     driver: Arc<tokio::sync::Mutex<Driver>>,
-    dir: PathBuf,
+    mut seq: u64,
     interval_ms: u64,
     stop: CancellationToken,
 ) {
-    let boot_id = format!("{:016x}", rand_u64());
-    let mut seq: u64 =
-        std::fs::read_to_string(dir.join("telemetry_seq")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -506,12 +511,9 @@ async fn telemetry(
             values.insert("cpu_temp_c".into(), t.into());
         }
         seq += 1;
-        if let Err(e) = write_synced(&dir, "telemetry_seq", seq.to_string().as_bytes()) {
-            tracing::error!(device = shared.id, error = %e, "could not keep the telemetry sequence");
-        }
         let t = Telemetry {
             v: FLEET_VERSION,
-            boot_id: boot_id.clone(),
+            boot_id: shared.boot_id.clone(),
             seq,
             at_ms: now_ms(),
             readings: values,
@@ -539,13 +541,12 @@ fn capability(kind: DeviceKind) -> &'static str {
     }
 }
 
-/// A random-enough 64-bit id (boot ids): the clock, the process id and a counter through BLAKE3.
-fn rand_u64() -> u64 {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let mut h = blake3::Hasher::new();
-    h.update(&nanos.to_le_bytes()).update(&std::process::id().to_le_bytes()).update(&n.to_le_bytes());
-    let bytes = h.finalize();
-    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+/// A fresh boot id: 8 bytes from the kernel's random source (the clock where there is none).
+fn boot_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        b = now_ms().to_le_bytes();
+    }
+    format!("{:016x}", u64::from_le_bytes(b))
 }

@@ -274,7 +274,8 @@ pub struct Telemetry {
     pub v: u32,
     /// The agent start that sent it.
     pub boot_id: String,
-    /// Increases by one per telemetry message of a device, across restarts (it is kept on disk).
+    /// Increases with every telemetry message of a device, across restarts: the high 32 bits count
+    /// the device's starts (kept on disk), the low ones its messages since.
     pub seq: u64,
     /// When the readings were taken, unix milliseconds.
     pub at_ms: i64,

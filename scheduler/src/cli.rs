@@ -69,6 +69,10 @@ pub enum Command {
     Bench(BenchCommand),
 }
 
+/// Where `kiln up`'s embedded MQTT broker listens unless `--mqtt-listen` says otherwise (not 1883,
+/// which a Mosquitto on the same machine would hold).
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:7883";
+
 /// `kiln up`'s arguments.
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -83,7 +87,7 @@ pub struct UpArgs {
     pub backend: Option<BackendChoice>,
     /// Where the embedded MQTT broker listens, for outside MQTT clients to watch the studio
     /// (unused when scheduler.fleet.mqtt_url / KILN_MQTT_URL names a broker of your own).
-    #[arg(long, env = "KILN_MQTT_LISTEN", default_value = "127.0.0.1:7883")]
+    #[arg(long, env = "KILN_MQTT_LISTEN", default_value = DEFAULT_MQTT_LISTEN)]
     pub mqtt_listen: std::net::SocketAddr,
     /// No simulated devices (a real fleet talks to this farm).
     #[arg(long)]

@@ -33,7 +33,7 @@ pub struct Farm {
 }
 
 /// Writes a secret readable by its owner only.
-pub(crate) fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -44,6 +44,36 @@ pub(crate) fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     f.write_all(b"\n")?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// The token kept in `path` while it still authenticates with `role`; else a new one, created under
+/// `name` (or `name-2`, `name-3`, … if taken) and written to `path` (mode 0600). The secret, and
+/// whether it was created now.
+pub(crate) async fn ensure_token(
+    sched: &Scheduler,
+    path: &Path,
+    name: &str,
+    role: Role,
+) -> anyhow::Result<(String, bool)> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_owned();
+        if sched.authenticate(&t).is_some_and(|c| c.role == role) {
+            return Ok((t, false));
+        }
+    }
+    // First start, or the file was lost: a fresh token, under a free name.
+    let mut n = 1;
+    let secret = loop {
+        let free = if n == 1 { name.to_owned() } else { format!("{name}-{n}") };
+        match sched.create_token(&free, role).await {
+            Ok(s) => break s,
+            Err(crate::store::StoreError::Conflict(_)) if n < 1000 => n += 1,
+            Err(e) => return Err(e).with_context(|| format!("failed to create the {role} token")),
+        }
+    };
+    write_private(path, secret.expose())
+        .with_context(|| format!("failed to write the {role} token to {}", path.display()))?;
+    Ok((secret.expose().to_owned(), true))
 }
 
 /// Opens the store the config names: SQLite in the data dir unless `scheduler.database_url`
@@ -80,25 +110,7 @@ impl Farm {
             .await
             .context("failed to load the scheduler's state")?;
         let token_path = cfg.token_path();
-        let existing = std::fs::read_to_string(&token_path).ok().map(|t| t.trim().to_owned());
-        let token_created = match existing {
-            Some(t) if sched.authenticate(&t).is_some_and(|c| c.role == Role::Operator) => false,
-            _ => {
-                // First start, or the file was lost: a fresh operator token, under a free name.
-                let mut n = 1;
-                let secret = loop {
-                    let name = if n == 1 { "operator".to_owned() } else { format!("operator-{n}") };
-                    match sched.create_token(&name, Role::Operator).await {
-                        Ok(s) => break s,
-                        Err(crate::store::StoreError::Conflict(_)) if n < 1000 => n += 1,
-                        Err(e) => return Err(e).context("failed to create the operator token"),
-                    }
-                };
-                write_private(&token_path, secret.expose())
-                    .with_context(|| format!("failed to write the operator token to {}", token_path.display()))?;
-                true
-            }
-        };
+        let (_, token_created) = ensure_token(&sched, &token_path, "operator", Role::Operator).await?;
         let addr = cfg.scheduler.listen;
         let listener =
             TcpListener::bind(addr).await.with_context(|| format!("failed to listen on {addr} (scheduler.listen)"))?;

@@ -216,8 +216,8 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                     return Ok(());
                 }
             };
-            let current = match sched.store.task(&task_id).await? {
-                Some((t, _)) if t.device_id == id => t.state,
+            let current = match sched.store.task_row(&task_id).await? {
+                Some(t) if t.device_id == id => t.state,
                 _ => {
                     dropped(sched, "report", "unknown_task");
                     return Ok(());

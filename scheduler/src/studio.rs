@@ -20,10 +20,6 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Role;
 use crate::scheduler::Scheduler;
 
-/// Where the embedded broker listens unless `kiln up --mqtt-listen` says otherwise (not 1883, which
-/// a Mosquitto on the same machine would hold).
-pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:7883";
-
 /// Starts the embedded broker on `listen` (port 0 picks one); the address it listens on.
 pub fn start_broker(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
     // rumqttd binds on its own thread and reports a taken port only in its log: bind here first,
@@ -94,7 +90,8 @@ impl Studio {
     pub async fn start(sched: &Arc<Scheduler>, data: &Path, mqtt_url: &str, api_url: &str) -> anyhow::Result<Studio> {
         let dir = data.join("studio");
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
-        let token = device_token(sched, &dir.join("device.token")).await?;
+        let (token, _) =
+            crate::farm::ensure_token(sched, &dir.join("device.token"), "studio-agent", Role::Device).await?;
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
         let printer = SimDevice::printer(loopback, PrinterSetup { print_ms: 1_500, ..PrinterSetup::default() }).await?;
         let lights = SimDevice::lights(loopback).await?;
@@ -152,27 +149,4 @@ impl Studio {
         self.stop.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.agent).await;
     }
-}
-
-/// The studio agent's device token: the one kept in `path` while it still works, else a new one.
-async fn device_token(sched: &Scheduler, path: &Path) -> anyhow::Result<String> {
-    if let Ok(t) = std::fs::read_to_string(path) {
-        let t = t.trim().to_owned();
-        if sched.authenticate(&t).is_some_and(|c| c.role == Role::Device) {
-            return Ok(t);
-        }
-    }
-    for n in 1..1000 {
-        let name = if n == 1 { "studio-agent".to_owned() } else { format!("studio-agent-{n}") };
-        match sched.create_token(&name, Role::Device).await {
-            Ok(secret) => {
-                crate::farm::write_private(path, secret.expose())
-                    .with_context(|| format!("failed to keep the studio's device token in {}", path.display()))?;
-                return Ok(secret.expose().to_owned());
-            }
-            Err(crate::store::StoreError::Conflict(_)) => continue,
-            Err(e) => return Err(e).context("failed to create the studio's device token"),
-        }
-    }
-    anyhow::bail!("no free name for the studio's device token")
 }

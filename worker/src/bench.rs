@@ -33,14 +33,19 @@ pub struct BenchArgs {
     pub burn: bool,
 }
 
-/// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A `kB` line of `/proc/{pid}/status` (`VmRSS:`, `VmHWM:`…) in MiB; 0 where there is none.
+pub fn proc_status_mib(pid: &str, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
+fn peak_rss_mib() -> f64 {
+    proc_status_mib("self", "VmHWM:")
 }
 
 /// Resets the peak so the next reading covers one case only.

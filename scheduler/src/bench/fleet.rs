@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use hyper::Method;
+use kiln_worker::bench::proc_status_mib;
 use serde_json::json;
 
 use super::{BenchFarm, median, percentile, tiny_jobs};
@@ -57,16 +58,6 @@ fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     let ticks: f64 =
         f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
     Ok(ticks / 100.0)
-}
-
-/// A `kB` line of /proc/PID/status, in MB.
-fn status_mb(pid: &str, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 struct RunFigures {
@@ -162,7 +153,7 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     for id in &ids {
         let until = Instant::now() + Duration::from_secs(120);
         loop {
-            let (t, _) = farm.sched.store.task(id).await?.context("a task vanished")?;
+            let t = farm.sched.store.task_row(id).await?.context("a task vanished")?;
             if t.state.is_terminal() {
                 if t.state != TaskState::Succeeded {
                     bail!("task {id} ended {}: {}", t.state, t.detail.unwrap_or_default());
@@ -179,7 +170,7 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     let wall = t0.elapsed().as_secs_f64();
     let load_cpu = (cpu_seconds(&me)? - c0) / wall;
     let load_agents_cpu = (cpu_seconds(&agent_pid)? - a0) / wall;
-    let (rss_mb, agents_rss_mb) = (status_mb(&me, "VmRSS:"), status_mb(&agent_pid, "VmRSS:"));
+    let (rss_mb, agents_rss_mb) = (proc_status_mib(&me, "VmRSS:"), proc_status_mib(&agent_pid, "VmRSS:"));
     lat.sort_by(f64::total_cmp);
     let _ = agents.kill().await;
     farm.stop(false).await?;

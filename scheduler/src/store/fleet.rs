@@ -235,6 +235,8 @@ pub trait FleetStore: Send + Sync {
     fn create_task(&self, t: NewTask, now_ms: i64) -> BoxFut<'_, Result<DeviceTask, StoreError>>;
     /// One task and its events.
     fn task(&self, id: &str) -> BoxFut<'_, Result<Option<TaskWithEvents>, StoreError>>;
+    /// One task, without its events.
+    fn task_row(&self, id: &str) -> BoxFut<'_, Result<Option<DeviceTask>, StoreError>>;
     /// Tasks, newest first, optionally of one device or state.
     fn tasks(
         &self,
@@ -434,9 +436,7 @@ macro_rules! fleet_impl {
             ) -> BoxFut<'_, Result<Option<$crate::store::fleet::TaskWithEvents>, StoreError>> {
                 let id = id.to_owned();
                 Box::pin(async move {
-                    let Some(row) =
-                        sqlx::query("SELECT * FROM device_tasks WHERE id = $1").bind(&id).fetch_optional(&self.read).await?
-                    else {
+                    let Some(task) = $crate::store::fleet::FleetStore::task_row(self, &id).await? else {
                         return Ok(None);
                     };
                     let events = sqlx::query("SELECT * FROM device_task_events WHERE task_id = $1 ORDER BY n")
@@ -444,7 +444,16 @@ macro_rules! fleet_impl {
                         .fetch_all(&self.read)
                         .await?;
                     let events = events.iter().map($crate::store::fleet::task_event_from_row).collect::<Result<_, _>>()?;
-                    Ok(Some(($crate::store::fleet::task_from_row(&row)?, events)))
+                    Ok(Some((task, events)))
+                })
+            }
+
+            fn task_row(&self, id: &str) -> BoxFut<'_, Result<Option<$crate::store::fleet::DeviceTask>, StoreError>> {
+                let id = id.to_owned();
+                Box::pin(async move {
+                    let row =
+                        sqlx::query("SELECT * FROM device_tasks WHERE id = $1").bind(&id).fetch_optional(&self.read).await?;
+                    row.as_ref().map($crate::store::fleet::task_from_row).transpose()
                 })
             }
 
