@@ -1,5 +1,6 @@
 //! The edge fleet end to end: a farm with its fleet bridge on the local Mosquitto, simulated
-//! devices (real Modbus TCP servers on loopback), and a real `kiln-edge` process driving them.
+//! devices (real Modbus TCP servers on loopback, or one RTU line through a socat pty), and a real
+//! `kiln-edge` process driving them.
 //! Each test has its own topic prefix, so they share the broker without seeing each other.
 
 mod common;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestFarm, job, sibling, test_config};
 use hyper::Method;
-use kiln_edge::sim::{PrinterSetup, SimDevice};
+use kiln_edge::sim::{PrinterSetup, SimDevice, SimLine};
 use kiln_scheduler::testenv;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -24,24 +25,37 @@ struct Studio {
     dir: tempfile::TempDir,
     config: std::path::PathBuf,
     agent: Option<Child>,
+    /// The RTU line and the socat that makes it a terminal, when the Modbus devices are on one.
+    line: Option<(SimLine, Child)>,
 }
 
 impl Drop for Studio {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ = a.kill();
-            let _ = a.wait();
+        let line = self.line.take().map(|(_, socat)| socat);
+        for mut c in self.agent.take().into_iter().chain(line) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
+}
+
+/// How the agent reaches the printer and the light rig.
+#[derive(Clone, Copy)]
+enum Wiring {
+    /// Each its own Modbus TCP server.
+    Tcp,
+    /// Both on one RTU serial line (units 1 and 2): the agent opens a pseudo-terminal that socat
+    /// joins to the simulated line.
+    Rtu,
 }
 
 impl Studio {
     async fn start(setup: PrinterSetup) -> Option<Studio> {
         let (mqtt_url, prefix) = testenv::mqtt().await?;
-        Some(Studio::start_on(setup, mqtt_url, prefix).await)
+        Some(Studio::start_on(setup, mqtt_url, prefix, Wiring::Tcp).await)
     }
 
-    async fn start_on(setup: PrinterSetup, mqtt_url: String, prefix: String) -> Studio {
+    async fn start_on(setup: PrinterSetup, mqtt_url: String, prefix: String, wiring: Wiring) -> Studio {
         let filter = std::env::var("KILN_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let data = tempfile::tempdir().unwrap();
@@ -60,6 +74,30 @@ impl Studio {
         let lights = SimDevice::lights("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
+        let mut line = None;
+        let (pbus, lbus) = match wiring {
+            Wiring::Tcp => (format!("address = \"{}\"", printer.addr()), format!("address = \"{}\"", lights.addr())),
+            Wiring::Rtu => {
+                let sim = SimLine::start("127.0.0.1:0".parse().unwrap(), &[(1, &printer), (2, &lights)]).await.unwrap();
+                let tty = dir.path().join("ttyKILN0");
+                let socat = std::process::Command::new("socat")
+                    .arg(format!("pty,link={},raw,echo=0", tty.display()))
+                    .arg(format!("tcp:{}", sim.addr()))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start socat");
+                line = Some((sim, socat));
+                let until = Instant::now() + Duration::from_secs(10);
+                while !tty.exists() {
+                    assert!(Instant::now() < until, "socat made no terminal at {}", tty.display());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // A pseudo-terminal takes no parity bit: the line runs 8N2.
+                let serial = format!("serial = \"{}\", baud = 19200, parity = \"none\"", tty.display());
+                (format!("{serial}, unit = 1"), format!("{serial}, unit = 2"))
+            }
+        };
         let config = dir.path().join("edge.toml");
         let text = format!(
             r#"data_dir = "{d}/edge"
@@ -76,11 +114,11 @@ token = "{token}"
 id = "printer"
 kind = "printer"
 folder = "{d}/print-spool"
-modbus = {{ address = "{paddr}", timeout_ms = 300, retries = 1 }}
+modbus = {{ {pbus}, timeout_ms = 300, retries = 1 }}
 [[device]]
 id = "lights"
 kind = "lights"
-modbus = {{ address = "{laddr}", timeout_ms = 300, retries = 1 }}
+modbus = {{ {lbus}, timeout_ms = 300, retries = 1 }}
 [[device]]
 id = "camera"
 kind = "camera"
@@ -91,11 +129,9 @@ kind = "display"
 folder = "{d}/gallery"
 "#,
             url = farm.url,
-            paddr = printer.addr(),
-            laddr = lights.addr(),
         );
         std::fs::write(&config, text).unwrap();
-        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None };
+        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line };
         s.spawn_agent();
         s
     }
@@ -375,6 +411,61 @@ async fn malformed_payloads_are_dropped_or_rejected_and_a_silent_printer_fails_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_printer_and_a_light_rig_share_one_rtu_line() {
+    let Some((mqtt_url, prefix)) = testenv::mqtt().await else { return };
+    if !testenv::program("socat") {
+        return;
+    }
+    let s = Studio::start_on(PrinterSetup::default(), mqtt_url, prefix, Wiring::Rtu).await;
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let asset = s.render(11).await;
+
+    // Both units answer on the one line, each to its own id.
+    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 2, "brightness": 640 } })).await;
+    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(20)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    assert_eq!(&s.lights.registers()[..2], &[2, 640]);
+    assert_eq!(s.printer.registers()[..2], [0, 50], "the printer's registers were not touched by the lights");
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let regs = s.printer.registers();
+    assert_eq!((regs[3], regs[1]), (1, 49), "one job, one sheet used: {regs:?}");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
+        if d["telemetry"]["media"] == 49 {
+            break;
+        }
+        assert!(Instant::now() < until, "no printer telemetry over the line: {d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The printer falls silent on the line: its print fails cleanly and it shows degraded, while
+    // the light rig on the same line still does its work.
+    s.printer.set_answering(false);
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "failed", Duration::from_secs(30)).await;
+    assert_eq!(t["state"], "failed", "{t:#}");
+    assert!(t["detail"].as_str().unwrap().contains("no answer"), "{t:#}");
+    assert!(t["detail"].as_str().unwrap().contains("modbus rtu"), "{t:#}");
+    s.wait_state(&["printer"], "degraded", Duration::from_secs(10)).await;
+    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 4 } })).await;
+    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(t["state"], "succeeded", "{t:#}");
+    assert_eq!(s.lights.registers()[0], 4);
+    assert_eq!(s.printer.registers()[3], 1, "nothing more printed");
+
+    // It answers again: back online, and it prints.
+    s.printer.set_answering(true);
+    s.wait_state(&["printer"], "online", Duration::from_secs(15)).await;
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    assert_eq!(s.printer.registers()[3], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_mid_print_does_not_print_again() {
     let setup = PrinterSetup { print_ms: 2_500, ..PrinterSetup::default() };
     let Some(mut s) = Studio::start(setup).await else { return };
@@ -445,7 +536,7 @@ async fn a_broker_outage_loses_nothing_and_runs_nothing_twice() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut broker = PrivateBroker::start(port);
     let setup = PrinterSetup { print_ms: 2_000, ..PrinterSetup::default() };
-    let s = Studio::start_on(setup, format!("mqtt://127.0.0.1:{port}"), "kiln".into()).await;
+    let s = Studio::start_on(setup, format!("mqtt://127.0.0.1:{port}"), "kiln".into(), Wiring::Tcp).await;
     s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
     let asset = s.render(10).await;
     let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;

@@ -156,6 +156,10 @@ pub struct ModbusConfig {
     /// The serial line's baud rate.
     #[serde(default = "defaults::baud")]
     pub baud: u32,
+    /// The serial line's parity: `even` (the Modbus default), `odd`, or `none` (then two stop
+    /// bits, as the Modbus serial line specification asks).
+    #[serde(default)]
+    pub parity: Parity,
     /// The unit (slave) id.
     #[serde(default = "defaults::unit")]
     pub unit: u8,
@@ -171,6 +175,40 @@ impl ModbusConfig {
     /// Each call's timeout.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// A serial line's parity; eight data bits always, one stop bit with parity, two without.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    /// Even parity, the Modbus default.
+    #[default]
+    Even,
+    /// Odd parity.
+    Odd,
+    /// No parity, two stop bits.
+    None,
+}
+
+impl std::fmt::Display for Parity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+            Parity::None => "none",
+        })
+    }
+}
+
+impl Parity {
+    /// The stty settings for it.
+    pub fn stty(self) -> [&'static str; 3] {
+        match self {
+            Parity::Even => ["parenb", "-parodd", "-cstopb"],
+            Parity::Odd => ["parenb", "parodd", "-cstopb"],
+            Parity::None => ["-parenb", "-parodd", "cstopb"],
+        }
     }
 }
 
@@ -313,6 +351,8 @@ impl Config {
             return err("device: no [[device]] is configured; the agent would have nothing to do".into());
         }
         let mut seen = std::collections::HashSet::new();
+        let mut units = std::collections::HashMap::new();
+        let mut lines = std::collections::HashMap::new();
         for (i, d) in self.devices.iter().enumerate() {
             let key = format!("device[{i}]");
             if !valid_id(&d.id) {
@@ -322,6 +362,24 @@ impl Config {
                 return err(format!("{key}.id: {:?} is configured twice", d.id));
             }
             d.check().map_err(|m| ConfigError(format!("{key} ({}): {m}", d.id)))?;
+            let Some(m) = &d.modbus else { continue };
+            let bus = match (&m.address, &m.serial) {
+                (Some(a), _) => format!("address {a}"),
+                (None, Some(p)) => format!("serial {}", p.display()),
+                (None, None) => continue,
+            };
+            if let Some(other) = units.insert((bus.clone(), m.unit), &d.id) {
+                return err(format!("{key}.modbus.unit: {} on {bus} is also {other:?}'s", m.unit));
+            }
+            if m.serial.is_some()
+                && let Some((other, baud, parity)) = lines.insert(bus.clone(), (&d.id, m.baud, m.parity))
+                && (baud, parity) != (m.baud, m.parity)
+            {
+                return err(format!(
+                    "{key}.modbus: {bus} is set to {} baud, parity {} here but {baud} baud, parity {parity} for {other:?}; devices on one line share its settings",
+                    m.baud, m.parity
+                ));
+            }
         }
         Ok(())
     }
@@ -402,6 +460,20 @@ mod tests {
             ("[[device]]\nid = \"c\"\nkind = \"toaster\"\n", "unknown variant `toaster`"),
             ("[[device]]\nid = \"c\"\nkind = \"display\"\nfolder = \"/x\"\ncolour = 1\n", "unknown field `colour`"),
             ("[mqtt]\nurl = \"mqtt://h:notaport\"\n", "mqtt.url"),
+            (
+                "[[device]]\nid = \"l\"\nkind = \"lights\"\nmodbus = { serial = \"/dev/ttyUSB0\", parity = \"mark\" }\n",
+                "unknown variant `mark`",
+            ),
+            (
+                "[[device]]\nid = \"l1\"\nkind = \"lights\"\nmodbus = { serial = \"/dev/ttyUSB0\" }\n\
+                 [[device]]\nid = \"l2\"\nkind = \"lights\"\nmodbus = { serial = \"/dev/ttyUSB0\", unit = 2, baud = 19200 }\n",
+                "device[1].modbus: serial /dev/ttyUSB0 is set to 19200 baud",
+            ),
+            (
+                "[[device]]\nid = \"l1\"\nkind = \"lights\"\nmodbus = { address = \"10.0.0.9:502\" }\n\
+                 [[device]]\nid = \"l2\"\nkind = \"lights\"\nmodbus = { address = \"10.0.0.9:502\" }\n",
+                "device[1].modbus.unit: 1 on address 10.0.0.9:502 is also \"l1\"'s",
+            ),
         ];
         for (extra, want) in cases {
             let e = parse(extra).unwrap_err().to_string();

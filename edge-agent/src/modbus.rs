@@ -13,7 +13,7 @@ use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::slave::Slave;
 
-use crate::config::ModbusConfig;
+use crate::config::{ModbusConfig, Parity};
 
 /// One Modbus call.
 #[derive(Debug, Clone)]
@@ -70,14 +70,14 @@ pub enum ModbusError {
 #[derive(Debug, Clone)]
 enum Target {
     Tcp(String),
-    Serial(PathBuf, u32),
+    Serial(PathBuf, u32, Parity),
 }
 
 impl Target {
     fn name(&self) -> String {
         match self {
             Target::Tcp(a) => format!("modbus tcp {a}"),
-            Target::Serial(p, _) => format!("modbus rtu {}", p.display()),
+            Target::Serial(p, ..) => format!("modbus rtu {}", p.display()),
         }
     }
 }
@@ -106,7 +106,7 @@ impl Buses {
     pub fn device(&mut self, cfg: &ModbusConfig) -> Device {
         let target = match (&cfg.address, &cfg.serial) {
             (Some(a), _) => Target::Tcp(a.clone()),
-            (None, Some(p)) => Target::Serial(p.clone(), cfg.baud),
+            (None, Some(p)) => Target::Serial(p.clone(), cfg.baud, cfg.parity),
             (None, None) => Target::Tcp(String::new()), // refused by the config check
         };
         let name = target.name();
@@ -172,20 +172,32 @@ async fn connect(target: &Target, unit: u8) -> std::io::Result<Context> {
                 .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
             tokio_modbus::client::tcp::connect_slave(addr, Slave(unit)).await
         }
-        Target::Serial(path, baud) => {
-            // Raw mode at the configured rate, then the line as a file: no serial crate (and no
-            // libudev) in the agent.
-            let status = tokio::process::Command::new("stty")
+        Target::Serial(path, baud, parity) => {
+            // The line as two non-blocking descriptors (one to read, one to write) on tokio's
+            // reactor, so a call cut off by its timeout leaves no read pending on a blocking
+            // thread to swallow the next reply; the line set up by stty while they are open. No
+            // serial crate (and no libudev) in the agent.
+            let mut open = tokio::net::unix::pipe::OpenOptions::new();
+            open.unchecked(true);
+            let rx = open.open_receiver(path)?;
+            let tx = open.open_sender(path)?;
+            let out = tokio::process::Command::new("stty")
                 .arg("-F")
                 .arg(path)
-                .args([&baud.to_string(), "raw", "-echo"])
-                .status()
+                .arg(baud.to_string())
+                .args(["raw", "-echo", "cs8", "clocal", "cread"])
+                .args(parity.stty())
+                .stdin(std::process::Stdio::null())
+                .output()
                 .await?;
-            if !status.success() {
-                return Err(std::io::Error::other(format!("stty could not set up {}", path.display())));
+            if !out.status.success() {
+                let said = String::from_utf8_lossy(&out.stderr);
+                return Err(std::io::Error::other(format!(
+                    "stty could not set {baud} baud, parity {parity} on the line: {}",
+                    said.trim()
+                )));
             }
-            let file = tokio::fs::OpenOptions::new().read(true).write(true).open(path).await?;
-            Ok(tokio_modbus::client::rtu::attach_slave(file, Slave(unit)))
+            Ok(tokio_modbus::client::rtu::attach_slave(tokio::io::join(rx, tx), Slave(unit)))
         }
     }
 }

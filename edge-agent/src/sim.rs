@@ -4,20 +4,21 @@
 //!
 //! The printer is a state machine: ready → printing (for `print_ms`) → ready, one sheet and some
 //! ink used per job; when the paper runs out it shows error 1 (out of paper) until refilled. Either
-//! device can be told to stop answering (requests hang, as a device that lost power mid-line
-//! would), to test timeouts.
+//! device can be told to stop answering (requests get no reply, as from a device that lost
+//! power), to test timeouts.
+//!
+//! A [`SimLine`] puts devices on one RTU bus by unit id: RTU frames (with their CRC) over TCP on
+//! loopback, which `socat pty,link=PATH,raw,echo=0 tcp:ADDR` turns into a terminal the agent opens
+//! as its serial line. A unit nobody answers to stays silent, as on a real line.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_modbus::server::Service;
-use tokio_modbus::server::tcp::{Server, accept_tcp_connection};
-use tokio_modbus::{ExceptionCode, Request, Response};
+use tokio_modbus::server::{Service, rtu_over_tcp, tcp};
+use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 
 use crate::config::{LightsMap, PrinterMap};
 
@@ -99,21 +100,7 @@ impl SimDevice {
             answering: AtomicBool::new(true),
             job_epoch: Mutex::new(0),
         });
-        let svc = Svc(inner.clone());
-        let task = tokio::spawn(async move {
-            let server = Server::new(listener);
-            let new_service = move |_| Ok(Some(svc.clone()));
-            let on_connected = |stream, addr| {
-                let new_service = new_service.clone();
-                async move { accept_tcp_connection(stream, addr, new_service) }
-            };
-            if let Err(e) = server
-                .serve(&on_connected, |e| tracing::debug!(error = %e, "simulated device: a connection failed"))
-                .await
-            {
-                tracing::warn!(error = %e, "simulated device stopped");
-            }
-        });
+        let task = serve(listener, Proto::Tcp, Svc::One(inner.clone()));
         Ok(SimDevice { addr, inner, task })
     }
 
@@ -227,19 +214,91 @@ impl Inner {
     }
 }
 
+/// Simulated devices on one RTU line, by unit id. Dropping it stops the server (the devices'
+/// own TCP servers keep running).
+pub struct SimLine {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SimLine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SimLine {
+    /// A line serving RTU frames over TCP on `bind` (port 0 for any), with `units` on it: the same
+    /// simulated devices, reached by their unit ids.
+    pub async fn start(bind: SocketAddr, units: &[(u8, &SimDevice)]) -> std::io::Result<SimLine> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let units = units.iter().map(|(id, d)| (*id, d.inner.clone())).collect();
+        let task = serve(listener, Proto::RtuOverTcp, Svc::Line(Arc::new(units)));
+        Ok(SimLine { addr, task })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Proto {
+    Tcp,
+    RtuOverTcp,
+}
+
+fn serve(listener: TcpListener, proto: Proto, svc: Svc) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let new_service = move |_| Ok(Some(svc.clone()));
+        let on_error = |e| tracing::debug!(error = %e, "simulated device: a connection failed");
+        let served = match proto {
+            Proto::Tcp => {
+                let on_connected = |stream, addr| {
+                    let new_service = new_service.clone();
+                    async move { tcp::accept_tcp_connection(stream, addr, new_service) }
+                };
+                tcp::Server::new(listener).serve(&on_connected, on_error).await
+            }
+            Proto::RtuOverTcp => {
+                let on_connected = |stream, addr| {
+                    let new_service = new_service.clone();
+                    async move { rtu_over_tcp::accept_tcp_connection(stream, addr, new_service) }
+                };
+                rtu_over_tcp::Server::new(listener).serve(&on_connected, on_error).await
+            }
+        };
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "simulated device stopped");
+        }
+    })
+}
+
+/// One device on its own TCP server (the unit id is not looked at, as Modbus TCP devices mostly
+/// do), or the units of a line.
 #[derive(Clone)]
-struct Svc(Arc<Inner>);
+enum Svc {
+    One(Arc<Inner>),
+    Line(Arc<Vec<(u8, Arc<Inner>)>>),
+}
 
 impl Service for Svc {
-    type Request = Request<'static>;
-    type Response = Response;
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
     type Exception = ExceptionCode;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
+    type Future = std::future::Ready<Result<Option<Response>, ExceptionCode>>;
 
     fn call(&self, req: Self::Request) -> Self::Future {
-        if !self.0.answering.load(Ordering::SeqCst) {
-            return Box::pin(std::future::pending());
-        }
-        Box::pin(std::future::ready(self.0.handle(req)))
+        let device = match self {
+            Svc::One(inner) => Some(inner),
+            Svc::Line(units) => units.iter().find(|(id, _)| *id == req.slave).map(|(_, d)| d),
+        };
+        let reply = match device {
+            Some(d) if d.answering.load(Ordering::SeqCst) => d.handle(req.request).map(Some),
+            _ => Ok(None), // silence: the caller's timeout
+        };
+        std::future::ready(reply)
     }
 }

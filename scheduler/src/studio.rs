@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use kiln_edge::config::{Config as EdgeConfig, DeviceConfig, LightsMap, ModbusConfig, MqttConfig, PrinterMap};
+use kiln_edge::config::{Config as EdgeConfig, DeviceConfig, LightsMap, ModbusConfig, MqttConfig, Parity, PrinterMap};
 use kiln_edge::sim::{PrinterSetup, SimDevice};
 use kiln_protocol::fleet::DeviceKind;
 use tokio_util::sync::CancellationToken;
@@ -99,6 +99,7 @@ impl Studio {
             address: Some(addr.to_string()),
             serial: None,
             baud: 9_600,
+            parity: Parity::default(),
             unit: 1,
             timeout_ms: 1_000,
             retries: 2,

@@ -25,10 +25,35 @@ pub fn services_required() -> bool {
 }
 
 fn skip_or_fail(service: &str, var: &str, url: &str, e: &dyn std::fmt::Display) {
+    skip_or_fail_because(&format!("{service} at {url} is unreachable ({e})"), &format!("set {var}"));
+}
+
+fn skip_or_fail_because(why: &str, fix: &str) {
     if services_required() {
-        panic!("KILN_TEST_REQUIRE_SERVICES=1 but {service} at {url} is unreachable ({var}): {e}");
+        panic!("KILN_TEST_REQUIRE_SERVICES=1 but {why}");
     }
-    eprintln!("skipping: {service} at {url} is unreachable ({e}); set {var}, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+    eprintln!("skipping: {why}; {fix}, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+}
+
+/// Whether the program `name` runs (as `name -V`); when it does not, says so and returns false,
+/// or fails when services are required. For tools a test drives, such as socat.
+pub fn program(name: &str) -> bool {
+    let ran = std::process::Command::new(name)
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    match ran {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            skip_or_fail_because(&format!("`{name} -V` exited with {s}"), &format!("install {name}"));
+            false
+        }
+        Err(e) => {
+            skip_or_fail_because(&format!("{name} does not run ({e})"), &format!("install {name}"));
+            false
+        }
+    }
 }
 
 /// The PostgreSQL server tests use.
