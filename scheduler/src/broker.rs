@@ -381,6 +381,14 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
             // so a store that is down is not asked hundreds of times a second.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        // The channel is this consumer's alone and a batch is every delivery not yet answered, in
+        // order: when all were recorded, one ack of the last with `multiple` answers the lot.
+        if recorded.iter().all(|ok| *ok)
+            && let Some(last) = batch.last()
+        {
+            last.ack(BasicAckOptions { multiple: true }).await?;
+            continue;
+        }
         for (d, ok) in batch.iter().zip(recorded) {
             if ok {
                 d.ack(BasicAckOptions::default()).await?;
