@@ -196,6 +196,27 @@ folder = "{d}/gallery"
         }
     }
 
+    /// Creates a task and waits for it to succeed through every state; returns it.
+    async fn run_task(&self, device: &str, body: Value, within: Duration) -> Value {
+        let id = self.create(device, body).await;
+        let t = self.wait_task(&id, "succeeded", within).await;
+        assert_eq!(states(&t), happy_path(), "{t:#}");
+        t
+    }
+
+    /// Waits for the printer's telemetry to show `media` sheets; returns the device.
+    async fn wait_printer_media(&self, media: u64) -> Value {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let d = self.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
+            if d["telemetry"]["media"] == media {
+                return d;
+            }
+            assert!(Instant::now() < until, "no printer telemetry showing {media} sheets: {d:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A rendered asset's hash.
     async fn render(&self, seed: u64) -> String {
         let j = self.farm.submit(job("kiln in the studio", seed, "preview")).await;
@@ -279,9 +300,12 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
     let asset = s.render(7).await;
 
     // Lights before the photo.
-    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 3, "brightness": 800 } })).await;
-    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(20)).await;
-    assert_eq!(states(&t), happy_path(), "{t:#}");
+    s.run_task(
+        "lights",
+        json!({ "kind": "lights", "params": { "scene": 3, "brightness": 800 } }),
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(&s.lights.registers()[..2], &[3, 800]);
 
     // Print the approved piece: the file lands in the printer's spool folder and the printer's
@@ -295,18 +319,14 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
     assert_eq!(spooled.len(), 1);
 
     // Photograph it: the photo is uploaded as an asset and linked to the task.
-    let capture = s.create("camera", json!({ "kind": "capture" })).await;
-    let t = s.wait_task(&capture, "succeeded", Duration::from_secs(30)).await;
-    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let t = s.run_task("camera", json!({ "kind": "capture" }), Duration::from_secs(30)).await;
     let photo = t["output_asset"].as_str().expect("the capture names its photo").to_owned();
     let got = s.farm.raw(Method::GET, &format!("/v1/assets/{photo}"), "").await;
     assert_eq!(got.status, 200);
     assert!(got.body.starts_with(b"photo "));
 
     // Hang it on the gallery screen: the signage folder shows the asset, byte for byte.
-    let display = s.create("display", json!({ "kind": "display", "asset": asset })).await;
-    let t = s.wait_task(&display, "succeeded", Duration::from_secs(30)).await;
-    assert_eq!(states(&t), happy_path(), "{t:#}");
+    s.run_task("display", json!({ "kind": "display", "asset": asset }), Duration::from_secs(30)).await;
     let shown = std::fs::read(s.dir.path().join("gallery/current.png")).unwrap();
     assert_eq!(blake3::hash(&shown).to_hex().as_str(), asset);
 
@@ -320,16 +340,8 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
     assert_eq!(s.task(&print).await["state"], "succeeded");
 
     // Telemetry arrives: the printer's registers, in order (nothing stale dropped).
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
-        if d["telemetry"]["media"] == 49 {
-            assert_eq!(d["telemetry"]["printer_state"], "ready");
-            break;
-        }
-        assert!(Instant::now() < until, "no fresh printer telemetry: {d:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let d = s.wait_printer_media(49).await;
+    assert_eq!(d["telemetry"]["printer_state"], "ready");
     assert_eq!(s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale\",topic=\"telemetry\"").await, 0.0);
     assert_eq!(s.farm.metric("kiln_device_tasks_total", "outcome=\"succeeded\"").await, 4.0);
 
@@ -421,25 +433,18 @@ async fn a_printer_and_a_light_rig_share_one_rtu_line() {
     let asset = s.render(11).await;
 
     // Both units answer on the one line, each to its own id.
-    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 2, "brightness": 640 } })).await;
-    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(20)).await;
-    assert_eq!(states(&t), happy_path(), "{t:#}");
+    s.run_task(
+        "lights",
+        json!({ "kind": "lights", "params": { "scene": 2, "brightness": 640 } }),
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(&s.lights.registers()[..2], &[2, 640]);
     assert_eq!(s.printer.registers()[..2], [0, 50], "the printer's registers were not touched by the lights");
-    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
-    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
-    assert_eq!(states(&t), happy_path(), "{t:#}");
+    s.run_task("printer", json!({ "kind": "print", "asset": asset }), Duration::from_secs(30)).await;
     let regs = s.printer.registers();
     assert_eq!((regs[3], regs[1]), (1, 49), "one job, one sheet used: {regs:?}");
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let d = s.farm.client.call(Method::GET, "/v1/devices/printer", None).await.unwrap();
-        if d["telemetry"]["media"] == 49 {
-            break;
-        }
-        assert!(Instant::now() < until, "no printer telemetry over the line: {d:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.wait_printer_media(49).await;
 
     // The printer falls silent on the line: its print fails cleanly and it shows degraded, while
     // the light rig on the same line still does its work.
@@ -450,18 +455,14 @@ async fn a_printer_and_a_light_rig_share_one_rtu_line() {
     assert!(t["detail"].as_str().unwrap().contains("no answer"), "{t:#}");
     assert!(t["detail"].as_str().unwrap().contains("modbus rtu"), "{t:#}");
     s.wait_state(&["printer"], "degraded", Duration::from_secs(10)).await;
-    let lights = s.create("lights", json!({ "kind": "lights", "params": { "scene": 4 } })).await;
-    let t = s.wait_task(&lights, "succeeded", Duration::from_secs(30)).await;
-    assert_eq!(t["state"], "succeeded", "{t:#}");
+    s.run_task("lights", json!({ "kind": "lights", "params": { "scene": 4 } }), Duration::from_secs(30)).await;
     assert_eq!(s.lights.registers()[0], 4);
     assert_eq!(s.printer.registers()[3], 1, "nothing more printed");
 
     // It answers again: back online, and it prints.
     s.printer.set_answering(true);
     s.wait_state(&["printer"], "online", Duration::from_secs(15)).await;
-    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
-    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
-    assert_eq!(states(&t), happy_path(), "{t:#}");
+    s.run_task("printer", json!({ "kind": "print", "asset": asset }), Duration::from_secs(30)).await;
     assert_eq!(s.printer.registers()[3], 2);
 }
 
