@@ -172,34 +172,53 @@ async fn connect(target: &Target, unit: u8) -> std::io::Result<Context> {
                 .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to nothing")))?;
             tokio_modbus::client::tcp::connect_slave(addr, Slave(unit)).await
         }
-        Target::Serial(path, baud, parity) => {
-            // The line as two non-blocking descriptors (one to read, one to write) on tokio's
-            // reactor, so a call cut off by its timeout leaves no read pending on a blocking
-            // thread to swallow the next reply; the line set up by stty while they are open. No
-            // serial crate (and no libudev) in the agent.
-            let mut open = tokio::net::unix::pipe::OpenOptions::new();
-            open.unchecked(true);
-            let rx = open.open_receiver(path)?;
-            let tx = open.open_sender(path)?;
-            let out = tokio::process::Command::new("stty")
-                .arg("-F")
-                .arg(path)
-                .arg(baud.to_string())
-                .args(["raw", "-echo", "cs8", "clocal", "cread"])
-                .args(parity.stty())
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await?;
-            if !out.status.success() {
-                let said = String::from_utf8_lossy(&out.stderr);
-                return Err(std::io::Error::other(format!(
-                    "stty could not set {baud} baud, parity {parity} on the line: {}",
-                    said.trim()
-                )));
-            }
-            Ok(tokio_modbus::client::rtu::attach_slave(tokio::io::join(rx, tx), Slave(unit)))
-        }
+        Target::Serial(path, baud, parity) => open_serial(path, *baud, *parity)
+            .await
+            .map(|line| tokio_modbus::client::rtu::attach_slave(line, Slave(unit))),
     }
+}
+
+/// Opens a serial line as two non-blocking descriptors (one to read, one to write) on tokio's
+/// reactor, so a call cut off by its timeout leaves no read pending on a blocking thread to
+/// swallow the next reply, then sets the line up with stty while they are open. No serial crate
+/// (and no libudev) in the agent.
+#[cfg(unix)]
+async fn open_serial(
+    path: &std::path::Path,
+    baud: u32,
+    parity: Parity,
+) -> std::io::Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> {
+    let mut open = tokio::net::unix::pipe::OpenOptions::new();
+    open.unchecked(true);
+    let rx = open.open_receiver(path)?;
+    let tx = open.open_sender(path)?;
+    let out = tokio::process::Command::new("stty")
+        .arg("-F")
+        .arg(path)
+        .arg(baud.to_string())
+        .args(["raw", "-echo", "cs8", "clocal", "cread"])
+        .args(parity.stty())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        return Err(std::io::Error::other(format!(
+            "stty could not set {baud} baud, parity {parity} on the line: {}",
+            said.trim()
+        )));
+    }
+    Ok(tokio::io::join(rx, tx))
+}
+
+/// Serial lines are for the Pi (Linux); elsewhere, a clear error.
+#[cfg(not(unix))]
+async fn open_serial(
+    _path: &std::path::Path,
+    _baud: u32,
+    _parity: Parity,
+) -> std::io::Result<tokio::io::Join<tokio::io::Empty, tokio::io::Sink>> {
+    Err(std::io::Error::other("Modbus RTU serial lines are supported on Linux and other Unix systems only"))
 }
 
 async fn exec(ctx: &mut Context, op: &Op) -> tokio_modbus::Result<Vec<u16>> {
