@@ -101,7 +101,7 @@ async fn the_cli_submits_waits_and_fetches_and_the_token_is_private() {
     let png = std::fs::read(&out).unwrap();
     assert_eq!(blake3::hash(&png).to_hex().as_str(), job["asset"].as_str().unwrap());
 
-    let listed = kiln().args(["jobs", "--data-dir"]).arg(&data).output().unwrap();
+    let listed = kiln().args(["jobs", "--data"]).arg(&data).output().unwrap();
     assert!(listed.status.success());
     assert!(String::from_utf8_lossy(&listed.stdout).contains(job["id"].as_str().unwrap()));
     let shown = kiln().args(["job", job["id"].as_str().unwrap(), "--data-dir"]).arg(&data).output().unwrap();

@@ -32,7 +32,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "KILN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Data directory: database, assets, cache index, operator token [default: ~/.local/share/kiln; env KILN_DATA_DIR].
-    #[arg(long, global = true)]
+    #[arg(long, global = true, visible_alias = "data")]
     pub data_dir: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long, global = true)]
