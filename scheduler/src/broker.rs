@@ -376,19 +376,17 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
         }
         let recorded =
             futures_util::future::join_all(batch.iter().map(|d| record_delivery(sched, names, dead, d))).await;
-        if recorded.iter().any(|ok| !ok) {
-            // The store is down: what failed goes back to the queue and comes again, after a pause
-            // so a store that is down is not asked hundreds of times a second.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        // The channel is this consumer's alone and a batch is every delivery not yet answered, in
-        // order: when all were recorded, one ack of the last with `multiple` answers the lot.
-        if recorded.iter().all(|ok| *ok)
-            && let Some(last) = batch.last()
-        {
-            last.ack(BasicAckOptions { multiple: true }).await?;
+        if recorded.iter().all(|ok| *ok) {
+            // The channel is this consumer's alone and a batch is every delivery not yet answered,
+            // in order: one ack of the last with `multiple` answers the lot.
+            if let Some(last) = batch.last() {
+                last.ack(BasicAckOptions { multiple: true }).await?;
+            }
             continue;
         }
+        // The store is down: what failed goes back to the queue and comes again, after a pause so
+        // a store that is down is not asked hundreds of times a second.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         for (d, ok) in batch.iter().zip(recorded) {
             if ok {
                 d.ack(BasicAckOptions::default()).await?;

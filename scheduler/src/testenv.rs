@@ -43,17 +43,13 @@ pub fn program(name: &str) -> bool {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
-    match ran {
-        Ok(s) if s.success() => true,
-        Ok(s) => {
-            skip_or_fail_because(&format!("`{name} -V` exited with {s}"), &format!("install {name}"));
-            false
-        }
-        Err(e) => {
-            skip_or_fail_because(&format!("{name} does not run ({e})"), &format!("install {name}"));
-            false
-        }
-    }
+    let why = match ran {
+        Ok(s) if s.success() => return true,
+        Ok(s) => format!("`{name} -V` exited with {s}"),
+        Err(e) => format!("{name} does not run ({e})"),
+    };
+    skip_or_fail_because(&why, &format!("install {name}"));
+    false
 }
 
 /// The PostgreSQL server tests use.
