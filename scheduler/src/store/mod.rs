@@ -252,6 +252,19 @@ impl Due {
     }
 }
 
+/// A worker's result to record: the arguments of [`Store::record`].
+#[derive(Debug, Clone)]
+pub(crate) struct Recorded {
+    /// The attempt.
+    pub d: Dispatch,
+    /// When the worker started it, unix milliseconds.
+    pub started_ms: i64,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Now, unix milliseconds.
+    pub now_ms: i64,
+}
+
 /// An outbox row due for the broker.
 #[derive(Debug, Clone)]
 pub struct Outgoing {

@@ -5,6 +5,7 @@
 //! The database URL is an ordinary `postgres://` URL; a schema other than `public` is chosen
 //! with the URL's `options=-csearch_path%3D<schema>` (the tests run each in its own schema).
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,10 +16,10 @@ use super::rows::{
     Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, state_of, token_from_row,
 };
-use super::writer::{Connect, OpFn, WriteConn, Writer};
+use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
 use super::{
     Admission, AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery,
-    NewJob, Outcome, Page, Pending, StateCount, Store, StoreError, Submitted, TokenRow,
+    NewJob, Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 use kiln_protocol::{JobState, Tier};
 
@@ -27,6 +28,8 @@ use kiln_protocol::{JobState, Tier};
 pub struct PgStore {
     writer: Writer<PgConnection>,
     read: PgPool,
+    submits: Gather<NewJob, Submitted>,
+    results: Gather<Recorded, Vec<Event>>,
 }
 
 impl WriteConn for PgConnection {
@@ -39,8 +42,20 @@ impl WriteConn for PgConnection {
 impl PgStore {
     /// Connects to the database at `url` and brings its schema up to date.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        // Every statement is planned for its own parameters and the tables' present size. A
+        // generic plan, cached after a statement's fifth run, keeps the estimates of that moment:
+        // made while the tables were nearly empty (a fresh farm, a burst) it scans where it
+        // should probe an index, 200 times slower once they have grown (26 ms instead of 0.12 ms
+        // for the submit's key lookup over 10,000 jobs), until the next `ANALYZE`.
         let opts = PgConnectOptions::from_str(url)?;
-        let mut conn = opts.connect().await?;
+        // The writer's session plans without sequential scans where an index will do: its
+        // statements all look rows up by keys with an index. A generic plan (cached after a
+        // statement's fifth run) keeps the estimates of its moment; made while the tables were
+        // nearly empty (a fresh farm under its first burst), it scanned where it should probe until
+        // the next `ANALYZE`: the submit's key lookup took 26 ms instead of 0.12 ms over 10,000
+        // jobs. Planning every run instead (`plan_cache_mode`) cost more than it saved.
+        let writer_opts = opts.clone().options([("enable_seqscan", "off")]);
+        let mut conn = writer_opts.connect().await?;
         sqlx::migrate!("./migrations/postgres").run(&mut conn).await?;
         let read = PgPoolOptions::new()
             .max_connections(8)
@@ -48,10 +63,13 @@ impl PgStore {
             .connect_with(opts.clone())
             .await?;
         let connect: Connect<PgConnection> = Box::new(move || {
-            let opts = opts.clone();
+            let opts = writer_opts.clone();
             Box::pin(async move { Ok(opts.connect().await?) })
         });
-        Ok(PgStore { writer: Writer::spawn(conn, connect), read })
+        let writer = Writer::spawn(conn, connect);
+        let submits = Gather::spawn(writer.clone(), |c, jobs| Box::pin(submit_many_op(c, jobs)));
+        let results = Gather::spawn(writer.clone(), |c, results| Box::pin(record_many_op(c, results)));
+        Ok(PgStore { writer, read, submits, results })
     }
 
     /// Creates the schema `name` in the database at `base` and returns a URL whose connections
@@ -76,80 +94,226 @@ impl PgStore {
     async fn write<T: Send + 'static>(&self, f: OpFn<PgConnection, T>) -> Result<T, StoreError> {
         self.writer.write(f).await
     }
+
+    /// Submits `jobs` as one batch (tests: a batch the gathering would make only by chance).
+    #[cfg(test)]
+    pub(super) async fn submit_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+        self.write(Box::new(move |c| Box::pin(submit_many_op(c, jobs)))).await
+    }
+
+    /// Records `results` as one batch (tests).
+    #[cfg(test)]
+    pub(super) async fn record_batch(&self, results: Vec<Recorded>) -> Result<Vec<Vec<Event>>, StoreError> {
+        self.write(Box::new(move |c| Box::pin(record_many_op(c, results)))).await
+    }
+
+    /// Gathered with the submits that arrive meanwhile: a few statements per batch.
+    async fn submit_one(&self, job: NewJob) -> Result<Submitted, StoreError> {
+        self.submits.call(job).await
+    }
+
+    /// Gathered with the results that arrive meanwhile: one statement per batch.
+    async fn record_one(&self, r: Recorded) -> Result<Vec<Event>, StoreError> {
+        self.results.call(r).await
+    }
 }
 
-async fn submit_op(conn: &mut PgConnection, new: NewJob) -> Result<Submitted, StoreError> {
-    if let Some(idem) = &new.idempotency_key {
-        let row = sqlx::query("SELECT * FROM jobs WHERE client = $1 AND idempotency_key = $2")
-            .bind(&new.client)
-            .bind(idem)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(row) = row {
-            return Ok(Submitted { job: job_from_row(&row)?, admission: Admission::Existing, events: vec![] });
+/// What a submit decided before it writes: a job that already holds the idempotency key, the
+/// same key taken earlier in the batch, or a new job.
+enum Admit {
+    Existing(Box<Job>),
+    SameAs(usize),
+    New { state: JobState, follows: Option<String>, asset: Option<String>, detail: String },
+}
+
+/// A batch of submits in two round trips, whatever its size: one statement reads, for every
+/// cache key in the batch, its asset and its live leader (and the jobs the idempotency keys name);
+/// the rules run here, in order, so a later submit in the batch sees an earlier one (it attaches
+/// to the render an earlier one leads, or gets the job that took its idempotency key); one
+/// statement then writes every new job, its first event and its outbox row. The projection
+/// trigger runs at the end of that statement and sees the new jobs.
+async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+    let mut keys: Vec<String> = jobs.iter().map(|j| j.cache_key.clone()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // Per key, an index probe each (see `mark_sent_op`).
+    let rows = sqlx::query(
+        "SELECT k.key, (SELECT hash FROM assets WHERE cache_key = k.key LIMIT 1) AS asset, \
+           (SELECT id FROM jobs WHERE cache_key = k.key AND follows IS NULL \
+              AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) AS leader \
+         FROM unnest($1::TEXT[]) AS k (key)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut known: HashMap<String, (Option<String>, Option<String>)> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        known.insert(r.col("key")?, (r.col("asset")?, r.col("leader")?));
+    }
+    let (clients, idems): (Vec<String>, Vec<String>) =
+        jobs.iter().filter_map(|j| Some((j.client.clone(), j.idempotency_key.clone()?))).unzip();
+    let mut taken: HashMap<(String, String), Job> = HashMap::new();
+    if !idems.is_empty() {
+        let rows = sqlx::query(
+            "SELECT j.* FROM unnest($1::TEXT[], $2::TEXT[]) AS i (client, key) \
+             JOIN jobs j ON j.client = i.client AND j.idempotency_key = i.key",
+        )
+        .bind(&clients)
+        .bind(&idems)
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in &rows {
+            let job = job_from_row(r)?;
+            taken.insert((job.client.clone(), job.idempotency_key.clone().unwrap_or_default()), job);
         }
     }
-    let request = serde_json::to_string(&new.request).map_err(|e| corrupt("request", e))?;
-    // One statement: the job (attached to a live render of its key unless the key has an
-    // asset), its first event (`cached` when there is an asset), and an outbox row when it
-    // leads a render. The trigger runs at the end of the statement and sees the new job.
-    let row = sqlx::query(
-        "WITH a AS (SELECT hash FROM assets WHERE cache_key = $4 LIMIT 1), \
-         l AS (SELECT id FROM jobs WHERE cache_key = $4 AND follows IS NULL \
-               AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1), \
+    let mut taken_here: HashMap<(String, String), usize> = HashMap::new();
+    let mut admits = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.iter().enumerate() {
+        if let Some(idem) = &j.idempotency_key {
+            let key = (j.client.clone(), idem.clone());
+            if let Some(job) = taken.get(&key) {
+                admits.push(Admit::Existing(Box::new(job.clone())));
+                continue;
+            }
+            if let Some(&first) = taken_here.get(&key) {
+                admits.push(Admit::SameAs(first));
+                continue;
+            }
+            taken_here.insert(key, i);
+        }
+        let (asset, leader) = known.entry(j.cache_key.clone()).or_default();
+        admits.push(match (asset.clone(), leader.clone()) {
+            (Some(asset), _) => Admit::New {
+                state: JobState::Cached,
+                follows: None,
+                asset: Some(asset),
+                detail: "answered from the cache".into(),
+            },
+            (None, Some(leader)) => {
+                let detail = format!("attached to the render of job {leader}");
+                Admit::New { state: JobState::Queued, follows: Some(leader), asset: None, detail }
+            }
+            (None, None) => {
+                *leader = Some(j.id.clone());
+                Admit::New { state: JobState::Queued, follows: None, asset: None, detail: "queued".into() }
+            }
+        });
+    }
+    let seqs = insert_new_jobs(conn, &jobs, &admits).await?;
+    let mut out: Vec<Submitted> = Vec::with_capacity(jobs.len());
+    for (new, admit) in jobs.into_iter().zip(admits) {
+        let submitted = match admit {
+            Admit::Existing(job) => Submitted { job: *job, admission: Admission::Existing, events: vec![] },
+            Admit::SameAs(first) => {
+                Submitted { job: out[first].job.clone(), admission: Admission::Existing, events: vec![] }
+            }
+            Admit::New { state, follows, asset, detail } => {
+                let seq = *seqs.get(&new.id).ok_or_else(|| corrupt("event", format!("job {} got none", new.id)))?;
+                let admission = match (state, &follows) {
+                    (JobState::Cached, _) => Admission::Cached,
+                    (_, Some(_)) => Admission::Attached,
+                    _ => Admission::Queued,
+                };
+                let change = Change { detail: &detail, asset: asset.as_deref(), ..Change::default() };
+                let event = event(seq, &new.id, new.request.tier, None, new.now_ms, state, 0, &change, new.now_ms);
+                let job = Job {
+                    id: new.id,
+                    state,
+                    tier: new.request.tier,
+                    request: new.request,
+                    cache_key: new.cache_key,
+                    client: new.client,
+                    idempotency_key: new.idempotency_key,
+                    follows,
+                    attempt: 0,
+                    asset,
+                    error: None,
+                    created_ms: new.now_ms,
+                    updated_ms: new.now_ms,
+                    started_ms: None,
+                    finished_ms: state.is_terminal().then_some(new.now_ms),
+                };
+                Submitted { job, admission, events: vec![event] }
+            }
+        };
+        out.push(submitted);
+    }
+    Ok(out)
+}
+
+/// Writes the batch's new jobs (those `admits` says are new) with their first events and, for
+/// those that lead a render, their outbox rows, in one statement; answers each event's `seq`.
+async fn insert_new_jobs(
+    conn: &mut PgConnection,
+    jobs: &[NewJob],
+    admits: &[Admit],
+) -> Result<HashMap<String, i64>, StoreError> {
+    let mut cols = NewJobCols::default();
+    for (j, admit) in jobs.iter().zip(admits) {
+        let Admit::New { state, follows, asset, detail } = admit else { continue };
+        cols.id.push(j.id.clone());
+        cols.tier.push(j.request.tier.as_str());
+        cols.request.push(serde_json::to_string(&j.request).map_err(|e| corrupt("request", e))?);
+        cols.cache_key.push(j.cache_key.clone());
+        cols.client.push(j.client.clone());
+        cols.idempotency_key.push(j.idempotency_key.clone());
+        cols.follows.push(follows.clone());
+        cols.now_ms.push(j.now_ms);
+        cols.state.push(state.as_str());
+        cols.detail.push(detail.clone());
+        cols.asset.push(asset.clone());
+        cols.leads.push(*state == JobState::Queued && follows.is_none());
+    }
+    if cols.id.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "WITH x AS (SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], \
+             $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::BOOLEAN[]) WITH ORDINALITY \
+           AS x (id, tier, request, cache_key, client, idempotency_key, follows, now_ms, state, detail, asset, leads, ord)), \
          j AS (INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, follows, attempt, \
                  created_ms, updated_ms) \
-               SELECT $1, 'queued', $2, $3, $4, $5, $6, \
-                 CASE WHEN EXISTS (SELECT 1 FROM a) THEN NULL ELSE (SELECT id FROM l) END, 0, $7, $7 \
-               RETURNING id, tier, client, follows), \
+               SELECT id, 'queued', tier, request, cache_key, client, idempotency_key, follows, 0, now_ms, now_ms \
+               FROM x ORDER BY ord), \
          e AS (INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
-               SELECT j.id, $7, CASE WHEN a.hash IS NULL THEN 'queued' ELSE 'cached' END, 0, \
-                 CASE WHEN a.hash IS NOT NULL THEN 'answered from the cache' \
-                      WHEN j.follows IS NOT NULL THEN 'attached to the render of job ' || j.follows \
-                      ELSE 'queued' END, a.hash \
-               FROM j LEFT JOIN a ON true RETURNING seq, state, detail, asset), \
+               SELECT id, now_ms, state, 0, detail, asset FROM x ORDER BY ord RETURNING seq, job_id), \
          o AS (INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
-               SELECT j.id, j.tier, j.client, 1, $7 FROM j WHERE j.follows IS NULL AND NOT EXISTS (SELECT 1 FROM a)) \
-         SELECT e.seq, e.state, e.detail, e.asset, j.follows FROM e, j",
+               SELECT id, tier, client, 1, now_ms FROM x WHERE leads ORDER BY ord) \
+         SELECT seq, job_id FROM e",
     )
-    .bind(&new.id)
-    .bind(new.request.tier.as_str())
-    .bind(&request)
-    .bind(&new.cache_key)
-    .bind(&new.client)
-    .bind(&new.idempotency_key)
-    .bind(new.now_ms)
-    .fetch_one(&mut *conn)
+    .bind(&cols.id)
+    .bind(&cols.tier)
+    .bind(&cols.request)
+    .bind(&cols.cache_key)
+    .bind(&cols.client)
+    .bind(&cols.idempotency_key)
+    .bind(&cols.follows)
+    .bind(&cols.now_ms)
+    .bind(&cols.state)
+    .bind(&cols.detail)
+    .bind(&cols.asset)
+    .bind(&cols.leads)
+    .fetch_all(&mut *conn)
     .await?;
-    let state = state_of(&row)?;
-    let follows: Option<String> = row.col("follows")?;
-    let asset: Option<String> = row.col("asset")?;
-    let detail: String = row.col("detail")?;
-    let admission = match (state, &follows) {
-        (JobState::Cached, _) => Admission::Cached,
-        (_, Some(_)) => Admission::Attached,
-        _ => Admission::Queued,
-    };
-    let change = Change { detail: &detail, asset: asset.as_deref(), ..Change::default() };
-    let event = event(row.col("seq")?, &new.id, new.request.tier, None, new.now_ms, state, 0, &change, new.now_ms);
-    let job = Job {
-        id: new.id,
-        state,
-        tier: new.request.tier,
-        request: new.request,
-        cache_key: new.cache_key,
-        client: new.client,
-        idempotency_key: new.idempotency_key,
-        follows,
-        attempt: 0,
-        asset,
-        error: None,
-        created_ms: new.now_ms,
-        updated_ms: new.now_ms,
-        started_ms: None,
-        finished_ms: state.is_terminal().then_some(new.now_ms),
-    };
-    Ok(Submitted { job, admission, events: vec![event] })
+    rows.iter().map(|r| Ok((r.col("job_id")?, r.col("seq")?))).collect()
+}
+
+/// The columns of [`insert_new_jobs`]'s statement, one array each.
+#[derive(Default)]
+struct NewJobCols {
+    id: Vec<String>,
+    tier: Vec<&'static str>,
+    request: Vec<String>,
+    cache_key: Vec<String>,
+    client: Vec<String>,
+    idempotency_key: Vec<Option<String>>,
+    follows: Vec<Option<String>>,
+    now_ms: Vec<i64>,
+    state: Vec<&'static str>,
+    detail: Vec<String>,
+    asset: Vec<Option<String>>,
+    leads: Vec<bool>,
 }
 
 async fn pending_op(conn: &mut PgConnection, now_ms: i64, limit: u32) -> Result<Pending, StoreError> {
@@ -271,81 +435,118 @@ async fn finish_op(
     Ok(events)
 }
 
-/// A worker's whole attempt in one statement (the start unless recorded already, the asset, the
-/// outcome, a retry's outbox row, the attached jobs), so a result costs the writer one round
-/// trip instead of five. The same rules as `start_op` and `finish_op`: the job must lead its
-/// render and wait for exactly this attempt (or be running it). The events are inserted in
-/// order, and the projection trigger applies them in that order at the end of the statement.
-async fn record_op(
+/// A batch of workers' results. Each result is its whole attempt (the start unless recorded
+/// already, the asset, the outcome, a retry's outbox row, the attached jobs), under the same
+/// rules as `start_op` and `finish_op`: the job must lead its render and wait for exactly this
+/// attempt (or be running it). Results for distinct jobs are written by one statement per
+/// round; a second result for the same job (a redelivery) waits for the next round, so it
+/// sees the first, as it would one at a time.
+async fn record_many_op(conn: &mut PgConnection, results: Vec<Recorded>) -> Result<Vec<Vec<Event>>, StoreError> {
+    let mut out = vec![Vec::new(); results.len()];
+    let mut left: Vec<usize> = (0..results.len()).collect();
+    while !left.is_empty() {
+        let mut jobs = HashSet::new();
+        let (round, later): (Vec<usize>, Vec<usize>) =
+            left.into_iter().partition(|&i| jobs.insert(&results[i].d.job_id));
+        record_round(conn, &results, &round, &mut out).await?;
+        left = later;
+    }
+    Ok(out)
+}
+
+/// One round of [`record_many_op`]: the results `round` names, each for a job of its own. The
+/// events are inserted in order (start before outcome), and the projection trigger applies them
+/// in that order at the end of the statement.
+async fn record_round(
     conn: &mut PgConnection,
-    d: &Dispatch,
-    started_ms: i64,
-    outcome: Outcome,
-    now_ms: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let f = Finish::new(d, &outcome);
-    let start_detail = format!("attempt {}", d.attempt);
+    results: &[Recorded],
+    round: &[usize],
+    out: &mut [Vec<Event>],
+) -> Result<(), StoreError> {
+    let fins: Vec<Finish> = round.iter().map(|&i| Finish::new(&results[i].d, &results[i].outcome)).collect();
+    let rs: Vec<&Recorded> = round.iter().map(|&i| &results[i]).collect();
+    let starts: Vec<String> = rs.iter().map(|r| format!("attempt {}", r.d.attempt)).collect();
     let rows = sqlx::query(
-        "WITH j AS (SELECT id, state, attempt, follows FROM jobs WHERE id = $1), \
-         ok AS (SELECT j.id, j.state AS from_state, \
-                  (j.state IN ('queued', 'dispatched') AND j.follows IS NULL AND j.attempt + 1 = $2) AS starts \
-                FROM j WHERE (j.state IN ('queued', 'dispatched') AND j.follows IS NULL AND j.attempt + 1 = $2) \
-                  OR (j.state = 'running' AND j.attempt = $2)), \
+        "WITH x AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], \
+             $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::BIGINT[], $13::TEXT[], $14::TEXT[], \
+             $15::TEXT[], $16::TEXT[]) WITH ORDINALITY \
+           AS x (job_id, attempt, started_ms, now_ms, start_detail, to_state, detail, asset, error, bytes, cache_key, \
+             retry_at, tier, client, followers_to, followers_detail, ord)), \
+         ok AS (SELECT x.*, j.state AS from_state, \
+                  (j.state IN ('queued', 'dispatched') AND j.follows IS NULL AND j.attempt + 1 = x.attempt) AS starts \
+                FROM x CROSS JOIN LATERAL (SELECT state, attempt, follows FROM jobs WHERE id = x.job_id OFFSET 0) j \
+                WHERE (j.state IN ('queued', 'dispatched') AND j.follows IS NULL AND j.attempt + 1 = x.attempt) \
+                  OR (j.state = 'running' AND j.attempt = x.attempt)), \
          a AS (INSERT INTO assets (hash, cache_key, bytes, created_ms) \
-               SELECT CAST($8 AS TEXT), $11, CAST($10 AS BIGINT), $4 \
-               WHERE CAST($8 AS TEXT) IS NOT NULL AND CAST($10 AS BIGINT) IS NOT NULL ON CONFLICT DO NOTHING), \
+               SELECT asset, cache_key, bytes, now_ms FROM x WHERE asset IS NOT NULL AND bytes IS NOT NULL \
+               ORDER BY ord ON CONFLICT DO NOTHING), \
          ev AS (INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-                SELECT ok.id, x.at_ms, x.state, $2, x.detail, x.asset, x.error FROM ok CROSS JOIN \
-                  (VALUES (1, CAST($3 AS BIGINT), 'running', CAST($5 AS TEXT), CAST(NULL AS TEXT), CAST(NULL AS TEXT)), \
-                          (2, CAST($4 AS BIGINT), CAST($6 AS TEXT), CAST($7 AS TEXT), CAST($8 AS TEXT), CAST($9 AS TEXT))) \
-                    AS x (ord, at_ms, state, detail, asset, error) \
-                WHERE x.ord = 2 OR ok.starts ORDER BY x.ord RETURNING seq, state), \
+                SELECT ok.job_id, s.at_ms, s.state, ok.attempt, s.detail, s.asset, s.error FROM ok CROSS JOIN LATERAL \
+                  (VALUES (1, ok.started_ms, 'running', ok.start_detail, CAST(NULL AS TEXT), CAST(NULL AS TEXT)), \
+                          (2, ok.now_ms, ok.to_state, ok.detail, ok.asset, ok.error)) \
+                    AS s (n, at_ms, state, detail, asset, error) \
+                WHERE s.n = 2 OR ok.starts ORDER BY ok.ord, s.n RETURNING seq, job_id, state), \
          o AS (INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
-               SELECT ok.id, $13, $14, $2 + 1, CAST($12 AS BIGINT) FROM ok WHERE CAST($12 AS BIGINT) IS NOT NULL), \
+               SELECT job_id, tier, client, attempt + 1, retry_at FROM ok WHERE retry_at IS NOT NULL ORDER BY ord), \
          fl AS (INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-                SELECT f.id, $4, CAST($15 AS TEXT), f.attempt, $16, CAST($8 AS TEXT), CAST($9 AS TEXT) FROM jobs f \
-                WHERE CAST($15 AS TEXT) IS NOT NULL AND EXISTS (SELECT 1 FROM ok) AND f.follows = $1 AND f.state = 'queued' \
-                RETURNING seq, job_id) \
-         SELECT ev.seq, ev.state, CAST(NULL AS TEXT) AS job_id, CAST(NULL AS BIGINT) AS created_ms, \
-           (SELECT from_state FROM ok) AS from_state FROM ev \
-         UNION ALL SELECT fl.seq, NULL, fl.job_id, jf.created_ms, NULL FROM fl JOIN jobs jf ON jf.id = fl.job_id",
+                SELECT f.id, ok.now_ms, ok.followers_to, f.attempt, ok.followers_detail, ok.asset, ok.error FROM ok \
+                CROSS JOIN LATERAL (SELECT id, attempt, seq FROM jobs WHERE follows = ok.job_id AND state = 'queued' \
+                  OFFSET 0) f \
+                WHERE ok.followers_to IS NOT NULL ORDER BY ok.ord, f.seq RETURNING seq, job_id) \
+         SELECT ev.seq, ev.job_id, ev.state, CAST(NULL AS TEXT) AS leader, CAST(NULL AS BIGINT) AS created_ms, \
+           ok.from_state FROM ev JOIN ok ON ok.job_id = ev.job_id \
+         UNION ALL SELECT fl.seq, fl.job_id, NULL, jf.follows, jf.created_ms, NULL FROM fl JOIN jobs jf ON jf.id = fl.job_id",
     )
-    .bind(&d.job_id)
-    .bind(i64::from(d.attempt))
-    .bind(started_ms)
-    .bind(now_ms)
-    .bind(&start_detail)
-    .bind(f.to.as_str())
-    .bind(f.detail)
-    .bind(f.asset)
-    .bind(f.error)
-    .bind(f.bytes)
-    .bind(&d.cache_key)
-    .bind(f.retry_at)
-    .bind(d.tier.as_str())
-    .bind(&d.client)
-    .bind(f.followers_to.map(JobState::as_str))
-    .bind(&f.followers_detail)
+    .bind(rs.iter().map(|r| r.d.job_id.as_str()).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| i64::from(r.d.attempt)).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.started_ms).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.now_ms).collect::<Vec<_>>())
+    .bind(&starts)
+    .bind(fins.iter().map(|f| f.to.as_str()).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.detail).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.asset).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.error).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.bytes).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.d.cache_key.as_str()).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.retry_at).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.d.tier.as_str()).collect::<Vec<_>>())
+    .bind(rs.iter().map(|r| r.d.client.as_str()).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.followers_to.map(JobState::as_str)).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.followers_detail.as_str()).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
-    let mut events = Vec::with_capacity(rows.len());
+    let index: HashMap<&str, usize> = rs.iter().enumerate().map(|(k, r)| (r.d.job_id.as_str(), k)).collect();
+    let at =
+        |id: &str| index.get(id).copied().ok_or_else(|| corrupt("event", format!("job {id} was not in the batch")));
     for r in &rows {
         let seq: i64 = r.col("seq")?;
-        match r.col::<Option<String>>("job_id")? {
-            Some(job_id) => events.push(f.follower_event(d, seq, &job_id, r.col("created_ms")?, now_ms)),
+        let job_id: String = r.col("job_id")?;
+        let (k, event) = match r.col::<Option<String>>("leader")? {
+            Some(leader) => {
+                let k = at(&leader)?;
+                (k, fins[k].follower_event(&rs[k].d, seq, &job_id, r.col("created_ms")?, rs[k].now_ms))
+            }
             None if r.col::<Option<String>>("state")?.as_deref() == Some("running") => {
+                let k = at(&job_id)?;
+                let d = &rs[k].d;
                 let from: Option<String> = r.col("from_state")?;
                 let from = from.map(|s| s.parse::<JobState>()).transpose().map_err(|e| corrupt("job state", e))?;
-                let change = Change { attempt: Some(d.attempt), detail: &start_detail, ..Change::default() };
-                let (id, a) = (&d.job_id, d.attempt);
-                events.push(event(seq, id, d.tier, from, d.created_ms, JobState::Running, a, &change, started_ms));
+                let change = Change { attempt: Some(d.attempt), detail: &starts[k], ..Change::default() };
+                let started = rs[k].started_ms;
+                (k, event(seq, &d.job_id, d.tier, from, d.created_ms, JobState::Running, d.attempt, &change, started))
             }
-            None => events.push(f.lead_event(d, seq, now_ms)),
-        }
+            None => {
+                let k = at(&job_id)?;
+                (k, fins[k].lead_event(&rs[k].d, seq, rs[k].now_ms))
+            }
+        };
+        out[round[k]].push(event);
     }
-    // The statement returns the lead's events before the followers'; keep the log's order.
-    events.sort_by_key(|e| e.seq);
-    Ok(events)
+    // The statement returns the leads' events before the followers'; keep the log's order.
+    for &i in round {
+        out[i].sort_by_key(|e| e.seq);
+    }
+    Ok(())
 }
 
 super::shared::shared_ops!(PgConnection);

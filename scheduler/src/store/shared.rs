@@ -141,13 +141,13 @@ macro_rules! shared_ops {
     };
 }
 
-/// `impl Store` for a store with a group-commit `writer`, a `read` pool and the `*_op`
-/// functions in scope.
+/// `impl Store` for a store with a group-commit `writer`, a `read` pool, the `*_op` functions
+/// in scope, and its own `submit_one` and `record_one` (one at a time, or gathered into sets).
 macro_rules! store_impl {
     ($store:ty, $conn:ty) => {
         impl Store for $store {
             fn submit(&self, job: NewJob) -> BoxFut<'_, Result<Submitted, StoreError>> {
-                Box::pin(self.write(Box::new(move |c| Box::pin(submit_op(c, job)))))
+                Box::pin(self.submit_one(job))
             }
 
             fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
@@ -182,10 +182,7 @@ macro_rules! store_impl {
                 outcome: Outcome,
                 now_ms: i64,
             ) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-                let d = d.clone();
-                Box::pin(self.write(Box::new(move |c| {
-                    Box::pin(async move { record_op(c, &d, started_ms, outcome, now_ms).await })
-                })))
+                Box::pin(self.record_one(Recorded { d: d.clone(), started_ms, outcome, now_ms }))
             }
 
             fn cancel(&self, job_id: &str, by: &str, now_ms: i64) -> BoxFut<'_, Result<JobChange, StoreError>> {

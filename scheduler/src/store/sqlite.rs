@@ -19,7 +19,7 @@ use super::rows::{
 use super::writer::{Connect, OpFn, WeakWriter, WriteConn, Writer};
 use super::{
     Admission, AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery,
-    NewJob, Outcome, Page, Pending, StateCount, Store, StoreError, Submitted, TokenRow,
+    NewJob, Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 
 /// The SQLite store.
@@ -68,6 +68,15 @@ impl SqliteStore {
 
     async fn write<T: Send + 'static>(&self, f: OpFn<SqliteConnection, T>) -> Result<T, StoreError> {
         self.writer.write(f).await
+    }
+
+    /// One submit, one operation of the writer's batch (no round trips to save in-process).
+    async fn submit_one(&self, job: NewJob) -> Result<Submitted, StoreError> {
+        self.write(Box::new(move |c| Box::pin(submit_op(c, job)))).await
+    }
+
+    async fn record_one(&self, r: Recorded) -> Result<Vec<Event>, StoreError> {
+        self.write(Box::new(move |c| Box::pin(record_op(c, r)))).await
     }
 }
 
@@ -280,15 +289,9 @@ async fn finish_op(
 }
 
 /// Start and finish in one op (the same statements, one place in the batch).
-async fn record_op(
-    conn: &mut SqliteConnection,
-    d: &Dispatch,
-    started_ms: i64,
-    outcome: Outcome,
-    now_ms: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let mut events: Vec<Event> = start_op(&mut *conn, d, started_ms).await?.into_iter().collect();
-    events.extend(finish_op(conn, d, outcome, now_ms).await?);
+async fn record_op(conn: &mut SqliteConnection, r: Recorded) -> Result<Vec<Event>, StoreError> {
+    let mut events: Vec<Event> = start_op(&mut *conn, &r.d, r.started_ms).await?.into_iter().collect();
+    events.extend(finish_op(conn, &r.d, r.outcome, r.now_ms).await?);
     Ok(events)
 }
 

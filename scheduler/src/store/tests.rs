@@ -45,6 +45,7 @@ both_stores!(
     failures_are_tallied_per_job_and_per_worker_and_a_resume_starts_the_count_afresh,
     a_whole_attempt_recorded_at_once_is_start_then_finish,
     devices_and_their_tasks_move_forward_only,
+    concurrent_submits_and_results_keep_the_rules_of_one_at_a_time,
 );
 
 fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
@@ -349,4 +350,94 @@ async fn devices_and_their_tasks_move_forward_only(s: &dyn Store) {
     assert_eq!(states, [TaskState::Queued, TaskState::Sent, TaskState::Sent, TaskState::Running, TaskState::Succeeded]);
     assert!(s.live_tasks().await.unwrap().is_empty());
     assert_eq!(s.tasks(Some("l1".into()), Some(TaskState::Succeeded), 10).await.unwrap().len(), 1);
+}
+
+/// Many callers at once (gathered into batches by the PostgreSQL store): one render per key,
+/// one job per idempotency key, one recorded result per attempt.
+async fn concurrent_submits_and_results_keep_the_rules_of_one_at_a_time(s: &dyn Store) {
+    use futures_util::future::join_all;
+    let subs = join_all((0..40).map(|i| {
+        let mut j = new_job(&format!("j{i}"), if i % 2 == 0 { "even" } else { "odd" }, 1);
+        if i % 10 == 0 {
+            j.idempotency_key = Some("once".into());
+        }
+        s.submit(j)
+    }))
+    .await;
+    let subs: Vec<Submitted> = subs.into_iter().map(Result::unwrap).collect();
+    let count = |a: Admission| subs.iter().filter(|x| x.admission == a).count();
+    assert_eq!(count(Admission::Queued), 2, "one leader per key");
+    assert_eq!(count(Admission::Existing), 3, "the idempotency key took one job; the others get it");
+    assert_eq!(count(Admission::Attached), 35);
+    let once: Vec<&str> = subs.iter().filter(|x| x.job.idempotency_key.is_some()).map(|x| x.job.id.as_str()).collect();
+    assert!(once.iter().all(|id| *id == once[0]), "{once:?}");
+    let due = s.take_due(2000, 100).await.unwrap().jobs;
+    assert_eq!(due.len(), 2);
+    let ok = |h: &str| Outcome::Succeeded { asset: h.into(), bytes: 1 };
+    // Each result delivered three times at once.
+    let recs = join_all(
+        due.iter().flat_map(|d| (0..3).map(move |_| (d, ok(&d.cache_key)))).map(|(d, o)| s.record(d, 2001, o, 2002)),
+    )
+    .await;
+    let recorded: Vec<Vec<Event>> = recs.into_iter().map(Result::unwrap).collect();
+    assert_eq!(recorded.iter().filter(|e| !e.is_empty()).count(), 2, "once per attempt");
+    let succeeded = recorded.iter().flatten().filter(|e| e.state == JobState::Succeeded).count();
+    assert_eq!(succeeded, 37, "2 leaders and the 35 attached to them");
+    for x in &subs {
+        check_projection(s, &x.job.id).await;
+        assert_eq!(s.job(&x.job.id).await.unwrap().unwrap().state, JobState::Succeeded, "{}", x.job.id);
+    }
+    let again = join_all((0..4).map(|i| s.submit(new_job(&format!("c{i}"), "even", 1)))).await;
+    assert!(again.into_iter().all(|x| x.unwrap().admission == Admission::Cached));
+}
+
+/// PostgreSQL's set-based writes, given whole batches: the rules run in the batch's order.
+#[tokio::test]
+async fn postgres_batches_see_their_own_earlier_members() {
+    let Some(s) = pg_store().await else { return };
+    let idem = |mut j: NewJob, k: &str| {
+        j.idempotency_key = Some(k.into());
+        j
+    };
+    let batch = vec![
+        new_job("a", "k", 1),
+        new_job("b", "k", 1),
+        idem(new_job("c", "k2", 2), "x"),
+        idem(new_job("d", "k2", 2), "x"),
+        idem(new_job("e", "k3", 3), "x"),
+    ];
+    let subs = s.submit_batch(batch).await.unwrap();
+    let got: Vec<(&str, Admission, Option<&str>)> =
+        subs.iter().map(|x| (x.job.id.as_str(), x.admission, x.job.follows.as_deref())).collect();
+    assert_eq!(
+        got,
+        [
+            ("a", Admission::Queued, None),
+            ("b", Admission::Attached, Some("a")),
+            ("c", Admission::Queued, None),
+            ("c", Admission::Existing, None),
+            ("c", Admission::Existing, None)
+        ]
+    );
+    let due = s.take_due(2000, 10).await.unwrap().jobs;
+    let ids: Vec<&str> = due.iter().map(|d| d.job_id.as_str()).collect();
+    assert_eq!(ids, ["a", "c"]);
+    let (a, c) = (&due[0], &due[1]);
+    let ok = Outcome::Succeeded { asset: "ha".into(), bytes: 1 };
+    let retry = Outcome::Retry { error: "boom".into(), retry_at_ms: 9000 };
+    let rec = |d: &Dispatch, outcome: Outcome| Recorded { d: d.clone(), started_ms: 2001, outcome, now_ms: 2002 };
+    let out = s.record_batch(vec![rec(a, ok.clone()), rec(a, ok), rec(c, retry)]).await.unwrap();
+    let states = |events: &[Event]| events.iter().map(|e| (e.job_id.clone(), e.state)).collect::<Vec<_>>();
+    let (run, done) = (JobState::Running, JobState::Succeeded);
+    assert_eq!(states(&out[0]), [("a".into(), run), ("a".into(), done), ("b".into(), done)]);
+    assert!(out[1].is_empty(), "the repeat in the same batch sees the first");
+    assert_eq!(states(&out[2]), [("c".into(), run), ("c".into(), JobState::Queued)]);
+    assert_eq!(out[0][0].from, Some(JobState::Dispatched));
+    let later = s.submit_batch(vec![new_job("f", "k", 1), idem(new_job("g", "k9", 9), "x")]).await.unwrap();
+    assert_eq!((later[0].admission, later[0].job.asset.as_deref()), (Admission::Cached, Some("ha")));
+    assert_eq!((later[1].admission, later[1].job.id.as_str()), (Admission::Existing, "c"));
+    for id in ["a", "b", "c", "f"] {
+        check_projection(&s, id).await;
+    }
+    assert_eq!(s.take_due(9000, 10).await.unwrap().jobs[0].attempt, 2, "the retry's row");
 }

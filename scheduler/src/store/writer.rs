@@ -114,6 +114,63 @@ impl<C> WeakWriter<C> {
     }
 }
 
+/// A set-based write: runs a whole gathered batch of calls of one kind (in the order they came)
+/// on the writer's connection and answers each, in the same order.
+pub type BatchFn<C, I, O> = for<'c> fn(&'c mut C, Vec<I>) -> BoxFut<'c, Result<Vec<O>, StoreError>>;
+
+/// Calls of one kind, gathered while the writer is busy and handed to it as one operation: a
+/// batch of submits (or results) becomes a few set-based statements instead of a round trip
+/// each. One batch is with the writer at a time; the next gathers meanwhile. The batch is one
+/// operation of the writer's transaction, so it commits, or fails, with the rest.
+pub struct Gather<I, O> {
+    tx: mpsc::Sender<(I, oneshot::Sender<Result<O, StoreError>>)>,
+}
+
+impl<I, O> Clone for Gather<I, O> {
+    fn clone(&self) -> Self {
+        Gather { tx: self.tx.clone() }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Gather<I, O> {
+    /// Starts gathering for `writer`; `f` writes a batch. It stops when every handle is dropped.
+    pub fn spawn<C: WriteConn>(writer: Writer<C>, f: BatchFn<C, I, O>) -> Gather<I, O> {
+        let (tx, mut rx) = mpsc::channel::<(I, oneshot::Sender<Result<O, StoreError>>)>(4 * MAX_BATCH);
+        tokio::spawn(async move {
+            let mut got = Vec::with_capacity(MAX_BATCH);
+            while rx.recv_many(&mut got, MAX_BATCH).await > 0 {
+                let (items, replies): (Vec<I>, Vec<_>) = got.drain(..).unzip();
+                let n = items.len();
+                match writer.write(Box::new(move |c| f(c, items))).await {
+                    Ok(outs) if outs.len() == n => {
+                        for (reply, out) in replies.into_iter().zip(outs) {
+                            let _ = reply.send(Ok(out));
+                        }
+                    }
+                    answer => {
+                        let why = match answer {
+                            Ok(outs) => format!("a batch of {n} writes answered {} of them", outs.len()),
+                            Err(StoreError::RolledBack(why)) => why,
+                            Err(e) => e.to_string(),
+                        };
+                        for reply in replies {
+                            let _ = reply.send(Err(StoreError::RolledBack(why.clone())));
+                        }
+                    }
+                }
+            }
+        });
+        Gather { tx }
+    }
+
+    /// Writes `item` with the next batch; answers once that batch has committed (or failed).
+    pub async fn call(&self, item: I) -> Result<O, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send((item, reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
 async fn run<C: WriteConn>(conn: C, connect: Connect<C>, mut rx: mpsc::Receiver<Box<dyn WriteOp<C>>>) {
     let mut conn = Some(conn);
     let mut batch: Vec<Box<dyn WriteOp<C>>> = Vec::with_capacity(MAX_BATCH);
