@@ -27,7 +27,7 @@ use kiln_worker::consume::RunConfig;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-use super::{BenchFarm, Figures, median, tiny_jobs};
+use super::{BenchFarm, Cleanup, Figures, median, tiny_jobs};
 use crate::config::FarmConfig;
 use crate::store::PgStore;
 
@@ -221,6 +221,7 @@ async fn end_to_end(
 
 /// Runs `kiln bench dispatch` and prints its figures.
 pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> {
+    let _cleanup = Cleanup;
     let body = sample_job_message()?;
     let shown_db = a.database_url.split('@').next_back().unwrap_or(&a.database_url);
     let shown_mq = a.amqp_url.split('@').next_back().unwrap_or(&a.amqp_url);

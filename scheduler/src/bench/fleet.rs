@@ -23,7 +23,7 @@ use hyper::Method;
 use kiln_worker::bench::proc_status_mib;
 use serde_json::json;
 
-use super::{BenchFarm, median, percentile, tiny_jobs};
+use super::{BenchFarm, Cleanup, median, percentile, tiny_jobs};
 use crate::config::FarmConfig;
 use crate::store::fleet::TaskState;
 
@@ -189,6 +189,7 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
 
 /// Runs the fleet benchmark and prints its figures.
 pub async fn run(cfg: &FarmConfig, a: &FleetBenchArgs) -> anyhow::Result<()> {
+    let _cleanup = Cleanup;
     if a.agents == 0 || a.agents > 10_000 || a.tasks == 0 || a.runs == 0 {
         bail!("--agents must be 1 to 10000; --tasks and --runs at least 1");
     }

@@ -21,7 +21,7 @@ use crate::auth::Secret;
 use crate::client::Client;
 use crate::config::FarmConfig;
 use crate::farm::Farm;
-use crate::store::{NewJob, Outcome, SqliteStore, Store};
+use crate::store::{NewJob, Outcome, PgStore, SqliteStore, Store};
 use kiln_protocol::{RenderRequest, Tier};
 
 pub mod dispatch;
@@ -66,6 +66,10 @@ pub struct StoreBenchArgs {
     /// Runs; the figures are the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Bench the PostgreSQL store at this URL instead (in a scratch schema, dropped afterwards),
+    /// recording results as the distributed scheduler does: one `record` per result.
+    #[arg(long)]
+    pub database_url: Option<String>,
 }
 
 /// One phase's figures.
@@ -183,14 +187,31 @@ impl BenchFarm {
         Ok(BenchFarm { dir, client: Client::new(&url, Some(Secret::new(token))), sched, stop, server })
     }
 
-    /// Stops the farm; its data dir is removed unless `keep`.
+    /// Stops the farm; its data dir is removed when the benchmark ends ([`Cleanup`]) unless `keep`.
     async fn stop(self, keep: bool) -> anyhow::Result<std::path::PathBuf> {
         self.stop.cancel();
         self.server.await.context("the farm panicked")??;
         if !keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            FINISHED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.dir.clone());
         }
         Ok(self.dir)
+    }
+}
+
+/// The data dirs of finished runs. They are removed when the whole benchmark ends, not between
+/// runs: on ext4 without a journal (as on the machine these figures come from), creating files
+/// within a minute or so of deleting thousands makes the kernel step over each recently deleted
+/// inode (`recently_deleted`), which took a sixth of the CPU from the run after a removal.
+static FINISHED: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes the finished runs' data dirs when dropped: at a benchmark's end, or its failure.
+struct Cleanup;
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for dir in FINISHED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -233,12 +254,36 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
     Ok((hits, tiny))
 }
 
-/// One run of the store alone: submit every job, dispatch them all, then start and finish each.
+/// One run of the store alone: submit every job, dispatch them all, then record each result
+/// (SQLite: a start and a finish, as the embedded farm does; PostgreSQL: one `record`, as the
+/// distributed scheduler does).
 async fn store_run(a: &StoreBenchArgs, run: usize) -> anyhow::Result<[f64; 3]> {
     let dir = std::env::temp_dir().join(format!("kiln-bench-store-{}-{run}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join(crate::farm::DB_FILE)).await?);
+    let schema = format!("kiln_bench_store_{}_{run}", std::process::id());
+    let store: Arc<dyn Store> = match &a.database_url {
+        Some(base) => {
+            let url = PgStore::create_schema(base, &schema).await.context("making a scratch schema")?;
+            Arc::new(PgStore::open(&url).await?)
+        }
+        None => {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            Arc::new(SqliteStore::open(&dir.join(crate::farm::DB_FILE)).await?)
+        }
+    };
+    let figures = store_phases(a, run, store).await;
+    match &a.database_url {
+        Some(base) => {
+            let _ = PgStore::drop_schema(base, &schema).await;
+        }
+        None => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    figures
+}
+
+async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> anyhow::Result<[f64; 3]> {
     let limits = kiln_protocol::TierLimits::default();
     let (n, now) = (a.jobs, crate::time::now_ms());
     let submit = {
@@ -274,40 +319,50 @@ async fn store_run(a: &StoreBenchArgs, run: usize) -> anyhow::Result<[f64; 3]> {
     }
     let take = n as f64 / t.elapsed().as_secs_f64();
     let due = Arc::new(due);
-    let finish = {
+    let whole = a.database_url.is_some();
+    let results = {
         let store = store.clone();
         drive(due.len(), a.concurrency, move |i| {
             let (store, due) = (store.clone(), due.clone());
             async move {
                 let t = Instant::now();
-                store.start(&due[i], now).await?.context("a dispatched job would not start")?;
-                store.finish(&due[i], Outcome::Succeeded { asset: format!("{i:064x}"), bytes: 1 }, now).await?;
+                let ok = Outcome::Succeeded { asset: format!("{i:064x}"), bytes: 1 };
+                let events = if whole {
+                    store.record(&due[i], now, ok, now).await?
+                } else {
+                    store.start(&due[i], now).await?.context("a dispatched job would not start")?;
+                    store.finish(&due[i], ok, now).await?
+                };
+                if events.is_empty() {
+                    bail!("the result of job {} was not recorded", due[i].job_id);
+                }
                 Ok(t.elapsed().as_secs_f64())
             }
         })
         .await?
     };
-    drop(store);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok([submit.per_second, take, finish.per_second])
+    Ok([submit.per_second, take, results.per_second])
 }
 
 /// Runs `kiln bench store` and prints its figures.
 pub async fn run_store(a: &StoreBenchArgs) -> anyhow::Result<()> {
     println!(
-        "kiln bench store: the SQLite store alone, {} jobs over {} callers, {} runs (medians): the ceiling the farm's own writes put on jobs/s",
-        a.jobs, a.concurrency, a.runs
+        "kiln bench store: the {} store alone, {} jobs over {} callers, {} runs (medians): the ceiling the farm's own writes put on jobs/s",
+        if a.database_url.is_some() { "PostgreSQL" } else { "SQLite" },
+        a.jobs,
+        a.concurrency,
+        a.runs
     );
     let mut runs = Vec::new();
     for run in 0..a.runs.max(1) {
         let r = store_run(a, run).await?;
-        println!("  run {}: submit {:.0}/s, dispatch {:.0}/s, start+finish {:.0}/s", run + 1, r[0], r[1], r[2]);
+        println!("  run {}: submit {:.0}/s, dispatch {:.0}/s, results {:.0}/s", run + 1, r[0], r[1], r[2]);
         runs.push(r);
     }
     let m = |i: usize| median(runs.iter().map(|r| r[i]).collect());
     let per_job = 1.0 / m(0) + 1.0 / m(1) + 1.0 / m(2);
     println!(
-        "store: submit {:.0}/s, dispatch {:.0}/s, start+finish {:.0}/s; a whole job's writes: {:.0} jobs/s",
+        "store: submit {:.0}/s, dispatch {:.0}/s, results {:.0}/s; a whole job's writes: {:.0} jobs/s",
         m(0),
         m(1),
         m(2),
@@ -318,6 +373,7 @@ pub async fn run_store(a: &StoreBenchArgs) -> anyhow::Result<()> {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
+    let _cleanup = Cleanup;
     println!(
         "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, and {} tiny 16×16 jobs over {} clients; {} workers; {} runs (medians)",
         a.hits, a.hit_clients, a.jobs, a.concurrency, a.workers, a.runs
