@@ -13,7 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
 
 use super::rows::{
-    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    Change, Cols, Finish, admitted, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, state_of, token_from_row,
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
@@ -210,31 +210,7 @@ async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Ve
             }
             Admit::New { state, follows, asset, detail } => {
                 let seq = *seqs.get(&new.id).ok_or_else(|| corrupt("event", format!("job {} got none", new.id)))?;
-                let admission = match (state, &follows) {
-                    (JobState::Cached, _) => Admission::Cached,
-                    (_, Some(_)) => Admission::Attached,
-                    _ => Admission::Queued,
-                };
-                let change = Change { detail: &detail, asset: asset.as_deref(), ..Change::default() };
-                let event = event(seq, &new.id, new.request.tier, None, new.now_ms, state, 0, &change, new.now_ms);
-                let job = Job {
-                    id: new.id,
-                    state,
-                    tier: new.request.tier,
-                    request: new.request,
-                    cache_key: new.cache_key,
-                    client: new.client,
-                    idempotency_key: new.idempotency_key,
-                    follows,
-                    attempt: 0,
-                    asset,
-                    error: None,
-                    created_ms: new.now_ms,
-                    updated_ms: new.now_ms,
-                    started_ms: None,
-                    finished_ms: state.is_terminal().then_some(new.now_ms),
-                };
-                Submitted { job, admission, events: vec![event] }
+                admitted(new, seq, state, follows, asset, &detail)
             }
         };
         out.push(submitted);

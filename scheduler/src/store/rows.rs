@@ -6,7 +6,7 @@ use std::str::FromStr;
 use kiln_protocol::{JobState, RenderRequest, Tier};
 use sqlx::Row;
 
-use super::{Dispatch, Event, Job, Outcome, Outgoing, StoreError, TokenRow};
+use super::{Admission, Dispatch, Event, Job, NewJob, Outcome, Outgoing, StoreError, Submitted, TokenRow};
 
 /// A column type both databases decode.
 pub(super) trait ColType:
@@ -184,6 +184,43 @@ pub(super) fn event(
         asset: change.asset.map(str::to_owned),
         error: change.error.map(str::to_owned),
     }
+}
+
+/// A new job as its submit wrote it: its row (queued, attached to `follows`, or answered from the
+/// cache with `asset`) and its first event, number `seq`.
+pub(super) fn admitted(
+    new: NewJob,
+    seq: i64,
+    state: JobState,
+    follows: Option<String>,
+    asset: Option<String>,
+    detail: &str,
+) -> Submitted {
+    let admission = match (state, &follows) {
+        (JobState::Cached, _) => Admission::Cached,
+        (_, Some(_)) => Admission::Attached,
+        _ => Admission::Queued,
+    };
+    let change = Change { detail, asset: asset.as_deref(), ..Change::default() };
+    let event = event(seq, &new.id, new.request.tier, None, new.now_ms, state, 0, &change, new.now_ms);
+    let job = Job {
+        id: new.id,
+        state,
+        tier: new.request.tier,
+        request: new.request,
+        cache_key: new.cache_key,
+        client: new.client,
+        idempotency_key: new.idempotency_key,
+        follows,
+        attempt: 0,
+        asset,
+        error: None,
+        created_ms: new.now_ms,
+        updated_ms: new.now_ms,
+        started_ms: None,
+        finished_ms: state.is_terminal().then_some(new.now_ms),
+    };
+    Submitted { job, admission, events: vec![event] }
 }
 
 /// Whether a job (in `state` at `attempt`, attached to another or not) may start `d`: it leads

@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
 
 use super::rows::{
-    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    Change, Cols, Finish, admitted, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, state_of, token_from_row,
 };
 use super::writer::{Connect, OpFn, WeakWriter, WriteConn, Writer};
@@ -149,35 +149,10 @@ async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted
     let [first, last] = rows.as_slice() else {
         return Err(corrupt("submit", format!("expected 2 result rows, got {}", rows.len())));
     };
-    let state = state_of(first)?;
     let asset: Option<String> = first.try_get("asset")?;
     let follows: Option<String> = last.try_get("follows")?;
-    let admission = match (state, &follows) {
-        (JobState::Cached, _) => Admission::Cached,
-        (_, Some(_)) => Admission::Attached,
-        _ => Admission::Queued,
-    };
-    let job = Job {
-        id: new.id,
-        state,
-        tier: new.request.tier,
-        request: new.request,
-        cache_key: new.cache_key,
-        client: new.client,
-        idempotency_key: new.idempotency_key,
-        follows,
-        attempt: 0,
-        asset,
-        error: None,
-        created_ms: new.now_ms,
-        updated_ms: new.now_ms,
-        started_ms: None,
-        finished_ms: state.is_terminal().then_some(new.now_ms),
-    };
     let detail: String = first.try_get("detail")?;
-    let change = Change { detail: &detail, asset: job.asset.as_deref(), ..Change::default() };
-    let event = event(first.try_get("seq")?, &job.id, job.tier, None, job.created_ms, state, 0, &change, new.now_ms);
-    Ok(Submitted { job, admission, events: vec![event] })
+    Ok(admitted(new, first.try_get("seq")?, state_of(first)?, follows, asset, &detail))
 }
 
 /// The due outbox rows, oldest first, and when the next row not yet due falls due.
