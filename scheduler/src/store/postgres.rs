@@ -42,11 +42,6 @@ impl WriteConn for PgConnection {
 impl PgStore {
     /// Connects to the database at `url` and brings its schema up to date.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
-        // Every statement is planned for its own parameters and the tables' present size. A
-        // generic plan, cached after a statement's fifth run, keeps the estimates of that moment:
-        // made while the tables were nearly empty (a fresh farm, a burst) it scans where it
-        // should probe an index, 200 times slower once they have grown (26 ms instead of 0.12 ms
-        // for the submit's key lookup over 10,000 jobs), until the next `ANALYZE`.
         let opts = PgConnectOptions::from_str(url)?;
         // The writer's session plans without sequential scans where an index will do: its
         // statements all look rows up by keys with an index. A generic plan (cached after a
@@ -119,11 +114,21 @@ impl PgStore {
 }
 
 /// What a submit decided before it writes: a job that already holds the idempotency key, the
-/// same key taken earlier in the batch, or a new job.
+/// same key taken earlier in the batch, or a new job (answered from the cache with `asset`,
+/// attached to the render `follows` leads, or leading one of its own).
 enum Admit {
     Existing(Box<Job>),
     SameAs(usize),
-    New { state: JobState, follows: Option<String>, asset: Option<String>, detail: String },
+    New { follows: Option<String>, asset: Option<String> },
+}
+
+/// A new job's first state and the note of its first event.
+fn first_event(follows: Option<&str>, asset: Option<&str>) -> (JobState, String) {
+    match (asset, follows) {
+        (Some(_), _) => (JobState::Cached, "answered from the cache".into()),
+        (None, Some(leader)) => (JobState::Queued, format!("attached to the render of job {leader}")),
+        (None, None) => (JobState::Queued, "queued".into()),
+    }
 }
 
 /// A batch of submits in two round trips, whatever its size: one statement reads, for every
@@ -182,23 +187,15 @@ async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Ve
             }
             taken_here.insert(key, i);
         }
-        let (asset, leader) = known.entry(j.cache_key.clone()).or_default();
-        admits.push(match (asset.clone(), leader.clone()) {
-            (Some(asset), _) => Admit::New {
-                state: JobState::Cached,
-                follows: None,
-                asset: Some(asset),
-                detail: "answered from the cache".into(),
-            },
-            (None, Some(leader)) => {
-                let detail = format!("attached to the render of job {leader}");
-                Admit::New { state: JobState::Queued, follows: Some(leader), asset: None, detail }
-            }
-            (None, None) => {
-                *leader = Some(j.id.clone());
-                Admit::New { state: JobState::Queued, follows: None, asset: None, detail: "queued".into() }
-            }
-        });
+        let (asset, leader) = known
+            .get_mut(&j.cache_key)
+            .ok_or_else(|| corrupt("submit", format!("cache key {} was not looked up", j.cache_key)))?;
+        let follows = if asset.is_some() { None } else { leader.clone() };
+        if asset.is_none() && leader.is_none() {
+            // It leads the render of its key; later submits in the batch attach to it.
+            *leader = Some(j.id.clone());
+        }
+        admits.push(Admit::New { follows, asset: asset.clone() });
     }
     let seqs = insert_new_jobs(conn, &jobs, &admits).await?;
     let mut out: Vec<Submitted> = Vec::with_capacity(jobs.len());
@@ -208,8 +205,9 @@ async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Ve
             Admit::SameAs(first) => {
                 Submitted { job: out[first].job.clone(), admission: Admission::Existing, events: vec![] }
             }
-            Admit::New { state, follows, asset, detail } => {
+            Admit::New { follows, asset } => {
                 let seq = *seqs.get(&new.id).ok_or_else(|| corrupt("event", format!("job {} got none", new.id)))?;
+                let (state, detail) = first_event(follows.as_deref(), asset.as_deref());
                 admitted(new, seq, state, follows, asset, &detail)
             }
         };
@@ -227,7 +225,8 @@ async fn insert_new_jobs(
 ) -> Result<HashMap<String, i64>, StoreError> {
     let mut cols = NewJobCols::default();
     for (j, admit) in jobs.iter().zip(admits) {
-        let Admit::New { state, follows, asset, detail } = admit else { continue };
+        let Admit::New { follows, asset } = admit else { continue };
+        let (state, detail) = first_event(follows.as_deref(), asset.as_deref());
         cols.id.push(j.id.clone());
         cols.tier.push(j.request.tier.as_str());
         cols.request.push(serde_json::to_string(&j.request).map_err(|e| corrupt("request", e))?);
@@ -237,9 +236,9 @@ async fn insert_new_jobs(
         cols.follows.push(follows.clone());
         cols.now_ms.push(j.now_ms);
         cols.state.push(state.as_str());
-        cols.detail.push(detail.clone());
+        cols.detail.push(detail);
         cols.asset.push(asset.clone());
-        cols.leads.push(*state == JobState::Queued && follows.is_none());
+        cols.leads.push(state == JobState::Queued && follows.is_none());
     }
     if cols.id.is_empty() {
         return Ok(HashMap::new());
