@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineError;
 use crate::engine::burn_model::CppnModule;
-use crate::engine::cppn::{Cppn, SampleTile, render_tile_cpu};
+use crate::engine::cppn::{Cppn, SampleTile, render_tile_cpu, run_parts};
 use crate::engine::style::Style;
 use crate::gpu::{BandRenderer, Gpu, Samples};
 use crate::post::{self, PostParams};
@@ -182,7 +182,12 @@ pub fn render_to<W: Write>(
         Backend::Wgpu(_) => 1,
     };
     let mut writer = png_encoder(out, w, h).write_header()?;
-    let mut stream = writer.stream_writer_with_size(1 << 20)?;
+    // The encoder's buffer is one IDAT chunk of compressed data, zeroed when made: at most a
+    // megabyte, and no more than the whole image could compress to (its filtered rows plus
+    // deflate's worst-case overhead), so a small image gets a small buffer and the same bytes.
+    let raw = (w as usize * 3 + 1) * h as usize;
+    let stream_bytes = (raw + raw / 64 + 1024).min(1 << 20);
+    let mut stream = writer.stream_writer_with_size(stream_bytes)?;
     let mut thumb_rgb = Vec::with_capacity((plan.thumb_w * plan.thumb_h * 3) as usize);
     let mut stats = RenderStats::default();
     let mut samples_buf = Vec::new();
@@ -240,22 +245,18 @@ fn cpu_post(p: &PostParams, samples: &mut [f32], threads: usize) -> (Vec<u32>, V
     let mut packed = vec![0u32; w * rows as usize];
     let mut thumb = vec![0u32; tw * rows.div_ceil(f) as usize];
     let chunk = rows.div_ceil(threads.max(1) as u32).next_multiple_of(f) as usize;
-    std::thread::scope(|scope| {
-        let parts = samples
-            .chunks_mut(chunk * s * w * s * 3)
-            .zip(pixels.chunks_mut(chunk * w * 3))
-            .zip(packed.chunks_mut(chunk * w))
-            .zip(thumb.chunks_mut(chunk / f as usize * tw));
-        for (k, (((sm, px), pk), th)) in parts.enumerate() {
-            let sub = p.sub_rows((k * chunk) as u32, (pk.len() / w) as u32);
-            scope.spawn(move || {
-                post::tone(&sub, sm);
-                post::resolve(&sub, sm, px);
-                post::watermark(&sub, px);
-                post::quantize(&sub, px, pk);
-                post::thumbnail(&sub, px, th);
-            });
-        }
+    let parts = samples
+        .chunks_mut(chunk * s * w * s * 3)
+        .zip(pixels.chunks_mut(chunk * w * 3))
+        .zip(packed.chunks_mut(chunk * w))
+        .zip(thumb.chunks_mut(chunk / f as usize * tw));
+    run_parts(parts.enumerate(), |(k, (((sm, px), pk), th))| {
+        let sub = p.sub_rows((k * chunk) as u32, (pk.len() / w) as u32);
+        post::tone(&sub, sm);
+        post::resolve(&sub, sm, px);
+        post::watermark(&sub, px);
+        post::quantize(&sub, px, pk);
+        post::thumbnail(&sub, px, th);
     });
     (packed, thumb)
 }

@@ -42,8 +42,8 @@ pub struct FarmBenchArgs {
     /// Concurrent HTTP clients for the tiny jobs.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// In-process workers. Tiny renders wait on the file system (each asset is a few fsynced
-    /// files), not the CPU, so many workers keep the disk busy.
+    /// In-process workers. A tiny render spends most of its time storing its asset (a few
+    /// files, synced), and renders that finish together share one sync, so many workers help.
     #[arg(long, default_value_t = 32)]
     pub workers: usize,
     /// Keep each run's data dir (database, assets) for a look afterwards.

@@ -448,11 +448,26 @@ pub fn render_tile_cpu(c: &Cppn, tile: &SampleTile, threads: usize, out: &mut [f
     let threads = threads.clamp(1, tile.h as usize);
     let rows_per = (tile.h as usize).div_ceil(threads);
     let row_len = tile.w as usize * 3;
+    run_parts(out.chunks_mut(rows_per * row_len).enumerate(), |(t, chunk)| {
+        let first = (t * rows_per) as u32;
+        let rows = first..first + (chunk.len() / row_len) as u32;
+        render_rows_best(c, tile, rows, chunk);
+    });
+}
+
+/// Runs `work` on every part at once: the last part on this thread, the others on scoped
+/// threads. One part (a small image, or one thread) spawns nothing: starting a thread costs
+/// more than rendering a thumbnail-sized band.
+pub fn run_parts<T: Send>(parts: impl IntoIterator<Item = T>, work: impl Fn(T) + Sync) {
+    let work = &work;
     std::thread::scope(|s| {
-        for (t, chunk) in out.chunks_mut(rows_per * row_len).enumerate() {
-            let first = (t * rows_per) as u32;
-            let rows = first..first + (chunk.len() / row_len) as u32;
-            s.spawn(move || render_rows_best(c, tile, rows, chunk));
+        let mut parts = parts.into_iter().peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                work(part);
+            } else {
+                s.spawn(move || work(part));
+            }
         }
     });
 }
