@@ -105,27 +105,6 @@ impl Write for PendingAsset {
     }
 }
 
-/// Writes a file whole or not at all (temp file, then rename); with `durable`, its bytes are on
-/// disk before it appears.
-fn write_atomic(dir: &Path, path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-    let (tmp, f) = write_temp(dir, bytes)?;
-    if durable {
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)
-}
-
-/// A new file in `dir` holding `bytes` (not synced).
-fn write_temp(dir: &Path, bytes: &[u8]) -> io::Result<(PathBuf, File)> {
-    let tmp = dir.join(format!("{}.{}", std::process::id(), unique()));
-    let mut f = File::create(&tmp)?;
-    if let Err(e) = f.write_all(bytes) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok((tmp, f))
-}
-
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -174,7 +153,7 @@ impl AssetStore {
 
     /// Starts writing a PNG.
     pub fn begin(&self) -> io::Result<PendingAsset> {
-        let tmp = self.root.join("tmp").join(format!("{}.{}.png", std::process::id(), unique()));
+        let tmp = self.scratch_path();
         Ok(PendingAsset {
             // The encoder writes a band's compressed rows at a time; 64 KiB keeps writes few
             // without a megabyte for each small image.
@@ -222,10 +201,9 @@ impl AssetStore {
         provenance: &[u8],
         temps: &mut Vec<PathBuf>,
     ) -> io::Result<()> {
-        let tmp_dir = self.root.join("tmp");
-        let (t, thumb_file) = write_temp(&tmp_dir, thumb)?;
+        let (t, thumb_file) = self.write_scratch(thumb)?;
         temps.push(t);
-        let (p, provenance_file) = write_temp(&tmp_dir, provenance)?;
+        let (p, provenance_file) = self.write_scratch(provenance)?;
         temps.push(p);
         self.sync.sync(&[png, &thumb_file, &provenance_file])?;
         fs::create_dir_all(self.shard(hash))?;
@@ -240,6 +218,27 @@ impl AssetStore {
     /// file to be filled and then moved in with [`Self::import_file`].
     pub fn scratch_path(&self) -> PathBuf {
         self.root.join("tmp").join(format!("{}.{}", std::process::id(), unique()))
+    }
+
+    /// A new scratch file holding `bytes` (not synced).
+    fn write_scratch(&self, bytes: &[u8]) -> io::Result<(PathBuf, File)> {
+        let tmp = self.scratch_path();
+        let mut f = File::create(&tmp)?;
+        if let Err(e) = f.write_all(bytes) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok((tmp, f))
+    }
+
+    /// Writes a file whole or not at all (scratch file, then rename); with `durable`, its bytes
+    /// are on disk before it appears.
+    fn write_atomic(&self, path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+        let (tmp, f) = self.write_scratch(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)
     }
 
     /// Moves a file that was written and synced at a [`Self::scratch_path`] and whose BLAKE3 the
@@ -260,14 +259,14 @@ impl AssetStore {
             return Ok(());
         }
         fs::create_dir_all(self.shard(hash))?;
-        write_atomic(&self.root.join("tmp"), &self.provenance_path(hash), json, true)
+        self.write_atomic(&self.provenance_path(hash), json, true)
     }
 
     /// Records that `key` rendered to `hash`. The index is a cache, not a record: it is not
     /// synced (an fsync less per asset), and an entry lost in a power cut costs one re-render of
     /// the same bytes. [`Self::lookup_key`] checks what it reads.
     pub fn put_key(&self, key: &CacheKey, hash: &str) -> io::Result<()> {
-        write_atomic(&self.root.join("tmp"), &self.root.join("keys").join(key.to_string()), hash.as_bytes(), false)
+        self.write_atomic(&self.root.join("keys").join(key.to_string()), hash.as_bytes(), false)
     }
 
     /// The asset a key rendered to, if it is recorded and the asset is still stored.
