@@ -5,6 +5,7 @@
 //! Every method that changes a job appends events and updates the job row (their projection) in
 //! one transaction, and returns the events so the caller can publish them once they are durable.
 
+mod admit;
 pub mod fleet;
 pub mod postgres;
 mod rows;

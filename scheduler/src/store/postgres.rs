@@ -12,14 +12,15 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
 
+use super::admit;
 use super::rows::{
-    Change, Cols, Finish, admitted, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, state_of, token_from_row,
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
 use super::{
-    Admission, AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery,
-    NewJob, Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
+    AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery, NewJob,
+    Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 use kiln_protocol::{JobState, Tier};
 
@@ -111,36 +112,22 @@ impl PgStore {
     async fn record_one(&self, r: Recorded) -> Result<Vec<Event>, StoreError> {
         self.results.call(r).await
     }
-}
 
-/// What a submit decided before it writes: a job that already holds the idempotency key, the
-/// same key taken earlier in the batch, or a new job (answered from the cache with `asset`,
-/// attached to the render `follows` leads, or leading one of its own).
-enum Admit {
-    Existing(Box<Job>),
-    SameAs(usize),
-    New { follows: Option<String>, asset: Option<String> },
-}
+    async fn start_one(&self, d: Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
+        self.write(Box::new(move |c| Box::pin(async move { start_op(c, &d, now_ms).await }))).await
+    }
 
-/// A new job's first state and the note of its first event.
-fn first_event(follows: Option<&str>, asset: Option<&str>) -> (JobState, String) {
-    match (asset, follows) {
-        (Some(_), _) => (JobState::Cached, "answered from the cache".into()),
-        (None, Some(leader)) => (JobState::Queued, format!("attached to the render of job {leader}")),
-        (None, None) => (JobState::Queued, "queued".into()),
+    async fn finish_one(&self, d: Dispatch, outcome: Outcome, now_ms: i64) -> Result<Vec<Event>, StoreError> {
+        self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &d, outcome, now_ms).await }))).await
     }
 }
 
-/// A batch of submits in two round trips, whatever its size: one statement reads, for every
-/// cache key in the batch, its asset and its live leader (and the jobs the idempotency keys name);
-/// the rules run here, in order, so a later submit in the batch sees an earlier one (it attaches
-/// to the render an earlier one leads, or gets the job that took its idempotency key); one
-/// statement then writes every new job, its first event and its outbox row. The projection
-/// trigger runs at the end of that statement and sees the new jobs.
+/// A batch of submits in two round trips, whatever its size (three when some carry an
+/// idempotency key): one statement reads, for every cache key in the batch, its asset and its
+/// live leader (another the jobs the idempotency keys name); the rules run in
+/// [`admit::decide`]; one statement then writes every new job, its first event and its outbox
+/// row. The projection trigger runs at the end of that statement and sees the new jobs.
 async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
-    let mut keys: Vec<String> = jobs.iter().map(|j| j.cache_key.clone()).collect();
-    keys.sort_unstable();
-    keys.dedup();
     // Per key, an index probe each (see `mark_sent_op`).
     let rows = sqlx::query(
         "SELECT k.key, (SELECT hash FROM assets WHERE cache_key = k.key LIMIT 1) AS asset, \
@@ -148,16 +135,12 @@ async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Ve
               AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) AS leader \
          FROM unnest($1::TEXT[]) AS k (key)",
     )
-    .bind(&keys)
+    .bind(admit::cache_keys(&jobs))
     .fetch_all(&mut *conn)
     .await?;
-    let mut known: HashMap<String, (Option<String>, Option<String>)> = HashMap::with_capacity(rows.len());
-    for r in &rows {
-        known.insert(r.col("key")?, (r.col("asset")?, r.col("leader")?));
-    }
-    let (clients, idems): (Vec<String>, Vec<String>) =
-        jobs.iter().filter_map(|j| Some((j.client.clone(), j.idempotency_key.clone()?))).unzip();
-    let mut taken: HashMap<(String, String), Job> = HashMap::new();
+    let known = admit::key_states(&rows)?;
+    let (clients, idems): (Vec<String>, Vec<String>) = admit::idempotency_keys(&jobs).into_iter().unzip();
+    let mut taken = HashMap::new();
     if !idems.is_empty() {
         let rows = sqlx::query(
             "SELECT j.* FROM unnest($1::TEXT[], $2::TEXT[]) AS i (client, key) \
@@ -167,80 +150,20 @@ async fn submit_many_op(conn: &mut PgConnection, jobs: Vec<NewJob>) -> Result<Ve
         .bind(&idems)
         .fetch_all(&mut *conn)
         .await?;
-        for r in &rows {
-            let job = job_from_row(r)?;
-            taken.insert((job.client.clone(), job.idempotency_key.clone().unwrap_or_default()), job);
-        }
+        taken = admit::taken_keys(&rows)?;
     }
-    let mut taken_here: HashMap<(String, String), usize> = HashMap::new();
-    let mut admits = Vec::with_capacity(jobs.len());
-    for (i, j) in jobs.iter().enumerate() {
-        if let Some(idem) = &j.idempotency_key {
-            let key = (j.client.clone(), idem.clone());
-            if let Some(job) = taken.get(&key) {
-                admits.push(Admit::Existing(Box::new(job.clone())));
-                continue;
-            }
-            if let Some(&first) = taken_here.get(&key) {
-                admits.push(Admit::SameAs(first));
-                continue;
-            }
-            taken_here.insert(key, i);
-        }
-        let (asset, leader) = known
-            .get_mut(&j.cache_key)
-            .ok_or_else(|| corrupt("submit", format!("cache key {} was not looked up", j.cache_key)))?;
-        let follows = if asset.is_some() { None } else { leader.clone() };
-        if asset.is_none() && leader.is_none() {
-            // It leads the render of its key; later submits in the batch attach to it.
-            *leader = Some(j.id.clone());
-        }
-        admits.push(Admit::New { follows, asset: asset.clone() });
-    }
-    let seqs = insert_new_jobs(conn, &jobs, &admits).await?;
-    let mut out: Vec<Submitted> = Vec::with_capacity(jobs.len());
-    for (new, admit) in jobs.into_iter().zip(admits) {
-        let submitted = match admit {
-            Admit::Existing(job) => Submitted { job: *job, admission: Admission::Existing, events: vec![] },
-            Admit::SameAs(first) => {
-                Submitted { job: out[first].job.clone(), admission: Admission::Existing, events: vec![] }
-            }
-            Admit::New { follows, asset } => {
-                let seq = *seqs.get(&new.id).ok_or_else(|| corrupt("event", format!("job {} got none", new.id)))?;
-                let (state, detail) = first_event(follows.as_deref(), asset.as_deref());
-                admitted(new, seq, state, follows, asset, &detail)
-            }
-        };
-        out.push(submitted);
-    }
-    Ok(out)
+    let admits = admit::decide(&jobs, known, &taken)?;
+    let seqs = insert_new_jobs(conn, &admit::new_rows(&jobs, &admits)?).await?;
+    admit::answer(jobs, admits, &seqs)
 }
 
-/// Writes the batch's new jobs (those `admits` says are new) with their first events and, for
-/// those that lead a render, their outbox rows, in one statement; answers each event's `seq`.
+/// Writes the batch's new jobs with their first events and, for those that lead a render,
+/// their outbox rows, in one statement; answers each event's `seq`.
 async fn insert_new_jobs(
     conn: &mut PgConnection,
-    jobs: &[NewJob],
-    admits: &[Admit],
+    new: &[admit::NewRow<'_>],
 ) -> Result<HashMap<String, i64>, StoreError> {
-    let mut cols = NewJobCols::default();
-    for (j, admit) in jobs.iter().zip(admits) {
-        let Admit::New { follows, asset } = admit else { continue };
-        let (state, detail) = first_event(follows.as_deref(), asset.as_deref());
-        cols.id.push(j.id.clone());
-        cols.tier.push(j.request.tier.as_str());
-        cols.request.push(serde_json::to_string(&j.request).map_err(|e| corrupt("request", e))?);
-        cols.cache_key.push(j.cache_key.clone());
-        cols.client.push(j.client.clone());
-        cols.idempotency_key.push(j.idempotency_key.clone());
-        cols.follows.push(follows.clone());
-        cols.now_ms.push(j.now_ms);
-        cols.state.push(state.as_str());
-        cols.detail.push(detail);
-        cols.asset.push(asset.clone());
-        cols.leads.push(state == JobState::Queued && follows.is_none());
-    }
-    if cols.id.is_empty() {
+    if new.is_empty() {
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(
@@ -257,38 +180,21 @@ async fn insert_new_jobs(
                SELECT id, tier, client, 1, now_ms FROM x WHERE leads ORDER BY ord) \
          SELECT seq, job_id FROM e",
     )
-    .bind(&cols.id)
-    .bind(&cols.tier)
-    .bind(&cols.request)
-    .bind(&cols.cache_key)
-    .bind(&cols.client)
-    .bind(&cols.idempotency_key)
-    .bind(&cols.follows)
-    .bind(&cols.now_ms)
-    .bind(&cols.state)
-    .bind(&cols.detail)
-    .bind(&cols.asset)
-    .bind(&cols.leads)
+    .bind(new.iter().map(|n| n.job.id.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.job.request.tier.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.request.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.job.cache_key.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.job.client.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.job.idempotency_key.as_deref()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.follows).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.job.now_ms).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.state.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.detail.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.asset).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.leads).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(|r| Ok((r.col("job_id")?, r.col("seq")?))).collect()
-}
-
-/// The columns of [`insert_new_jobs`]'s statement, one array each.
-#[derive(Default)]
-struct NewJobCols {
-    id: Vec<String>,
-    tier: Vec<&'static str>,
-    request: Vec<String>,
-    cache_key: Vec<String>,
-    client: Vec<String>,
-    idempotency_key: Vec<Option<String>>,
-    follows: Vec<Option<String>>,
-    now_ms: Vec<i64>,
-    state: Vec<&'static str>,
-    detail: Vec<String>,
-    asset: Vec<Option<String>>,
-    leads: Vec<bool>,
 }
 
 async fn pending_op(conn: &mut PgConnection, now_ms: i64, limit: u32) -> Result<Pending, StoreError> {
@@ -339,6 +245,23 @@ async fn take_due_op(conn: &mut PgConnection, now_ms: i64, limit: u32) -> Result
     let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
     let events = if ids.is_empty() { vec![] } else { mark_sent_op(conn, &ids, now_ms).await? };
     Ok(Due::new(pending, events))
+}
+
+async fn start_op(conn: &mut PgConnection, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
+    let row = sqlx::query("SELECT state, attempt, follows FROM jobs WHERE id = $1")
+        .bind(&d.job_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let (from, attempt, follows): (JobState, i64, Option<String>) =
+        (state_of(&row)?, row.col("attempt")?, row.col("follows")?);
+    if !start_allowed(from, attempt, follows.is_some(), d) {
+        return Ok(None);
+    }
+    let detail = format!("attempt {}", d.attempt);
+    let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
+    let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
+    Ok(Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, now_ms)))
 }
 
 async fn finish_op(

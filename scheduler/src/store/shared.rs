@@ -1,7 +1,8 @@
 //! What the SQLite and PostgreSQL stores share to the letter: the SQL both dialects accept
 //! (`$N` parameters, `CAST`, `ON CONFLICT`), written once and stamped out for each connection
-//! type by two macros. What differs (the one-round-trip submit, dispatch and finish, opening,
-//! checkpoints) stays in `sqlite.rs` and `postgres.rs`.
+//! type by two macros. What differs (the set-based submits, dispatch and results, opening,
+//! checkpoints) stays in `sqlite.rs` and `postgres.rs`; the rules a batch of submits follows are
+//! in `admit.rs`.
 
 /// The writes both stores make the same way, as free functions over `$conn`.
 macro_rules! shared_ops {
@@ -58,23 +59,6 @@ macro_rules! shared_ops {
                 .execute(&mut *conn)
                 .await?;
             Ok(())
-        }
-
-        async fn start_op(conn: &mut $conn, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
-            let row = sqlx::query("SELECT state, attempt, follows FROM jobs WHERE id = $1")
-                .bind(&d.job_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-            let Some(row) = row else { return Ok(None) };
-            let (from, attempt, follows): (JobState, i64, Option<String>) =
-                (state_of(&row)?, row.col("attempt")?, row.col("follows")?);
-            if !start_allowed(from, attempt, follows.is_some(), d) {
-                return Ok(None);
-            }
-            let detail = format!("attempt {}", d.attempt);
-            let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
-            let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
-            Ok(Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, now_ms)))
         }
 
         /// Live jobs attached to `leader`, oldest first.
@@ -142,7 +126,8 @@ macro_rules! shared_ops {
 }
 
 /// `impl Store` for a store with a group-commit `writer`, a `read` pool, the `*_op` functions
-/// in scope, and its own `submit_one` and `record_one` (one at a time, or gathered into sets).
+/// in scope, and its own `submit_one`, `start_one`, `finish_one` and `record_one` (one at a
+/// time, or gathered into sets).
 macro_rules! store_impl {
     ($store:ty, $conn:ty) => {
         impl Store for $store {
@@ -166,13 +151,11 @@ macro_rules! store_impl {
             }
 
             fn start(&self, d: &Dispatch, now_ms: i64) -> BoxFut<'_, Result<Option<Event>, StoreError>> {
-                let d = d.clone();
-                Box::pin(self.write(Box::new(move |c| Box::pin(async move { start_op(c, &d, now_ms).await }))))
+                Box::pin(self.start_one(d.clone(), now_ms))
             }
 
             fn finish(&self, d: &Dispatch, outcome: Outcome, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
-                let d = d.clone();
-                Box::pin(self.write(Box::new(move |c| Box::pin(async move { finish_op(c, &d, outcome, now_ms).await }))))
+                Box::pin(self.finish_one(d.clone(), outcome, now_ms))
             }
 
             fn record(

@@ -1,25 +1,31 @@
 //! The SQLite store: WAL, one writer connection with group commit, a pool of readers.
 //!
-//! Every change goes through the group-commit writer ([`super::writer`]); a refusal that writes
-//! nothing (a taken token name) is an answer, not a failure. `synchronous = NORMAL` under WAL keeps
+//! Every change goes through the group-commit writer ([`super::writer`]); submits, starts and
+//! results are gathered into sets on the way ([`super::writer::Gather`]), since each statement
+//! costs a round trip to SQLite's own thread. A refusal that writes nothing (a taken token name) is an answer, not a failure. `synchronous = NORMAL` under WAL keeps
 //! every committed transaction through a crash of the process; a power cut may lose the last
 //! few (SQLite's documented trade), never corrupt the file.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use kiln_protocol::{JobState, Tier};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use serde::Serialize;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
 
+use super::admit;
 use super::rows::{
-    Change, Cols, Finish, admitted, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, state_of, token_from_row,
 };
-use super::writer::{Connect, OpFn, WeakWriter, WriteConn, Writer};
+use super::writer::{Connect, Gather, OpFn, WeakWriter, WriteConn, Writer};
 use super::{
-    Admission, AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery,
-    NewJob, Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
+    AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery, NewJob,
+    Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 
 /// The SQLite store.
@@ -27,6 +33,16 @@ use super::{
 pub struct SqliteStore {
     writer: Writer<SqliteConnection>,
     read: SqlitePool,
+    submits: Gather<NewJob, Submitted>,
+    starts: Gather<(Dispatch, i64), Option<Event>>,
+    results: Gather<Ending, Vec<Event>>,
+}
+
+/// A result to write: a whole attempt (`record`: its start too, unless that is recorded
+/// already) or the end of one that is running (`finish`).
+struct Ending {
+    r: Recorded,
+    may_start: bool,
 }
 
 impl WriteConn for SqliteConnection {
@@ -63,20 +79,47 @@ impl SqliteStore {
         });
         let writer = Writer::spawn(conn, connect);
         tokio::spawn(checkpointer(checkpoints, writer.downgrade()));
-        Ok(SqliteStore { writer, read })
+        let submits = Gather::spawn(writer.clone(), |c, jobs| Box::pin(submit_many_op(c, jobs)));
+        let starts = Gather::spawn(writer.clone(), |c, starts| Box::pin(start_many_op(c, starts)));
+        let results = Gather::spawn(writer.clone(), |c, ends| Box::pin(end_many_op(c, ends)));
+        Ok(SqliteStore { writer, read, submits, starts, results })
     }
 
     async fn write<T: Send + 'static>(&self, f: OpFn<SqliteConnection, T>) -> Result<T, StoreError> {
         self.writer.write(f).await
     }
 
-    /// One submit, one operation of the writer's batch (no round trips to save in-process).
+    /// Submits, starts and results are gathered while the writer is busy and written as sets:
+    /// each statement is a round trip to SQLite's own thread, which under load costs more than
+    /// the statement itself, so a batch costs a few round trips instead of a few per job.
     async fn submit_one(&self, job: NewJob) -> Result<Submitted, StoreError> {
-        self.write(Box::new(move |c| Box::pin(submit_op(c, job)))).await
+        self.submits.call(job).await
+    }
+
+    async fn start_one(&self, d: Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {
+        self.starts.call((d, now_ms)).await
+    }
+
+    async fn finish_one(&self, d: Dispatch, outcome: Outcome, now_ms: i64) -> Result<Vec<Event>, StoreError> {
+        let r = Recorded { d, started_ms: now_ms, outcome, now_ms };
+        self.results.call(Ending { r, may_start: false }).await
     }
 
     async fn record_one(&self, r: Recorded) -> Result<Vec<Event>, StoreError> {
-        self.write(Box::new(move |c| Box::pin(record_op(c, r)))).await
+        self.results.call(Ending { r, may_start: true }).await
+    }
+
+    /// Submits `jobs` as one batch (tests: a batch the gathering would make only by chance).
+    #[cfg(test)]
+    pub(super) async fn submit_batch(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+        self.write(Box::new(move |c| Box::pin(submit_many_op(c, jobs)))).await
+    }
+
+    /// Records `results` as one batch (tests).
+    #[cfg(test)]
+    pub(super) async fn record_batch(&self, results: Vec<Recorded>) -> Result<Vec<Vec<Event>>, StoreError> {
+        let ends = results.into_iter().map(|r| Ending { r, may_start: true }).collect();
+        self.write(Box::new(move |c| Box::pin(end_many_op(c, ends)))).await
     }
 }
 
@@ -97,62 +140,96 @@ async fn checkpointer(mut conn: SqliteConnection, store: WeakWriter<SqliteConnec
     let _ = conn.close().await;
 }
 
-async fn submit_op(conn: &mut SqliteConnection, new: NewJob) -> Result<Submitted, StoreError> {
-    if let Some(idem) = &new.idempotency_key {
-        let row = sqlx::query("SELECT * FROM jobs WHERE client = ? AND idempotency_key = ?")
-            .bind(&new.client)
-            .bind(idem)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(row) = row {
-            return Ok(Submitted { job: job_from_row(&row)?, admission: Admission::Existing, events: vec![] });
-        }
-    }
-    let request = serde_json::to_string(&new.request).map_err(|e| corrupt("request", e))?;
-    // One round trip: the job attached to a live render of its key unless the key has an asset;
-    // its first event (`cached` when there is an asset); an outbox row when it leads a render.
-    // Each statement names the same parameters in a `p` row: sqlx binds `?N` by number, but a
-    // statement that skips a number shifts the binding of the ones after it.
-    let rows = sqlx::query(
-        "WITH p AS (SELECT ?1 AS id, ?2 AS tier, ?3 AS request, ?4 AS key, ?5 AS client, ?6 AS idem, ?7 AS now) \
-         INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, follows, attempt, \
-           created_ms, updated_ms) \
-         SELECT p.id, 'queued', p.tier, p.request, p.key, p.client, p.idem, \
-           CASE WHEN EXISTS (SELECT 1 FROM assets WHERE cache_key = p.key) THEN NULL \
-                ELSE (SELECT id FROM jobs WHERE cache_key = p.key AND follows IS NULL \
-                      AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) END, \
-           0, p.now, p.now FROM p; \
-         WITH p AS (SELECT ?1 AS id, ?2 AS tier, ?3 AS request, ?4 AS key, ?5 AS client, ?6 AS idem, ?7 AS now) \
-         INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
-         SELECT j.id, p.now, CASE WHEN a.hash IS NULL THEN 'queued' ELSE 'cached' END, 0, \
-           CASE WHEN a.hash IS NOT NULL THEN 'answered from the cache' \
-                WHEN j.follows IS NOT NULL THEN 'attached to the render of job ' || j.follows \
-                ELSE 'queued' END, a.hash \
-         FROM p JOIN jobs j ON j.id = p.id \
-         LEFT JOIN assets a ON a.hash = (SELECT hash FROM assets WHERE cache_key = p.key LIMIT 1) \
-         RETURNING seq, state, detail, asset; \
-         WITH p AS (SELECT ?1 AS id, ?2 AS tier, ?3 AS request, ?4 AS key, ?5 AS client, ?6 AS idem, ?7 AS now) \
-         INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
-         SELECT j.id, j.tier, j.client, 1, p.now FROM p JOIN jobs j ON j.id = p.id \
-         WHERE j.state = 'queued' AND j.follows IS NULL; \
-         SELECT follows FROM jobs WHERE id = ?1",
-    )
-    .bind(&new.id)
-    .bind(new.request.tier.as_str())
-    .bind(&request)
-    .bind(&new.cache_key)
-    .bind(&new.client)
-    .bind(&new.idempotency_key)
-    .bind(new.now_ms)
-    .fetch_all(&mut *conn)
-    .await?;
-    let [first, last] = rows.as_slice() else {
-        return Err(corrupt("submit", format!("expected 2 result rows, got {}", rows.len())));
+/// JSON text of `v`, for a statement that walks it with `json_each`.
+fn json(what: &'static str, v: &impl Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| corrupt(what, e))
+}
+
+/// For each cache key in `?1` (a JSON array), its asset and the live job that leads its render.
+const KEYS_SQL: &str = "SELECT k.value AS key, (SELECT hash FROM assets WHERE cache_key = k.value LIMIT 1) AS asset, \
+       (SELECT id FROM jobs WHERE cache_key = k.value AND follows IS NULL \
+          AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) AS leader \
+     FROM json_each(?1) k";
+
+/// The jobs that hold the (client, idempotency key) pairs of `?1`.
+const TAKEN_SQL: &str = "SELECT j.* FROM json_each(?1) i CROSS JOIN jobs j \
+     WHERE j.client = i.value ->> 0 AND j.idempotency_key = i.value ->> 1";
+
+/// A batch of submits in two round trips (three when some carry an idempotency key): what the
+/// database holds for the batch's keys, the rules ([`admit::decide`]), then every new job, its
+/// first event and its outbox row in one.
+async fn submit_many_op(conn: &mut SqliteConnection, jobs: Vec<NewJob>) -> Result<Vec<Submitted>, StoreError> {
+    let keys = json("cache keys", &admit::cache_keys(&jobs))?;
+    let known = admit::key_states(&sqlx::query(KEYS_SQL).bind(keys).fetch_all(&mut *conn).await?)?;
+    let idems = admit::idempotency_keys(&jobs);
+    let taken = if idems.is_empty() {
+        HashMap::new()
+    } else {
+        let pairs = json("idempotency keys", &idems)?;
+        admit::taken_keys(&sqlx::query(TAKEN_SQL).bind(pairs).fetch_all(&mut *conn).await?)?
     };
-    let asset: Option<String> = first.try_get("asset")?;
-    let follows: Option<String> = last.try_get("follows")?;
-    let detail: String = first.try_get("detail")?;
-    Ok(admitted(new, first.try_get("seq")?, state_of(first)?, follows, asset, &detail))
+    let admits = admit::decide(&jobs, known, &taken)?;
+    let seqs = insert_new_jobs(conn, &admit::new_rows(&jobs, &admits)?).await?;
+    admit::answer(jobs, admits, &seqs)
+}
+
+/// A new job as [`INSERT_JOBS_SQL`] reads it.
+#[derive(Serialize)]
+struct NewJson<'a> {
+    id: &'a str,
+    tier: &'static str,
+    request: &'a str,
+    key: &'a str,
+    client: &'a str,
+    idem: Option<&'a str>,
+    follows: Option<&'a str>,
+    now: i64,
+    state: &'static str,
+    detail: &'a str,
+    asset: Option<&'a str>,
+    leads: bool,
+}
+
+/// The new jobs of `?1` (a JSON array, in the batch's order), their first events (answering
+/// their `seq`) and the outbox rows of those that lead a render.
+const INSERT_JOBS_SQL: &str = "INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, \
+       follows, attempt, created_ms, updated_ms) \
+     SELECT x.value ->> 'id', 'queued', x.value ->> 'tier', x.value ->> 'request', x.value ->> 'key', \
+       x.value ->> 'client', x.value ->> 'idem', x.value ->> 'follows', 0, x.value ->> 'now', x.value ->> 'now' \
+     FROM json_each(?1) x ORDER BY x.key; \
+     INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
+     SELECT x.value ->> 'id', x.value ->> 'now', x.value ->> 'state', 0, x.value ->> 'detail', x.value ->> 'asset' \
+     FROM json_each(?1) x ORDER BY x.key RETURNING seq, job_id; \
+     INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
+     SELECT x.value ->> 'id', x.value ->> 'tier', x.value ->> 'client', 1, x.value ->> 'now' \
+     FROM json_each(?1) x WHERE x.value ->> 'leads' ORDER BY x.key";
+
+async fn insert_new_jobs(
+    conn: &mut SqliteConnection,
+    new: &[admit::NewRow<'_>],
+) -> Result<HashMap<String, i64>, StoreError> {
+    if new.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<NewJson> = new
+        .iter()
+        .map(|n| NewJson {
+            id: &n.job.id,
+            tier: n.job.request.tier.as_str(),
+            request: &n.request,
+            key: &n.job.cache_key,
+            client: &n.job.client,
+            idem: n.job.idempotency_key.as_deref(),
+            follows: n.follows,
+            now: n.job.now_ms,
+            state: n.state.as_str(),
+            detail: &n.detail,
+            asset: n.asset,
+            leads: n.leads,
+        })
+        .collect();
+    let rows = sqlx::query(INSERT_JOBS_SQL).bind(json("new jobs", &rows)?).fetch_all(&mut *conn).await?;
+    rows.iter().map(|r| Ok((r.col("job_id")?, r.col("seq")?))).collect()
 }
 
 /// The due outbox rows in id order (by the `outbox_unsent_id` index), then when the next falls due.
@@ -197,74 +274,245 @@ async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Re
     Ok(Due::new(pending, events))
 }
 
-async fn finish_op(
+/// What a job is now: its state, its attempt, and whether it is attached to another's render.
+type JobNow = (JobState, i64, bool);
+
+/// The jobs named in `?1` (a JSON array of ids) as they are now.
+const JOBS_NOW_SQL: &str = "SELECT j.id, j.state, j.attempt, j.follows IS NOT NULL AS attached \
+     FROM json_each(?1) v CROSS JOIN jobs j WHERE j.id = v.value";
+
+async fn jobs_now<'a>(
     conn: &mut SqliteConnection,
-    d: &Dispatch,
-    outcome: Outcome,
-    now_ms: i64,
-) -> Result<Vec<Event>, StoreError> {
-    let f = Finish::new(d, &outcome);
-    // One round trip. The asset is recorded even when the job was cancelled meanwhile. Only the
-    // running attempt's first report moves the job (idempotent by job id + attempt); a retry
-    // gets its outbox row only then (`changes()`), and attached jobs move with their leader.
-    let rows = sqlx::query(
-        "WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
-           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
-         INSERT OR IGNORE INTO assets (hash, cache_key, bytes, created_ms) \
-         SELECT p.asset, p.key, p.bytes, p.now FROM p WHERE p.asset IS NOT NULL; \
-         WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
-           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
-         INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-         SELECT j.id, p.now, p.state, p.attempt, p.detail, p.asset, p.error FROM p JOIN jobs j ON j.id = p.job \
-         WHERE j.state = 'running' AND j.attempt = p.attempt \
-         RETURNING seq, job_id, 'running' AS from_state, 0 AS created_ms; \
-         WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
-           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
-         INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
-         SELECT p.job, p.tier, p.client, p.attempt + 1, p.retry_at FROM p \
-         WHERE p.retry_at IS NOT NULL AND changes() = 1; \
-         WITH p AS (SELECT ?1 AS job, ?2 AS now, ?3 AS state, ?4 AS attempt, ?5 AS detail, ?6 AS asset, ?7 AS error, \
-           ?8 AS key, ?9 AS bytes, ?10 AS f_state, ?11 AS f_detail, ?12 AS retry_at, ?13 AS tier, ?14 AS client) \
-         INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
-         SELECT f.id, p.now, p.f_state, f.attempt, p.f_detail, p.asset, p.error FROM p JOIN jobs f ON f.follows = p.job \
-         WHERE p.f_state IS NOT NULL AND f.state = 'queued' \
-           AND EXISTS (SELECT 1 FROM jobs l WHERE l.id = p.job AND l.state = p.state AND l.attempt = p.attempt \
-                       AND l.updated_ms = p.now) \
-         RETURNING seq, job_id, 'queued' AS from_state, (SELECT created_ms FROM jobs WHERE id = job_id) AS created_ms",
-    )
-    .bind(&d.job_id)
-    .bind(now_ms)
-    .bind(f.to.as_str())
-    .bind(i64::from(d.attempt))
-    .bind(f.detail)
-    .bind(f.asset)
-    .bind(f.error)
-    .bind(&d.cache_key)
-    .bind(f.bytes)
-    .bind(f.followers_to.map(JobState::as_str))
-    .bind(&f.followers_detail)
-    .bind(f.retry_at)
-    .bind(d.tier.as_str())
-    .bind(&d.client)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let seq = r.try_get("seq")?;
-            let job_id: String = r.try_get("job_id")?;
-            if r.try_get::<String, _>("from_state")? == "running" {
-                return Ok(f.lead_event(d, seq, now_ms));
-            }
-            Ok(f.follower_event(d, seq, &job_id, r.try_get("created_ms")?, now_ms))
-        })
-        .collect()
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<String, JobNow>, StoreError> {
+    let ids = json("job ids", &ids.collect::<Vec<_>>())?;
+    let rows = sqlx::query(JOBS_NOW_SQL).bind(ids).fetch_all(&mut *conn).await?;
+    rows.iter().map(|r| Ok((r.col("id")?, (state_of(r)?, r.col("attempt")?, r.col("attached")?)))).collect()
 }
 
-/// Start and finish in one op (the same statements, one place in the batch).
-async fn record_op(conn: &mut SqliteConnection, r: Recorded) -> Result<Vec<Event>, StoreError> {
-    let mut events: Vec<Event> = start_op(&mut *conn, &r.d, r.started_ms).await?.into_iter().collect();
-    events.extend(finish_op(conn, &r.d, r.outcome, r.now_ms).await?);
-    Ok(events)
+/// A start as [`START_SQL`] reads it.
+#[derive(Serialize)]
+struct StartJson<'a> {
+    job: &'a str,
+    at: i64,
+    attempt: u32,
+    detail: String,
+}
+
+/// The `running` events of `?1`, in its order.
+const START_SQL: &str = "INSERT INTO job_events (job_id, at_ms, state, attempt, detail) \
+     SELECT x.value ->> 'job', x.value ->> 'at', 'running', x.value ->> 'attempt', x.value ->> 'detail' \
+     FROM json_each(?1) x ORDER BY x.key RETURNING seq";
+
+/// A batch of starts in two round trips: the jobs as they are, the rule ([`start_allowed`]) for
+/// each start in order (a second start of the same job sees the first), then the events of
+/// those allowed. Each gets its event, or `None`.
+async fn start_many_op(
+    conn: &mut SqliteConnection,
+    starts: Vec<(Dispatch, i64)>,
+) -> Result<Vec<Option<Event>>, StoreError> {
+    let mut now = jobs_now(&mut *conn, starts.iter().map(|(d, _)| d.job_id.as_str())).await?;
+    let mut allowed = Vec::new();
+    for (k, (d, _)) in starts.iter().enumerate() {
+        if let Some(job) = now.get_mut(&d.job_id)
+            && start_allowed(job.0, job.1, job.2, d)
+        {
+            allowed.push((k, job.0, format!("attempt {}", d.attempt)));
+            *job = (JobState::Running, i64::from(d.attempt), job.2);
+        }
+    }
+    let mut out = vec![None; starts.len()];
+    if allowed.is_empty() {
+        return Ok(out);
+    }
+    let rows: Vec<StartJson> = allowed
+        .iter()
+        .map(|(k, _, detail)| {
+            let (d, at) = &starts[*k];
+            StartJson { job: &d.job_id, at: *at, attempt: d.attempt, detail: detail.clone() }
+        })
+        .collect();
+    let seqs = sorted_seqs(sqlx::query(START_SQL).bind(json("starts", &rows)?).fetch_all(&mut *conn).await?)?;
+    if seqs.len() != allowed.len() {
+        return Err(corrupt("event", format!("{} starts wrote {} events", allowed.len(), seqs.len())));
+    }
+    for ((k, from, detail), seq) in allowed.into_iter().zip(seqs) {
+        let (d, at) = &starts[k];
+        let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
+        out[k] =
+            Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, *at));
+    }
+    Ok(out)
+}
+
+/// The `seq` of each row, smallest first: the order the rows were inserted in.
+fn sorted_seqs(rows: Vec<SqliteRow>) -> Result<Vec<i64>, StoreError> {
+    let mut seqs = rows.iter().map(|r| r.col("seq")).collect::<Result<Vec<i64>, _>>()?;
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+/// A result as [`END_SQL`] reads it.
+#[derive(Serialize)]
+struct EndJson<'a> {
+    job: &'a str,
+    attempt: u32,
+    tier: &'static str,
+    client: &'a str,
+    key: &'a str,
+    started: i64,
+    now: i64,
+    /// Its start is written with it.
+    starts: bool,
+    start_detail: String,
+    /// It moves its job (the running attempt's first report, or a whole attempt that may start).
+    ok: bool,
+    to: &'static str,
+    detail: &'static str,
+    asset: Option<&'a str>,
+    bytes: Option<i64>,
+    error: Option<&'a str>,
+    retry_at: Option<i64>,
+    f_state: Option<&'static str>,
+    f_detail: &'a str,
+}
+
+/// A batch of results, `?1` in its order: every asset (recorded even when its job was
+/// cancelled meanwhile); for those that move their job, the start (when it is written with it)
+/// and the outcome, a retry's outbox row, and the events of the jobs attached to it. Answers
+/// the events, each with the leader it was written for (`NULL` for a leader's own).
+const END_SQL: &str = "INSERT OR IGNORE INTO assets (hash, cache_key, bytes, created_ms) \
+     SELECT x.value ->> 'asset', x.value ->> 'key', x.value ->> 'bytes', x.value ->> 'now' FROM json_each(?1) x \
+     WHERE x.value ->> 'asset' IS NOT NULL AND x.value ->> 'bytes' IS NOT NULL ORDER BY x.key; \
+     INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+     SELECT job, at, state, attempt, detail, asset, error FROM ( \
+       SELECT x.key AS ord, 1 AS n, x.value ->> 'job' AS job, x.value ->> 'started' AS at, 'running' AS state, \
+         x.value ->> 'attempt' AS attempt, x.value ->> 'start_detail' AS detail, NULL AS asset, NULL AS error \
+       FROM json_each(?1) x WHERE x.value ->> 'starts' \
+       UNION ALL \
+       SELECT x.key, 2, x.value ->> 'job', x.value ->> 'now', x.value ->> 'to', x.value ->> 'attempt', \
+         x.value ->> 'detail', x.value ->> 'asset', x.value ->> 'error' \
+       FROM json_each(?1) x WHERE x.value ->> 'ok') \
+     ORDER BY ord, n RETURNING seq, job_id, NULL AS leader, NULL AS created_ms; \
+     INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
+     SELECT x.value ->> 'job', x.value ->> 'tier', x.value ->> 'client', x.value ->> 'attempt' + 1, \
+       x.value ->> 'retry_at' \
+     FROM json_each(?1) x WHERE x.value ->> 'ok' AND x.value ->> 'retry_at' IS NOT NULL ORDER BY x.key; \
+     INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
+     SELECT f.id, x.value ->> 'now', x.value ->> 'f_state', f.attempt, x.value ->> 'f_detail', x.value ->> 'asset', \
+       x.value ->> 'error' \
+     FROM json_each(?1) x CROSS JOIN jobs f \
+     WHERE x.value ->> 'ok' AND x.value ->> 'f_state' IS NOT NULL AND f.follows = x.value ->> 'job' \
+       AND f.state = 'queued' \
+     ORDER BY x.key, f.seq \
+     RETURNING seq, job_id, (SELECT follows FROM jobs WHERE id = job_id) AS leader, \
+       (SELECT created_ms FROM jobs WHERE id = job_id) AS created_ms";
+
+/// What one of [`END_SQL`]'s own events is, in the order they are written.
+enum Written {
+    Start { k: usize, from: JobState, detail: String },
+    Outcome(usize),
+}
+
+/// A batch of results in two round trips: the jobs as they are, the rules for each result in
+/// order (a start only where [`start_allowed`]; an outcome only for the attempt that is running
+/// or starts with it, so a repeat in the same batch sees the first and changes nothing), then
+/// everything they write in one ([`END_SQL`]).
+async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<Vec<Vec<Event>>, StoreError> {
+    let mut now = jobs_now(&mut *conn, ends.iter().map(|e| e.r.d.job_id.as_str())).await?;
+    let fins: Vec<Finish> = ends.iter().map(|e| Finish::new(&e.r.d, &e.r.outcome)).collect();
+    let mut written = Vec::new();
+    let mut moved = vec![false; ends.len()];
+    let mut rows = Vec::with_capacity(ends.len());
+    for (k, (e, f)) in ends.iter().zip(&fins).enumerate() {
+        let d = &e.r.d;
+        let attempt = i64::from(d.attempt);
+        let (mut starts, mut ok) = (false, false);
+        if let Some(job) = now.get_mut(&d.job_id) {
+            starts = e.may_start && start_allowed(job.0, job.1, job.2, d);
+            ok = starts || (job.0 == JobState::Running && job.1 == attempt);
+            if starts {
+                written.push(Written::Start { k, from: job.0, detail: format!("attempt {}", d.attempt) });
+            }
+            if ok {
+                written.push(Written::Outcome(k));
+                moved[k] = true;
+                *job = (f.to, attempt, job.2);
+            }
+        }
+        rows.push(EndJson {
+            job: &d.job_id,
+            attempt: d.attempt,
+            tier: d.tier.as_str(),
+            client: &d.client,
+            key: &d.cache_key,
+            started: e.r.started_ms,
+            now: e.r.now_ms,
+            starts,
+            start_detail: format!("attempt {}", d.attempt),
+            ok,
+            to: f.to.as_str(),
+            detail: f.detail,
+            asset: f.asset,
+            bytes: f.bytes,
+            error: f.error,
+            retry_at: f.retry_at,
+            f_state: f.followers_to.map(JobState::as_str),
+            f_detail: &f.followers_detail,
+        });
+    }
+    let rows = sqlx::query(END_SQL).bind(json("results", &rows)?).fetch_all(&mut *conn).await?;
+    let mut out = vec![Vec::new(); ends.len()];
+    let (own, attached): (Vec<SqliteRow>, Vec<SqliteRow>) =
+        rows.into_iter().partition(|r| matches!(r.col::<Option<String>>("leader"), Ok(None)));
+    let seqs = sorted_seqs(own)?;
+    if seqs.len() != written.len() {
+        return Err(corrupt("event", format!("{} results wrote {} events", written.len(), seqs.len())));
+    }
+    for (w, seq) in written.into_iter().zip(seqs) {
+        match w {
+            Written::Start { k, from, detail } => {
+                let (d, at) = (&ends[k].r.d, ends[k].r.started_ms);
+                let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
+                out[k].push(event(
+                    seq,
+                    &d.job_id,
+                    d.tier,
+                    Some(from),
+                    d.created_ms,
+                    JobState::Running,
+                    d.attempt,
+                    &change,
+                    at,
+                ));
+            }
+            Written::Outcome(k) => out[k].push(fins[k].lead_event(&ends[k].r.d, seq, ends[k].r.now_ms)),
+        }
+    }
+    // A leader moves its attached jobs once (its outcome is final for them), so each leader
+    // names one result of the batch.
+    let leaders: HashMap<&str, usize> = (0..ends.len())
+        .filter(|&k| moved[k] && fins[k].followers_to.is_some())
+        .map(|k| (ends[k].r.d.job_id.as_str(), k))
+        .collect();
+    for r in &attached {
+        let leader: String = r.col("leader")?;
+        let job_id: String = r.col("job_id")?;
+        let k = *leaders
+            .get(leader.as_str())
+            .ok_or_else(|| corrupt("event", format!("job {job_id} follows {leader}, not in the batch")))?;
+        out[k].push(fins[k].follower_event(
+            &ends[k].r.d,
+            r.col("seq")?,
+            &job_id,
+            r.col("created_ms")?,
+            ends[k].r.now_ms,
+        ));
+    }
+    for events in &mut out {
+        events.sort_by_key(|e| e.seq);
+    }
+    Ok(out)
 }
 
 super::shared::shared_ops!(SqliteConnection);
@@ -289,18 +537,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dispatch_reads_the_outbox_and_jobs_by_key_not_by_scanning_them() {
+    async fn every_batch_statement_finds_its_rows_by_key_not_by_scanning_a_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kiln.db");
         drop(SqliteStore::open(&path).await.unwrap());
-        let mut conn = options(&path).connect().await.unwrap();
+        // Without the foreign-key checks' plans: a new job's insert shows how SQLite would look
+        // for orphans that name its id, which it skips at run time unless a statement left some.
+        let mut conn = options(&path).foreign_keys(false).connect().await.unwrap();
         let pending = plans(&mut conn, PENDING_SQL).await;
         assert!(pending.iter().any(|p| p == "SCAN o USING INDEX outbox_unsent_id"), "{pending:?}");
-        // Marking walks the id list (json_each, then its distinct rows `s`) and finds each outbox
-        // row and job by key: no `SCAN` of either table, which would visit every job ever queued.
+        // Each statement walks its batch (json_each, or rows made from it) and finds each job,
+        // outbox row and asset by key: a `SCAN` of a table would visit every job ever queued
+        // (a second per 512 with 10,000 queued, for the marking of sent rows).
+        let walked = |p: &String| {
+            !p.starts_with("SCAN ")
+                || p.contains("VIRTUAL TABLE")
+                || p.contains("USING INDEX")
+                || p.starts_with("SCAN (")
+                || p == "SCAN s"
+        };
+        for sql in [KEYS_SQL, TAKEN_SQL, INSERT_JOBS_SQL, MARK_SENT_SQL, JOBS_NOW_SQL, START_SQL, END_SQL] {
+            let plan = plans(&mut conn, sql).await;
+            assert!(plan.iter().all(walked), "{sql}\n{plan:?}");
+        }
         let marked = plans(&mut conn, MARK_SENT_SQL).await;
-        let walked = |p: &&String| !p.starts_with("SCAN ") || p.contains("VIRTUAL TABLE") || *p == "SCAN s";
-        assert!(marked.iter().all(|p| walked(&p)), "{marked:?}");
         assert!(marked.iter().any(|p| p.starts_with("SEARCH j USING INDEX")), "{marked:?}");
+        let ended = plans(&mut conn, END_SQL).await;
+        assert!(ended.iter().any(|p| p == "SEARCH f USING INDEX jobs_follows (follows=?)"), "{ended:?}");
     }
 }

@@ -46,7 +46,34 @@ both_stores!(
     a_whole_attempt_recorded_at_once_is_start_then_finish,
     devices_and_their_tasks_move_forward_only,
     concurrent_submits_and_results_keep_the_rules_of_one_at_a_time,
+    a_job_starts_and_finishes_once_however_many_reports_come_together,
+    batches_see_their_own_earlier_members,
 );
+
+/// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
+/// chance).
+trait Batches: Store {
+    fn submits(&self, jobs: Vec<NewJob>) -> BoxFut<'_, Result<Vec<Submitted>, StoreError>>;
+    fn records(&self, results: Vec<Recorded>) -> BoxFut<'_, Result<Vec<Vec<Event>>, StoreError>>;
+}
+
+impl Batches for SqliteStore {
+    fn submits(&self, jobs: Vec<NewJob>) -> BoxFut<'_, Result<Vec<Submitted>, StoreError>> {
+        Box::pin(self.submit_batch(jobs))
+    }
+    fn records(&self, results: Vec<Recorded>) -> BoxFut<'_, Result<Vec<Vec<Event>>, StoreError>> {
+        Box::pin(self.record_batch(results))
+    }
+}
+
+impl Batches for PgStore {
+    fn submits(&self, jobs: Vec<NewJob>) -> BoxFut<'_, Result<Vec<Submitted>, StoreError>> {
+        Box::pin(self.submit_batch(jobs))
+    }
+    fn records(&self, results: Vec<Recorded>) -> BoxFut<'_, Result<Vec<Vec<Event>>, StoreError>> {
+        Box::pin(self.record_batch(results))
+    }
+}
 
 fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
     let request =
@@ -391,10 +418,39 @@ async fn concurrent_submits_and_results_keep_the_rules_of_one_at_a_time(s: &dyn 
     assert!(again.into_iter().all(|x| x.unwrap().admission == Admission::Cached));
 }
 
-/// PostgreSQL's set-based writes, given whole batches: the rules run in the batch's order.
-#[tokio::test]
-async fn postgres_batches_see_their_own_earlier_members() {
-    let Some(s) = pg_store().await else { return };
+/// Starts and results that arrive together (gathered into one batch, or not): one start per
+/// attempt, one recorded outcome, and the attached job moves with it once.
+async fn a_job_starts_and_finishes_once_however_many_reports_come_together(s: &dyn Store) {
+    use futures_util::future::join_all;
+    s.submit(new_job("a", "k", 1)).await.unwrap();
+    assert_eq!(s.submit(new_job("b", "k", 1)).await.unwrap().admission, Admission::Attached);
+    let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
+    let starts = join_all((0..5).map(|_| s.start(&d, 2001))).await;
+    let started: Vec<Event> = starts.into_iter().filter_map(Result::unwrap).collect();
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(
+        (started[0].state, started[0].from, started[0].attempt),
+        (JobState::Running, Some(JobState::Dispatched), 1)
+    );
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1 };
+    let ends = join_all((0..3).map(|_| s.finish(&d, ok.clone(), 2002))).await;
+    let ends: Vec<Vec<Event>> = ends.into_iter().map(Result::unwrap).filter(|e| !e.is_empty()).collect();
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    let moved: Vec<(&str, JobState, Option<JobState>)> =
+        ends[0].iter().map(|e| (e.job_id.as_str(), e.state, e.from)).collect();
+    assert_eq!(
+        moved,
+        [("a", JobState::Succeeded, Some(JobState::Running)), ("b", JobState::Succeeded, Some(JobState::Queued))]
+    );
+    assert!(ends[0][0].seq < ends[0][1].seq);
+    assert!(s.start(&d, 2003).await.unwrap().is_none(), "a finished job does not start again");
+    for id in ["a", "b"] {
+        check_projection(s, id).await;
+    }
+}
+
+/// The set-based writes, given whole batches: the rules run in the batch's order.
+async fn batches_see_their_own_earlier_members<S: Batches>(s: &S) {
     let idem = |mut j: NewJob, k: &str| {
         j.idempotency_key = Some(k.into());
         j
@@ -406,7 +462,7 @@ async fn postgres_batches_see_their_own_earlier_members() {
         idem(new_job("d", "k2", 2), "x"),
         idem(new_job("e", "k3", 3), "x"),
     ];
-    let subs = s.submit_batch(batch).await.unwrap();
+    let subs = s.submits(batch).await.unwrap();
     let got: Vec<(&str, Admission, Option<&str>)> =
         subs.iter().map(|x| (x.job.id.as_str(), x.admission, x.job.follows.as_deref())).collect();
     assert_eq!(
@@ -426,18 +482,18 @@ async fn postgres_batches_see_their_own_earlier_members() {
     let ok = Outcome::Succeeded { asset: "ha".into(), bytes: 1 };
     let retry = Outcome::Retry { error: "boom".into(), retry_at_ms: 9000 };
     let rec = |d: &Dispatch, outcome: Outcome| Recorded { d: d.clone(), started_ms: 2001, outcome, now_ms: 2002 };
-    let out = s.record_batch(vec![rec(a, ok.clone()), rec(a, ok), rec(c, retry)]).await.unwrap();
+    let out = s.records(vec![rec(a, ok.clone()), rec(a, ok), rec(c, retry)]).await.unwrap();
     let states = |events: &[Event]| events.iter().map(|e| (e.job_id.clone(), e.state)).collect::<Vec<_>>();
     let (run, done) = (JobState::Running, JobState::Succeeded);
     assert_eq!(states(&out[0]), [("a".into(), run), ("a".into(), done), ("b".into(), done)]);
     assert!(out[1].is_empty(), "the repeat in the same batch sees the first");
     assert_eq!(states(&out[2]), [("c".into(), run), ("c".into(), JobState::Queued)]);
     assert_eq!(out[0][0].from, Some(JobState::Dispatched));
-    let later = s.submit_batch(vec![new_job("f", "k", 1), idem(new_job("g", "k9", 9), "x")]).await.unwrap();
+    let later = s.submits(vec![new_job("f", "k", 1), idem(new_job("g", "k9", 9), "x")]).await.unwrap();
     assert_eq!((later[0].admission, later[0].job.asset.as_deref()), (Admission::Cached, Some("ha")));
     assert_eq!((later[1].admission, later[1].job.id.as_str()), (Admission::Existing, "c"));
     for id in ["a", "b", "c", "f"] {
-        check_projection(&s, id).await;
+        check_projection(s, id).await;
     }
     assert_eq!(s.take_due(9000, 10).await.unwrap().jobs[0].attempt, 2, "the retry's row");
 }
