@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions, PgConnection};
 use super::admit;
 use super::rows::{
     Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
-    start_allowed, state_of, token_from_row,
+    start_allowed, start_detail, start_event, state_of, token_from_row,
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
 use super::{
@@ -258,10 +258,10 @@ async fn start_op(conn: &mut PgConnection, d: &Dispatch, now_ms: i64) -> Result<
     if !start_allowed(from, attempt, follows.is_some(), d) {
         return Ok(None);
     }
-    let detail = format!("attempt {}", d.attempt);
+    let detail = start_detail(d.attempt);
     let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
     let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
-    Ok(Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, now_ms)))
+    Ok(Some(start_event(seq, d, Some(from), &detail, now_ms)))
 }
 
 async fn finish_op(
@@ -363,7 +363,7 @@ async fn record_round(
 ) -> Result<(), StoreError> {
     let fins: Vec<Finish> = round.iter().map(|&i| Finish::new(&results[i].d, &results[i].outcome)).collect();
     let rs: Vec<&Recorded> = round.iter().map(|&i| &results[i]).collect();
-    let starts: Vec<String> = rs.iter().map(|r| format!("attempt {}", r.d.attempt)).collect();
+    let starts: Vec<String> = rs.iter().map(|r| start_detail(r.d.attempt)).collect();
     let rows = sqlx::query(
         "WITH x AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], \
              $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::BIGINT[], $13::TEXT[], $14::TEXT[], \
@@ -426,12 +426,9 @@ async fn record_round(
             }
             None if r.col::<Option<String>>("state")?.as_deref() == Some("running") => {
                 let k = at(&job_id)?;
-                let d = &rs[k].d;
                 let from: Option<String> = r.col("from_state")?;
                 let from = from.map(|s| s.parse::<JobState>()).transpose().map_err(|e| corrupt("job state", e))?;
-                let change = Change { attempt: Some(d.attempt), detail: &starts[k], ..Change::default() };
-                let started = rs[k].started_ms;
-                (k, event(seq, &d.job_id, d.tier, from, d.created_ms, JobState::Running, d.attempt, &change, started))
+                (k, start_event(seq, &rs[k].d, from, &starts[k], rs[k].started_ms))
             }
             None => {
                 let k = at(&job_id)?;

@@ -223,6 +223,18 @@ pub(super) fn admitted(
     Submitted { job, admission, events: vec![event] }
 }
 
+/// The note of the `running` event that starts `attempt`.
+pub(super) fn start_detail(attempt: u32) -> String {
+    format!("attempt {attempt}")
+}
+
+/// The `running` event, number `seq`, that started `d`'s attempt at `at_ms` with `detail`
+/// ([`start_detail`]); the job was `from` before.
+pub(super) fn start_event(seq: i64, d: &Dispatch, from: Option<JobState>, detail: &str, at_ms: i64) -> Event {
+    let change = Change { attempt: Some(d.attempt), detail, ..Change::default() };
+    event(seq, &d.job_id, d.tier, from, d.created_ms, JobState::Running, d.attempt, &change, at_ms)
+}
+
 /// Whether a job (in `state` at `attempt`, attached to another or not) may start `d`: it leads
 /// its render and waits for exactly that attempt, dispatched or (its result overtaking the
 /// relay's bookkeeping) still queued.

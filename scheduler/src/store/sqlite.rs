@@ -2,9 +2,10 @@
 //!
 //! Every change goes through the group-commit writer ([`super::writer`]); submits, starts and
 //! results are gathered into sets on the way ([`super::writer::Gather`]), since each statement
-//! costs a round trip to SQLite's own thread. A refusal that writes nothing (a taken token name) is an answer, not a failure. `synchronous = NORMAL` under WAL keeps
-//! every committed transaction through a crash of the process; a power cut may lose the last
-//! few (SQLite's documented trade), never corrupt the file.
+//! costs a round trip to SQLite's own thread. A refusal that writes nothing (a taken token name)
+//! is an answer, not a failure. `synchronous = NORMAL` under WAL keeps every committed
+//! transaction through a crash of the process; a power cut may lose the last few (SQLite's
+//! documented trade), never corrupt the file.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +21,7 @@ use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
 use super::admit;
 use super::rows::{
     Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
-    start_allowed, state_of, token_from_row,
+    start_allowed, start_detail, start_event, state_of, token_from_row,
 };
 use super::writer::{Connect, Gather, OpFn, WeakWriter, WriteConn, Writer};
 use super::{
@@ -262,8 +263,7 @@ const MARK_SENT_SQL: &str = "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NUL
 /// found from the given ids by key (`CROSS JOIN` fixes SQLite's join order): a scan of the queued
 /// jobs, each checked against the list, cost a second per 512 with 10,000 queued.
 async fn mark_sent_op(conn: &mut SqliteConnection, ids: &[i64], now_ms: i64) -> Result<Vec<Event>, StoreError> {
-    let ids = serde_json::to_string(ids).map_err(|e| corrupt("outbox ids", e))?;
-    let rows = sqlx::query(MARK_SENT_SQL).bind(now_ms).bind(ids).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(MARK_SENT_SQL).bind(now_ms).bind(json("outbox ids", &ids)?).fetch_all(&mut *conn).await?;
     rows.iter().map(|r| dispatched_event(r, now_ms)).collect()
 }
 
@@ -317,7 +317,7 @@ async fn start_many_op(
         if let Some(job) = now.get_mut(&d.job_id)
             && start_allowed(job.0, job.1, job.2, d)
         {
-            allowed.push((k, job.0, format!("attempt {}", d.attempt)));
+            allowed.push((k, job.0, start_detail(d.attempt)));
             *job = (JobState::Running, i64::from(d.attempt), job.2);
         }
     }
@@ -338,9 +338,7 @@ async fn start_many_op(
     }
     for ((k, from, detail), seq) in allowed.into_iter().zip(seqs) {
         let (d, at) = &starts[k];
-        let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
-        out[k] =
-            Some(event(seq, &d.job_id, d.tier, Some(from), d.created_ms, JobState::Running, d.attempt, &change, *at));
+        out[k] = Some(start_event(seq, d, Some(from), &detail, *at));
     }
     Ok(out)
 }
@@ -362,9 +360,8 @@ struct EndJson<'a> {
     key: &'a str,
     started: i64,
     now: i64,
-    /// Its start is written with it.
-    starts: bool,
-    start_detail: String,
+    /// Its start's note, when its start is written with it.
+    start_detail: Option<String>,
     /// It moves its job (the running attempt's first report, or a whole attempt that may start).
     ok: bool,
     to: &'static str,
@@ -388,7 +385,7 @@ const END_SQL: &str = "INSERT OR IGNORE INTO assets (hash, cache_key, bytes, cre
      SELECT job, at, state, attempt, detail, asset, error FROM ( \
        SELECT x.key AS ord, 1 AS n, x.value ->> 'job' AS job, x.value ->> 'started' AS at, 'running' AS state, \
          x.value ->> 'attempt' AS attempt, x.value ->> 'start_detail' AS detail, NULL AS asset, NULL AS error \
-       FROM json_each(?1) x WHERE x.value ->> 'starts' \
+       FROM json_each(?1) x WHERE x.value ->> 'start_detail' IS NOT NULL \
        UNION ALL \
        SELECT x.key, 2, x.value ->> 'job', x.value ->> 'now', x.value ->> 'to', x.value ->> 'attempt', \
          x.value ->> 'detail', x.value ->> 'asset', x.value ->> 'error' \
@@ -410,7 +407,7 @@ const END_SQL: &str = "INSERT OR IGNORE INTO assets (hash, cache_key, bytes, cre
 
 /// What one of [`END_SQL`]'s own events is, in the order they are written.
 enum Written {
-    Start { k: usize, from: JobState, detail: String },
+    Start { k: usize, from: JobState },
     Outcome(usize),
 }
 
@@ -422,8 +419,7 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
     let mut now = jobs_now(&mut *conn, ends.iter().map(|e| e.r.d.job_id.as_str())).await?;
     let fins: Vec<Finish> = ends.iter().map(|e| Finish::new(&e.r.d, &e.r.outcome)).collect();
     let mut written = Vec::new();
-    let mut moved = vec![false; ends.len()];
-    let mut rows = Vec::with_capacity(ends.len());
+    let mut items = Vec::with_capacity(ends.len());
     for (k, (e, f)) in ends.iter().zip(&fins).enumerate() {
         let d = &e.r.d;
         let attempt = i64::from(d.attempt);
@@ -432,15 +428,14 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
             starts = e.may_start && start_allowed(job.0, job.1, job.2, d);
             ok = starts || (job.0 == JobState::Running && job.1 == attempt);
             if starts {
-                written.push(Written::Start { k, from: job.0, detail: format!("attempt {}", d.attempt) });
+                written.push(Written::Start { k, from: job.0 });
             }
             if ok {
                 written.push(Written::Outcome(k));
-                moved[k] = true;
                 *job = (f.to, attempt, job.2);
             }
         }
-        rows.push(EndJson {
+        items.push(EndJson {
             job: &d.job_id,
             attempt: d.attempt,
             tier: d.tier.as_str(),
@@ -448,8 +443,7 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
             key: &d.cache_key,
             started: e.r.started_ms,
             now: e.r.now_ms,
-            starts,
-            start_detail: format!("attempt {}", d.attempt),
+            start_detail: starts.then(|| start_detail(d.attempt)),
             ok,
             to: f.to.as_str(),
             detail: f.detail,
@@ -461,7 +455,7 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
             f_detail: &f.followers_detail,
         });
     }
-    let rows = sqlx::query(END_SQL).bind(json("results", &rows)?).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(END_SQL).bind(json("results", &items)?).fetch_all(&mut *conn).await?;
     let mut out = vec![Vec::new(); ends.len()];
     let (own, attached): (Vec<SqliteRow>, Vec<SqliteRow>) =
         rows.into_iter().partition(|r| matches!(r.col::<Option<String>>("leader"), Ok(None)));
@@ -469,32 +463,24 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
     if seqs.len() != written.len() {
         return Err(corrupt("event", format!("{} results wrote {} events", written.len(), seqs.len())));
     }
-    for (w, seq) in written.into_iter().zip(seqs) {
-        match w {
-            Written::Start { k, from, detail } => {
-                let (d, at) = (&ends[k].r.d, ends[k].r.started_ms);
-                let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
-                out[k].push(event(
-                    seq,
-                    &d.job_id,
-                    d.tier,
-                    Some(from),
-                    d.created_ms,
-                    JobState::Running,
-                    d.attempt,
-                    &change,
-                    at,
-                ));
-            }
-            Written::Outcome(k) => out[k].push(fins[k].lead_event(&ends[k].r.d, seq, ends[k].r.now_ms)),
-        }
-    }
     // A leader moves its attached jobs once (its outcome is final for them), so each leader
     // names one result of the batch.
-    let leaders: HashMap<&str, usize> = (0..ends.len())
-        .filter(|&k| moved[k] && fins[k].followers_to.is_some())
-        .map(|k| (ends[k].r.d.job_id.as_str(), k))
-        .collect();
+    let mut leaders: HashMap<&str, usize> = HashMap::new();
+    for (w, seq) in written.into_iter().zip(seqs) {
+        match w {
+            Written::Start { k, from } => {
+                let (r, detail) = (&ends[k].r, items[k].start_detail.as_deref().unwrap_or_default());
+                out[k].push(start_event(seq, &r.d, Some(from), detail, r.started_ms));
+            }
+            Written::Outcome(k) => {
+                let r = &ends[k].r;
+                out[k].push(fins[k].lead_event(&r.d, seq, r.now_ms));
+                if fins[k].followers_to.is_some() {
+                    leaders.insert(r.d.job_id.as_str(), k);
+                }
+            }
+        }
+    }
     for r in &attached {
         let leader: String = r.col("leader")?;
         let job_id: String = r.col("job_id")?;
