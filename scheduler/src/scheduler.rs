@@ -339,7 +339,8 @@ impl Scheduler {
         let attempt = job.attempt;
         self.metrics.in_flight.inc();
         let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.job_id.clone());
-        tracing::info!(job_id = id, worker = n, attempt, tier = %req.tier, "rendering");
+        // Per job at debug: the job's events record it, and a line per job floods a busy farm's log.
+        tracing::debug!(job_id = id, worker = n, attempt, tier = %req.tier, "rendering");
         let result = tokio::task::spawn_blocking(move || {
             let mut last = 0;
             worker.render(&req, &mut |p| {

@@ -167,7 +167,7 @@ impl Worker {
         let key = key_input.key();
         if let Some(asset) = self.cached(&key) {
             self.metrics.cache_hits.inc();
-            tracing::info!(%key, asset, "cache hit");
+            tracing::debug!(%key, asset, "cache hit");
             let path = self.store.path(&asset);
             let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
             return Ok(Rendered { path, bytes, asset, key, cache_hit: true, stats: None });
@@ -205,7 +205,9 @@ impl Worker {
             .with_label_values(&[tier, MODEL_ID, backend])
             .observe(started.elapsed().as_secs_f64());
         self.metrics.pixels.with_label_values(&[tier]).inc_by(u64::from(req.width) * u64::from(req.height));
-        tracing::info!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");
+        // Per job at debug (`KILN_LOG=kiln_worker=debug`): at info, a line per job floods a busy
+        // farm's log and cost a tenth of its throughput; failures are logged where they happen.
+        tracing::debug!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");
         Ok(Rendered { path: self.store.path(&asset), bytes, asset, key, cache_hit: false, stats: Some(stats) })
     }
 }
