@@ -27,7 +27,7 @@ use kiln_worker::consume::RunConfig;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-use super::{BenchFarm, Cleanup, Figures, median, tiny_jobs};
+use super::{BenchFarm, Cleanup, Figures, median, medians, tiny_jobs};
 use crate::config::FarmConfig;
 use crate::store::PgStore;
 
@@ -251,24 +251,27 @@ pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> 
         delete_queues(&a.amqp_url, &Names::new(&prefix)).await?;
         let e2e = e2e?;
         println!(
-            "  run {}: raw ceiling {:.0} msgs/s; end to end {:.0} jobs/s, p50 {:.1} ms, p99 {:.1} ms",
+            "  run {}: raw ceiling {:.0} msgs/s; end to end {:.0} jobs/s, p50 {:.1} ms, p99 {:.1} ms{}",
             run + 1,
             raw,
             e2e.per_second,
             e2e.p50_ms,
-            e2e.p99_ms
+            e2e.p99_ms,
+            e2e.cpu_line("job")
         );
         raws.push(raw);
         e2es.push(e2e);
     }
     let raw = median(raws);
-    let jobs_s = median(e2es.iter().map(|f| f.per_second).collect());
+    let e2e = medians(e2es.iter());
+    let jobs_s = e2e.per_second;
     let share = raw / MESSAGES_PER_JOB;
     println!("raw broker ceiling: {raw:.0} msgs/s ({} B persistent, confirms, batched acks)", body.len());
     println!(
-        "end to end: {jobs_s:.0} jobs/s, p50 {:.1} ms, p99 {:.1} ms (aim: >= 5000 jobs/s)",
-        median(e2es.iter().map(|f| f.p50_ms).collect()),
-        median(e2es.iter().map(|f| f.p99_ms).collect())
+        "end to end: {jobs_s:.0} jobs/s, p50 {:.1} ms, p99 {:.1} ms (aim: >= 5000 jobs/s){}",
+        e2e.p50_ms,
+        e2e.p99_ms,
+        e2e.cpu_line("job")
     );
     println!(
         "ceiling / {MESSAGES_PER_JOB} messages per job = {share:.0} jobs/s; end to end is {:.2} of it (aim: >= 0.5)",

@@ -78,6 +78,60 @@ struct Figures {
     per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU milliseconds per operation, whole machine and this process (Linux; else NaN).
+    cpu: CpuTime,
+}
+
+impl Figures {
+    /// `  cpu 0.84 ms/op (machine), 0.61 in this process`, or nothing where it is unknown.
+    fn cpu_line(&self, op: &str) -> String {
+        if self.cpu.machine_ms.is_nan() {
+            return String::new();
+        }
+        format!("  cpu {:.3} ms/{op} (machine), {:.3} in kiln", self.cpu.machine_ms, self.cpu.process_ms)
+    }
+}
+
+/// CPU time: the whole machine's busy time (every process: the farm, its database and broker,
+/// the load) and this process's, in milliseconds. Per job, it says whether a change saved work
+/// or only moved the waiting, and how near the machine is to its bound (cores ÷ CPU per job).
+#[derive(Debug, Clone, Copy)]
+struct CpuTime {
+    machine_ms: f64,
+    process_ms: f64,
+}
+
+/// `/proc` counts in USER_HZ, which Linux fixes at 100 for user space.
+const MS_PER_TICK: f64 = 10.0;
+
+impl CpuTime {
+    /// Now, from `/proc/stat` (busy: user, nice, system, irq, softirq; not idle, iowait or
+    /// steal) and `/proc/self/stat` (utime, stime). NaN where `/proc` is not there.
+    fn now() -> CpuTime {
+        let machine = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            let f: Vec<f64> = s.lines().next()?.split_whitespace().skip(1).map_while(|v| v.parse().ok()).collect();
+            Some(f.get(..3)?.iter().sum::<f64>() + f.get(5..7)?.iter().sum::<f64>())
+        });
+        let process = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+            // After the command name, which may hold spaces: state is field 3, utime 14, stime 15.
+            let f: Vec<&str> = s.get(s.rfind(')')? + 1..)?.split_whitespace().collect();
+            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+        });
+        CpuTime {
+            machine_ms: machine.map_or(f64::NAN, |t| t * MS_PER_TICK),
+            process_ms: process.map_or(f64::NAN, |t| t * MS_PER_TICK),
+        }
+    }
+
+    /// Per operation since `start`, over `n` operations.
+    fn per_op_since(start: CpuTime, n: usize) -> CpuTime {
+        let now = CpuTime::now();
+        let n = n.max(1) as f64;
+        CpuTime {
+            machine_ms: (now.machine_ms - start.machine_ms) / n,
+            process_ms: (now.process_ms - start.process_ms) / n,
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -92,6 +146,17 @@ fn median(mut xs: Vec<f64>) -> f64 {
     percentile(&xs, 0.5)
 }
 
+/// Each figure's median over runs.
+fn medians<'a>(runs: impl Iterator<Item = &'a Figures> + Clone) -> Figures {
+    let m = |f: fn(&Figures) -> f64| median(runs.clone().map(f).collect());
+    Figures {
+        per_second: m(|f| f.per_second),
+        p50_ms: m(|f| f.p50_ms),
+        p99_ms: m(|f| f.p99_ms),
+        cpu: CpuTime { machine_ms: m(|f| f.cpu.machine_ms), process_ms: m(|f| f.cpu.process_ms) },
+    }
+}
+
 /// Runs `n` operations over `concurrency` clients; each returns its latency in seconds.
 async fn drive<F, Fut>(n: usize, concurrency: usize, op: F) -> anyhow::Result<Figures>
 where
@@ -101,6 +166,7 @@ where
     let op = Arc::new(op);
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let cpu = CpuTime::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (op, next) = (op.clone(), next.clone());
@@ -120,11 +186,13 @@ where
         all.extend(t.await.context("a load task panicked")??);
     }
     let wall = started.elapsed().as_secs_f64();
+    let cpu = CpuTime::per_op_since(cpu, n);
     all.sort_by(f64::total_cmp);
     Ok(Figures {
         per_second: n as f64 / wall,
         p50_ms: percentile(&all, 0.5) * 1e3,
         p99_ms: percentile(&all, 0.99) * 1e3,
+        cpu,
     })
 }
 
@@ -383,41 +451,44 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
         let (hits, tiny) = one_run(cfg, a, run).await?;
         for (clients, f) in a.hit_clients.iter().zip(&hits) {
             println!(
-                "  run {}: cache hits, {clients:>3} clients: {:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms",
+                "  run {}: cache hits, {clients:>3} clients: {:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms{}",
                 run + 1,
                 f.per_second,
                 f.p50_ms,
-                f.p99_ms
+                f.p99_ms,
+                f.cpu_line("submit")
             );
         }
         println!(
-            "  run {}: tiny jobs, {:>3} clients: {:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms",
+            "  run {}: tiny jobs, {:>3} clients: {:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms{}",
             run + 1,
             a.concurrency,
             tiny.per_second,
             tiny.p50_ms,
-            tiny.p99_ms
+            tiny.p99_ms,
+            tiny.cpu_line("job")
         );
         h.push(hits);
         t.push(tiny);
     }
-    let med = |xs: Vec<&Figures>, f: fn(&Figures) -> f64| median(xs.into_iter().map(f).collect());
     for (i, clients) in a.hit_clients.iter().enumerate() {
-        let col = || h.iter().map(|r| &r[i]).collect::<Vec<_>>();
+        let m = medians(h.iter().map(|r| &r[i]));
         println!(
-            "cache-hit submits, {clients} clients: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: p99 < 5 ms)",
-            med(col(), |f| f.per_second),
-            med(col(), |f| f.p50_ms),
-            med(col(), |f| f.p99_ms)
+            "cache-hit submits, {clients} clients: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: p99 < 5 ms){}",
+            m.per_second,
+            m.p50_ms,
+            m.p99_ms,
+            m.cpu_line("submit")
         );
     }
-    let col = || t.iter().collect::<Vec<_>>();
+    let m = medians(t.iter());
     println!(
-        "tiny jobs end to end, {} clients: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: >= 5000/s)",
+        "tiny jobs end to end, {} clients: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: >= 5000/s){}",
         a.concurrency,
-        med(col(), |f| f.per_second),
-        med(col(), |f| f.p50_ms),
-        med(col(), |f| f.p99_ms)
+        m.per_second,
+        m.p50_ms,
+        m.p99_ms,
+        m.cpu_line("job")
     );
     Ok(())
 }
