@@ -137,3 +137,54 @@ fn a_bad_config_fails_naming_the_key_before_binding_a_port() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("KILN_WORKERS"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!dir.path().join("kiln.db").exists(), "nothing was started");
 }
+
+/// A studio's `kiln up` on a headless box (no display session, default logging), stopped
+/// cleanly once its simulated devices are online, writes no error: not libwayland's about
+/// `XDG_RUNTIME_DIR` (Mesa's Vulkan device-select layer looking for a display), nor the
+/// embedded broker's about clients that disconnected cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_of_a_headless_studio_logs_no_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("stderr.log");
+    let mut cmd = kiln();
+    // The backend's default (auto) probes Vulkan, as on a user's machine.
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--data-dir"]).arg(&data);
+    for var in ["KILN_LOG", "XDG_RUNTIME_DIR", "WAYLAND_DISPLAY", "WAYLAND_SOCKET", "NODEVICE_SELECT"] {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("kiln up starts");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("API")
+                .map(|r| r.split_whitespace().next().unwrap().trim_end_matches("/v1").to_owned())
+        })
+        .expect("kiln up printed its API URL");
+    std::thread::spawn(move || for _ in lines {});
+    let c = Client::new(&url, Some(Secret::new(operator_token(&data))));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = c.call(Method::GET, "/v1/devices", None).await.unwrap();
+        let devices = v["devices"].as_array().unwrap();
+        if devices.len() == 4 && devices.iter().all(|d| d["state"] == "online") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the studio's devices came online: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let term = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    assert!(child.wait().unwrap().success());
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> =
+        stderr.lines().filter(|l| l.contains("ERROR") || l.to_lowercase().starts_with("error")).collect();
+    assert!(errors.is_empty(), "a clean stop logged errors:\n{}", errors.join("\n"));
+}

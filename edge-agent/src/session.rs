@@ -300,13 +300,9 @@ async fn mqtt(
         let bye = status(&Health { state: DeviceState::Offline, detail: Some("the agent stopped".into()) });
         let _ = client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, serde_json::to_vec(&bye)?);
         let _ = client.try_disconnect();
-        let drain = async {
-            while let Ok(ev) = events.poll().await {
-                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        };
+        // Until the broker closes the connection after the DISCONNECT: closing it first, with
+        // the broker's last acks still unread, would reset it, which brokers log as an error.
+        let drain = async { while events.poll().await.is_ok() {} };
         let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
     }
     Ok(())
