@@ -57,13 +57,17 @@ impl Distributed {
 
     /// Starts a `kiln-worker run` process with more environment variables.
     fn spawn_worker_with(&mut self, id: &str, extra: &[(&str, &str)]) {
+        self.spawn_worker_to(id, extra, std::process::Stdio::inherit());
+    }
+
+    fn spawn_worker_to(&mut self, id: &str, extra: &[(&str, &str)], stderr: std::process::Stdio) {
         let env = WorkerEnv {
             amqp_url: &self.amqp_url,
             prefix: self.names.prefix(),
             scheduler_url: &self.farm.url,
             token: &self.worker_token,
         };
-        self.workers.push(common::spawn_worker_with(&env, id, extra));
+        self.workers.push(common::spawn_worker_to(&env, id, extra, stderr));
     }
 
     /// Starts a misconfigured worker: it believes its asset folder is the scheduler's
@@ -162,7 +166,10 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     let Some(mut d) = Distributed::start().await else { return };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
-    d.spawn_worker_with("w-e2e", &[("KILN_METRICS_LISTEN", &listen)]);
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("worker.log");
+    let extra = [("KILN_METRICS_LISTEN", listen.as_str()), ("KILN_LOG", "info")];
+    d.spawn_worker_to("w-e2e", &extra, std::fs::File::create(&log).unwrap().into());
     let ids = d.submit(3, 1).await;
     for j in d.wait_all(&ids, Duration::from_secs(120)).await {
         assert_eq!(j["state"], "succeeded", "{j}");
@@ -188,9 +195,13 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     assert_eq!(health.json().unwrap()["worker_id"], "w-e2e");
     let metrics = String::from_utf8_lossy(&own.send(Method::GET, "/metrics", None).await.unwrap().body).into_owned();
     assert!(common::metric_in(&metrics, "kiln_render_seconds_count", "") >= 3.0, "{metrics}");
-    // SIGTERM drains and exits cleanly.
+    // SIGTERM drains and exits cleanly, closing its connection without an error.
     let status = terminate(&mut d.workers[0].0);
     assert!(status.success(), "{status}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> = logged.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "the worker's clean stop logged errors:\n{}", errors.join("\n"));
+    assert!(logged.contains("worker daemon stopped"), "{logged}");
     // A worker token cannot use the job API.
     let as_worker = d.farm.client_with(Some(&d.worker_token));
     let e = as_worker.call(Method::GET, "/v1/jobs", None).await.unwrap_err();

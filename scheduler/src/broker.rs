@@ -188,10 +188,8 @@ pub async fn run(sched: Arc<Scheduler>, cfg: BrokerConfig, stop: CancellationTok
         let Some(conn) = amqp::connect_with_backoff(&url, "kiln-scheduler", stop.cancelled()).await else { return };
         tracing::info!(prefix = names.prefix(), "connected to RabbitMQ");
         let session = stop.child_token();
-        let result = tokio::select! {
-            r = run_session(&sched, &cfg, &names, &conn, session.clone()) => r,
-            () = stop.cancelled() => Ok(()),
-        };
+        // The session ends itself on `stop`, closing its channels on the way out.
+        let result = run_session(&sched, &cfg, &names, &conn, session.clone()).await;
         session.cancel();
         let _ = conn.close(200, "bye".into()).await;
         match result {
@@ -218,12 +216,20 @@ async fn run_session(
     let dead = amqp::confirm_channel(conn).await?;
     let control = amqp::confirm_channel(conn).await?;
     sched.registry.set_drained(sched.store.drained().await?);
-    tokio::select! {
+    let result = tokio::select! {
         r = relay(sched, cfg, names, &publ, &stop) => r,
         r = consume_results(sched, names, &results, &dead) => r,
         r = consume_heartbeats(sched, names, &beats) => r,
         r = send_commands(sched, names, &control) => r,
+        () = stop.cancelled() => Ok(()),
+    };
+    // Closed here, not by dropping them: a channel dropped still open closes itself in the
+    // background, and the connection's close racing that one broke the connection (lapin
+    // logged an error, the broker saw the socket cut) at every clean stop.
+    for ch in [&publ, &results, &beats, &dead, &control] {
+        let _ = ch.close(200, "bye".into()).await;
     }
+    result
 }
 
 /// Sends the registry's commands to their workers as they come.

@@ -178,6 +178,11 @@ pub fn spawn_worker(env: &WorkerEnv, id: &str) -> (Child, tempfile::TempDir) {
 
 /// [`spawn_worker`] with more environment variables.
 pub fn spawn_worker_with(env: &WorkerEnv, id: &str, extra: &[(&str, &str)]) -> (Child, tempfile::TempDir) {
+    spawn_worker_to(env, id, extra, Stdio::inherit())
+}
+
+/// [`spawn_worker_with`], its log going to `stderr`.
+pub fn spawn_worker_to(env: &WorkerEnv, id: &str, extra: &[(&str, &str)], stderr: Stdio) -> (Child, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     let child = sibling("kiln-worker")
         .arg("run")
@@ -192,7 +197,7 @@ pub fn spawn_worker_with(env: &WorkerEnv, id: &str, extra: &[(&str, &str)]) -> (
         .env("KILN_CONCURRENCY", "2")
         .envs(extra.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("kiln-worker starts");
     (child, data)

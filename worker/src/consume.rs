@@ -288,6 +288,10 @@ impl Daemon {
         }
         session.cancel();
         let _ = beat.await;
+        // Closed here, not by dropping it: a channel dropped still open closes itself in the
+        // background, and the connection's close racing that one broke the connection (lapin
+        // logged an error, the broker saw the socket cut) at every clean stop.
+        let _ = publ.close(200, "stopped".into()).await;
         result
     }
 
