@@ -153,22 +153,8 @@ async fn a_clean_stop_of_a_headless_studio_logs_no_error() {
     for var in ["KILN_LOG", "XDG_RUNTIME_DIR", "WAYLAND_DISPLAY", "WAYLAND_SOCKET", "NODEVICE_SELECT"] {
         cmd.env_remove(var);
     }
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("kiln up starts");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let url = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("API")
-                .map(|r| r.split_whitespace().next().unwrap().trim_end_matches("/v1").to_owned())
-        })
-        .expect("kiln up printed its API URL");
-    std::thread::spawn(move || for _ in lines {});
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let (mut child, url) = spawn_farm(cmd);
     let c = Client::new(&url, Some(Secret::new(operator_token(&data))));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -223,12 +223,7 @@ async fn run_session(
         r = send_commands(sched, names, &control) => r,
         () = stop.cancelled() => Ok(()),
     };
-    // Closed here, not by dropping them: a channel dropped still open closes itself in the
-    // background, and the connection's close racing that one broke the connection (lapin
-    // logged an error, the broker saw the socket cut) at every clean stop.
-    for ch in [&publ, &results, &beats, &dead, &control] {
-        let _ = ch.close(200, "bye".into()).await;
-    }
+    amqp::close_channels(&[&publ, &results, &beats, &dead, &control], "bye").await;
     result
 }
 

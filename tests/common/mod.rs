@@ -137,8 +137,9 @@ pub fn spawn_up(data: &Path, extra: &[&str]) -> (Child, String) {
 }
 
 /// Starts a farm binary (`kiln up`, `kiln-scheduler`); returns it with the API URL it printed.
+/// Its log goes where `cmd` says (the test's, unless set).
 pub fn spawn_farm(mut cmd: Command) -> (Child, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("the farm starts");
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("the farm starts");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut url = None;

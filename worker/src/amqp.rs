@@ -116,6 +116,16 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
     Ok(ch)
 }
 
+/// Closes `channels`, each waiting for the broker's answer, before their connection closes. A
+/// channel dropped still open closes itself in the background, and the connection's close
+/// racing that one broke the connection at every clean stop (lapin logged an error, the broker
+/// saw the socket cut). Errors are ignored: a connection already gone has nothing to close.
+pub async fn close_channels(channels: &[&Channel], reason: &str) {
+    for ch in channels {
+        let _ = ch.close(200, reason.into()).await;
+    }
+}
+
 /// The properties of a durable Kiln message of `kind` (a `*_TYPE` constant).
 pub fn properties(kind: &str, message_id: &str) -> BasicProperties {
     BasicProperties::default()

@@ -288,10 +288,7 @@ impl Daemon {
         }
         session.cancel();
         let _ = beat.await;
-        // Closed here, not by dropping it: a channel dropped still open closes itself in the
-        // background, and the connection's close racing that one broke the connection (lapin
-        // logged an error, the broker saw the socket cut) at every clean stop.
-        let _ = publ.close(200, "stopped".into()).await;
+        amqp::close_channels(&[&publ], "stopped").await;
         result
     }
 
@@ -490,7 +487,7 @@ impl Daemon {
             // period) goes back to the queue now, before the channel closes.
             let back = BasicNackOptions { multiple: true, requeue: true };
             let _ = ch.basic_nack(0, back).await;
-            let _ = ch.close(200, "draining".into()).await;
+            amqp::close_channels(&[&ch], "draining").await;
         }
         Ok(ended)
     }

@@ -261,7 +261,7 @@ async fn start_op(conn: &mut PgConnection, d: &Dispatch, now_ms: i64) -> Result<
     let detail = start_detail(d.attempt);
     let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
     let seq = append_event(conn, &d.job_id, JobState::Running, d.attempt, &change, now_ms).await?;
-    Ok(Some(start_event(seq, d, Some(from), &detail, now_ms)))
+    Ok(Some(start_event(seq, d, Some(from), now_ms)))
 }
 
 async fn finish_op(
@@ -428,7 +428,7 @@ async fn record_round(
                 let k = at(&job_id)?;
                 let from: Option<String> = r.col("from_state")?;
                 let from = from.map(|s| s.parse::<JobState>()).transpose().map_err(|e| corrupt("job state", e))?;
-                (k, start_event(seq, &rs[k].d, from, &starts[k], rs[k].started_ms))
+                (k, start_event(seq, &rs[k].d, from, rs[k].started_ms))
             }
             None => {
                 let k = at(&job_id)?;

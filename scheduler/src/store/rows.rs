@@ -228,10 +228,11 @@ pub(super) fn start_detail(attempt: u32) -> String {
     format!("attempt {attempt}")
 }
 
-/// The `running` event, number `seq`, that started `d`'s attempt at `at_ms` with `detail`
-/// ([`start_detail`]); the job was `from` before.
-pub(super) fn start_event(seq: i64, d: &Dispatch, from: Option<JobState>, detail: &str, at_ms: i64) -> Event {
-    let change = Change { attempt: Some(d.attempt), detail, ..Change::default() };
+/// The `running` event, number `seq`, that started `d`'s attempt at `at_ms` (its note is
+/// [`start_detail`]); the job was `from` before.
+pub(super) fn start_event(seq: i64, d: &Dispatch, from: Option<JobState>, at_ms: i64) -> Event {
+    let detail = start_detail(d.attempt);
+    let change = Change { attempt: Some(d.attempt), detail: &detail, ..Change::default() };
     event(seq, &d.job_id, d.tier, from, d.created_ms, JobState::Running, d.attempt, &change, at_ms)
 }
 

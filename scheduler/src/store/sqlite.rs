@@ -317,7 +317,7 @@ async fn start_many_op(
         if let Some(job) = now.get_mut(&d.job_id)
             && start_allowed(job.0, job.1, job.2, d)
         {
-            allowed.push((k, job.0, start_detail(d.attempt)));
+            allowed.push((k, job.0));
             *job = (JobState::Running, i64::from(d.attempt), job.2);
         }
     }
@@ -327,18 +327,18 @@ async fn start_many_op(
     }
     let rows: Vec<StartJson> = allowed
         .iter()
-        .map(|(k, _, detail)| {
+        .map(|(k, _)| {
             let (d, at) = &starts[*k];
-            StartJson { job: &d.job_id, at: *at, attempt: d.attempt, detail: detail.clone() }
+            StartJson { job: &d.job_id, at: *at, attempt: d.attempt, detail: start_detail(d.attempt) }
         })
         .collect();
     let seqs = sorted_seqs(sqlx::query(START_SQL).bind(json("starts", &rows)?).fetch_all(&mut *conn).await?)?;
     if seqs.len() != allowed.len() {
         return Err(corrupt("event", format!("{} starts wrote {} events", allowed.len(), seqs.len())));
     }
-    for ((k, from, detail), seq) in allowed.into_iter().zip(seqs) {
+    for ((k, from), seq) in allowed.into_iter().zip(seqs) {
         let (d, at) = &starts[k];
-        out[k] = Some(start_event(seq, d, Some(from), &detail, *at));
+        out[k] = Some(start_event(seq, d, Some(from), *at));
     }
     Ok(out)
 }
@@ -469,8 +469,8 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
     for (w, seq) in written.into_iter().zip(seqs) {
         match w {
             Written::Start { k, from } => {
-                let (r, detail) = (&ends[k].r, items[k].start_detail.as_deref().unwrap_or_default());
-                out[k].push(start_event(seq, &r.d, Some(from), detail, r.started_ms));
+                let r = &ends[k].r;
+                out[k].push(start_event(seq, &r.d, Some(from), r.started_ms));
             }
             Written::Outcome(k) => {
                 let r = &ends[k].r;
