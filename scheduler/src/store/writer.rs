@@ -19,6 +19,9 @@ use super::{BoxFut, StoreError};
 /// Most operations one transaction takes.
 pub const MAX_BATCH: usize = 512;
 
+/// How often a busy writer runs [`WriteConn::UPKEEP`].
+pub const UPKEEP_EVERY: Duration = Duration::from_millis(250);
+
 /// A write: runs on the writer's connection inside the batch's transaction.
 pub type OpFn<C, T> = Box<dyn for<'c> FnOnce(&'c mut C) -> BoxFut<'c, Result<T, StoreError>> + Send>;
 
@@ -29,6 +32,9 @@ pub type Connect<C> = Box<dyn Fn() -> BoxFut<'static, Result<C, StoreError>> + S
 pub trait WriteConn: Connection + Send + 'static {
     /// How a batch's transaction starts.
     const BEGIN: &'static str;
+    /// Upkeep the writer runs between batches, once their callers have their answers, at most
+    /// every [`UPKEEP_EVERY`] while it is busy (SQLite: a checkpoint).
+    const UPKEEP: Option<&'static str> = None;
     /// Runs one statement that returns nothing.
     fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>>;
 }
@@ -176,6 +182,7 @@ async fn run<C: WriteConn>(conn: C, connect: Connect<C>, mut rx: mpsc::Receiver<
     let mut batch: Vec<Box<dyn WriteOp<C>>> = Vec::with_capacity(MAX_BATCH);
     let (mut busy, mut ops, mut batches, started) = (0f64, 0usize, 0usize, std::time::Instant::now());
     let mut backoff = Duration::from_millis(100);
+    let mut last_upkeep = started;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let t = std::time::Instant::now();
         let c = match conn.as_mut() {
@@ -211,6 +218,14 @@ async fn run<C: WriteConn>(conn: C, connect: Connect<C>, mut rx: mpsc::Receiver<
         }
         for op in batch.drain(..) {
             op.finish(commit.clone());
+        }
+        if let (Some(sql), Some(c)) = (C::UPKEEP, conn.as_mut())
+            && last_upkeep.elapsed() >= UPKEEP_EVERY
+        {
+            if let Err(e) = c.exec(sql).await {
+                tracing::debug!(error = %e, "store: upkeep between batches failed; next time");
+            }
+            last_upkeep = std::time::Instant::now();
         }
     }
     let up = started.elapsed().as_secs_f64();
