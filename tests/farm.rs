@@ -81,6 +81,37 @@ async fn a_repeat_is_cached_and_a_hundred_identical_submits_render_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_is_submitted_and_awaited_in_one_request() {
+    let farm = TestFarm::start().await;
+    // Six seeds and a repeat of the first: the repeat attaches to its render.
+    let mut batch: Vec<Value> = (0..6).map(|i| job("harbour lights", 200 + i, "preview")).collect();
+    batch.push(job("harbour lights", 200, "preview"));
+    let r = farm.client.send(Method::POST, "/v1/jobs?wait=60", Some(Value::Array(batch).to_string().into())).await;
+    let r = r.unwrap();
+    assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+    let jobs = r.json().unwrap()["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 7);
+    for j in &jobs {
+        assert_eq!(j["state"], "succeeded", "every job has ended when the answer comes: {j}");
+        assert!(j["asset"].is_string(), "{j}");
+    }
+    let seeds: Vec<u64> = jobs.iter().map(|j| j["seed"].as_u64().unwrap()).collect();
+    assert_eq!(seeds, [200, 201, 202, 203, 204, 205, 200], "in the order submitted");
+    assert_eq!(jobs[6]["asset"], jobs[0]["asset"]);
+    assert_ne!(jobs[6]["id"], jobs[0]["id"]);
+    let stored = farm.wait(jobs[0]["id"].as_str().unwrap()).await;
+    assert_eq!(stored["asset"], jobs[0]["asset"], "the answer is the job as stored");
+
+    // One job waits the same way; a repeat is answered from the cache at once.
+    let single = job("harbour lights", 300, "preview");
+    let one = farm.client.call(Method::POST, "/v1/jobs?wait=60", Some(&single)).await.unwrap();
+    assert_eq!(one["state"], "succeeded", "{one}");
+    let again = farm.client.call(Method::POST, "/v1/jobs?wait=60", Some(&single)).await.unwrap();
+    assert_eq!((again["state"].as_str(), &again["asset"]), (Some("cached"), &one["asset"]));
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_4xx_and_the_farm_keeps_serving() {
     let farm = TestFarm::start().await;
     let expect = |r: &kiln_scheduler::client::Reply, status: StatusCode, field: &str, words: &str| {
@@ -110,6 +141,10 @@ async fn bad_input_gets_a_clear_4xx_and_the_farm_keeps_serving() {
     let many: Vec<Value> = (0..101).map(|i| job("a", i, "preview")).collect();
     let r = farm.raw(Method::POST, "/v1/jobs", &Value::Array(many).to_string()).await;
     expect(&r, StatusCode::BAD_REQUEST, "jobs", "max_jobs_per_request");
+    let r = farm.raw(Method::POST, "/v1/jobs?wait=61", &job("a", 1, "preview").to_string()).await;
+    expect(&r, StatusCode::BAD_REQUEST, "wait", "0..=60");
+    let r = farm.raw(Method::POST, "/v1/jobs?wiat=1", &job("a", 1, "preview").to_string()).await;
+    expect(&r, StatusCode::BAD_REQUEST, "query", "unknown field `wiat`");
     let r = farm.raw(Method::GET, "/v1/jobs?limit=0", "").await;
     expect(&r, StatusCode::BAD_REQUEST, "limit", "1..=500");
     let r = farm.raw(Method::GET, "/v1/jobs?state=done", "").await;

@@ -246,32 +246,67 @@ impl Scheduler {
         Ok(self.store.job(id).await?.filter(|j| caller.role == Role::Operator || j.client == caller.name))
     }
 
-    /// Waits up to `wait` for a job to reach a terminal state; returns it as it is then.
-    /// Each waiter is woken only by its own job's end (no thundering herd of long polls).
-    pub async fn wait_terminal(&self, caller: &Caller, id: &str, wait: Duration) -> Result<Option<Job>, StoreError> {
+    /// Waits up to `wait` for each of the jobs `ids` to reach a terminal state; returns them as
+    /// they are then, in the order of `ids` (`None`: no such job, or not the caller's). Each
+    /// waiter is woken only by its own job's end (no thundering herd of long polls), and the
+    /// reads are one batch before the wait and one after, however many jobs.
+    pub async fn wait_terminal(
+        &self,
+        caller: &Caller,
+        ids: &[String],
+        wait: Duration,
+    ) -> Result<Vec<Option<Job>>, StoreError> {
         // Register before reading, so an end between the two is not missed.
-        let (tx, rx) = oneshot::channel();
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().push(tx);
-        let job = self.job(caller, id).await;
-        let job = match job {
-            Ok(Some(j)) if !j.state.is_terminal() => {
-                let _ = tokio::time::timeout(wait, rx).await;
-                self.job(caller, id).await
-            }
-            other => {
-                drop(rx);
-                other
-            }
-        };
-        // This waiter is done: forget it, and any others whose callers have gone.
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = waiters.get_mut(id) {
-            list.retain(|w| !w.is_closed());
-            if list.is_empty() {
-                waiters.remove(id);
+        let mut woken = HashMap::with_capacity(ids.len());
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                if !woken.contains_key(id) {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.entry(id.clone()).or_default().push(tx);
+                    woken.insert(id.clone(), rx);
+                }
             }
         }
-        job
+        let jobs = self.wait_registered(caller, ids, woken, wait).await;
+        // These waiters are done: forget them, and any others whose callers have gone.
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            if let Some(list) = waiters.get_mut(id) {
+                list.retain(|w| !w.is_closed());
+                if list.is_empty() {
+                    waiters.remove(id);
+                }
+            }
+        }
+        jobs
+    }
+
+    async fn wait_registered(
+        &self,
+        caller: &Caller,
+        ids: &[String],
+        mut woken: HashMap<String, oneshot::Receiver<()>>,
+        wait: Duration,
+    ) -> Result<Vec<Option<Job>>, StoreError> {
+        let mut seen = self.visible(caller, ids.to_vec()).await?;
+        woken.retain(|id, _| seen.get(id).is_some_and(|j| !j.state.is_terminal()));
+        if !woken.is_empty() {
+            let open: Vec<String> = woken.keys().cloned().collect();
+            let _ = tokio::time::timeout(wait, futures_util::future::join_all(woken.into_values())).await;
+            seen.extend(self.visible(caller, open).await?);
+        }
+        Ok(ids.iter().map(|id| seen.get(id).cloned()).collect())
+    }
+
+    /// The jobs among `ids` the caller may see, by id.
+    async fn visible(&self, caller: &Caller, ids: Vec<String>) -> Result<HashMap<String, Job>, StoreError> {
+        let jobs = self.store.jobs(ids).await?;
+        Ok(jobs
+            .into_iter()
+            .filter(|j| caller.role == Role::Operator || j.client == caller.name)
+            .map(|j| (j.id.clone(), j))
+            .collect())
     }
 
     /// Resumes after a restart: jobs that were dispatched or running are queued again.

@@ -138,13 +138,18 @@ fn body_bytes(s: &Scheduler, body: Result<Bytes, BytesRejection>) -> Result<Byte
 }
 
 /// `POST /v1/jobs`: one job (a JSON object) or several (an array). 201 with the job(s); a repeat
-/// of an idempotency key answers 200 with the first job.
+/// of an idempotency key answers 200 with the first job. With `?wait=SECONDS`, the answer comes
+/// when every job in the request has ended or the wait is up, with the jobs as they are then: a
+/// batch is submitted and awaited in one round trip.
 async fn submit(
     State(s): State<AppState>,
     headers: HeaderMap,
+    q: Result<Query<WaitParams>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = person(&s, &headers)?;
+    let Query(q) = q.map_err(query_error)?;
+    let wait = wait_for(q.wait)?;
     let body = body_bytes(&s, body)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
     let header_key = headers.get("idempotency-key").map(|v| {
@@ -181,10 +186,15 @@ async fn submit(
                 let request = s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
                 resolved.push((request, req.idempotency_key));
             }
-            let mut jobs = Vec::with_capacity(resolved.len());
-            for (request, key) in resolved {
-                jobs.push(job_json(&s.submit_resolved(&who, request, key).await?.0));
+            // Submitted together, the batch shares the store's writes (one transaction).
+            let admitted =
+                futures_util::future::join_all(resolved.into_iter().map(|(r, key)| s.submit_resolved(&who, r, key)))
+                    .await;
+            let mut jobs = admitted.into_iter().map(|a| a.map(|(job, _)| job)).collect::<Result<Vec<_>, _>>()?;
+            if let Some(wait) = wait {
+                await_ended(&s, &who, &mut jobs, wait).await?;
             }
+            let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
             Ok((StatusCode::CREATED, Json(json!({ "jobs": jobs }))).into_response())
         }
         Value::Object(_) => {
@@ -192,7 +202,10 @@ async fn submit(
             if let Some(k) = header_key {
                 req.idempotency_key = Some(k?);
             }
-            let (job, admission) = s.submit(&who, &req).await?;
+            let (mut job, admission) = s.submit(&who, &req).await?;
+            if let Some(wait) = wait {
+                await_ended(&s, &who, std::slice::from_mut(&mut job), wait).await?;
+            }
             let status = if admission == Admission::Existing { StatusCode::OK } else { StatusCode::CREATED };
             let mut resp = (status, Json(job_json(&job))).into_response();
             if let Ok(loc) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
@@ -278,12 +291,39 @@ async fn list(
     })))
 }
 
-/// `GET /v1/jobs/{id}`'s query.
+/// The query of `GET /v1/jobs/{id}` and `POST /v1/jobs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GetParams {
-    /// Seconds to wait for the job to end (long poll), at most 60.
+struct WaitParams {
+    /// Seconds to wait for the job(s) to end (long poll), at most 60.
     wait: Option<f64>,
+}
+
+/// `?wait=SECONDS` as a duration, or the error naming its range.
+fn wait_for(wait: Option<f64>) -> Result<Option<Duration>, ApiError> {
+    match wait {
+        Some(w) if !(0.0..=60.0).contains(&w) => {
+            Err(ApiError::invalid("wait", format!("{w} is outside 0..=60 seconds")))
+        }
+        w => Ok(w.map(Duration::from_secs_f64)),
+    }
+}
+
+/// Brings `jobs` up to date once each has ended or `wait` is up. A job the caller cannot read
+/// back (an earlier job of another client's idempotency key) stays as it was admitted.
+async fn await_ended(s: &Scheduler, who: &Caller, jobs: &mut [Job], wait: Duration) -> Result<(), ApiError> {
+    let open: Vec<String> = jobs.iter().filter(|j| !j.state.is_terminal()).map(|j| j.id.clone()).collect();
+    if open.is_empty() {
+        return Ok(());
+    }
+    let mut now: std::collections::HashMap<String, Job> =
+        s.wait_terminal(who, &open, wait).await?.into_iter().flatten().map(|j| (j.id.clone(), j)).collect();
+    for j in jobs.iter_mut() {
+        if let Some(n) = now.remove(&j.id) {
+            *j = n;
+        }
+    }
+    Ok(())
 }
 
 /// `GET /v1/jobs/{id}`; with `?wait=SECONDS`, answers when the job ends or the wait is up.
@@ -291,15 +331,12 @@ async fn get_job(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    q: Result<Query<GetParams>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<WaitParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
-    let job = match q.wait {
-        Some(w) if !(0.0..=60.0).contains(&w) => {
-            return Err(ApiError::invalid("wait", format!("{w} is outside 0..=60 seconds")));
-        }
-        Some(w) => s.wait_terminal(&who, &id, Duration::from_secs_f64(w)).await?,
+    let job = match wait_for(q.wait)? {
+        Some(w) => s.wait_terminal(&who, std::slice::from_ref(&id), w).await?.pop().flatten(),
         None => s.job(&who, &id).await?,
     };
     job.map(|j| Json(job_json(&j))).ok_or_else(|| ApiError::not_found(format!("id: no job {id:?}")))

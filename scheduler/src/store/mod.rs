@@ -381,6 +381,8 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
 
     /// One job.
     fn job(&self, id: &str) -> BoxFut<'_, Result<Option<Job>, StoreError>>;
+    /// The jobs among `ids` that exist, in no particular order (a few reads for many jobs).
+    fn jobs(&self, ids: Vec<String>) -> BoxFut<'_, Result<Vec<Job>, StoreError>>;
     /// A page of jobs.
     fn list(&self, q: ListQuery) -> BoxFut<'_, Result<Page, StoreError>>;
     /// A job's events after `after_seq`, in order.

@@ -125,6 +125,9 @@ macro_rules! shared_ops {
     };
 }
 
+/// Most ids one read of [`Store::jobs`] binds.
+pub(super) const JOBS_CHUNK: usize = 256;
+
 /// `impl Store` for a store with a group-commit `writer`, a `read` pool, the `*_op` functions
 /// in scope, and its own `submit_one`, `start_one`, `finish_one` and `record_one` (one at a
 /// time, or gathered into sets).
@@ -182,6 +185,30 @@ macro_rules! store_impl {
                 Box::pin(async move {
                     let row = sqlx::query("SELECT * FROM jobs WHERE id = $1").bind(id).fetch_optional(&self.read).await?;
                     row.as_ref().map(job_from_row).transpose()
+                })
+            }
+
+            fn jobs(&self, mut ids: Vec<String>) -> BoxFut<'_, Result<Vec<Job>, StoreError>> {
+                Box::pin(async move {
+                    // An id asked twice would otherwise come back from two chunks.
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let mut jobs = Vec::with_capacity(ids.len());
+                    // A statement per chunk (both dialects cap a statement's parameters); the
+                    // statement cache keeps one plan per chunk size.
+                    for chunk in ids.chunks(super::shared::JOBS_CHUNK) {
+                        let marks = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                        // Safe: the statement is built from parameter numbers only.
+                        let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM jobs WHERE id IN ({marks})"));
+                        let mut q = sqlx::query(sql);
+                        for id in chunk {
+                            q = q.bind(id);
+                        }
+                        for row in q.fetch_all(&self.read).await? {
+                            jobs.push(job_from_row(&row)?);
+                        }
+                    }
+                    Ok(jobs)
                 })
             }
 

@@ -48,6 +48,7 @@ both_stores!(
     concurrent_submits_and_results_keep_the_rules_of_one_at_a_time,
     a_job_starts_and_finishes_once_however_many_reports_come_together,
     batches_see_their_own_earlier_members,
+    many_jobs_are_read_at_once,
 );
 
 /// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
@@ -152,6 +153,23 @@ async fn reports_are_idempotent_by_job_and_attempt(s: &dyn Store) {
     let events = s.events("a", 0).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 1);
     check_projection(s, "a").await;
+}
+
+async fn many_jobs_are_read_at_once(s: &dyn Store) {
+    // More than one statement's worth, so the chunks meet.
+    let n = super::shared::JOBS_CHUNK + 44;
+    let ids: Vec<String> = (0..n).map(|i| format!("m{i:04}")).collect();
+    let submits = ids.iter().enumerate().map(|(i, id)| s.submit(new_job(id, &format!("key{i}"), i as u64)));
+    futures_util::future::try_join_all(submits).await.unwrap();
+    let mut asked = ids.clone();
+    asked.push("absent".into());
+    asked.push(ids[0].clone());
+    let mut got = s.jobs(asked).await.unwrap();
+    got.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(got.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ids, "each that exists, once");
+    let one = s.job(&ids[7]).await.unwrap().unwrap();
+    assert_eq!((got[7].request.seed, &got[7].cache_key, got[7].state), (one.request.seed, &one.cache_key, one.state));
+    assert!(s.jobs(vec![]).await.unwrap().is_empty());
 }
 
 async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {
