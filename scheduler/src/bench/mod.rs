@@ -1,7 +1,8 @@
 //! `kiln bench farm`: the embedded farm end to end through HTTP, with the load on the same
 //! machine. (a) Cache hits: one request rendered once, then submitted again and again; every
 //! submit is answered `cached`. (b) Tiny renders: 16×16 jobs with distinct seeds, each submitted
-//! and then awaited (`GET /v1/jobs/{id}?wait=`), so a job counts when it has succeeded.
+//! and then awaited (`GET /v1/jobs/{id}?wait=`), so a job counts when it has succeeded. (c) The
+//! same, `--batch` to a request, each array submitted and awaited in one `POST /v1/jobs?wait=`.
 //! Prints submits (or jobs) per second and p50/p99 latency, the median of `--runs` runs.
 
 use std::sync::Arc;
@@ -42,6 +43,13 @@ pub struct FarmBenchArgs {
     /// Concurrent HTTP clients for the tiny jobs.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Jobs to a request in a second tiny phase, where each client submits an array and waits
+    /// for all of it in the same request (`POST /v1/jobs?wait=`); 0 leaves that phase out.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Concurrent HTTP clients for the batched tiny jobs.
+    #[arg(long, default_value_t = 4)]
+    pub batch_clients: usize,
     /// In-process workers. A tiny render spends most of its time storing its asset (a few
     /// files, synced), and renders that finish together share one sync, so many workers help.
     #[arg(long, default_value_t = 32)]
@@ -89,6 +97,26 @@ impl Figures {
             return String::new();
         }
         format!("  cpu {:.3} ms/{op} (machine), {:.3} in kiln", self.cpu.machine_ms, self.cpu.process_ms)
+    }
+
+    /// `  1234/s  p50 1.00 ms  p99 2.00 ms  cpu …`: one run's line.
+    fn run_line(&self, op: &str) -> String {
+        format!("{:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms{}", self.per_second, self.p50_ms, self.p99_ms, self.cpu_line(op))
+    }
+
+    /// `1234/s, p50 1.00 ms, p99 2.00 ms`: the medians' line.
+    fn summary(&self) -> String {
+        format!("{:.0}/s, p50 {:.2} ms, p99 {:.2} ms", self.per_second, self.p50_ms, self.p99_ms)
+    }
+
+    /// Figures measured per request, with `k` jobs to a request on average, as rate and CPU per
+    /// job (the latency stays the request's: from its submit to its last job's end).
+    fn per_job(self, k: f64) -> Figures {
+        Figures {
+            per_second: self.per_second * k,
+            cpu: CpuTime { machine_ms: self.cpu.machine_ms / k, process_ms: self.cpu.process_ms / k },
+            ..self
+        }
     }
 }
 
@@ -225,6 +253,43 @@ async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: 
     .await
 }
 
+/// `n` tiny 16×16 jobs with seeds from `seed0`, `batch` to a request, each request submitted
+/// and awaited at once (`POST /v1/jobs?wait=`) by one of `concurrency` clients; a request counts
+/// once all its jobs have succeeded. Figures per job; the latency is the request's.
+async fn tiny_batches(
+    c: &Client,
+    prompt: &str,
+    seed0: u64,
+    n: usize,
+    batch: usize,
+    concurrency: usize,
+) -> anyhow::Result<Figures> {
+    let (c, prompt, batch) = (c.clone(), prompt.to_owned(), batch.max(1));
+    let requests = n.div_ceil(batch);
+    let f = drive(requests, concurrency, move |i| {
+        let c = c.clone();
+        let seeds = (i * batch..n.min((i + 1) * batch)).map(|k| seed0 + k as u64);
+        let body: Vec<serde_json::Value> =
+            seeds.map(|seed| json!({ "prompt": prompt, "seed": seed, "tier": "preview", "width": 16 })).collect();
+        async move {
+            let t = Instant::now();
+            let r = c.send(Method::POST, "/v1/jobs?wait=60", Some(Bytes::from(serde_json::to_vec(&body)?))).await?;
+            if !r.status.is_success() {
+                bail!("a batch submit answered {}: {}", r.status, String::from_utf8_lossy(&r.body));
+            }
+            let done: serde_json::Value = r.json()?;
+            let jobs = done["jobs"].as_array().context("no jobs in a batch's answer")?;
+            if jobs.len() != body.len() || jobs.iter().any(|j| j["state"] != "succeeded") {
+                bail!("a batch of tiny jobs did not all succeed: {done}");
+            }
+            Ok(t.elapsed().as_secs_f64())
+        }
+    })
+    .await?;
+    // The last request may be short.
+    Ok(f.per_job(n as f64 / requests.max(1) as f64))
+}
+
 /// A farm a benchmark run serves on port 0 from a fresh data dir, on the CPU with one thread.
 struct BenchFarm {
     dir: std::path::PathBuf,
@@ -283,7 +348,11 @@ impl Drop for Cleanup {
     }
 }
 
-async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<(Vec<Figures>, Figures)> {
+/// One run's figures: cache hits at each client count, tiny jobs one to a request, and tiny
+/// jobs in batches (when asked for).
+type RunFigures = (Vec<Figures>, Figures, Option<Figures>);
+
+async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<RunFigures> {
     let farm = BenchFarm::start(cfg, &format!("farm-{run}"), |cfg| cfg.scheduler.workers = a.workers).await?;
     let c = farm.client.clone();
 
@@ -315,11 +384,16 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
     // (b) tiny renders, each submitted and awaited.
     let base = 1_000_000 * (run as u64 + 1);
     let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency).await?;
+    // (c) the same, a batch to a request.
+    let batched = match a.batch {
+        0 => None,
+        b => Some(tiny_batches(&c, "bench tiny", base + a.jobs as u64, a.jobs, b, a.batch_clients).await?),
+    };
     let dir = farm.stop(a.keep).await?;
     if a.keep {
         println!("  run {}: data kept in {}", run + 1, dir.display());
     }
-    Ok((hits, tiny))
+    Ok((hits, tiny, batched))
 }
 
 /// One run of the store alone: submit every job, dispatch them all, then record each result
@@ -443,52 +517,37 @@ pub async fn run_store(a: &StoreBenchArgs) -> anyhow::Result<()> {
 pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
     let _cleanup = Cleanup;
     println!(
-        "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, and {} tiny 16×16 jobs over {} clients; {} workers; {} runs (medians)",
-        a.hits, a.hit_clients, a.jobs, a.concurrency, a.workers, a.runs
+        "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, {} tiny 16×16 jobs over {} clients, and {} more {} to a request over {} clients; {} workers; {} runs (medians)",
+        a.hits, a.hit_clients, a.jobs, a.concurrency, a.jobs, a.batch, a.batch_clients, a.workers, a.runs
     );
-    let (mut h, mut t): (Vec<Vec<Figures>>, Vec<Figures>) = (Vec::new(), Vec::new());
+    let (mut h, mut t, mut b): (Vec<Vec<Figures>>, Vec<Figures>, Vec<Figures>) = (Vec::new(), Vec::new(), Vec::new());
+    let batched = format!("{} to a request, {:>3} clients", a.batch, a.batch_clients);
     for run in 0..a.runs.max(1) {
-        let (hits, tiny) = one_run(cfg, a, run).await?;
+        let (hits, tiny, batch) = one_run(cfg, a, run).await?;
         for (clients, f) in a.hit_clients.iter().zip(&hits) {
-            println!(
-                "  run {}: cache hits, {clients:>3} clients: {:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms{}",
-                run + 1,
-                f.per_second,
-                f.p50_ms,
-                f.p99_ms,
-                f.cpu_line("submit")
-            );
+            println!("  run {}: cache hits, {clients:>3} clients: {}", run + 1, f.run_line("submit"));
         }
-        println!(
-            "  run {}: tiny jobs, {:>3} clients: {:>6.0}/s  p50 {:.2} ms  p99 {:.2} ms{}",
-            run + 1,
-            a.concurrency,
-            tiny.per_second,
-            tiny.p50_ms,
-            tiny.p99_ms,
-            tiny.cpu_line("job")
-        );
+        println!("  run {}: tiny jobs, {:>3} clients: {}", run + 1, a.concurrency, tiny.run_line("job"));
+        if let Some(f) = batch {
+            println!("  run {}: tiny jobs, {batched}: {}", run + 1, f.run_line("job"));
+            b.push(f);
+        }
         h.push(hits);
         t.push(tiny);
     }
     for (i, clients) in a.hit_clients.iter().enumerate() {
         let m = medians(h.iter().map(|r| &r[i]));
-        println!(
-            "cache-hit submits, {clients} clients: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: p99 < 5 ms){}",
-            m.per_second,
-            m.p50_ms,
-            m.p99_ms,
-            m.cpu_line("submit")
-        );
+        println!("cache-hit submits, {clients} clients: {} (aim: p99 < 5 ms){}", m.summary(), m.cpu_line("submit"));
     }
     let m = medians(t.iter());
-    println!(
-        "tiny jobs end to end, {} clients: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms (aim: >= 5000/s){}",
-        a.concurrency,
-        m.per_second,
-        m.p50_ms,
-        m.p99_ms,
-        m.cpu_line("job")
-    );
+    println!("tiny jobs end to end, {} clients: {} (aim: >= 5000/s){}", a.concurrency, m.summary(), m.cpu_line("job"));
+    if !b.is_empty() {
+        let m = medians(b.iter());
+        println!(
+            "tiny jobs end to end, {batched}: {} (latency per request; aim: >= 5000/s){}",
+            m.summary(),
+            m.cpu_line("job")
+        );
+    }
     Ok(())
 }
