@@ -101,6 +101,36 @@ async fn the_cli_submits_waits_and_fetches_and_the_token_is_private() {
     let png = std::fs::read(&out).unwrap();
     assert_eq!(blake3::hash(&png).to_hex().as_str(), job["asset"].as_str().unwrap());
 
+    // A run of seeds in one request: seed 7 again (from the cache), 8 and 9, each PNG fetched.
+    let many = dir.path().join("seeds");
+    let run = kiln()
+        .args(["submit", "ember kaleidoscope", "--seed", "7", "--count", "3", "--json", "--out"])
+        .arg(&many)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let batch: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let got: Vec<(u64, &str)> = batch["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["seed"].as_u64().unwrap(), j["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(7, "cached"), (8, "succeeded"), (9, "succeeded")]);
+    for j in batch["jobs"].as_array().unwrap() {
+        let png = std::fs::read(many.join(format!("{}.png", j["seed"]))).unwrap();
+        assert_eq!(blake3::hash(&png).to_hex().as_str(), j["asset"].as_str().unwrap());
+    }
+    let refused = kiln()
+        .args(["submit", "x", "--count", "2", "--idempotency-key", "k", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--idempotency-key"));
+
     let listed = kiln().args(["jobs", "--data"]).arg(&data).output().unwrap();
     assert!(listed.status.success());
     assert!(String::from_utf8_lossy(&listed.stdout).contains(job["id"].as_str().unwrap()));

@@ -131,10 +131,15 @@ pub struct SubmitArgs {
     /// Idempotency key: submitting again with it returns the same job.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Submit this many jobs in one request: seeds SEED, SEED+1, … (with no --seed, the farm
+    /// chooses each). With --wait, each job is shown as it ends.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
     /// Wait for the job to end, showing progress.
     #[arg(long)]
     pub wait: bool,
-    /// Write the PNG here (implies --wait).
+    /// Write the PNG here (implies --wait); with --count, a directory that gets SEED.png for
+    /// each job (made if missing).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Talking to the farm.
@@ -455,6 +460,9 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
         model: None,
         idempotency_key: a.idempotency_key.clone(),
     };
+    if a.count > 1 {
+        return submit_many(&c, a, req).await;
+    }
     if let Some(out) = &a.out {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if !parent.is_dir() {
@@ -511,6 +519,61 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     print_job(&job, a.remote.json);
+    Ok(())
+}
+
+/// `kiln submit --count N`: the jobs go in one request; with --wait (or --out DIR) each is shown,
+/// and its PNG fetched, as it ends, in order.
+async fn submit_many(c: &Client, a: &SubmitArgs, req: JobRequest) -> anyhow::Result<()> {
+    if req.idempotency_key.is_some() {
+        bail!("--idempotency-key names one job; it cannot go with --count {}", a.count);
+    }
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("--out {}: cannot make the directory", dir.display()))?;
+    }
+    let items = (0..a.count)
+        .map(|i| serde_json::to_value(JobRequest { seed: a.seed.map(|s| s.wrapping_add(i)), ..req.clone() }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let made = c.call(Method::POST, "/v1/jobs", Some(&Value::Array(items))).await?;
+    let jobs = made["jobs"].as_array().context("the farm answered a batch without its jobs")?;
+    if !(a.wait || a.out.is_some()) {
+        match a.remote.json {
+            true => println!("{made:#}"),
+            false => jobs.iter().for_each(|j| print_job(j, false)),
+        }
+        return Ok(());
+    }
+    let (mut ended, mut failed) = (Vec::with_capacity(jobs.len()), 0);
+    for (i, job) in jobs.iter().enumerate() {
+        let id = job["id"].as_str().context("the farm answered a job without an id")?;
+        let (job, state) = loop {
+            let job = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
+            match job["state"].as_str().and_then(|s| s.parse::<JobState>().ok()) {
+                Some(state) if state.is_terminal() => break (job, state),
+                _ => {}
+            }
+        };
+        if let (Some(dir), Some(asset)) = (&a.out, job["asset"].as_str()) {
+            let out = dir.join(format!("{}.png", job["seed"]));
+            c.download(&format!("/v1/assets/{asset}"), &out)
+                .await
+                .with_context(|| format!("failed to fetch job {id}'s PNG to {}", out.display()))?;
+        }
+        if !matches!(state, JobState::Succeeded | JobState::Cached) {
+            failed += 1;
+        }
+        if !a.remote.json {
+            eprintln!("[{}/{}] seed {}: {state}", i + 1, jobs.len(), job["seed"]);
+            print_job(&job, false);
+        }
+        ended.push(job);
+    }
+    if a.remote.json {
+        println!("{:#}", json!({ "jobs": ended }));
+    }
+    if failed > 0 {
+        bail!("{failed} of {} jobs did not succeed", jobs.len());
+    }
     Ok(())
 }
 
