@@ -29,7 +29,7 @@ use kiln_worker::consume::RunConfig;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-use super::{BenchFarm, Cleanup, Figures, median, medians, tiny_batches, tiny_jobs};
+use super::{BenchFarm, Cleanup, Figures, batched_medians, median, medians, tiny_batches, tiny_jobs};
 use crate::config::FarmConfig;
 use crate::store::PgStore;
 
@@ -286,16 +286,8 @@ pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> 
     let share = raw / MESSAGES_PER_JOB;
     println!("raw broker ceiling: {raw:.0} msgs/s ({} B persistent, confirms, batched acks)", body.len());
     println!("end to end, {} clients: {} (aim: >= 5000 jobs/s){}", a.concurrency, e2e.summary(), e2e.cpu_line("job"));
-    let mut best = jobs_s;
-    if !batches.is_empty() {
-        let b = medians(batches.iter());
-        println!(
-            "end to end, {batched}: {} (latency per request; aim: >= 5000 jobs/s){}",
-            b.summary(),
-            b.cpu_line("job")
-        );
-        best = best.max(b.per_second);
-    }
+    let best =
+        batched_medians(&format!("end to end, {batched}"), &batches).map_or(jobs_s, |b| b.per_second.max(jobs_s));
     println!(
         "ceiling / {MESSAGES_PER_JOB} messages per job = {share:.0} jobs/s; one job to a request is {:.2} of it, the best {:.2} (aim: >= 0.5)",
         jobs_s / share,

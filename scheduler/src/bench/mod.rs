@@ -542,13 +542,16 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
     }
     let m = medians(t.iter());
     println!("tiny jobs end to end, {} clients: {} (aim: >= 5000/s){}", a.concurrency, m.summary(), m.cpu_line("job"));
-    if !b.is_empty() {
-        let m = medians(b.iter());
-        println!(
-            "tiny jobs end to end, {batched}: {} (latency per request; aim: >= 5000/s){}",
-            m.summary(),
-            m.cpu_line("job")
-        );
-    }
+    batched_medians(&format!("tiny jobs end to end, {batched}"), &b);
     Ok(())
+}
+
+/// Prints the medians of the batched phase's runs, when it ran, and returns them.
+fn batched_medians(label: &str, runs: &[Figures]) -> Option<Figures> {
+    if runs.is_empty() {
+        return None;
+    }
+    let m = medians(runs.iter());
+    println!("{label}: {} (latency per request; aim: >= 5000 jobs/s){}", m.summary(), m.cpu_line("job"));
+    Some(m)
 }
