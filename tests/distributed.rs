@@ -180,6 +180,12 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
         let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
         assert_eq!(prov["asset"], hash);
     }
+    // A batch submitted and awaited in one request: its results come back over the broker.
+    let batch: Vec<Value> = (0..4).map(|i| job("a distributed batch", 40 + i, "preview")).collect();
+    let r = d.farm.client.send(Method::POST, "/v1/jobs?wait=60", Some(Value::Array(batch).to_string().into()));
+    let done: Value = r.await.unwrap().json().unwrap();
+    let states: Vec<&str> = done["jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["succeeded"; 4], "{done}");
     // The same request again is a cache hit; no worker involved.
     let mut again = job("a distributed test", 1, "preview");
     again["width"] = 24.into();
