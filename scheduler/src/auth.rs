@@ -63,6 +63,14 @@ pub struct Caller {
     pub role: Role,
 }
 
+impl Caller {
+    /// Whether it may see what `owner` (a token's name) made: an operator sees everything, a
+    /// client its own.
+    pub fn may_see(&self, owner: &str) -> bool {
+        self.role == Role::Operator || self.name == owner
+    }
+}
+
 pub use kiln_worker::client::Secret;
 
 /// Random bytes from the operating system.

@@ -537,9 +537,10 @@ async fn submit_many(c: &Client, a: &SubmitArgs, req: JobRequest) -> anyhow::Res
     let made = c.call(Method::POST, "/v1/jobs", Some(&Value::Array(items))).await?;
     let jobs = made["jobs"].as_array().context("the farm answered a batch without its jobs")?;
     if !(a.wait || a.out.is_some()) {
-        match a.remote.json {
-            true => println!("{made:#}"),
-            false => jobs.iter().for_each(|j| print_job(j, false)),
+        if a.remote.json {
+            println!("{made:#}");
+        } else {
+            jobs.iter().for_each(|j| print_job(j, false));
         }
         return Ok(());
     }

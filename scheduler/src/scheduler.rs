@@ -243,19 +243,19 @@ impl Scheduler {
 
     /// One job, if the caller may see it.
     pub async fn job(&self, caller: &Caller, id: &str) -> Result<Option<Job>, StoreError> {
-        Ok(self.store.job(id).await?.filter(|j| caller.role == Role::Operator || j.client == caller.name))
+        Ok(self.store.job(id).await?.filter(|j| caller.may_see(&j.client)))
     }
 
-    /// Waits up to `wait` for each of the jobs `ids` to reach a terminal state; returns them as
-    /// they are then, in the order of `ids` (`None`: no such job, or not the caller's). Each
-    /// waiter is woken only by its own job's end (no thundering herd of long polls), and the
-    /// reads are one batch before the wait and one after, however many jobs.
+    /// Waits up to `wait` for each of the jobs `ids` to reach a terminal state; returns those
+    /// the caller may see, as they are then, by id. Each waiter is woken only by its own job's
+    /// end (no thundering herd of long polls), and the reads are one batch before the wait and
+    /// one after, however many jobs.
     pub async fn wait_terminal(
         &self,
         caller: &Caller,
         ids: &[String],
         wait: Duration,
-    ) -> Result<Vec<Option<Job>>, StoreError> {
+    ) -> Result<HashMap<String, Job>, StoreError> {
         // Register before reading, so an end between the two is not missed.
         let mut woken = HashMap::with_capacity(ids.len());
         {
@@ -288,7 +288,7 @@ impl Scheduler {
         ids: &[String],
         mut woken: HashMap<String, oneshot::Receiver<()>>,
         wait: Duration,
-    ) -> Result<Vec<Option<Job>>, StoreError> {
+    ) -> Result<HashMap<String, Job>, StoreError> {
         let mut seen = self.visible(caller, ids.to_vec()).await?;
         woken.retain(|id, _| seen.get(id).is_some_and(|j| !j.state.is_terminal()));
         if !woken.is_empty() {
@@ -296,17 +296,13 @@ impl Scheduler {
             let _ = tokio::time::timeout(wait, futures_util::future::join_all(woken.into_values())).await;
             seen.extend(self.visible(caller, open).await?);
         }
-        Ok(ids.iter().map(|id| seen.get(id).cloned()).collect())
+        Ok(seen)
     }
 
     /// The jobs among `ids` the caller may see, by id.
     async fn visible(&self, caller: &Caller, ids: Vec<String>) -> Result<HashMap<String, Job>, StoreError> {
         let jobs = self.store.jobs(ids).await?;
-        Ok(jobs
-            .into_iter()
-            .filter(|j| caller.role == Role::Operator || j.client == caller.name)
-            .map(|j| (j.id.clone(), j))
-            .collect())
+        Ok(jobs.into_iter().filter(|j| caller.may_see(&j.client)).map(|j| (j.id.clone(), j)).collect())
     }
 
     /// Resumes after a restart: jobs that were dispatched or running are queued again.

@@ -316,8 +316,7 @@ async fn await_ended(s: &Scheduler, who: &Caller, jobs: &mut [Job], wait: Durati
     if open.is_empty() {
         return Ok(());
     }
-    let mut now: std::collections::HashMap<String, Job> =
-        s.wait_terminal(who, &open, wait).await?.into_iter().flatten().map(|j| (j.id.clone(), j)).collect();
+    let mut now = s.wait_terminal(who, &open, wait).await?;
     for j in jobs.iter_mut() {
         if let Some(n) = now.remove(&j.id) {
             *j = n;
@@ -336,7 +335,7 @@ async fn get_job(
     let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
     let job = match wait_for(q.wait)? {
-        Some(w) => s.wait_terminal(&who, std::slice::from_ref(&id), w).await?.pop().flatten(),
+        Some(w) => s.wait_terminal(&who, std::slice::from_ref(&id), w).await?.remove(&id),
         None => s.job(&who, &id).await?,
     };
     job.map(|j| Json(job_json(&j))).ok_or_else(|| ApiError::not_found(format!("id: no job {id:?}")))

@@ -233,13 +233,18 @@ async fn submit(c: &Client, body: Bytes) -> anyhow::Result<serde_json::Value> {
     Ok(r.json()?)
 }
 
+/// A tiny 16×16 preview job's request.
+fn tiny_job(prompt: &str, seed: u64) -> serde_json::Value {
+    json!({ "prompt": prompt, "seed": seed, "tier": "preview", "width": 16 })
+}
+
 /// `n` tiny 16×16 jobs with seeds from `seed0`, each submitted and awaited by one of
 /// `concurrency` clients; a job counts once it has succeeded.
 async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: usize) -> anyhow::Result<Figures> {
     let (c, prompt) = (c.clone(), prompt.to_owned());
     drive(n, concurrency, move |i| {
         let c = c.clone();
-        let body = json!({ "prompt": prompt, "seed": seed0 + i as u64, "tier": "preview", "width": 16 });
+        let body = tiny_job(&prompt, seed0 + i as u64);
         async move {
             let t = Instant::now();
             let j = submit(&c, Bytes::from(body.to_string())).await?;
@@ -270,8 +275,7 @@ async fn tiny_batches(
     let f = drive(requests, concurrency, move |i| {
         let c = c.clone();
         let seeds = (i * batch..n.min((i + 1) * batch)).map(|k| seed0 + k as u64);
-        let body: Vec<serde_json::Value> =
-            seeds.map(|seed| json!({ "prompt": prompt, "seed": seed, "tier": "preview", "width": 16 })).collect();
+        let body: Vec<serde_json::Value> = seeds.map(|seed| tiny_job(&prompt, seed)).collect();
         async move {
             let t = Instant::now();
             let r = c.send(Method::POST, "/v1/jobs?wait=60", Some(Bytes::from(serde_json::to_vec(&body)?))).await?;
@@ -358,8 +362,7 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
     let c = farm.client.clone();
 
     // (a) cache hits: render once, then the same request again and again.
-    let hit =
-        Bytes::from(json!({ "prompt": "bench cache hit", "seed": 1, "tier": "preview", "width": 16 }).to_string());
+    let hit = Bytes::from(tiny_job("bench cache hit", 1).to_string());
     let first = submit(&c, hit.clone()).await?;
     let id = first["id"].as_str().context("no id")?.to_owned();
     c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;

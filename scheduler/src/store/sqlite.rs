@@ -16,14 +16,14 @@ use serde::Serialize;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Row, SqliteConnection};
+use sqlx::{ConnectOptions, Row, SqliteConnection};
 
 use super::admit;
 use super::rows::{
     Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, start_detail, start_event, state_of, token_from_row,
 };
-use super::writer::{Connect, Gather, OpFn, WeakWriter, WriteConn, Writer};
+use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
 use super::{
     AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery, NewJob,
     Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
@@ -48,9 +48,10 @@ struct Ending {
 
 impl WriteConn for SqliteConnection {
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
-    /// The writer copies the WAL back into the database itself, between batches: a checkpoint
-    /// from another connection runs while commits go on, so it never catches up with the WAL's
-    /// end, and SQLite starts the WAL over only once a checkpoint has. Under steady load the WAL
+    /// The writer copies the WAL back into the database itself (`PASSIVE`: it waits for no
+    /// reader), between batches and once it falls idle: a checkpoint from another connection
+    /// runs while commits go on, so it never catches up with the WAL's end, and SQLite starts
+    /// the WAL over only once a checkpoint has. Under steady load the WAL
     /// then grew without end (900 MB in a 20 s benchmark): every commit appended to new file
     /// blocks, which the kernel zeroes first, and every page read searched a longer WAL index.
     const UPKEEP: Option<&'static str> = Some("PRAGMA wal_checkpoint(PASSIVE)");
@@ -73,19 +74,17 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         // The writer never checkpoints inside a commit (that would stall every caller in the
-        // batch); it does between batches (`UPKEEP`), and a background task when it is idle.
+        // batch); it does between batches and once it falls idle (`UPKEEP`).
         let mut conn = options(path).pragma("wal_autocheckpoint", "0").connect().await?;
         sqlx::migrate!("./migrations/sqlite").run(&mut conn).await?;
         let read =
             SqlitePoolOptions::new().max_connections(4).connect_with(options(path).create_if_missing(false)).await?;
-        let checkpoints = options(path).create_if_missing(false).connect().await?;
         let path = path.to_path_buf();
         let connect: Connect<SqliteConnection> = Box::new(move || {
             let opts = options(&path).create_if_missing(false).pragma("wal_autocheckpoint", "0");
             Box::pin(async move { Ok(opts.connect().await?) })
         });
         let writer = Writer::spawn(conn, connect);
-        tokio::spawn(checkpointer(checkpoints, writer.downgrade()));
         let submits = Gather::spawn(writer.clone(), |c, jobs| Box::pin(submit_many_op(c, jobs)));
         let starts = Gather::spawn(writer.clone(), |c, starts| Box::pin(start_many_op(c, starts)));
         let results = Gather::spawn(writer.clone(), |c, ends| Box::pin(end_many_op(c, ends)));
@@ -128,24 +127,6 @@ impl SqliteStore {
         let ends = results.into_iter().map(|r| Ending { r, may_start: true }).collect();
         self.write(Box::new(move |c| Box::pin(end_many_op(c, ends)))).await
     }
-}
-
-/// Copies the WAL back into the database every second without blocking the writer (`PASSIVE`),
-/// until the store is dropped: this covers the writes of a burst's end, after which the writer
-/// is idle and runs no upkeep of its own.
-async fn checkpointer(mut conn: SqliteConnection, store: WeakWriter<SqliteConnection>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if !store.is_alive() {
-            break;
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
-            tracing::warn!(error = %e, "store: WAL checkpoint failed; trying again in a second");
-        }
-    }
-    let _ = conn.close().await;
 }
 
 /// JSON text of `v`, for a statement that walks it with `json_each`.

@@ -557,3 +557,30 @@ async fn the_sqlite_wal_starts_over_under_steady_load() {
     // 43,000 jobs here, and its sequence number never moved.
     assert!(sequences.len() >= 4, "the WAL started over only {} times in 4 s ({largest} bytes)", sequences.len());
 }
+
+/// A burst's last writes are copied back into the database once the writer falls idle: the
+/// WAL index in `kiln.db-shm` then says every frame was backfilled (`nBackfill`, at byte 96,
+/// equals `mxFrame`, at byte 16; both in the machine's byte order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_writer_checkpoints_once_it_falls_idle() {
+    let (dir, s) = sqlite_store().await;
+    let shm = dir.path().join("kiln.db-shm");
+    let frames = || {
+        let b = std::fs::read(&shm).unwrap();
+        let at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        (at(16), at(96))
+    };
+    // Long enough that a checkpoint between batches has run, then one write after it.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(400);
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        s.submit(new_job(&format!("b{i}"), &format!("kb{i}"), i)).await.unwrap();
+        i += 1;
+    }
+    s.submit(new_job("last", "klast", 0)).await.unwrap();
+    let (written, _) = frames();
+    assert!(written > 0, "the burst is in the WAL");
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let (mx, backfilled) = frames();
+    assert_eq!((mx, backfilled), (written, written), "every frame copied back after the burst");
+}

@@ -19,7 +19,8 @@ use super::{BoxFut, StoreError};
 /// Most operations one transaction takes.
 pub const MAX_BATCH: usize = 512;
 
-/// How often a busy writer runs [`WriteConn::UPKEEP`].
+/// How often a busy writer runs [`WriteConn::UPKEEP`], and how long it waits, idle after a
+/// write, before it runs it once more.
 pub const UPKEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// A write: runs on the writer's connection inside the batch's transaction.
@@ -32,8 +33,9 @@ pub type Connect<C> = Box<dyn Fn() -> BoxFut<'static, Result<C, StoreError>> + S
 pub trait WriteConn: Connection + Send + 'static {
     /// How a batch's transaction starts.
     const BEGIN: &'static str;
-    /// Upkeep the writer runs between batches, once their callers have their answers, at most
-    /// every [`UPKEEP_EVERY`] while it is busy (SQLite: a checkpoint).
+    /// Upkeep the writer runs between batches, once their callers have their answers: at most
+    /// every [`UPKEEP_EVERY`] while it is busy, and once when it has been idle that long after
+    /// a write (SQLite: a checkpoint).
     const UPKEEP: Option<&'static str> = None;
     /// Runs one statement that returns nothing.
     fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>>;
@@ -101,23 +103,6 @@ impl<C: WriteConn> Writer<C> {
         self.tx.send(op).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
-
-    /// A handle that does not keep the writer alive (for background tasks that stop with it).
-    pub fn downgrade(&self) -> WeakWriter<C> {
-        WeakWriter { tx: self.tx.downgrade() }
-    }
-}
-
-/// See [`Writer::downgrade`].
-pub struct WeakWriter<C> {
-    tx: mpsc::WeakSender<Box<dyn WriteOp<C>>>,
-}
-
-impl<C> WeakWriter<C> {
-    /// Whether the store is still open.
-    pub fn is_alive(&self) -> bool {
-        self.tx.strong_count() > 0
-    }
 }
 
 /// A set-based write: runs a whole gathered batch of calls of one kind (in the order they came)
@@ -182,8 +167,25 @@ async fn run<C: WriteConn>(conn: C, connect: Connect<C>, mut rx: mpsc::Receiver<
     let mut batch: Vec<Box<dyn WriteOp<C>>> = Vec::with_capacity(MAX_BATCH);
     let (mut busy, mut ops, mut batches, started) = (0f64, 0usize, 0usize, std::time::Instant::now());
     let mut backoff = Duration::from_millis(100);
-    let mut last_upkeep = started;
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    // Upkeep is owed after a committed write (and only where the connection has some).
+    let (mut last_upkeep, mut owed) = (started, false);
+    loop {
+        let received = if owed {
+            // `recv_many` is cancel-safe: a timeout loses nothing.
+            match tokio::time::timeout(UPKEEP_EVERY, rx.recv_many(&mut batch, MAX_BATCH)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    upkeep(conn.as_mut()).await;
+                    (last_upkeep, owed) = (std::time::Instant::now(), false);
+                    continue;
+                }
+            }
+        } else {
+            rx.recv_many(&mut batch, MAX_BATCH).await
+        };
+        if received == 0 {
+            break;
+        }
         let t = std::time::Instant::now();
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -216,22 +218,29 @@ async fn run<C: WriteConn>(conn: C, connect: Connect<C>, mut rx: mpsc::Receiver<
                 conn = None;
             }
         }
+        owed |= C::UPKEEP.is_some() && commit.is_ok();
         for op in batch.drain(..) {
             op.finish(commit.clone());
         }
-        if let (Some(sql), Some(c)) = (C::UPKEEP, conn.as_mut())
-            && last_upkeep.elapsed() >= UPKEEP_EVERY
-        {
-            if let Err(e) = c.exec(sql).await {
-                tracing::debug!(error = %e, "store: upkeep between batches failed; next time");
-            }
-            last_upkeep = std::time::Instant::now();
+        if owed && last_upkeep.elapsed() >= UPKEEP_EVERY {
+            upkeep(conn.as_mut()).await;
+            (last_upkeep, owed) = (std::time::Instant::now(), false);
         }
     }
     let up = started.elapsed().as_secs_f64();
     tracing::info!(busy_seconds = busy, up_seconds = up, ops, batches, "store writer stopped");
     if let Some(c) = conn {
         let _ = c.close().await;
+    }
+}
+
+/// Runs [`WriteConn::UPKEEP`] on `conn`, if it has any and is connected. A failure is left for
+/// the next time: upkeep is never a caller's answer.
+async fn upkeep<C: WriteConn>(conn: Option<&mut C>) {
+    if let (Some(sql), Some(c)) = (C::UPKEEP, conn)
+        && let Err(e) = c.exec(sql).await
+    {
+        tracing::debug!(error = %e, "store: upkeep failed; it runs again after the next write");
     }
 }
 
