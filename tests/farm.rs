@@ -336,10 +336,10 @@ async fn a_transient_failure_is_retried_with_backoff() {
     cfg.scheduler.retry.max_attempts = 50;
     cfg.scheduler.retry.max_ms = 200;
     let farm = TestFarm::start_with(dir, cfg).await;
-    // The asset store's scratch dir becomes a file: every render fails to store (root or not).
-    let tmp = farm.dir.path().join("tmp");
-    std::fs::remove_dir_all(&tmp).unwrap();
-    std::fs::write(&tmp, b"in the way").unwrap();
+    // The asset store's folder becomes a file: every render fails to store (root or not).
+    let assets = farm.dir.path().join("assets");
+    std::fs::remove_dir_all(&assets).unwrap();
+    std::fs::write(&assets, b"in the way").unwrap();
     let j = farm.submit(job("retry me", 1, "preview")).await;
     let id = j["id"].as_str().unwrap().to_owned();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -351,8 +351,8 @@ async fn a_transient_failure_is_retried_with_backoff() {
         assert!(std::time::Instant::now() < deadline, "the first attempt never failed: {now}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    std::fs::remove_file(&tmp).unwrap();
-    std::fs::create_dir(&tmp).unwrap();
+    std::fs::remove_file(&assets).unwrap();
+    std::fs::create_dir(&assets).unwrap();
     let done = farm.wait(&id).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert!(done["attempt"].as_u64().unwrap() >= 2, "it took another attempt: {done}");
@@ -366,9 +366,9 @@ async fn attempts_run_out_and_the_job_keeps_its_error() {
     let mut cfg = test_config(dir.path());
     cfg.scheduler.retry.max_attempts = 2;
     let farm = TestFarm::start_with(dir, cfg).await;
-    let tmp = farm.dir.path().join("tmp");
-    std::fs::remove_dir_all(&tmp).unwrap();
-    std::fs::write(&tmp, b"in the way").unwrap();
+    let assets = farm.dir.path().join("assets");
+    std::fs::remove_dir_all(&assets).unwrap();
+    std::fs::write(&assets, b"in the way").unwrap();
     let j = farm.submit(job("doomed", 1, "preview")).await;
     let done = farm.wait(j["id"].as_str().unwrap()).await;
     assert_eq!(done["state"], "failed");

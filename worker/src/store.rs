@@ -1,7 +1,14 @@
 //! The content-addressed asset store: `assets/ab/<blake3>.png` with a `.thumb.png` and a
-//! provenance `.json` beside it, plus `keys/<cache key>` naming the asset a key rendered to.
-//! Files are written to `tmp/`, synced, then renamed into place: a crash leaves no half asset.
-//! Renders that finish together share one sync ([`GroupSync`]).
+//! provenance `.json` beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to.
+//! Files are written under a scratch name, synced, then renamed into place: a crash leaves no
+//! half asset. Renders that finish together share one sync ([`GroupSync`]).
+//!
+//! Many renders commit at once, so the scratch files of an asset are made in its own shard
+//! folder, not one shared folder: a folder's lock is held for each file made or renamed in it,
+//! and a rename between folders also takes the file system's one rename lock. With 128 renders
+//! committing into `tmp/`, waiting on those locks took a fifth of a busy farm's CPU. A PNG is
+//! held in memory until it outgrows [`SPILL_BYTES`] (its hash, and so its shard, is known only
+//! once it is written); a larger one is written to `tmp/` as it is encoded.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -84,24 +91,61 @@ impl GroupSync {
     }
 }
 
-/// A PNG being written: hashes as it goes, lands in the store on [`PendingAsset::commit`].
+/// A PNG up to this size is kept in memory until it is committed; a larger one goes to a file in
+/// `tmp/` as it is written. The encoder writes a band's compressed rows at a time, so this is
+/// also the write buffer of a spilled PNG.
+pub const SPILL_BYTES: usize = 64 << 10;
+
+/// A PNG being written: hashes as it goes, lands in the store on [`AssetStore::commit`].
 pub struct PendingAsset {
-    file: BufWriter<File>,
-    tmp: PathBuf,
+    body: Body,
+    scratch: PathBuf,
     hasher: blake3::Hasher,
     bytes: u64,
 }
 
+/// Where a pending PNG's bytes are.
+enum Body {
+    Memory(Vec<u8>),
+    /// Spilled to the file at the pending asset's scratch path.
+    File(BufWriter<File>),
+}
+
 impl Write for PendingAsset {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        if let Body::Memory(held) = &mut self.body
+            && held.len() + buf.len() > SPILL_BYTES
+        {
+            let mut file = BufWriter::with_capacity(SPILL_BYTES, File::create(&self.scratch)?);
+            file.write_all(held)?;
+            self.body = Body::File(file);
+        }
+        let n = match &mut self.body {
+            Body::Memory(held) => {
+                held.extend_from_slice(buf);
+                buf.len()
+            }
+            Body::File(file) => file.write(buf)?,
+        };
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        match &mut self.body {
+            Body::Memory(_) => Ok(()),
+            Body::File(file) => file.flush(),
+        }
+    }
+}
+
+impl Drop for PendingAsset {
+    /// A PNG abandoned after it spilled leaves no file behind.
+    fn drop(&mut self) {
+        if matches!(self.body, Body::File(_)) {
+            let _ = fs::remove_file(&self.scratch);
+        }
     }
 }
 
@@ -153,12 +197,9 @@ impl AssetStore {
 
     /// Starts writing a PNG.
     pub fn begin(&self) -> io::Result<PendingAsset> {
-        let tmp = self.scratch_path();
         Ok(PendingAsset {
-            // The encoder writes a band's compressed rows at a time; 64 KiB keeps writes few
-            // without a megabyte for each small image.
-            file: BufWriter::with_capacity(64 << 10, File::create(&tmp)?),
-            tmp,
+            body: Body::Memory(Vec::new()),
+            scratch: self.scratch_path(),
             hasher: blake3::Hasher::new(),
             bytes: 0,
         })
@@ -169,21 +210,28 @@ impl AssetStore {
     /// An asset already stored keeps its first provenance.
     pub fn commit(
         &self,
-        pending: PendingAsset,
+        mut pending: PendingAsset,
         thumb: &[u8],
         provenance: impl FnOnce(&str) -> String,
     ) -> io::Result<(String, u64)> {
-        let PendingAsset { file, tmp, hasher, bytes } = pending;
-        let hash = hasher.finalize().to_hex().to_string();
-        let file = match file.into_inner() {
-            Ok(f) if !self.contains(&hash) => f,
-            done => {
-                let _ = fs::remove_file(&tmp);
-                return done.map(|_| (hash, bytes)).map_err(|e| e.into_error());
-            }
-        };
-        let mut temps = vec![tmp];
-        let landed = self.land(&hash, &file, thumb, provenance(&hash).as_bytes(), &mut temps);
+        let hash = pending.hasher.finalize().to_hex().to_string();
+        let bytes = pending.bytes;
+        if self.contains(&hash) {
+            return Ok((hash, bytes));
+        }
+        fs::create_dir_all(self.shard(&hash))?;
+        // Scratch files of this asset, PNG first; whatever is left in it at the end did not land.
+        let mut temps = Vec::with_capacity(3);
+        let landed = (|| {
+            let png = match std::mem::replace(&mut pending.body, Body::Memory(Vec::new())) {
+                Body::Memory(held) => self.write_scratch(&hash, &held, &mut temps)?,
+                Body::File(file) => {
+                    temps.push(pending.scratch.clone());
+                    file.into_inner().map_err(|e| e.into_error())?
+                }
+            };
+            self.land(&hash, &png, thumb, provenance(&hash).as_bytes(), &mut temps)
+        })();
         for t in &temps {
             let _ = fs::remove_file(t);
         }
@@ -201,12 +249,9 @@ impl AssetStore {
         provenance: &[u8],
         temps: &mut Vec<PathBuf>,
     ) -> io::Result<()> {
-        let (t, thumb_file) = self.write_scratch(thumb)?;
-        temps.push(t);
-        let (p, provenance_file) = self.write_scratch(provenance)?;
-        temps.push(p);
+        let thumb_file = self.write_scratch(hash, thumb, temps)?;
+        let provenance_file = self.write_scratch(hash, provenance, temps)?;
         self.sync.sync(&[png, &thumb_file, &provenance_file])?;
-        fs::create_dir_all(self.shard(hash))?;
         fs::rename(&temps[1], self.thumb_path(hash))?;
         fs::rename(&temps[2], self.provenance_path(hash))?;
         fs::rename(&temps[0], self.path(hash))?;
@@ -215,30 +260,19 @@ impl AssetStore {
     }
 
     /// A fresh path in the store's scratch folder (the same file system as the assets), for a
-    /// file to be filled and then moved in with [`Self::import_file`].
+    /// file to be filled and then moved in with [`Self::import_file`], or a large PNG.
     pub fn scratch_path(&self) -> PathBuf {
         self.root.join("tmp").join(format!("{}.{}", std::process::id(), unique()))
     }
 
-    /// A new scratch file holding `bytes` (not synced).
-    fn write_scratch(&self, bytes: &[u8]) -> io::Result<(PathBuf, File)> {
-        let tmp = self.scratch_path();
+    /// A new scratch file in the shard of asset `hash` holding `bytes` (not synced), its path
+    /// pushed onto `temps` once it exists. A scratch name starts with a dot; no asset's does.
+    fn write_scratch(&self, hash: &str, bytes: &[u8], temps: &mut Vec<PathBuf>) -> io::Result<File> {
+        let tmp = self.shard(hash).join(format!(".{}.{}.tmp", std::process::id(), unique()));
         let mut f = File::create(&tmp)?;
-        if let Err(e) = f.write_all(bytes) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        Ok((tmp, f))
-    }
-
-    /// Writes a file whole or not at all (scratch file, then rename); with `durable`, its bytes
-    /// are on disk before it appears.
-    fn write_atomic(&self, path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-        let (tmp, f) = self.write_scratch(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, path)
+        temps.push(tmp);
+        f.write_all(bytes)?;
+        Ok(f)
     }
 
     /// Moves a file that was written and synced at a [`Self::scratch_path`] and whose BLAKE3 the
@@ -259,19 +293,41 @@ impl AssetStore {
             return Ok(());
         }
         fs::create_dir_all(self.shard(hash))?;
-        self.write_atomic(&self.provenance_path(hash), json, true)
+        let mut temps = Vec::with_capacity(1);
+        let written = self
+            .write_scratch(hash, json, &mut temps)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::rename(&temps[0], self.provenance_path(hash)));
+        if written.is_err() {
+            temps.iter().for_each(|t| drop(fs::remove_file(t)));
+        }
+        written
     }
 
-    /// Records that `key` rendered to `hash`. The index is a cache, not a record: it is not
-    /// synced (an fsync less per asset), and an entry lost in a power cut costs one re-render of
-    /// the same bytes. [`Self::lookup_key`] checks what it reads.
+    /// Where the key index keeps `key`, sharded like the assets.
+    fn key_path(&self, key: &CacheKey) -> PathBuf {
+        let key = key.to_string();
+        self.root.join("keys").join(key.get(..2).unwrap_or("00")).join(&key)
+    }
+
+    /// Records that `key` rendered to `hash`. The index is a cache, not a record: it is written
+    /// in place and not synced (a file and an fsync less per asset). An entry lost or torn in a
+    /// crash, or read half written, costs one re-render of the same bytes: [`Self::lookup_key`]
+    /// takes only a whole hash of an asset that is stored.
     pub fn put_key(&self, key: &CacheKey, hash: &str) -> io::Result<()> {
-        self.write_atomic(&self.root.join("keys").join(key.to_string()), hash.as_bytes(), false)
+        let path = self.key_path(key);
+        match fs::write(&path, hash) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(path.parent().unwrap_or(&self.root))?;
+                fs::write(&path, hash)
+            }
+            written => written,
+        }
     }
 
     /// The asset a key rendered to, if it is recorded and the asset is still stored.
     pub fn lookup_key(&self, key: &CacheKey) -> Option<String> {
-        let hash = fs::read_to_string(self.root.join("keys").join(key.to_string())).ok()?;
+        let hash = fs::read_to_string(self.key_path(key)).ok()?;
         let hash = hash.trim();
         let valid = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
         (valid && self.contains(hash)).then(|| hash.to_owned())
@@ -281,6 +337,38 @@ impl AssetStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fails if a scratch file is left in `tmp/` or in an asset shard.
+    fn assert_no_scratch(root: &Path) {
+        let mut left: Vec<PathBuf> = fs::read_dir(root.join("tmp")).unwrap().map(|e| e.unwrap().path()).collect();
+        for shard in fs::read_dir(root.join("assets")).unwrap() {
+            let files = fs::read_dir(shard.unwrap().path()).unwrap().map(|e| e.unwrap().path());
+            left.extend(files.filter(|f| f.file_name().unwrap().to_string_lossy().starts_with('.')));
+        }
+        assert!(left.is_empty(), "scratch files left: {left:?}");
+    }
+
+    #[test]
+    fn a_png_larger_than_the_memory_hold_is_spilled_and_lands_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::open(dir.path()).unwrap();
+        let body: Vec<u8> = (0..3 * SPILL_BYTES + 17).map(|i| (i * 7 % 251) as u8).collect();
+        let write = |body: &[u8]| {
+            let mut p = store.begin().unwrap();
+            body.chunks(5000).for_each(|c| p.write_all(c).unwrap());
+            p
+        };
+        let p = write(&body);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1, "spilled to tmp/");
+        let (hash, bytes) = store.commit(p, b"thumb", |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+        assert_eq!((hash.as_str(), bytes), (blake3::hash(&body).to_hex().as_str(), body.len() as u64));
+        assert_eq!(fs::read(store.path(&hash)).unwrap(), body);
+        assert_no_scratch(dir.path());
+        // The same bytes again, and bytes abandoned before their commit: nothing is left.
+        store.commit(write(&body), b"thumb", |_| unreachable!("stored already")).unwrap();
+        drop(write(&body[1..]));
+        assert_no_scratch(dir.path());
+    }
 
     #[test]
     fn an_asset_lands_under_the_blake3_of_its_bytes() {
@@ -293,7 +381,7 @@ mod tests {
         assert_eq!(bytes, 16);
         assert_eq!(fs::read(store.path(&hash)).unwrap(), b"not really a png");
         assert!(fs::read_to_string(store.provenance_path(&hash)).unwrap().contains(&hash));
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+        assert_no_scratch(dir.path());
     }
 
     #[test]
@@ -325,7 +413,7 @@ mod tests {
             assert_eq!(fs::read(store.thumb_path(hash)).unwrap(), [body[1], body[0]]);
             assert!(fs::read_to_string(store.provenance_path(hash)).unwrap().contains(hash.as_str()));
         }
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+        assert_no_scratch(dir.path());
     }
 
     #[test]
@@ -340,7 +428,7 @@ mod tests {
         }
         assert_eq!(hashes[0], hashes[1]);
         assert_eq!(fs::read_to_string(store.provenance_path(&hashes[0])).unwrap(), "{\"n\":0}");
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "no temp files left");
+        assert_no_scratch(dir.path());
     }
 
     #[test]
@@ -351,7 +439,7 @@ mod tests {
         assert_eq!(store.lookup_key(&key), None);
         store.put_key(&key, &"ab".repeat(32)).unwrap();
         assert_eq!(store.lookup_key(&key), None, "the asset itself is not stored");
-        fs::write(dir.path().join("keys").join(key.to_string()), "../../etc/passwd").unwrap();
+        fs::write(store.key_path(&key), "../../etc/passwd").unwrap();
         assert_eq!(store.lookup_key(&key), None);
     }
 }
