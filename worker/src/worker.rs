@@ -106,6 +106,15 @@ pub fn open_backend(choice: BackendChoice, threads: usize) -> Result<Backend, En
     }
 }
 
+/// Renders of fewer samples than this (width × height × samples²) stay out of the store's key
+/// index, which lets a request be answered from the cache across restarts. An entry is a file
+/// made, written back and looked up: about as much work as rendering a 64×64 image on the CPU,
+/// and on a farm of 16×16 renders it cost about a sixth of the CPU. Below this size a lost repeat costs
+/// less to render again (to the same bytes, stored once) than every render costs to index. The
+/// in-memory cache still answers repeats within a process, and the scheduler's own cache answers
+/// them in a farm.
+pub const KEY_INDEX_MIN_SAMPLES: u64 = 64 * 64;
+
 impl Worker {
     /// A worker over a config's data dir, with a ready engine.
     pub fn new(cfg: &WorkerConfig, backend: Backend) -> Result<Worker, WorkerError> {
@@ -145,13 +154,16 @@ impl Worker {
         req.key_input(model_version(), &post_chain_version(req)).key()
     }
 
-    /// The asset for a key, from memory or the store's key index, if there is one.
-    pub fn cached(&self, key: &CacheKey) -> Option<String> {
+    /// The asset for a key, from memory or (when `indexed`) the store's key index, if there is one.
+    fn cached(&self, key: &CacheKey, indexed: bool) -> Option<String> {
         if let Some(c) = self.cache.get(key) {
             if self.store.contains(&c.hash) {
                 return Some(c.hash.to_string());
             }
             self.cache.invalidate(key);
+        }
+        if !indexed {
+            return None;
         }
         let hash = self.store.lookup_key(key)?;
         self.cache.insert(*key, Cached { hash: hash.as_str().into() });
@@ -165,7 +177,9 @@ impl Worker {
         }
         let key_input = req.key_input(model_version(), &post_chain_version(req));
         let key = key_input.key();
-        if let Some(asset) = self.cached(&key) {
+        let work = u64::from(key_input.width) * u64::from(key_input.height) * u64::from(key_input.samples).pow(2);
+        let indexed = work >= KEY_INDEX_MIN_SAMPLES;
+        if let Some(asset) = self.cached(&key, indexed) {
             self.metrics.cache_hits.inc();
             tracing::debug!(%key, asset, "cache hit");
             let path = self.store.path(&asset);
@@ -197,7 +211,9 @@ impl Worker {
             .unwrap_or_default()
         };
         let (asset, bytes) = self.store.commit(pending, &thumb, provenance).map_err(store_err)?;
-        self.store.put_key(&key, &asset).map_err(store_err)?;
+        if indexed {
+            self.store.put_key(&key, &asset).map_err(store_err)?;
+        }
         self.cache.insert(key, Cached { hash: asset.as_str().into() });
         let tier = req.tier.as_str();
         self.metrics

@@ -138,6 +138,34 @@ fn config(dir: &std::path::Path) -> WorkerConfig {
     WorkerConfig { data_dir: dir.to_path_buf(), backend: BackendChoice::Cpu, ..WorkerConfig::default() }
 }
 
+/// The files in the store's key index.
+fn key_index_entries(dir: &std::path::Path) -> usize {
+    let shards = std::fs::read_dir(dir.join("keys")).unwrap();
+    shards.map(|s| std::fs::read_dir(s.unwrap().path()).unwrap().count()).sum()
+}
+
+#[test]
+fn a_render_under_64_by_64_is_cached_in_memory_but_not_indexed_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let (tiny, edge) = (req("ember tide", 12, Tier::Preview, 16, None), req("ember tide", 12, Tier::Preview, 64, None));
+    let w = Worker::new(&cfg, Backend::Cpu { threads: 2 }).unwrap();
+    let first = w.render(&tiny, &mut |_| {}).unwrap();
+    assert!(!first.cache_hit);
+    assert!(w.render(&tiny, &mut |_| {}).unwrap().cache_hit, "a repeat within the process is a hit");
+    assert_eq!(key_index_entries(dir.path()), 0, "16x16 is cheaper to render again than to index");
+    w.render(&edge, &mut |_| {}).unwrap();
+    assert_eq!(key_index_entries(dir.path()), 1, "64x64 is indexed");
+    drop(w);
+    // After a restart the tiny one renders again, to the same asset; the 64×64 one is a hit.
+    let w = Worker::new(&cfg, Backend::Cpu { threads: 2 }).unwrap();
+    let again = w.render(&tiny, &mut |_| {}).unwrap();
+    assert!(!again.cache_hit);
+    assert_eq!(again.asset, first.asset);
+    assert!(w.render(&edge, &mut |_| {}).unwrap().cache_hit);
+    assert_eq!((w.metrics.cache_misses.get(), w.metrics.cache_hits.get()), (1, 1));
+}
+
 #[test]
 fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
