@@ -107,7 +107,9 @@ fn scratch_name(what: &str, run: usize) -> String {
 /// Deletes the queues a run made.
 async fn delete_queues(url: &str, names: &Names) -> anyhow::Result<()> {
     let conn = amqp::connect(url, "kiln-bench-cleanup").await?;
-    amqp::delete_queues(&conn.create_channel().await?, names).await?;
+    let ch = conn.create_channel().await?;
+    amqp::delete_queues(&ch, names).await?;
+    amqp::close_channels(&[&ch], "done").await;
     let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
@@ -185,6 +187,7 @@ async fn raw_ceiling(
     }
     consume.await.context("the consumer panicked")??;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    amqp::close_channels(&[&publ, &cons], "done").await;
     let _ = conn.close(200, "done".into()).await;
     Ok(rate)
 }
