@@ -6,7 +6,8 @@
 //! Many renders commit at once, so the scratch files of an asset are made in its own shard
 //! folder, not one shared folder: a folder's lock is held for each file made or renamed in it,
 //! and a rename between folders also takes the file system's one rename lock. With 128 renders
-//! committing into `tmp/`, waiting on those locks took a fifth of a busy farm's CPU. A PNG is
+//! committing into `tmp/` while making files was slow (ext4 without a journal, soon after many
+//! files were deleted), spinning on those locks took a fifth of a busy farm's CPU. A PNG is
 //! held in memory until it outgrows [`SPILL_BYTES`] (its hash, and so its shard, is known only
 //! once it is written); a larger one is written to `tmp/` as it is encoded.
 
