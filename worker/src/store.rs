@@ -100,6 +100,7 @@ pub const SPILL_BYTES: usize = 64 << 10;
 /// A PNG being written: hashes as it goes, lands in the store on [`AssetStore::commit`].
 pub struct PendingAsset {
     body: Body,
+    /// Where it spills to.
     scratch: PathBuf,
     hasher: blake3::Hasher,
     bytes: u64,
@@ -108,8 +109,19 @@ pub struct PendingAsset {
 /// Where a pending PNG's bytes are.
 enum Body {
     Memory(Vec<u8>),
-    /// Spilled to the file at the pending asset's scratch path.
-    File(BufWriter<File>),
+    /// Spilled to a file, removed unless it lands.
+    File(BufWriter<File>, Scratch),
+}
+
+/// Scratch files not (yet) moved into place: those it still holds when dropped are removed.
+struct Scratch(Vec<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            let _ = fs::remove_file(t);
+        }
+    }
 }
 
 impl Write for PendingAsset {
@@ -117,16 +129,17 @@ impl Write for PendingAsset {
         if let Body::Memory(held) = &mut self.body
             && held.len() + buf.len() > SPILL_BYTES
         {
+            let spill = Scratch(vec![self.scratch.clone()]);
             let mut file = BufWriter::with_capacity(SPILL_BYTES, File::create(&self.scratch)?);
             file.write_all(held)?;
-            self.body = Body::File(file);
+            self.body = Body::File(file, spill);
         }
         let n = match &mut self.body {
             Body::Memory(held) => {
                 held.extend_from_slice(buf);
                 buf.len()
             }
-            Body::File(file) => file.write(buf)?,
+            Body::File(file, _) => file.write(buf)?,
         };
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
@@ -136,24 +149,16 @@ impl Write for PendingAsset {
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.body {
             Body::Memory(_) => Ok(()),
-            Body::File(file) => file.flush(),
+            Body::File(file, _) => file.flush(),
         }
     }
 }
 
-impl Drop for PendingAsset {
-    /// A PNG abandoned after it spilled leaves no file behind.
-    fn drop(&mut self) {
-        if matches!(self.body, Body::File(_)) {
-            let _ = fs::remove_file(&self.scratch);
-        }
-    }
-}
-
-fn unique() -> u64 {
+/// A fresh scratch file name. It starts with a dot, which no asset's name does.
+fn scratch_name() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    format!(".{}.{}.tmp", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 impl AssetStore {
@@ -211,67 +216,53 @@ impl AssetStore {
     /// An asset already stored keeps its first provenance.
     pub fn commit(
         &self,
-        mut pending: PendingAsset,
+        pending: PendingAsset,
         thumb: &[u8],
         provenance: impl FnOnce(&str) -> String,
     ) -> io::Result<(String, u64)> {
-        let hash = pending.hasher.finalize().to_hex().to_string();
-        let bytes = pending.bytes;
+        let PendingAsset { body, hasher, bytes, .. } = pending;
+        let hash = hasher.finalize().to_hex().to_string();
         if self.contains(&hash) {
             return Ok((hash, bytes));
         }
         fs::create_dir_all(self.shard(&hash))?;
-        // Scratch files of this asset, PNG first; whatever is left in it at the end did not land.
-        let mut temps = Vec::with_capacity(3);
-        let landed = (|| {
-            let png = match std::mem::replace(&mut pending.body, Body::Memory(Vec::new())) {
-                Body::Memory(held) => self.write_scratch(&hash, &held, &mut temps)?,
-                Body::File(file) => {
-                    temps.push(pending.scratch.clone());
-                    file.into_inner().map_err(|e| e.into_error())?
-                }
-            };
-            self.land(&hash, &png, thumb, provenance(&hash).as_bytes(), &mut temps)
-        })();
-        for t in &temps {
-            let _ = fs::remove_file(t);
-        }
-        landed.map(|()| (hash, bytes))
+        // The PNG's scratch file comes first in `temps`.
+        let (png, temps) = match body {
+            Body::Memory(held) => {
+                let mut temps = Scratch(Vec::with_capacity(3));
+                (self.write_scratch(&hash, &held, &mut temps)?, temps)
+            }
+            Body::File(file, temps) => (file.into_inner().map_err(|e| e.into_error())?, temps),
+        };
+        self.land(&hash, &png, thumb, provenance(&hash).as_bytes(), temps)?;
+        Ok((hash, bytes))
     }
 
     /// Writes the thumbnail and provenance beside the PNG at `temps[0]`, syncs all three, then
-    /// renames them into place, the PNG last: its presence means the asset is complete. What
-    /// is still in `temps` afterwards did not land.
-    fn land(
-        &self,
-        hash: &str,
-        png: &File,
-        thumb: &[u8],
-        provenance: &[u8],
-        temps: &mut Vec<PathBuf>,
-    ) -> io::Result<()> {
-        let thumb_file = self.write_scratch(hash, thumb, temps)?;
-        let provenance_file = self.write_scratch(hash, provenance, temps)?;
+    /// renames them into place, the PNG last: its presence means the asset is complete.
+    fn land(&self, hash: &str, png: &File, thumb: &[u8], provenance: &[u8], mut temps: Scratch) -> io::Result<()> {
+        let thumb_file = self.write_scratch(hash, thumb, &mut temps)?;
+        let provenance_file = self.write_scratch(hash, provenance, &mut temps)?;
         self.sync.sync(&[png, &thumb_file, &provenance_file])?;
-        fs::rename(&temps[1], self.thumb_path(hash))?;
-        fs::rename(&temps[2], self.provenance_path(hash))?;
-        fs::rename(&temps[0], self.path(hash))?;
-        temps.clear();
+        fs::rename(&temps.0[1], self.thumb_path(hash))?;
+        fs::rename(&temps.0[2], self.provenance_path(hash))?;
+        fs::rename(&temps.0[0], self.path(hash))?;
+        temps.0.clear();
         Ok(())
     }
 
     /// A fresh path in the store's scratch folder (the same file system as the assets), for a
     /// file to be filled and then moved in with [`Self::import_file`], or a large PNG.
     pub fn scratch_path(&self) -> PathBuf {
-        self.root.join("tmp").join(format!("{}.{}", std::process::id(), unique()))
+        self.root.join("tmp").join(scratch_name())
     }
 
     /// A new scratch file in the shard of asset `hash` holding `bytes` (not synced), its path
-    /// pushed onto `temps` once it exists. A scratch name starts with a dot; no asset's does.
-    fn write_scratch(&self, hash: &str, bytes: &[u8], temps: &mut Vec<PathBuf>) -> io::Result<File> {
-        let tmp = self.shard(hash).join(format!(".{}.{}.tmp", std::process::id(), unique()));
+    /// pushed onto `temps` once it exists.
+    fn write_scratch(&self, hash: &str, bytes: &[u8], temps: &mut Scratch) -> io::Result<File> {
+        let tmp = self.shard(hash).join(scratch_name());
         let mut f = File::create(&tmp)?;
-        temps.push(tmp);
+        temps.0.push(tmp);
         f.write_all(bytes)?;
         Ok(f)
     }
@@ -294,15 +285,11 @@ impl AssetStore {
             return Ok(());
         }
         fs::create_dir_all(self.shard(hash))?;
-        let mut temps = Vec::with_capacity(1);
-        let written = self
-            .write_scratch(hash, json, &mut temps)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| fs::rename(&temps[0], self.provenance_path(hash)));
-        if written.is_err() {
-            temps.iter().for_each(|t| drop(fs::remove_file(t)));
-        }
-        written
+        let mut temps = Scratch(Vec::with_capacity(1));
+        self.write_scratch(hash, json, &mut temps)?.sync_all()?;
+        fs::rename(&temps.0[0], self.provenance_path(hash))?;
+        temps.0.clear();
+        Ok(())
     }
 
     /// Where the key index keeps `key`, sharded like the assets.

@@ -225,13 +225,8 @@ async fn end_to_end(
     let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
     let figures = async {
         let one = tiny_jobs(&farm.client, "bench dispatch", base, a.jobs, a.concurrency).await?;
-        let batched = match a.batch {
-            0 => None,
-            b => {
-                let seed0 = base + a.jobs as u64;
-                Some(tiny_batches(&farm.client, "bench dispatch", seed0, a.jobs, b, a.batch_clients).await?)
-            }
-        };
+        let seed0 = base + a.jobs as u64;
+        let batched = tiny_batches(&farm.client, "bench dispatch", seed0, a.jobs, a.batch, a.batch_clients).await?;
         anyhow::Ok((one, batched))
     }
     .await;

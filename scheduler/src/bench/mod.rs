@@ -261,7 +261,8 @@ async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: 
 
 /// `n` tiny 16×16 jobs with seeds from `seed0`, `batch` to a request, each request submitted
 /// and awaited at once (`POST /v1/jobs?wait=`) by one of `concurrency` clients; a request counts
-/// once all its jobs have succeeded. Figures per job; the latency is the request's.
+/// once all its jobs have succeeded. Figures per job; the latency is the request's. A `batch`
+/// of 0 leaves the phase out (`None`).
 async fn tiny_batches(
     c: &Client,
     prompt: &str,
@@ -269,8 +270,11 @@ async fn tiny_batches(
     n: usize,
     batch: usize,
     concurrency: usize,
-) -> anyhow::Result<Figures> {
-    let (c, prompt, batch) = (c.clone(), prompt.to_owned(), batch.max(1));
+) -> anyhow::Result<Option<Figures>> {
+    if batch == 0 {
+        return Ok(None);
+    }
+    let (c, prompt) = (c.clone(), prompt.to_owned());
     let requests = n.div_ceil(batch);
     let f = drive(requests, concurrency, move |i| {
         let c = c.clone();
@@ -292,7 +296,7 @@ async fn tiny_batches(
     })
     .await?;
     // The last request may be short.
-    Ok(f.per_job(n as f64 / requests.max(1) as f64))
+    Ok(Some(f.per_job(n as f64 / requests.max(1) as f64)))
 }
 
 /// A farm a benchmark run serves on port 0 from a fresh data dir, on the CPU with one thread.
@@ -389,10 +393,7 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
     let base = 1_000_000 * (run as u64 + 1);
     let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency).await?;
     // (c) the same, a batch to a request.
-    let batched = match a.batch {
-        0 => None,
-        b => Some(tiny_batches(&c, "bench tiny", base + a.jobs as u64, a.jobs, b, a.batch_clients).await?),
-    };
+    let batched = tiny_batches(&c, "bench tiny", base + a.jobs as u64, a.jobs, a.batch, a.batch_clients).await?;
     let dir = farm.stop(a.keep).await?;
     if a.keep {
         println!("  run {}: data kept in {}", run + 1, dir.display());

@@ -51,9 +51,9 @@ impl WriteConn for SqliteConnection {
     /// The writer copies the WAL back into the database itself (`PASSIVE`: it waits for no
     /// reader), between batches and once it falls idle: a checkpoint from another connection
     /// runs while commits go on, so it never catches up with the WAL's end, and SQLite starts
-    /// the WAL over only once a checkpoint has. Under steady load the WAL
-    /// then grew without end (900 MB in a 20 s benchmark): every commit appended to new file
-    /// blocks, which the kernel zeroes first, and every page read searched a longer WAL index.
+    /// the WAL over only once a checkpoint has. Under steady load the WAL then grew without end
+    /// (900 MB in a 20 s benchmark): every commit appended to new file blocks, which the kernel
+    /// zeroes first, and every page read searched a longer WAL index.
     const UPKEEP: Option<&'static str> = Some("PRAGMA wal_checkpoint(PASSIVE)");
     fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>> {
         Box::pin(async move { sqlx::query(sql).execute(self).await.map(|_| ()) })
