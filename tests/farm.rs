@@ -266,6 +266,18 @@ async fn events_stream_assets_and_provenance() {
     let thumb = c.bytes(&format!("/v1/assets/{asset}?variant=thumb")).await.unwrap();
     assert!(thumb.len() < r.body.len() && thumb.starts_with(b"\x89PNG"));
     let prov = c.call(Method::GET, &format!("/v1/assets/{asset}/provenance"), None).await.unwrap();
+    assert_eq!(prov["thumbnail"], blake3::hash(&thumb).to_hex().as_str());
+    // An image no larger than a thumbnail is its own.
+    let small = farm.submit(json!({ "prompt": "pastel quad", "seed": 4, "tier": "preview", "width": 48 })).await;
+    let small = farm.wait(small["id"].as_str().unwrap()).await;
+    let small = small["asset"].as_str().unwrap();
+    let (full, thumb) = (
+        c.bytes(&format!("/v1/assets/{small}")).await.unwrap(),
+        c.bytes(&format!("/v1/assets/{small}?variant=thumb")).await.unwrap(),
+    );
+    assert_eq!(thumb, full);
+    let small_prov = c.call(Method::GET, &format!("/v1/assets/{small}/provenance"), None).await.unwrap();
+    assert_eq!(small_prov["thumbnail"], small);
     assert_eq!(prov["asset"], asset);
     assert_eq!(prov["request"]["seed"], 4);
     assert_eq!(prov["backend"], "cpu");

@@ -207,8 +207,12 @@ pub fn render(cfg: &WorkerConfig, args: &RenderArgs) -> anyhow::Result<()> {
     let done = worker.render(&req, &mut progress_reporter(label))?;
     std::fs::copy(&done.path, &args.out).with_context(|| format!("failed to write --out {}", args.out.display()))?;
     if let Some(t) = &args.thumb {
-        std::fs::copy(worker.store().thumb_path(&done.asset), t)
-            .with_context(|| format!("failed to write --thumb {}", t.display()))?;
+        // An image no larger than a thumbnail is its own; a larger asset found in the store
+        // from an upload without its thumbnail has none.
+        let thumb = worker.store().thumbnail(&done.asset).with_context(|| {
+            format!("--thumb: asset {} in {} has no thumbnail", done.asset, worker.store().root().display())
+        })?;
+        std::fs::copy(thumb, t).with_context(|| format!("failed to write --thumb {}", t.display()))?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&done)?);

@@ -624,7 +624,8 @@ impl Daemon {
             (store.provenance_path(hash), format!("/v1/assets/{hash}/provenance")),
         ];
         for (i, (file, url)) in parts.iter().enumerate() {
-            // A cached asset from before thumbnails and provenance were kept: the PNG is enough.
+            // An image no larger than a thumbnail has no thumbnail file (it is its own), and a
+            // cached asset from before thumbnails and provenance were kept has neither.
             if i > 0 && !file.is_file() {
                 continue;
             }

@@ -149,13 +149,14 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, png::E
     Ok(out)
 }
 
-/// Renders `req` and streams its PNG into `out`. Returns the thumbnail PNG and the stats.
+/// Renders `req` and streams its PNG into `out`. Returns the thumbnail PNG (`None` when the image
+/// is no larger than a thumbnail: it is its own) and the stats.
 pub fn render_to<W: Write>(
     engine: &Engine,
     req: &RenderRequest,
     out: W,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(Vec<u8>, RenderStats), RenderError> {
+) -> Result<(Option<Vec<u8>>, RenderStats), RenderError> {
     let started = Instant::now();
     let style = Style::from_prompt(&req.prompt);
     let model = Cppn::new(req.seed, style);
@@ -188,7 +189,8 @@ pub fn render_to<W: Write>(
     let raw = (w as usize * 3 + 1) * h as usize;
     let stream_bytes = (raw + raw / 64 + 1024).min(1 << 20);
     let mut stream = writer.stream_writer_with_size(stream_bytes)?;
-    let mut thumb_rgb = Vec::with_capacity((plan.thumb_w * plan.thumb_h * 3) as usize);
+    let own_thumb = plan.thumb_factor == 1;
+    let mut thumb_rgb = Vec::with_capacity(if own_thumb { 0 } else { (plan.thumb_w * plan.thumb_h * 3) as usize });
     let mut stats = RenderStats::default();
     let mut samples_buf = Vec::new();
     let mut rgb = Vec::new();
@@ -221,8 +223,10 @@ pub fn render_to<W: Write>(
         post::unpack_rgb(&packed, &mut rgb);
         stream.write_all(&rgb).map_err(png::EncodingError::from)?;
         stats.encode_seconds += encode_start.elapsed().as_secs_f64();
-        post::unpack_rgb(&thumb, &mut rgb);
-        thumb_rgb.extend_from_slice(&rgb);
+        if !own_thumb {
+            post::unpack_rgb(&thumb, &mut rgb);
+            thumb_rgb.extend_from_slice(&rgb);
+        }
         stats.samples += tile.len() as u64;
         stats.bands += 1;
         y0 += rows;
@@ -231,7 +235,7 @@ pub fn render_to<W: Write>(
     let encode_start = Instant::now();
     stream.finish()?;
     writer.finish()?;
-    let thumb_png = encode_png(plan.thumb_w, plan.thumb_h, &thumb_rgb)?;
+    let thumb_png = if own_thumb { None } else { Some(encode_png(plan.thumb_w, plan.thumb_h, &thumb_rgb)?) };
     stats.encode_seconds += encode_start.elapsed().as_secs_f64();
     stats.total_seconds = started.elapsed().as_secs_f64();
     Ok((thumb_png, stats))

@@ -1,5 +1,7 @@
-//! The content-addressed asset store: `assets/ab/<blake3>.png` with a `.thumb.png` and a
-//! provenance `.json` beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to.
+//! The content-addressed asset store: `assets/ab/<blake3>.png` with a provenance `.json` and a
+//! `.thumb.png` beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to. An
+//! image no larger than a thumbnail ([`THUMB_SIDE`]) is its own thumbnail and has no
+//! `.thumb.png`: a third file per tiny asset cost a tenth of a busy farm's CPU.
 //! Files are written under a scratch name, synced, then renamed into place: a crash leaves no
 //! half asset. Renders that finish together share one sync ([`GroupSync`]).
 //!
@@ -17,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
 use kiln_protocol::CacheKey;
+
+use crate::render::THUMB_SIDE;
 
 /// The store under a data directory.
 #[derive(Debug, Clone)]
@@ -186,9 +190,22 @@ impl AssetStore {
         self.shard(hash).join(format!("{hash}.png"))
     }
 
-    /// Path of an asset's thumbnail PNG.
+    /// Path of an asset's thumbnail file, where it has one (see [`Self::thumbnail`]).
     pub fn thumb_path(&self, hash: &str) -> PathBuf {
         self.shard(hash).join(format!("{hash}.thumb.png"))
+    }
+
+    /// The file that is an asset's thumbnail: its thumbnail file, or the PNG itself when the
+    /// image is no larger than a thumbnail (such an asset has no thumbnail file). `None` when
+    /// the asset is not stored, or is a larger one stored without its thumbnail.
+    pub fn thumbnail(&self, hash: &str) -> Option<PathBuf> {
+        let thumb = self.thumb_path(hash);
+        if thumb.is_file() {
+            return Some(thumb);
+        }
+        let png = self.path(hash);
+        let (w, h) = png_size(&png).ok()?;
+        (w.max(h) <= THUMB_SIDE).then_some(png)
     }
 
     /// Path of an asset's provenance JSON.
@@ -211,13 +228,13 @@ impl AssetStore {
         })
     }
 
-    /// Moves a finished PNG into place under its hash, with its thumbnail and provenance
-    /// (`provenance` is given the hash and returns the JSON). Returns the hash and size.
-    /// An asset already stored keeps its first provenance.
+    /// Moves a finished PNG into place under its hash, with its provenance (`provenance` is
+    /// given the hash and returns the JSON) and its thumbnail (`None`: the image is its own).
+    /// Returns the hash and size. An asset already stored keeps its first provenance.
     pub fn commit(
         &self,
         pending: PendingAsset,
-        thumb: &[u8],
+        thumb: Option<&[u8]>,
         provenance: impl FnOnce(&str) -> String,
     ) -> io::Result<(String, u64)> {
         let PendingAsset { body, hasher, bytes, .. } = pending;
@@ -238,14 +255,25 @@ impl AssetStore {
         Ok((hash, bytes))
     }
 
-    /// Writes the thumbnail and provenance beside the PNG at `temps[0]`, syncs all three, then
-    /// renames them into place, the PNG last: its presence means the asset is complete.
-    fn land(&self, hash: &str, png: &File, thumb: &[u8], provenance: &[u8], mut temps: Scratch) -> io::Result<()> {
-        let thumb_file = self.write_scratch(hash, thumb, &mut temps)?;
+    /// Writes the provenance and thumbnail (if any) beside the PNG at `temps[0]`, syncs them
+    /// all, then renames them into place, the PNG last: its presence means the asset is complete.
+    fn land(
+        &self,
+        hash: &str,
+        png: &File,
+        thumb: Option<&[u8]>,
+        provenance: &[u8],
+        mut temps: Scratch,
+    ) -> io::Result<()> {
         let provenance_file = self.write_scratch(hash, provenance, &mut temps)?;
-        self.sync.sync(&[png, &thumb_file, &provenance_file])?;
-        fs::rename(&temps.0[1], self.thumb_path(hash))?;
-        fs::rename(&temps.0[2], self.provenance_path(hash))?;
+        let thumb_file = thumb.map(|t| self.write_scratch(hash, t, &mut temps)).transpose()?;
+        let mut files = vec![png, &provenance_file];
+        files.extend(&thumb_file);
+        self.sync.sync(&files)?;
+        fs::rename(&temps.0[1], self.provenance_path(hash))?;
+        if thumb_file.is_some() {
+            fs::rename(&temps.0[2], self.thumb_path(hash))?;
+        }
         fs::rename(&temps.0[0], self.path(hash))?;
         temps.0.clear();
         Ok(())
@@ -322,6 +350,17 @@ impl AssetStore {
     }
 }
 
+/// The width and height a PNG file's header gives (its IHDR chunk comes first).
+fn png_size(path: &Path) -> io::Result<(u32, u32)> {
+    let mut head = [0u8; 24];
+    io::Read::read_exact(&mut File::open(path)?, &mut head)?;
+    if &head[..8] != b"\x89PNG\r\n\x1a\n" || &head[12..16] != b"IHDR" {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a PNG"));
+    }
+    let be = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    Ok((be(16), be(20)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,12 +387,12 @@ mod tests {
         };
         let p = write(&body);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1, "spilled to tmp/");
-        let (hash, bytes) = store.commit(p, b"thumb", |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+        let (hash, bytes) = store.commit(p, Some(&b"thumb"[..]), |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
         assert_eq!((hash.as_str(), bytes), (blake3::hash(&body).to_hex().as_str(), body.len() as u64));
         assert_eq!(fs::read(store.path(&hash)).unwrap(), body);
         assert_no_scratch(dir.path());
         // The same bytes again, and bytes abandoned before their commit: nothing is left.
-        store.commit(write(&body), b"thumb", |_| unreachable!("stored already")).unwrap();
+        store.commit(write(&body), Some(&b"thumb"[..]), |_| unreachable!("stored already")).unwrap();
         drop(write(&body[1..]));
         assert_no_scratch(dir.path());
     }
@@ -364,7 +403,7 @@ mod tests {
         let store = AssetStore::open(dir.path()).unwrap();
         let mut p = store.begin().unwrap();
         p.write_all(b"not really a png").unwrap();
-        let (hash, bytes) = store.commit(p, b"thumb", |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+        let (hash, bytes) = store.commit(p, Some(&b"thumb"[..]), |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
         assert_eq!(hash, blake3::hash(b"not really a png").to_hex().to_string());
         assert_eq!(bytes, 16);
         assert_eq!(fs::read(store.path(&hash)).unwrap(), b"not really a png");
@@ -386,7 +425,10 @@ mod tests {
                                 let body = vec![t, i, 0x89];
                                 let mut p = store.begin().unwrap();
                                 p.write_all(&body).unwrap();
-                                let (hash, _) = store.commit(p, &[i, t], |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+                                // Every other asset is its own thumbnail.
+                                let thumb = [i, t];
+                                let thumb = (i % 2 == 0).then_some(&thumb[..]);
+                                let (hash, _) = store.commit(p, thumb, |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
                                 (hash, body)
                             })
                             .collect::<Vec<_>>()
@@ -398,9 +440,38 @@ mod tests {
         assert_eq!(hashes.len(), 320);
         for (hash, body) in &hashes {
             assert_eq!(&fs::read(store.path(hash)).unwrap(), body);
-            assert_eq!(fs::read(store.thumb_path(hash)).unwrap(), [body[1], body[0]]);
+            match body[1] % 2 {
+                0 => assert_eq!(fs::read(store.thumb_path(hash)).unwrap(), [body[1], body[0]]),
+                _ => assert!(!store.thumb_path(hash).exists(), "no thumbnail file was asked for"),
+            }
             assert!(fs::read_to_string(store.provenance_path(hash)).unwrap().contains(hash.as_str()));
         }
+        assert_no_scratch(dir.path());
+    }
+
+    #[test]
+    fn an_image_no_larger_than_a_thumbnail_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::open(dir.path()).unwrap();
+        let commit = |w: u32, h: u32, thumb: Option<&[u8]>| {
+            let png = crate::render::encode_png(w, h, &vec![90; (w * h * 3) as usize]).unwrap();
+            let mut p = store.begin().unwrap();
+            p.write_all(&png).unwrap();
+            store.commit(p, thumb, |h| format!("{{\"asset\":\"{h}\"}}")).unwrap().0
+        };
+        let small = commit(THUMB_SIDE, 16, None);
+        assert!(!store.thumb_path(&small).exists());
+        assert_eq!(store.thumbnail(&small), Some(store.path(&small)), "a 256×16 image is its own thumbnail");
+        let large = commit(THUMB_SIDE + 1, 2, Some(&b"thumb"[..]));
+        assert_eq!(store.thumbnail(&large), Some(store.thumb_path(&large)));
+        // A larger image without its thumbnail file (uploaded without it) has none to serve.
+        let bare = commit(2, THUMB_SIDE + 1, None);
+        assert_eq!(store.thumbnail(&bare), None);
+        assert_eq!(store.thumbnail(&"0".repeat(64)), None, "not stored");
+        let mut p = store.begin().unwrap();
+        p.write_all(b"not a png at all, but long enough").unwrap();
+        let junk = store.commit(p, None, |_| String::new()).unwrap().0;
+        assert_eq!(store.thumbnail(&junk), None);
         assert_no_scratch(dir.path());
     }
 
@@ -412,7 +483,7 @@ mod tests {
         for n in 0..2 {
             let mut p = store.begin().unwrap();
             p.write_all(b"same bytes").unwrap();
-            hashes.push(store.commit(p, b"thumb", |_| format!("{{\"n\":{n}}}")).unwrap().0);
+            hashes.push(store.commit(p, Some(&b"thumb"[..]), |_| format!("{{\"n\":{n}}}")).unwrap().0);
         }
         assert_eq!(hashes[0], hashes[1]);
         assert_eq!(fs::read_to_string(store.provenance_path(&hashes[0])).unwrap(), "{\"n\":0}");

@@ -195,7 +195,8 @@ impl Worker {
         let provenance = |hash: &str| {
             serde_json::to_string_pretty(&serde_json::json!({
                 "asset": hash,
-                "thumbnail": blake3::hash(&thumb).to_hex().to_string(),
+                // An image no larger than a thumbnail is its own.
+                "thumbnail": thumb.as_ref().map_or_else(|| hash.to_owned(), |t| blake3::hash(t).to_hex().to_string()),
                 "request": req,
                 "cache_key": key,
                 "key_input": key_input,
@@ -210,7 +211,7 @@ impl Worker {
             }))
             .unwrap_or_default()
         };
-        let (asset, bytes) = self.store.commit(pending, &thumb, provenance).map_err(store_err)?;
+        let (asset, bytes) = self.store.commit(pending, thumb.as_deref(), provenance).map_err(store_err)?;
         if indexed {
             self.store.put_key(&key, &asset).map_err(store_err)?;
         }

@@ -198,7 +198,10 @@ fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
     assert_eq!(prov["request"]["seed"], 12);
     assert!(prov["timings"]["total_seconds"].as_f64().unwrap() > 0.0);
     assert!(prov["model"]["version"].as_str().unwrap().len() == 16);
-    assert!(w.store().thumb_path(&first.asset).is_file());
+    // 96×96 is no larger than a thumbnail: it is its own, with no file of its own.
+    assert!(!w.store().thumb_path(&first.asset).exists());
+    assert_eq!(w.store().thumbnail(&first.asset), Some(first.path.clone()));
+    assert_eq!(prov["thumbnail"], first.asset.as_str());
 }
 
 fn cli(args: &[&str], data: &std::path::Path) -> (bool, String, String) {

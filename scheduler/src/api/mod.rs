@@ -430,7 +430,7 @@ async fn events(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AssetParams {
-    /// `thumb` for the thumbnail (long side at most 256 px).
+    /// `thumb` for the thumbnail (long side at most 256 px; an image no larger is its own).
     variant: Option<String>,
 }
 
@@ -592,7 +592,12 @@ async fn asset(
     let Query(q) = q.map_err(query_error)?;
     let (path, etag) = match q.variant.as_deref() {
         None | Some("full") => (s.worker.store().path(&hash), format!("\"{hash}\"")),
-        Some("thumb") => (s.worker.store().thumb_path(&hash), format!("\"{hash}.thumb\"")),
+        Some("thumb") => {
+            let (store, h) = (s.worker.store().clone(), hash.clone());
+            let found = tokio::task::spawn_blocking(move || store.thumbnail(&h)).await;
+            let path = found.map_err(|e| ApiError::internal(&e))?;
+            (path.ok_or_else(|| ApiError::not_found(format!("hash: no asset {hash}")))?, format!("\"{hash}.thumb\""))
+        }
         Some(v) => return Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
     };
     if headers
