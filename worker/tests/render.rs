@@ -227,10 +227,21 @@ fn the_cli_renders_and_reports_hash_key_and_cache_state() {
     let hash = blake3::hash(&std::fs::read(&out).unwrap()).to_hex().to_string();
     assert!(stdout.contains(&format!("asset {hash}")), "{stdout}");
     assert!(stdout.contains("cache miss") && stdout.contains("key   "), "{stdout}");
-    // The same request, spelled differently: a hit.
-    let (ok, stdout, _) =
-        cli(&["render", "--prompt", "ocean calm", "--seed", "3", "--width", "64", "--out", o], dir.path());
+    // The same request, spelled differently: a hit. Its thumbnail is itself (64 px).
+    let thumb = dir.path().join("a.thumb.png");
+    let t = thumb.to_str().unwrap();
+    let (ok, stdout, _) = cli(
+        &["render", "--prompt", "ocean calm", "--seed", "3", "--width", "64", "--out", o, "--thumb", t],
+        dir.path(),
+    );
     assert!(ok && stdout.contains("cache hit") && stdout.contains(&hash), "{stdout}");
+    assert_eq!(std::fs::read(&thumb).unwrap(), std::fs::read(&out).unwrap());
+    // A larger image has a thumbnail of its own, at most 256 px on its long side.
+    let (ok, _, stderr) =
+        cli(&["render", "--prompt", "ocean", "--seed", "3", "--width", "300", "--out", o, "--thumb", t], dir.path());
+    assert!(ok, "{stderr}");
+    let (w, h, _) = decode(&std::fs::read(&thumb).unwrap());
+    assert_eq!((w, h), (150, 150));
 }
 
 #[test]
