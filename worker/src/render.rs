@@ -21,6 +21,12 @@ use crate::post::{self, PostParams};
 /// Long side of a thumbnail, at most.
 pub const THUMB_SIDE: u32 = 256;
 
+/// Whether an image of this size is its own thumbnail (its long side is at most [`THUMB_SIDE`]:
+/// a thumbnail factor of 1), so it has no thumbnail of its own.
+pub fn own_thumbnail(width: u32, height: u32) -> bool {
+    width.max(height) <= THUMB_SIDE
+}
+
 /// Where the arithmetic runs.
 #[derive(Clone)]
 pub enum Backend {
@@ -189,7 +195,7 @@ pub fn render_to<W: Write>(
     let raw = (w as usize * 3 + 1) * h as usize;
     let stream_bytes = (raw + raw / 64 + 1024).min(1 << 20);
     let mut stream = writer.stream_writer_with_size(stream_bytes)?;
-    let own_thumb = plan.thumb_factor == 1;
+    let own_thumb = own_thumbnail(w, h);
     let mut thumb_rgb = Vec::with_capacity(if own_thumb { 0 } else { (plan.thumb_w * plan.thumb_h * 3) as usize });
     let mut stats = RenderStats::default();
     let mut samples_buf = Vec::new();

@@ -1,6 +1,6 @@
 //! The content-addressed asset store: `assets/ab/<blake3>.png` with a provenance `.json` and a
 //! `.thumb.png` beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to. An
-//! image no larger than a thumbnail ([`THUMB_SIDE`]) is its own thumbnail and has no
+//! image no larger than a thumbnail ([`own_thumbnail`]) is its own thumbnail and has no
 //! `.thumb.png`: a third file per tiny asset cost a tenth of a busy farm's CPU.
 //! Files are written under a scratch name, synced, then renamed into place: a crash leaves no
 //! half asset. Renders that finish together share one sync ([`GroupSync`]).
@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use kiln_protocol::CacheKey;
 
-use crate::render::THUMB_SIDE;
+use crate::render::own_thumbnail;
 
 /// The store under a data directory.
 #[derive(Debug, Clone)]
@@ -205,7 +205,7 @@ impl AssetStore {
         }
         let png = self.path(hash);
         let (w, h) = png_size(&png).ok()?;
-        (w.max(h) <= THUMB_SIDE).then_some(png)
+        own_thumbnail(w, h).then_some(png)
     }
 
     /// Path of an asset's provenance JSON.
@@ -364,6 +364,7 @@ fn png_size(path: &Path) -> io::Result<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::THUMB_SIDE;
 
     /// Fails if a scratch file is left in `tmp/` or in an asset shard.
     fn assert_no_scratch(root: &Path) {
