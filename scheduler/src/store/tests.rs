@@ -90,9 +90,14 @@ fn new_job(id: &str, key: &str, seed: u64) -> NewJob {
     }
 }
 
-/// The job row a fold of the events gives.
-fn fold(events: &[Event]) -> (JobState, u32, Option<String>, Option<String>) {
-    let mut out = (JobState::Queued, 0, None, None);
+/// What of a job row its events make: state, attempt, asset, error, and the last change, start
+/// and end times.
+type Projected = (JobState, u32, Option<String>, Option<String>, i64, Option<i64>, Option<i64>);
+
+/// The job row a fold of the events gives, one event at a time in order: what each store's
+/// projection (a trigger per event, or per statement) must agree with.
+fn fold(events: &[Event]) -> Projected {
+    let mut out = (JobState::Queued, 0, None, None, 0, None, None);
     for e in events {
         out.0 = e.state;
         out.1 = e.attempt;
@@ -102,6 +107,13 @@ fn fold(events: &[Event]) -> (JobState, u32, Option<String>, Option<String>) {
         if e.error.is_some() {
             out.3 = e.error.clone();
         }
+        out.4 = e.at_ms;
+        if e.state == JobState::Running {
+            out.5 = Some(e.at_ms);
+        }
+        if e.state.is_terminal() {
+            out.6 = Some(e.at_ms);
+        }
     }
     out
 }
@@ -109,7 +121,9 @@ fn fold(events: &[Event]) -> (JobState, u32, Option<String>, Option<String>) {
 async fn check_projection(s: &dyn Store, id: &str) {
     let job = s.job(id).await.unwrap().unwrap();
     let events = s.events(id, 0).await.unwrap();
-    assert_eq!((job.state, job.attempt, job.asset.clone(), job.error.clone()), fold(&events), "{id}: {events:?}");
+    let row =
+        (job.state, job.attempt, job.asset.clone(), job.error.clone(), job.updated_ms, job.started_ms, job.finished_ms);
+    assert_eq!(row, fold(&events), "{id}: {events:?}");
 }
 
 async fn the_job_row_is_the_projection_of_its_events_through_a_whole_life(s: &dyn Store) {
