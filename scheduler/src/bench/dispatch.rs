@@ -240,10 +240,7 @@ async fn end_to_end(
     for d in daemons {
         d.await.context("a worker daemon panicked")??;
     }
-    let dir = farm.stop(a.keep).await?;
-    if a.keep {
-        println!("  run {}: data kept in {}", run + 1, dir.display());
-    }
+    farm.stop(a.keep.then_some(run)).await?;
     figures
 }
 

@@ -173,7 +173,7 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     let (rss_mb, agents_rss_mb) = (proc_status_mib(&me, "VmRSS:"), proc_status_mib(&agent_pid, "VmRSS:"));
     lat.sort_by(f64::total_cmp);
     let _ = agents.kill().await;
-    farm.stop(false).await?;
+    farm.stop(None).await?;
     Ok(RunFigures {
         idle_cpu,
         idle_agents_cpu,

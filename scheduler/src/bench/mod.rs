@@ -329,14 +329,16 @@ impl BenchFarm {
         Ok(BenchFarm { dir, client: Client::new(&url, Some(Secret::new(token))), sched, stop, server })
     }
 
-    /// Stops the farm; its data dir is removed when the benchmark ends ([`Cleanup`]) unless `keep`.
-    async fn stop(self, keep: bool) -> anyhow::Result<std::path::PathBuf> {
+    /// Stops the farm; its data dir is removed when the benchmark ends ([`Cleanup`]), unless
+    /// `kept` names the run (counted from 0) to print it kept for.
+    async fn stop(self, kept: Option<usize>) -> anyhow::Result<()> {
         self.stop.cancel();
         self.server.await.context("the farm panicked")??;
-        if !keep {
-            FINISHED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.dir.clone());
+        match kept {
+            Some(run) => println!("  run {}: data kept in {}", run + 1, self.dir.display()),
+            None => FINISHED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(self.dir),
         }
-        Ok(self.dir)
+        Ok(())
     }
 }
 
@@ -394,10 +396,7 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
     let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency).await?;
     // (c) the same, a batch to a request.
     let batched = tiny_batches(&c, "bench tiny", base + a.jobs as u64, a.jobs, a.batch, a.batch_clients).await?;
-    let dir = farm.stop(a.keep).await?;
-    if a.keep {
-        println!("  run {}: data kept in {}", run + 1, dir.display());
-    }
+    farm.stop(a.keep.then_some(run)).await?;
     Ok((hits, tiny, batched))
 }
 
