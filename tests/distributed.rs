@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::{TestFarm, WorkerEnv, job, test_config};
 use hyper::Method;
-use kiln_protocol::wire::{Names, REASON_HEADER};
+use kiln_protocol::wire::{
+    AttemptOutcome, JOB_TYPE, JobMessage, Names, REASON_HEADER, RESULTS_TYPE, ResultBatch, ResultMessage,
+};
 use kiln_scheduler::auth::Role;
 use kiln_scheduler::testenv;
 use kiln_worker::amqp::lapin;
@@ -242,12 +244,20 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_car
     for j in d.wait_all(&ids, Duration::from_secs(120)).await {
         assert_eq!(j["state"], "succeeded", "the worker carried on: {j}");
     }
+    let reasons = dead_reasons(&d, &ch, 2).await;
+    assert!(reasons.iter().all(|r| r.starts_with("body: ")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("missing field")), "{reasons:?}");
+    d.stop().await;
+}
+
+/// The dead-lettered messages' reasons, once `n` have arrived.
+async fn dead_reasons(d: &Distributed, ch: &lapin::Channel, n: usize) -> Vec<String> {
     let mut reasons = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while reasons.len() < 2 {
+    while reasons.len() < n {
         let got = ch.basic_get(d.names.dead_queue().into(), BasicGetOptions { no_ack: true }).await.unwrap();
         let Some(msg) = got else {
-            assert!(Instant::now() < deadline, "two dead letters, got {reasons:?}");
+            assert!(Instant::now() < deadline, "{n} dead letters, got {reasons:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -258,8 +268,59 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_car
         };
         reasons.push(reason);
     }
-    assert!(reasons.iter().all(|r| r.starts_with("body: ")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("missing field")), "{reasons:?}");
+    reasons
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_results_in_one_message_is_recorded_and_a_bad_batch_is_dead_lettered() {
+    let Some(d) = Distributed::start().await else { return };
+    let (_conn, ch) = d.channel().await;
+    kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    // No worker: this test takes the job messages off the queue itself and answers them all in
+    // one batch, the way a busy worker does.
+    let ids = d.submit(3, 300).await;
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while results.len() < ids.len() {
+        let queue = d.names.tier_queue(kiln_protocol::Tier::Preview);
+        let Some(msg) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() else {
+            assert!(Instant::now() < deadline, "the relay published {} of {} jobs", results.len(), ids.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let job: JobMessage = kiln_worker::amqp::decode(&msg.delivery, JOB_TYPE).unwrap();
+        results.push(ResultMessage {
+            v: 1,
+            worker: "w-by-hand".into(),
+            backend: "none".into(),
+            started_ms: job.created_ms,
+            finished_ms: job.created_ms + 1,
+            outcome: AttemptOutcome::Failed { error: format!("answered by hand: {}", job.job_id), transient: false },
+            job,
+        });
+    }
+    let publish = |batch: &ResultBatch| {
+        let body = serde_json::to_vec(batch).unwrap();
+        let props = kiln_worker::amqp::properties(RESULTS_TYPE, "by-hand");
+        let (ch, queue) = (ch.clone(), d.names.results_queue());
+        async move { kiln_worker::amqp::publish_confirmed(&ch, "", &queue, &body, props).await.unwrap() }
+    };
+    // A batch with one result of an unknown schema is refused whole, with the reason.
+    let mut bad = ResultBatch { v: 1, results: results.clone() };
+    bad.results[1].v = 2;
+    publish(&bad).await;
+    let reasons = dead_reasons(&d, &ch, 1).await;
+    assert!(reasons[0].contains("schema version 2"), "{reasons:?}");
+    // The good batch: every result in it is recorded, each job with its own.
+    publish(&ResultBatch { v: 1, results }).await;
+    for (id, j) in ids.iter().zip(d.wait_all(&ids, Duration::from_secs(60)).await) {
+        assert_eq!(j["state"], "failed", "{j}");
+        let error = j["error"].as_str().unwrap();
+        assert!(error.contains(&format!("answered by hand: {id}")) && error.contains("w-by-hand"), "{j}");
+    }
+    let metrics = d.farm.client.send(Method::GET, "/metrics", None).await.unwrap().body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(common::metric_in(&metrics, "kiln_scheduler_bad_messages_total", "kind=\"result\""), 1.0, "{metrics}");
     d.stop().await;
 }
 

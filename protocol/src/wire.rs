@@ -15,6 +15,10 @@ pub const CONTENT_TYPE: &str = "application/json";
 pub const JOB_TYPE: &str = "kiln.job.v1";
 /// The AMQP `type` of a result message.
 pub const RESULT_TYPE: &str = "kiln.result.v1";
+/// The AMQP `type` of a result batch: several results in one message ([`ResultBatch`]).
+pub const RESULTS_TYPE: &str = "kiln.results.v1";
+/// The most results a worker puts in one [`ResultBatch`].
+pub const MAX_RESULTS_PER_MESSAGE: usize = 128;
 /// The AMQP `type` of a heartbeat.
 pub const HEARTBEAT_TYPE: &str = "kiln.heartbeat.v1";
 /// The AMQP `type` of a control message (scheduler to one worker).
@@ -150,6 +154,17 @@ pub struct ResultMessage {
     pub outcome: AttemptOutcome,
 }
 
+/// Several results in one message ([`RESULTS_TYPE`]): a busy worker sends what its renders
+/// finished while its last message was being confirmed in one message, so a job costs the broker
+/// about one message (its job) instead of two. Each result is recorded as if it came alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultBatch {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub v: u32,
+    /// The results, each with its own schema version.
+    pub results: Vec<ResultMessage>,
+}
+
 /// A worker's heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -270,6 +285,13 @@ impl Versioned for ResultMessage {
         self.v
     }
 }
+impl Versioned for ResultBatch {
+    /// The batch's own version, or the first result's that differs from it: a batch is read
+    /// only when every result in it is of this schema.
+    fn version(&self) -> u32 {
+        self.results.iter().map(|r| r.v).find(|v| *v != self.v).unwrap_or(self.v)
+    }
+}
 impl Versioned for Heartbeat {
     fn version(&self) -> u32 {
         self.v
@@ -316,6 +338,29 @@ mod tests {
         v2.v = 2;
         let e = decode::<JobMessage>(None, None, JOB_TYPE, &serde_json::to_vec(&v2).unwrap()).unwrap_err();
         assert!(e.to_string().contains("schema version 2"), "{e}");
+    }
+
+    #[test]
+    fn a_result_batch_round_trips_and_is_refused_when_any_result_is_of_another_schema() {
+        let result = |attempt| ResultMessage {
+            v: 1,
+            job: JobMessage { attempt, ..job() },
+            worker: "w".into(),
+            backend: "cpu".into(),
+            started_ms: 1,
+            finished_ms: 2,
+            outcome: AttemptOutcome::Failed { error: "boom".into(), transient: true },
+        };
+        let batch = ResultBatch { v: 1, results: vec![result(1), result(2)] };
+        let body = serde_json::to_vec(&batch).unwrap();
+        let back: ResultBatch = decode(Some(CONTENT_TYPE), Some(RESULTS_TYPE), RESULTS_TYPE, &body).unwrap();
+        assert_eq!(back, batch);
+        let e = decode::<ResultBatch>(None, Some(RESULT_TYPE), RESULTS_TYPE, &body).unwrap_err();
+        assert!(e.to_string().contains("kiln.result.v1"), "{e}");
+        let mut mixed = batch.clone();
+        mixed.results[1].v = 3;
+        let e = decode::<ResultBatch>(None, None, RESULTS_TYPE, &serde_json::to_vec(&mixed).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("schema version 3"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kiln_protocol::wire::{
     self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
-    Names, RESULT_TYPE, ResultMessage,
+    Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_worker::amqp::{self, PublishError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
@@ -398,10 +398,17 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
     }
 }
 
-/// Records one result delivery; `false` when it must come again (the store failed).
+/// Records one result delivery, a single result or a batch of them; `false` when it must come
+/// again (the store failed). A message that does not decode is dead-lettered with the reason.
 async fn record_delivery(sched: &Scheduler, names: &Names, dead: &Channel, d: &lapin::message::Delivery) -> bool {
-    let msg = match amqp::decode::<ResultMessage>(d, RESULT_TYPE) {
-        Ok(m) => m,
+    let batch = d.properties.kind().as_ref().is_some_and(|k| k.as_str() == RESULTS_TYPE);
+    let results = if batch {
+        amqp::decode::<ResultBatch>(d, RESULTS_TYPE).map(|b| b.results)
+    } else {
+        amqp::decode::<ResultMessage>(d, RESULT_TYPE).map(|m| vec![m])
+    };
+    let results = match results {
+        Ok(r) => r,
         Err(e) => {
             sched.metrics.bad_messages.with_label_values(&["result"]).inc();
             let reason = e.to_string();
@@ -416,7 +423,9 @@ async fn record_delivery(sched: &Scheduler, names: &Names, dead: &Channel, d: &l
             };
         }
     };
-    sched.record_result(dispatch_of(&msg.job), &msg).await
+    // Recording is idempotent by job and attempt: when some fail, the whole message comes again.
+    let recorded = futures_util::future::join_all(results.iter().map(|m| sched.record_result(dispatch_of(&m.job), m)));
+    recorded.await.into_iter().all(|ok| ok)
 }
 
 async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel) -> anyhow::Result<()> {

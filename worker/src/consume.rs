@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kiln_protocol::wire::{
     self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
-    Names, RESULT_TYPE, ResultMessage,
+    MAX_RESULTS_PER_MESSAGE, Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_protocol::{RenderRequest, Tier};
 use lapin::options::{
@@ -29,12 +29,13 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp;
 use crate::client::{Client, Secret};
 use crate::config::ConfigError;
+use crate::metrics::Metrics;
 use crate::worker::Worker;
 
 /// The daemon's settings (`[run]` in the worker's config file).
@@ -428,6 +429,8 @@ impl Daemon {
         }
         tracing::info!(worker_id = self.id, "consuming");
         let mut deliveries = futures_util::stream::select_all(consumers);
+        let (results, publisher) =
+            Results::start(publ.clone(), self.names.results_queue(), self.worker.metrics.clone());
         let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         let ended = loop {
@@ -450,9 +453,9 @@ impl Daemon {
             match delivery {
                 Some(Ok(delivery)) => {
                     let me = self.clone();
-                    let publ = publ.clone();
+                    let (publ, results) = (publ.clone(), results.clone());
                     tasks.spawn(async move {
-                        me.handle(&publ, delivery).await;
+                        me.handle(&publ, &results, delivery).await;
                         drop(permit);
                     });
                 }
@@ -465,6 +468,7 @@ impl Daemon {
             Ok(e) => e,
             Err(e) => {
                 tasks.abort_all();
+                publisher.abort();
                 return Err(e);
             }
         };
@@ -482,6 +486,9 @@ impl Daemon {
             tracing::warn!(left = tasks.len(), "grace period over; handing the renders still in hand back");
             tasks.abort_all();
         }
+        // Every render's result is published (or handed back): the publisher ends with its last sender.
+        drop(results);
+        let _ = publisher.await;
         for (ch, _) in channels {
             // Everything still unacked on the channel (sent ahead, or cut off by the grace
             // period) goes back to the queue now, before the channel closes.
@@ -544,7 +551,7 @@ impl Daemon {
         Ok(msg)
     }
 
-    async fn handle(&self, publ: &Channel, delivery: lapin::message::Delivery) {
+    async fn handle(&self, publ: &Channel, results: &Results, delivery: lapin::message::Delivery) {
         let msg = match self.check(&delivery) {
             Ok(m) => m,
             Err(reason) => {
@@ -598,10 +605,8 @@ impl Daemon {
             outcome,
             job: msg,
         };
-        let body = serde_json::to_vec(&result).unwrap_or_default();
-        let id = format!("{}:{}", result.job.job_id, result.job.attempt);
-        let props = amqp::properties(RESULT_TYPE, &id);
-        match amqp::publish_confirmed(publ, "", &self.names.results_queue(), &body, props).await {
+        let id = result_id(&result);
+        match results.publish(result).await {
             Ok(()) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
@@ -644,6 +649,79 @@ enum UploadError {
     /// It could not be done now (the scheduler unreachable or failing, the file unreadable).
     #[error("{0}")]
     Failed(String),
+}
+
+/// A result on its way to the publisher, and where to say how it went.
+type Outgoing = (ResultMessage, oneshot::Sender<Result<(), String>>);
+
+/// The session's result publisher. Renders hand it their results; it publishes what has come in
+/// while its last message was being confirmed as one message (a [`ResultBatch`] of at most
+/// [`MAX_RESULTS_PER_MESSAGE`], or a plain result when one came alone), and tells each render
+/// once the broker confirmed it, so each render acks its own delivery only then. Under load a
+/// job costs the broker about one message instead of two; idle, a result goes out at once.
+#[derive(Clone)]
+struct Results(mpsc::UnboundedSender<Outgoing>);
+
+impl Results {
+    /// Starts the publisher on `publ` (a confirm channel); it ends once every sender is gone.
+    fn start(publ: Channel, queue: String, metrics: Metrics) -> (Results, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_RESULTS_PER_MESSAGE
+                    && let Ok(next) = rx.try_recv()
+                {
+                    batch.push(next);
+                }
+                let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let n = results.len() as u64;
+                let sent = publish_results(&publ, &queue, results).await.map_err(|e| e.to_string());
+                if sent.is_ok() {
+                    metrics.result_messages.inc();
+                    metrics.results.inc_by(n);
+                }
+                for reply in replies {
+                    let _ = reply.send(sent.clone());
+                }
+            }
+        });
+        (Results(tx), task)
+    }
+
+    /// Publishes a result; `Ok` once the broker confirmed the message that carried it.
+    async fn publish(&self, result: ResultMessage) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send((result, tx)).map_err(|_| "the result publisher has stopped".to_owned())?;
+        rx.await.map_err(|_| "the result publisher stopped before the broker confirmed".to_owned())?
+    }
+}
+
+/// A result's message id: its job and attempt.
+fn result_id(r: &ResultMessage) -> String {
+    format!("{}:{}", r.job.job_id, r.job.attempt)
+}
+
+/// Publishes results to the results queue in one confirmed message: a plain result message when
+/// there is one, a batch otherwise.
+async fn publish_results(
+    publ: &Channel,
+    queue: &str,
+    mut results: Vec<ResultMessage>,
+) -> Result<(), amqp::PublishError> {
+    let (kind, id, body) = match results.len() {
+        1 => {
+            let r = results.remove(0);
+            (RESULT_TYPE, result_id(&r), serde_json::to_vec(&r))
+        }
+        n => {
+            let id = results.first().map(|r| format!("{}+{}", result_id(r), n - 1)).unwrap_or_default();
+            (RESULTS_TYPE, id, serde_json::to_vec(&ResultBatch { v: wire::SCHEMA_VERSION, results }))
+        }
+    };
+    // Serializing these plain structs cannot fail; an empty body would be dead-lettered, not lost.
+    let body = body.unwrap_or_default();
+    amqp::publish_confirmed(publ, "", queue, &body, amqp::properties(kind, &id)).await
 }
 
 /// PUTs a file (streamed from disk), trying again with backoff for up to two minutes (the

@@ -14,6 +14,10 @@ pub const CACHE_MISSES: &str = "kiln_cache_misses_total";
 
 /// Broker messages refused (dead-lettered) by the worker daemon.
 pub const BAD_MESSAGES: &str = "kiln_worker_bad_messages_total";
+/// Result messages the worker daemon published (confirmed); one carries one or more results.
+pub const RESULT_MESSAGES: &str = "kiln_worker_result_messages_total";
+/// Results the worker daemon published (confirmed), over all its result messages.
+pub const RESULTS: &str = "kiln_worker_results_total";
 
 /// The worker's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -29,6 +33,10 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     /// [`BAD_MESSAGES`].
     pub bad_messages: IntCounter,
+    /// [`RESULT_MESSAGES`].
+    pub result_messages: IntCounter,
+    /// [`RESULTS`].
+    pub results: IntCounter,
 }
 
 impl Default for Metrics {
@@ -53,6 +61,10 @@ impl Metrics {
         let cache_misses = IntCounter::new(CACHE_MISSES, "Render requests that had to render").expect("valid metric");
         let bad_messages =
             IntCounter::new(BAD_MESSAGES, "Job messages refused and dead-lettered").expect("valid metric");
+        let result_messages =
+            IntCounter::new(RESULT_MESSAGES, "Result messages published, each with one or more results")
+                .expect("valid metric");
+        let results = IntCounter::new(RESULTS, "Results published").expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -61,9 +73,11 @@ impl Metrics {
                 Box::new(cache_hits.clone()),
                 Box::new(cache_misses.clone()),
                 Box::new(bad_messages.clone()),
+                Box::new(result_messages.clone()),
+                Box::new(results.clone()),
             ],
         );
-        Metrics { registry, render_seconds, pixels, cache_hits, cache_misses, bad_messages }
+        Metrics { registry, render_seconds, pixels, cache_hits, cache_misses, bad_messages, result_messages, results }
     }
 
     /// The Prometheus text exposition of every metric.
