@@ -369,6 +369,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+// Without the studio, nothing sets the MQTT URL in `cfg`.
+#[cfg_attr(not(feature = "studio"), allow(unused_mut))]
 async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
     let backend = open_backend(cfg.worker.backend, cfg.worker.threads()).context("failed to open the backend")?;
     let device = format!("{} ({})", backend.name(), backend.device_name());
