@@ -17,8 +17,6 @@ pub const JOB_TYPE: &str = "kiln.job.v1";
 pub const RESULT_TYPE: &str = "kiln.result.v1";
 /// The AMQP `type` of a result batch: several results in one message ([`ResultBatch`]).
 pub const RESULTS_TYPE: &str = "kiln.results.v1";
-/// The most results a worker puts in one [`ResultBatch`].
-pub const MAX_RESULTS_PER_MESSAGE: usize = 128;
 /// The AMQP `type` of a heartbeat.
 pub const HEARTBEAT_TYPE: &str = "kiln.heartbeat.v1";
 /// The AMQP `type` of a control message (scheduler to one worker).

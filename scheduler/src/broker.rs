@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kiln_protocol::wire::{
     self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
-    Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
+    MessageError, Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_worker::amqp::{self, PublishError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::scheduler::Scheduler;
+use crate::store::writer::MAX_BATCH;
 use crate::store::{AttemptFailure, Dispatch, DrainedWorker, Outcome};
 use crate::time::now_ms;
 
@@ -355,8 +356,8 @@ fn dispatch_of(m: &JobMessage) -> Dispatch {
     }
 }
 
-/// Records workers' results. Each batch of deliveries at hand is recorded concurrently (one
-/// transaction for the lot, by the store's group commit), then acked.
+/// Records workers' results. The deliveries at hand, up to a store batch of results, are
+/// recorded concurrently (one transaction for the lot, by the store's group commit), then acked.
 async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, dead: &Channel) -> anyhow::Result<()> {
     let mut consumer = ch
         .basic_consume(
@@ -368,19 +369,29 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
         .await?;
     loop {
         let Some(first) = consumer.next().await else { anyhow::bail!("the results consumer was closed") };
-        let mut batch = vec![first?];
-        while batch.len() < 512 {
+        let first = first?;
+        let mut batch = vec![(read_results(&first), first)];
+        // Counted in results, not messages: one message may carry a worker's whole batch.
+        let mut results = batch[0].0.as_ref().map_or(1, Vec::len);
+        while results < MAX_BATCH {
             match futures_util::FutureExt::now_or_never(consumer.next()) {
-                Some(Some(d)) => batch.push(d?),
+                Some(Some(d)) => {
+                    let d = d?;
+                    let read = read_results(&d);
+                    results += read.as_ref().map_or(1, Vec::len);
+                    batch.push((read, d));
+                }
                 _ => break,
             }
         }
-        let recorded =
-            futures_util::future::join_all(batch.iter().map(|d| record_delivery(sched, names, dead, d))).await;
+        let recorded = futures_util::future::join_all(
+            batch.iter().map(|(read, d)| record_delivery(sched, names, dead, d, read.as_deref())),
+        )
+        .await;
         if recorded.iter().all(|ok| *ok) {
             // The channel is this consumer's alone and a batch is every delivery not yet answered,
             // in order: one ack of the last with `multiple` answers the lot.
-            if let Some(last) = batch.last() {
+            if let Some((_, last)) = batch.last() {
                 last.ack(BasicAckOptions { multiple: true }).await?;
             }
             continue;
@@ -388,7 +399,7 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
         // The store is down: what failed goes back to the queue and comes again, after a pause so
         // a store that is down is not asked hundreds of times a second.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        for (d, ok) in batch.iter().zip(recorded) {
+        for ((_, d), ok) in batch.iter().zip(recorded) {
             if ok {
                 d.ack(BasicAckOptions::default()).await?;
             } else {
@@ -398,16 +409,25 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
     }
 }
 
-/// Records one result delivery, a single result or a batch of them; `false` when it must come
-/// again (the store failed). A message that does not decode is dead-lettered with the reason.
-async fn record_delivery(sched: &Scheduler, names: &Names, dead: &Channel, d: &lapin::message::Delivery) -> bool {
-    let batch = d.properties.kind().as_ref().is_some_and(|k| k.as_str() == RESULTS_TYPE);
-    let results = if batch {
+/// The results a delivery carries: one result, or a worker's batch of them.
+fn read_results(d: &lapin::message::Delivery) -> Result<Vec<ResultMessage>, MessageError> {
+    if d.properties.kind().as_ref().is_some_and(|k| k.as_str() == RESULTS_TYPE) {
         amqp::decode::<ResultBatch>(d, RESULTS_TYPE).map(|b| b.results)
     } else {
         amqp::decode::<ResultMessage>(d, RESULT_TYPE).map(|m| vec![m])
-    };
-    let results = match results {
+    }
+}
+
+/// Records a delivery's results; `false` when it must come again (the store failed). A message
+/// that did not decode is dead-lettered with the reason.
+async fn record_delivery(
+    sched: &Scheduler,
+    names: &Names,
+    dead: &Channel,
+    d: &lapin::message::Delivery,
+    read: Result<&[ResultMessage], &MessageError>,
+) -> bool {
+    let results = match read {
         Ok(r) => r,
         Err(e) => {
             sched.metrics.bad_messages.with_label_values(&["result"]).inc();

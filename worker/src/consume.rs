@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use kiln_protocol::wire::{
     self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
-    MAX_RESULTS_PER_MESSAGE, Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
+    Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_protocol::{RenderRequest, Tier};
 use lapin::options::{
@@ -650,6 +650,9 @@ enum UploadError {
     #[error("{0}")]
     Failed(String),
 }
+
+/// The most results the publisher puts in one [`ResultBatch`].
+const MAX_RESULTS_PER_MESSAGE: usize = 128;
 
 /// A result on its way to the publisher, and where to say how it went.
 type Outgoing = (ResultMessage, oneshot::Sender<Result<(), String>>);
