@@ -180,7 +180,10 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
         assert_eq!(blake3::hash(&png).to_hex().as_str(), hash, "the asset arrived intact");
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
-        assert_eq!(prov["asset"], hash);
+        assert_eq!((&prov["asset"], &prov["backend"]), (&Value::from(hash), &Value::from("cpu")), "{prov}");
+        // A 24×24 PNG travelled inside its result: the worker did not store it.
+        let own = kiln_worker::store::AssetStore::open(d.workers[0].1.path()).unwrap();
+        assert!(!own.contains(hash), "a small asset is sent with its result, not kept and uploaded");
     }
     // A batch submitted and awaited in one request: its results come back over the broker.
     let batch: Vec<Value> = (0..4).map(|i| job("a distributed batch", 40 + i, "preview")).collect();
@@ -188,6 +191,16 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     let done: Value = r.await.unwrap().json().unwrap();
     let states: Vec<&str> = done["jobs"].as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap()).collect();
     assert_eq!(states, ["succeeded"; 4], "{done}");
+    // Previews of 512 px are uploaded, with their thumbnails; their provenance came with the result.
+    for j in done["jobs"].as_array().unwrap() {
+        let hash = j["asset"].as_str().unwrap();
+        let png = d.farm.client.bytes(&format!("/v1/assets/{hash}")).await.unwrap();
+        assert_eq!(blake3::hash(&png).to_hex().as_str(), hash, "the upload arrived intact");
+        let thumb = d.farm.client.bytes(&format!("/v1/assets/{hash}?variant=thumb")).await.unwrap();
+        assert!(thumb.len() < png.len(), "a thumbnail of its own");
+        let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
+        assert_eq!(prov["asset"], hash, "{prov}");
+    }
     // The same request again is a cache hit; no worker involved.
     let mut again = job("a distributed test", 1, "preview");
     again["width"] = 24.into();
@@ -279,40 +292,22 @@ async fn a_batch_of_results_in_one_message_is_recorded_and_a_bad_batch_is_dead_l
     // No worker: this test takes the job messages off the queue itself and answers them all in
     // one batch, the way a busy worker does.
     let ids = d.submit(3, 300).await;
-    let mut results = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while results.len() < ids.len() {
-        let queue = d.names.tier_queue(kiln_protocol::Tier::Preview);
-        let Some(msg) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() else {
-            assert!(Instant::now() < deadline, "the relay published {} of {} jobs", results.len(), ids.len());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let job: JobMessage = kiln_worker::amqp::decode(&msg.delivery, JOB_TYPE).unwrap();
-        results.push(ResultMessage {
-            v: 1,
-            worker: "w-by-hand".into(),
-            backend: "none".into(),
-            started_ms: job.created_ms,
-            finished_ms: job.created_ms + 1,
-            outcome: AttemptOutcome::Failed { error: format!("answered by hand: {}", job.job_id), transient: false },
-            job,
-        });
-    }
-    let publish = |batch: &ResultBatch| {
-        let body = serde_json::to_vec(batch).unwrap();
-        let props = kiln_worker::amqp::properties(RESULTS_TYPE, "by-hand");
-        let (ch, queue) = (ch.clone(), d.names.results_queue());
-        async move { kiln_worker::amqp::publish_confirmed(&ch, "", &queue, &body, props).await.unwrap() }
-    };
+    let results: Vec<ResultMessage> = take_jobs(&d, &ch, ids.len())
+        .await
+        .into_iter()
+        .map(|job| {
+            let error = format!("answered by hand: {}", job.job_id);
+            answer(job, AttemptOutcome::Failed { error, transient: false })
+        })
+        .collect();
     // A batch with one result of an unknown schema is refused whole, with the reason.
     let mut bad = ResultBatch { v: 1, results: results.clone() };
     bad.results[1].v = 2;
-    publish(&bad).await;
+    publish_results(&d, &ch, &bad).await;
     let reasons = dead_reasons(&d, &ch, 1).await;
     assert!(reasons[0].contains("schema version 2"), "{reasons:?}");
     // The good batch: every result in it is recorded, each job with its own.
-    publish(&ResultBatch { v: 1, results }).await;
+    publish_results(&d, &ch, &ResultBatch { v: 1, results }).await;
     for (id, j) in ids.iter().zip(d.wait_all(&ids, Duration::from_secs(60)).await) {
         assert_eq!(j["state"], "failed", "{j}");
         let error = j["error"].as_str().unwrap();
@@ -321,6 +316,99 @@ async fn a_batch_of_results_in_one_message_is_recorded_and_a_bad_batch_is_dead_l
     let metrics = d.farm.client.send(Method::GET, "/metrics", None).await.unwrap().body;
     let metrics = String::from_utf8_lossy(&metrics);
     assert_eq!(common::metric_in(&metrics, "kiln_scheduler_bad_messages_total", "kind=\"result\""), 1.0, "{metrics}");
+    d.stop().await;
+}
+
+/// Takes `n` job messages off the preview queue, as a worker would (no worker runs).
+async fn take_jobs(d: &Distributed, ch: &lapin::Channel, n: usize) -> Vec<JobMessage> {
+    let mut jobs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while jobs.len() < n {
+        let queue = d.names.tier_queue(kiln_protocol::Tier::Preview);
+        let Some(msg) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() else {
+            assert!(Instant::now() < deadline, "the relay published {} of {n} jobs", jobs.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        jobs.push(kiln_worker::amqp::decode(&msg.delivery, JOB_TYPE).unwrap());
+    }
+    jobs
+}
+
+/// A result for `job` by a worker that is this test.
+fn answer(job: JobMessage, outcome: AttemptOutcome) -> ResultMessage {
+    let (started_ms, finished_ms) = (job.created_ms, job.created_ms + 1);
+    ResultMessage { v: 1, worker: "w-by-hand".into(), backend: "none".into(), started_ms, finished_ms, outcome, job }
+}
+
+/// Publishes a batch of results to the results queue, confirmed.
+async fn publish_results(d: &Distributed, ch: &lapin::Channel, batch: &ResultBatch) {
+    let body = serde_json::to_vec(batch).unwrap();
+    let props = kiln_worker::amqp::properties(RESULTS_TYPE, "by-hand");
+    kiln_worker::amqp::publish_confirmed(ch, "", &d.names.results_queue(), &body, props).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one_fails_the_attempt() {
+    let Some(d) = Distributed::start_with(|cfg| cfg.scheduler.retry.max_attempts = 1).await else { return };
+    let (_conn, ch) = d.channel().await;
+    kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    let ids = d.submit(3, 500).await;
+    let jobs = take_jobs(&d, &ch, ids.len()).await;
+    let png = |shade: u8| kiln_worker::render::encode_png(2, 2, &[shade; 12]).unwrap();
+    let inline = |png: Vec<u8>, asset: String, provenance: Option<Value>| AttemptOutcome::Succeeded {
+        asset,
+        bytes: png.len() as u64,
+        png: Some(png),
+        provenance,
+    };
+    let hash = |png: &[u8]| blake3::hash(png).to_hex().to_string();
+    let (good, lying) = (png(10), png(20));
+    let by_job: HashMap<String, AttemptOutcome> = jobs
+        .iter()
+        .zip([
+            // Whole, with its provenance.
+            inline(good.clone(), hash(&good), Some(serde_json::json!({ "asset": hash(&good), "seed": 500 }))),
+            // Bytes that are not the asset it names.
+            inline(lying.clone(), hash(b"never sent"), None),
+            // A provenance that names another asset.
+            inline(lying.clone(), hash(&lying), Some(serde_json::json!({ "asset": hash(&good) }))),
+        ])
+        .map(|(j, o)| (j.job_id.clone(), o))
+        .collect();
+    let results = jobs.into_iter().map(|j| answer(j.clone(), by_job[&j.job_id].clone())).collect();
+    publish_results(&d, &ch, &ResultBatch { v: 1, results }).await;
+    let ended: HashMap<String, Value> = d
+        .wait_all(&ids, Duration::from_secs(60))
+        .await
+        .into_iter()
+        .map(|j| (j["id"].as_str().unwrap().into(), j))
+        .collect();
+    let mut seen = Vec::new();
+    for (id, outcome) in &by_job {
+        let j = &ended[id];
+        let AttemptOutcome::Succeeded { asset, png, provenance, .. } = outcome else { unreachable!() };
+        if provenance.as_ref().is_some_and(|p| p["seed"] == 500) {
+            assert_eq!((j["state"].as_str(), j["asset"].as_str()), (Some("succeeded"), Some(asset.as_str())), "{j}");
+            let served = d.farm.client.bytes(&format!("/v1/assets/{asset}")).await.unwrap();
+            assert_eq!(&served[..], png.as_deref().unwrap(), "the asset is served as it came");
+            let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{asset}/provenance"), None).await.unwrap();
+            assert_eq!((prov["asset"].as_str(), &prov["seed"]), (Some(asset.as_str()), &Value::from(500)), "{prov}");
+            seen.push("stored");
+        } else {
+            assert_eq!(j["state"], "failed", "{j}");
+            let error = j["error"].as_str().unwrap();
+            assert!(error.contains("w-by-hand") && error.contains(asset.as_str()), "{error}");
+            match provenance {
+                None => assert!(error.contains("do not hash to it"), "{error}"),
+                Some(_) => assert!(error.contains("provenance names another asset"), "{error}"),
+            }
+            assert!(!d.farm.sched.worker.store().contains(asset), "nothing stored under {asset}");
+            seen.push("refused");
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, ["refused", "refused", "stored"]);
     d.stop().await;
 }
 

@@ -117,12 +117,22 @@ impl JobMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum AttemptOutcome {
-    /// The render made an asset, stored (or uploaded) before this was sent.
+    /// The render made an asset, stored (or uploaded) before this was sent, unless it travels
+    /// here (`png`).
     Succeeded {
         /// BLAKE3 of the PNG.
         asset: String,
         /// Its size.
         bytes: u64,
+        /// The PNG itself, when it is small enough to travel with its result instead of being
+        /// uploaded (a worker's `run.inline_asset_bytes`); base64 in the JSON. The scheduler
+        /// checks it hashes to `asset` and stores it before it records the result.
+        #[serde(default, skip_serializing_if = "Option::is_none", with = "base64_bytes")]
+        png: Option<Vec<u8>>,
+        /// The asset's provenance record (who asked, model, backend, timings), sent with the
+        /// result instead of uploaded beside the asset.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        provenance: Option<serde_json::Value>,
     },
     /// The render failed.
     Failed {
@@ -131,6 +141,28 @@ pub enum AttemptOutcome {
         /// Whether another attempt may succeed.
         transient: bool,
     },
+}
+
+/// An optional byte string as standard base64 text.
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let Some(text) = Option::<std::borrow::Cow<'de, str>>::deserialize(d)? else { return Ok(None) };
+        STANDARD
+            .decode(text.as_bytes())
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("png: not base64: {e}")))
+    }
 }
 
 /// A worker's report of an attempt.
@@ -359,6 +391,27 @@ mod tests {
         mixed.results[1].v = 3;
         let e = decode::<ResultBatch>(None, None, RESULTS_TYPE, &serde_json::to_vec(&mixed).unwrap()).unwrap_err();
         assert!(e.to_string().contains("schema version 3"), "{e}");
+    }
+
+    #[test]
+    fn an_inline_asset_travels_as_base64_and_a_result_without_one_reads_as_before() {
+        let png = vec![0x89, b'P', b'N', b'G', 0, 255, 7];
+        let outcome = AttemptOutcome::Succeeded {
+            asset: "ab".repeat(32),
+            bytes: png.len() as u64,
+            png: Some(png.clone()),
+            provenance: Some(serde_json::json!({ "asset": "ab".repeat(32) })),
+        };
+        let text = serde_json::to_string(&outcome).unwrap();
+        assert!(text.contains("\"png\":\"iVBORwD/Bw==\""), "{text}");
+        assert_eq!(serde_json::from_str::<AttemptOutcome>(&text).unwrap(), outcome);
+        // A worker that uploads sends neither; the fields stay out of the JSON.
+        let plain: AttemptOutcome = serde_json::from_str(r#"{"status":"succeeded","asset":"h","bytes":3}"#).unwrap();
+        assert_eq!(plain, AttemptOutcome::Succeeded { asset: "h".into(), bytes: 3, png: None, provenance: None });
+        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"status":"succeeded","asset":"h","bytes":3}"#);
+        let e = serde_json::from_str::<AttemptOutcome>(r#"{"status":"succeeded","asset":"h","bytes":3,"png":"@@"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("png: not base64"), "{e}");
     }
 
     #[test]

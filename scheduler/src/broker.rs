@@ -474,7 +474,65 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
     }
 }
 
+/// Why what came inside a result was not stored.
+enum InlineError {
+    /// The worker sent something wrong: the attempt fails.
+    Refused(String),
+    /// The asset store failed: the result comes again.
+    Store(std::io::Error),
+}
+
 impl Scheduler {
+    /// Stores what of an asset came inside its result instead of being uploaded: the PNG (checked
+    /// against its hash and `limits.max_asset_bytes`) with its provenance, or only the provenance
+    /// of an asset uploaded before the result. A PNG without a provenance is kept with what the
+    /// result says of it.
+    async fn store_inline(
+        &self,
+        msg: &ResultMessage,
+        asset: &str,
+        png: Option<&[u8]>,
+        provenance: Option<&serde_json::Value>,
+    ) -> Result<(), InlineError> {
+        let refused = |why: String| {
+            Err(InlineError::Refused(format!("worker {} sent asset {asset} with its result, but {why}", msg.worker)))
+        };
+        if let Some(p) = provenance
+            && p.get("asset").and_then(serde_json::Value::as_str) != Some(asset)
+        {
+            return refused("its provenance names another asset".into());
+        }
+        let record = match (png, provenance) {
+            (None, None) => return Ok(()),
+            (_, Some(p)) => serde_json::to_vec_pretty(p),
+            (Some(_), None) => serde_json::to_vec_pretty(&serde_json::json!({
+                "asset": asset,
+                "request": msg.job.request,
+                "cache_key": msg.job.cache_key,
+                "worker": msg.worker,
+                "backend": msg.backend,
+                "started_ms": msg.started_ms,
+                "finished_ms": msg.finished_ms,
+            })),
+        };
+        let record = record.map_err(|e| InlineError::Store(std::io::Error::other(e)))?;
+        if let Some(png) = png {
+            let limit = self.cfg.limits.max_asset_bytes;
+            if png.len() > limit {
+                return refused(format!("its {} bytes are over limits.max_asset_bytes ({limit})", png.len()));
+            }
+            if blake3::hash(png).to_hex().as_str() != asset {
+                return refused("its bytes do not hash to it (BLAKE3)".into());
+            }
+        }
+        let (worker, png, asset) = (self.worker.clone(), png.map(<[u8]>::to_vec), asset.to_owned());
+        let stored = tokio::task::spawn_blocking(move || match png {
+            Some(png) => worker.store().put(&png, &record).map(drop),
+            None => worker.store().import_provenance(&asset, &record),
+        });
+        stored.await.map_err(|e| InlineError::Store(std::io::Error::other(e)))?.map_err(InlineError::Store)
+    }
+
     /// Records a failed attempt and applies the rules: the job is quarantined (the returned
     /// outcome) once it has failed on `quarantine_after_workers` distinct workers; the worker is
     /// drained once it has failed `drain_after_jobs` distinct jobs within the window.
@@ -522,12 +580,20 @@ impl Scheduler {
     /// not seen yet) and then to its outcome. `false` when the store failed (try again later).
     pub(crate) async fn record_result(&self, d: Dispatch, msg: &ResultMessage) -> bool {
         let mut outcome = match &msg.outcome {
-            AttemptOutcome::Succeeded { asset, bytes } => {
-                if self.worker.store().contains(asset) {
-                    Outcome::Succeeded { asset: asset.clone(), bytes: *bytes }
-                } else {
-                    let error = format!("worker {} reported asset {asset}, which never arrived here", msg.worker);
-                    self.failure_outcome(&d, error, true)
+            AttemptOutcome::Succeeded { asset, bytes, png, provenance } => {
+                match self.store_inline(msg, asset, png.as_deref(), provenance.as_ref()).await {
+                    Ok(()) if self.worker.store().contains(asset) => {
+                        Outcome::Succeeded { asset: asset.clone(), bytes: *bytes }
+                    }
+                    Ok(()) => {
+                        let error = format!("worker {} reported asset {asset}, which never arrived here", msg.worker);
+                        self.failure_outcome(&d, error, true)
+                    }
+                    Err(InlineError::Refused(error)) => self.failure_outcome(&d, error, true),
+                    Err(InlineError::Store(e)) => {
+                        tracing::error!(job_id = d.job_id, asset, error = %e, "cannot store an asset sent with its result");
+                        return false;
+                    }
                 }
             }
             AttemptOutcome::Failed { error, transient } => {

@@ -1,9 +1,10 @@
 //! `kiln-worker run`: the worker daemon of the distributed farm.
 //!
 //! It consumes the tier queues its config names (a channel per tier, each with its own
-//! prefetch), renders with the engine at most `concurrency` jobs at once, uploads each new asset
-//! to the scheduler (`PUT /v1/assets/{hash}` with a worker token) unless the asset store is
-//! shared, publishes the result with a publisher confirm, and only then acks the delivery. A
+//! prefetch), renders with the engine at most `concurrency` jobs at once, hands each new asset to
+//! the scheduler unless the asset store is shared (a small one inside its result message, held in
+//! memory and never stored here; a larger one by `PUT /v1/assets/{hash}` with a worker token),
+//! publishes the result with a publisher confirm, and only then acks the delivery. A
 //! crash anywhere before the ack hands the job back to the broker, which delivers it again; the
 //! scheduler records only the first result of an attempt, so a repeat is harmless.
 //!
@@ -59,6 +60,10 @@ pub struct RunConfig {
     pub token: Option<String>,
     /// The asset folder is shared with the scheduler (no upload) [env KILN_SHARED_ASSETS].
     pub shared_assets: bool,
+    /// An asset no larger than this many bytes (and its own thumbnail) travels inside its result
+    /// message instead of being uploaded; 0 uploads every asset. Each asset's provenance travels
+    /// with its result either way. At most 64 KiB [env KILN_INLINE_ASSET_BYTES].
+    pub inline_asset_bytes: u64,
     /// Seconds between heartbeats.
     pub heartbeat_seconds: u64,
     /// Seconds a drain waits for renders in hand before handing them back.
@@ -81,6 +86,7 @@ impl Default for RunConfig {
             scheduler_url: "http://127.0.0.1:7878".into(),
             token: None,
             shared_assets: false,
+            inline_asset_bytes: 32 << 10,
             heartbeat_seconds: 5,
             grace_seconds: 30,
             worker_id: None,
@@ -123,6 +129,7 @@ impl RunConfig {
         self.prefetch = env_parse("KILN_PREFETCH", env)?.unwrap_or(self.prefetch);
         self.concurrency = env_parse("KILN_CONCURRENCY", env)?.unwrap_or(self.concurrency);
         self.shared_assets = env_parse("KILN_SHARED_ASSETS", env)?.unwrap_or(self.shared_assets);
+        self.inline_asset_bytes = env_parse("KILN_INLINE_ASSET_BYTES", env)?.unwrap_or(self.inline_asset_bytes);
         self.metrics_listen = env_parse("KILN_METRICS_LISTEN", env)?.or(self.metrics_listen);
         self.validate()
     }
@@ -146,6 +153,15 @@ impl RunConfig {
         if self.concurrency == 0 || self.concurrency > 256 {
             return bad("run.concurrency", format!("{} is outside 1..=256", self.concurrency));
         }
+        if self.inline_asset_bytes > MAX_INLINE_ASSET_BYTES {
+            return bad(
+                "run.inline_asset_bytes",
+                format!(
+                    "{} is over {MAX_INLINE_ASSET_BYTES} (64 KiB); larger assets are uploaded",
+                    self.inline_asset_bytes
+                ),
+            );
+        }
         if self.heartbeat_seconds == 0 {
             return bad("run.heartbeat_seconds", "must be at least 1".into());
         }
@@ -163,6 +179,10 @@ impl RunConfig {
         self.worker_id.clone().unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()))
     }
 }
+
+/// The most `run.inline_asset_bytes` may be: what a render holds in memory before it writes
+/// the PNG to a file. A full result batch of such assets is about 11 MiB.
+const MAX_INLINE_ASSET_BYTES: u64 = crate::store::SPILL_BYTES as u64;
 
 /// The machine's host name.
 pub fn host_name() -> String {
@@ -572,12 +592,23 @@ impl Daemon {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let started_ms = now_ms();
         let (worker, req) = (self.worker.clone(), msg.request.clone());
-        let result = tokio::task::spawn_blocking(move || worker.render(&req, &mut |_| {})).await;
+        let inline_max = self.upload.as_ref().map(|_| self.cfg.inline_asset_bytes);
+        let result = tokio::task::spawn_blocking(move || {
+            let mut r = worker.render_holding(&req, &mut |_| {}, inline_max.unwrap_or(0))?;
+            let inline = inline_max.map(|max| Inline::take(worker.store(), &req, &mut r, max)).unwrap_or_default();
+            Ok::<_, crate::worker::WorkerError>((r, inline))
+        })
+        .await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let outcome = match result {
-            Ok(Ok(r)) => {
-                match self.upload(&r.asset).await {
-                    Ok(()) => AttemptOutcome::Succeeded { asset: r.asset, bytes: r.bytes },
+            Ok(Ok((r, inline))) => {
+                match self.upload(&r.asset, &inline).await {
+                    Ok(()) => AttemptOutcome::Succeeded {
+                        asset: r.asset,
+                        bytes: r.bytes,
+                        png: inline.png,
+                        provenance: inline.provenance,
+                    },
                     // The scheduler said no (too large, a bad token): this attempt fails, and the
                     // scheduler's retry, quarantine and drain rules decide what comes next (a
                     // misconfigured worker gets drained; the job goes to another).
@@ -618,10 +649,15 @@ impl Daemon {
         }
     }
 
-    /// Uploads an asset, its thumbnail and its provenance to the scheduler (unless the store is
-    /// shared).
-    async fn upload(&self, hash: &str) -> Result<(), UploadError> {
+    /// Uploads to the scheduler what of an asset does not travel with its result (`inline`): the
+    /// PNG, its thumbnail and its provenance. Nothing when the store is shared.
+    async fn upload(&self, hash: &str, inline: &Inline) -> Result<(), UploadError> {
         let Some(client) = &self.upload else { return Ok(()) };
+        if inline.png.is_some() {
+            // Only an image that is its own thumbnail travels, so no thumbnail goes beside it;
+            // without a readable provenance the scheduler keeps what the result says.
+            return Ok(());
+        }
         let store = self.worker.store();
         let parts = [
             (store.path(hash), format!("/v1/assets/{hash}")),
@@ -631,12 +667,45 @@ impl Daemon {
         for (i, (file, url)) in parts.iter().enumerate() {
             // An image no larger than a thumbnail has no thumbnail file (it is its own), and a
             // cached asset from before thumbnails and provenance were kept has neither.
-            if i > 0 && !file.is_file() {
+            if (i == 2 && inline.provenance.is_some()) || (i > 0 && !file.is_file()) {
                 continue;
             }
             put_with_retry(client, url, file).await?;
         }
         Ok(())
+    }
+}
+
+/// What of an asset travels inside its result message instead of being uploaded.
+#[derive(Debug, Default)]
+struct Inline {
+    /// The PNG, when it is small and its own thumbnail.
+    png: Option<Vec<u8>>,
+    /// The provenance record.
+    provenance: Option<serde_json::Value>,
+}
+
+impl Inline {
+    /// Takes what of `r`'s asset goes with its result (in the render's blocking task): its
+    /// provenance (from the render, else from the store), and the PNG when it is at most `max`
+    /// bytes and an image no larger than a thumbnail (so no thumbnail file goes beside it): the
+    /// render held it in memory, or (an asset this worker had already) it is read from the store.
+    /// A part that cannot be read is uploaded instead.
+    fn take(
+        store: &crate::store::AssetStore,
+        req: &RenderRequest,
+        r: &mut crate::worker::Rendered,
+        max: u64,
+    ) -> Inline {
+        let provenance = r.provenance.take().or_else(|| {
+            let text = std::fs::read(store.provenance_path(&r.asset)).ok()?;
+            serde_json::from_slice(&text).ok()
+        });
+        let png = r.png.take().or_else(|| {
+            let small = r.bytes <= max && crate::render::own_thumbnail(req.width, req.height);
+            small.then(|| std::fs::read(&r.path).ok()).flatten().filter(|b| b.len() as u64 == r.bytes)
+        });
+        Inline { png, provenance }
     }
 }
 
@@ -754,5 +823,28 @@ async fn put_with_retry(client: &Client, path: &str, file: &std::path::Path) -> 
         tracing::warn!(path, error = err, retry_in_ms = backoff.as_millis() as u64, "upload failed; trying again");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn the_inline_asset_limit_comes_from_the_environment_and_is_bounded() {
+        let mut run = RunConfig { token: Some("t".into()), ..RunConfig::default() };
+        assert_eq!(run.inline_asset_bytes, 32 << 10);
+        run.apply_env(&env(&[("KILN_INLINE_ASSET_BYTES", "0")])).unwrap();
+        assert_eq!(run.inline_asset_bytes, 0, "0 uploads every asset");
+        let e = run.apply_env(&env(&[("KILN_INLINE_ASSET_BYTES", "65537")])).unwrap_err().to_string();
+        assert!(e.contains("run.inline_asset_bytes") && e.contains("64 KiB"), "{e}");
+        let e = run.apply_env(&env(&[("KILN_INLINE_ASSET_BYTES", "lots")])).unwrap_err().to_string();
+        assert!(e.contains("KILN_INLINE_ASSET_BYTES"), "{e}");
+        let e = toml::from_str::<RunConfig>("inline_asset_bytes = -1").unwrap_err().to_string();
+        assert!(e.contains("inline_asset_bytes"), "{e}");
     }
 }

@@ -56,12 +56,20 @@ pub struct Rendered {
     pub key: CacheKey,
     /// Whether it came from the cache (nothing rendered).
     pub cache_hit: bool,
-    /// Where the PNG is stored.
+    /// Where the PNG is stored (unless it is held in `png`).
     pub path: PathBuf,
     /// The PNG's size in bytes.
     pub bytes: u64,
     /// Timings, when it rendered.
     pub stats: Option<RenderStats>,
+    /// The provenance record stored with the asset, when this render stored it (not on a cache
+    /// hit, nor when the same bytes were stored already: read [`AssetStore::provenance_path`]).
+    #[serde(skip)]
+    pub provenance: Option<serde_json::Value>,
+    /// The PNG, held in memory and not stored ([`Worker::render_holding`]); `path` is then where
+    /// it would be stored.
+    #[serde(skip)]
+    pub png: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -172,6 +180,19 @@ impl Worker {
 
     /// Answers a request: from the cache if its key has an asset, else by rendering it.
     pub fn render(&self, req: &RenderRequest, progress: &mut dyn FnMut(Progress)) -> Result<Rendered, WorkerError> {
+        self.render_holding(req, progress, 0)
+    }
+
+    /// [`Self::render`], except that a new PNG of at most `hold` bytes that is its own thumbnail
+    /// is not stored but handed back in [`Rendered::png`] with its provenance, for a caller that
+    /// sends it on whole (a worker daemon puts it inside its result message). `hold` is at most
+    /// [`SPILL_BYTES`](crate::store::SPILL_BYTES); 0 stores every asset.
+    pub fn render_holding(
+        &self,
+        req: &RenderRequest,
+        progress: &mut dyn FnMut(Progress),
+        hold: u64,
+    ) -> Result<Rendered, WorkerError> {
         if req.model != MODEL_ID {
             return Err(WorkerError::UnknownModel(req.model.clone()));
         }
@@ -184,7 +205,7 @@ impl Worker {
             tracing::debug!(%key, asset, "cache hit");
             let path = self.store.path(&asset);
             let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-            return Ok(Rendered { path, bytes, asset, key, cache_hit: true, stats: None });
+            return Ok(Rendered { path, bytes, asset, key, cache_hit: true, stats: None, provenance: None, png: None });
         }
         self.metrics.cache_misses.inc();
         let store_err = |source| WorkerError::Store { path: self.store.root().to_path_buf(), source };
@@ -192,8 +213,8 @@ impl Worker {
         let mut pending = self.store.begin().map_err(store_err)?;
         let (thumb, stats) = render_to(&self.engine, req, &mut pending, progress)?;
         let backend = self.engine.backend.name();
-        let provenance = |hash: &str| {
-            serde_json::to_string_pretty(&serde_json::json!({
+        let record = |hash: &str| {
+            serde_json::json!({
                 "asset": hash,
                 // An image no larger than a thumbnail is its own.
                 "thumbnail": thumb.as_ref().map_or_else(|| hash.to_owned(), |t| blake3::hash(t).to_hex().to_string()),
@@ -208,14 +229,32 @@ impl Worker {
                 "kiln_version": env!("CARGO_PKG_VERSION"),
                 "host": std::env::var("HOSTNAME").unwrap_or_default(),
                 "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            }))
-            .unwrap_or_default()
+            })
         };
-        let (asset, bytes) = self.store.commit(pending, thumb.as_deref(), provenance).map_err(store_err)?;
-        if indexed {
-            self.store.put_key(&key, &asset).map_err(store_err)?;
-        }
-        self.cache.insert(key, Cached { hash: asset.as_str().into() });
+        let held = if thumb.is_none() { pending.into_held(hold) } else { Err(Box::new(pending)) };
+        let (asset, bytes, png, provenance) = match held {
+            Ok((asset, png)) => {
+                let provenance = record(&asset);
+                (asset, png.len() as u64, Some(png), Some(provenance))
+            }
+            Err(pending) => {
+                let mut kept = None;
+                let (asset, bytes) = self
+                    .store
+                    .commit(*pending, thumb.as_deref(), |hash| {
+                        let v = record(hash);
+                        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                        kept = Some(v);
+                        text
+                    })
+                    .map_err(store_err)?;
+                if indexed {
+                    self.store.put_key(&key, &asset).map_err(store_err)?;
+                }
+                self.cache.insert(key, Cached { hash: asset.as_str().into() });
+                (asset, bytes, None, kept)
+            }
+        };
         let tier = req.tier.as_str();
         self.metrics
             .render_seconds
@@ -225,6 +264,15 @@ impl Worker {
         // Per job at debug (`KILN_LOG=kiln_worker=debug`): at info, a line per job floods a busy
         // farm's log and cost a tenth of its throughput; failures are logged where they happen.
         tracing::debug!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");
-        Ok(Rendered { path: self.store.path(&asset), bytes, asset, key, cache_hit: false, stats: Some(stats) })
+        Ok(Rendered {
+            path: self.store.path(&asset),
+            bytes,
+            asset,
+            key,
+            cache_hit: false,
+            stats: Some(stats),
+            provenance,
+            png,
+        })
     }
 }

@@ -204,6 +204,29 @@ fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
     assert_eq!(prov["thumbnail"], first.asset.as_str());
 }
 
+#[test]
+fn a_small_render_can_be_held_in_memory_instead_of_stored_and_is_the_same_asset() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = Worker::new(&config(dir.path()), Backend::Cpu { threads: 2 }).unwrap();
+    let small = req("held ember", 3, Tier::Preview, 24, None);
+    let held = w.render_holding(&small, &mut |_| {}, 32 << 10).unwrap();
+    let png = held.png.as_deref().expect("a 24×24 PNG is held");
+    assert_eq!((blake3::hash(png).to_hex().as_str(), held.bytes), (held.asset.as_str(), png.len() as u64));
+    assert!(!w.store().contains(&held.asset) && !w.store().provenance_path(&held.asset).exists(), "nothing stored");
+    let prov = held.provenance.as_ref().expect("its provenance comes with it");
+    assert_eq!((&prov["asset"], &prov["request"]["seed"]), (&held.asset.as_str().into(), &3.into()));
+    // Not cached either: the same request renders again, stored this time, to the same bytes.
+    let stored = w.render(&small, &mut |_| {}).unwrap();
+    assert!(!stored.cache_hit && stored.png.is_none());
+    assert_eq!((stored.asset.as_str(), std::fs::read(&stored.path).unwrap()), (held.asset.as_str(), png.to_vec()));
+    // Larger than `hold`, or not its own thumbnail: stored as ever.
+    let tiny_hold = w.render_holding(&req("held ember", 4, Tier::Preview, 24, None), &mut |_| {}, 16).unwrap();
+    assert!(tiny_hold.png.is_none() && w.store().contains(&tiny_hold.asset));
+    let large = w.render_holding(&req("held ember", 5, Tier::Preview, 300, None), &mut |_| {}, 64 << 10).unwrap();
+    assert!(large.png.is_none() && w.store().contains(&large.asset));
+    assert!(w.store().thumb_path(&large.asset).exists());
+}
+
 fn cli(args: &[&str], data: &std::path::Path) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-worker"))
         .args(args)

@@ -7,17 +7,22 @@
 //!    awaiting confirms under a window, while a consumer with a large prefetch acks them in
 //!    batches. Messages per second, from the first publish to the last ack.
 //! 2. **End to end**: the scheduler (PostgreSQL store, relay, results consumer) and worker
-//!    daemons in this process, sharing the asset folder (no upload). Each HTTP client submits a
+//!    daemons in this process, sharing the asset folder (no upload), or with `--uploads` each with
+//!    a folder of its own, handing its assets to the scheduler as a worker on another machine
+//!    does (inside the result, or `PUT`). Each HTTP client submits a
 //!    tiny 16×16 job with a fresh seed and waits for it (`GET /v1/jobs/{id}?wait=`), so a job
 //!    counts once its result is recorded. Jobs per second and p50/p99 latency. Then the same
 //!    with `--batch` jobs to a request, each array submitted and awaited in one
 //!    `POST /v1/jobs?wait=`.
 //!
-//! A job costs two broker messages (the job, then its result), so the farm's share of the
-//! ceiling is `ceiling / 2` jobs per second.
+//! A job costs its job message and its share of a result message (workers batch their results),
+//! counted in each run, so the farm's share of the ceiling is `ceiling / messages per job` jobs per
+//! second.
 
 use std::collections::VecDeque;
 use std::time::Instant;
+
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -25,11 +30,14 @@ use futures_util::StreamExt;
 use kiln_protocol::wire::{self, JOB_TYPE, JobMessage, Names};
 use kiln_protocol::{RenderRequest, Tier, TierLimits};
 use kiln_worker::amqp::{self, lapin};
+use kiln_worker::config::BackendChoice;
 use kiln_worker::consume::RunConfig;
+use kiln_worker::worker::{Worker, open_backend};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
 use super::{BenchFarm, Cleanup, Figures, batched_medians, median, medians, tiny_batches, tiny_jobs};
+use crate::auth::Role;
 use crate::config::FarmConfig;
 use crate::store::PgStore;
 
@@ -54,9 +62,14 @@ pub struct DispatchBenchArgs {
     /// Concurrent HTTP clients for the batched jobs.
     #[arg(long, default_value_t = 4)]
     pub batch_clients: usize,
-    /// Worker daemons (in this process, sharing the asset folder).
+    /// Worker daemons (in this process).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Each worker daemon keeps its own asset folder and hands each asset to the scheduler over
+    /// HTTP with a worker token, as a worker on another machine does. Without it they share the
+    /// scheduler's folder (`run.shared_assets`) and nothing is uploaded.
+    #[arg(long)]
+    pub uploads: bool,
     /// Renders at once per worker daemon.
     #[arg(long, default_value_t = 64)]
     pub worker_concurrency: usize,
@@ -215,22 +228,44 @@ async fn end_to_end(
         cfg.scheduler.broker.prefix = prefix.to_owned();
     })
     .await?;
-    let (worker, stop) = (farm.sched.worker.clone(), farm.stop.clone());
-    let (messages0, results0) = (worker.metrics.result_messages.get(), worker.metrics.results.get());
+    let stop = farm.stop.clone();
+    let token = match a.uploads {
+        true => Some(farm.sched.create_token(&format!("bench-workers-{run}"), Role::Worker).await?.expose().to_owned()),
+        false => None,
+    };
+    let mut workers = Vec::new();
     let mut daemons = Vec::new();
     for i in 0..a.workers {
+        let worker = match a.uploads {
+            true => {
+                let mut wc = cfg.worker.clone();
+                wc.data_dir = farm.dir.join(format!("worker-{i}"));
+                Arc::new(Worker::new(&wc, open_backend(BackendChoice::Cpu, 1)?)?)
+            }
+            false => farm.sched.worker.clone(),
+        };
         let rc = RunConfig {
             amqp_url: a.amqp_url.clone(),
             amqp_prefix: prefix.to_owned(),
             tiers: vec![Tier::Preview],
             prefetch: a.prefetch,
             concurrency: a.worker_concurrency,
-            shared_assets: true,
+            scheduler_url: farm.client.base().to_owned(),
+            token: token.clone(),
+            shared_assets: !a.uploads,
             worker_id: Some(format!("bench-{run}-{i}")),
             ..RunConfig::default()
         };
         daemons.push(tokio::spawn(kiln_worker::consume::run(worker.clone(), rc, stop.clone())));
+        workers.push(worker);
     }
+    if !a.uploads {
+        workers.truncate(1);
+    }
+    let sent = |workers: &[Arc<Worker>]| {
+        workers.iter().fold((0, 0), |(m, r), w| (m + w.metrics.result_messages.get(), r + w.metrics.results.get()))
+    };
+    let (messages0, results0) = sent(&workers);
     let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
     let figures = async {
         let one = tiny_jobs(&farm.client, "bench dispatch", base, a.jobs, a.concurrency).await?;
@@ -243,8 +278,8 @@ async fn end_to_end(
     for d in daemons {
         d.await.context("a worker daemon panicked")??;
     }
-    let messages = worker.metrics.result_messages.get() - messages0;
-    let results = worker.metrics.results.get() - results0;
+    let (messages, results) = sent(&workers);
+    let (messages, results) = (messages - messages0, results - results0);
     farm.stop(a.keep.then_some(run)).await?;
     let (one, batched) = figures?;
     println!("  run {}: {results} results in {messages} result messages", run + 1);
