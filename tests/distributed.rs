@@ -216,6 +216,8 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     assert_eq!(health.json().unwrap()["worker_id"], "w-e2e");
     let metrics = String::from_utf8_lossy(&own.send(Method::GET, "/metrics", None).await.unwrap().body).into_owned();
     assert!(common::metric_in(&metrics, "kiln_render_seconds_count", "") >= 3.0, "{metrics}");
+    let handed = |how: &str| common::metric_in(&metrics, "kiln_worker_assets_handed_total", &format!("how=\"{how}\""));
+    assert_eq!((handed("inline"), handed("upload")), (3.0, 4.0), "{metrics}");
     // SIGTERM drains and exits cleanly, closing its connection without an error.
     let status = terminate(&mut d.workers[0].0);
     assert!(status.success(), "{status}");

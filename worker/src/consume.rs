@@ -653,9 +653,11 @@ impl Daemon {
     /// PNG, its thumbnail and its provenance. Nothing when the store is shared.
     async fn upload(&self, hash: &str, inline: &Inline) -> Result<(), UploadError> {
         let Some(client) = &self.upload else { return Ok(()) };
+        let handed = &self.worker.metrics.assets_handed;
         if inline.png.is_some() {
             // Only an image that is its own thumbnail travels, so no thumbnail goes beside it;
             // without a readable provenance the scheduler keeps what the result says.
+            handed.with_label_values(&["inline"]).inc();
             return Ok(());
         }
         let store = self.worker.store();
@@ -672,6 +674,7 @@ impl Daemon {
             }
             put_with_retry(client, url, file).await?;
         }
+        handed.with_label_values(&["upload"]).inc();
         Ok(())
     }
 }

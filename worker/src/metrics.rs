@@ -18,6 +18,9 @@ pub const BAD_MESSAGES: &str = "kiln_worker_bad_messages_total";
 pub const RESULT_MESSAGES: &str = "kiln_worker_result_messages_total";
 /// Results the worker daemon published (confirmed), over all its result messages.
 pub const RESULTS: &str = "kiln_worker_results_total";
+/// Assets the worker daemon handed to the scheduler, by how: `inline` (inside the result) or
+/// `upload` (`PUT`). Nothing is counted when the asset folder is shared.
+pub const ASSETS_HANDED: &str = "kiln_worker_assets_handed_total";
 
 /// The worker's metrics, registered in their own registry.
 #[derive(Clone)]
@@ -37,6 +40,8 @@ pub struct Metrics {
     pub result_messages: IntCounter,
     /// [`RESULTS`].
     pub results: IntCounter,
+    /// [`ASSETS_HANDED`], by `how`.
+    pub assets_handed: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -65,6 +70,11 @@ impl Metrics {
             IntCounter::new(RESULT_MESSAGES, "Result messages published, each with one or more results")
                 .expect("valid metric");
         let results = IntCounter::new(RESULTS, "Results published").expect("valid metric");
+        let assets_handed = IntCounterVec::new(
+            Opts::new(ASSETS_HANDED, "Assets handed to the scheduler, inside the result or uploaded"),
+            &["how"],
+        )
+        .expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -75,9 +85,20 @@ impl Metrics {
                 Box::new(bad_messages.clone()),
                 Box::new(result_messages.clone()),
                 Box::new(results.clone()),
+                Box::new(assets_handed.clone()),
             ],
         );
-        Metrics { registry, render_seconds, pixels, cache_hits, cache_misses, bad_messages, result_messages, results }
+        Metrics {
+            registry,
+            render_seconds,
+            pixels,
+            cache_hits,
+            cache_misses,
+            bad_messages,
+            result_messages,
+            results,
+            assets_handed,
+        }
     }
 
     /// The Prometheus text exposition of every metric.
