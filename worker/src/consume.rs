@@ -726,6 +726,34 @@ enum UploadError {
 /// The most results the publisher puts in one [`ResultBatch`].
 const MAX_RESULTS_PER_MESSAGE: usize = 128;
 
+/// A result batch stops taking results once their inline PNGs come to this many bytes, so a
+/// message stays small whatever `run.inline_asset_bytes` is (the scheduler prefetches a
+/// thousand result messages).
+const MAX_INLINE_BYTES_PER_MESSAGE: usize = 256 << 10;
+
+/// The bytes of the PNG a result carries inline.
+fn inline_bytes(r: &ResultMessage) -> usize {
+    match &r.outcome {
+        AttemptOutcome::Succeeded { png: Some(png), .. } => png.len(),
+        _ => 0,
+    }
+}
+
+/// What goes in one message: `first`, then the results already waiting, up to
+/// [`MAX_RESULTS_PER_MESSAGE`] or [`MAX_INLINE_BYTES_PER_MESSAGE`].
+fn gather(first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Outgoing> {
+    let mut inline = inline_bytes(&first.0);
+    let mut batch = vec![first];
+    while batch.len() < MAX_RESULTS_PER_MESSAGE
+        && inline < MAX_INLINE_BYTES_PER_MESSAGE
+        && let Ok(next) = rx.try_recv()
+    {
+        inline += inline_bytes(&next.0);
+        batch.push(next);
+    }
+    batch
+}
+
 /// A result on its way to the publisher, and where to say how it went.
 type Outgoing = (ResultMessage, oneshot::Sender<Result<(), String>>);
 
@@ -743,12 +771,7 @@ impl Results {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_RESULTS_PER_MESSAGE
-                    && let Ok(next) = rx.try_recv()
-                {
-                    batch.push(next);
-                }
+                let batch = gather(first, &mut rx);
                 let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                 let n = results.len() as u64;
                 let sent = publish_results(&publ, &queue, results).await.map_err(|e| e.to_string());
@@ -835,6 +858,55 @@ mod tests {
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn a_result_message_stops_at_128_results_or_256_kib_of_inline_pngs() {
+        let result = |png: Option<usize>| {
+            let request = RenderRequest::resolve(
+                "cppn",
+                "p",
+                1,
+                Tier::Preview,
+                Some(16),
+                None,
+                None,
+                &kiln_protocol::TierLimits::default(),
+            )
+            .unwrap();
+            let job = JobMessage {
+                v: 1,
+                job_id: "j".into(),
+                attempt: 1,
+                client: "c".into(),
+                cache_key: "k".into(),
+                created_ms: 0,
+                request,
+            };
+            let png = png.map(|n| vec![0; n]);
+            let outcome = AttemptOutcome::Succeeded { asset: "h".into(), bytes: 0, png, provenance: None };
+            let msg = ResultMessage {
+                v: 1,
+                job,
+                worker: "w".into(),
+                backend: "cpu".into(),
+                started_ms: 0,
+                finished_ms: 0,
+                outcome,
+            };
+            (msg, oneshot::channel().0)
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for _ in 0..300 {
+            tx.send(result(None)).unwrap();
+        }
+        let sizes: Vec<usize> = std::iter::from_fn(|| rx.try_recv().ok().map(|f| gather(f, &mut rx).len())).collect();
+        assert_eq!(sizes, [128, 128, 44]);
+        for n in [100 << 10, 100 << 10, 100 << 10, 1, 60 << 10] {
+            tx.send(result(Some(n))).unwrap();
+        }
+        let sizes: Vec<usize> = std::iter::from_fn(|| rx.try_recv().ok().map(|f| gather(f, &mut rx).len())).collect();
+        assert_eq!(sizes, [3, 2], "300 KiB of PNGs fill a message; the rest go in the next");
     }
 
     #[test]
