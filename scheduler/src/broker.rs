@@ -504,8 +504,8 @@ impl Scheduler {
         }
         let record = match (png, provenance) {
             (None, None) => return Ok(()),
-            (_, Some(p)) => serde_json::to_vec_pretty(p),
-            (Some(_), None) => serde_json::to_vec_pretty(&serde_json::json!({
+            (_, Some(p)) => serde_json::to_string_pretty(p),
+            (Some(_), None) => serde_json::to_string_pretty(&serde_json::json!({
                 "asset": asset,
                 "request": msg.job.request,
                 "cache_key": msg.job.cache_key,
@@ -527,8 +527,8 @@ impl Scheduler {
         }
         let (worker, png, asset) = (self.worker.clone(), png.map(<[u8]>::to_vec), asset.to_owned());
         let stored = tokio::task::spawn_blocking(move || match png {
-            Some(png) => worker.store().put(&png, &record).map(drop),
-            None => worker.store().import_provenance(&asset, &record),
+            Some(png) => worker.store().put(&png, record).map(drop),
+            None => worker.store().import_provenance(&asset, record.as_bytes()),
         });
         stored.await.map_err(|e| InlineError::Store(std::io::Error::other(e)))?.map_err(InlineError::Store)
     }

@@ -159,12 +159,14 @@ impl Write for PendingAsset {
 }
 
 impl PendingAsset {
-    /// The finished PNG's hash and bytes, when it is held in memory and is at most `max` bytes
-    /// (nothing was written to disk); otherwise the pending asset, to commit.
-    pub fn into_held(self, max: u64) -> Result<(String, Vec<u8>), Box<PendingAsset>> {
-        match self.body {
-            Body::Memory(held) if self.bytes <= max => Ok((self.hasher.finalize().to_hex().to_string(), held)),
-            body => Err(Box::new(PendingAsset { body, ..self })),
+    /// Takes the finished PNG's hash and bytes, when it is held in memory and is at most `max`
+    /// bytes (nothing was written to disk); otherwise leaves it pending, to commit.
+    pub fn take_held(&mut self, max: u64) -> Option<(String, Vec<u8>)> {
+        match &mut self.body {
+            Body::Memory(held) if self.bytes <= max => {
+                Some((self.hasher.finalize().to_hex().to_string(), std::mem::take(held)))
+            }
+            _ => None,
         }
     }
 }
@@ -268,10 +270,10 @@ impl AssetStore {
 
     /// Stores a whole PNG held in memory (an image that is its own thumbnail: it has no thumbnail
     /// file) with its provenance JSON, as [`Self::commit`] does. Returns its hash.
-    pub fn put(&self, png: &[u8], provenance: &[u8]) -> io::Result<String> {
+    pub fn put(&self, png: &[u8], provenance: String) -> io::Result<String> {
         let mut pending = self.begin()?;
         pending.write_all(png)?;
-        Ok(self.commit(pending, None, |_| String::from_utf8_lossy(provenance).into_owned())?.0)
+        Ok(self.commit(pending, None, |_| provenance)?.0)
     }
 
     /// Writes the provenance and thumbnail (if any) beside the PNG at `temps[0]`, syncs them

@@ -231,17 +231,17 @@ impl Worker {
                 "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             })
         };
-        let held = if thumb.is_none() { pending.into_held(hold) } else { Err(Box::new(pending)) };
+        let held = if thumb.is_none() { pending.take_held(hold) } else { None };
         let (asset, bytes, png, provenance) = match held {
-            Ok((asset, png)) => {
+            Some((asset, png)) => {
                 let provenance = record(&asset);
                 (asset, png.len() as u64, Some(png), Some(provenance))
             }
-            Err(pending) => {
+            None => {
                 let mut kept = None;
                 let (asset, bytes) = self
                     .store
-                    .commit(*pending, thumb.as_deref(), |hash| {
+                    .commit(pending, thumb.as_deref(), |hash| {
                         let v = record(hash);
                         let text = serde_json::to_string_pretty(&v).unwrap_or_default();
                         kept = Some(v);

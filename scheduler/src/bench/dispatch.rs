@@ -233,17 +233,19 @@ async fn end_to_end(
         true => Some(farm.sched.create_token(&format!("bench-workers-{run}"), Role::Worker).await?.expose().to_owned()),
         false => None,
     };
-    let mut workers = Vec::new();
-    let mut daemons = Vec::new();
-    for i in 0..a.workers {
-        let worker = match a.uploads {
-            true => {
+    // The workers whose asset folders (and metrics) the daemons use: one each, or the farm's own.
+    let workers: Vec<Arc<Worker>> = match a.uploads {
+        true => (0..a.workers)
+            .map(|i| {
                 let mut wc = cfg.worker.clone();
                 wc.data_dir = farm.dir.join(format!("worker-{i}"));
-                Arc::new(Worker::new(&wc, open_backend(BackendChoice::Cpu, 1)?)?)
-            }
-            false => farm.sched.worker.clone(),
-        };
+                anyhow::Ok(Arc::new(Worker::new(&wc, open_backend(BackendChoice::Cpu, 1)?)?))
+            })
+            .collect::<Result<_, _>>()?,
+        false => vec![farm.sched.worker.clone()],
+    };
+    let mut daemons = Vec::new();
+    for i in 0..a.workers {
         let rc = RunConfig {
             amqp_url: a.amqp_url.clone(),
             amqp_prefix: prefix.to_owned(),
@@ -256,11 +258,8 @@ async fn end_to_end(
             worker_id: Some(format!("bench-{run}-{i}")),
             ..RunConfig::default()
         };
-        daemons.push(tokio::spawn(kiln_worker::consume::run(worker.clone(), rc, stop.clone())));
-        workers.push(worker);
-    }
-    if !a.uploads {
-        workers.truncate(1);
+        let worker = workers[i % workers.len()].clone();
+        daemons.push(tokio::spawn(kiln_worker::consume::run(worker, rc, stop.clone())));
     }
     let sent = |workers: &[Arc<Worker>]| {
         workers.iter().fold((0, 0), |(m, r), w| (m + w.metrics.result_messages.get(), r + w.metrics.results.get()))
