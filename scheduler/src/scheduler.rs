@@ -19,7 +19,7 @@ use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
 use crate::queue::JobQueue;
 use crate::retry::Decision;
-use crate::store::{Admission, Dispatch, Event, Job, NewJob, Outcome, Store, StoreError, TokenRow};
+use crate::store::{Admission, Dispatch, Event, Job, JobReads, NewJob, Outcome, Store, StoreError, TokenRow};
 use crate::time::now_ms;
 
 /// What a submit may get wrong; each names the field.
@@ -86,6 +86,8 @@ pub struct Scheduler {
     /// Workers heard from over the broker (distributed mode).
     pub registry: crate::broker::Registry,
     live: broadcast::Sender<Arc<Live>>,
+    /// Long polls' reads of their jobs, gathered.
+    reads: JobReads,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     tokens: RwLock<HashMap<String, Caller>>,
     pub(crate) dispatch_wake: Notify,
@@ -106,6 +108,7 @@ impl Scheduler {
         let seed = crate::auth::os_random::<8>().map(u64::from_le_bytes).unwrap_or_else(|_| now_ms() as u64);
         let (live, _) = broadcast::channel(16 * 1024);
         let s = Scheduler {
+            reads: JobReads::spawn(store.clone()),
             store,
             worker,
             queue: JobQueue::default(),
@@ -301,7 +304,7 @@ impl Scheduler {
 
     /// The jobs among `ids` the caller may see, by id.
     async fn visible(&self, caller: &Caller, ids: Vec<String>) -> Result<HashMap<String, Job>, StoreError> {
-        let jobs = self.store.jobs(ids).await?;
+        let jobs = self.reads.jobs(ids).await?;
         Ok(jobs.into_iter().filter(|j| caller.may_see(&j.client)).map(|j| (j.id.clone(), j)).collect())
     }
 

@@ -8,6 +8,7 @@
 mod admit;
 pub mod fleet;
 pub mod postgres;
+mod reads;
 mod rows;
 mod shared;
 pub mod sqlite;
@@ -23,6 +24,7 @@ use kiln_protocol::{JobState, RenderRequest, Tier};
 use serde::Serialize;
 
 pub use postgres::PgStore;
+pub use reads::JobReads;
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so the trait stays usable as `dyn Store`.
@@ -51,6 +53,9 @@ pub enum StoreError {
     /// The write was rolled back with the rest of its transaction; trying again may work.
     #[error("database write rolled back: {0}")]
     RolledBack(String),
+    /// A read shared with other callers failed ([`JobReads`]).
+    #[error("database read: {0}")]
+    Read(String),
     /// A name that must be unique is taken.
     #[error("{0} already exists")]
     Conflict(String),

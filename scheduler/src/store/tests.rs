@@ -49,6 +49,7 @@ both_stores!(
     a_job_starts_and_finishes_once_however_many_reports_come_together,
     batches_see_their_own_earlier_members,
     many_jobs_are_read_at_once,
+    reads_gathered_from_many_callers_answer_each_its_own,
 );
 
 /// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
@@ -184,6 +185,34 @@ async fn many_jobs_are_read_at_once(s: &dyn Store) {
     let one = s.job(&ids[7]).await.unwrap().unwrap();
     assert_eq!((got[7].request.seed, &got[7].cache_key, got[7].state), (one.request.seed, &one.cache_key, one.state));
     assert!(s.jobs(vec![]).await.unwrap().is_empty());
+}
+
+/// Long polls' reads, gathered ([`JobReads`]): callers that ask at once are answered by one read
+/// of all their ids (more than one statement's worth here), each with its own jobs only.
+async fn reads_gathered_from_many_callers_answer_each_its_own<S: Store + Clone + 'static>(s: &S) {
+    let n = super::shared::JOBS_CHUNK + 44;
+    let ids: Vec<String> = (0..n).map(|i| format!("g{i:04}")).collect();
+    let submits = ids.iter().enumerate().map(|(i, id)| s.submit(new_job(id, &format!("key{i}"), i as u64)));
+    futures_util::future::try_join_all(submits).await.unwrap();
+    let reads = JobReads::spawn(std::sync::Arc::new(s.clone()));
+    // Caller k asks for ten jobs from 5k on (overlapping its neighbours'), one twice, and one
+    // that does not exist.
+    let asked = |k: usize| {
+        let mut a: Vec<String> = (5 * k..(5 * k + 10).min(n)).map(|i| ids[i].clone()).collect();
+        a.push(ids[5 * k].clone());
+        a.push(format!("absent{k}"));
+        a
+    };
+    let callers = n / 5;
+    let answers = futures_util::future::try_join_all((0..callers).map(|k| reads.jobs(asked(k)))).await.unwrap();
+    for (k, got) in answers.into_iter().enumerate() {
+        let mut got: Vec<String> = got.into_iter().map(|j| j.id).collect();
+        got.sort();
+        let want: Vec<String> = (5 * k..(5 * k + 10).min(n)).map(|i| ids[i].clone()).collect();
+        assert_eq!(got, want, "caller {k}: its own jobs, each once");
+    }
+    let alone = reads.jobs(vec![ids[3].clone()]).await.unwrap();
+    assert_eq!((alone.len(), alone[0].request.seed), (1, 3));
 }
 
 async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {
