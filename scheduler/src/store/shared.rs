@@ -194,15 +194,18 @@ macro_rules! store_impl {
                     ids.sort_unstable();
                     ids.dedup();
                     let mut jobs = Vec::with_capacity(ids.len());
-                    // A statement per chunk (both dialects cap a statement's parameters); the
-                    // statement cache keeps one plan per chunk size.
+                    // A statement per chunk (both dialects cap a statement's parameters). A
+                    // chunk binds a power of two of ids, its last repeated to fill it, so the
+                    // statement cache holds nine statements, not one per count of ids asked
+                    // (gathered reads ask for any count, and a new statement is parsed and planned).
                     for chunk in ids.chunks(super::shared::JOBS_CHUNK) {
-                        let marks = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                        let width = chunk.len().next_power_of_two();
+                        let marks = (1..=width).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
                         // Safe: the statement is built from parameter numbers only.
                         let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM jobs WHERE id IN ({marks})"));
                         let mut q = sqlx::query(sql);
-                        for id in chunk {
-                            q = q.bind(id);
+                        for k in 0..width {
+                            q = q.bind(&chunk[k.min(chunk.len() - 1)]);
                         }
                         for row in q.fetch_all(&self.read).await? {
                             jobs.push(job_from_row(&row)?);
