@@ -502,6 +502,15 @@ impl Scheduler {
         {
             return refused("its provenance names another asset".into());
         }
+        if let Some(png) = png {
+            let limit = self.cfg.limits.max_asset_bytes;
+            if png.len() > limit {
+                return refused(format!("its {} bytes are over limits.max_asset_bytes ({limit})", png.len()));
+            }
+            if blake3::hash(png).to_hex().as_str() != asset {
+                return refused("its bytes do not hash to it (BLAKE3)".into());
+            }
+        }
         let record = match (png, provenance) {
             (None, None) => return Ok(()),
             (_, Some(p)) => serde_json::to_string_pretty(p),
@@ -516,15 +525,6 @@ impl Scheduler {
             })),
         };
         let record = record.map_err(|e| InlineError::Store(std::io::Error::other(e)))?;
-        if let Some(png) = png {
-            let limit = self.cfg.limits.max_asset_bytes;
-            if png.len() > limit {
-                return refused(format!("its {} bytes are over limits.max_asset_bytes ({limit})", png.len()));
-            }
-            if blake3::hash(png).to_hex().as_str() != asset {
-                return refused("its bytes do not hash to it (BLAKE3)".into());
-            }
-        }
         let (worker, png, asset) = (self.worker.clone(), png.map(<[u8]>::to_vec), asset.to_owned());
         let stored = tokio::task::spawn_blocking(move || match png {
             Some(png) => worker.store().put(&png, record).map(drop),

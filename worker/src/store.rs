@@ -335,7 +335,9 @@ impl AssetStore {
         }
         fs::create_dir_all(self.shard(hash))?;
         let mut temps = Scratch(Vec::with_capacity(1));
-        self.write_scratch(hash, json, &mut temps)?.sync_all()?;
+        let file = self.write_scratch(hash, json, &mut temps)?;
+        // Shares a sync with the others stored meanwhile (a result batch's provenances).
+        self.sync.sync(&[&file])?;
         fs::rename(&temps.0[0], self.provenance_path(hash))?;
         temps.0.clear();
         Ok(())

@@ -20,9 +20,8 @@
 //! second.
 
 use std::collections::VecDeque;
-use std::time::Instant;
-
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
