@@ -196,6 +196,9 @@ pub fn spawn_worker_to(env: &WorkerEnv, id: &str, extra: &[(&str, &str)], stderr
         .env("KILN_WORKER_TOKEN", env.token)
         .env("KILN_WORKER_ID", id)
         .env("KILN_CONCURRENCY", "2")
+        // A beat a second: the distributed tests' lost period (5 s) is then five missed beats,
+        // not one late one.
+        .env("KILN_HEARTBEAT_SECONDS", "1")
         .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(stderr)

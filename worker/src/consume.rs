@@ -64,7 +64,8 @@ pub struct RunConfig {
     /// message instead of being uploaded; 0 uploads every asset. Each asset's provenance travels
     /// with its result either way. At most 64 KiB [env KILN_INLINE_ASSET_BYTES].
     pub inline_asset_bytes: u64,
-    /// Seconds between heartbeats.
+    /// Seconds between heartbeats; keep it well under the scheduler's `lost_after_seconds`
+    /// (several beats), or a late beat shows the worker lost [env KILN_HEARTBEAT_SECONDS].
     pub heartbeat_seconds: u64,
     /// Seconds a drain waits for renders in hand before handing them back.
     pub grace_seconds: u64,
@@ -130,6 +131,7 @@ impl RunConfig {
         self.concurrency = env_parse("KILN_CONCURRENCY", env)?.unwrap_or(self.concurrency);
         self.shared_assets = env_parse("KILN_SHARED_ASSETS", env)?.unwrap_or(self.shared_assets);
         self.inline_asset_bytes = env_parse("KILN_INLINE_ASSET_BYTES", env)?.unwrap_or(self.inline_asset_bytes);
+        self.heartbeat_seconds = env_parse("KILN_HEARTBEAT_SECONDS", env)?.unwrap_or(self.heartbeat_seconds);
         self.metrics_listen = env_parse("KILN_METRICS_LISTEN", env)?.or(self.metrics_listen);
         self.validate()
     }
@@ -921,5 +923,17 @@ mod tests {
         assert!(e.contains("KILN_INLINE_ASSET_BYTES"), "{e}");
         let e = toml::from_str::<RunConfig>("inline_asset_bytes = -1").unwrap_err().to_string();
         assert!(e.contains("inline_asset_bytes"), "{e}");
+    }
+
+    #[test]
+    fn the_heartbeat_period_comes_from_the_environment_and_is_at_least_a_second() {
+        let mut run = RunConfig { token: Some("t".into()), ..RunConfig::default() };
+        assert_eq!(run.heartbeat_seconds, 5);
+        run.apply_env(&env(&[("KILN_HEARTBEAT_SECONDS", "1")])).unwrap();
+        assert_eq!(run.heartbeat_seconds, 1);
+        let e = run.apply_env(&env(&[("KILN_HEARTBEAT_SECONDS", "0")])).unwrap_err().to_string();
+        assert!(e.contains("heartbeat_seconds") && e.contains("at least 1"), "{e}");
+        let e = run.apply_env(&env(&[("KILN_HEARTBEAT_SECONDS", "often")])).unwrap_err().to_string();
+        assert!(e.contains("KILN_HEARTBEAT_SECONDS"), "{e}");
     }
 }
