@@ -225,6 +225,10 @@ pub struct Heartbeat {
     pub drained: Option<String>,
     /// When it was sent, unix milliseconds.
     pub at_ms: i64,
+    /// How often it beats, milliseconds (absent from workers before it was sent): the scheduler
+    /// shows it lost only after three missed beats, however short its own lost period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
 }
 
 /// What the scheduler tells one worker.

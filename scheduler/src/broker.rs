@@ -65,6 +65,13 @@ impl Registry {
         Registry { lost_after_ms: lost_after.as_millis() as i64, ..Registry::default() }
     }
 
+    /// How long `hb`'s worker may be silent before it is shown lost: the lost period, or three
+    /// of its beats where that is longer, so that one late beat never shows a working worker lost.
+    fn lost_after_ms(&self, hb: &Heartbeat) -> i64 {
+        let beats = hb.every_ms.map_or(0, |ms| i64::try_from(ms).unwrap_or(i64::MAX / 3).saturating_mul(3));
+        self.lost_after_ms.max(beats)
+    }
+
     /// Records a heartbeat; a worker whose view of its drain differs from the scheduler's is
     /// told again (it restarted, or a command was lost).
     pub fn heard(&self, hb: Heartbeat, now_ms: i64) {
@@ -80,6 +87,14 @@ impl Registry {
         let mut w = lock(&self.workers);
         if !w.contains_key(&hb.worker_id) {
             tracing::info!(worker = hb.worker_id, host = hb.host, backend = hb.backend, "a worker joined");
+            if self.lost_after_ms(&hb) > self.lost_after_ms {
+                tracing::warn!(
+                    worker = hb.worker_id,
+                    every_ms = hb.every_ms,
+                    lost_after_ms = self.lost_after_ms,
+                    "a worker beats too seldom for lost_after_seconds; it is shown lost after three missed beats instead"
+                );
+            }
         }
         w.insert(hb.worker_id.clone(), (hb, now_ms));
     }
@@ -129,7 +144,7 @@ impl Registry {
             .map(|(hb, seen)| {
                 let reason = drained.get(&hb.worker_id).map(|d| d.reason.clone());
                 WorkerEntry {
-                    state: if now_ms - seen > self.lost_after_ms {
+                    state: if now_ms - seen > self.lost_after_ms(hb) {
                         "lost"
                     } else if reason.is_some() {
                         "drained"
@@ -629,5 +644,46 @@ impl Scheduler {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(id: &str, every_ms: Option<u64>) -> Heartbeat {
+        Heartbeat {
+            v: wire::SCHEMA_VERSION,
+            worker_id: id.into(),
+            host: "h".into(),
+            backend: "cpu".into(),
+            adapter: "cpu".into(),
+            memory_bytes: None,
+            models: vec![],
+            tiers: vec![],
+            in_flight: 0,
+            concurrency: 1,
+            draining: false,
+            drained: None,
+            at_ms: 0,
+            every_ms,
+        }
+    }
+
+    #[test]
+    fn a_worker_is_lost_after_the_lost_period_or_three_of_its_beats_whichever_is_longer() {
+        let r = Registry::new(Duration::from_secs(5));
+        // Beats as often as the lost period, every second, and an older worker that does not say.
+        for (id, every) in [("slow", Some(5_000)), ("quick", Some(1_000)), ("old", None)] {
+            r.heard(beat(id, every), 0);
+        }
+        let states = |now| r.list(now).into_iter().map(|e| (e.heartbeat.worker_id, e.state)).collect::<Vec<_>>();
+        assert_eq!(states(5_000), [("old".into(), "active"), ("quick".into(), "active"), ("slow".into(), "active")]);
+        // One late beat: the slow worker is still active.
+        assert_eq!(states(5_050), [("old".into(), "lost"), ("quick".into(), "lost"), ("slow".into(), "active")]);
+        assert_eq!(r.sweep(5_050), ["old", "quick"], "each lost worker is reported once");
+        assert_eq!(r.sweep(14_000), Vec::<String>::new());
+        assert_eq!(states(15_001)[2], ("slow".into(), "lost"));
+        assert_eq!(r.counts(15_001).get("lost"), Some(&3));
     }
 }

@@ -114,7 +114,8 @@ pub struct BrokerConfig {
     pub prefix: String,
     /// Outbox messages published ahead of their confirms.
     pub window: u32,
-    /// A worker unheard for this long is shown as lost.
+    /// A worker unheard for this long (or for three of its beats, where that is longer) is shown
+    /// as lost.
     pub lost_after_seconds: u64,
     /// A job that fails on this many distinct workers is quarantined (failed for good: the
     /// job, not the workers, is at fault).

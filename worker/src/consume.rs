@@ -64,8 +64,8 @@ pub struct RunConfig {
     /// message instead of being uploaded; 0 uploads every asset. Each asset's provenance travels
     /// with its result either way. At most 64 KiB [env KILN_INLINE_ASSET_BYTES].
     pub inline_asset_bytes: u64,
-    /// Seconds between heartbeats; keep it well under the scheduler's `lost_after_seconds`
-    /// (several beats), or a late beat shows the worker lost [env KILN_HEARTBEAT_SECONDS].
+    /// Seconds between heartbeats. The scheduler shows a worker lost after its
+    /// `lost_after_seconds` or three of these, whichever is longer [env KILN_HEARTBEAT_SECONDS].
     pub heartbeat_seconds: u64,
     /// Seconds a drain waits for renders in hand before handing them back.
     pub grace_seconds: u64,
@@ -547,6 +547,7 @@ impl Daemon {
             draining: self.draining.load(Ordering::Relaxed) || self.drained_reason().is_some(),
             drained: self.drained_reason(),
             at_ms: now_ms(),
+            every_ms: Some(self.cfg.heartbeat_seconds.saturating_mul(1000)),
         };
         let body = serde_json::to_vec(&hb).unwrap_or_default();
         let props = amqp::properties(HEARTBEAT_TYPE, &format!("{}:{}", self.id, hb.at_ms));

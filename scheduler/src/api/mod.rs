@@ -554,7 +554,8 @@ fn uploader(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// `GET /v1/workers` (operator): the workers heard from, with their state (`active`,
 /// `draining`, `drained` with the reason, `lost`: no heartbeat for
-/// `scheduler.broker.lost_after_seconds`), and every drained worker, heard from or not.
+/// `scheduler.broker.lost_after_seconds`, or three of its beats where that is longer), and every
+/// drained worker, heard from or not.
 async fn workers(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     if person(&s, &headers)?.role != Role::Operator {
         return Err(ApiError::forbidden("the worker registry is the operator's"));
