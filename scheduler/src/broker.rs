@@ -67,8 +67,8 @@ impl Registry {
 
     /// How long `hb`'s worker may be silent before it is shown lost: the lost period, or three
     /// of its beats where that is longer, so that one late beat never shows a working worker lost.
-    fn lost_after_ms(&self, hb: &Heartbeat) -> i64 {
-        let beats = hb.every_ms.map_or(0, |ms| i64::try_from(ms).unwrap_or(i64::MAX / 3).saturating_mul(3));
+    fn silence_allowed_ms(&self, hb: &Heartbeat) -> i64 {
+        let beats = hb.every_ms.map_or(0, |ms| i64::try_from(ms.saturating_mul(3)).unwrap_or(i64::MAX));
         self.lost_after_ms.max(beats)
     }
 
@@ -87,7 +87,7 @@ impl Registry {
         let mut w = lock(&self.workers);
         if !w.contains_key(&hb.worker_id) {
             tracing::info!(worker = hb.worker_id, host = hb.host, backend = hb.backend, "a worker joined");
-            if self.lost_after_ms(&hb) > self.lost_after_ms {
+            if self.silence_allowed_ms(&hb) > self.lost_after_ms {
                 tracing::warn!(
                     worker = hb.worker_id,
                     every_ms = hb.every_ms,
@@ -144,7 +144,7 @@ impl Registry {
             .map(|(hb, seen)| {
                 let reason = drained.get(&hb.worker_id).map(|d| d.reason.clone());
                 WorkerEntry {
-                    state: if now_ms - seen > self.lost_after_ms(hb) {
+                    state: if now_ms - seen > self.silence_allowed_ms(hb) {
                         "lost"
                     } else if reason.is_some() {
                         "drained"
