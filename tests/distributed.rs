@@ -511,3 +511,77 @@ async fn a_job_that_fails_on_several_distinct_workers_is_quarantined() {
     assert_eq!(d.farm.metric("kiln_jobs_quarantined_total", "").await, 1.0);
     d.stop().await;
 }
+
+/// Takes the next delivery from `consumer`; its tag and body.
+async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    use futures_util::StreamExt;
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
+    d.expect("a delivery within 10 s").expect("the consumer is open").expect("a delivery")
+}
+
+/// Waits until the settler has sent `n` ack frames in all.
+async fn ack_frames_reach(metrics: &kiln_worker::metrics::Metrics, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics.ack_frames.get() < n {
+        assert!(Instant::now() < deadline, "{} ack frames, not {n}", metrics.ack_frames.get());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.ack_frames.get(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_acks_a_finished_run_in_one_frame_and_never_a_delivery_still_in_hand() {
+    use futures_util::StreamExt;
+    use kiln_worker::settle::{Settle, Settler, Tag};
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+    let Some((url, prefix)) = testenv::amqp().await else { return };
+    let conn = kiln_worker::amqp::connect(&url, "kiln-test").await.unwrap();
+    let publ = kiln_worker::amqp::confirm_channel(&conn).await.unwrap();
+    let queue = format!("{prefix}.settle");
+    let declare = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    publ.queue_declare(queue.clone().into(), declare, FieldTable::default()).await.unwrap();
+    for i in 1..=6 {
+        let props = kiln_worker::amqp::properties(JOB_TYPE, &format!("m{i}"));
+        kiln_worker::amqp::publish_confirmed(&publ, "", &queue, format!("m{i}").as_bytes(), props).await.unwrap();
+    }
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let opts = BasicConsumeOptions::default();
+    let mut consumer =
+        ch.basic_consume(queue.clone().into(), "settle".into(), opts, FieldTable::default()).await.unwrap();
+    let metrics = kiln_worker::metrics::Metrics::new();
+    let (settler, task) = Settler::start(1, metrics.clone());
+    let mut taken = Vec::new();
+    for _ in 0..6 {
+        let d = next_delivery(&mut consumer).await;
+        settler.taken(Tag { ch: 0, tag: d.delivery_tag });
+        taken.push(d);
+    }
+    let settle =
+        |d: &lapin::message::Delivery| Settle { at: Tag { ch: 0, tag: d.delivery_tag }, acker: d.acker.clone() };
+    // m3 and m6 still rendering; m1, m2, m4 and m5 done: m1..m2 in one multiple ack, m4 and m5
+    // each alone (a multiple ack of m5 would have settled m3).
+    settler.ack([0, 1, 3, 4].iter().map(|&i| settle(&taken[i])).collect());
+    ack_frames_reach(&metrics, 3).await;
+    // m3 goes back and comes again: it was not settled with the others.
+    settler.nack(settle(&taken[2]));
+    let again = next_delivery(&mut consumer).await;
+    assert_eq!(again.data, b"m3");
+    settler.taken(Tag { ch: 0, tag: again.delivery_tag });
+    // m6 done: nothing below it unsettled but the m3 delivered again above it, so one frame.
+    settler.ack(vec![settle(&taken[5])]);
+    ack_frames_reach(&metrics, 4).await;
+    settler.ack(vec![settle(&again)]);
+    ack_frames_reach(&metrics, 5).await;
+    drop(settler);
+    task.await.unwrap();
+    // Nothing more comes, and with the channel closed nothing goes back: every message is acked.
+    let more = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+    assert!(more.is_err(), "an unexpected delivery: {more:?}");
+    kiln_worker::amqp::close_channels(&[&ch], "done").await;
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let q = publ.queue_declare(queue.clone().into(), passive, FieldTable::default()).await.unwrap();
+    assert_eq!(q.message_count(), 0, "messages left on the queue");
+    publ.queue_delete(queue.into(), QueueDeleteOptions::default()).await.unwrap();
+}

@@ -4,8 +4,8 @@
 //! prefetch), renders with the engine at most `concurrency` jobs at once, hands each new asset to
 //! the scheduler unless the asset store is shared (a small one inside its result message, held in
 //! memory and never stored here; a larger one by `PUT /v1/assets/{hash}` with a worker token),
-//! publishes the result with a publisher confirm, and only then acks the delivery. A
-//! crash anywhere before the ack hands the job back to the broker, which delivers it again; the
+//! publishes the result with a publisher confirm, and only then acks the delivery (through the
+//! session's [`Settler`], which folds a run of them into one frame). A crash anywhere before the ack hands the job back to the broker, which delivers it again; the
 //! scheduler records only the first result of an attempt, so a repeat is harmless.
 //!
 //! A message that does not decode, has an unknown schema version or asks for a render outside
@@ -24,8 +24,7 @@ use kiln_protocol::wire::{
 };
 use kiln_protocol::{RenderRequest, Tier};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -37,6 +36,7 @@ use crate::amqp;
 use crate::client::{Client, Secret};
 use crate::config::ConfigError;
 use crate::metrics::Metrics;
+use crate::settle::{Settle, Settler, Tag};
 use crate::worker::Worker;
 
 /// The daemon's settings (`[run]` in the worker's config file).
@@ -450,9 +450,12 @@ impl Daemon {
             channels.push((ch, tag));
         }
         tracing::info!(worker_id = self.id, "consuming");
-        let mut deliveries = futures_util::stream::select_all(consumers);
+        let mut deliveries = futures_util::stream::select_all(
+            consumers.into_iter().enumerate().map(|(ch, c)| c.map(move |d| d.map(|d| (ch, d)))),
+        );
+        let (settler, settling) = Settler::start(channels.len(), self.worker.metrics.clone());
         let (results, publisher) =
-            Results::start(publ.clone(), self.names.results_queue(), self.worker.metrics.clone());
+            Results::start(publ.clone(), self.names.results_queue(), settler.clone(), self.worker.metrics.clone());
         let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         let ended = loop {
@@ -473,11 +476,12 @@ impl Daemon {
                 d = deliveries.next() => d,
             };
             match delivery {
-                Some(Ok(delivery)) => {
+                Some(Ok((ch, delivery))) => {
                     let me = self.clone();
-                    let (publ, results) = (publ.clone(), results.clone());
+                    let (publ, results, settler) = (publ.clone(), results.clone(), settler.clone());
+                    settler.taken(Tag { ch, tag: delivery.delivery_tag });
                     tasks.spawn(async move {
-                        me.handle(&publ, &results, delivery).await;
+                        me.handle(&publ, &results, &settler, ch, delivery).await;
                         drop(permit);
                     });
                 }
@@ -491,6 +495,7 @@ impl Daemon {
             Err(e) => {
                 tasks.abort_all();
                 publisher.abort();
+                settling.abort();
                 return Err(e);
             }
         };
@@ -508,9 +513,12 @@ impl Daemon {
             tracing::warn!(left = tasks.len(), "grace period over; handing the renders still in hand back");
             tasks.abort_all();
         }
-        // Every render's result is published (or handed back): the publisher ends with its last sender.
+        // Every render's result is published (or handed back): the publisher ends with its last
+        // sender, then the settler, once it has sent every ack and nack it was given.
         drop(results);
         let _ = publisher.await;
+        drop(settler);
+        let _ = settling.await;
         for (ch, _) in channels {
             // Everything still unacked on the channel (sent ahead, or cut off by the grace
             // period) goes back to the queue now, before the channel closes.
@@ -574,21 +582,29 @@ impl Daemon {
         Ok(msg)
     }
 
-    async fn handle(&self, publ: &Channel, results: &Results, delivery: lapin::message::Delivery) {
+    async fn handle(
+        &self,
+        publ: &Channel,
+        results: &Results,
+        settler: &Settler,
+        ch: usize,
+        delivery: lapin::message::Delivery,
+    ) {
+        let settle = || Settle { at: Tag { ch, tag: delivery.delivery_tag }, acker: delivery.acker.clone() };
         let msg = match self.check(&delivery) {
             Ok(m) => m,
             Err(reason) => {
                 self.worker.metrics.bad_messages.inc();
                 tracing::warn!(reason, routing_key = %delivery.routing_key, "dead-lettering a bad job message");
                 let dl = amqp::dead_letter(publ, &self.names, &delivery.data, &delivery.properties, &reason).await;
-                let _ = match dl {
-                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                match dl {
+                    Ok(()) => settler.ack(vec![settle()]),
                     // Not lost: back to the queue until the dead-letter exchange takes it.
                     Err(e) => {
                         tracing::error!(error = %e, "cannot dead-letter; handing the message back");
-                        delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+                        settler.nack(settle());
                     }
-                };
+                }
                 return;
             }
         };
@@ -618,7 +634,7 @@ impl Daemon {
                     Err(UploadError::Refused(error)) => AttemptOutcome::Failed { error, transient: true },
                     Err(UploadError::Failed(e)) => {
                         tracing::error!(job_id = msg.job_id, error = %e, "cannot upload the asset; handing the job back");
-                        let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+                        settler.nack(settle());
                         return;
                     }
                 }
@@ -640,15 +656,11 @@ impl Daemon {
             job: msg,
         };
         let id = result_id(&result);
-        match results.publish(result).await {
-            Ok(()) => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-            }
-            Err(e) => {
-                // Unacked: the broker hands the job out again and the result is made again.
-                tracing::error!(job = id, error = %e, "cannot publish the result; the job goes back to the queue");
-                let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
-            }
+        // Once the result is confirmed, the publisher has the delivery acked.
+        if let Err(e) = results.publish(result, settle()).await {
+            // Unacked: the broker hands the job out again and the result is made again.
+            tracing::error!(job = id, error = %e, "cannot publish the result; the job goes back to the queue");
+            settler.nack(settle());
         }
     }
 
@@ -757,30 +769,44 @@ fn gather(first: Outgoing, rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Vec<Ou
     batch
 }
 
-/// A result on its way to the publisher, and where to say how it went.
-type Outgoing = (ResultMessage, oneshot::Sender<Result<(), String>>);
+/// A result on its way to the publisher, the delivery it answers, and where to say how it went.
+type Outgoing = (ResultMessage, Settle, oneshot::Sender<Result<(), String>>);
 
 /// The session's result publisher. Renders hand it their results; it publishes what has come in
 /// while its last message was being confirmed as one message (a [`ResultBatch`] of at most
-/// [`MAX_RESULTS_PER_MESSAGE`], or a plain result when one came alone), and tells each render
-/// once the broker confirmed it, so each render acks its own delivery only then. Under load a
-/// job costs the broker about one message instead of two; idle, a result goes out at once.
+/// [`MAX_RESULTS_PER_MESSAGE`], or a plain result when one came alone), and once the broker
+/// confirmed it, hands their deliveries to the settler to ack together, then tells each render.
+/// Under load a job costs the broker about one message instead of two, and a run of results
+/// about one ack frame; idle, a result goes out at once.
 #[derive(Clone)]
 struct Results(mpsc::UnboundedSender<Outgoing>);
 
 impl Results {
     /// Starts the publisher on `publ` (a confirm channel); it ends once every sender is gone.
-    fn start(publ: Channel, queue: String, metrics: Metrics) -> (Results, tokio::task::JoinHandle<()>) {
+    fn start(
+        publ: Channel,
+        queue: String,
+        settler: Settler,
+        metrics: Metrics,
+    ) -> (Results, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let batch = gather(first, &mut rx);
-                let (results, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                let n = results.len() as u64;
+                let n = batch.len() as u64;
+                let mut results = Vec::with_capacity(batch.len());
+                let mut deliveries = Vec::with_capacity(batch.len());
+                let mut replies = Vec::with_capacity(batch.len());
+                for (r, d, reply) in batch {
+                    results.push(r);
+                    deliveries.push(d);
+                    replies.push(reply);
+                }
                 let sent = publish_results(&publ, &queue, results).await.map_err(|e| e.to_string());
                 if sent.is_ok() {
                     metrics.result_messages.inc();
                     metrics.results.inc_by(n);
+                    settler.ack(deliveries);
                 }
                 for reply in replies {
                     let _ = reply.send(sent.clone());
@@ -790,10 +816,11 @@ impl Results {
         (Results(tx), task)
     }
 
-    /// Publishes a result; `Ok` once the broker confirmed the message that carried it.
-    async fn publish(&self, result: ResultMessage) -> Result<(), String> {
+    /// Publishes a result; `Ok` once the broker confirmed the message that carried it, and its
+    /// delivery is on its way to being acked. On `Err` the delivery is the caller's to settle.
+    async fn publish(&self, result: ResultMessage, delivery: Settle) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.0.send((result, tx)).map_err(|_| "the result publisher has stopped".to_owned())?;
+        self.0.send((result, delivery, tx)).map_err(|_| "the result publisher has stopped".to_owned())?;
         rx.await.map_err(|_| "the result publisher stopped before the broker confirmed".to_owned())?
     }
 }
@@ -897,7 +924,8 @@ mod tests {
                 finished_ms: 0,
                 outcome,
             };
-            (msg, oneshot::channel().0)
+            let d = lapin::message::Delivery::mock(1, "".into(), "".into(), false, Vec::new());
+            (msg, Settle { at: Tag { ch: 0, tag: 1 }, acker: d.acker }, oneshot::channel().0)
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         for _ in 0..300 {

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod post;
 pub mod prng;
 pub mod render;
+pub mod settle;
 pub mod store;
 pub mod worker;

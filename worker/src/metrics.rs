@@ -18,6 +18,8 @@ pub const BAD_MESSAGES: &str = "kiln_worker_bad_messages_total";
 pub const RESULT_MESSAGES: &str = "kiln_worker_result_messages_total";
 /// Results the worker daemon published (confirmed), over all its result messages.
 pub const RESULTS: &str = "kiln_worker_results_total";
+/// Ack frames the worker daemon sent; one `multiple` ack settles a run of deliveries.
+pub const ACK_FRAMES: &str = "kiln_worker_ack_frames_total";
 /// Assets the worker daemon handed to the scheduler, by how: `inline` (inside the result) or
 /// `upload` (`PUT`). Nothing is counted when the asset folder is shared.
 pub const ASSETS_HANDED: &str = "kiln_worker_assets_handed_total";
@@ -40,6 +42,8 @@ pub struct Metrics {
     pub result_messages: IntCounter,
     /// [`RESULTS`].
     pub results: IntCounter,
+    /// [`ACK_FRAMES`].
+    pub ack_frames: IntCounter,
     /// [`ASSETS_HANDED`], by `how`.
     pub assets_handed: IntCounterVec,
 }
@@ -70,6 +74,8 @@ impl Metrics {
             IntCounter::new(RESULT_MESSAGES, "Result messages published, each with one or more results")
                 .expect("valid metric");
         let results = IntCounter::new(RESULTS, "Results published").expect("valid metric");
+        let ack_frames =
+            IntCounter::new(ACK_FRAMES, "Ack frames sent; one may settle a run of deliveries").expect("valid metric");
         let assets_handed = IntCounterVec::new(
             Opts::new(ASSETS_HANDED, "Assets handed to the scheduler, inside the result or uploaded"),
             &["how"],
@@ -85,6 +91,7 @@ impl Metrics {
                 Box::new(bad_messages.clone()),
                 Box::new(result_messages.clone()),
                 Box::new(results.clone()),
+                Box::new(ack_frames.clone()),
                 Box::new(assets_handed.clone()),
             ],
         );
@@ -97,6 +104,7 @@ impl Metrics {
             bad_messages,
             result_messages,
             results,
+            ack_frames,
             assets_handed,
         }
     }

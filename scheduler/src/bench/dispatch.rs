@@ -261,9 +261,12 @@ async fn end_to_end(
         daemons.push(tokio::spawn(kiln_worker::consume::run(worker, rc, stop.clone())));
     }
     let sent = |workers: &[Arc<Worker>]| {
-        workers.iter().fold((0, 0), |(m, r), w| (m + w.metrics.result_messages.get(), r + w.metrics.results.get()))
+        workers.iter().fold((0, 0, 0), |(m, r, a), w| {
+            let w = &w.metrics;
+            (m + w.result_messages.get(), r + w.results.get(), a + w.ack_frames.get())
+        })
     };
-    let (messages0, results0) = sent(&workers);
+    let (messages0, results0, acks0) = sent(&workers);
     let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
     let figures = async {
         let one = tiny_jobs(&farm.client, "bench dispatch", base, a.jobs, a.concurrency).await?;
@@ -276,11 +279,11 @@ async fn end_to_end(
     for d in daemons {
         d.await.context("a worker daemon panicked")??;
     }
-    let (messages, results) = sent(&workers);
-    let (messages, results) = (messages - messages0, results - results0);
+    let (messages, results, acks) = sent(&workers);
+    let (messages, results, acks) = (messages - messages0, results - results0, acks - acks0);
     farm.stop(a.keep.then_some(run)).await?;
     let (one, batched) = figures?;
-    println!("  run {}: {results} results in {messages} result messages", run + 1);
+    println!("  run {}: {results} results in {messages} result messages, their jobs acked in {acks} frames", run + 1);
     Ok((one, batched, messages_per_job(messages, results)))
 }
 
