@@ -512,7 +512,7 @@ async fn a_job_that_fails_on_several_distinct_workers_is_quarantined() {
     d.stop().await;
 }
 
-/// Takes the next delivery from `consumer`; its tag and body.
+/// Takes the next delivery from `consumer`, waiting up to 10 s.
 async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
     use futures_util::StreamExt;
     let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;

@@ -5,8 +5,9 @@
 //! the scheduler unless the asset store is shared (a small one inside its result message, held in
 //! memory and never stored here; a larger one by `PUT /v1/assets/{hash}` with a worker token),
 //! publishes the result with a publisher confirm, and only then acks the delivery (through the
-//! session's [`Settler`], which folds a run of them into one frame). A crash anywhere before the ack hands the job back to the broker, which delivers it again; the
-//! scheduler records only the first result of an attempt, so a repeat is harmless.
+//! session's [`Settler`], which folds a run of them into one frame). A crash anywhere before the
+//! ack hands the job back to the broker, which delivers it again; the scheduler records only the
+//! first result of an attempt, so a repeat is harmless.
 //!
 //! A message that does not decode, has an unknown schema version or asks for a render outside
 //! this worker's tier limits is dead-lettered with the reason and counted; the worker carries on.
