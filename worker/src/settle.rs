@@ -10,7 +10,7 @@
 //! an earlier one is still rendering) is acked alone at once, so a slow render never keeps the
 //! broker from sending more.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -91,7 +91,8 @@ fn plan(unsettled: &BTreeSet<u64>, done: &[u64]) -> Plan {
 async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, channels: usize, metrics: Metrics) {
     let mut unsettled = vec![BTreeSet::new(); channels];
     while let Some(first) = rx.recv().await {
-        let mut done: Vec<Vec<Settle>> = (0..channels).map(|_| Vec::new()).collect();
+        // Each channel's finished deliveries in this round, by tag.
+        let mut done: Vec<BTreeMap<u64, Acker>> = vec![BTreeMap::new(); channels];
         let mut next = Some(first);
         while let Some(m) = next.take().or_else(|| rx.try_recv().ok()) {
             match m {
@@ -111,31 +112,22 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Msg>, channels: usize, metrics: Met
                     for s in list {
                         if let (Some(u), Some(d)) = (unsettled.get_mut(s.at.ch), done.get_mut(s.at.ch)) {
                             u.remove(&s.at.tag);
-                            d.push(s);
+                            d.insert(s.at.tag, s.acker);
                         }
                     }
                 }
             }
         }
-        for (ch, list) in done.into_iter().enumerate() {
-            if list.is_empty() {
-                continue;
+        for (mut ackers, unsettled) in done.into_iter().zip(&unsettled) {
+            let tags: Vec<u64> = ackers.keys().copied().collect();
+            let p = plan(unsettled, &tags);
+            let frames = p.multiple.map(|t| (t, true)).into_iter().chain(p.single.into_iter().map(|t| (t, false)));
+            for (tag, multiple) in frames {
+                if let Some(acker) = ackers.remove(&tag) {
+                    metrics.ack_frames.inc();
+                    let _ = acker.ack(BasicAckOptions { multiple }).await;
+                }
             }
-            let tags: Vec<u64> = list.iter().map(|s| s.at.tag).collect();
-            let p = plan(&unsettled[ch], &tags);
-            let mut frames = 0;
-            for s in &list {
-                let opts = if Some(s.at.tag) == p.multiple {
-                    BasicAckOptions { multiple: true }
-                } else if p.single.contains(&s.at.tag) {
-                    BasicAckOptions { multiple: false }
-                } else {
-                    continue;
-                };
-                frames += 1;
-                let _ = s.acker.ack(opts).await;
-            }
-            metrics.ack_frames.inc_by(frames);
         }
     }
 }
