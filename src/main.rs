@@ -4,6 +4,9 @@
 use clap::Parser;
 use kiln_scheduler::cli::{Cli, main_with};
 
+#[global_allocator]
+static ALLOC: kiln_worker::Allocator = kiln_worker::ALLOCATOR;
+
 fn main() -> std::process::ExitCode {
     main_with(Cli::parse())
 }

@@ -5,6 +5,9 @@ use clap::Parser;
 use kiln_scheduler::cli::{Cli, Command, UpArgs, main_with};
 use kiln_worker::cli::GlobalArgs;
 
+#[global_allocator]
+static ALLOC: kiln_worker::Allocator = kiln_worker::ALLOCATOR;
+
 /// Kiln's scheduler: the job API, the durable store, the cache, dispatch to workers.
 #[derive(Debug, Parser)]
 #[command(name = "kiln-scheduler", version, about, long_about = None)]

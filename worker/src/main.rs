@@ -2,6 +2,9 @@
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: kiln_worker::Allocator = kiln_worker::ALLOCATOR;
+
 fn main() -> std::process::ExitCode {
     kiln_worker::cli::main_with(kiln_worker::cli::Cli::parse())
 }
