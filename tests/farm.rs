@@ -230,6 +230,31 @@ async fn idempotency_keys_listing_and_a_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tiny_job_records_its_start_with_its_result_and_keeps_every_state() {
+    let farm = TestFarm::start().await;
+    // 16×16, one sample: its `running` event is written with its result (one write, not two).
+    let j =
+        farm.submit(json!({ "prompt": "tiny start", "seed": 5, "tier": "preview", "width": 16, "height": 16 })).await;
+    let id = j["id"].as_str().unwrap().to_owned();
+    let mut states = Vec::new();
+    farm.client
+        .follow(&id, |kind, data| {
+            if kind == "state" {
+                states.push(data["state"].as_str().unwrap().to_owned());
+            }
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(states, ["queued", "dispatched", "running", "succeeded"], "the stream ends with the job");
+    let done = farm.wait(&id).await;
+    let (started, finished) = (done["started_at"].as_str().unwrap(), done["finished_at"].as_str().unwrap());
+    assert!(started <= finished, "it started ({started}) before it ended ({finished}): {done}");
+    assert_eq!(done["attempt"], 1, "{done}");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_stream_assets_and_provenance() {
     let farm = TestFarm::start().await;
     let j = farm.submit(json!({ "prompt": "pastel quad", "seed": 4, "tier": "final", "width": 512 })).await;

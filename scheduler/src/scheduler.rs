@@ -22,6 +22,14 @@ use crate::retry::Decision;
 use crate::store::{Admission, Dispatch, Event, Job, JobReads, NewJob, Outcome, Store, StoreError, TokenRow};
 use crate::time::now_ms;
 
+/// An in-process render of fewer samples than this (width × height × samples²) writes its
+/// `running` event with its result, in one write, instead of one write before the render and
+/// one after: a start is a database write as costly as the whole of a 16×16 render. The event
+/// keeps the time the render started; the job shows `dispatched` meanwhile, for a moment, and a
+/// job cancelled meanwhile is rendered (for nothing) but stays cancelled. A larger render writes
+/// its start first, so it shows `running` while it renders and is skipped once cancelled.
+const START_WITH_RESULT_BELOW_SAMPLES: u64 = 64 * 64;
+
 /// What a submit may get wrong; each names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -354,6 +362,15 @@ impl Scheduler {
                 () = stop.cancelled() => return,
                 d = self.queue.pop(&tiers) => d,
             };
+            let r = &d.request;
+            let samples = u64::from(r.width) * u64::from(r.height) * u64::from(r.samples).pow(2);
+            if samples < START_WITH_RESULT_BELOW_SAMPLES {
+                // Its start is written with its result, at the time it started.
+                let started_ms = now_ms();
+                let outcome = self.render(n, &d).await;
+                self.record(&d, Some(started_ms), outcome).await;
+                continue;
+            }
             let started = match self.store.start(&d, now_ms()).await {
                 Ok(Some(e)) => e,
                 Ok(None) => continue,
@@ -365,7 +382,7 @@ impl Scheduler {
             };
             self.publish(vec![started]);
             let outcome = self.render(n, &d).await;
-            self.record(&d, outcome).await;
+            self.record(&d, None, outcome).await;
         }
     }
 
@@ -426,13 +443,20 @@ impl Scheduler {
         self.metrics.attempts.with_label_values(&[job.tier.as_str(), outcome]).inc();
     }
 
-    async fn record(&self, job: &Dispatch, outcome: Outcome) {
+    /// Records an in-process attempt's outcome, with its start at `started_ms` where that was not
+    /// written before the render ([`Store::record`]; a start no longer allowed, the job cancelled
+    /// meanwhile, records nothing of it but its asset).
+    async fn record(&self, job: &Dispatch, started_ms: Option<i64>, outcome: Outcome) {
         self.count_attempt(job, outcome.label());
         let retry = matches!(outcome, Outcome::Retry { .. });
         // The result is worth keeping: a few tries before leaving the job to the next start.
         for wait_ms in [0, 100, 1000, 5000] {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            match self.store.finish(job, outcome.clone(), now_ms()).await {
+            let recorded = match started_ms {
+                Some(at) => self.store.record(job, at, outcome.clone(), now_ms()).await,
+                None => self.store.finish(job, outcome.clone(), now_ms()).await,
+            };
+            match recorded {
                 Ok(events) => {
                     self.publish(events);
                     if retry {
