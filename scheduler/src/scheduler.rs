@@ -22,12 +22,12 @@ use crate::retry::Decision;
 use crate::store::{Admission, Dispatch, Event, Job, JobReads, NewJob, Outcome, Store, StoreError, TokenRow};
 use crate::time::now_ms;
 
-/// An in-process render of fewer samples than this (width × height × samples²) writes its
-/// `running` event with its result, in one write, instead of one write before the render and
-/// one after: a start is a database write as costly as the whole of a 16×16 render. The event
-/// keeps the time the render started; the job shows `dispatched` meanwhile, for a moment, and a
-/// job cancelled meanwhile is rendered (for nothing) but stays cancelled. A larger render writes
-/// its start first, so it shows `running` while it renders and is skipped once cancelled.
+/// An in-process render of fewer samples than this (width × height × samples²) writes its `running`
+/// event with its result, in one write, instead of one write before the render and one after (a job
+/// otherwise costs four writes: its submit, dispatch, start and result). The event keeps the time
+/// the render started; the job shows `dispatched` meanwhile, for a moment, and a job cancelled
+/// meanwhile is rendered (for nothing) but stays cancelled. A larger render writes its start first,
+/// so it shows `running` while it renders and is skipped once cancelled.
 const START_WITH_RESULT_BELOW_SAMPLES: u64 = 64 * 64;
 
 /// What a submit may get wrong; each names the field.
