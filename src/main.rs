@@ -5,7 +5,7 @@ use clap::Parser;
 use kiln_scheduler::cli::{Cli, main_with};
 
 #[global_allocator]
-static ALLOC: kiln_worker::Allocator = kiln_worker::ALLOCATOR;
+static ALLOC: kiln_worker::Allocator = kiln_worker::Allocator;
 
 fn main() -> std::process::ExitCode {
     main_with(Cli::parse())

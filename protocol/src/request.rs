@@ -268,6 +268,11 @@ impl RenderRequest {
         })
     }
 
+    /// Samples it renders: width × height × samples².
+    pub fn sample_count(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height) * u64::from(self.samples).pow(2)
+    }
+
     /// The cache key input of this request under a given model version and post chain.
     pub fn key_input(&self, model_version: &str, post_chain_version: &str) -> KeyInput {
         KeyInput {

@@ -6,7 +6,7 @@ use kiln_scheduler::cli::{Cli, Command, UpArgs, main_with};
 use kiln_worker::cli::GlobalArgs;
 
 #[global_allocator]
-static ALLOC: kiln_worker::Allocator = kiln_worker::ALLOCATOR;
+static ALLOC: kiln_worker::Allocator = kiln_worker::Allocator;
 
 /// Kiln's scheduler: the job API, the durable store, the cache, dispatch to workers.
 #[derive(Debug, Parser)]

@@ -362,27 +362,22 @@ impl Scheduler {
                 () = stop.cancelled() => return,
                 d = self.queue.pop(&tiers) => d,
             };
-            let r = &d.request;
-            let samples = u64::from(r.width) * u64::from(r.height) * u64::from(r.samples).pow(2);
-            if samples < START_WITH_RESULT_BELOW_SAMPLES {
-                // Its start is written with its result, at the time it started.
-                let started_ms = now_ms();
-                let outcome = self.render(n, &d).await;
-                self.record(&d, Some(started_ms), outcome).await;
-                continue;
+            let started_ms = now_ms();
+            // A tiny render's start is written with its result instead.
+            if d.request.sample_count() >= START_WITH_RESULT_BELOW_SAMPLES {
+                let started = match self.store.start(&d, started_ms).await {
+                    Ok(Some(e)) => e,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        // The job stays dispatched; the next start of the farm runs it.
+                        tracing::error!(job_id = d.job_id, error = %e, "worker: cannot mark the job running");
+                        continue;
+                    }
+                };
+                self.publish(vec![started]);
             }
-            let started = match self.store.start(&d, now_ms()).await {
-                Ok(Some(e)) => e,
-                Ok(None) => continue,
-                Err(e) => {
-                    // The job stays dispatched; the next start of the farm runs it.
-                    tracing::error!(job_id = d.job_id, error = %e, "worker: cannot mark the job running");
-                    continue;
-                }
-            };
-            self.publish(vec![started]);
             let outcome = self.render(n, &d).await;
-            self.record(&d, None, outcome).await;
+            self.record(&d, started_ms, outcome).await;
         }
     }
 
@@ -443,20 +438,16 @@ impl Scheduler {
         self.metrics.attempts.with_label_values(&[job.tier.as_str(), outcome]).inc();
     }
 
-    /// Records an in-process attempt's outcome, with its start at `started_ms` where that was not
-    /// written before the render ([`Store::record`]; a start no longer allowed, the job cancelled
-    /// meanwhile, records nothing of it but its asset).
-    async fn record(&self, job: &Dispatch, started_ms: Option<i64>, outcome: Outcome) {
+    /// Records an in-process attempt that started at `started_ms` ([`Store::record`]: its start
+    /// too, unless that was written before the render; a start no longer allowed, the job
+    /// cancelled meanwhile, records nothing of it but its asset).
+    async fn record(&self, job: &Dispatch, started_ms: i64, outcome: Outcome) {
         self.count_attempt(job, outcome.label());
         let retry = matches!(outcome, Outcome::Retry { .. });
         // The result is worth keeping: a few tries before leaving the job to the next start.
         for wait_ms in [0, 100, 1000, 5000] {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            let recorded = match started_ms {
-                Some(at) => self.store.record(job, at, outcome.clone(), now_ms()).await,
-                None => self.store.finish(job, outcome.clone(), now_ms()).await,
-            };
-            match recorded {
+            match self.store.record(job, started_ms, outcome.clone(), now_ms()).await {
                 Ok(events) => {
                     self.publish(events);
                     if retry {

@@ -17,19 +17,12 @@ pub mod settle;
 pub mod store;
 pub mod worker;
 
-/// The allocator Kiln's binaries install (`#[global_allocator] static A: Allocator = ALLOCATOR;`
-/// in each `main.rs`): jemalloc. A busy farm allocates and frees small buffers on many threads
-/// (HTTP bodies, JSON, rows, PNGs), and with glibc's malloc that was about an eighth of its CPU;
-/// with jemalloc, `kiln bench farm`'s tiny jobs cost 15% less CPU each.
-#[cfg(not(target_env = "msvc"))]
-pub type Allocator = tikv_jemallocator::Jemalloc;
-/// The allocator Kiln's binaries install: the system's, where jemalloc does not build.
+/// The allocator Kiln's binaries install (`#[global_allocator] static A: Allocator = Allocator;`
+/// in each `main.rs`): jemalloc (the system's where jemalloc does not build, on MSVC). A busy
+/// farm allocates and frees small buffers on many threads (HTTP bodies, JSON, rows, PNGs), and
+/// with glibc's malloc that was about an eighth of its CPU; with jemalloc, `kiln bench farm`'s
+/// tiny jobs cost 15% less CPU each.
 #[cfg(target_env = "msvc")]
-pub type Allocator = std::alloc::System;
-
-/// The [`Allocator`] itself, for a binary's `#[global_allocator]`.
+pub use std::alloc::System as Allocator;
 #[cfg(not(target_env = "msvc"))]
-pub const ALLOCATOR: Allocator = tikv_jemallocator::Jemalloc;
-/// The [`Allocator`] itself, for a binary's `#[global_allocator]`.
-#[cfg(target_env = "msvc")]
-pub const ALLOCATOR: Allocator = std::alloc::System;
+pub use tikv_jemallocator::Jemalloc as Allocator;

@@ -198,8 +198,7 @@ impl Worker {
         }
         let key_input = req.key_input(model_version(), &post_chain_version(req));
         let key = key_input.key();
-        let work = u64::from(key_input.width) * u64::from(key_input.height) * u64::from(key_input.samples).pow(2);
-        let indexed = work >= KEY_INDEX_MIN_SAMPLES;
+        let indexed = req.sample_count() >= KEY_INDEX_MIN_SAMPLES;
         if let Some(asset) = self.cached(&key, indexed) {
             self.metrics.cache_hits.inc();
             tracing::debug!(%key, asset, "cache hit");
