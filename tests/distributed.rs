@@ -181,9 +181,12 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
         assert_eq!((&prov["asset"], &prov["backend"]), (&Value::from(hash), &Value::from("cpu")), "{prov}");
-        // A 24×24 PNG travelled inside its result: the worker did not store it.
+        // A 24×24 PNG travelled inside its result: the worker did not store it. Its provenance
+        // is in the scheduler's database, not in a file beside the PNG.
         let own = kiln_worker::store::AssetStore::open(d.workers[0].1.path()).unwrap();
         assert!(!own.contains(hash), "a small asset is sent with its result, not kept and uploaded");
+        let scheduler_files = kiln_worker::store::AssetStore::open(d.farm.dir.path()).unwrap();
+        assert!(scheduler_files.contains(hash) && !scheduler_files.provenance_path(hash).exists());
     }
     // A batch submitted and awaited in one request: its results come back over the broker.
     let batch: Vec<Value> = (0..4).map(|i| job("a distributed batch", 40 + i, "preview")).collect();

@@ -292,6 +292,21 @@ async fn events_stream_assets_and_provenance() {
     assert!(thumb.len() < r.body.len() && thumb.starts_with(b"\x89PNG"));
     let prov = c.call(Method::GET, &format!("/v1/assets/{asset}/provenance"), None).await.unwrap();
     assert_eq!(prov["thumbnail"], blake3::hash(&thumb).to_hex().as_str());
+    assert_eq!((&prov["asset"], &prov["request"]["seed"], &prov["backend"]), (&json!(asset), &json!(4), &json!("cpu")));
+    // The farm keeps it in its database, not in a file beside the PNG.
+    let files = kiln_worker::store::AssetStore::open(farm.dir.path()).unwrap();
+    assert!(!files.provenance_path(asset).exists(), "recorded with the asset's row");
+    // One uploaded on its own (a worker answering from a store of its own) is a file, served alike.
+    let (png, record) = (b"\x89PNG uploaded".to_vec(), |h: &str| json!({ "asset": h, "by": "an upload" }));
+    let uploaded = blake3::hash(&png).to_hex().to_string();
+    assert_eq!(c.send(Method::PUT, &format!("/v1/assets/{uploaded}"), Some(png.into())).await.unwrap().status, 204);
+    let path = format!("/v1/assets/{uploaded}/provenance");
+    let put = c.send(Method::PUT, &path, Some(record(&uploaded).to_string().into())).await.unwrap();
+    assert_eq!(put.status, StatusCode::NO_CONTENT);
+    assert!(files.provenance_path(&uploaded).is_file());
+    assert_eq!(c.call(Method::GET, &path, None).await.unwrap(), record(&uploaded));
+    let none = c.send(Method::GET, &format!("/v1/assets/{}/provenance", "0".repeat(64)), None).await.unwrap();
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
     // An image no larger than a thumbnail is its own.
     let small = farm.submit(json!({ "prompt": "pastel quad", "seed": 4, "tier": "preview", "width": 48 })).await;
     let small = farm.wait(small["id"].as_str().unwrap()).await;

@@ -499,16 +499,16 @@ enum InlineError {
 
 impl Scheduler {
     /// Stores what of an asset came inside its result instead of being uploaded: the PNG (checked
-    /// against its hash and `limits.max_asset_bytes`) with its provenance, or only the provenance
-    /// of an asset uploaded before the result. A PNG without a provenance is kept with what the
-    /// result says of it.
+    /// against its hash and `limits.max_asset_bytes`). Returns the provenance to record with the
+    /// asset: the one the result carries, or for a PNG that came without one, what the result
+    /// says of it.
     async fn store_inline(
         &self,
         msg: &ResultMessage,
         asset: &str,
         png: Option<&[u8]>,
         provenance: Option<&serde_json::Value>,
-    ) -> Result<(), InlineError> {
+    ) -> Result<Option<String>, InlineError> {
         let refused = |why: String| {
             Err(InlineError::Refused(format!("worker {} sent asset {asset} with its result, but {why}", msg.worker)))
         };
@@ -517,35 +517,34 @@ impl Scheduler {
         {
             return refused("its provenance names another asset".into());
         }
-        if let Some(png) = png {
-            let limit = self.cfg.limits.max_asset_bytes;
-            if png.len() > limit {
-                return refused(format!("its {} bytes are over limits.max_asset_bytes ({limit})", png.len()));
-            }
-            if blake3::hash(png).to_hex().as_str() != asset {
-                return refused("its bytes do not hash to it (BLAKE3)".into());
-            }
-        }
         let record = match (png, provenance) {
-            (None, None) => return Ok(()),
-            (_, Some(p)) => serde_json::to_string_pretty(p),
-            (Some(_), None) => serde_json::to_string_pretty(&serde_json::json!({
-                "asset": asset,
-                "request": msg.job.request,
-                "cache_key": msg.job.cache_key,
-                "worker": msg.worker,
-                "backend": msg.backend,
-                "started_ms": msg.started_ms,
-                "finished_ms": msg.finished_ms,
-            })),
+            (_, Some(p)) => Some(p.to_string()),
+            (Some(_), None) => Some(
+                serde_json::json!({
+                    "asset": asset,
+                    "request": msg.job.request,
+                    "cache_key": msg.job.cache_key,
+                    "worker": msg.worker,
+                    "backend": msg.backend,
+                    "started_ms": msg.started_ms,
+                    "finished_ms": msg.finished_ms,
+                })
+                .to_string(),
+            ),
+            (None, None) => None,
         };
-        let record = record.map_err(|e| InlineError::Store(std::io::Error::other(e)))?;
-        let (worker, png, asset) = (self.worker.clone(), png.map(<[u8]>::to_vec), asset.to_owned());
-        let stored = tokio::task::spawn_blocking(move || match png {
-            Some(png) => worker.store().put(&png, record).map(drop),
-            None => worker.store().import_provenance(&asset, record.as_bytes()),
-        });
-        stored.await.map_err(|e| InlineError::Store(std::io::Error::other(e)))?.map_err(InlineError::Store)
+        let Some(png) = png else { return Ok(record) };
+        let limit = self.cfg.limits.max_asset_bytes;
+        if png.len() > limit {
+            return refused(format!("its {} bytes are over limits.max_asset_bytes ({limit})", png.len()));
+        }
+        if blake3::hash(png).to_hex().as_str() != asset {
+            return refused("its bytes do not hash to it (BLAKE3)".into());
+        }
+        let (worker, png) = (self.worker.clone(), png.to_vec());
+        let stored = tokio::task::spawn_blocking(move || worker.store().put(&png, None));
+        stored.await.map_err(|e| InlineError::Store(std::io::Error::other(e)))?.map_err(InlineError::Store)?;
+        Ok(record)
     }
 
     /// Records a failed attempt and applies the rules: the job is quarantined (the returned
@@ -597,10 +596,10 @@ impl Scheduler {
         let mut outcome = match &msg.outcome {
             AttemptOutcome::Succeeded { asset, bytes, png, provenance } => {
                 match self.store_inline(msg, asset, png.as_deref(), provenance.as_ref()).await {
-                    Ok(()) if self.worker.store().contains(asset) => {
-                        Outcome::Succeeded { asset: asset.clone(), bytes: *bytes }
+                    Ok(provenance) if self.worker.store().contains(asset) => {
+                        Outcome::Succeeded { asset: asset.clone(), bytes: *bytes, provenance }
                     }
-                    Ok(()) => {
+                    Ok(_) => {
                         let error = format!("worker {} reported asset {asset}, which never arrived here", msg.worker);
                         self.failure_outcome(&d, error, true)
                     }

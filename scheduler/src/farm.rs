@@ -105,7 +105,8 @@ impl Farm {
         let data = cfg.data_dir();
         std::fs::create_dir_all(data).with_context(|| format!("failed to create the data dir {}", data.display()))?;
         let store = open_store(cfg).await?;
-        let worker = Worker::new(&cfg.worker, backend).context("failed to set up the worker")?;
+        // The database keeps the provenance of what the farm renders, and answers its repeats.
+        let worker = Worker::new(&cfg.worker, backend).context("failed to set up the worker")?.records_kept_by_caller();
         let sched = Scheduler::new(store, Arc::new(worker), cfg.scheduler.clone(), cfg.worker.tiers.clone())
             .await
             .context("failed to load the scheduler's state")?;

@@ -404,7 +404,10 @@ impl Scheduler {
         .await;
         self.metrics.in_flight.dec();
         let (error, transient) = match result {
-            Ok(Ok(r)) => return Outcome::Succeeded { asset: r.asset, bytes: r.bytes },
+            Ok(Ok(r)) => {
+                let provenance = r.provenance.map(|p| p.to_string());
+                return Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance };
+            }
             Ok(Err(e)) => (e.to_string(), e.is_transient()),
             Err(e) => (format!("the render panicked: {e}"), true),
         };

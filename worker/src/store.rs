@@ -159,13 +159,17 @@ impl Write for PendingAsset {
 }
 
 impl PendingAsset {
+    /// The BLAKE3 hex of what was written so far: the asset's hash once the PNG is finished.
+    pub fn hash(&self) -> String {
+        self.hasher.finalize().to_hex().to_string()
+    }
+
     /// Takes the finished PNG's hash and bytes, when it is held in memory and is at most `max`
     /// bytes (nothing was written to disk); otherwise leaves it pending, to commit.
     pub fn take_held(&mut self, max: u64) -> Option<(String, Vec<u8>)> {
+        let hash = self.hash();
         match &mut self.body {
-            Body::Memory(held) if self.bytes <= max => {
-                Some((self.hasher.finalize().to_hex().to_string(), std::mem::take(held)))
-            }
+            Body::Memory(held) if self.bytes <= max => Some((hash, std::mem::take(held))),
             _ => None,
         }
     }
@@ -182,7 +186,8 @@ impl AssetStore {
     /// Opens (creating) the store under `data_dir`.
     pub fn open(data_dir: &Path) -> io::Result<AssetStore> {
         let root = data_dir.to_path_buf();
-        for d in ["assets", "keys", "tmp"] {
+        // `keys/` is made by the first key put in it: a worker whose caller keeps its records has none.
+        for d in ["assets", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
         let sync = Arc::new(GroupSync::new(&root.join("tmp"))?);
@@ -241,17 +246,18 @@ impl AssetStore {
         })
     }
 
-    /// Moves a finished PNG into place under its hash, with its provenance (`provenance` is
-    /// given the hash and returns the JSON) and its thumbnail (`None`: the image is its own).
-    /// Returns the hash and size. An asset already stored keeps its first provenance.
+    /// Moves a finished PNG into place under its hash ([`PendingAsset::hash`]), with its
+    /// provenance JSON (`None`: its caller keeps it elsewhere) and its thumbnail (`None`: the
+    /// image is its own). Returns the hash and size. An asset already stored keeps its first
+    /// provenance.
     pub fn commit(
         &self,
         pending: PendingAsset,
         thumb: Option<&[u8]>,
-        provenance: impl FnOnce(&str) -> String,
+        provenance: Option<&[u8]>,
     ) -> io::Result<(String, u64)> {
-        let PendingAsset { body, hasher, bytes, .. } = pending;
-        let hash = hasher.finalize().to_hex().to_string();
+        let hash = pending.hash();
+        let PendingAsset { body, bytes, .. } = pending;
         if self.contains(&hash) {
             return Ok((hash, bytes));
         }
@@ -264,16 +270,17 @@ impl AssetStore {
             }
             Body::File(file, temps) => (file.into_inner().map_err(|e| e.into_error())?, temps),
         };
-        self.land(&hash, &png, thumb, provenance(&hash).as_bytes(), temps)?;
+        self.land(&hash, png, thumb, provenance, temps)?;
         Ok((hash, bytes))
     }
 
     /// Stores a whole PNG held in memory (an image that is its own thumbnail: it has no thumbnail
-    /// file) with its provenance JSON, as [`Self::commit`] does. Returns its hash.
-    pub fn put(&self, png: &[u8], provenance: String) -> io::Result<String> {
+    /// file) with its provenance JSON (`None`: kept elsewhere), as [`Self::commit`] does.
+    /// Returns its hash.
+    pub fn put(&self, png: &[u8], provenance: Option<&[u8]>) -> io::Result<String> {
         let mut pending = self.begin()?;
         pending.write_all(png)?;
-        Ok(self.commit(pending, None, |_| provenance)?.0)
+        Ok(self.commit(pending, None, provenance)?.0)
     }
 
     /// Writes the provenance and thumbnail (if any) beside the PNG at `temps[0]`, syncs them
@@ -281,21 +288,23 @@ impl AssetStore {
     fn land(
         &self,
         hash: &str,
-        png: &File,
+        png: File,
         thumb: Option<&[u8]>,
-        provenance: &[u8],
+        provenance: Option<&[u8]>,
         mut temps: Scratch,
     ) -> io::Result<()> {
-        let provenance_file = self.write_scratch(hash, provenance, &mut temps)?;
-        let thumb_file = thumb.map(|t| self.write_scratch(hash, t, &mut temps)).transpose()?;
-        let mut files = vec![png, &provenance_file];
-        files.extend(&thumb_file);
-        self.sync.sync(&files)?;
-        fs::rename(&temps.0[1], self.provenance_path(hash))?;
-        if thumb_file.is_some() {
-            fs::rename(&temps.0[2], self.thumb_path(hash))?;
+        let mut files = vec![(png, self.path(hash))];
+        for (bytes, to) in [(provenance, self.provenance_path(hash)), (thumb, self.thumb_path(hash))] {
+            if let Some(bytes) = bytes {
+                files.push((self.write_scratch(hash, bytes, &mut temps)?, to));
+            }
         }
-        fs::rename(&temps.0[0], self.path(hash))?;
+        self.sync.sync(&files.iter().map(|(f, _)| f).collect::<Vec<_>>())?;
+        // `temps` is in the order of `files`; the PNG goes last.
+        for (tmp, (_, to)) in temps.0[1..].iter().zip(&files[1..]) {
+            fs::rename(tmp, to)?;
+        }
+        fs::rename(&temps.0[0], &files[0].1)?;
         temps.0.clear();
         Ok(())
     }
@@ -399,6 +408,11 @@ mod tests {
         assert!(left.is_empty(), "scratch files left: {left:?}");
     }
 
+    /// A provenance record naming a pending asset.
+    fn naming(p: &PendingAsset) -> String {
+        format!("{{\"asset\":\"{}\"}}", p.hash())
+    }
+
     #[test]
     fn a_png_larger_than_the_memory_hold_is_spilled_and_lands_whole() {
         let dir = tempfile::tempdir().unwrap();
@@ -411,12 +425,14 @@ mod tests {
         };
         let p = write(&body);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1, "spilled to tmp/");
-        let (hash, bytes) = store.commit(p, Some(&b"thumb"[..]), |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+        let record = naming(&p);
+        let (hash, bytes) = store.commit(p, Some(&b"thumb"[..]), Some(record.as_bytes())).unwrap();
         assert_eq!((hash.as_str(), bytes), (blake3::hash(&body).to_hex().as_str(), body.len() as u64));
         assert_eq!(fs::read(store.path(&hash)).unwrap(), body);
         assert_no_scratch(dir.path());
         // The same bytes again, and bytes abandoned before their commit: nothing is left.
-        store.commit(write(&body), Some(&b"thumb"[..]), |_| unreachable!("stored already")).unwrap();
+        store.commit(write(&body), Some(&b"thumb"[..]), Some(&b"{}"[..])).unwrap();
+        assert_eq!(fs::read_to_string(store.provenance_path(&hash)).unwrap(), record, "the first stays");
         drop(write(&body[1..]));
         assert_no_scratch(dir.path());
     }
@@ -427,11 +443,17 @@ mod tests {
         let store = AssetStore::open(dir.path()).unwrap();
         let mut p = store.begin().unwrap();
         p.write_all(b"not really a png").unwrap();
-        let (hash, bytes) = store.commit(p, Some(&b"thumb"[..]), |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+        let record = naming(&p);
+        let (hash, bytes) = store.commit(p, Some(&b"thumb"[..]), Some(record.as_bytes())).unwrap();
         assert_eq!(hash, blake3::hash(b"not really a png").to_hex().to_string());
         assert_eq!(bytes, 16);
         assert_eq!(fs::read(store.path(&hash)).unwrap(), b"not really a png");
         assert!(fs::read_to_string(store.provenance_path(&hash)).unwrap().contains(&hash));
+        // A provenance kept elsewhere makes no file.
+        let mut p = store.begin().unwrap();
+        p.write_all(b"another").unwrap();
+        let (other, _) = store.commit(p, None, None).unwrap();
+        assert!(store.contains(&other) && !store.provenance_path(&other).exists());
         assert_no_scratch(dir.path());
     }
 
@@ -452,7 +474,8 @@ mod tests {
                                 // Every other asset is its own thumbnail.
                                 let thumb = [i, t];
                                 let thumb = (i % 2 == 0).then_some(&thumb[..]);
-                                let (hash, _) = store.commit(p, thumb, |h| format!("{{\"asset\":\"{h}\"}}")).unwrap();
+                                let record = naming(&p);
+                                let (hash, _) = store.commit(p, thumb, Some(record.as_bytes())).unwrap();
                                 (hash, body)
                             })
                             .collect::<Vec<_>>()
@@ -481,7 +504,7 @@ mod tests {
             let png = crate::render::encode_png(w, h, &vec![90; (w * h * 3) as usize]).unwrap();
             let mut p = store.begin().unwrap();
             p.write_all(&png).unwrap();
-            store.commit(p, thumb, |h| format!("{{\"asset\":\"{h}\"}}")).unwrap().0
+            store.commit(p, thumb, None).unwrap().0
         };
         let small = commit(THUMB_SIDE, 16, None);
         assert!(!store.thumb_path(&small).exists());
@@ -494,7 +517,7 @@ mod tests {
         assert_eq!(store.thumbnail(&"0".repeat(64)), None, "not stored");
         let mut p = store.begin().unwrap();
         p.write_all(b"not a png at all, but long enough").unwrap();
-        let junk = store.commit(p, None, |_| String::new()).unwrap().0;
+        let junk = store.commit(p, None, None).unwrap().0;
         assert_eq!(store.thumbnail(&junk), None);
         assert_no_scratch(dir.path());
     }
@@ -507,7 +530,7 @@ mod tests {
         for n in 0..2 {
             let mut p = store.begin().unwrap();
             p.write_all(b"same bytes").unwrap();
-            hashes.push(store.commit(p, Some(&b"thumb"[..]), |_| format!("{{\"n\":{n}}}")).unwrap().0);
+            hashes.push(store.commit(p, Some(&b"thumb"[..]), Some(format!("{{\"n\":{n}}}").as_bytes())).unwrap().0);
         }
         assert_eq!(hashes[0], hashes[1]);
         assert_eq!(fs::read_to_string(store.provenance_path(&hashes[0])).unwrap(), "{\"n\":0}");

@@ -62,8 +62,8 @@ pub struct Rendered {
     pub bytes: u64,
     /// Timings, when it rendered.
     pub stats: Option<RenderStats>,
-    /// The provenance record stored with the asset, when this render stored it (not on a cache
-    /// hit, nor when the same bytes were stored already: read [`AssetStore::provenance_path`]).
+    /// This render's provenance record (not on a cache hit). Where the store keeps provenance
+    /// files, the first one of an asset is the one kept ([`AssetStore::provenance_path`]).
     #[serde(skip)]
     pub provenance: Option<serde_json::Value>,
     /// The PNG, held in memory and not stored ([`Worker::render_holding`]); `path` is then where
@@ -83,6 +83,8 @@ pub struct Worker {
     store: AssetStore,
     cache: moka::sync::Cache<CacheKey, Cached>,
     tiers: kiln_protocol::TierLimits,
+    /// Whether it keeps its own records beside the assets ([`Worker::records_kept_by_caller`]).
+    keeps_records: bool,
     /// The worker's metrics.
     pub metrics: Metrics,
 }
@@ -138,8 +140,21 @@ impl Worker {
             store,
             cache,
             tiers: cfg.tiers.clone(),
+            keeps_records: true,
             metrics: Metrics::new(),
         })
+    }
+
+    /// A worker whose caller keeps its records (the scheduler's farm, in its database): the store
+    /// writes no provenance files (each render hands its record back in
+    /// [`Rendered::provenance`]) and no key index, and the worker answers no repeats from a cache
+    /// of its own (the caller's records answer them). A provenance file was one of the two
+    /// files a small render made. Were it to answer a repeat that its caller has no record of
+    /// (after a crash between storing an asset and recording it), it would have no provenance
+    /// to hand back; rendering again makes the same bytes, stored once, and the record.
+    pub fn records_kept_by_caller(mut self) -> Worker {
+        self.keeps_records = false;
+        self
     }
 
     /// The engine.
@@ -162,8 +177,12 @@ impl Worker {
         req.key_input(model_version(), &post_chain_version(req)).key()
     }
 
-    /// The asset for a key, from memory or (when `indexed`) the store's key index, if there is one.
+    /// The asset for a key, from memory or (when `indexed`) the store's key index, if there is one
+    /// and the worker keeps its own records.
     fn cached(&self, key: &CacheKey, indexed: bool) -> Option<String> {
+        if !self.keeps_records {
+            return None;
+        }
         if let Some(c) = self.cache.get(key) {
             if self.store.contains(&c.hash) {
                 return Some(c.hash.to_string());
@@ -198,7 +217,7 @@ impl Worker {
         }
         let key_input = req.key_input(model_version(), &post_chain_version(req));
         let key = key_input.key();
-        let indexed = req.sample_count() >= KEY_INDEX_MIN_SAMPLES;
+        let indexed = self.keeps_records && req.sample_count() >= KEY_INDEX_MIN_SAMPLES;
         if let Some(asset) = self.cached(&key, indexed) {
             self.metrics.cache_hits.inc();
             tracing::debug!(%key, asset, "cache hit");
@@ -234,24 +253,22 @@ impl Worker {
         let (asset, bytes, png, provenance) = match held {
             Some((asset, png)) => {
                 let provenance = record(&asset);
-                (asset, png.len() as u64, Some(png), Some(provenance))
+                (asset, png.len() as u64, Some(png), provenance)
             }
             None => {
-                let mut kept = None;
+                let provenance = record(&pending.hash());
+                let file = self.keeps_records.then(|| serde_json::to_string_pretty(&provenance).unwrap_or_default());
                 let (asset, bytes) = self
                     .store
-                    .commit(pending, thumb.as_deref(), |hash| {
-                        let v = record(hash);
-                        let text = serde_json::to_string_pretty(&v).unwrap_or_default();
-                        kept = Some(v);
-                        text
-                    })
+                    .commit(pending, thumb.as_deref(), file.as_deref().map(str::as_bytes))
                     .map_err(store_err)?;
                 if indexed {
                     self.store.put_key(&key, &asset).map_err(store_err)?;
                 }
-                self.cache.insert(key, Cached { hash: asset.as_str().into() });
-                (asset, bytes, None, kept)
+                if self.keeps_records {
+                    self.cache.insert(key, Cached { hash: asset.as_str().into() });
+                }
+                (asset, bytes, None, provenance)
             }
         };
         let tier = req.tier.as_str();
@@ -270,7 +287,7 @@ impl Worker {
             key,
             cache_hit: false,
             stats: Some(stats),
-            provenance,
+            provenance: Some(provenance),
             png,
         })
     }

@@ -138,9 +138,9 @@ fn config(dir: &std::path::Path) -> WorkerConfig {
     WorkerConfig { data_dir: dir.to_path_buf(), backend: BackendChoice::Cpu, ..WorkerConfig::default() }
 }
 
-/// The files in the store's key index.
+/// The files in the store's key index (none before its first).
 fn key_index_entries(dir: &std::path::Path) -> usize {
-    let shards = std::fs::read_dir(dir.join("keys")).unwrap();
+    let Ok(shards) = std::fs::read_dir(dir.join("keys")) else { return 0 };
     shards.map(|s| std::fs::read_dir(s.unwrap().path()).unwrap().count()).sum()
 }
 
@@ -202,6 +202,25 @@ fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
     assert!(!w.store().thumb_path(&first.asset).exists());
     assert_eq!(w.store().thumbnail(&first.asset), Some(first.path.clone()));
     assert_eq!(prov["thumbnail"], first.asset.as_str());
+}
+
+#[test]
+fn a_worker_whose_caller_keeps_its_records_hands_back_each_provenance_and_keeps_no_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = Worker::new(&config(dir.path()), Backend::Cpu { threads: 2 }).unwrap().records_kept_by_caller();
+    let r = req("kept elsewhere", 6, Tier::Preview, 96, None);
+    let (first, second) = (w.render(&r, &mut |_| {}).unwrap(), w.render(&r, &mut |_| {}).unwrap());
+    // Repeats are its caller's to answer: the same request renders again, to the same asset.
+    assert!(!first.cache_hit && !second.cache_hit);
+    assert_eq!(second.asset, first.asset);
+    assert_eq!(std::fs::read(&first.path).unwrap().len() as u64, first.bytes);
+    for rendered in [&first, &second] {
+        let prov = rendered.provenance.as_ref().expect("each render hands its provenance back");
+        assert_eq!((&prov["asset"], &prov["request"]["seed"]), (&first.asset.as_str().into(), &6.into()));
+        assert_eq!(prov["cache_key"], first.key.to_string().as_str());
+    }
+    assert!(!w.store().provenance_path(&first.asset).exists(), "no provenance file");
+    assert_eq!(key_index_entries(dir.path()), 0, "no key index, though 96×96 is indexed by a worker on its own");
 }
 
 #[test]

@@ -637,6 +637,10 @@ async fn provenance(
 ) -> Result<Response, ApiError> {
     asset_auth(&s, &headers)?;
     check_hash(&hash)?;
+    // Recorded with the asset's row, or (recorded before 0005, or uploaded) a file beside it.
+    if let Some(json) = s.store.provenance(&hash).await? {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response());
+    }
     match tokio::fs::read(s.worker.store().provenance_path(&hash)).await {
         Ok(bytes) => Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

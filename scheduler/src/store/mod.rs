@@ -200,6 +200,9 @@ pub enum Outcome {
         asset: String,
         /// Its size.
         bytes: u64,
+        /// Its provenance record (JSON), kept with the asset's row; the first one recorded for
+        /// an asset stays. `None` where it is kept elsewhere (a file in the asset store).
+        provenance: Option<String>,
     },
     /// It failed and will be tried again at `retry_at_ms`.
     Retry {
@@ -392,6 +395,9 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     fn list(&self, q: ListQuery) -> BoxFut<'_, Result<Page, StoreError>>;
     /// A job's events after `after_seq`, in order.
     fn events(&self, job_id: &str, after_seq: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
+    /// The provenance recorded with an asset: `None` when the asset has no row, or its row has
+    /// none (its provenance, if any, is a file in the asset store).
+    fn provenance(&self, hash: &str) -> BoxFut<'_, Result<Option<String>, StoreError>>;
     /// Jobs by tier and state, for the metrics.
     fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>>;
 

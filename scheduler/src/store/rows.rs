@@ -250,6 +250,7 @@ pub(super) struct Finish<'a> {
     pub detail: &'static str,
     pub asset: Option<&'a str>,
     pub bytes: Option<i64>,
+    pub provenance: Option<&'a str>,
     pub error: Option<&'a str>,
     pub retry_at: Option<i64>,
     pub followers_to: Option<JobState>,
@@ -259,7 +260,7 @@ pub(super) struct Finish<'a> {
 impl<'a> Finish<'a> {
     pub fn new(d: &Dispatch, outcome: &'a Outcome) -> Finish<'a> {
         let (to, detail, asset, bytes, error, retry_at, followers_to) = match outcome {
-            Outcome::Succeeded { asset, bytes } => {
+            Outcome::Succeeded { asset, bytes, .. } => {
                 let bytes = i64::try_from(*bytes).unwrap_or(i64::MAX);
                 (
                     JobState::Succeeded,
@@ -298,7 +299,11 @@ impl<'a> Finish<'a> {
             Some(JobState::Succeeded) => format!("served by the render of job {}", d.job_id),
             _ => format!("the render of job {} failed", d.job_id),
         };
-        Finish { to, detail, asset, bytes, error, retry_at, followers_to, followers_detail }
+        let provenance = match outcome {
+            Outcome::Succeeded { provenance, .. } => provenance.as_deref(),
+            _ => None,
+        };
+        Finish { to, detail, asset, bytes, provenance, error, retry_at, followers_to, followers_detail }
     }
 
     /// The event of the job that ran.

@@ -255,6 +255,17 @@ macro_rules! store_impl {
                 })
             }
 
+            fn provenance(&self, hash: &str) -> BoxFut<'_, Result<Option<String>, StoreError>> {
+                let hash = hash.to_owned();
+                Box::pin(async move {
+                    let found: Option<Option<String>> = sqlx::query_scalar("SELECT provenance FROM assets WHERE hash = $1")
+                        .bind(&hash)
+                        .fetch_optional(&self.read)
+                        .await?;
+                    Ok(found.flatten())
+                })
+            }
+
             fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>> {
                 Box::pin(async move {
                     let rows = sqlx::query("SELECT tier, state, COUNT(*) AS n FROM jobs GROUP BY tier, state")

@@ -360,6 +360,7 @@ struct EndJson<'a> {
     detail: &'static str,
     asset: Option<&'a str>,
     bytes: Option<i64>,
+    provenance: Option<&'a str>,
     error: Option<&'a str>,
     retry_at: Option<i64>,
     f_state: Option<&'static str>,
@@ -367,12 +368,14 @@ struct EndJson<'a> {
 }
 
 /// A batch of results, `?1` in its order: every asset (recorded even when its job was
-/// cancelled meanwhile); for those that move their job, the start (when it is written with it)
-/// and the outcome, a retry's outbox row, and the events of the jobs attached to it. Answers
-/// the events, each with the leader it was written for (`NULL` for a leader's own).
-const END_SQL: &str = "INSERT OR IGNORE INTO assets (hash, cache_key, bytes, created_ms) \
-     SELECT x.value ->> 'asset', x.value ->> 'key', x.value ->> 'bytes', x.value ->> 'now' FROM json_each(?1) x \
-     WHERE x.value ->> 'asset' IS NOT NULL AND x.value ->> 'bytes' IS NOT NULL ORDER BY x.key; \
+/// cancelled meanwhile, with the first provenance that came for it); for those that move their
+/// job, the start (when it is written with it) and the outcome, a retry's outbox row, and the
+/// events of the jobs attached to it. Answers the events, each with the leader it was written
+/// for (`NULL` for a leader's own).
+const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) \
+     SELECT x.value ->> 'asset', x.value ->> 'key', x.value ->> 'bytes', x.value ->> 'now', x.value ->> 'provenance' \
+     FROM json_each(?1) x WHERE x.value ->> 'asset' IS NOT NULL AND x.value ->> 'bytes' IS NOT NULL ORDER BY x.key \
+     ON CONFLICT (hash) DO UPDATE SET provenance = excluded.provenance WHERE assets.provenance IS NULL; \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
      SELECT job, at, state, attempt, detail, asset, error FROM ( \
        SELECT x.key AS ord, 1 AS n, x.value ->> 'job' AS job, x.value ->> 'started' AS at, 'running' AS state, \
@@ -441,6 +444,7 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
             detail: f.detail,
             asset: f.asset,
             bytes: f.bytes,
+            provenance: f.provenance,
             error: f.error,
             retry_at: f.retry_at,
             f_state: f.followers_to.map(JobState::as_str),
