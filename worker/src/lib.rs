@@ -21,7 +21,9 @@ pub mod worker;
 /// in each `main.rs`): jemalloc (the system's where jemalloc does not build, on MSVC). A busy
 /// farm allocates and frees small buffers on many threads (HTTP bodies, JSON, rows, PNGs), and
 /// with glibc's malloc that was about an eighth of its CPU; with jemalloc, `kiln bench farm`'s
-/// tiny jobs cost 15% less CPU each.
+/// tiny jobs cost 15% less CPU each. Linking it also makes jemalloc the C code's `malloc` (the
+/// crate's `unprefixed_malloc_on_supported_platforms`), so SQLite's allocations (a tenth of
+/// the database thread's CPU under glibc) take it too.
 #[cfg(target_env = "msvc")]
 pub use std::alloc::System as Allocator;
 #[cfg(not(target_env = "msvc"))]
