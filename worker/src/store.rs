@@ -294,10 +294,11 @@ impl AssetStore {
         mut temps: Scratch,
     ) -> io::Result<()> {
         let mut files = vec![(png, self.path(hash))];
-        for (bytes, to) in [(provenance, self.provenance_path(hash)), (thumb, self.thumb_path(hash))] {
-            if let Some(bytes) = bytes {
-                files.push((self.write_scratch(hash, bytes, &mut temps)?, to));
-            }
+        if let Some(json) = provenance {
+            files.push((self.write_scratch(hash, json, &mut temps)?, self.provenance_path(hash)));
+        }
+        if let Some(thumb) = thumb {
+            files.push((self.write_scratch(hash, thumb, &mut temps)?, self.thumb_path(hash)));
         }
         self.sync.sync(&files.iter().map(|(f, _)| f).collect::<Vec<_>>())?;
         // `temps` is in the order of `files`; the PNG goes last.
