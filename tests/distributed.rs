@@ -236,6 +236,25 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_sharing_the_schedulers_store_keeps_each_provenance_there_and_it_is_served() {
+    let Some(mut d) = Distributed::start().await else { return };
+    let shared = d.farm.dir.path().to_str().unwrap().to_owned();
+    d.spawn_worker_with("w-shared", &[("KILN_SHARED_ASSETS", "true"), ("KILN_DATA_DIR", &shared)]);
+    let ids = d.submit(2, 70).await;
+    let store = kiln_worker::store::AssetStore::open(d.farm.dir.path()).unwrap();
+    for j in d.wait_all(&ids, Duration::from_secs(120)).await {
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let hash = j["asset"].as_str().unwrap();
+        // The worker stored the PNG and its provenance file itself; its result carried neither.
+        assert!(store.contains(hash) && store.provenance_path(hash).is_file());
+        assert_eq!(d.farm.sched.store.provenance(hash).await.unwrap(), None, "no provenance in the database");
+        let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
+        assert_eq!((&prov["asset"], &prov["backend"]), (&Value::from(hash), &Value::from("cpu")), "{prov}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_carries_on() {
     let Some(mut d) = Distributed::start().await else { return };
     d.spawn_worker("w-dlq");
