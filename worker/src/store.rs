@@ -1,5 +1,6 @@
-//! The content-addressed asset store: `assets/ab/<blake3>.png` with a provenance `.json` and a
-//! `.thumb.png` beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to. An
+//! The content-addressed asset store: `assets/ab/<blake3>.png` with a provenance `.json` (unless
+//! its caller keeps the provenance, as the scheduler does in its database) and a `.thumb.png`
+//! beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to. An
 //! image no larger than a thumbnail ([`own_thumbnail`]) is its own thumbnail and has no
 //! `.thumb.png`: a third file per tiny asset cost a tenth of a busy farm's CPU.
 //! Files are written under a scratch name, synced, then renamed into place: a crash leaves no

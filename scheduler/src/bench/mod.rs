@@ -50,8 +50,8 @@ pub struct FarmBenchArgs {
     /// Concurrent HTTP clients for the batched tiny jobs.
     #[arg(long, default_value_t = 16)]
     pub batch_clients: usize,
-    /// In-process workers. A tiny render spends most of its time storing its asset (a few
-    /// files, synced), and renders that finish together share one sync, so many workers help:
+    /// In-process workers. A tiny render spends most of its time storing its asset (a file,
+    /// synced), and renders that finish together share one sync, so many workers help:
     /// on 2 cores, batched tiny jobs went 2,170/s at 32, 2,560 at 64, 2,940 at 128.
     #[arg(long, default_value_t = 128)]
     pub workers: usize,
