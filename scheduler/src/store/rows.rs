@@ -259,14 +259,15 @@ pub(super) struct Finish<'a> {
 
 impl<'a> Finish<'a> {
     pub fn new(d: &Dispatch, outcome: &'a Outcome) -> Finish<'a> {
-        let (to, detail, asset, bytes, error, retry_at, followers_to) = match outcome {
-            Outcome::Succeeded { asset, bytes, .. } => {
+        let (to, detail, asset, bytes, provenance, error, retry_at, followers_to) = match outcome {
+            Outcome::Succeeded { asset, bytes, provenance } => {
                 let bytes = i64::try_from(*bytes).unwrap_or(i64::MAX);
                 (
                     JobState::Succeeded,
                     "rendered",
                     Some(asset.as_str()),
                     Some(bytes),
+                    provenance.as_deref(),
                     None,
                     None,
                     Some(JobState::Succeeded),
@@ -275,6 +276,7 @@ impl<'a> Finish<'a> {
             Outcome::Retry { error, retry_at_ms } => (
                 JobState::Queued,
                 "attempt failed; retrying",
+                None,
                 None,
                 None,
                 Some(error.as_str()),
@@ -290,6 +292,7 @@ impl<'a> Finish<'a> {
                 },
                 None,
                 None,
+                None,
                 Some(error.as_str()),
                 None,
                 Some(JobState::Failed),
@@ -298,10 +301,6 @@ impl<'a> Finish<'a> {
         let followers_detail = match followers_to {
             Some(JobState::Succeeded) => format!("served by the render of job {}", d.job_id),
             _ => format!("the render of job {} failed", d.job_id),
-        };
-        let provenance = match outcome {
-            Outcome::Succeeded { provenance, .. } => provenance.as_deref(),
-            _ => None,
         };
         Finish { to, detail, asset, bytes, provenance, error, retry_at, followers_to, followers_detail }
     }
