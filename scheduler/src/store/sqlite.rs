@@ -133,7 +133,10 @@ impl SqliteStore {
     }
 }
 
-/// JSON text of `v`, for a statement that walks it with `json_each`.
+/// JSON text of `v`, for a statement that walks it with `jsonb_each`. Not `json_each`: that
+/// hands each element of the array back as JSON text, so every `x.value ->> 'field'` printed the
+/// element (a result's carries its provenance, about a kilobyte) and parsed it again, once per
+/// field and statement; `jsonb_each` hands it back in SQLite's binary form, read as it is.
 fn json(what: &'static str, v: &impl Serialize) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| corrupt(what, e))
 }
@@ -142,10 +145,10 @@ fn json(what: &'static str, v: &impl Serialize) -> Result<String, StoreError> {
 const KEYS_SQL: &str = "SELECT k.value AS key, (SELECT hash FROM assets WHERE cache_key = k.value LIMIT 1) AS asset, \
        (SELECT id FROM jobs WHERE cache_key = k.value AND follows IS NULL \
           AND state IN ('queued', 'dispatched', 'running') ORDER BY seq LIMIT 1) AS leader \
-     FROM json_each(?1) k";
+     FROM jsonb_each(?1) k";
 
 /// The jobs that hold the (client, idempotency key) pairs of `?1`.
-const TAKEN_SQL: &str = "SELECT j.* FROM json_each(?1) i CROSS JOIN jobs j \
+const TAKEN_SQL: &str = "SELECT j.* FROM jsonb_each(?1) i CROSS JOIN jobs j \
      WHERE j.client = i.value ->> 0 AND j.idempotency_key = i.value ->> 1";
 
 /// A batch of submits in two round trips (three when some carry an idempotency key): what the
@@ -189,13 +192,13 @@ const INSERT_JOBS_SQL: &str = "INSERT INTO jobs (id, state, tier, request, cache
        follows, attempt, created_ms, updated_ms) \
      SELECT x.value ->> 'id', 'queued', x.value ->> 'tier', x.value ->> 'request', x.value ->> 'key', \
        x.value ->> 'client', x.value ->> 'idem', x.value ->> 'follows', 0, x.value ->> 'now', x.value ->> 'now' \
-     FROM json_each(?1) x ORDER BY x.key; \
+     FROM jsonb_each(?1) x ORDER BY x.key; \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
      SELECT x.value ->> 'id', x.value ->> 'now', x.value ->> 'state', 0, x.value ->> 'detail', x.value ->> 'asset' \
-     FROM json_each(?1) x ORDER BY x.key RETURNING seq, job_id; \
+     FROM jsonb_each(?1) x ORDER BY x.key RETURNING seq, job_id; \
      INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
      SELECT x.value ->> 'id', x.value ->> 'tier', x.value ->> 'client', 1, x.value ->> 'now' \
-     FROM json_each(?1) x WHERE x.value ->> 'leads' ORDER BY x.key";
+     FROM jsonb_each(?1) x WHERE x.value ->> 'leads' ORDER BY x.key";
 
 async fn insert_new_jobs(
     conn: &mut SqliteConnection,
@@ -241,10 +244,10 @@ async fn pending_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Res
 }
 
 /// Marks the given outbox rows (`?2`, a JSON array of ids) sent and appends `dispatched` events.
-const MARK_SENT_SQL: &str = "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND id IN (SELECT value FROM json_each(?2)); \
+const MARK_SENT_SQL: &str = "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NULL AND id IN (SELECT value FROM jsonb_each(?2)); \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail) \
      SELECT j.id, ?1, 'dispatched', j.attempt, 'to the ' || j.tier || ' queue' \
-     FROM (SELECT DISTINCT o.job_id, o.attempt FROM json_each(?2) v CROSS JOIN outbox o WHERE o.id = v.value) s \
+     FROM (SELECT DISTINCT o.job_id, o.attempt FROM jsonb_each(?2) v CROSS JOIN outbox o WHERE o.id = v.value) s \
        CROSS JOIN jobs j \
      WHERE j.id = s.job_id AND j.state = 'queued' AND j.follows IS NULL AND s.attempt = j.attempt + 1 \
      RETURNING seq, job_id, attempt, (SELECT tier FROM jobs WHERE id = job_id) AS tier, \
@@ -271,7 +274,7 @@ type JobNow = (JobState, i64, bool);
 
 /// The jobs named in `?1` (a JSON array of ids) as they are now.
 const JOBS_NOW_SQL: &str = "SELECT j.id, j.state, j.attempt, j.follows IS NOT NULL AS attached \
-     FROM json_each(?1) v CROSS JOIN jobs j WHERE j.id = v.value";
+     FROM jsonb_each(?1) v CROSS JOIN jobs j WHERE j.id = v.value";
 
 async fn jobs_now<'a>(
     conn: &mut SqliteConnection,
@@ -294,7 +297,7 @@ struct StartJson<'a> {
 /// The `running` events of `?1`, in its order.
 const START_SQL: &str = "INSERT INTO job_events (job_id, at_ms, state, attempt, detail) \
      SELECT x.value ->> 'job', x.value ->> 'at', 'running', x.value ->> 'attempt', x.value ->> 'detail' \
-     FROM json_each(?1) x ORDER BY x.key RETURNING seq";
+     FROM jsonb_each(?1) x ORDER BY x.key RETURNING seq";
 
 /// A batch of starts in two round trips: the jobs as they are, the rule ([`start_allowed`]) for
 /// each start in order (a second start of the same job sees the first), then the events of
@@ -374,26 +377,26 @@ struct EndJson<'a> {
 /// for (`NULL` for a leader's own).
 const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) \
      SELECT x.value ->> 'asset', x.value ->> 'key', x.value ->> 'bytes', x.value ->> 'now', x.value ->> 'provenance' \
-     FROM json_each(?1) x WHERE x.value ->> 'asset' IS NOT NULL AND x.value ->> 'bytes' IS NOT NULL ORDER BY x.key \
+     FROM jsonb_each(?1) x WHERE x.value ->> 'asset' IS NOT NULL AND x.value ->> 'bytes' IS NOT NULL ORDER BY x.key \
      ON CONFLICT (hash) DO UPDATE SET provenance = excluded.provenance WHERE assets.provenance IS NULL; \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
      SELECT job, at, state, attempt, detail, asset, error FROM ( \
        SELECT x.key AS ord, 1 AS n, x.value ->> 'job' AS job, x.value ->> 'started' AS at, 'running' AS state, \
          x.value ->> 'attempt' AS attempt, x.value ->> 'start_detail' AS detail, NULL AS asset, NULL AS error \
-       FROM json_each(?1) x WHERE x.value ->> 'start_detail' IS NOT NULL \
+       FROM jsonb_each(?1) x WHERE x.value ->> 'start_detail' IS NOT NULL \
        UNION ALL \
        SELECT x.key, 2, x.value ->> 'job', x.value ->> 'now', x.value ->> 'to', x.value ->> 'attempt', \
          x.value ->> 'detail', x.value ->> 'asset', x.value ->> 'error' \
-       FROM json_each(?1) x WHERE x.value ->> 'ok') \
+       FROM jsonb_each(?1) x WHERE x.value ->> 'ok') \
      ORDER BY ord, n RETURNING seq, job_id, NULL AS leader, NULL AS created_ms; \
      INSERT INTO outbox (job_id, tier, client, attempt, not_before) \
      SELECT x.value ->> 'job', x.value ->> 'tier', x.value ->> 'client', x.value ->> 'attempt' + 1, \
        x.value ->> 'retry_at' \
-     FROM json_each(?1) x WHERE x.value ->> 'ok' AND x.value ->> 'retry_at' IS NOT NULL ORDER BY x.key; \
+     FROM jsonb_each(?1) x WHERE x.value ->> 'ok' AND x.value ->> 'retry_at' IS NOT NULL ORDER BY x.key; \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
      SELECT f.id, x.value ->> 'now', x.value ->> 'f_state', f.attempt, x.value ->> 'f_detail', x.value ->> 'asset', \
        x.value ->> 'error' \
-     FROM json_each(?1) x CROSS JOIN jobs f \
+     FROM jsonb_each(?1) x CROSS JOIN jobs f \
      WHERE x.value ->> 'ok' AND x.value ->> 'f_state' IS NOT NULL AND f.follows = x.value ->> 'job' \
        AND f.state = 'queued' \
      ORDER BY x.key, f.seq \
@@ -528,7 +531,7 @@ mod tests {
         let mut conn = options(&path).foreign_keys(false).connect().await.unwrap();
         let pending = plans(&mut conn, PENDING_SQL).await;
         assert!(pending.iter().any(|p| p == "SCAN o USING INDEX outbox_unsent_id"), "{pending:?}");
-        // Each statement walks its batch (json_each, or rows made from it) and finds each job,
+        // Each statement walks its batch (jsonb_each, or rows made from it) and finds each job,
         // outbox row and asset by key: a `SCAN` of a table would visit every job ever queued
         // (a second per 512 with 10,000 queued, for the marking of sent rows).
         let walked = |p: &String| {
