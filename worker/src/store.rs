@@ -168,9 +168,10 @@ impl PendingAsset {
     /// Takes the finished PNG's hash and bytes, when it is held in memory and is at most `max`
     /// bytes (nothing was written to disk); otherwise leaves it pending, to commit.
     pub fn take_held(&mut self, max: u64) -> Option<(String, Vec<u8>)> {
-        let hash = self.hash();
         match &mut self.body {
-            Body::Memory(held) if self.bytes <= max => Some((hash, std::mem::take(held))),
+            Body::Memory(held) if self.bytes <= max => {
+                Some((self.hasher.finalize().to_hex().to_string(), std::mem::take(held)))
+            }
             _ => None,
         }
     }
