@@ -616,7 +616,8 @@ async fn the_sqlite_writer_checkpoints_once_it_falls_idle() {
         (at(16), at(96))
     };
     // Long enough that a checkpoint between batches has run, then one write after it.
-    let until = std::time::Instant::now() + std::time::Duration::from_millis(400);
+    let every = super::writer::UPKEEP_EVERY;
+    let until = std::time::Instant::now() + every * 8 / 5;
     let mut i = 0;
     while std::time::Instant::now() < until {
         s.submit(new_job(&format!("b{i}"), &format!("kb{i}"), i)).await.unwrap();
@@ -625,7 +626,7 @@ async fn the_sqlite_writer_checkpoints_once_it_falls_idle() {
     s.submit(new_job("last", "klast", 0)).await.unwrap();
     let (written, _) = frames();
     assert!(written > 0, "the burst is in the WAL");
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    tokio::time::sleep(every * 16 / 5).await;
     let (mx, backfilled) = frames();
     assert_eq!((mx, backfilled), (written, written), "every frame copied back after the burst");
 }
