@@ -17,7 +17,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 
@@ -78,7 +78,7 @@ impl GroupSync {
     #[cfg(target_os = "linux")]
     fn sync(&self, _files: &[&File]) -> io::Result<()> {
         let lock = || self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let covered = || self.covered.load(Ordering::Acquire);
+        let covered = || self.covered.load(std::sync::atomic::Ordering::Acquire);
         let mut t = lock();
         t.taken += 1;
         let mine = t.taken;
@@ -106,7 +106,7 @@ impl GroupSync {
             t = lock();
             t.running = false;
             if result.is_ok() {
-                self.covered.fetch_max(upto, Ordering::Release);
+                self.covered.fetch_max(upto, std::sync::atomic::Ordering::Release);
             }
             // On failure the waiters it would have covered try again themselves.
             let mut next = None;
@@ -512,7 +512,7 @@ mod tests {
             finished.recv_timeout(std::time::Duration::from_secs(60)).expect("a thread still waits for its sync");
         }
         let t = sync.state.lock().unwrap();
-        assert_eq!((t.taken, sync.covered.load(Ordering::Acquire)), (1600, 1600));
+        assert_eq!((t.taken, sync.covered.load(std::sync::atomic::Ordering::Acquire)), (1600, 1600));
         assert!(t.waiting.is_empty(), "{} threads still listed as waiting", t.waiting.len());
     }
 
