@@ -497,22 +497,29 @@ mod tests {
     fn every_thread_waiting_for_a_shared_sync_goes_on_once_a_sync_covers_it() {
         let dir = tempfile::tempdir().unwrap();
         let sync = Arc::new(GroupSync::new(dir.path()).unwrap());
+        let (threads, rounds) = (32, 100);
+        // Each round, every thread asks for one sync at once and none asks again until all
+        // have theirs: those that came while the first sync ran are covered only by a second,
+        // which one of them must be woken to lead. No later caller comes to rescue them.
+        let round = Arc::new(std::sync::Barrier::new(threads));
         let (done, finished) = std::sync::mpsc::channel();
-        for _ in 0..32 {
-            let (sync, done) = (sync.clone(), done.clone());
+        for _ in 0..threads {
+            let (sync, round, done) = (sync.clone(), round.clone(), done.clone());
             std::thread::spawn(move || {
-                for _ in 0..50 {
+                for _ in 0..rounds {
+                    round.wait();
                     sync.sync(&[]).unwrap();
                 }
                 done.send(()).unwrap();
             });
         }
-        for _ in 0..32 {
-            // A thread left parked with no sync running or coming would wait for ever.
+        for _ in 0..threads {
+            // A thread left waiting with no sync running or coming would wait for ever.
             finished.recv_timeout(std::time::Duration::from_secs(60)).expect("a thread still waits for its sync");
         }
         let t = sync.state.lock().unwrap();
-        assert_eq!((t.taken, sync.covered.load(std::sync::atomic::Ordering::Acquire)), (1600, 1600));
+        let all = (threads * rounds) as u64;
+        assert_eq!((t.taken, sync.covered.load(std::sync::atomic::Ordering::Acquire)), (all, all));
         assert!(t.waiting.is_empty(), "{} threads still listed as waiting", t.waiting.len());
     }
 
