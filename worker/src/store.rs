@@ -123,8 +123,8 @@ impl GroupSync {
             if let Some(th) = next {
                 th.unpark();
             }
-            result?;
-            t = lock();
+            // Its own ticket was taken before `upto`: covered, unless the sync failed.
+            return result;
         }
     }
 }
@@ -141,6 +141,11 @@ pub struct PendingAsset {
     scratch: PathBuf,
     hasher: blake3::Hasher,
     bytes: u64,
+}
+
+/// The BLAKE3 of what `hasher` has taken so far, in hex: an asset's name.
+fn hex(hasher: &blake3::Hasher) -> String {
+    hasher.finalize().to_hex().to_string()
 }
 
 /// Where a pending PNG's bytes are.
@@ -194,16 +199,14 @@ impl Write for PendingAsset {
 impl PendingAsset {
     /// The BLAKE3 hex of what was written so far: the asset's hash once the PNG is finished.
     pub fn hash(&self) -> String {
-        self.hasher.finalize().to_hex().to_string()
+        hex(&self.hasher)
     }
 
     /// Takes the finished PNG's hash and bytes, when it is held in memory and is at most `max`
     /// bytes (nothing was written to disk); otherwise leaves it pending, to commit.
     pub fn take_held(&mut self, max: u64) -> Option<(String, Vec<u8>)> {
         match &mut self.body {
-            Body::Memory(held) if self.bytes <= max => {
-                Some((self.hasher.finalize().to_hex().to_string(), std::mem::take(held)))
-            }
+            Body::Memory(held) if self.bytes <= max => Some((hex(&self.hasher), std::mem::take(held))),
             _ => None,
         }
     }
