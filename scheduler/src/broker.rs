@@ -541,9 +541,7 @@ impl Scheduler {
         if blake3::hash(png).to_hex().as_str() != asset {
             return refused("its bytes do not hash to it (BLAKE3)".into());
         }
-        let (worker, png) = (self.worker.clone(), png.to_vec());
-        let stored = tokio::task::spawn_blocking(move || worker.store().put(&png, None));
-        stored.await.map_err(|e| InlineError::Store(std::io::Error::other(e)))?.map_err(InlineError::Store)?;
+        self.worker.store().put(png.to_vec()).await.map_err(InlineError::Store)?;
         Ok(record)
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError, Tier};
 use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
+use kiln_worker::store::SPILL_BYTES;
 use kiln_worker::worker::Worker;
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot};
@@ -389,7 +390,7 @@ impl Scheduler {
         tracing::debug!(job_id = id, worker = n, attempt, tier = %req.tier, "rendering");
         let result = tokio::task::spawn_blocking(move || {
             let mut last = 0;
-            worker.render(&req, &mut |p| {
+            let progress = &mut |p: kiln_worker::render::Progress| {
                 // Progress is for people: at most every 2% and the end.
                 if p.rows_done == p.rows || p.rows_done * 50 / p.rows.max(1) > last {
                     last = p.rows_done * 50 / p.rows.max(1);
@@ -399,19 +400,33 @@ impl Scheduler {
                         rows: p.rows,
                     }));
                 }
-            })
+            };
+            worker.render_holding(&req, progress, SPILL_BYTES as u64)
         })
         .await;
-        self.metrics.in_flight.dec();
-        let (error, transient) = match result {
-            Ok(Ok(r)) => {
-                let provenance = r.provenance.map(|p| p.to_string());
-                return Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance };
-            }
-            Ok(Err(e)) => (e.to_string(), e.is_transient()),
-            Err(e) => (format!("the render panicked: {e}"), true),
+        let stored = match result {
+            // A PNG held in memory (small, its own thumbnail) is stored here, where the wait for
+            // its syncs holds no thread: that wait is most of a tiny render's time.
+            Ok(Ok(mut r)) => match r.png.take() {
+                Some(png) => match self.worker.store().put(png).await {
+                    Ok(_) => Ok(r),
+                    Err(e) => {
+                        Err((format!("cannot store the asset in {}: {e}", self.worker.store().root().display()), true))
+                    }
+                },
+                None => Ok(r),
+            },
+            Ok(Err(e)) => Err((e.to_string(), e.is_transient())),
+            Err(e) => Err((format!("the render panicked: {e}"), true)),
         };
-        self.failure_outcome(job, error, transient)
+        self.metrics.in_flight.dec();
+        match stored {
+            Ok(r) => {
+                let provenance = r.provenance.map(|p| p.to_string());
+                Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
+            }
+            Err((error, transient)) => self.failure_outcome(job, error, transient),
+        }
     }
 
     /// What a failed attempt leads to: a retry after a backoff with jitter, or giving up.

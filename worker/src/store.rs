@@ -3,25 +3,25 @@
 //! beside it, plus `keys/cd/<cache key>` naming the asset a key rendered to. An
 //! image no larger than a thumbnail ([`own_thumbnail`]) is its own thumbnail and has no
 //! `.thumb.png`: a third file per tiny asset cost a tenth of a busy farm's CPU.
-//! Files are written under a scratch name, synced, then renamed into place: a crash leaves no
-//! half asset. Renders that finish together share one sync ([`GroupSync`]).
+//! Files are written under a scratch name, synced, renamed into place and synced again: a crash
+//! leaves no half asset, and an asset its caller was told is stored is on disk under its name.
+//! One thread lands every file ([`Lander`]), so assets that come together share their syncs.
 //!
-//! Many renders commit at once, so the scratch files of an asset are made in its own shard
-//! folder, not one shared folder: a folder's lock is held for each file made or renamed in it,
-//! and a rename between folders also takes the file system's one rename lock. With 128 renders
-//! committing into `tmp/` while making files was slow (ext4 without a journal, soon after many
-//! files were deleted), spinning on those locks took a fifth of a busy farm's CPU. A PNG is
-//! held in memory until it outgrows [`SPILL_BYTES`] (its hash, and so its shard, is known only
-//! once it is written); a larger one is written to `tmp/` as it is encoded.
+//! The scratch file of a file held in memory is made in its asset's shard folder, not one
+//! shared folder: a rename between folders takes the file system's one rename lock, and a
+//! folder's lock is held for each file made or renamed in it. A PNG is held in memory until it
+//! outgrows [`SPILL_BYTES`] (its hash, and so its shard, is known only once it is written); a
+//! larger one is written to `tmp/` as it is encoded.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
-use std::thread::Thread;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 
 use kiln_protocol::CacheKey;
+use tokio::sync::oneshot;
 
 use crate::render::own_thumbnail;
 
@@ -29,104 +29,177 @@ use crate::render::own_thumbnail;
 #[derive(Debug, Clone)]
 pub struct AssetStore {
     root: PathBuf,
-    sync: Arc<GroupSync>,
+    lander: Arc<Lander>,
 }
 
-/// Makes files that many threads wrote durable together. A sync flushes the disk's cache, which
-/// costs about a millisecond whatever it carries, so one file at a time caps a store at a few
-/// thousand files a second; on Linux one `syncfs` covers every file written before it began, and
-/// the threads that wait while it runs share the next one (group commit). Elsewhere each file is
-/// synced on its own.
+/// Moves files into the store for every thread and task that stores one, on a thread of its
+/// own. A sync flushes the disk's cache, which costs about a millisecond whatever it carries, so
+/// a sync per file caps a store at a few hundred files a second; here what comes while a sync
+/// runs shares the next (group commit). A landing's files are written, synced, renamed into
+/// place, and synced again before its caller hears: a rename is on disk only once a sync after
+/// it ends, and the caller goes on to record the asset (a record whose file a power cut took
+/// would name an asset that is not there). The second sync of one group is the first of the
+/// next. On Linux one `syncfs` covers every file written and renamed before it began; elsewhere
+/// each file, and each folder a file was renamed into, is synced on its own.
 #[derive(Debug)]
-struct GroupSync {
-    /// A directory on the store's file system (what `syncfs` flushes).
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    dir: File,
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    state: Mutex<Tickets>,
-    /// Every ticket up to this one is on disk. A waiter reads it without the lock: a sync's end
-    /// woke a hundred waiters at once through one condition variable, and each then queued for
-    /// the lock only to read this, which was a third of a busy farm's context switches.
-    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-    covered: AtomicU64,
+struct Lander {
+    tx: mpsc::Sender<Landing>,
+    /// Syncs ended, successful or not (read by tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    syncs: Arc<AtomicU64>,
 }
 
-/// Tickets are taken after a caller's writes: a sync that starts after ticket `n` was taken
-/// covers it.
-#[derive(Debug, Default)]
-struct Tickets {
-    taken: u64,
-    running: bool,
-    /// The threads waiting for a running sync, with their tickets.
-    waiting: Vec<(u64, Thread)>,
+/// Files to move into place, in order (an asset's PNG last: its presence means the asset is
+/// whole), and whom to tell once they are on disk. A file whose place is taken already is not
+/// moved: the first of an asset's files stays.
+struct Landing {
+    files: Vec<(Content, PathBuf)>,
+    done: oneshot::Sender<io::Result<()>>,
 }
 
-impl GroupSync {
-    fn new(dir: &Path) -> io::Result<GroupSync> {
-        Ok(GroupSync { dir: File::open(dir)?, state: Mutex::new(Tickets::default()), covered: AtomicU64::new(0) })
+/// A file's bytes on their way in.
+enum Content {
+    Held(Vec<u8>),
+    /// Written (not necessarily synced) to a scratch file on the store's file system.
+    Written(Scratch),
+}
+
+/// A landing whose files were written and await a sync: each file's scratch file and place.
+type Staged = (Vec<(Scratch, PathBuf)>, oneshot::Sender<io::Result<()>>);
+
+impl Lander {
+    /// Starts the thread that lands files, syncing the file system `dir` is on.
+    fn start(dir: &Path) -> io::Result<Lander> {
+        let dir = File::open(dir)?;
+        let (tx, rx) = mpsc::channel();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counted = syncs.clone();
+        std::thread::Builder::new().name("kiln-assets".into()).spawn(move || Lander::run(&rx, &dir, &counted))?;
+        Ok(Lander { tx, syncs })
     }
 
-    /// Returns once `files` (written by this thread) are on disk.
-    #[cfg(not(target_os = "linux"))]
-    fn sync(&self, files: &[&File]) -> io::Result<()> {
-        files.iter().try_for_each(|f| f.sync_all())
+    /// Hands `files` to the thread; the answer comes once they are on disk in place.
+    fn land(&self, files: Vec<(Content, PathBuf)>) -> oneshot::Receiver<io::Result<()>> {
+        let (done, answer) = oneshot::channel();
+        // Without the thread the landing drops (its scratch files with it) and `answer` says so.
+        let _ = self.tx.send(Landing { files, done });
+        answer
     }
 
-    /// Returns once `files` (written by this thread) are on disk: by a `syncfs` that began after
-    /// they were written, this thread's or another's. A sync's end wakes only the threads it
-    /// covered, and one of the others (tickets taken while it ran) to lead the next.
-    #[cfg(target_os = "linux")]
-    fn sync(&self, _files: &[&File]) -> io::Result<()> {
-        let lock = || self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let covered = || self.covered.load(std::sync::atomic::Ordering::Acquire);
-        let mut t = lock();
-        t.taken += 1;
-        let mine = t.taken;
+    /// Lands what comes until every sender is gone and the last landing is answered.
+    fn run(rx: &mpsc::Receiver<Landing>, dir: &File, syncs: &AtomicU64) {
+        // Renamed into place; the next sync puts the renames on disk.
+        let mut moved: Vec<(oneshot::Sender<io::Result<()>>, Vec<PathBuf>)> = Vec::new();
         loop {
-            if covered() >= mine {
-                return Ok(());
-            }
-            if t.running {
-                t.waiting.push((mine, std::thread::current()));
-                drop(t);
-                // Woken when a sync covered this ticket, failed, or left this thread to lead the
-                // next; `park` may also return for nothing, so the ticket is checked again.
-                std::thread::park();
-                if covered() >= mine {
-                    return Ok(());
+            let mut batch = Vec::new();
+            if moved.is_empty() {
+                match rx.recv() {
+                    Ok(landing) => batch.push(landing),
+                    Err(mpsc::RecvError) => return,
                 }
-                t = lock();
-                continue;
             }
-            // Lead a sync for every ticket taken so far.
-            t.running = true;
-            let upto = t.taken;
-            drop(t);
-            let result = rustix::fs::syncfs(&self.dir).map_err(io::Error::from);
-            t = lock();
-            t.running = false;
-            if result.is_ok() {
-                self.covered.fetch_max(upto, std::sync::atomic::Ordering::Release);
-            }
-            // On failure the waiters it would have covered try again themselves.
-            let mut next = None;
-            t.waiting.retain(|(n, th)| {
-                if *n <= upto {
-                    th.unpark();
-                    false
-                } else {
-                    next.get_or_insert_with(|| th.clone());
-                    true
+            batch.extend(rx.try_iter());
+            let mut staged: Vec<Staged> = Vec::with_capacity(batch.len());
+            for Landing { files, done } in batch {
+                match stage(files) {
+                    Ok(files) => staged.push((files, done)),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
                 }
-            });
-            drop(t);
-            if let Some(th) = next {
-                th.unpark();
             }
-            // Its own ticket was taken before `upto`: covered, unless the sync failed.
-            return result;
+            let written: Vec<&Path> =
+                staged.iter().flat_map(|(f, _)| f.iter().map(|(s, _)| s.path.as_path())).collect();
+            let folders: Vec<&Path> = moved.iter().flat_map(|(_, d)| d.iter().map(PathBuf::as_path)).collect();
+            let synced = flush(dir, &written, &folders);
+            syncs.fetch_add(1, Ordering::Relaxed);
+            let copy = |r: &io::Result<()>| r.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
+            for (done, _) in moved.drain(..) {
+                let _ = done.send(copy(&synced));
+            }
+            for (files, done) in staged {
+                // Not synced: nothing moves, and the scratch files go.
+                let moved_in = copy(&synced).and_then(|()| move_in(files));
+                match moved_in {
+                    Ok(folders) => moved.push((done, folders)),
+                    Err(e) => {
+                        let _ = done.send(Err(e));
+                    }
+                }
+            }
         }
     }
+}
+
+/// Writes a landing's held files to scratch files beside their places, leaving out those whose
+/// place is taken.
+fn stage(files: Vec<(Content, PathBuf)>) -> io::Result<Vec<(Scratch, PathBuf)>> {
+    let mut staged = Vec::with_capacity(files.len());
+    for (content, to) in files {
+        if to.exists() {
+            continue;
+        }
+        let scratch = match content {
+            Content::Written(scratch) => scratch,
+            Content::Held(bytes) => {
+                let folder = to.parent().unwrap_or(Path::new("."));
+                let path = folder.join(scratch_name());
+                let mut file = match File::create(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        fs::create_dir_all(folder)?;
+                        File::create(&path)?
+                    }
+                    made => made?,
+                };
+                let scratch = Scratch::new(path);
+                file.write_all(&bytes)?;
+                scratch
+            }
+        };
+        staged.push((scratch, to));
+    }
+    Ok(staged)
+}
+
+/// Renames synced scratch files into their places, in order; returns the folders they went to.
+fn move_in(files: Vec<(Scratch, PathBuf)>) -> io::Result<Vec<PathBuf>> {
+    let mut folders = Vec::new();
+    for (mut scratch, to) in files {
+        // Only this thread moves files in, so a place free now is free at the rename.
+        if to.exists() {
+            continue;
+        }
+        let folder = to.parent().unwrap_or(Path::new("."));
+        match fs::rename(&scratch.path, &to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !folder.exists() => {
+                fs::create_dir_all(folder)?;
+                fs::rename(&scratch.path, &to)?;
+            }
+            renamed => renamed?,
+        }
+        scratch.moved = true;
+        if !folders.iter().any(|f: &PathBuf| f == folder) {
+            folders.push(folder.to_path_buf());
+        }
+    }
+    Ok(folders)
+}
+
+/// Puts `written` files and what was renamed into `folders` on disk.
+#[cfg(target_os = "linux")]
+fn flush(dir: &File, _written: &[&Path], _folders: &[&Path]) -> io::Result<()> {
+    rustix::fs::syncfs(dir).map_err(io::Error::from)
+}
+
+/// Puts `written` files and what was renamed into `folders` on disk.
+#[cfg(not(target_os = "linux"))]
+fn flush(_dir: &File, written: &[&Path], folders: &[&Path]) -> io::Result<()> {
+    written.iter().chain(folders).try_for_each(|p| File::open(p)?.sync_all())
+}
+
+/// What a caller hears when the landing thread is gone (it panicked).
+fn lander_gone(_: oneshot::error::RecvError) -> io::Error {
+    io::Error::other("the asset store's landing thread stopped")
 }
 
 /// A PNG up to this size is kept in memory until it is committed; a larger one goes to a file in
@@ -155,13 +228,22 @@ enum Body {
     File(BufWriter<File>, Scratch),
 }
 
-/// Scratch files not (yet) moved into place: those it still holds when dropped are removed.
-struct Scratch(Vec<PathBuf>);
+/// A scratch file: removed when dropped, unless it was moved into place.
+struct Scratch {
+    path: PathBuf,
+    moved: bool,
+}
+
+impl Scratch {
+    fn new(path: PathBuf) -> Scratch {
+        Scratch { path, moved: false }
+    }
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        for t in &self.0 {
-            let _ = fs::remove_file(t);
+        if !self.moved {
+            let _ = fs::remove_file(&self.path);
         }
     }
 }
@@ -171,7 +253,7 @@ impl Write for PendingAsset {
         if let Body::Memory(held) = &mut self.body
             && held.len() + buf.len() > SPILL_BYTES
         {
-            let spill = Scratch(vec![self.scratch.clone()]);
+            let spill = Scratch::new(self.scratch.clone());
             let mut file = BufWriter::with_capacity(SPILL_BYTES, File::create(&self.scratch)?);
             file.write_all(held)?;
             self.body = Body::File(file, spill);
@@ -214,7 +296,6 @@ impl PendingAsset {
 
 /// A fresh scratch file name. It starts with a dot, which no asset's name does.
 fn scratch_name() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     format!(".{}.{}.tmp", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
@@ -227,8 +308,8 @@ impl AssetStore {
         for d in ["assets", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
-        let sync = Arc::new(GroupSync::new(&root.join("tmp"))?);
-        Ok(AssetStore { root, sync })
+        let lander = Arc::new(Lander::start(&root.join("tmp"))?);
+        Ok(AssetStore { root, lander })
     }
 
     /// The data directory the store lives in.
@@ -273,6 +354,12 @@ impl AssetStore {
         self.path(hash).is_file()
     }
 
+    /// Syncs of the store's file system so far, for tests.
+    #[cfg(test)]
+    fn syncs(&self) -> u64 {
+        self.lander.syncs.load(Ordering::Relaxed)
+    }
+
     /// Starts writing a PNG.
     pub fn begin(&self) -> io::Result<PendingAsset> {
         Ok(PendingAsset {
@@ -285,8 +372,8 @@ impl AssetStore {
 
     /// Moves a finished PNG into place under its hash ([`PendingAsset::hash`]), with its
     /// provenance JSON (`None`: its caller keeps it elsewhere) and its thumbnail (`None`: the
-    /// image is its own). Returns the hash and size. An asset already stored keeps its first
-    /// provenance.
+    /// image is its own), and returns once they are on disk. Returns the hash and size. An
+    /// asset already stored keeps its first provenance. Blocks: for a render's thread.
     pub fn commit(
         &self,
         pending: PendingAsset,
@@ -295,56 +382,32 @@ impl AssetStore {
     ) -> io::Result<(String, u64)> {
         let hash = pending.hash();
         let PendingAsset { body, bytes, .. } = pending;
-        if self.contains(&hash) {
-            return Ok((hash, bytes));
-        }
-        fs::create_dir_all(self.shard(&hash))?;
-        // The PNG's scratch file comes first in `temps`.
-        let (png, temps) = match body {
-            Body::Memory(held) => {
-                let mut temps = Scratch(Vec::with_capacity(3));
-                (self.write_scratch(&hash, &held, &mut temps)?, temps)
+        let png = match body {
+            Body::Memory(held) => Content::Held(held),
+            Body::File(file, scratch) => {
+                file.into_inner().map_err(|e| e.into_error())?;
+                Content::Written(scratch)
             }
-            Body::File(file, temps) => (file.into_inner().map_err(|e| e.into_error())?, temps),
         };
-        self.land(&hash, png, thumb, provenance, temps)?;
+        let mut files = Vec::with_capacity(3);
+        if let Some(json) = provenance {
+            files.push((Content::Held(json.to_vec()), self.provenance_path(&hash)));
+        }
+        if let Some(thumb) = thumb {
+            files.push((Content::Held(thumb.to_vec()), self.thumb_path(&hash)));
+        }
+        files.push((png, self.path(&hash)));
+        self.lander.land(files).blocking_recv().map_err(lander_gone)??;
         Ok((hash, bytes))
     }
 
-    /// Stores a whole PNG held in memory (an image that is its own thumbnail: it has no thumbnail
-    /// file) with its provenance JSON (`None`: kept elsewhere), as [`Self::commit`] does.
-    /// Returns its hash.
-    pub fn put(&self, png: &[u8], provenance: Option<&[u8]>) -> io::Result<String> {
-        let mut pending = self.begin()?;
-        pending.write_all(png)?;
-        Ok(self.commit(pending, None, provenance)?.0)
-    }
-
-    /// Writes the provenance and thumbnail (if any) beside the PNG at `temps[0]`, syncs them
-    /// all, then renames them into place, the PNG last: its presence means the asset is complete.
-    fn land(
-        &self,
-        hash: &str,
-        png: File,
-        thumb: Option<&[u8]>,
-        provenance: Option<&[u8]>,
-        mut temps: Scratch,
-    ) -> io::Result<()> {
-        let mut files = vec![(png, self.path(hash))];
-        if let Some(json) = provenance {
-            files.push((self.write_scratch(hash, json, &mut temps)?, self.provenance_path(hash)));
-        }
-        if let Some(thumb) = thumb {
-            files.push((self.write_scratch(hash, thumb, &mut temps)?, self.thumb_path(hash)));
-        }
-        self.sync.sync(&files.iter().map(|(f, _)| f).collect::<Vec<_>>())?;
-        // `temps` is in the order of `files`; the PNG goes last.
-        for (tmp, (_, to)) in temps.0[1..].iter().zip(&files[1..]) {
-            fs::rename(tmp, to)?;
-        }
-        fs::rename(&temps.0[0], &files[0].1)?;
-        temps.0.clear();
-        Ok(())
+    /// Stores a whole PNG (an image that is its own thumbnail: it has no thumbnail file) whose
+    /// provenance its caller keeps, as [`Self::commit`] does. Returns its hash.
+    pub async fn put(&self, png: Vec<u8>) -> io::Result<String> {
+        let hash = blake3::hash(&png).to_hex().to_string();
+        let to = self.path(&hash);
+        self.lander.land(vec![(Content::Held(png), to)]).await.map_err(lander_gone)??;
+        Ok(hash)
     }
 
     /// A fresh path in the store's scratch folder (the same file system as the assets), for a
@@ -353,41 +416,19 @@ impl AssetStore {
         self.root.join("tmp").join(scratch_name())
     }
 
-    /// A new scratch file in the shard of asset `hash` holding `bytes` (not synced), its path
-    /// pushed onto `temps` once it exists.
-    fn write_scratch(&self, hash: &str, bytes: &[u8], temps: &mut Scratch) -> io::Result<File> {
-        let tmp = self.shard(hash).join(scratch_name());
-        let mut f = File::create(&tmp)?;
-        temps.0.push(tmp);
-        f.write_all(bytes)?;
-        Ok(f)
-    }
-
-    /// Moves a file that was written and synced at a [`Self::scratch_path`] and whose BLAKE3 the
-    /// caller checked is `hash` into place: as the asset (unless it is there already), or as its
-    /// thumbnail. The scratch file is gone afterwards either way.
-    pub fn import_file(&self, hash: &str, scratch: &Path, thumb: bool) -> io::Result<()> {
-        if !thumb && self.contains(hash) {
-            return fs::remove_file(scratch);
-        }
-        fs::create_dir_all(self.shard(hash))?;
+    /// Moves a file written at a [`Self::scratch_path`] and whose BLAKE3 the caller checked is
+    /// `hash` into place, as [`Self::commit`] does: as the asset, or as its thumbnail. The
+    /// scratch file is gone afterwards either way.
+    pub async fn import_file(&self, hash: &str, scratch: PathBuf, thumb: bool) -> io::Result<()> {
         let to = if thumb { self.thumb_path(hash) } else { self.path(hash) };
-        fs::rename(scratch, to)
+        let files = vec![(Content::Written(Scratch::new(scratch)), to)];
+        self.lander.land(files).await.map_err(lander_gone)?
     }
 
     /// Stores the provenance of an imported asset (the first one stays).
-    pub fn import_provenance(&self, hash: &str, json: &[u8]) -> io::Result<()> {
-        if self.provenance_path(hash).is_file() {
-            return Ok(());
-        }
-        fs::create_dir_all(self.shard(hash))?;
-        let mut temps = Scratch(Vec::with_capacity(1));
-        let file = self.write_scratch(hash, json, &mut temps)?;
-        // Shares a sync with the others stored meanwhile (a result batch's provenances).
-        self.sync.sync(&[&file])?;
-        fs::rename(&temps.0[0], self.provenance_path(hash))?;
-        temps.0.clear();
-        Ok(())
+    pub async fn import_provenance(&self, hash: &str, json: Vec<u8>) -> io::Result<()> {
+        let files = vec![(Content::Held(json), self.provenance_path(hash))];
+        self.lander.land(files).await.map_err(lander_gone)?
     }
 
     /// Where the key index keeps `key`, sharded like the assets.
@@ -495,35 +536,61 @@ mod tests {
         assert_no_scratch(dir.path());
     }
 
-    #[cfg(target_os = "linux")]
     #[test]
-    fn every_thread_waiting_for_a_shared_sync_goes_on_once_a_sync_covers_it() {
+    fn a_commit_returns_only_once_a_sync_after_its_renames_ended() {
         let dir = tempfile::tempdir().unwrap();
-        let sync = Arc::new(GroupSync::new(dir.path()).unwrap());
-        let (threads, rounds) = (32, 100);
-        // Each round, every thread asks for one sync at once and none asks again until all
-        // have theirs: those that came while the first sync ran are covered only by a second,
-        // which one of them must be woken to lead. No later caller comes to rescue them.
-        let round = Arc::new(std::sync::Barrier::new(threads));
-        let (done, finished) = std::sync::mpsc::channel();
-        for _ in 0..threads {
-            let (sync, round, done) = (sync.clone(), round.clone(), done.clone());
-            std::thread::spawn(move || {
-                for _ in 0..rounds {
-                    round.wait();
-                    sync.sync(&[]).unwrap();
-                }
-                done.send(()).unwrap();
-            });
+        let store = AssetStore::open(dir.path()).unwrap();
+        let mut p = store.begin().unwrap();
+        p.write_all(b"synced twice").unwrap();
+        let before = store.syncs();
+        let (hash, _) = store.commit(p, None, Some(&b"{}"[..])).unwrap();
+        // One sync for the written files, one for their renames.
+        assert!(store.syncs() >= before + 2, "answered after {} syncs", store.syncs() - before);
+        // Stored already: nothing is written, but the answer waits for a sync, which covers
+        // the rename the file's place was taken by.
+        let mut p = store.begin().unwrap();
+        p.write_all(b"synced twice").unwrap();
+        let before = store.syncs();
+        assert_eq!(store.commit(p, None, None).unwrap().0, hash);
+        assert!(store.syncs() > before);
+        assert_no_scratch(dir.path());
+    }
+
+    #[test]
+    fn a_landing_that_cannot_be_written_says_why_and_leaves_no_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::open(dir.path()).unwrap();
+        let body = b"blocked".repeat(SPILL_BYTES / 4);
+        let hash = blake3::hash(&body).to_hex().to_string();
+        // A file where the asset's shard folder should be.
+        fs::write(store.shard(&hash), b"in the way").unwrap();
+        let mut p = store.begin().unwrap();
+        p.write_all(&body).unwrap();
+        assert!(store.commit(p, Some(&b"thumb"[..]), Some(&b"{}"[..])).is_err());
+        fs::remove_file(store.shard(&hash)).unwrap();
+        assert_no_scratch(dir.path());
+        assert!(!store.contains(&hash));
+    }
+
+    #[tokio::test]
+    async fn a_put_or_imported_file_lands_and_its_scratch_file_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AssetStore::open(dir.path()).unwrap();
+        let hash = store.put(b"put".to_vec()).await.unwrap();
+        assert_eq!(hash, blake3::hash(b"put").to_hex().to_string());
+        assert_eq!(fs::read(store.path(&hash)).unwrap(), b"put");
+        assert_eq!(store.put(b"put".to_vec()).await.unwrap(), hash, "a repeat is stored already");
+        for (bytes, thumb) in [(&b"imported"[..], false), (b"imported thumb", true), (b"imported again", false)] {
+            let scratch = store.scratch_path();
+            fs::write(&scratch, bytes).unwrap();
+            store.import_file(&"ab".repeat(32), scratch, thumb).await.unwrap();
         }
-        for _ in 0..threads {
-            // A thread left waiting with no sync running or coming would wait for ever.
-            finished.recv_timeout(std::time::Duration::from_secs(60)).expect("a thread still waits for its sync");
-        }
-        let t = sync.state.lock().unwrap();
-        let all = (threads * rounds) as u64;
-        assert_eq!((t.taken, sync.covered.load(std::sync::atomic::Ordering::Acquire)), (all, all));
-        assert!(t.waiting.is_empty(), "{} threads still listed as waiting", t.waiting.len());
+        assert_eq!(fs::read(store.path(&"ab".repeat(32))).unwrap(), b"imported", "the first stays");
+        assert_eq!(fs::read(store.thumb_path(&"ab".repeat(32))).unwrap(), b"imported thumb");
+        store.import_provenance(&hash, b"{\"n\":1}".to_vec()).await.unwrap();
+        store.import_provenance(&hash, b"{\"n\":2}".to_vec()).await.unwrap();
+        assert_eq!(fs::read(store.provenance_path(&hash)).unwrap(), b"{\"n\":1}");
+        assert_no_scratch(dir.path());
     }
 
     #[test]

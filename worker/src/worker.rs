@@ -204,7 +204,8 @@ impl Worker {
 
     /// [`Self::render`], except that a new PNG of at most `hold` bytes that is its own thumbnail
     /// is not stored but handed back in [`Rendered::png`] with its provenance, for a caller that
-    /// sends it on whole (a worker daemon puts it inside its result message). `hold` is at most
+    /// sends it on whole (a worker daemon puts it inside its result message) or stores it where
+    /// waiting for the store holds no thread ([`AssetStore::put`]). `hold` is at most
     /// [`SPILL_BYTES`](crate::store::SPILL_BYTES); 0 stores every asset.
     pub fn render_holding(
         &self,

@@ -476,12 +476,7 @@ async fn put_asset(
     let result = match received {
         // A thumbnail has its own bytes; the asset it belongs to is checked when it comes.
         Ok(got) if thumb || got == hash => {
-            let store = s.worker.clone();
-            let scratch = scratch.clone();
-            tokio::task::spawn_blocking(move || store.store().import_file(&hash, &scratch, thumb))
-                .await
-                .map_err(|e| ApiError::internal(&e))?
-                .map_err(|e| ApiError::internal(&e))
+            s.worker.store().import_file(&hash, scratch.clone(), thumb).await.map_err(|e| ApiError::internal(&e))
         }
         Ok(_) => Err(ApiError::invalid("body", "the bytes do not hash to the asset's BLAKE3 in the path")),
         Err(e) => Err(e),
@@ -502,7 +497,7 @@ async fn discard(mut stream: axum::body::BodyDataStream, mut left: usize) {
     }
 }
 
-/// Writes an upload to `path` (synced), counting it against `limit`; returns its BLAKE3.
+/// Writes an upload to `path` (not synced), counting it against `limit`; returns its BLAKE3.
 async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -> Result<String, ApiError> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
@@ -519,7 +514,8 @@ async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(|e| ApiError::internal(&e))?;
     }
-    file.sync_all().await.map_err(|e| ApiError::internal(&e))?;
+    // Synced by the asset store as it moves the file in.
+    file.flush().await.map_err(|e| ApiError::internal(&e))?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 
@@ -537,11 +533,7 @@ async fn put_provenance(
     if v.get("asset").and_then(Value::as_str) != Some(hash.as_str()) {
         return Err(ApiError::invalid("asset", "must equal the hash in the path"));
     }
-    let store = s.worker.clone();
-    tokio::task::spawn_blocking(move || store.store().import_provenance(&hash, &body))
-        .await
-        .map_err(|e| ApiError::internal(&e))?
-        .map_err(|e| ApiError::internal(&e))?;
+    s.worker.store().import_provenance(&hash, body.to_vec()).await.map_err(|e| ApiError::internal(&e))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
