@@ -221,7 +221,7 @@ pub fn render_to<W: Write>(
                 if burn_module.is_none() {
                     render_tile_cpu(&model, &tile, threads, &mut samples_buf);
                 }
-                cpu_post(&params, &mut samples_buf, threads)
+                cpu_post(&params, &mut samples_buf, threads, !own_thumb)
             }
         };
         stats.render_seconds += band_start.elapsed().as_secs_f64();
@@ -248,8 +248,9 @@ pub fn render_to<W: Write>(
 }
 
 /// The post chain on the CPU: the references of the kernels, in the kernels' order, on `threads`
-/// threads over row chunks that hold whole thumbnail rows (so the split changes no bit).
-fn cpu_post(p: &PostParams, samples: &mut [f32], threads: usize) -> (Vec<u32>, Vec<u32>) {
+/// threads over row chunks that hold whole thumbnail rows (so the split changes no bit). The
+/// thumbnail is left out (zeros) unless `want_thumb`: an image that is its own has no use for it.
+fn cpu_post(p: &PostParams, samples: &mut [f32], threads: usize, want_thumb: bool) -> (Vec<u32>, Vec<u32>) {
     let (w, rows, s, f, tw) = (p.dims[0] as usize, p.dims[1], p.dims[2] as usize, p.dims2[2], p.dims2[3] as usize);
     let mut pixels = vec![0.0f32; w * rows as usize * 3];
     let mut packed = vec![0u32; w * rows as usize];
@@ -266,7 +267,9 @@ fn cpu_post(p: &PostParams, samples: &mut [f32], threads: usize) -> (Vec<u32>, V
         post::resolve(&sub, sm, px);
         post::watermark(&sub, px);
         post::quantize(&sub, px, pk);
-        post::thumbnail(&sub, px, th);
+        if want_thumb {
+            post::thumbnail(&sub, px, th);
+        }
     });
     (packed, thumb)
 }
