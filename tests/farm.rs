@@ -81,6 +81,42 @@ async fn a_repeat_is_cached_and_a_hundred_identical_submits_render_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_stop_records_every_render_its_workers_finished() {
+    let farm = TestFarm::start().await;
+    // A tiny render is stored and recorded while its worker renders the next: a stop must finish
+    // those, or the next start renders them again.
+    let mut ids = Vec::new();
+    for batch in 0..6u64 {
+        let jobs: Vec<Value> = (0..100)
+            .map(|i| json!({ "prompt": "clean stop", "seed": batch * 100 + i, "tier": "preview", "width": 16, "height": 16 }))
+            .collect();
+        let r = farm.client.send(Method::POST, "/v1/jobs", Some(Value::Array(jobs).to_string().into())).await.unwrap();
+        assert_eq!(r.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&r.body));
+        let answer = r.json().unwrap();
+        ids.extend(answer["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()));
+    }
+    let renders =
+        |sched: &std::sync::Arc<kiln_scheduler::scheduler::Scheduler>| sched.worker.metrics.cache_misses.get();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while renders(&farm.sched) < 20 {
+        assert!(std::time::Instant::now() < deadline, "the farm never rendered 20 jobs");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let sched = farm.sched.clone();
+    let dir = farm.stop().await;
+    let before = renders(&sched);
+    drop(sched);
+    let cfg = test_config(dir.path());
+    let farm = TestFarm::start_with(dir, cfg).await;
+    for id in &ids {
+        assert_eq!(farm.wait(id).await["state"], "succeeded", "{id}");
+    }
+    let after = renders(&farm.sched);
+    assert_eq!(before + after, ids.len() as u64, "each job rendered once: {before} before the stop, {after} after");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_is_submitted_and_awaited_in_one_request() {
     let farm = TestFarm::start().await;
     // Six seeds and a repeat of the first: the repeat attaches to its render.
