@@ -10,7 +10,7 @@ use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError, Tier};
 use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
 use kiln_worker::store::SPILL_BYTES;
-use kiln_worker::worker::Worker;
+use kiln_worker::worker::{Rendered, Worker};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -38,11 +38,17 @@ const START_WITH_RESULT_BELOW_SAMPLES: u64 = 64 * 64;
 const FINISHING_PER_FARM: usize = 256;
 
 /// How an in-process render ended.
-enum Rendered {
+enum RenderEnd {
     /// With this outcome (its asset, if any, stored).
     Done(Outcome),
     /// With a small PNG held in memory, to store before it succeeds.
-    Held(kiln_worker::worker::Rendered, Vec<u8>),
+    Held(Rendered, Vec<u8>),
+}
+
+/// The outcome of a render whose asset is stored.
+fn succeeded(r: Rendered) -> Outcome {
+    let provenance = r.provenance.map(|p| p.to_string());
+    Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
 }
 
 /// What a submit may get wrong; each names the field.
@@ -402,8 +408,8 @@ impl Scheduler {
                 self.publish(vec![started]);
             }
             match self.render(n, &d).await {
-                Rendered::Done(outcome) => self.record(&d, started_ms, outcome).await,
-                Rendered::Held(r, png) => {
+                RenderEnd::Done(outcome) => self.record(&d, started_ms, outcome).await,
+                RenderEnd::Held(r, png) => {
                     let this = self.clone();
                     finishing.spawn(async move {
                         let outcome = this.store_held(&d, r, png).await;
@@ -416,12 +422,9 @@ impl Scheduler {
     }
 
     /// Stores the PNG a render held in memory (small, its own thumbnail): the attempt's outcome.
-    async fn store_held(&self, job: &Dispatch, r: kiln_worker::worker::Rendered, png: Vec<u8>) -> Outcome {
+    async fn store_held(&self, job: &Dispatch, r: Rendered, png: Vec<u8>) -> Outcome {
         match self.worker.store().put(png).await {
-            Ok(_) => {
-                let provenance = r.provenance.map(|p| p.to_string());
-                Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
-            }
+            Ok(_) => succeeded(r),
             Err(e) => {
                 let error = format!("cannot store the asset in {}: {e}", self.worker.store().root().display());
                 self.failure_outcome(job, error, true)
@@ -429,7 +432,7 @@ impl Scheduler {
         }
     }
 
-    async fn render(&self, n: usize, job: &Dispatch) -> Rendered {
+    async fn render(&self, n: usize, job: &Dispatch) -> RenderEnd {
         let attempt = job.attempt;
         self.metrics.in_flight.inc();
         let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.job_id.clone());
@@ -454,17 +457,17 @@ impl Scheduler {
         self.metrics.in_flight.dec();
         let (error, transient) = match result {
             Ok(Ok(mut r)) => {
-                // Held in memory: stored by the caller, where the wait for its syncs holds no thread.
-                if let Some(png) = r.png.take() {
-                    return Rendered::Held(r, png);
-                }
-                let provenance = r.provenance.map(|p| p.to_string());
-                return Rendered::Done(Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance });
+                // A PNG held in memory is stored by the caller, where the wait for its syncs
+                // holds no thread.
+                return match r.png.take() {
+                    Some(png) => RenderEnd::Held(r, png),
+                    None => RenderEnd::Done(succeeded(r)),
+                };
             }
             Ok(Err(e)) => (e.to_string(), e.is_transient()),
             Err(e) => (format!("the render panicked: {e}"), true),
         };
-        Rendered::Done(self.failure_outcome(job, error, transient))
+        RenderEnd::Done(self.failure_outcome(job, error, transient))
     }
 
     /// What a failed attempt leads to: a retry after a backoff with jitter, or giving up.
