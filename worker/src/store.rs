@@ -131,14 +131,12 @@ impl Lander {
     }
 }
 
-/// Writes a landing's held files to scratch files beside their places, leaving out those whose
-/// place is taken.
+/// Writes a landing's held files to scratch files beside their places. A place taken already is
+/// found at the rename ([`move_in`]): a look beforehand cost a lookup per file, and the place
+/// is almost always free.
 fn stage(files: Vec<(Content, PathBuf)>) -> io::Result<Vec<(Scratch, PathBuf)>> {
     let mut staged = Vec::with_capacity(files.len());
     for (content, to) in files {
-        if to.exists() {
-            continue;
-        }
         let scratch = match content {
             Content::Written(scratch) => scratch,
             Content::Held(bytes) => {
@@ -161,21 +159,21 @@ fn stage(files: Vec<(Content, PathBuf)>) -> io::Result<Vec<(Scratch, PathBuf)>> 
     Ok(staged)
 }
 
-/// Renames synced scratch files into their places, in order; returns the folders they went to.
+/// Renames synced scratch files into their places, in order, leaving out (and removing) those
+/// whose place is taken; returns the folders they went to.
 fn move_in(files: Vec<(Scratch, PathBuf)>) -> io::Result<Vec<PathBuf>> {
     let mut folders = Vec::new();
     for (mut scratch, to) in files {
-        // Only this thread moves files in, so a place free now is free at the rename.
-        if to.exists() {
-            continue;
-        }
         let folder = to.parent().unwrap_or(Path::new("."));
-        match fs::rename(&scratch.path, &to) {
+        let moved = match rename_new(&scratch.path, &to) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !folder.exists() => {
                 fs::create_dir_all(folder)?;
-                fs::rename(&scratch.path, &to)?;
+                rename_new(&scratch.path, &to)?
             }
-            renamed => renamed?,
+            moved => moved?,
+        };
+        if !moved {
+            continue;
         }
         scratch.moved = true;
         if !folders.iter().any(|f: &PathBuf| f == folder) {
@@ -183,6 +181,34 @@ fn move_in(files: Vec<(Scratch, PathBuf)>) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(folders)
+}
+
+/// Renames `from` to `to` unless `to` is taken; false (and nothing renamed) when it is. The
+/// check and the rename are one step (`RENAME_NOREPLACE`).
+#[cfg(target_os = "linux")]
+fn rename_new(from: &Path, to: &Path) -> io::Result<bool> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        // A file system without the flag.
+        Err(rustix::io::Errno::INVAL) => rename_unless_taken(from, to),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn rename_new(from: &Path, to: &Path) -> io::Result<bool> {
+    rename_unless_taken(from, to)
+}
+
+/// Renames `from` to `to` unless `to` is taken, in two steps: only the landing thread moves
+/// files in, so a place free at the look is free at the rename.
+fn rename_unless_taken(from: &Path, to: &Path) -> io::Result<bool> {
+    if to.exists() {
+        return Ok(false);
+    }
+    fs::rename(from, to).map(|()| true)
 }
 
 /// Puts `written` files and what was renamed into `folders` on disk.
@@ -671,6 +697,25 @@ mod tests {
         assert_eq!(hashes[0], hashes[1]);
         assert_eq!(fs::read_to_string(store.provenance_path(&hashes[0])).unwrap(), "{\"n\":0}");
         assert_no_scratch(dir.path());
+    }
+
+    #[test]
+    fn a_rename_into_a_taken_place_moves_nothing_either_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join(".scratch"), dir.path().join("place"));
+        // The one-step rename, then the two-step one of a file system without it.
+        for rename in [rename_new, rename_unless_taken] {
+            fs::write(&from, b"second").unwrap();
+            fs::write(&to, b"first").unwrap();
+            assert!(!rename(&from, &to).unwrap(), "the place was taken");
+            assert_eq!(fs::read(&to).unwrap(), b"first", "the first stays");
+            assert_eq!(fs::read(&from).unwrap(), b"second", "the scratch file is left to its owner");
+            fs::remove_file(&to).unwrap();
+            assert!(rename(&from, &to).unwrap(), "the place was free");
+            assert_eq!(fs::read(&to).unwrap(), b"second");
+            assert!(!from.exists());
+            fs::remove_file(&to).unwrap();
+        }
     }
 
     #[test]
