@@ -518,7 +518,7 @@ impl Scheduler {
             return refused("its provenance names another asset".into());
         }
         let record = match (png, provenance) {
-            (_, Some(p)) => Some(p.to_string()),
+            (_, Some(p)) => serde_json::to_string(p).ok(),
             (Some(_), None) => Some(
                 serde_json::json!({
                     "asset": asset,

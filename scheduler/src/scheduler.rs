@@ -47,7 +47,9 @@ enum RenderEnd {
 
 /// The outcome of a render whose asset is stored.
 fn succeeded(r: Rendered) -> Outcome {
-    let provenance = r.provenance.map(|p| p.to_string());
+    // Written to a `Vec`, not through `Display` (`to_string`), whose formatter takes each of the
+    // record's hundreds of tokens through a `dyn fmt::Write`.
+    let provenance = r.provenance.and_then(|p| serde_json::to_string(&p).ok());
     Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
 }
 
