@@ -75,6 +75,14 @@ fn succeeded(r: Rendered) -> Outcome {
     Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
 }
 
+/// A submitted job's end, watched from before the job was stored ([`Scheduler::submit_watching`]).
+#[derive(Debug)]
+pub struct Watch {
+    /// The id the submit gave its new job (a submit that found an earlier job returns that one).
+    id: String,
+    woken: Option<oneshot::Receiver<()>>,
+}
+
 /// What a submit may get wrong; each names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -264,15 +272,37 @@ impl Scheduler {
         request: RenderRequest,
         idempotency_key: Option<String>,
     ) -> Result<(Job, Admission), SubmitError> {
+        let (job, admission, _) = self.submit_watching(caller, request, idempotency_key, false).await?;
+        Ok((job, admission))
+    }
+
+    /// [`Self::submit_resolved`], and with `watch` (for a caller that waits for the job to end)
+    /// the job's end is watched from before the job is stored, so [`Self::wait_submitted`] need
+    /// not read it first.
+    pub async fn submit_watching(
+        &self,
+        caller: &Caller,
+        request: RenderRequest,
+        idempotency_key: Option<String>,
+        watch: bool,
+    ) -> Result<(Job, Admission, Option<Watch>), SubmitError> {
+        let id = self.new_id();
+        let watch = watch.then(|| Watch { woken: self.watch([&id]).remove(&id), id: id.clone() });
         let new = NewJob {
-            id: self.new_id(),
+            id,
             cache_key: self.worker.key(&request).to_string(),
             request,
             client: caller.name.clone(),
             idempotency_key,
             now_ms: now_ms(),
         };
-        let s = self.store.submit(new).await?;
+        let s = match self.store.submit(new).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.unwatch(watch);
+                return Err(e.into());
+            }
+        };
         let tier = s.job.tier.as_str();
         match s.admission {
             Admission::Queued => self.dispatch_wake.notify_one(),
@@ -281,7 +311,7 @@ impl Scheduler {
             Admission::Existing => {}
         }
         self.publish(s.events);
-        Ok((s.job, s.admission))
+        Ok((s.job, s.admission, watch))
     }
 
     /// Cancels a job; a client may cancel only its own. `Ok(None)`: no such job (or not theirs).
@@ -312,20 +342,89 @@ impl Scheduler {
         ids: &[String],
         wait: Duration,
     ) -> Result<HashMap<String, Job>, StoreError> {
-        // Register before reading, so an end between the two is not missed.
-        let mut woken = HashMap::with_capacity(ids.len());
-        {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            for id in ids {
-                if !woken.contains_key(id) {
-                    let (tx, rx) = oneshot::channel();
-                    waiters.entry(id.clone()).or_default().push(tx);
-                    woken.insert(id.clone(), rx);
+        // Watch before reading, so an end between the two is not missed.
+        let woken = self.watch(ids);
+        let jobs = async {
+            let seen = self.visible(caller, ids.to_vec()).await?;
+            self.wait_woken(caller, seen, woken, wait).await
+        }
+        .await;
+        self.forget(ids);
+        jobs
+    }
+
+    /// Waits up to `wait` for jobs just submitted to end, each with the watch its submit began
+    /// ([`Self::submit_watching`]), and updates them to how they are then. A job watched from
+    /// before it was stored is not read before the wait: its end cannot have come unseen. One
+    /// the submit found instead (by its idempotency key) is watched, then read, as in
+    /// [`Self::wait_terminal`]. `watches` are the jobs', in order.
+    pub async fn wait_submitted(
+        &self,
+        caller: &Caller,
+        jobs: &mut [Job],
+        watches: Vec<Watch>,
+        wait: Duration,
+    ) -> Result<(), StoreError> {
+        let mut watched: Vec<String> = watches.iter().map(|w| w.id.clone()).collect();
+        let mut woken = HashMap::with_capacity(jobs.len());
+        let mut found = Vec::new();
+        let mut seen = HashMap::with_capacity(jobs.len());
+        for (job, w) in jobs.iter().zip(watches) {
+            if job.state.is_terminal() {
+                continue;
+            }
+            match w.woken {
+                Some(rx) if w.id == job.id => {
+                    woken.insert(w.id, rx);
+                    seen.insert(job.id.clone(), job.clone());
                 }
+                // Left as admitted if the caller cannot read it (another client's earlier job
+                // under the same idempotency key).
+                _ => found.push(job.id.clone()),
             }
         }
-        let jobs = self.wait_registered(caller, ids, woken, wait).await;
-        // These waiters are done: forget them, and any others whose callers have gone.
+        woken.extend(self.watch(&found));
+        let now = async {
+            if !found.is_empty() {
+                seen.extend(self.visible(caller, found.clone()).await?);
+            }
+            self.wait_woken(caller, seen, woken, wait).await
+        }
+        .await;
+        watched.extend(found);
+        self.forget(&watched);
+        let mut now = now?;
+        for j in jobs.iter_mut() {
+            if let Some(n) = now.remove(&j.id) {
+                *j = n;
+            }
+        }
+        Ok(())
+    }
+
+    /// A waiter on each of `ids`' ends (one each), registered now.
+    fn watch<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> HashMap<String, oneshot::Receiver<()>> {
+        let mut woken = HashMap::new();
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            if !woken.contains_key(id) {
+                let (tx, rx) = oneshot::channel();
+                waiters.entry(id.clone()).or_default().push(tx);
+                woken.insert(id.clone(), rx);
+            }
+        }
+        woken
+    }
+
+    /// Drops watches no one will wait on (of submits that failed or were not waited for).
+    pub fn unwatch(&self, watches: impl IntoIterator<Item = Watch>) {
+        let ids: Vec<String> = watches.into_iter().map(|w| w.id).collect();
+        self.forget(&ids);
+    }
+
+    /// Forgets the waiters of `ids` whose callers are done with them (each dropped its
+    /// receiver), and any others whose callers have gone.
+    fn forget(&self, ids: &[String]) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
         for id in ids {
             if let Some(list) = waiters.get_mut(id) {
@@ -335,17 +434,16 @@ impl Scheduler {
                 }
             }
         }
-        jobs
     }
 
-    async fn wait_registered(
+    /// Waits for the jobs of `woken` that `seen` has open, then reads those again.
+    async fn wait_woken(
         &self,
         caller: &Caller,
-        ids: &[String],
+        mut seen: HashMap<String, Job>,
         mut woken: HashMap<String, oneshot::Receiver<()>>,
         wait: Duration,
     ) -> Result<HashMap<String, Job>, StoreError> {
-        let mut seen = self.visible(caller, ids.to_vec()).await?;
         woken.retain(|id, _| seen.get(id).is_some_and(|j| !j.state.is_terminal()));
         if !woken.is_empty() {
             let open: Vec<String> = woken.keys().cloned().collect();
@@ -552,6 +650,80 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FarmConfig;
+    use crate::store::SqliteStore;
+
+    /// A scheduler on a SQLite store in `dir`, with no dispatcher or workers: jobs stay queued.
+    async fn idle_scheduler(dir: &std::path::Path) -> Arc<Scheduler> {
+        let mut cfg = FarmConfig::load_with(None, &|_| None).unwrap();
+        cfg.worker.data_dir = dir.to_path_buf();
+        let store = SqliteStore::open(&dir.join("kiln.db")).await.unwrap();
+        let worker = Worker::new(&cfg.worker, Backend::Cpu { threads: 1 }).unwrap().records_kept_by_caller();
+        Scheduler::new(Arc::new(store), Arc::new(worker), cfg.scheduler.clone(), cfg.worker.tiers.clone())
+            .await
+            .unwrap()
+    }
+
+    fn waiting(s: &Scheduler) -> usize {
+        s.waiters.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_submit_watched_from_before_it_is_stored_wakes_at_its_end_and_leaves_no_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = idle_scheduler(dir.path()).await;
+        let me = Caller { name: "ana".into(), role: Role::Client };
+        let req = |key: &str| JobRequest {
+            idempotency_key: Some(key.into()),
+            ..serde_json::from_value(
+                serde_json::json!({ "prompt": "watched", "seed": 1, "tier": "preview", "width": 16 }),
+            )
+            .unwrap()
+        };
+        let submit = |key: &str| {
+            let (s, me, request) = (s.clone(), me.clone(), s.resolve(&req(key)).unwrap());
+            let key = key.to_owned();
+            async move { s.submit_watching(&me, request, Some(key), true).await.unwrap() }
+        };
+        // A new job, then the same key again: the second finds the first (another id).
+        let (first, admitted, watch) = submit("k").await;
+        assert_eq!(admitted, Admission::Queued);
+        let (again, admitted, again_watch) = submit("k").await;
+        assert_eq!((admitted, &again.id), (Admission::Existing, &first.id));
+        let mut jobs = vec![first.clone(), again];
+        let t = std::time::Instant::now();
+        s.wait_submitted(&me, &mut jobs, vec![watch.unwrap(), again_watch.unwrap()], Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(100), "nothing ended, so the wait ran out");
+        assert!(jobs.iter().all(|j| j.state == JobState::Queued), "{jobs:?}");
+        assert_eq!(waiting(&s), 0, "a wait that ran out leaves no waiter behind");
+
+        // A waiter wakes when its job ends (here, cancelled), long before its wait is up.
+        let (job, _, watch) = submit("other").await;
+        let waited = tokio::spawn({
+            let (s, me) = (s.clone(), me.clone());
+            async move {
+                let mut jobs = vec![job];
+                s.wait_submitted(&me, &mut jobs, vec![watch.unwrap()], Duration::from_secs(30)).await.unwrap();
+                jobs.remove(0)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t = std::time::Instant::now();
+        let id =
+            s.submit_watching(&me, s.resolve(&req("other")).unwrap(), Some("other".into()), false).await.unwrap().0.id;
+        s.cancel(&me, &id).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), waited).await.expect("woken by the end").unwrap();
+        assert_eq!(ended.state, JobState::Cancelled);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert_eq!(waiting(&s), 0);
+
+        // Watches of submits not waited for are dropped.
+        let (_, _, watch) = submit("third").await;
+        s.unwatch(watch);
+        assert_eq!(waiting(&s), 0);
+    }
 
     #[test]
     fn a_caught_panic_says_what_it_said() {

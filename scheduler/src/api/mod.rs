@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 pub use error::ApiError;
 
 use crate::auth::{Caller, Role};
-use crate::scheduler::{Live, Scheduler};
+use crate::scheduler::{Live, Scheduler, Watch};
 use crate::store::{Admission, Job, ListQuery};
 use crate::time::{parse_time, rfc3339};
 
@@ -187,12 +187,28 @@ async fn submit(
                 resolved.push((request, req.idempotency_key));
             }
             // Submitted together, the batch shares the store's writes (one transaction).
-            let admitted =
-                futures_util::future::join_all(resolved.into_iter().map(|(r, key)| s.submit_resolved(&who, r, key)))
-                    .await;
-            let mut jobs = admitted.into_iter().map(|a| a.map(|(job, _)| job)).collect::<Result<Vec<_>, _>>()?;
+            let admitted = futures_util::future::join_all(
+                resolved.into_iter().map(|(r, key)| s.submit_watching(&who, r, key, wait.is_some())),
+            )
+            .await;
+            let (mut jobs, mut watches) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
+            let mut failed = None;
+            for a in admitted {
+                match a {
+                    Ok((job, _, watch)) => {
+                        jobs.push(job);
+                        watches.push(watch);
+                    }
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+            }
+            let watches: Vec<Watch> = watches.into_iter().flatten().collect();
+            if let Some(e) = failed {
+                s.unwatch(watches);
+                return Err(e.into());
+            }
             if let Some(wait) = wait {
-                await_ended(&s, &who, &mut jobs, wait).await?;
+                s.wait_submitted(&who, &mut jobs, watches, wait).await?;
             }
             let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
             Ok((StatusCode::CREATED, Json(json!({ "jobs": jobs }))).into_response())
@@ -202,9 +218,11 @@ async fn submit(
             if let Some(k) = header_key {
                 req.idempotency_key = Some(k?);
             }
-            let (mut job, admission) = s.submit(&who, &req).await?;
+            let request = s.resolve(&req)?;
+            let (mut job, admission, watch) =
+                s.submit_watching(&who, request, req.idempotency_key, wait.is_some()).await?;
             if let Some(wait) = wait {
-                await_ended(&s, &who, std::slice::from_mut(&mut job), wait).await?;
+                s.wait_submitted(&who, std::slice::from_mut(&mut job), watch.into_iter().collect(), wait).await?;
             }
             let status = if admission == Admission::Existing { StatusCode::OK } else { StatusCode::CREATED };
             let mut resp = (status, Json(job_json(&job))).into_response();
@@ -307,22 +325,6 @@ fn wait_for(wait: Option<f64>) -> Result<Option<Duration>, ApiError> {
         }
         w => Ok(w.map(Duration::from_secs_f64)),
     }
-}
-
-/// Brings `jobs` up to date once each has ended or `wait` is up. A job the caller cannot read
-/// back (an earlier job of another client's idempotency key) stays as it was admitted.
-async fn await_ended(s: &Scheduler, who: &Caller, jobs: &mut [Job], wait: Duration) -> Result<(), ApiError> {
-    let open: Vec<String> = jobs.iter().filter(|j| !j.state.is_terminal()).map(|j| j.id.clone()).collect();
-    if open.is_empty() {
-        return Ok(());
-    }
-    let mut now = s.wait_terminal(who, &open, wait).await?;
-    for j in jobs.iter_mut() {
-        if let Some(n) = now.remove(&j.id) {
-            *j = n;
-        }
-    }
-    Ok(())
 }
 
 /// `GET /v1/jobs/{id}`; with `?wait=SECONDS`, answers when the job ends or the wait is up.
