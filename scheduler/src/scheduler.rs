@@ -690,7 +690,7 @@ mod tests {
         assert_eq!(admitted, Admission::Queued);
         let (again, admitted, again_watch) = submit("k").await;
         assert_eq!((admitted, &again.id), (Admission::Existing, &first.id));
-        let mut jobs = vec![first.clone(), again];
+        let mut jobs = vec![first, again];
         let t = std::time::Instant::now();
         s.wait_submitted(&me, &mut jobs, vec![watch.unwrap(), again_watch.unwrap()], Duration::from_millis(100))
             .await
@@ -701,6 +701,7 @@ mod tests {
 
         // A waiter wakes when its job ends (here, cancelled), long before its wait is up.
         let (job, _, watch) = submit("other").await;
+        let id = job.id.clone();
         let waited = tokio::spawn({
             let (s, me) = (s.clone(), me.clone());
             async move {
@@ -710,13 +711,9 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let t = std::time::Instant::now();
-        let id =
-            s.submit_watching(&me, s.resolve(&req("other")).unwrap(), Some("other".into()), false).await.unwrap().0.id;
         s.cancel(&me, &id).await.unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), waited).await.expect("woken by the end").unwrap();
         assert_eq!(ended.state, JobState::Cancelled);
-        assert!(t.elapsed() < Duration::from_secs(10));
         assert_eq!(waiting(&s), 0);
 
         // Watches of submits not waited for are dropped.
