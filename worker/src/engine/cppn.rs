@@ -349,12 +349,29 @@ fn dense<const IN: usize, const OUT: usize, const FMA: bool>(
     }
 }
 
+/// Applies `act` to every lane. Plain loops, no closures, here and in everything the fused
+/// path calls: a closure is a function of its own, which the compiler may leave out of line and
+/// then build without the caller's `avx2,fma`. That happened in one build: `mul_add` and
+/// `floor` became calls into software routines, and a 2048×2048 final render took minutes.
 #[inline(always)]
 fn activate_all<const FMA: bool>(act: Act, y: &mut [Lanes; HIDDEN]) {
+    let all = y.as_flattened_mut();
     match act {
-        Act::Tanh => y.iter_mut().flatten().for_each(|v| *v = tanh_g::<FMA>(*v)),
-        Act::Sin => y.iter_mut().flatten().for_each(|v| *v = sin_g::<FMA>(*v)),
-        Act::Gauss => y.iter_mut().flatten().for_each(|v| *v = exp_g::<FMA>(-*v * *v)),
+        Act::Tanh => {
+            for v in all {
+                *v = tanh_g::<FMA>(*v);
+            }
+        }
+        Act::Sin => {
+            for v in all {
+                *v = sin_g::<FMA>(*v);
+            }
+        }
+        Act::Gauss => {
+            for v in all {
+                *v = exp_g::<FMA>(-*v * *v);
+            }
+        }
     }
 }
 
@@ -372,7 +389,9 @@ fn eval_block<const FMA: bool>(c: &Cppn, input: &[Lanes; INPUTS], out: &mut [Lan
     activate_all::<FMA>(c.acts[3], &mut b);
     dense::<HIDDEN, 4, FMA>(&c.wo, &c.bo, &b, out); // [4, L], row 3 is padding
     for row in out.iter_mut().take(3) {
-        row.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp_g::<FMA>(-*v)));
+        for v in row.iter_mut() {
+            *v = 1.0 / (1.0 + exp_g::<FMA>(-*v));
+        }
     }
 }
 
