@@ -67,6 +67,9 @@ enum Content {
 /// A landing whose files were written and await a sync: each file's scratch file and place.
 type Staged = (Vec<(Scratch, PathBuf)>, oneshot::Sender<io::Result<()>>);
 
+/// A landing whose files were renamed and await a sync: the places they took.
+type Moved = (Vec<PathBuf>, oneshot::Sender<io::Result<()>>);
+
 impl Lander {
     /// Starts the thread that lands files, syncing the file system `dir` is on.
     fn start(dir: &Path) -> io::Result<Lander> {
@@ -89,7 +92,7 @@ impl Lander {
     /// Lands what comes until every sender is gone and the last landing is answered.
     fn run(rx: &mpsc::Receiver<Landing>, dir: &File, syncs: &AtomicU64) {
         // Renamed into place; the next sync puts the renames on disk.
-        let mut moved: Vec<(oneshot::Sender<io::Result<()>>, Vec<PathBuf>)> = Vec::new();
+        let mut moved: Vec<Moved> = Vec::new();
         loop {
             let mut batch = Vec::new();
             if moved.is_empty() {
@@ -108,20 +111,17 @@ impl Lander {
                     }
                 }
             }
-            let written: Vec<&Path> =
-                staged.iter().flat_map(|(f, _)| f.iter().map(|(s, _)| s.path.as_path())).collect();
-            let folders: Vec<&Path> = moved.iter().flat_map(|(_, d)| d.iter().map(PathBuf::as_path)).collect();
-            let synced = flush(dir, &written, &folders);
+            let synced = flush(dir, &staged, &moved);
             syncs.fetch_add(1, Ordering::Relaxed);
             let copy = |r: &io::Result<()>| r.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string()));
-            for (done, _) in moved.drain(..) {
+            for (_, done) in moved.drain(..) {
                 let _ = done.send(copy(&synced));
             }
             for (files, done) in staged {
                 // Not synced: nothing moves, and the scratch files go.
                 let moved_in = copy(&synced).and_then(|()| move_in(files));
                 match moved_in {
-                    Ok(folders) => moved.push((done, folders)),
+                    Ok(places) => moved.push((places, done)),
                     Err(e) => {
                         let _ = done.send(Err(e));
                     }
@@ -160,9 +160,9 @@ fn stage(files: Vec<(Content, PathBuf)>) -> io::Result<Vec<(Scratch, PathBuf)>> 
 }
 
 /// Renames synced scratch files into their places, in order, leaving out (and removing) those
-/// whose place is taken; returns the folders they went to.
+/// whose place is taken; returns the places taken.
 fn move_in(files: Vec<(Scratch, PathBuf)>) -> io::Result<Vec<PathBuf>> {
-    let mut folders = Vec::new();
+    let mut places = Vec::with_capacity(files.len());
     for (mut scratch, to) in files {
         let folder = to.parent().unwrap_or(Path::new("."));
         let moved = match rename_new(&scratch.path, &to) {
@@ -176,11 +176,9 @@ fn move_in(files: Vec<(Scratch, PathBuf)>) -> io::Result<Vec<PathBuf>> {
             continue;
         }
         scratch.moved = true;
-        if !folders.iter().any(|f: &PathBuf| f == folder) {
-            folders.push(folder.to_path_buf());
-        }
+        places.push(to);
     }
-    Ok(folders)
+    Ok(places)
 }
 
 /// Renames `from` to `to` unless `to` is taken; false (and nothing renamed) when it is. The
@@ -211,16 +209,24 @@ fn rename_unless_taken(from: &Path, to: &Path) -> io::Result<bool> {
     fs::rename(from, to).map(|()| true)
 }
 
-/// Puts `written` files and what was renamed into `folders` on disk.
+/// Puts the `staged` files written and the renames of the `moved` on disk: one `syncfs`.
 #[cfg(target_os = "linux")]
-fn flush(dir: &File, _written: &[&Path], _folders: &[&Path]) -> io::Result<()> {
+fn flush(dir: &File, _staged: &[Staged], _moved: &[Moved]) -> io::Result<()> {
     rustix::fs::syncfs(dir).map_err(io::Error::from)
 }
 
-/// Puts `written` files and what was renamed into `folders` on disk.
+/// Puts the `staged` files written and the renames of the `moved` on disk: each file written,
+/// and each folder a file was renamed into, synced on its own.
 #[cfg(not(target_os = "linux"))]
-fn flush(_dir: &File, written: &[&Path], folders: &[&Path]) -> io::Result<()> {
-    written.iter().chain(folders).try_for_each(|p| File::open(p)?.sync_all())
+fn flush(_dir: &File, staged: &[Staged], moved: &[Moved]) -> io::Result<()> {
+    let written = staged.iter().flat_map(|(files, _)| files.iter().map(|(s, _)| s.path.as_path()));
+    let mut folders: Vec<&Path> = Vec::new();
+    for folder in moved.iter().flat_map(|(places, _)| places.iter().filter_map(|p| p.parent())) {
+        if !folders.contains(&folder) {
+            folders.push(folder);
+        }
+    }
+    written.chain(folders).try_for_each(|p| File::open(p)?.sync_all())
 }
 
 /// What a caller hears when the landing thread is gone (it panicked).
