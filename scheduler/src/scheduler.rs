@@ -75,12 +75,66 @@ fn succeeded(r: Rendered) -> Outcome {
     Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
 }
 
+/// Who waits for which job's end (long polls): each is woken only by its own job's end.
+#[derive(Debug, Default)]
+struct Waiters(Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>);
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<()>>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A waiter on each of `ids`' ends (one each), registered now.
+    fn watch<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> HashMap<String, oneshot::Receiver<()>> {
+        let mut woken = HashMap::new();
+        let mut waiters = self.lock();
+        for id in ids {
+            if !woken.contains_key(id) {
+                let (tx, rx) = oneshot::channel();
+                waiters.entry(id.clone()).or_default().push(tx);
+                woken.insert(id.clone(), rx);
+            }
+        }
+        woken
+    }
+
+    /// Wakes (and forgets) every waiter on `id`'s end.
+    fn wake(&self, id: &str) {
+        for w in self.lock().remove(id).into_iter().flatten() {
+            let _ = w.send(());
+        }
+    }
+
+    /// Forgets the waiters of `ids` whose callers are done with them (each dropped its
+    /// receiver), and any others whose callers have gone.
+    fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+        let mut waiters = self.lock();
+        for id in ids {
+            if let Some(list) = waiters.get_mut(id) {
+                list.retain(|w| !w.is_closed());
+                if list.is_empty() {
+                    waiters.remove(id);
+                }
+            }
+        }
+    }
+}
+
 /// A submitted job's end, watched from before the job was stored ([`Scheduler::submit_watching`]).
+/// Dropped, it forgets its waiter (a submit that failed, or whose caller is done).
 #[derive(Debug)]
 pub struct Watch {
     /// The id the submit gave its new job (a submit that found an earlier job returns that one).
     id: String,
     woken: Option<oneshot::Receiver<()>>,
+    waiters: Arc<Waiters>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.woken = None;
+        self.waiters.forget([&self.id]);
+    }
 }
 
 /// What a submit may get wrong; each names the field.
@@ -149,7 +203,7 @@ pub struct Scheduler {
     live: broadcast::Sender<Arc<Live>>,
     /// Long polls' reads of their jobs, gathered.
     reads: JobReads,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    waiters: Arc<Waiters>,
     tokens: RwLock<HashMap<String, Caller>>,
     pub(crate) dispatch_wake: Notify,
     /// Wakes the fleet bridge's sender (a task was created, a device came back).
@@ -177,7 +231,7 @@ impl Scheduler {
             registry: crate::broker::Registry::new(Duration::from_secs(cfg.broker.lost_after_seconds)),
             cfg,
             live,
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Arc::default(),
             tokens: RwLock::new(HashMap::new()),
             dispatch_wake: Notify::new(),
             fleet_wake: Notify::new(),
@@ -200,10 +254,7 @@ impl Scheduler {
         for e in events {
             self.metrics.observe(&e);
             if e.state.is_terminal() {
-                let waiting = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&e.job_id);
-                for w in waiting.into_iter().flatten() {
-                    let _ = w.send(());
-                }
+                self.waiters.wake(&e.job_id);
             }
             if self.live.receiver_count() > 0 {
                 let _ = self.live.send(Arc::new(Live::Event(e)));
@@ -287,7 +338,11 @@ impl Scheduler {
         watch: bool,
     ) -> Result<(Job, Admission, Option<Watch>), SubmitError> {
         let id = self.new_id();
-        let watch = watch.then(|| Watch { woken: self.watch([&id]).remove(&id), id: id.clone() });
+        let watch = watch.then(|| Watch {
+            woken: self.waiters.watch([&id]).remove(&id),
+            id: id.clone(),
+            waiters: self.waiters.clone(),
+        });
         let new = NewJob {
             id,
             cache_key: self.worker.key(&request).to_string(),
@@ -296,13 +351,7 @@ impl Scheduler {
             idempotency_key,
             now_ms: now_ms(),
         };
-        let s = match self.store.submit(new).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.unwatch(watch);
-                return Err(e.into());
-            }
-        };
+        let s = self.store.submit(new).await?;
         let tier = s.job.tier.as_str();
         match s.admission {
             Admission::Queued => self.dispatch_wake.notify_one(),
@@ -343,13 +392,13 @@ impl Scheduler {
         wait: Duration,
     ) -> Result<HashMap<String, Job>, StoreError> {
         // Watch before reading, so an end between the two is not missed.
-        let woken = self.watch(ids);
+        let woken = self.waiters.watch(ids);
         let jobs = async {
             let seen = self.visible(caller, ids.to_vec()).await?;
             self.wait_woken(caller, seen, woken, wait).await
         }
         .await;
-        self.forget(ids);
+        self.waiters.forget(ids);
         jobs
     }
 
@@ -362,20 +411,19 @@ impl Scheduler {
         &self,
         caller: &Caller,
         jobs: &mut [Job],
-        watches: Vec<Watch>,
+        mut watches: Vec<Watch>,
         wait: Duration,
     ) -> Result<(), StoreError> {
-        let mut watched: Vec<String> = watches.iter().map(|w| w.id.clone()).collect();
         let mut woken = HashMap::with_capacity(jobs.len());
         let mut found = Vec::new();
         let mut seen = HashMap::with_capacity(jobs.len());
-        for (job, w) in jobs.iter().zip(watches) {
+        for (job, w) in jobs.iter().zip(&mut watches) {
             if job.state.is_terminal() {
                 continue;
             }
-            match w.woken {
+            match w.woken.take() {
                 Some(rx) if w.id == job.id => {
-                    woken.insert(w.id, rx);
+                    woken.insert(w.id.clone(), rx);
                     seen.insert(job.id.clone(), job.clone());
                 }
                 // Left as admitted if the caller cannot read it (another client's earlier job
@@ -383,7 +431,7 @@ impl Scheduler {
                 _ => found.push(job.id.clone()),
             }
         }
-        woken.extend(self.watch(&found));
+        woken.extend(self.waiters.watch(&found));
         let now = async {
             if !found.is_empty() {
                 seen.extend(self.visible(caller, found.clone()).await?);
@@ -391,8 +439,9 @@ impl Scheduler {
             self.wait_woken(caller, seen, woken, wait).await
         }
         .await;
-        watched.extend(found);
-        self.forget(&watched);
+        // Done with their waiters: the watches forget theirs as they drop.
+        drop(watches);
+        self.waiters.forget(&found);
         let mut now = now?;
         for j in jobs.iter_mut() {
             if let Some(n) = now.remove(&j.id) {
@@ -400,40 +449,6 @@ impl Scheduler {
             }
         }
         Ok(())
-    }
-
-    /// A waiter on each of `ids`' ends (one each), registered now.
-    fn watch<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> HashMap<String, oneshot::Receiver<()>> {
-        let mut woken = HashMap::new();
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
-            if !woken.contains_key(id) {
-                let (tx, rx) = oneshot::channel();
-                waiters.entry(id.clone()).or_default().push(tx);
-                woken.insert(id.clone(), rx);
-            }
-        }
-        woken
-    }
-
-    /// Drops watches no one will wait on (of submits that failed or were not waited for).
-    pub fn unwatch(&self, watches: impl IntoIterator<Item = Watch>) {
-        let ids: Vec<String> = watches.into_iter().map(|w| w.id).collect();
-        self.forget(&ids);
-    }
-
-    /// Forgets the waiters of `ids` whose callers are done with them (each dropped its
-    /// receiver), and any others whose callers have gone.
-    fn forget(&self, ids: &[String]) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
-            if let Some(list) = waiters.get_mut(id) {
-                list.retain(|w| !w.is_closed());
-                if list.is_empty() {
-                    waiters.remove(id);
-                }
-            }
-        }
     }
 
     /// Waits for the jobs of `woken` that `seen` has open, then reads those again.
@@ -665,7 +680,7 @@ mod tests {
     }
 
     fn waiting(s: &Scheduler) -> usize {
-        s.waiters.lock().unwrap().len()
+        s.waiters.lock().len()
     }
 
     #[tokio::test]
@@ -718,7 +733,7 @@ mod tests {
 
         // Watches of submits not waited for are dropped.
         let (_, _, watch) = submit("third").await;
-        s.unwatch(watch);
+        drop(watch);
         assert_eq!(waiting(&s), 0);
     }
 

@@ -191,24 +191,11 @@ async fn submit(
                 resolved.into_iter().map(|(r, key)| s.submit_watching(&who, r, key, wait.is_some())),
             )
             .await;
-            let (mut jobs, mut watches) = (Vec::with_capacity(admitted.len()), Vec::with_capacity(admitted.len()));
-            let mut failed = None;
-            for a in admitted {
-                match a {
-                    Ok((job, _, watch)) => {
-                        jobs.push(job);
-                        watches.push(watch);
-                    }
-                    Err(e) => failed = failed.or(Some(e)),
-                }
-            }
-            let watches: Vec<Watch> = watches.into_iter().flatten().collect();
-            if let Some(e) = failed {
-                s.unwatch(watches);
-                return Err(e.into());
-            }
+            // On an error the watches drop, and with them their waiters.
+            let (mut jobs, watches): (Vec<Job>, Vec<Option<Watch>>) =
+                admitted.into_iter().map(|a| a.map(|(job, _, watch)| (job, watch))).collect::<Result<_, _>>()?;
             if let Some(wait) = wait {
-                s.wait_submitted(&who, &mut jobs, watches, wait).await?;
+                s.wait_submitted(&who, &mut jobs, watches.into_iter().flatten().collect(), wait).await?;
             }
             let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
             Ok((StatusCode::CREATED, Json(json!({ "jobs": jobs }))).into_response())
