@@ -90,12 +90,15 @@ impl Waiters {
         let mut waiters = self.lock();
         for id in ids {
             if !woken.contains_key(id) {
-                let (tx, rx) = oneshot::channel();
-                waiters.entry(id.clone()).or_default().push(tx);
-                woken.insert(id.clone(), rx);
+                woken.insert(id.clone(), add_waiter(&mut waiters, id));
             }
         }
         woken
+    }
+
+    /// A waiter on `id`'s end, registered now.
+    fn watch_one(&self, id: &str) -> oneshot::Receiver<()> {
+        add_waiter(&mut self.lock(), id)
     }
 
     /// Wakes (and forgets) every waiter on `id`'s end.
@@ -118,6 +121,13 @@ impl Waiters {
             }
         }
     }
+}
+
+/// Registers a waiter on `id`'s end in `waiters` (held locked).
+fn add_waiter(waiters: &mut HashMap<String, Vec<oneshot::Sender<()>>>, id: &str) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    waiters.entry(id.to_owned()).or_default().push(tx);
+    rx
 }
 
 /// A submitted job's end, watched from before the job was stored ([`Scheduler::submit_watching`]).
@@ -312,24 +322,14 @@ impl Scheduler {
     /// or a new render. Returns the job and how it was admitted.
     pub async fn submit(&self, caller: &Caller, req: &JobRequest) -> Result<(Job, Admission), SubmitError> {
         let request = self.resolve(req)?;
-        self.submit_resolved(caller, request, req.idempotency_key.clone()).await
-    }
-
-    /// [`Self::submit`] for a request already resolved (a batch is resolved whole before any of
-    /// it is admitted).
-    pub async fn submit_resolved(
-        &self,
-        caller: &Caller,
-        request: RenderRequest,
-        idempotency_key: Option<String>,
-    ) -> Result<(Job, Admission), SubmitError> {
-        let (job, admission, _) = self.submit_watching(caller, request, idempotency_key, false).await?;
+        let (job, admission, _) = self.submit_watching(caller, request, req.idempotency_key.clone(), false).await?;
         Ok((job, admission))
     }
 
-    /// [`Self::submit_resolved`], and with `watch` (for a caller that waits for the job to end)
-    /// the job's end is watched from before the job is stored, so [`Self::wait_submitted`] need
-    /// not read it first.
+    /// [`Self::submit`] for a request already resolved (a batch is resolved whole before any of
+    /// it is admitted), and with `watch` (for a caller that waits for the job to end) the job's
+    /// end is watched from before the job is stored, so [`Self::wait_submitted`] need not read
+    /// it first.
     pub async fn submit_watching(
         &self,
         caller: &Caller,
@@ -339,7 +339,7 @@ impl Scheduler {
     ) -> Result<(Job, Admission, Option<Watch>), SubmitError> {
         let id = self.new_id();
         let watch = watch.then(|| Watch {
-            woken: self.waiters.watch([&id]).remove(&id),
+            woken: Some(self.waiters.watch_one(&id)),
             id: id.clone(),
             waiters: self.waiters.clone(),
         });
