@@ -2,7 +2,7 @@
 -- written as `queued` with its first event's time, so the `queued` event that comes with it
 -- rewrote the row with the values it already had: one of the four updates every rendered job's
 -- row took (queued, dispatched, running, succeeded). The row is still the projection of its
--- events: the same SET, only under a WHERE that the row differs from what the event leaves.
+-- events: the same SET, under a WHERE that the row differs from the values the SET writes.
 
 DROP TRIGGER job_events_project;
 
@@ -18,9 +18,9 @@ BEGIN
         finished_ms = CASE WHEN NEW.state IN ('succeeded', 'failed', 'cancelled', 'cached') THEN NEW.at_ms
                            ELSE finished_ms END
     WHERE id = NEW.job_id
-      AND (state IS NOT NEW.state OR attempt IS NOT NEW.attempt OR updated_ms IS NOT NEW.at_ms
-           OR (NEW.asset IS NOT NULL AND asset IS NOT NEW.asset)
-           OR (NEW.error IS NOT NULL AND error IS NOT NEW.error)
-           OR (NEW.state = 'running' AND started_ms IS NOT NEW.at_ms)
-           OR (NEW.state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms IS NOT NEW.at_ms));
+      AND (state, attempt, asset, error, updated_ms, started_ms, finished_ms)
+          IS NOT (NEW.state, NEW.attempt, COALESCE(NEW.asset, asset), COALESCE(NEW.error, error), NEW.at_ms,
+                  CASE WHEN NEW.state = 'running' THEN NEW.at_ms ELSE started_ms END,
+                  CASE WHEN NEW.state IN ('succeeded', 'failed', 'cancelled', 'cached') THEN NEW.at_ms
+                       ELSE finished_ms END);
 END;
