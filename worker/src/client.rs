@@ -9,6 +9,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// A secret that does not print.
@@ -217,10 +218,21 @@ impl Client {
     /// A JSON call: 2xx answers the body; anything else is a [`ClientError::Status`] carrying
     /// the API's message.
     pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
-        let bytes = body.map(|b| Bytes::from(b.to_string()));
-        let reply = self.send(method, path, bytes).await?;
+        self.call_as(method, path, body.map(|b| Bytes::from(b.to_string()))).await
+    }
+
+    /// [`Self::call`] with a body already written, its answer read as `T`: a caller that reads
+    /// a few fields of it need not build a tree of the whole.
+    pub async fn call_as<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<T, ClientError> {
+        let reply = self.send(method, path, body).await?;
         check(&reply)?;
-        reply.json().map_err(|e| ClientError::Protocol { url: format!("{}{path}", self.base), message: e.to_string() })
+        serde_json::from_slice(&reply.body)
+            .map_err(|e| ClientError::Protocol { url: format!("{}{path}", self.base), message: e.to_string() })
     }
 
     /// Raw bytes (an asset); non-2xx is an error.

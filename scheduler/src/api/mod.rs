@@ -97,36 +97,24 @@ impl Serialize for JobView {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let (j, r) = (&self.0, &self.0.request);
         let mut m = ser.serialize_map(None)?;
-        if let Some(a) = &j.asset {
-            m.serialize_entry("asset", a)?;
-        }
+        entry_if(&mut m, "asset", j.asset.as_deref())?;
         m.serialize_entry("attempt", &j.attempt)?;
         m.serialize_entry("cache_key", &j.cache_key)?;
         m.serialize_entry("client", &j.client)?;
         m.serialize_entry("created_at", &rfc3339(j.created_ms))?;
         m.serialize_entry("dither", &r.dither)?;
-        if let Some(e) = &j.error {
-            m.serialize_entry("error", e)?;
-        }
-        if let Some(t) = j.finished_ms {
-            m.serialize_entry("finished_at", &rfc3339(t))?;
-        }
-        if let Some(f) = &j.follows {
-            m.serialize_entry("follows", f)?;
-        }
+        entry_if(&mut m, "error", j.error.as_deref())?;
+        entry_if(&mut m, "finished_at", j.finished_ms.map(rfc3339).as_deref())?;
+        entry_if(&mut m, "follows", j.follows.as_deref())?;
         m.serialize_entry("height", &r.height)?;
         m.serialize_entry("id", &j.id)?;
-        if let Some(k) = &j.idempotency_key {
-            m.serialize_entry("idempotency_key", k)?;
-        }
+        entry_if(&mut m, "idempotency_key", j.idempotency_key.as_deref())?;
         m.serialize_entry("links", &Links { id: &j.id, asset: j.asset.as_deref() })?;
         m.serialize_entry("model", &r.model)?;
         m.serialize_entry("prompt", &r.prompt)?;
         m.serialize_entry("samples", &r.samples)?;
         m.serialize_entry("seed", &r.seed)?;
-        if let Some(t) = j.started_ms {
-            m.serialize_entry("started_at", &rfc3339(t))?;
-        }
+        entry_if(&mut m, "started_at", j.started_ms.map(rfc3339).as_deref())?;
         m.serialize_entry("state", &j.state)?;
         m.serialize_entry("tier", &j.tier)?;
         m.serialize_entry("updated_at", &rfc3339(j.updated_ms))?;
@@ -134,6 +122,11 @@ impl Serialize for JobView {
         m.serialize_entry("width", &r.width)?;
         m.end()
     }
+}
+
+/// Writes `key` only when it has a value (a field a job has only once it moves on).
+fn entry_if<M: SerializeMap, T: Serialize + ?Sized>(m: &mut M, key: &str, value: Option<&T>) -> Result<(), M::Error> {
+    value.map_or(Ok(()), |v| m.serialize_entry(key, v))
 }
 
 /// A job's links: itself, its events, and once it has one, its asset's.
@@ -145,17 +138,15 @@ struct Links<'a> {
 impl Serialize for Links<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let mut m = ser.serialize_map(None)?;
-        if let Some(a) = self.asset {
-            m.serialize_entry("asset", &format_args!("/v1/assets/{a}"))?;
-        }
+        let asset = |m: &mut S::SerializeMap, key: &str, after: &str| match self.asset {
+            Some(a) => m.serialize_entry(key, &format_args!("/v1/assets/{a}{after}")),
+            None => Ok(()),
+        };
+        asset(&mut m, "asset", "")?;
         m.serialize_entry("events", &format_args!("/v1/jobs/{}/events", self.id))?;
-        if let Some(a) = self.asset {
-            m.serialize_entry("provenance", &format_args!("/v1/assets/{a}/provenance"))?;
-        }
+        asset(&mut m, "provenance", "/provenance")?;
         m.serialize_entry("self", &format_args!("/v1/jobs/{}", self.id))?;
-        if let Some(a) = self.asset {
-            m.serialize_entry("thumbnail", &format_args!("/v1/assets/{a}?variant=thumb"))?;
-        }
+        asset(&mut m, "thumbnail", "?variant=thumb")?;
         m.end()
     }
 }

@@ -16,7 +16,6 @@ use hyper::body::Bytes;
 use kiln_worker::config::BackendChoice;
 use kiln_worker::worker::open_backend;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +24,7 @@ use crate::client::Client;
 use crate::config::FarmConfig;
 use crate::farm::Farm;
 use crate::store::{NewJob, Outcome, PgStore, SqliteStore, Store};
-use kiln_protocol::{RenderRequest, Tier};
+use kiln_protocol::{JobState, RenderRequest, Tier};
 
 pub mod dispatch;
 pub mod fleet;
@@ -233,7 +232,7 @@ where
 #[derive(Debug, Deserialize)]
 struct Seen {
     id: String,
-    state: String,
+    state: JobState,
     /// Why it failed, if it did.
     error: Option<String>,
 }
@@ -254,24 +253,13 @@ struct SeenJobs {
     jobs: Vec<Seen>,
 }
 
-/// Sends a request and reads its answer as `T`; an answer that is not a success, or not a `T`,
-/// is an error that shows it.
-async fn answer<T: DeserializeOwned>(c: &Client, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<T> {
-    let r = c.send(method, path, body).await?;
-    let shown = || String::from_utf8_lossy(&r.body).into_owned();
-    if !r.status.is_success() {
-        bail!("{path} answered {}: {}", r.status, shown());
-    }
-    serde_json::from_slice(&r.body).with_context(|| format!("{path} answered {}", shown()))
-}
-
 async fn submit(c: &Client, body: Bytes) -> anyhow::Result<Seen> {
-    answer(c, Method::POST, "/v1/jobs", Some(body)).await
+    Ok(c.call_as(Method::POST, "/v1/jobs", Some(body)).await?)
 }
 
 /// Waits for a job to end; its state then.
 async fn wait(c: &Client, id: &str) -> anyhow::Result<Seen> {
-    answer(c, Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await
+    Ok(c.call_as(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?)
 }
 
 /// A tiny 16×16 preview job's request.
@@ -290,7 +278,7 @@ async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: 
             let t = Instant::now();
             let j = submit(&c, Bytes::from(body.to_string())).await?;
             let done = wait(&c, &j.id).await?;
-            if done.state != "succeeded" {
+            if done.state != JobState::Succeeded {
                 bail!("a tiny job did not succeed: {done}");
             }
             Ok(t.elapsed().as_secs_f64())
@@ -323,11 +311,11 @@ async fn tiny_batches(
         async move {
             let t = Instant::now();
             let bytes = Bytes::from(serde_json::to_vec(&body)?);
-            let done: SeenJobs = answer(&c, Method::POST, "/v1/jobs?wait=60", Some(bytes)).await?;
+            let done: SeenJobs = c.call_as(Method::POST, "/v1/jobs?wait=60", Some(bytes)).await?;
             if done.jobs.len() != body.len() {
                 bail!("a batch of {} tiny jobs was answered with {}", body.len(), done.jobs.len());
             }
-            if let Some(j) = done.jobs.iter().find(|j| j.state != "succeeded") {
+            if let Some(j) = done.jobs.iter().find(|j| j.state != JobState::Succeeded) {
                 bail!("a batch of tiny jobs did not all succeed: {j}");
             }
             Ok(t.elapsed().as_secs_f64())
@@ -419,7 +407,7 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
                 async move {
                     let t = Instant::now();
                     let j = submit(&c, body).await?;
-                    if j.state != "cached" {
+                    if j.state != JobState::Cached {
                         bail!("a repeat was not answered from the cache: {j}");
                     }
                     Ok(t.elapsed().as_secs_f64())
