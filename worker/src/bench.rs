@@ -10,6 +10,7 @@ use kiln_protocol::{RenderRequest, Tier};
 use crate::config::{BackendChoice, WorkerConfig};
 use crate::engine::cppn::{Cppn, FLOPS_PER_SAMPLE, MODEL_ID, SampleTile, render_tile_cpu};
 use crate::engine::style::Style;
+use crate::gpu::BandRenderer;
 use crate::render::{Backend, Engine, ModelPath, render_to};
 use crate::worker::open_backend;
 
@@ -51,6 +52,44 @@ fn peak_rss_mib() -> f64 {
 /// Resets the peak so the next reading covers one case only.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The fused model alone, without post chain, bands or read-back: where the rest of a render's
+/// time goes. A GPU gets 16× the CPU's samples, so its run is not mostly launch and wait.
+fn model_only(backend: &Backend, runs: usize) -> anyhow::Result<()> {
+    let c = Cppn::new(7, Style::from_prompt("bench ember kaleidoscope"));
+    let (w, h) = match backend {
+        Backend::Wgpu(g) if !g.is_software() => (4096, 4096),
+        _ => (2048, 512),
+    };
+    let tile = SampleTile { x0: 0, y0: 0, w, h, full_w: w, full_h: h };
+    let mut model: Box<dyn FnMut() -> anyhow::Result<()> + '_> = match backend {
+        Backend::Wgpu(g) => {
+            let bands = BandRenderer::new(g, &c, tile.len(), 1, 1);
+            Box::new(move || Ok(bands.model_only(&tile)?))
+        }
+        Backend::Cpu { threads } => {
+            let mut out = vec![0.0; tile.len() * 3];
+            Box::new(move || {
+                render_tile_cpu(&c, &tile, *threads, &mut out);
+                Ok(())
+            })
+        }
+    };
+    let mut once = || -> anyhow::Result<f64> {
+        let t = std::time::Instant::now();
+        model()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    once()?; // warm: the buffers' first touch
+    let secs = (0..runs).map(|_| once()).collect::<anyhow::Result<Vec<f64>>>()?;
+    let s = median(secs);
+    println!(
+        "# {} model only (fused kernel, {w}x{h} samples): {:.1} GFLOP/s",
+        backend.name(),
+        tile.len() as f64 * FLOPS_PER_SAMPLE as f64 / s / 1e9
+    );
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -133,23 +172,8 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
                 peak_rss_mib(),
             );
         }
-        if let (Backend::Cpu { threads }, ModelPath::Fused) = (&engine.backend, path) {
-            // The model alone, without post chain or bands: where the rest of the time goes.
-            let c = Cppn::new(7, Style::from_prompt("bench ember kaleidoscope"));
-            let tile = SampleTile { x0: 0, y0: 0, w: 2048, h: 512, full_w: 2048, full_h: 512 };
-            let mut out = vec![0.0; tile.len() * 3];
-            let secs: Vec<f64> = (0..runs)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    render_tile_cpu(&c, &tile, *threads, &mut out);
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            let s = median(secs);
-            println!(
-                "# cpu model only (fused loop, 2048x512 samples): {:.1} GFLOP/s",
-                tile.len() as f64 * FLOPS_PER_SAMPLE as f64 / s / 1e9
-            );
+        if path == ModelPath::Fused {
+            model_only(&engine.backend, runs)?;
         }
     }
     Ok(())

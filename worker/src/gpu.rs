@@ -308,6 +308,30 @@ impl<'g> BandRenderer<'g> {
         }
     }
 
+    /// Records the fused CPPN kernel over `tile` into the samples buffer.
+    fn model_pass(&self, enc: &mut wgpu::CommandEncoder, tile: &SampleTile) {
+        let (g, m) = (self.gpu, self.model);
+        let mut latent = [0.0; 8];
+        latent.copy_from_slice(&m.latent);
+        let params = CppnParams {
+            tile: [tile.x0, tile.y0, tile.w, tile.h],
+            grid: [tile.full_w, tile.full_h, m.style.symmetry.code(), 0],
+            acts: m.acts.map(|a| a.code()),
+            style: [m.style.frequency, 0.0, 0.0, 0.0],
+            latent,
+        };
+        g.write(&self.cppn, &[params]);
+        g.dispatch(enc, &g.pipelines.cppn, &[&self.cppn, &self.weights, &self.samples], tile.len() as u32);
+    }
+
+    /// The fused kernel alone over `tile`, waited for, its samples left on the device (the
+    /// benchmark's "model only" figure): one sample read back, so an error still surfaces.
+    pub fn model_only(&self, tile: &SampleTile) -> Result<(), EngineError> {
+        let mut enc = self.gpu.encoder();
+        self.model_pass(&mut enc, tile);
+        self.gpu.submit_and_read::<f32>(enc, &[(&self.samples, 1)]).map(drop)
+    }
+
     /// Renders one band: samples (fused kernel or given), tone, resolve, watermark, quantise and
     /// thumbnail, in one submission. Returns the packed 8-bit pixels and thumbnail pixels.
     pub fn run(
@@ -324,20 +348,7 @@ impl<'g> BandRenderer<'g> {
         g.write(&self.post, &[*post]);
         let mut enc = g.encoder();
         match samples {
-            Samples::Fused => {
-                let m = self.model;
-                let mut latent = [0.0; 8];
-                latent.copy_from_slice(&m.latent);
-                let params = CppnParams {
-                    tile: [tile.x0, tile.y0, tile.w, tile.h],
-                    grid: [tile.full_w, tile.full_h, m.style.symmetry.code(), 0],
-                    acts: m.acts.map(|a| a.code()),
-                    style: [m.style.frequency, 0.0, 0.0, 0.0],
-                    latent,
-                };
-                g.write(&self.cppn, &[params]);
-                g.dispatch(&mut enc, &p.cppn, &[&self.cppn, &self.weights, &self.samples], tile.len() as u32);
-            }
+            Samples::Fused => self.model_pass(&mut enc, tile),
             Samples::Given(s) => g.write(&self.samples, s),
         }
         g.dispatch(&mut enc, &p.tone, &[&self.post, &self.samples], tile.len() as u32);
