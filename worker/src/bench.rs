@@ -4,13 +4,16 @@
 //! Effective GFLOP/s = the CPPN's multiply-add FLOPs per sample (2 × 3520) × samples / seconds in
 //! the model and post chain (PNG encoding excluded). Figures are medians of `--runs` runs.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Args;
 use kiln_protocol::{RenderRequest, Tier};
 
 use crate::config::{BackendChoice, WorkerConfig};
 use crate::engine::cppn::{Cppn, FLOPS_PER_SAMPLE, MODEL_ID, SampleTile, render_tile_cpu};
 use crate::engine::style::Style;
-use crate::gpu::BandRenderer;
+use crate::gpu::{BandRenderer, Gpu};
 use crate::render::{Backend, Engine, ModelPath, render_to};
 use crate::worker::open_backend;
 
@@ -32,6 +35,11 @@ pub struct BenchArgs {
     /// Evaluate the model with the generic burn path instead of the fused kernels.
     #[arg(long)]
     pub burn: bool,
+    /// Another version of the fused WGSL kernel (the bindings of shaders/cppn.wgsl) to time
+    /// alone against the built-in one, with the largest difference of its samples from the
+    /// built-in kernel's; repeatable. Nothing is rendered with it outside the benchmark.
+    #[arg(long = "cppn-wgsl", value_name = "FILE")]
+    pub cppn_wgsl: Vec<PathBuf>,
 }
 
 /// A `kB` line of `/proc/{pid}/status` (`VmRSS:`, `VmHWM:`…) in MiB; 0 where there is none.
@@ -56,8 +64,8 @@ fn reset_peak_rss() {
 
 /// The fused model alone, without post chain, bands or read-back: where the rest of a render's
 /// time goes. A GPU gets 16× the CPU's samples, so its run is not mostly launch and wait.
-fn model_only(backend: &Backend, runs: usize) -> anyhow::Result<()> {
-    let c = Cppn::new(7, Style::from_prompt("bench ember kaleidoscope"));
+fn model_only(backend: &Backend, runs: usize, label: &str) -> anyhow::Result<()> {
+    let c = bench_model();
     let (w, h) = match backend {
         Backend::Wgpu(g) if !g.is_software() => (4096, 4096),
         _ => (2048, 512),
@@ -66,7 +74,7 @@ fn model_only(backend: &Backend, runs: usize) -> anyhow::Result<()> {
     let mut model: Box<dyn FnMut() -> anyhow::Result<()> + '_> = match backend {
         Backend::Wgpu(g) => {
             let bands = BandRenderer::new(g, &c, tile.len(), 1, 1);
-            Box::new(move || Ok(bands.model_only(&tile)?))
+            Box::new(move || Ok(bands.model_only(&tile, 1).map(drop)?))
         }
         Backend::Cpu { threads } => {
             let mut out = vec![0.0; tile.len() * 3];
@@ -85,10 +93,32 @@ fn model_only(backend: &Backend, runs: usize) -> anyhow::Result<()> {
     let secs = (0..runs).map(|_| once()).collect::<anyhow::Result<Vec<f64>>>()?;
     let s = median(secs);
     println!(
-        "# {} model only (fused kernel, {w}x{h} samples): {:.1} GFLOP/s",
+        "# {} model only ({label}, {w}x{h} samples): {:.1} GFLOP/s",
         backend.name(),
         tile.len() as f64 * FLOPS_PER_SAMPLE as f64 / s / 1e9
     );
+    Ok(())
+}
+
+fn bench_model() -> Cppn {
+    Cppn::new(7, Style::from_prompt("bench ember kaleidoscope"))
+}
+
+/// Each `--cppn-wgsl` kernel: its samples against the built-in kernel's over one tile (largest
+/// difference), then its "model only" figure.
+fn other_kernels(files: &[PathBuf], builtin: &Gpu, runs: usize) -> anyhow::Result<()> {
+    let c = bench_model();
+    let tile = SampleTile { x0: 0, y0: 0, w: 512, h: 512, full_w: 512, full_h: 512 };
+    let reference = BandRenderer::new(builtin, &c, tile.len(), 1, 1).model_only(&tile, tile.len())?;
+    for file in files {
+        let src = std::fs::read_to_string(file).with_context(|| format!("--cppn-wgsl {}", file.display()))?;
+        let gpu = Gpu::with_cppn(Some(&src)).with_context(|| format!("--cppn-wgsl {}", file.display()))?;
+        let got = BandRenderer::new(&gpu, &c, tile.len(), 1, 1).model_only(&tile, tile.len())?;
+        let diff = reference.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let label = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+        println!("# wgpu {label}: largest sample difference from the built-in kernel {diff:e} (512x512 samples)");
+        model_only(&Backend::Wgpu(std::sync::Arc::new(gpu)), runs, &label)?;
+    }
     Ok(())
 }
 
@@ -105,6 +135,9 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
         "wgpu" => vec![BackendChoice::Wgpu],
         other => anyhow::bail!("--backend: unknown backend {other:?}; expected cpu, wgpu or all"),
     };
+    if !args.cppn_wgsl.is_empty() && !choices.contains(&BackendChoice::Wgpu) {
+        anyhow::bail!("--cppn-wgsl: other kernels run on wgpu; use --backend wgpu or all");
+    }
     let runs = args.runs.max(1);
     let mut limits = cfg.tiers.clone();
     limits.print.max_side = limits.print.max_side.max(args.print_side);
@@ -173,7 +206,10 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
         if path == ModelPath::Fused {
-            model_only(&engine.backend, runs)?;
+            model_only(&engine.backend, runs, "fused kernel")?;
+        }
+        if let Backend::Wgpu(g) = &engine.backend {
+            other_kernels(&args.cppn_wgsl, g, runs)?;
         }
     }
     Ok(())

@@ -71,6 +71,13 @@ impl Gpu {
     /// Opens the best adapter (a GPU where there is one; lavapipe's software Vulkan otherwise)
     /// and compiles every pipeline.
     pub fn new() -> Result<Gpu, EngineError> {
+        Gpu::with_cppn(None)
+    }
+
+    /// As `new`, with `cppn` (WGSL with the bindings of shaders/cppn.wgsl) in place of the built-in
+    /// fused kernel where given: for `kiln-worker bench --cppn-wgsl`, which times other versions of
+    /// the kernel and stores nothing they render.
+    pub fn with_cppn(cppn: Option<&str>) -> Result<Gpu, EngineError> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
@@ -95,7 +102,11 @@ impl Gpu {
         }));
         let pipeline = |name: &str| -> Result<wgpu::ComputePipeline, EngineError> {
             let src = SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s).unwrap_or_default();
-            let src = if name == "cppn" { src.to_owned() } else { format!("{}\n{}", SHADERS[0].1, src) };
+            let src = match (name, cppn) {
+                ("cppn", Some(given)) => given.to_owned(),
+                ("cppn", None) => src.to_owned(),
+                _ => format!("{}\n{}", SHADERS[0].1, src),
+            };
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(name),
@@ -324,12 +335,14 @@ impl<'g> BandRenderer<'g> {
         g.dispatch(enc, &g.pipelines.cppn, &[&self.cppn, &self.weights, &self.samples], tile.len() as u32);
     }
 
-    /// The fused kernel alone over `tile`, waited for, its samples left on the device (the
-    /// benchmark's "model only" figure): one sample read back, so an error still surfaces.
-    pub fn model_only(&self, tile: &SampleTile) -> Result<(), EngineError> {
+    /// The fused kernel alone over `tile`, waited for; the first `read` samples (3 floats each)
+    /// read back. The benchmark's "model only" figure reads one, so an error still surfaces and
+    /// the rest stays on the device.
+    pub fn model_only(&self, tile: &SampleTile, read: usize) -> Result<Vec<f32>, EngineError> {
         let mut enc = self.gpu.encoder();
         self.model_pass(&mut enc, tile);
-        self.gpu.submit_and_read::<f32>(enc, &[(&self.samples, 1)]).map(drop)
+        let mut out = self.gpu.submit_and_read::<f32>(enc, &[(&self.samples, read.min(tile.len()) * 3)])?;
+        Ok(out.pop().unwrap_or_default())
     }
 
     /// Renders one band: samples (fused kernel or given), tone, resolve, watermark, quantise and
