@@ -100,13 +100,20 @@ fn model_only(backend: &Backend, runs: usize, label: &str) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The request every case renders, and so the model the "model only" figures time.
+const PROMPT: &str = "bench ember kaleidoscope";
+const SEED: u64 = 7;
+
 fn bench_model() -> Cppn {
-    Cppn::new(7, Style::from_prompt("bench ember kaleidoscope"))
+    Cppn::new(SEED, Style::from_prompt(PROMPT))
 }
 
 /// Each `--cppn-wgsl` kernel: its samples against the built-in kernel's over one tile (largest
 /// difference), then its "model only" figure.
 fn other_kernels(files: &[PathBuf], builtin: &Gpu, runs: usize) -> anyhow::Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
     let c = bench_model();
     let tile = SampleTile { x0: 0, y0: 0, w: 512, h: 512, full_w: 512, full_h: 512 };
     let reference = BandRenderer::new(builtin, &c, tile.len(), 1, 1).model_only(&tile, tile.len())?;
@@ -171,16 +178,7 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
         let warm = RenderRequest::resolve(MODEL_ID, "warm up", 0, Tier::Preview, Some(64), None, None, &limits)?;
         render_to(&engine, &warm, std::io::sink(), &mut |_| {})?;
         for (tier, side, n) in &cases {
-            let req = RenderRequest::resolve(
-                MODEL_ID,
-                "bench ember kaleidoscope",
-                7,
-                *tier,
-                Some(*side),
-                None,
-                None,
-                &limits,
-            )?;
+            let req = RenderRequest::resolve(MODEL_ID, PROMPT, SEED, *tier, Some(*side), None, None, &limits)?;
             reset_peak_rss();
             let mut secs = Vec::new();
             let mut samples = 0;
