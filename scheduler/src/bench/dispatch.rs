@@ -35,7 +35,7 @@ use kiln_worker::worker::{Worker, open_backend};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-use super::{BenchFarm, Cleanup, Figures, batched_medians, median, medians, tiny_batches, tiny_jobs};
+use super::{BenchFarm, Cleanup, Figures, Trips, batched_medians, median, medians, tiny_batches, tiny_jobs};
 use crate::auth::Role;
 use crate::config::FarmConfig;
 use crate::store::PgStore;
@@ -269,7 +269,7 @@ async fn end_to_end(
     let (messages0, results0, acks0) = sent(&workers);
     let base = 1_000_000 * (run as u64 + 1) + u64::from(std::process::id()) * 1_000_000_000;
     let figures = async {
-        let one = tiny_jobs(&farm.client, "bench dispatch", base, a.jobs, a.concurrency).await?;
+        let one = tiny_jobs(&farm.client, "bench dispatch", base, a.jobs, a.concurrency, Trips::SubmitThenWait).await?;
         let seed0 = base + a.jobs as u64;
         let batched = tiny_batches(&farm.client, "bench dispatch", seed0, a.jobs, a.batch, a.batch_clients).await?;
         anyhow::Ok((one, batched))

@@ -23,7 +23,7 @@ use hyper::Method;
 use kiln_worker::bench::proc_status_mib;
 use serde_json::json;
 
-use super::{BenchFarm, Cleanup, median, percentile, tiny_jobs};
+use super::{BenchFarm, Cleanup, Trips, median, percentile, tiny_jobs};
 use crate::config::FarmConfig;
 use crate::store::fleet::TaskState;
 
@@ -96,7 +96,7 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     })
     .await?;
     let c = farm.client.clone();
-    tiny_jobs(&c, "fleet bench", 1, 1, 1).await?;
+    tiny_jobs(&c, "fleet bench", 1, 1, 1, Trips::SubmitThenWait).await?;
     let asset = farm.sched.store.list(crate::store::ListQuery { limit: 1, ..Default::default() }).await?.jobs[0]
         .asset
         .clone()

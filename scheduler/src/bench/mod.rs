@@ -1,8 +1,10 @@
 //! `kiln bench farm`: the embedded farm end to end through HTTP, with the load on the same
 //! machine. (a) Cache hits: one request rendered once, then submitted again and again; every
 //! submit is answered `cached`. (b) Tiny renders: 16×16 jobs with distinct seeds, each submitted
-//! and then awaited (`GET /v1/jobs/{id}?wait=`), so a job counts when it has succeeded. (c) The
-//! same, `--batch` to a request, each array submitted and awaited in one `POST /v1/jobs?wait=`.
+//! and then awaited (`GET /v1/jobs/{id}?wait=`), so a job counts when it has succeeded; then
+//! each submitted and awaited in one request (`POST /v1/jobs?wait=` with the one job), as a
+//! client that wants the picture now does. (c) The same, `--batch` to a request, each array
+//! submitted and awaited in one `POST /v1/jobs?wait=`.
 //! Prints submits (or jobs) per second and p50/p99 latency, the median of `--runs` runs.
 
 use std::sync::Arc;
@@ -267,17 +269,36 @@ fn tiny_job(prompt: &str, seed: u64) -> serde_json::Value {
     json!({ "prompt": prompt, "seed": seed, "tier": "preview", "width": 16 })
 }
 
+/// How a client of the tiny phase hands in a job and hears that it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trips {
+    /// `POST /v1/jobs`, then `GET /v1/jobs/{id}?wait=`: two requests.
+    SubmitThenWait,
+    /// `POST /v1/jobs?wait=` with the one job: a single request answered once the job ended.
+    One,
+}
+
 /// `n` tiny 16×16 jobs with seeds from `seed0`, each submitted and awaited by one of
-/// `concurrency` clients; a job counts once it has succeeded.
-async fn tiny_jobs(c: &Client, prompt: &str, seed0: u64, n: usize, concurrency: usize) -> anyhow::Result<Figures> {
+/// `concurrency` clients in `trips`; a job counts once it has succeeded.
+async fn tiny_jobs(
+    c: &Client,
+    prompt: &str,
+    seed0: u64,
+    n: usize,
+    concurrency: usize,
+    trips: Trips,
+) -> anyhow::Result<Figures> {
     let (c, prompt) = (c.clone(), prompt.to_owned());
     drive(n, concurrency, move |i| {
         let c = c.clone();
         let body = tiny_job(&prompt, seed0 + i as u64);
         async move {
             let t = Instant::now();
-            let j = submit(&c, Bytes::from(body.to_string())).await?;
-            let done = wait(&c, &j.id).await?;
+            let body = Bytes::from(body.to_string());
+            let done: Seen = match trips {
+                Trips::SubmitThenWait => wait(&c, &submit(&c, body).await?.id).await?,
+                Trips::One => c.call_as(Method::POST, "/v1/jobs?wait=60", Some(body)).await?,
+            };
             if done.state != JobState::Succeeded {
                 bail!("a tiny job did not succeed: {done}");
             }
@@ -386,9 +407,9 @@ impl Drop for Cleanup {
     }
 }
 
-/// One run's figures: cache hits at each client count, tiny jobs one to a request, and tiny
-/// jobs in batches (when asked for).
-type RunFigures = (Vec<Figures>, Figures, Option<Figures>);
+/// One run's figures: cache hits at each client count, tiny jobs one at a time (submitted then
+/// awaited, and in one request), and tiny jobs in batches (when asked for).
+type RunFigures = (Vec<Figures>, [Figures; 2], Option<Figures>);
 
 async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<RunFigures> {
     let farm = BenchFarm::start(cfg, &format!("farm-{run}"), |cfg| cfg.scheduler.workers = a.workers).await?;
@@ -417,13 +438,17 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
         );
     }
 
-    // (b) tiny renders, each submitted and awaited.
+    // (b) tiny renders, each submitted and then awaited, and each submitted and awaited in one
+    // request.
     let base = 1_000_000 * (run as u64 + 1);
-    let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency).await?;
+    let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency, Trips::SubmitThenWait).await?;
+    let seed0 = base + a.jobs as u64;
+    let one_trip = tiny_jobs(&c, "bench tiny", seed0, a.jobs, a.concurrency, Trips::One).await?;
     // (c) the same, a batch to a request.
-    let batched = tiny_batches(&c, "bench tiny", base + a.jobs as u64, a.jobs, a.batch, a.batch_clients).await?;
+    let seed0 = seed0 + a.jobs as u64;
+    let batched = tiny_batches(&c, "bench tiny", seed0, a.jobs, a.batch, a.batch_clients).await?;
     farm.stop(a.keep.then_some(run)).await?;
-    Ok((hits, tiny, batched))
+    Ok((hits, [tiny, one_trip], batched))
 }
 
 /// One run of the store alone: submit every job, dispatch them all, then record each result
@@ -557,14 +582,21 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
         "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, {} tiny 16×16 jobs over {} clients, and {} more {} to a request over {} clients; {} workers; {} runs (medians)",
         a.hits, a.hit_clients, a.jobs, a.concurrency, a.jobs, a.batch, a.batch_clients, a.workers, a.runs
     );
-    let (mut h, mut t, mut b): (Vec<Vec<Figures>>, Vec<Figures>, Vec<Figures>) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut h, mut t, mut b): (Vec<Vec<Figures>>, Vec<[Figures; 2]>, Vec<Figures>) =
+        (Vec::new(), Vec::new(), Vec::new());
     let batched = format!("{} to a request, {:>3} clients", a.batch, a.batch_clients);
+    let ways = [
+        format!("{:>3} clients, submit then wait (2 requests a job)", a.concurrency),
+        format!("{:>3} clients, submit with ?wait= (1 request a job)", a.concurrency),
+    ];
     for run in 0..a.runs.max(1) {
         let (hits, tiny, batch) = one_run(cfg, a, run).await?;
         for (clients, f) in a.hit_clients.iter().zip(&hits) {
             println!("  run {}: cache hits, {clients:>3} clients: {}", run + 1, f.run_line("submit"));
         }
-        println!("  run {}: tiny jobs, {:>3} clients: {}", run + 1, a.concurrency, tiny.run_line("job"));
+        for (way, f) in ways.iter().zip(&tiny) {
+            println!("  run {}: tiny jobs, {way}: {}", run + 1, f.run_line("job"));
+        }
         if let Some(f) = batch {
             println!("  run {}: tiny jobs, {batched}: {}", run + 1, f.run_line("job"));
             b.push(f);
@@ -576,8 +608,10 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
         let m = medians(h.iter().map(|r| &r[i]));
         println!("cache-hit submits, {clients} clients: {} (aim: p99 < 5 ms){}", m.summary(), m.cpu_line("submit"));
     }
-    let m = medians(t.iter());
-    println!("tiny jobs end to end, {} clients: {} (aim: >= 5000/s){}", a.concurrency, m.summary(), m.cpu_line("job"));
+    for (i, way) in ways.iter().enumerate() {
+        let m = medians(t.iter().map(|r| &r[i]));
+        println!("tiny jobs end to end, {way}: {} (aim: >= 5000/s){}", m.summary(), m.cpu_line("job"));
+    }
     batched_medians(&format!("tiny jobs end to end, {batched}"), &b);
     Ok(())
 }
