@@ -335,6 +335,9 @@ pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> 
     let share = raw / messages;
     println!("raw broker ceiling: {raw:.0} msgs/s ({} B persistent, confirms, batched acks)", body.len());
     println!("end to end, {} clients: {} (aim: >= 5000 jobs/s){}", a.concurrency, e2e.summary(), e2e.cpu_line("job"));
+    if let Some(line) = services_bound(&e2e) {
+        println!("{line}");
+    }
     let best =
         batched_medians(&format!("end to end, {batched}"), &batches).map_or(jobs_s, |b| b.per_second.max(jobs_s));
     println!(
@@ -343,4 +346,18 @@ pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> 
         best / share
     );
     Ok(())
+}
+
+/// What the rest of the machine cost a job (the broker, the database, the kernel's own threads:
+/// the machine's CPU less kiln's) and the rate this machine's cores would bound the farm at for
+/// that alone, were kiln's own CPU nothing; `None` where the CPU time is unknown.
+fn services_bound(e2e: &Figures) -> Option<String> {
+    let outside = e2e.cpu.machine_ms - e2e.cpu.process_ms;
+    let cores = std::thread::available_parallelism().ok()?.get();
+    (outside.is_finite() && outside > 0.0).then(|| {
+        format!(
+            "outside kiln (broker, database, kernel): {outside:.3} ms/job; for that alone {cores} cores bound the farm at {:.0} jobs/s",
+            cores as f64 * 1e3 / outside
+        )
+    })
 }
