@@ -37,7 +37,7 @@ pub struct FarmBenchArgs {
     /// Cache-hit submits per run.
     #[arg(long, default_value_t = 20_000)]
     pub hits: usize,
-    /// Tiny (16×16) jobs per run.
+    /// Tiny (16×16) jobs per run in each tiny phase (submitted then awaited, in one request, batched).
     #[arg(long, default_value_t = 10_000)]
     pub jobs: usize,
     /// Concurrent HTTP clients for the cache hits; each count is a separate measurement.
@@ -579,8 +579,8 @@ pub async fn run_store(a: &StoreBenchArgs) -> anyhow::Result<()> {
 pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
     let _cleanup = Cleanup;
     println!(
-        "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, {} tiny 16×16 jobs over {} clients, and {} more {} to a request over {} clients; {} workers; {} runs (medians)",
-        a.hits, a.hit_clients, a.jobs, a.concurrency, a.jobs, a.batch, a.batch_clients, a.workers, a.runs
+        "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, {} tiny 16×16 jobs over {} clients submitted then awaited, {} more each in one request, and {} more {} to a request over {} clients; {} workers; {} runs (medians)",
+        a.hits, a.hit_clients, a.jobs, a.concurrency, a.jobs, a.jobs, a.batch, a.batch_clients, a.workers, a.runs
     );
     let (mut h, mut t, mut b): (Vec<Vec<Figures>>, Vec<[Figures; 2]>, Vec<Figures>) =
         (Vec::new(), Vec::new(), Vec::new());
