@@ -118,8 +118,9 @@ fn other_kernels(files: &[PathBuf], builtin: &Gpu, runs: usize) -> anyhow::Resul
     let tile = SampleTile { x0: 0, y0: 0, w: 512, h: 512, full_w: 512, full_h: 512 };
     let reference = BandRenderer::new(builtin, &c, tile.len(), 1, 1).model_only(&tile, tile.len())?;
     for file in files {
-        let src = std::fs::read_to_string(file).with_context(|| format!("--cppn-wgsl {}", file.display()))?;
-        let gpu = Gpu::with_cppn(Some(&src)).with_context(|| format!("--cppn-wgsl {}", file.display()))?;
+        let what = format!("--cppn-wgsl {}", file.display());
+        let src = std::fs::read_to_string(file).context(what.clone())?;
+        let gpu = Gpu::with_cppn(Some(&src)).context(what)?;
         let got = BandRenderer::new(&gpu, &c, tile.len(), 1, 1).model_only(&tile, tile.len())?;
         let diff = reference.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         let label = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());

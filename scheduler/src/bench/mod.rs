@@ -270,12 +270,24 @@ fn tiny_job(prompt: &str, seed: u64) -> serde_json::Value {
 }
 
 /// How a client of the tiny phase hands in a job and hears that it ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum Trips {
     /// `POST /v1/jobs`, then `GET /v1/jobs/{id}?wait=`: two requests.
     SubmitThenWait,
     /// `POST /v1/jobs?wait=` with the one job: a single request answered once the job ended.
     One,
+}
+
+impl Trips {
+    /// The ways `bench farm` measures one job at a time, in the order it runs them.
+    const ALL: [Trips; 2] = [Trips::SubmitThenWait, Trips::One];
+
+    fn label(self) -> &'static str {
+        match self {
+            Trips::SubmitThenWait => "submit then wait (2 requests a job)",
+            Trips::One => "submit with ?wait= (1 request a job)",
+        }
+    }
 }
 
 /// `n` tiny 16×16 jobs with seeds from `seed0`, each submitted and awaited by one of
@@ -407,9 +419,9 @@ impl Drop for Cleanup {
     }
 }
 
-/// One run's figures: cache hits at each client count, tiny jobs one at a time (submitted then
-/// awaited, and in one request), and tiny jobs in batches (when asked for).
-type RunFigures = (Vec<Figures>, [Figures; 2], Option<Figures>);
+/// One run's figures: cache hits at each client count, tiny jobs one at a time (each of
+/// [`Trips::ALL`], in its order), and tiny jobs in batches (when asked for).
+type RunFigures = (Vec<Figures>, Vec<Figures>, Option<Figures>);
 
 async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Result<RunFigures> {
     let farm = BenchFarm::start(cfg, &format!("farm-{run}"), |cfg| cfg.scheduler.workers = a.workers).await?;
@@ -438,17 +450,17 @@ async fn one_run(cfg: &FarmConfig, a: &FarmBenchArgs, run: usize) -> anyhow::Res
         );
     }
 
-    // (b) tiny renders, each submitted and then awaited, and each submitted and awaited in one
-    // request.
-    let base = 1_000_000 * (run as u64 + 1);
-    let tiny = tiny_jobs(&c, "bench tiny", base, a.jobs, a.concurrency, Trips::SubmitThenWait).await?;
-    let seed0 = base + a.jobs as u64;
-    let one_trip = tiny_jobs(&c, "bench tiny", seed0, a.jobs, a.concurrency, Trips::One).await?;
+    // (b) tiny renders, one at a time in each way, each way with seeds of its own.
+    let mut seed0 = 1_000_000 * (run as u64 + 1);
+    let mut tiny = Vec::with_capacity(Trips::ALL.len());
+    for trips in Trips::ALL {
+        tiny.push(tiny_jobs(&c, "bench tiny", seed0, a.jobs, a.concurrency, trips).await?);
+        seed0 += a.jobs as u64;
+    }
     // (c) the same, a batch to a request.
-    let seed0 = seed0 + a.jobs as u64;
     let batched = tiny_batches(&c, "bench tiny", seed0, a.jobs, a.batch, a.batch_clients).await?;
     farm.stop(a.keep.then_some(run)).await?;
-    Ok((hits, [tiny, one_trip], batched))
+    Ok((hits, tiny, batched))
 }
 
 /// One run of the store alone: submit every job, dispatch them all, then record each result
@@ -582,13 +594,10 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
         "kiln bench farm: per run {} cache-hit submits at each of {:?} clients, {} tiny 16×16 jobs over {} clients submitted then awaited, {} more each in one request, and {} more {} to a request over {} clients; {} workers; {} runs (medians)",
         a.hits, a.hit_clients, a.jobs, a.concurrency, a.jobs, a.jobs, a.batch, a.batch_clients, a.workers, a.runs
     );
-    let (mut h, mut t, mut b): (Vec<Vec<Figures>>, Vec<[Figures; 2]>, Vec<Figures>) =
+    let (mut h, mut t, mut b): (Vec<Vec<Figures>>, Vec<Vec<Figures>>, Vec<Figures>) =
         (Vec::new(), Vec::new(), Vec::new());
     let batched = format!("{} to a request, {:>3} clients", a.batch, a.batch_clients);
-    let ways = [
-        format!("{:>3} clients, submit then wait (2 requests a job)", a.concurrency),
-        format!("{:>3} clients, submit with ?wait= (1 request a job)", a.concurrency),
-    ];
+    let ways = Trips::ALL.map(|w| format!("{:>3} clients, {}", a.concurrency, w.label()));
     for run in 0..a.runs.max(1) {
         let (hits, tiny, batch) = one_run(cfg, a, run).await?;
         for (clients, f) in a.hit_clients.iter().zip(&hits) {
