@@ -92,6 +92,8 @@ struct Figures {
     p99_ms: f64,
     /// CPU milliseconds per operation, whole machine and this process (Linux; else NaN).
     cpu: CpuTime,
+    /// This process's threads' time per operation, by kind (Linux; else NaN).
+    threads: ThreadTimes,
 }
 
 impl Figures {
@@ -101,6 +103,19 @@ impl Figures {
             return String::new();
         }
         format!("  cpu {:.3} ms/{op} (machine), {:.3} in kiln", self.cpu.machine_ms, self.cpu.process_ms)
+    }
+
+    /// `    threads, ms/job running (waiting for a CPU): runtime 0.250 (0.230), …` on a line
+    /// of its own, or nothing where it is unknown.
+    fn threads_line(&self, op: &str) -> String {
+        let t = &self.threads;
+        if t.run_ms.iter().all(|v| v.is_nan()) {
+            return String::new();
+        }
+        let kinds = THREAD_KINDS.iter().map(|(label, _)| *label).chain(["other"]);
+        let each: Vec<String> =
+            kinds.enumerate().map(|(i, k)| format!("{k} {:.3} ({:.3})", t.run_ms[i], t.wait_ms[i])).collect();
+        format!("\n      threads, ms/{op} running (waiting for a CPU): {}", each.join(", "))
     }
 
     /// `  1234/s  p50 1.00 ms  p99 2.00 ms  cpu …`: one run's line.
@@ -119,6 +134,10 @@ impl Figures {
         Figures {
             per_second: self.per_second * k,
             cpu: CpuTime { machine_ms: self.cpu.machine_ms / k, process_ms: self.cpu.process_ms / k },
+            threads: ThreadTimes {
+                run_ms: self.threads.run_ms.map(|v| v / k),
+                wait_ms: self.threads.wait_ms.map(|v| v / k),
+            },
             ..self
         }
     }
@@ -166,6 +185,77 @@ impl CpuTime {
     }
 }
 
+/// The kinds of thread the farm's time is split into, by the start of the thread's name
+/// (`/proc/self/task/*/comm`); the rest count as "other".
+const THREAD_KINDS: [(&str, &str); 3] = [
+    // The async runtime: HTTP both ways (the farm's and the load's), tiny renders, the rest.
+    ("runtime", "tokio-rt-worker"),
+    // SQLite's connections, each on a thread of its own: the writer and the readers.
+    ("database", "sqlx-sqlite-wor"),
+    // The asset store's landing thread: scratch files, renames, syncs.
+    ("assets", "kiln-assets"),
+];
+
+/// Where one kind of thread's time went: on a CPU, and ready but waiting for one. Time spent
+/// waiting says a thread was held up by the others, not by its own work: on a full machine a
+/// serial stage (the database writer) waits for a CPU as long as it runs.
+#[derive(Debug, Clone, Copy)]
+struct ThreadTimes {
+    /// Milliseconds on a CPU, by [`THREAD_KINDS`] and then "other".
+    run_ms: [f64; 4],
+    /// Milliseconds ready to run but waiting for a CPU, the same way.
+    wait_ms: [f64; 4],
+}
+
+/// Each thread of this process now: its kind (index into [`THREAD_KINDS`], or its length for
+/// "other"), nanoseconds on a CPU and waiting for one (`/proc/self/task/*/schedstat`), by id.
+fn thread_snapshot() -> std::collections::HashMap<u64, (usize, u64, u64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else { continue };
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(task.path().join("comm")), std::fs::read_to_string(task.path().join("schedstat")))
+        else {
+            continue;
+        };
+        if let Some((run, wait)) = parse_schedstat(&stat) {
+            out.insert(tid, (thread_kind(comm.trim_end()), run, wait));
+        }
+    }
+    out
+}
+
+/// A thread's kind by its name: the index into [`THREAD_KINDS`], or its length for "other".
+fn thread_kind(comm: &str) -> usize {
+    THREAD_KINDS.iter().position(|(_, prefix)| comm.starts_with(prefix)).unwrap_or(THREAD_KINDS.len())
+}
+
+/// `/proc/*/schedstat`: nanoseconds on a CPU, nanoseconds waiting for one, time slices.
+fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
+    let mut f = s.split_whitespace().map(str::parse::<u64>);
+    Some((f.next()?.ok()?, f.next()?.ok()?))
+}
+
+impl ThreadTimes {
+    /// Per operation over `n` since `start` ([`thread_snapshot`]). A thread that ended meanwhile
+    /// is not counted; one that began counts whole. NaN where `/proc` has no threads to read.
+    fn per_op_since(start: &std::collections::HashMap<u64, (usize, u64, u64)>, n: usize) -> ThreadTimes {
+        let now = thread_snapshot();
+        let mut t = ThreadTimes { run_ms: [0.0; 4], wait_ms: [0.0; 4] };
+        if now.is_empty() {
+            return ThreadTimes { run_ms: [f64::NAN; 4], wait_ms: [f64::NAN; 4] };
+        }
+        let n = n.max(1) as f64;
+        for (tid, (kind, run, wait)) in now {
+            let (run0, wait0) = start.get(&tid).map_or((0, 0), |(_, r, w)| (*r, *w));
+            t.run_ms[kind] += run.saturating_sub(run0) as f64 / 1e6 / n;
+            t.wait_ms[kind] += wait.saturating_sub(wait0) as f64 / 1e6 / n;
+        }
+        t
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -186,6 +276,10 @@ fn medians<'a>(runs: impl Iterator<Item = &'a Figures> + Clone) -> Figures {
         p50_ms: m(|f| f.p50_ms),
         p99_ms: m(|f| f.p99_ms),
         cpu: CpuTime { machine_ms: m(|f| f.cpu.machine_ms), process_ms: m(|f| f.cpu.process_ms) },
+        threads: ThreadTimes {
+            run_ms: std::array::from_fn(|i| median(runs.clone().map(|f| f.threads.run_ms[i]).collect())),
+            wait_ms: std::array::from_fn(|i| median(runs.clone().map(|f| f.threads.wait_ms[i]).collect())),
+        },
     }
 }
 
@@ -199,6 +293,7 @@ where
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let cpu = CpuTime::now();
+    let threads = thread_snapshot();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (op, next) = (op.clone(), next.clone());
@@ -219,12 +314,14 @@ where
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = CpuTime::per_op_since(cpu, n);
+    let threads = ThreadTimes::per_op_since(&threads, n);
     all.sort_by(f64::total_cmp);
     Ok(Figures {
         per_second: n as f64 / wall,
         p50_ms: percentile(&all, 0.5) * 1e3,
         p99_ms: percentile(&all, 0.99) * 1e3,
         cpu,
+        threads,
     })
 }
 
@@ -604,10 +701,10 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
             println!("  run {}: cache hits, {clients:>3} clients: {}", run + 1, f.run_line("submit"));
         }
         for (way, f) in ways.iter().zip(&tiny) {
-            println!("  run {}: tiny jobs, {way}: {}", run + 1, f.run_line("job"));
+            println!("  run {}: tiny jobs, {way}: {}{}", run + 1, f.run_line("job"), f.threads_line("job"));
         }
         if let Some(f) = batch {
-            println!("  run {}: tiny jobs, {batched}: {}", run + 1, f.run_line("job"));
+            println!("  run {}: tiny jobs, {batched}: {}{}", run + 1, f.run_line("job"), f.threads_line("job"));
             b.push(f);
         }
         h.push(hits);
@@ -619,7 +716,12 @@ pub async fn run(cfg: &FarmConfig, a: &FarmBenchArgs) -> anyhow::Result<()> {
     }
     for (i, way) in ways.iter().enumerate() {
         let m = medians(t.iter().map(|r| &r[i]));
-        println!("tiny jobs end to end, {way}: {} (aim: >= 5000/s){}", m.summary(), m.cpu_line("job"));
+        println!(
+            "tiny jobs end to end, {way}: {} (aim: >= 5000/s){}{}",
+            m.summary(),
+            m.cpu_line("job"),
+            m.threads_line("job")
+        );
     }
     batched_medians(&format!("tiny jobs end to end, {batched}"), &b);
     Ok(())
@@ -631,6 +733,59 @@ fn batched_medians(label: &str, runs: &[Figures]) -> Option<Figures> {
         return None;
     }
     let m = medians(runs.iter());
-    println!("{label}: {} (latency per request; aim: >= 5000 jobs/s){}", m.summary(), m.cpu_line("job"));
+    println!(
+        "{label}: {} (latency per request; aim: >= 5000 jobs/s){}{}",
+        m.summary(),
+        m.cpu_line("job"),
+        m.threads_line("job")
+    );
     Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_is_of_the_kind_its_name_starts_with() {
+        // Linux cuts a thread's name to 15 bytes: sqlx's "sqlx-sqlite-worker-3" reads so.
+        assert_eq!(THREAD_KINDS[thread_kind("sqlx-sqlite-wor")].0, "database");
+        assert_eq!(THREAD_KINDS[thread_kind("tokio-rt-worker")].0, "runtime");
+        assert_eq!(THREAD_KINDS[thread_kind("kiln-assets")].0, "assets");
+        assert_eq!(thread_kind("kiln"), THREAD_KINDS.len(), "the main thread is other");
+    }
+
+    #[test]
+    fn schedstat_gives_time_on_a_cpu_then_time_waiting_for_one() {
+        assert_eq!(parse_schedstat("2790000000 2450000000 102734\n"), Some((2_790_000_000, 2_450_000_000)));
+        assert_eq!(parse_schedstat("12 x 3"), None);
+        assert_eq!(parse_schedstat(""), None);
+    }
+
+    #[test]
+    fn this_process_threads_are_counted_by_kind() {
+        let start = thread_snapshot();
+        assert!(!start.is_empty(), "/proc/self/task lists this thread at least");
+        // Work on a thread of its own, named as the asset store names its own.
+        let spin = std::thread::Builder::new()
+            .name("kiln-assets".into())
+            .spawn(|| {
+                let t = Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < std::time::Duration::from_millis(50) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                // Still alive while the caller reads its times.
+                std::thread::park();
+                x
+            })
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let t = ThreadTimes::per_op_since(&start, 10);
+        spin.thread().unpark();
+        spin.join().unwrap();
+        // 50 ms over 10 operations: at least about 5 ms each on a CPU, counted as assets.
+        assert!(t.run_ms[2] >= 4.0, "{t:?}");
+        assert!(t.run_ms[2] < 200.0, "{t:?}");
+    }
 }
