@@ -412,22 +412,33 @@ struct EndJson<'a> {
     to: &'static str,
     detail: &'static str,
     asset: Option<&'a str>,
-    bytes: Option<i64>,
-    provenance: Option<&'a str>,
     error: Option<&'a str>,
     retry_at: Option<i64>,
     f_state: Option<&'static str>,
     f_detail: &'a str,
 }
 
-/// A batch of results, `?1` in its order: every asset (recorded even when its job was
+/// An asset a result stored, as [`END_SQL`] reads it (`?2`). Apart from the results (`?1`):
+/// its provenance (about a kilobyte, as JSON text inside JSON) is most of a result's bytes, and
+/// each statement that walks `?1` parsed it again, and copied it with its result's element at
+/// every field it read.
+#[derive(Serialize)]
+struct AssetJson<'a> {
+    asset: &'a str,
+    key: &'a str,
+    bytes: i64,
+    now: i64,
+    provenance: Option<&'a str>,
+}
+
+/// A batch of results, `?1` in its order: every asset (`?2`, recorded even when its job was
 /// cancelled meanwhile, with the first provenance that came for it); for those that move their
 /// job, the start (when it is written with it) and the outcome, a retry's outbox row, and the
 /// events of the jobs attached to it. Answers the events, each with the leader it was written
 /// for (`NULL` for a leader's own).
 const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) \
-     SELECT x.value ->> 'asset', x.value ->> 'key', x.value ->> 'bytes', x.value ->> 'now', x.value ->> 'provenance' \
-     FROM jsonb_each(?1) x WHERE x.value ->> 'asset' IS NOT NULL AND x.value ->> 'bytes' IS NOT NULL ORDER BY x.key \
+     SELECT a.value ->> 'asset', a.value ->> 'key', a.value ->> 'bytes', a.value ->> 'now', a.value ->> 'provenance' \
+     FROM jsonb_each(?2) a WHERE true ORDER BY a.key \
      ON CONFLICT (hash) DO UPDATE SET provenance = excluded.provenance WHERE assets.provenance IS NULL; \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
      SELECT job, at, state, attempt, detail, asset, error FROM ( \
@@ -496,15 +507,30 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
             to: f.to.as_str(),
             detail: f.detail,
             asset: f.asset,
-            bytes: f.bytes,
-            provenance: f.provenance,
             error: f.error,
             retry_at: f.retry_at,
             f_state: f.followers_to.map(JobState::as_str),
             f_detail: &f.followers_detail,
         });
     }
-    let rows = sqlx::query(END_SQL).bind(json("results", &items)?).fetch_all(&mut *conn).await?;
+    let assets: Vec<AssetJson> = ends
+        .iter()
+        .zip(&fins)
+        .filter_map(|(e, f)| {
+            Some(AssetJson {
+                asset: f.asset?,
+                key: &e.r.d.cache_key,
+                bytes: f.bytes?,
+                now: e.r.now_ms,
+                provenance: f.provenance,
+            })
+        })
+        .collect();
+    let rows = sqlx::query(END_SQL)
+        .bind(json("results", &items)?)
+        .bind(json("assets", &assets)?)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut out = vec![Vec::new(); ends.len()];
     let (own, attached): (Vec<SqliteRow>, Vec<SqliteRow>) =
         rows.into_iter().partition(|r| matches!(r.col::<Option<String>>("leader"), Ok(None)));
