@@ -196,20 +196,26 @@ const THREAD_KINDS: [(&str, &str); 3] = [
     ("assets", "kiln-assets"),
 ];
 
+/// The kinds [`ThreadTimes`] counts: [`THREAD_KINDS`], then "other".
+const KINDS: usize = THREAD_KINDS.len() + 1;
+
 /// Where one kind of thread's time went: on a CPU, and ready but waiting for one. Time spent
 /// waiting says a thread was held up by the others, not by its own work: on a full machine a
 /// serial stage (the database writer) waits for a CPU as long as it runs.
 #[derive(Debug, Clone, Copy)]
 struct ThreadTimes {
     /// Milliseconds on a CPU, by [`THREAD_KINDS`] and then "other".
-    run_ms: [f64; 4],
+    run_ms: [f64; KINDS],
     /// Milliseconds ready to run but waiting for a CPU, the same way.
-    wait_ms: [f64; 4],
+    wait_ms: [f64; KINDS],
 }
 
-/// Each thread of this process now: its kind (index into [`THREAD_KINDS`], or its length for
-/// "other"), nanoseconds on a CPU and waiting for one (`/proc/self/task/*/schedstat`), by id.
-fn thread_snapshot() -> std::collections::HashMap<u64, (usize, u64, u64)> {
+/// Each thread of this process at one moment, by id: its kind ([`thread_kind`]), nanoseconds
+/// on a CPU and waiting for one (`/proc/self/task/*/schedstat`).
+type ThreadSnapshot = std::collections::HashMap<u64, (usize, u64, u64)>;
+
+/// This process's threads now.
+fn thread_snapshot() -> ThreadSnapshot {
     let mut out = std::collections::HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
     for task in tasks.flatten() {
@@ -240,12 +246,12 @@ fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
 impl ThreadTimes {
     /// Per operation over `n` since `start` ([`thread_snapshot`]). A thread that ended meanwhile
     /// is not counted; one that began counts whole. NaN where `/proc` has no threads to read.
-    fn per_op_since(start: &std::collections::HashMap<u64, (usize, u64, u64)>, n: usize) -> ThreadTimes {
+    fn per_op_since(start: &ThreadSnapshot, n: usize) -> ThreadTimes {
         let now = thread_snapshot();
-        let mut t = ThreadTimes { run_ms: [0.0; 4], wait_ms: [0.0; 4] };
         if now.is_empty() {
-            return ThreadTimes { run_ms: [f64::NAN; 4], wait_ms: [f64::NAN; 4] };
+            return ThreadTimes { run_ms: [f64::NAN; KINDS], wait_ms: [f64::NAN; KINDS] };
         }
+        let mut t = ThreadTimes { run_ms: [0.0; KINDS], wait_ms: [0.0; KINDS] };
         let n = n.max(1) as f64;
         for (tid, (kind, run, wait)) in now {
             let (run0, wait0) = start.get(&tid).map_or((0, 0), |(_, r, w)| (*r, *w));
