@@ -436,14 +436,58 @@ fn render_rows_avx2(c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out
     render_rows::<true>(c, tile, rows, out)
 }
 
-/// Evaluates rows with the best code path this CPU has. The path depends only on the CPU, so a
-/// machine always produces the same bits; paths differ from each other by rounding only.
+/// The AVX2 path's code with 512-bit registers: a block of [`L`] lanes is one register, so each
+/// layer takes half the instructions. The same operations on each lane in the same order (no
+/// instruction here rounds differently from its AVX2 form), so the same bits as
+/// [`render_rows_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn render_rows_avx512(c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {
+    render_rows::<true>(c, tile, rows, out)
+}
+
+/// The fused paths of an x86-64 CPU, best first.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum X86Path {
+    Avx512,
+    Avx2,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_path() -> Option<X86Path> {
+    use std::arch::is_x86_feature_detected as has;
+    let avx2 = has!("avx2") && has!("fma");
+    if avx2 && has!("avx512f") && has!("avx512vl") {
+        Some(X86Path::Avx512)
+    } else if avx2 {
+        Some(X86Path::Avx2)
+    } else {
+        None
+    }
+}
+
+/// Evaluates rows with `path`, which the CPU must have ([`x86_path`]).
+#[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
+fn render_rows_x86(path: X86Path, c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {
+    // SAFETY: callers pass a path `x86_path` found on this CPU, or one below it: every
+    // instruction set a path's function is built for is there.
+    unsafe {
+        match path {
+            X86Path::Avx512 => render_rows_avx512(c, tile, rows, out),
+            X86Path::Avx2 => render_rows_avx2(c, tile, rows, out),
+        }
+    }
+}
+
+/// Evaluates rows with the best code path this CPU has. The path depends only on the CPU, so a
+/// machine always produces the same bits; paths differ from each other by rounding only (the
+/// two x86 paths not even by that).
 fn render_rows_best(c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, as checked on the line above.
-        return unsafe { render_rows_avx2(c, tile, rows, out) };
+    if let Some(path) = x86_path() {
+        return render_rows_x86(path, c, tile, rows, out);
     }
     // aarch64 has fused multiply-add in its base instruction set.
     render_rows::<{ cfg!(target_arch = "aarch64") }>(c, tile, rows, out)
@@ -452,8 +496,10 @@ fn render_rows_best(c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out
 /// The CPU path's name, for provenance.
 pub fn cpu_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return "fused-avx2-fma";
+    match x86_path() {
+        Some(X86Path::Avx512) => return "fused-avx512-fma",
+        Some(X86Path::Avx2) => return "fused-avx2-fma",
+        None => {}
     }
     "fused-portable"
 }
@@ -591,6 +637,40 @@ mod tests {
             }
         }
         assert!(whole.iter().zip(&tiled).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    /// Where the CPU has AVX-512 (as the machines CI runs on do), its path gives the bits of the
+    /// AVX2 path: an image must not change with the machine's vector width. Every activation,
+    /// and rows that fill a block of lanes and rows that do not.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_path_gives_the_avx2_path_s_bits() {
+        if x86_path() != Some(X86Path::Avx512) {
+            eprintln!("this CPU has no AVX-512; nothing to compare");
+            return;
+        }
+        let mut acts: Vec<Act> = Vec::new();
+        for (seed, prompt) in (0..24).map(|s| (s, ["ember", "quad dusk", "mirror forest"][s as usize % 3])) {
+            let c = net(seed, prompt);
+            for a in c.acts {
+                if !acts.contains(&a) {
+                    acts.push(a);
+                }
+            }
+            for tile in [
+                SampleTile { x0: 0, y0: 0, w: 16, h: 16, full_w: 16, full_h: 16 },
+                SampleTile { x0: 3, y0: 5, w: 37, h: 9, full_w: 64, full_h: 48 },
+            ] {
+                let rows = 0..tile.h;
+                let mut wide = vec![0.0f32; tile.len() * 3];
+                let mut narrow = vec![0.0f32; tile.len() * 3];
+                render_rows_x86(X86Path::Avx512, &c, &tile, rows.clone(), &mut wide);
+                render_rows_x86(X86Path::Avx2, &c, &tile, rows, &mut narrow);
+                let same = wide.iter().zip(&narrow).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "seed {seed} {prompt:?}, tile {tile:?}: the paths' bits differ");
+            }
+        }
+        assert_eq!(acts.len(), 3, "the seeds cover every activation: {acts:?}");
     }
 
     #[test]
