@@ -467,12 +467,15 @@ fn x86_path() -> Option<X86Path> {
     }
 }
 
-/// Evaluates rows with `path`, which the CPU must have ([`x86_path`]).
+/// Evaluates rows with `path`.
+///
+/// # Safety
+/// The CPU must have every instruction set `path` is built for: `path` is what [`x86_path`]
+/// found, or [`X86Path::Avx2`] where it found [`X86Path::Avx512`].
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-fn render_rows_x86(path: X86Path, c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {
-    // SAFETY: callers pass a path `x86_path` found on this CPU, or one below it: every
-    // instruction set a path's function is built for is there.
+unsafe fn render_rows_x86(path: X86Path, c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {
+    // SAFETY: the caller vouches for the CPU (above).
     unsafe {
         match path {
             X86Path::Avx512 => render_rows_avx512(c, tile, rows, out),
@@ -484,10 +487,12 @@ fn render_rows_x86(path: X86Path, c: &Cppn, tile: &SampleTile, rows: std::ops::R
 /// Evaluates rows with the best code path this CPU has. The path depends only on the CPU, so a
 /// machine always produces the same bits; paths differ from each other by rounding only (the
 /// two x86 paths not even by that).
+#[allow(unsafe_code)]
 fn render_rows_best(c: &Cppn, tile: &SampleTile, rows: std::ops::Range<u32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(path) = x86_path() {
-        return render_rows_x86(path, c, tile, rows, out);
+        // SAFETY: `x86_path` found the path's instruction sets on this CPU.
+        return unsafe { render_rows_x86(path, c, tile, rows, out) };
     }
     // aarch64 has fused multiply-add in its base instruction set.
     render_rows::<{ cfg!(target_arch = "aarch64") }>(c, tile, rows, out)
@@ -644,6 +649,7 @@ mod tests {
     /// and rows that fill a block of lanes and rows that do not.
     #[cfg(target_arch = "x86_64")]
     #[test]
+    #[allow(unsafe_code)]
     fn the_avx512_path_gives_the_avx2_path_s_bits() {
         if x86_path() != Some(X86Path::Avx512) {
             eprintln!("this CPU has no AVX-512; nothing to compare");
@@ -664,8 +670,11 @@ mod tests {
                 let rows = 0..tile.h;
                 let mut wide = vec![0.0f32; tile.len() * 3];
                 let mut narrow = vec![0.0f32; tile.len() * 3];
-                render_rows_x86(X86Path::Avx512, &c, &tile, rows.clone(), &mut wide);
-                render_rows_x86(X86Path::Avx2, &c, &tile, rows, &mut narrow);
+                // SAFETY: this CPU has AVX-512 (checked at the top), and so AVX2 and FMA.
+                unsafe {
+                    render_rows_x86(X86Path::Avx512, &c, &tile, rows.clone(), &mut wide);
+                    render_rows_x86(X86Path::Avx2, &c, &tile, rows, &mut narrow);
+                }
                 let same = wide.iter().zip(&narrow).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "seed {seed} {prompt:?}, tile {tile:?}: the paths' bits differ");
             }
