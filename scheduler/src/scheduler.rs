@@ -69,10 +69,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// The outcome of a render whose asset is stored.
 fn succeeded(r: Rendered) -> Outcome {
-    // Written to a `Vec`, not through `Display` (`to_string`), whose formatter takes each of the
-    // record's hundreds of tokens through a `dyn fmt::Write`.
-    let provenance = r.provenance.and_then(|p| serde_json::to_string(&p).ok());
-    Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance }
+    // The render wrote it as JSON text.
+    Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance: r.provenance }
 }
 
 /// Who waits for which job's end (long polls): each is woken only by its own job's end.

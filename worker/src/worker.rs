@@ -62,14 +62,42 @@ pub struct Rendered {
     pub bytes: u64,
     /// Timings, when it rendered.
     pub stats: Option<RenderStats>,
-    /// This render's provenance record (not on a cache hit). Where the store keeps provenance
-    /// files, the first one of an asset is the one kept ([`AssetStore::provenance_path`]).
+    /// This render's provenance record as JSON text (not on a cache hit). Where the store keeps
+    /// provenance files, the first one of an asset is the one kept
+    /// ([`AssetStore::provenance_path`]).
     #[serde(skip)]
-    pub provenance: Option<serde_json::Value>,
+    pub provenance: Option<String>,
     /// The PNG, held in memory and not stored ([`Worker::render_holding`]); `path` is then where
     /// it would be stored.
     #[serde(skip)]
     pub png: Option<Vec<u8>>,
+}
+
+/// A render's provenance record, written once per new asset. Its fields are in the order of
+/// their names: the order the JSON map it was once built as wrote them in.
+#[derive(Serialize)]
+struct Record<'a> {
+    asset: String,
+    backend: &'a str,
+    cache_key: &'a CacheKey,
+    created_unix: u64,
+    device: &'a str,
+    host: &'a str,
+    key_input: &'a kiln_protocol::KeyInput,
+    kiln_version: &'static str,
+    model: ModelRecord,
+    post_chain_version: &'a str,
+    request: &'a RenderRequest,
+    thumbnail: String,
+    timings: &'a crate::render::RenderStats,
+}
+
+/// The model a [`Record`] names.
+#[derive(Serialize)]
+struct ModelRecord {
+    id: &'static str,
+    path: crate::render::ModelPath,
+    version: &'static str,
 }
 
 #[derive(Clone)]
@@ -232,33 +260,38 @@ impl Worker {
         let mut pending = self.store.begin().map_err(store_err)?;
         let (thumb, stats) = render_to(&self.engine, req, &mut pending, progress)?;
         let backend = self.engine.backend.name();
-        let record = |hash: &str| {
-            serde_json::json!({
-                "asset": hash,
-                // An image no larger than a thumbnail is its own.
-                "thumbnail": thumb.as_ref().map_or_else(|| hash.to_owned(), |t| blake3::hash(t).to_hex().to_string()),
-                "request": req,
-                "cache_key": key,
-                "key_input": key_input,
-                "model": { "id": MODEL_ID, "version": model_version(), "path": self.engine.path },
-                "post_chain_version": key_input.post_chain_version,
-                "backend": backend,
-                "device": self.engine.backend.device_name(),
-                "timings": stats,
-                "kiln_version": env!("CARGO_PKG_VERSION"),
-                "host": std::env::var("HOSTNAME").unwrap_or_default(),
-                "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            })
+        let device = self.engine.backend.device_name();
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let record = |hash: &str| Record {
+            asset: hash.to_owned(),
+            backend,
+            cache_key: &key,
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            device: &device,
+            host: &host,
+            key_input: &key_input,
+            kiln_version: env!("CARGO_PKG_VERSION"),
+            model: ModelRecord { id: MODEL_ID, path: self.engine.path, version: model_version() },
+            post_chain_version: &key_input.post_chain_version,
+            request: req,
+            // An image no larger than a thumbnail is its own.
+            thumbnail: thumb.as_ref().map_or_else(|| hash.to_owned(), |t| blake3::hash(t).to_hex().to_string()),
+            timings: &stats,
         };
+        // A record of strings and numbers always serializes; were it not to, the asset goes
+        // without one, as a render whose provenance is lost would.
+        let json = |r: &Record| serde_json::to_string(r).ok();
         let held = if thumb.is_none() { pending.take_held(hold) } else { None };
         let (asset, bytes, png, provenance) = match held {
             Some((asset, png)) => {
-                let provenance = record(&asset);
+                let provenance = json(&record(&asset));
                 (asset, png.len() as u64, Some(png), provenance)
             }
             None => {
-                let provenance = record(&pending.hash());
-                let file = self.keeps_records.then(|| serde_json::to_string_pretty(&provenance).unwrap_or_default());
+                let hash = pending.hash();
+                let r = record(&hash);
+                let provenance = json(&r);
+                let file = self.keeps_records.then(|| serde_json::to_string_pretty(&r).unwrap_or_default());
                 let (asset, bytes) = self
                     .store
                     .commit(pending, thumb.as_deref(), file.as_deref().map(str::as_bytes))
@@ -288,7 +321,7 @@ impl Worker {
             key,
             cache_hit: false,
             stats: Some(stats),
-            provenance: Some(provenance),
+            provenance,
             png,
         })
     }

@@ -204,6 +204,31 @@ fn a_repeated_request_is_served_from_the_cache_and_survives_a_restart() {
     assert_eq!(prov["thumbnail"], first.asset.as_str());
 }
 
+/// The provenance a render handed back: a JSON object with every part of the record.
+fn provenance_of(r: &kiln_worker::worker::Rendered) -> serde_json::Value {
+    let text = r.provenance.as_deref().expect("a new render hands its provenance back");
+    let prov: serde_json::Value = serde_json::from_str(text).expect("the provenance is JSON");
+    let names: Vec<&str> = prov.as_object().expect("an object").keys().map(String::as_str).collect();
+    let all = [
+        "asset",
+        "backend",
+        "cache_key",
+        "created_unix",
+        "device",
+        "host",
+        "key_input",
+        "kiln_version",
+        "model",
+        "post_chain_version",
+        "request",
+        "thumbnail",
+        "timings",
+    ];
+    assert_eq!(names, all, "{text}");
+    assert_eq!(prov["model"]["id"], "cppn", "{text}");
+    prov
+}
+
 #[test]
 fn a_worker_whose_caller_keeps_its_records_hands_back_each_provenance_and_keeps_no_index() {
     let dir = tempfile::tempdir().unwrap();
@@ -215,7 +240,7 @@ fn a_worker_whose_caller_keeps_its_records_hands_back_each_provenance_and_keeps_
     assert_eq!(second.asset, first.asset);
     assert_eq!(std::fs::read(&first.path).unwrap().len() as u64, first.bytes);
     for rendered in [&first, &second] {
-        let prov = rendered.provenance.as_ref().expect("each render hands its provenance back");
+        let prov = provenance_of(rendered);
         assert_eq!((&prov["asset"], &prov["request"]["seed"]), (&first.asset.as_str().into(), &6.into()));
         assert_eq!(prov["cache_key"], first.key.to_string().as_str());
     }
@@ -232,7 +257,7 @@ fn a_small_render_can_be_held_in_memory_instead_of_stored_and_is_the_same_asset(
     let png = held.png.as_deref().expect("a 24×24 PNG is held");
     assert_eq!((blake3::hash(png).to_hex().as_str(), held.bytes), (held.asset.as_str(), png.len() as u64));
     assert!(!w.store().contains(&held.asset) && !w.store().provenance_path(&held.asset).exists(), "nothing stored");
-    let prov = held.provenance.as_ref().expect("its provenance comes with it");
+    let prov = provenance_of(&held);
     assert_eq!((&prov["asset"], &prov["request"]["seed"]), (&held.asset.as_str().into(), &3.into()));
     // Not cached either: the same request renders again, stored this time, to the same bytes.
     let stored = w.render(&small, &mut |_| {}).unwrap();
