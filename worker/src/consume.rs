@@ -716,10 +716,12 @@ impl Inline {
         r: &mut crate::worker::Rendered,
         max: u64,
     ) -> Inline {
-        let provenance = match r.provenance.take() {
-            Some(text) => serde_json::from_str(&text).ok(),
-            None => std::fs::read(store.provenance_path(&r.asset)).ok().and_then(|t| serde_json::from_slice(&t).ok()),
-        };
+        let provenance = r
+            .provenance
+            .take()
+            .map(String::into_bytes)
+            .or_else(|| std::fs::read(store.provenance_path(&r.asset)).ok())
+            .and_then(|text| serde_json::from_slice(&text).ok());
         let png = r.png.take().or_else(|| {
             let small = r.bytes <= max && crate::render::own_thumbnail(req.width, req.height);
             small.then(|| std::fs::read(&r.path).ok()).flatten().filter(|b| b.len() as u64 == r.bytes)

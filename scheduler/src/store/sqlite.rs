@@ -435,7 +435,8 @@ struct AssetJson<'a> {
 /// cancelled meanwhile, with the first provenance that came for it); for those that move their
 /// job, the start (when it is written with it) and the outcome, a retry's outbox row, and the
 /// events of the jobs attached to it. Answers the events, each with the leader it was written
-/// for (`NULL` for a leader's own).
+/// for (`NULL` for a leader's own). The asset insert's `WHERE true` is there for SQLite's parser:
+/// an upsert whose rows come from a `SELECT` needs a `WHERE` before its `ON CONFLICT`.
 const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) \
      SELECT a.value ->> 'asset', a.value ->> 'key', a.value ->> 'bytes', a.value ->> 'now', a.value ->> 'provenance' \
      FROM jsonb_each(?2) a WHERE true ORDER BY a.key \
