@@ -181,12 +181,13 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
         assert_eq!((&prov["asset"], &prov["backend"]), (&Value::from(hash), &Value::from("cpu")), "{prov}");
-        // A 24×24 PNG travelled inside its result: the worker did not store it. Its provenance
-        // is in the scheduler's database, not in a file beside the PNG.
+        // A 24×24 PNG travelled inside its result: the worker did not store it. It and its
+        // provenance are kept in the scheduler's database, not in files.
         let own = kiln_worker::store::AssetStore::open(d.workers[0].1.path()).unwrap();
         assert!(!own.contains(hash), "a small asset is sent with its result, not kept and uploaded");
         let scheduler_files = kiln_worker::store::AssetStore::open(d.farm.dir.path()).unwrap();
-        assert!(scheduler_files.contains(hash) && !scheduler_files.provenance_path(hash).exists());
+        assert!(!scheduler_files.contains(hash) && !scheduler_files.provenance_path(hash).exists());
+        assert_eq!(d.farm.sched.store.asset_png(hash).await.unwrap().as_deref(), Some(&png[..]));
     }
     // A batch submitted and awaited in one request: its results come back over the broker.
     let batch: Vec<Value> = (0..4).map(|i| job("a distributed batch", 40 + i, "preview")).collect();
@@ -427,7 +428,7 @@ async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one
                 None => assert!(error.contains("do not hash to it"), "{error}"),
                 Some(_) => assert!(error.contains("provenance names another asset"), "{error}"),
             }
-            assert!(!d.farm.sched.worker.store().contains(asset), "nothing stored under {asset}");
+            assert!(!d.farm.sched.has_asset(asset).await.unwrap(), "nothing stored under {asset}");
             seen.push("refused");
         }
     }

@@ -352,6 +352,20 @@ async fn events_stream_assets_and_provenance() {
         c.bytes(&format!("/v1/assets/{small}?variant=thumb")).await.unwrap(),
     );
     assert_eq!(thumb, full);
+    // A PNG that small is kept with the asset's row, not as a file, and served alike.
+    assert_eq!(blake3::hash(&full).to_hex().as_str(), small);
+    assert!(!files.path(small).exists() && files.thumbnail(small).is_none(), "kept with the row");
+    for (variant, etag) in [("", format!("\"{small}\"")), ("?variant=thumb", format!("\"{small}.thumb\""))] {
+        let path = format!("/v1/assets/{small}{variant}");
+        let r = farm.raw(Method::GET, &path, "").await;
+        assert_eq!(
+            (r.headers["content-type"].to_str().unwrap(), r.headers["etag"].to_str().unwrap()),
+            ("image/png", &*etag)
+        );
+        assert_eq!(r.headers["content-length"].to_str().unwrap(), full.len().to_string());
+        let again = c.send_with(Method::GET, &path, None, &[("if-none-match", &etag)]).await.unwrap();
+        assert_eq!(again.status, StatusCode::NOT_MODIFIED, "{path}");
+    }
     let small_prov = c.call(Method::GET, &format!("/v1/assets/{small}/provenance"), None).await.unwrap();
     assert_eq!(small_prov["thumbnail"], small);
     assert_eq!(prov["asset"], asset);

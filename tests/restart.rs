@@ -22,6 +22,11 @@ async fn a_killed_farm_resumes_every_job_and_finishes_none_twice() {
     // One worker on one thread, and renders big enough to be caught in the act.
     let (mut child, url) = spawn_up(&data, &["--workers", "1"]);
     let mut c = Client::new(&url, Some(Secret::new(operator_token(&data))));
+    // A small render's PNG, kept with its asset's row, outlives the kill as a file would.
+    let tiny = json!({ "prompt": "kill test", "seed": 99, "tier": "preview", "width": 16 });
+    let tiny = c.call(Method::POST, "/v1/jobs?wait=60", Some(&tiny)).await.unwrap();
+    assert_eq!(tiny["state"], "succeeded", "{tiny}");
+    let tiny = tiny["asset"].as_str().unwrap().to_owned();
     let mut ids = Vec::new();
     for seed in 0..6 {
         let body = json!({ "prompt": "kill test", "seed": seed, "tier": "final", "width": 1024, "samples": 2 });
@@ -69,8 +74,10 @@ async fn a_killed_farm_resumes_every_job_and_finishes_none_twice() {
         assert_eq!(states.last().map(String::as_str), Some("succeeded"));
     }
     assert_eq!(assets.len(), ids.len(), "six seeds, six assets");
+    let png = c.bytes(&format!("/v1/assets/{tiny}")).await.unwrap();
+    assert_eq!(blake3::hash(&png).to_hex().as_str(), tiny, "the small PNG after the restart");
     let all = c.call(Method::GET, "/v1/jobs?limit=100", None).await.unwrap();
-    assert_eq!(all["jobs"].as_array().unwrap().len(), ids.len(), "no job was duplicated");
+    assert_eq!(all["jobs"].as_array().unwrap().len(), ids.len() + 1, "no job was duplicated (six and the small one)");
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -489,29 +489,19 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
     }
 }
 
-/// Why what came inside a result was not stored.
-enum InlineError {
-    /// The worker sent something wrong: the attempt fails.
-    Refused(String),
-    /// The asset store failed: the result comes again.
-    Store(std::io::Error),
-}
-
 impl Scheduler {
-    /// Stores what of an asset came inside its result instead of being uploaded: the PNG (checked
-    /// against its hash and `limits.max_asset_bytes`). Returns the provenance to record with the
-    /// asset: the one the result carries, or for a PNG that came without one, what the result
-    /// says of it.
-    async fn store_inline(
+    /// Checks what of an asset came inside its result instead of being uploaded: the PNG (against
+    /// its hash and `limits.max_asset_bytes`), which is kept with the asset's row. Returns the
+    /// provenance to record with the asset: the one the result carries, or for a PNG that came
+    /// without one, what the result says of it; or why the attempt fails.
+    fn check_inline(
         &self,
         msg: &ResultMessage,
         asset: &str,
         png: Option<&[u8]>,
         provenance: Option<&serde_json::Value>,
-    ) -> Result<Option<String>, InlineError> {
-        let refused = |why: String| {
-            Err(InlineError::Refused(format!("worker {} sent asset {asset} with its result, but {why}", msg.worker)))
-        };
+    ) -> Result<Option<String>, String> {
+        let refused = |why: String| Err(format!("worker {} sent asset {asset} with its result, but {why}", msg.worker));
         if let Some(p) = provenance
             && p.get("asset").and_then(serde_json::Value::as_str) != Some(asset)
         {
@@ -541,7 +531,6 @@ impl Scheduler {
         if blake3::hash(png).to_hex().as_str() != asset {
             return refused("its bytes do not hash to it (BLAKE3)".into());
         }
-        self.worker.store().put(png.to_vec()).await.map_err(InlineError::Store)?;
         Ok(record)
     }
 
@@ -593,19 +582,28 @@ impl Scheduler {
     pub(crate) async fn record_result(&self, d: Dispatch, msg: &ResultMessage) -> bool {
         let mut outcome = match &msg.outcome {
             AttemptOutcome::Succeeded { asset, bytes, png, provenance } => {
-                match self.store_inline(msg, asset, png.as_deref(), provenance.as_ref()).await {
-                    Ok(provenance) if self.worker.store().contains(asset) => {
-                        Outcome::Succeeded { asset: asset.clone(), bytes: *bytes, provenance }
-                    }
-                    Ok(_) => {
-                        let error = format!("worker {} reported asset {asset}, which never arrived here", msg.worker);
-                        self.failure_outcome(&d, error, true)
-                    }
-                    Err(InlineError::Refused(error)) => self.failure_outcome(&d, error, true),
-                    Err(InlineError::Store(e)) => {
-                        tracing::error!(job_id = d.job_id, asset, error = %e, "cannot store an asset sent with its result");
-                        return false;
-                    }
+                let succeeded = |provenance, png: Option<&Vec<u8>>| Outcome::Succeeded {
+                    asset: asset.clone(),
+                    bytes: png.map_or(*bytes, |p| p.len() as u64),
+                    provenance,
+                    png: png.cloned(),
+                };
+                match self.check_inline(msg, asset, png.as_deref(), provenance.as_ref()) {
+                    Err(error) => self.failure_outcome(&d, error, true),
+                    Ok(provenance) if png.is_some() => succeeded(provenance, png.as_ref()),
+                    // Uploaded (or stored before) instead.
+                    Ok(provenance) => match self.has_asset(asset).await {
+                        Ok(true) => succeeded(provenance, None),
+                        Ok(false) => {
+                            let error =
+                                format!("worker {} reported asset {asset}, which never arrived here", msg.worker);
+                            self.failure_outcome(&d, error, true)
+                        }
+                        Err(e) => {
+                            tracing::error!(job_id = d.job_id, asset, error = %e, "cannot look up a reported asset");
+                            return false;
+                        }
+                    },
                 }
             }
             AttemptOutcome::Failed { error, transient } => {

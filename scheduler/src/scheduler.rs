@@ -32,18 +32,19 @@ use crate::time::now_ms;
 /// so it shows `running` while it renders and is skipped once cancelled.
 const START_WITH_RESULT_BELOW_SAMPLES: u64 = 64 * 64;
 
-/// Renders the in-process workers have done whose PNGs are still being stored and recorded, at
-/// most, shared out among the workers. More lengthens the queue each sync ends and the wait of
-/// the jobs at its back: with 32 a worker, 128 workers ran tiny jobs about as fast, and two runs
-/// in eight had a p99 over 300 ms (one over a second).
+/// Renders the in-process workers have done whose small PNGs are still being recorded, at most,
+/// shared out among the workers. More lengthens the queue each write ends and the wait of the
+/// jobs at its back: when these PNGs were files, with 32 a worker, 128 workers ran tiny jobs
+/// about as fast, and two runs in eight had a p99 over 300 ms (one over a second).
 const FINISHING_PER_FARM: usize = 256;
 
 /// How an in-process render ended.
 enum RenderEnd {
-    /// With this outcome (its asset, if any, stored).
+    /// With this outcome (its asset, if any, a file in the asset store).
     Done(Outcome),
-    /// With a small PNG held in memory, to store before it succeeds.
-    Held(Rendered, Vec<u8>),
+    /// With a small PNG held in memory, which its outcome carries to the asset's row: recorded
+    /// while the worker goes on to its next render.
+    Held(Outcome),
 }
 
 /// A render on the CPU of fewer samples than this runs on the worker's task, not on a blocking
@@ -54,7 +55,7 @@ enum RenderEnd {
 const INLINE_BELOW_SAMPLES: u64 = 32 * 32;
 
 /// Whether a render runs on the task that asked for it: a tiny one on the CPU, whose PNG is
-/// small and its own thumbnail, so held in memory (no sync is waited for on a runtime thread).
+/// small and its own thumbnail, so held in memory (no file is written on a runtime thread).
 fn renders_inline(worker: &Worker, req: &RenderRequest) -> bool {
     matches!(worker.engine().backend, Backend::Cpu { .. })
         && req.sample_count() < INLINE_BELOW_SAMPLES
@@ -67,10 +68,11 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     said.unwrap_or("(no message)").to_owned()
 }
 
-/// The outcome of a render whose asset is stored.
+/// The outcome of a render: its asset a file in the asset store, or (small, held in memory) a
+/// PNG to keep with the asset's row.
 fn succeeded(r: Rendered) -> Outcome {
-    // The render wrote it as JSON text.
-    Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance: r.provenance }
+    // The render wrote its provenance as JSON text.
+    Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance: r.provenance, png: r.png }
 }
 
 /// Who waits for which job's end (long polls): each is woken only by its own job's end.
@@ -379,6 +381,12 @@ impl Scheduler {
         Ok(self.store.job(id).await?.filter(|j| caller.may_see(&j.client)))
     }
 
+    /// Whether an asset is stored here: a file in the asset store, or a small PNG kept with the
+    /// asset's row.
+    pub async fn has_asset(&self, hash: &str) -> Result<bool, StoreError> {
+        Ok(self.worker.store().contains(hash) || self.store.asset_png(hash).await?.is_some())
+    }
+
     /// Waits up to `wait` for each of the jobs `ids` to reach a terminal state; returns those
     /// the caller may see, as they are then, by id. Each waiter is woken only by its own job's
     /// end (no thundering herd of long polls), and the reads are one batch before the wait and
@@ -544,27 +552,13 @@ impl Scheduler {
             }
             match self.render(n, &d).await {
                 RenderEnd::Done(outcome) => self.record(&d, started_ms, outcome).await,
-                RenderEnd::Held(r, png) => {
+                RenderEnd::Held(outcome) => {
                     let this = self.clone();
-                    finishing.spawn(async move {
-                        let outcome = this.store_held(&d, r, png).await;
-                        this.record(&d, started_ms, outcome).await;
-                    });
+                    finishing.spawn(async move { this.record(&d, started_ms, outcome).await });
                 }
             }
         }
         while finishing.join_next().await.is_some() {}
-    }
-
-    /// Stores the PNG a render held in memory (small, its own thumbnail): the attempt's outcome.
-    async fn store_held(&self, job: &Dispatch, r: Rendered, png: Vec<u8>) -> Outcome {
-        match self.worker.store().put(png).await {
-            Ok(_) => succeeded(r),
-            Err(e) => {
-                let error = format!("cannot store the asset in {}: {e}", self.worker.store().root().display());
-                self.failure_outcome(job, error, true)
-            }
-        }
     }
 
     async fn render(&self, n: usize, job: &Dispatch) -> RenderEnd {
@@ -596,13 +590,9 @@ impl Scheduler {
         };
         self.metrics.in_flight.dec();
         let (error, transient) = match result {
-            Ok(Ok(mut r)) => {
-                // A PNG held in memory is stored by the caller, where the wait for its syncs
-                // holds no thread.
-                return match r.png.take() {
-                    Some(png) => RenderEnd::Held(r, png),
-                    None => RenderEnd::Done(succeeded(r)),
-                };
+            Ok(Ok(r)) => {
+                let held = r.png.is_some();
+                return if held { RenderEnd::Held(succeeded(r)) } else { RenderEnd::Done(succeeded(r)) };
             }
             Ok(Err(e)) => (e.to_string(), e.is_transient()),
             Err(e) => (format!("the render panicked: {e}"), true),

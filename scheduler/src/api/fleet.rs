@@ -149,7 +149,7 @@ async fn create_task(
     match (&b.asset, b.kind.needs_asset()) {
         (None, true) => return Err(ApiError::invalid("asset", format!("a {} task needs an asset (its hash)", b.kind))),
         (Some(a), _) if !valid_hash(a) => return Err(ApiError::invalid("asset", "must be 64 hex digits (BLAKE3)")),
-        (Some(a), _) if !s.worker.store().contains(a) => {
+        (Some(a), _) if !s.has_asset(a).await? => {
             return Err(ApiError::invalid("asset", format!("no asset {a} is stored here")));
         }
         _ => {}

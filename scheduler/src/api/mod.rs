@@ -598,7 +598,8 @@ async fn resume_worker(
     Ok(Json(json!({ "worker_id": id, "state": "resumed" })).into_response())
 }
 
-/// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag.
+/// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag: a
+/// file in the asset store, or a small PNG (its own thumbnail) kept with the asset's row.
 async fn asset(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -609,14 +610,31 @@ async fn asset(
     check_hash(&hash)?;
     let Query(q) = q.map_err(query_error)?;
     let (path, etag) = match q.variant.as_deref() {
-        None | Some("full") => (s.worker.store().path(&hash), format!("\"{hash}\"")),
+        None | Some("full") => (Some(s.worker.store().path(&hash)), format!("\"{hash}\"")),
         Some("thumb") => {
             let (store, h) = (s.worker.store().clone(), hash.clone());
             let found = tokio::task::spawn_blocking(move || store.thumbnail(&h)).await;
-            let path = found.map_err(|e| ApiError::internal(&e))?;
-            (path.ok_or_else(|| ApiError::not_found(format!("hash: no asset {hash}")))?, format!("\"{hash}.thumb\""))
+            (found.map_err(|e| ApiError::internal(&e))?, format!("\"{hash}.thumb\""))
         }
         Some(v) => return Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
+    };
+    let file = match path {
+        Some(path) => match tokio::fs::File::open(&path).await {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ApiError::internal(&e)),
+        },
+        None => None,
+    };
+    let (len, body) = match file {
+        Some(file) => {
+            let len = file.metadata().await.map_err(|e| ApiError::internal(&e))?.len();
+            (len, Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)))
+        }
+        None => match s.store.asset_png(&hash).await? {
+            Some(png) => (png.len() as u64, Body::from(png)),
+            None => return Err(ApiError::not_found(format!("hash: no asset {hash}"))),
+        },
     };
     if headers
         .get(header::IF_NONE_MATCH)
@@ -625,15 +643,6 @@ async fn asset(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::not_found(format!("hash: no asset {hash}")));
-        }
-        Err(e) => return Err(ApiError::internal(&e)),
-    };
-    let len = file.metadata().await.map_err(|e| ApiError::internal(&e))?.len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024));
     Ok((
         [
             (header::CONTENT_TYPE, "image/png".to_owned()),

@@ -203,6 +203,10 @@ pub enum Outcome {
         /// Its provenance record (JSON), kept with the asset's row; the first one recorded for
         /// an asset stays. `None` where it is kept elsewhere (a file in the asset store).
         provenance: Option<String>,
+        /// The PNG itself where it is kept with the asset's row (a small one, held in memory:
+        /// see [`kiln_worker::store::SPILL_BYTES`]); the first one recorded for an asset stays.
+        /// `None` where it is a file in the asset store.
+        png: Option<Vec<u8>>,
     },
     /// It failed and will be tried again at `retry_at_ms`.
     Retry {
@@ -398,6 +402,9 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     /// The provenance recorded with an asset: `None` when the asset has no row, or its row has
     /// none (its provenance, if any, is a file in the asset store).
     fn provenance(&self, hash: &str) -> BoxFut<'_, Result<Option<String>, StoreError>>;
+    /// The PNG kept with an asset's row: `None` when the asset has no row, or its PNG is a
+    /// file in the asset store.
+    fn asset_png(&self, hash: &str) -> BoxFut<'_, Result<Option<Vec<u8>>, StoreError>>;
     /// Jobs by tier and state, for the metrics.
     fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>>;
 

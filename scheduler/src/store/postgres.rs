@@ -274,14 +274,17 @@ async fn finish_op(
     // The asset is recorded even when the job was cancelled meanwhile.
     if let (Some(asset), Some(bytes)) = (f.asset, f.bytes) {
         sqlx::query(
-            "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (hash) DO UPDATE SET provenance = EXCLUDED.provenance WHERE assets.provenance IS NULL",
+            "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance, png) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (hash) DO UPDATE SET provenance = COALESCE(assets.provenance, EXCLUDED.provenance), \
+               png = COALESCE(assets.png, EXCLUDED.png) \
+             WHERE assets.provenance IS NULL OR (assets.png IS NULL AND EXCLUDED.png IS NOT NULL)",
         )
         .bind(asset)
         .bind(&d.cache_key)
         .bind(bytes)
         .bind(now_ms)
         .bind(f.provenance)
+        .bind(f.png)
         .execute(&mut *conn)
         .await?;
     }
@@ -369,18 +372,20 @@ async fn record_round(
     let rows = sqlx::query(
         "WITH x AS (SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], \
              $7::TEXT[], $8::TEXT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::BIGINT[], $13::TEXT[], $14::TEXT[], \
-             $15::TEXT[], $16::TEXT[], $17::TEXT[]) WITH ORDINALITY \
+             $15::TEXT[], $16::TEXT[], $17::TEXT[], $18::BYTEA[]) WITH ORDINALITY \
            AS x (job_id, attempt, started_ms, now_ms, start_detail, to_state, detail, asset, error, bytes, cache_key, \
-             retry_at, tier, client, followers_to, followers_detail, provenance, ord)), \
+             retry_at, tier, client, followers_to, followers_detail, provenance, png, ord)), \
          ok AS (SELECT x.*, j.state AS from_state, \
                   (j.state IN ('queued', 'dispatched') AND j.follows IS NULL AND j.attempt + 1 = x.attempt) AS starts \
                 FROM x CROSS JOIN LATERAL (SELECT state, attempt, follows FROM jobs WHERE id = x.job_id OFFSET 0) j \
                 WHERE (j.state IN ('queued', 'dispatched') AND j.follows IS NULL AND j.attempt + 1 = x.attempt) \
                   OR (j.state = 'running' AND j.attempt = x.attempt)), \
-         a AS (INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) \
-               SELECT DISTINCT ON (asset) asset, cache_key, bytes, now_ms, provenance FROM x \
-               WHERE asset IS NOT NULL AND bytes IS NOT NULL ORDER BY asset, provenance IS NULL, ord \
-               ON CONFLICT (hash) DO UPDATE SET provenance = EXCLUDED.provenance WHERE assets.provenance IS NULL), \
+         a AS (INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance, png) \
+               SELECT DISTINCT ON (asset) asset, cache_key, bytes, now_ms, provenance, png FROM x \
+               WHERE asset IS NOT NULL AND bytes IS NOT NULL ORDER BY asset, provenance IS NULL, png IS NULL, ord \
+               ON CONFLICT (hash) DO UPDATE SET provenance = COALESCE(assets.provenance, EXCLUDED.provenance), \
+                 png = COALESCE(assets.png, EXCLUDED.png) \
+               WHERE assets.provenance IS NULL OR (assets.png IS NULL AND EXCLUDED.png IS NOT NULL)), \
          ev AS (INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
                 SELECT ok.job_id, s.at_ms, s.state, ok.attempt, s.detail, s.asset, s.error FROM ok CROSS JOIN LATERAL \
                   (VALUES (1, ok.started_ms, 'running', ok.start_detail, CAST(NULL AS TEXT), CAST(NULL AS TEXT)), \
@@ -415,6 +420,7 @@ async fn record_round(
     .bind(fins.iter().map(|f| f.followers_to.map(JobState::as_str)).collect::<Vec<_>>())
     .bind(fins.iter().map(|f| f.followers_detail.as_str()).collect::<Vec<_>>())
     .bind(fins.iter().map(|f| f.provenance).collect::<Vec<_>>())
+    .bind(fins.iter().map(|f| f.png).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
     let index: HashMap<&str, usize> = rs.iter().enumerate().map(|(k, r)| (r.d.job_id.as_str(), k)).collect();

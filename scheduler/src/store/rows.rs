@@ -251,6 +251,8 @@ pub(super) struct Finish<'a> {
     pub asset: Option<&'a str>,
     pub bytes: Option<i64>,
     pub provenance: Option<&'a str>,
+    /// The PNG kept with the asset's row, if it is.
+    pub png: Option<&'a [u8]>,
     pub error: Option<&'a str>,
     pub retry_at: Option<i64>,
     pub followers_to: Option<JobState>,
@@ -259,8 +261,12 @@ pub(super) struct Finish<'a> {
 
 impl<'a> Finish<'a> {
     pub fn new(d: &Dispatch, outcome: &'a Outcome) -> Finish<'a> {
+        let png = match outcome {
+            Outcome::Succeeded { png, .. } => png.as_deref(),
+            _ => None,
+        };
         let (to, detail, asset, bytes, provenance, error, retry_at, followers_to) = match outcome {
-            Outcome::Succeeded { asset, bytes, provenance } => {
+            Outcome::Succeeded { asset, bytes, provenance, .. } => {
                 let bytes = i64::try_from(*bytes).unwrap_or(i64::MAX);
                 (
                     JobState::Succeeded,
@@ -302,7 +308,7 @@ impl<'a> Finish<'a> {
             Some(JobState::Succeeded) => format!("served by the render of job {}", d.job_id),
             _ => format!("the render of job {} failed", d.job_id),
         };
-        Finish { to, detail, asset, bytes, provenance, error, retry_at, followers_to, followers_detail }
+        Finish { to, detail, asset, bytes, provenance, png, error, retry_at, followers_to, followers_detail }
     }
 
     /// The event of the job that ran.

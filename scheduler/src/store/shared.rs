@@ -266,6 +266,17 @@ macro_rules! store_impl {
                 })
             }
 
+            fn asset_png(&self, hash: &str) -> BoxFut<'_, Result<Option<Vec<u8>>, StoreError>> {
+                let hash = hash.to_owned();
+                Box::pin(async move {
+                    let found: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT png FROM assets WHERE hash = $1")
+                        .bind(&hash)
+                        .fetch_optional(&self.read)
+                        .await?;
+                    Ok(found.flatten())
+                })
+            }
+
             fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>> {
                 Box::pin(async move {
                     let rows = sqlx::query("SELECT tier, state, COUNT(*) AS n FROM jobs GROUP BY tier, state")

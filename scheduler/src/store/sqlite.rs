@@ -429,18 +429,26 @@ struct AssetJson<'a> {
     bytes: i64,
     now: i64,
     provenance: Option<&'a str>,
+    /// Where its PNG, when it is kept with its row, starts in `?3` (from 1, as `substr` counts),
+    /// and its length: the batch's PNGs go as one blob beside the JSON, which would carry each
+    /// as text (hex or base64) for SQLite to decode.
+    png_at: Option<usize>,
+    png_len: Option<usize>,
 }
 
 /// A batch of results, `?1` in its order: every asset (`?2`, recorded even when its job was
-/// cancelled meanwhile, with the first provenance that came for it); for those that move their
-/// job, the start (when it is written with it) and the outcome, a retry's outbox row, and the
-/// events of the jobs attached to it. Answers the events, each with the leader it was written
+/// cancelled meanwhile, with the first provenance and the first PNG, in `?3`, that came for it);
+/// for those that move their job, the start (when it is written with it) and the outcome, a
+/// retry's outbox row, and the events of the jobs attached to it. Answers the events, each with the leader it was written
 /// for (`NULL` for a leader's own). The asset insert's `WHERE true` is there for SQLite's parser:
 /// an upsert whose rows come from a `SELECT` needs a `WHERE` before its `ON CONFLICT`.
-const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance) \
-     SELECT a.value ->> 'asset', a.value ->> 'key', a.value ->> 'bytes', a.value ->> 'now', a.value ->> 'provenance' \
+const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance, png) \
+     SELECT a.value ->> 'asset', a.value ->> 'key', a.value ->> 'bytes', a.value ->> 'now', a.value ->> 'provenance', \
+       CASE WHEN a.value ->> 'png_len' IS NOT NULL THEN substr(?3, a.value ->> 'png_at', a.value ->> 'png_len') END \
      FROM jsonb_each(?2) a WHERE true ORDER BY a.key \
-     ON CONFLICT (hash) DO UPDATE SET provenance = excluded.provenance WHERE assets.provenance IS NULL; \
+     ON CONFLICT (hash) DO UPDATE SET provenance = coalesce(assets.provenance, excluded.provenance), \
+       png = coalesce(assets.png, excluded.png) \
+     WHERE assets.provenance IS NULL OR (assets.png IS NULL AND excluded.png IS NOT NULL); \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset, error) \
      SELECT job, at, state, attempt, detail, asset, error FROM ( \
        SELECT x.key AS ord, 1 AS n, x.value ->> 'job' AS job, x.value ->> 'started' AS at, 'running' AS state, \
@@ -514,22 +522,31 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
             f_detail: &f.followers_detail,
         });
     }
+    let mut pngs = Vec::new();
     let assets: Vec<AssetJson> = ends
         .iter()
         .zip(&fins)
         .filter_map(|(e, f)| {
+            let (asset, bytes) = (f.asset?, f.bytes?);
+            let png_at = f.png.map(|png| {
+                pngs.extend_from_slice(png);
+                pngs.len() - png.len() + 1
+            });
             Some(AssetJson {
-                asset: f.asset?,
+                asset,
                 key: &e.r.d.cache_key,
-                bytes: f.bytes?,
+                bytes,
                 now: e.r.now_ms,
                 provenance: f.provenance,
+                png_at,
+                png_len: f.png.map(<[u8]>::len),
             })
         })
         .collect();
     let rows = sqlx::query(END_SQL)
         .bind(json("results", &items)?)
         .bind(json("assets", &assets)?)
+        .bind(pngs)
         .fetch_all(&mut *conn)
         .await?;
     let mut out = vec![Vec::new(); ends.len()];

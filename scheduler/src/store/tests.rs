@@ -50,7 +50,7 @@ both_stores!(
     batches_see_their_own_earlier_members,
     many_jobs_are_read_at_once,
     reads_gathered_from_many_callers_answer_each_its_own,
-    an_asset_keeps_the_first_provenance_recorded_for_it,
+    an_asset_keeps_the_first_provenance_and_png_recorded_for_it,
 );
 
 /// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
@@ -148,7 +148,9 @@ async fn the_job_row_is_the_projection_of_its_events_through_a_whole_life(s: &dy
     let d2 = s.take_due(5000, 10).await.unwrap().jobs.remove(0);
     assert_eq!(d2.attempt, 2);
     s.start(&d2, 5001).await.unwrap().unwrap();
-    s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None }, 5002).await.unwrap();
+    s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None, png: None }, 5002)
+        .await
+        .unwrap();
     check_projection(s, "a").await;
     let job = s.job("a").await.unwrap().unwrap();
     assert_eq!((job.state, job.attempt, job.asset.as_deref()), (JobState::Succeeded, 2, Some("h1")));
@@ -161,7 +163,7 @@ async fn reports_are_idempotent_by_job_and_attempt(s: &dyn Store) {
     let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
     assert!(s.start(&d, 2001).await.unwrap().is_some());
     assert!(s.start(&d, 2002).await.unwrap().is_none(), "a second start of the same attempt is refused");
-    let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None };
+    let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None, png: None };
     assert_eq!(s.finish(&d, ok.clone(), 2003).await.unwrap().len(), 1);
     assert!(s.finish(&d, ok, 2004).await.unwrap().is_empty(), "a redelivered result changes nothing");
     let stale = Dispatch { attempt: 7, ..d.clone() };
@@ -225,7 +227,10 @@ async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {
     assert_eq!(due.jobs.len(), 1, "only the leader goes to a worker");
     let d = &due.jobs[0];
     s.start(d, 2001).await.unwrap();
-    let events = s.finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None }, 2002).await.unwrap();
+    let events = s
+        .finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None }, 2002)
+        .await
+        .unwrap();
     assert_eq!(events.len(), 2, "the leader and its follower succeed together");
     check_projection(s, "follow").await;
     let c = s.submit(new_job("later", "k", 1)).await.unwrap();
@@ -274,7 +279,7 @@ async fn the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it(s
     let b = p.rows[1].dispatch.clone();
     let started = s.start(&b, 2001).await.unwrap().expect("a queued job whose row went out may start");
     assert_eq!(started.from, Some(JobState::Queued));
-    s.finish(&b, Outcome::Succeeded { asset: "hb".into(), bytes: 3, provenance: None }, 2002).await.unwrap();
+    s.finish(&b, Outcome::Succeeded { asset: "hb".into(), bytes: 3, provenance: None, png: None }, 2002).await.unwrap();
     let ids = p.rows.iter().map(|o| o.id).collect();
     let events = s.mark_sent(ids, 2003).await.unwrap();
     let moved: Vec<_> = events.iter().map(|e| (e.job_id.as_str(), e.state)).collect();
@@ -353,7 +358,7 @@ async fn a_whole_attempt_recorded_at_once_is_start_then_finish(s: &dyn Store) {
     assert_eq!(d2.attempt, 2);
     // The retry succeeds (its result overtaking the relay's mark would be the same: `queued`
     // at the attempt before also starts); the follower succeeds with it.
-    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 3, provenance: None };
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 3, provenance: None, png: None };
     let events = s.record(&d2, 3001, ok.clone(), 3002).await.unwrap();
     let ids: Vec<(&str, JobState)> = events.iter().map(|e| (e.job_id.as_str(), e.state)).collect();
     assert_eq!(ids, vec![("lead", JobState::Running), ("lead", JobState::Succeeded), ("follow", JobState::Succeeded)]);
@@ -462,7 +467,7 @@ async fn concurrent_submits_and_results_keep_the_rules_of_one_at_a_time(s: &dyn 
     assert!(once.iter().all(|id| *id == once[0]), "{once:?}");
     let due = s.take_due(2000, 100).await.unwrap().jobs;
     assert_eq!(due.len(), 2);
-    let ok = |h: &str| Outcome::Succeeded { asset: h.into(), bytes: 1, provenance: None };
+    let ok = |h: &str| Outcome::Succeeded { asset: h.into(), bytes: 1, provenance: None, png: None };
     // Each result delivered three times at once.
     let recs = join_all(
         due.iter().flat_map(|d| (0..3).map(move |_| (d, ok(&d.cache_key)))).map(|(d, o)| s.record(d, 2001, o, 2002)),
@@ -494,7 +499,7 @@ async fn a_job_starts_and_finishes_once_however_many_reports_come_together(s: &d
         (started[0].state, started[0].from, started[0].attempt),
         (JobState::Running, Some(JobState::Dispatched), 1)
     );
-    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None };
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None };
     let ends = join_all((0..3).map(|_| s.finish(&d, ok.clone(), 2002))).await;
     let ends: Vec<Vec<Event>> = ends.into_iter().map(Result::unwrap).filter(|e| !e.is_empty()).collect();
     assert_eq!(ends.len(), 1, "{ends:?}");
@@ -541,7 +546,7 @@ async fn batches_see_their_own_earlier_members<S: Batches>(s: &S) {
     let ids: Vec<&str> = due.iter().map(|d| d.job_id.as_str()).collect();
     assert_eq!(ids, ["a", "c"]);
     let (a, c) = (&due[0], &due[1]);
-    let ok = |p: &str| Outcome::Succeeded { asset: "ha".into(), bytes: 1, provenance: Some(p.into()) };
+    let ok = |p: &str| Outcome::Succeeded { asset: "ha".into(), bytes: 1, provenance: Some(p.into()), png: None };
     let retry = Outcome::Retry { error: "boom".into(), retry_at_ms: 9000 };
     let rec = |d: &Dispatch, outcome: Outcome| Recorded { d: d.clone(), started_ms: 2001, outcome, now_ms: 2002 };
     let out = s.records(vec![rec(a, ok("{\"n\":1}")), rec(a, ok("{\"n\":2}")), rec(c, retry)]).await.unwrap();
@@ -633,28 +638,48 @@ async fn the_sqlite_writer_checkpoints_once_it_falls_idle() {
     assert_eq!((mx, backfilled), (written, written), "every frame copied back after the burst");
 }
 
-/// An asset's provenance is written with the result that made it, the first one that came
-/// stays, and an asset recorded without one takes the next that comes.
-async fn an_asset_keeps_the_first_provenance_recorded_for_it(s: &dyn Store) {
-    for (id, key) in [("a", "k1"), ("b", "k2"), ("c", "k3"), ("d", "k4")] {
+/// An asset's provenance and (a small one) its PNG are written with the result that made it,
+/// the first of each that came stays, and an asset recorded without one takes the next that
+/// comes.
+async fn an_asset_keeps_the_first_provenance_and_png_recorded_for_it<S: Batches>(s: &S) {
+    for (id, key) in [("a", "k1"), ("b", "k2"), ("c", "k3"), ("d", "k4"), ("e", "k5"), ("f", "k6"), ("g", "k7")] {
         s.submit(new_job(id, key, 1)).await.unwrap();
     }
     let due = s.take_due(2000, 10).await.unwrap().jobs;
-    let ok = |asset: &str, p: Option<&str>| Outcome::Succeeded {
+    let ok = |asset: &str, p: Option<&str>, png: Option<&[u8]>| Outcome::Succeeded {
         asset: asset.into(),
         bytes: 1,
         provenance: p.map(str::to_owned),
+        png: png.map(<[u8]>::to_vec),
     };
-    s.record(&due[0], 2001, ok("h1", None), 2002).await.unwrap();
+    s.record(&due[0], 2001, ok("h1", None, None), 2002).await.unwrap();
     assert_eq!(s.provenance("h1").await.unwrap(), None, "recorded without one");
-    s.record(&due[1], 2001, ok("h1", Some("{\"by\":\"b\"}")), 2002).await.unwrap();
+    assert_eq!(s.asset_png("h1").await.unwrap(), None, "a file in the asset store");
+    s.record(&due[1], 2001, ok("h1", Some("{\"by\":\"b\"}"), Some(b"\x89PNG b\0\xff")), 2002).await.unwrap();
     assert_eq!(s.provenance("h1").await.unwrap().as_deref(), Some("{\"by\":\"b\"}"));
+    assert_eq!(s.asset_png("h1").await.unwrap().as_deref(), Some(&b"\x89PNG b\0\xff"[..]), "every byte");
     s.start(&due[2], 2001).await.unwrap().unwrap();
-    s.finish(&due[2], ok("h1", Some("{\"by\":\"c\"}")), 2002).await.unwrap();
+    s.finish(&due[2], ok("h1", Some("{\"by\":\"c\"}"), Some(b"c")), 2002).await.unwrap();
     assert_eq!(s.provenance("h1").await.unwrap().as_deref(), Some("{\"by\":\"b\"}"), "the first stays");
-    // A job cancelled while it rendered still records its asset, with its provenance.
+    assert_eq!(s.asset_png("h1").await.unwrap().as_deref(), Some(&b"\x89PNG b\0\xff"[..]), "the first stays");
+    // A job cancelled while it rendered still records its asset, with its provenance and PNG.
     s.cancel("d", "test", 2001).await.unwrap();
-    assert!(s.record(&due[3], 2001, ok("h2", Some("{\"by\":\"d\"}")), 2002).await.unwrap().is_empty());
+    assert!(s.record(&due[3], 2001, ok("h2", Some("{\"by\":\"d\"}"), Some(b"d")), 2002).await.unwrap().is_empty());
     assert_eq!(s.provenance("h2").await.unwrap().as_deref(), Some("{\"by\":\"d\"}"));
+    assert_eq!(s.asset_png("h2").await.unwrap().as_deref(), Some(&b"d"[..]));
     assert_eq!(s.provenance("h3").await.unwrap(), None, "no such asset");
+    assert_eq!(s.asset_png("h3").await.unwrap(), None, "no such asset");
+    // In one batch, each asset gets its own PNG (SQLite's batch carries them as one blob).
+    let batch = [("h4", Some(&b"four"[..])), ("h5", None), ("h6", Some(&b"six \0 six"[..]))];
+    let recs = due[4..].iter().zip(batch).map(|(d, (h, png))| Recorded {
+        d: d.clone(),
+        started_ms: 2001,
+        outcome: ok(h, None, png),
+        now_ms: 2002,
+    });
+    let out = s.records(recs.collect()).await.unwrap();
+    assert!(out.iter().all(|events| events.len() == 2), "each started and succeeded: {out:?}");
+    for (h, png) in batch {
+        assert_eq!(s.asset_png(h).await.unwrap().as_deref(), png, "{h}");
+    }
 }
