@@ -378,9 +378,11 @@ async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one
     let Some(d) = Distributed::start_with(|cfg| cfg.scheduler.retry.max_attempts = 1).await else { return };
     let (_conn, ch) = d.channel().await;
     kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
-    let ids = d.submit(3, 500).await;
+    let ids = d.submit(4, 500).await;
     let jobs = take_jobs(&d, &ch, ids.len()).await;
     let png = |shade: u8| kiln_worker::render::encode_png(2, 2, &[shade; 12]).unwrap();
+    // Too wide to be its own thumbnail, so it would be served as one: such a PNG is uploaded.
+    let wide = kiln_worker::render::encode_png(257, 1, &[7; 257 * 3]).unwrap();
     let inline = |png: Vec<u8>, asset: String, provenance: Option<Value>| AttemptOutcome::Succeeded {
         asset,
         bytes: png.len() as u64,
@@ -398,6 +400,7 @@ async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one
             inline(lying.clone(), hash(b"never sent"), None),
             // A provenance that names another asset.
             inline(lying.clone(), hash(&lying), Some(serde_json::json!({ "asset": hash(&good) }))),
+            inline(wide.clone(), hash(&wide), Some(serde_json::json!({ "asset": hash(&wide), "wide": true }))),
         ])
         .map(|(j, o)| (j.job_id.clone(), o))
         .collect();
@@ -426,6 +429,7 @@ async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one
             assert!(error.contains("w-by-hand") && error.contains(asset.as_str()), "{error}");
             match provenance {
                 None => assert!(error.contains("do not hash to it"), "{error}"),
+                Some(p) if p["wide"] == true => assert!(error.contains("it is 257×1"), "{error}"),
                 Some(_) => assert!(error.contains("provenance names another asset"), "{error}"),
             }
             assert!(!d.farm.sched.has_asset(asset).await.unwrap(), "nothing stored under {asset}");
@@ -433,7 +437,7 @@ async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one
         }
     }
     seen.sort_unstable();
-    assert_eq!(seen, ["refused", "refused", "stored"]);
+    assert_eq!(seen, ["refused", "refused", "refused", "stored"]);
     d.stop().await;
 }
 

@@ -14,6 +14,7 @@ use kiln_protocol::wire::{
     MessageError, Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_worker::amqp::{self, PublishError};
+use kiln_worker::render::{THUMB_SIDE, own_thumbnail};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -531,7 +532,14 @@ impl Scheduler {
         if blake3::hash(png).to_hex().as_str() != asset {
             return refused("its bytes do not hash to it (BLAKE3)".into());
         }
-        Ok(record)
+        // It is served as its own thumbnail too.
+        match kiln_worker::store::png_dimensions(png) {
+            Some((w, h)) if own_thumbnail(w, h) => Ok(record),
+            Some((w, h)) => refused(format!(
+                "it is {w}×{h}: only an image that is its own thumbnail (at most {THUMB_SIDE} px a side) comes inline"
+            )),
+            None => refused("it is not a PNG".into()),
+        }
     }
 
     /// Records a failed attempt and applies the rules: the job is quarantined (the returned

@@ -488,11 +488,18 @@ impl AssetStore {
 fn png_size(path: &Path) -> io::Result<(u32, u32)> {
     let mut head = [0u8; 24];
     io::Read::read_exact(&mut File::open(path)?, &mut head)?;
+    png_dimensions(&head).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a PNG"))
+}
+
+/// The width and height the header of a PNG's bytes gives (its IHDR chunk comes first), or
+/// `None` where they do not start as a PNG does.
+pub fn png_dimensions(png: &[u8]) -> Option<(u32, u32)> {
+    let head = png.get(..24)?;
     if &head[..8] != b"\x89PNG\r\n\x1a\n" || &head[12..16] != b"IHDR" {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a PNG"));
+        return None;
     }
     let be = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
-    Ok((be(16), be(20)))
+    Some((be(16), be(20)))
 }
 
 #[cfg(test)]
