@@ -439,9 +439,10 @@ struct AssetJson<'a> {
 /// A batch of results, `?1` in its order: every asset (`?2`, recorded even when its job was
 /// cancelled meanwhile, with the first provenance and the first PNG, in `?3`, that came for it);
 /// for those that move their job, the start (when it is written with it) and the outcome, a
-/// retry's outbox row, and the events of the jobs attached to it. Answers the events, each with the leader it was written
-/// for (`NULL` for a leader's own). The asset insert's `WHERE true` is there for SQLite's parser:
-/// an upsert whose rows come from a `SELECT` needs a `WHERE` before its `ON CONFLICT`.
+/// retry's outbox row, and the events of the jobs attached to it. Answers the events, each with
+/// the leader it was written for (`NULL` for a leader's own). The asset insert's `WHERE true` is
+/// there for SQLite's parser: an upsert whose rows come from a `SELECT` needs a `WHERE` before
+/// its `ON CONFLICT`.
 const END_SQL: &str = "INSERT INTO assets (hash, cache_key, bytes, created_ms, provenance, png) \
      SELECT a.value ->> 'asset', a.value ->> 'key', a.value ->> 'bytes', a.value ->> 'now', a.value ->> 'provenance', \
        CASE WHEN a.value ->> 'png_len' IS NOT NULL THEN substr(?3, a.value ->> 'png_at', a.value ->> 'png_len') END \
