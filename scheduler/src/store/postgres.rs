@@ -171,8 +171,9 @@ async fn insert_new_jobs(
              $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::BOOLEAN[]) WITH ORDINALITY \
            AS x (id, tier, request, cache_key, client, idempotency_key, follows, now_ms, state, detail, asset, leads, ord)), \
          j AS (INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, follows, attempt, \
-                 created_ms, updated_ms) \
-               SELECT id, 'queued', tier, request, cache_key, client, idempotency_key, follows, 0, now_ms, now_ms \
+                 created_ms, updated_ms, asset, finished_ms) \
+               SELECT id, state, tier, request, cache_key, client, idempotency_key, follows, 0, now_ms, now_ms, asset, \
+                 CASE WHEN state IN ('succeeded', 'failed', 'cancelled', 'cached') THEN now_ms END \
                FROM x ORDER BY ord), \
          e AS (INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
                SELECT id, now_ms, state, 0, detail, asset FROM x ORDER BY ord RETURNING seq, job_id), \

@@ -237,11 +237,16 @@ struct NewJson<'a> {
 }
 
 /// The new jobs of `?1` (a JSON array, in the batch's order), their first events (answering
-/// their `seq`) and the outbox rows of those that lead a render.
+/// their `seq`) and the outbox rows of those that lead a render. A row is written as its first
+/// event leaves it (`queued`, or `cached` with its asset), so the projection skips that event
+/// instead of rewriting the row it just wrote (and, for a cache hit, taking it out of the live
+/// jobs' index it had just put it in).
 const INSERT_JOBS_SQL: &str = "INSERT INTO jobs (id, state, tier, request, cache_key, client, idempotency_key, \
-       follows, attempt, created_ms, updated_ms) \
-     SELECT x.value ->> 'id', 'queued', x.value ->> 'tier', x.value ->> 'request', x.value ->> 'key', \
-       x.value ->> 'client', x.value ->> 'idem', x.value ->> 'follows', 0, x.value ->> 'now', x.value ->> 'now' \
+       follows, attempt, created_ms, updated_ms, asset, finished_ms) \
+     SELECT x.value ->> 'id', x.value ->> 'state', x.value ->> 'tier', x.value ->> 'request', x.value ->> 'key', \
+       x.value ->> 'client', x.value ->> 'idem', x.value ->> 'follows', 0, x.value ->> 'now', x.value ->> 'now', \
+       x.value ->> 'asset', \
+       CASE WHEN x.value ->> 'state' IN ('succeeded', 'failed', 'cancelled', 'cached') THEN x.value ->> 'now' END \
      FROM jsonb_each(?1) x ORDER BY x.key; \
      INSERT INTO job_events (job_id, at_ms, state, attempt, detail, asset) \
      SELECT x.value ->> 'id', x.value ->> 'now', x.value ->> 'state', 0, x.value ->> 'detail', x.value ->> 'asset' \
