@@ -38,15 +38,6 @@ const START_WITH_RESULT_BELOW_SAMPLES: u64 = 64 * 64;
 /// about as fast, and two runs in eight had a p99 over 300 ms (one over a second).
 const FINISHING_PER_FARM: usize = 256;
 
-/// How an in-process render ended.
-enum RenderEnd {
-    /// With this outcome (its asset, if any, a file in the asset store).
-    Done(Outcome),
-    /// With a small PNG held in memory, which its outcome carries to the asset's row: recorded
-    /// while the worker goes on to its next render.
-    Held(Outcome),
-}
-
 /// A render on the CPU of fewer samples than this runs on the worker's task, not on a blocking
 /// thread ([`renders_inline`]): a hand-off to the blocking pool and back costs two thread wakes
 /// and their context switches, for a 16×16 render of about 50 µs (on the 2-core machine of the
@@ -550,18 +541,20 @@ impl Scheduler {
                 };
                 self.publish(vec![started]);
             }
-            match self.render(n, &d).await {
-                RenderEnd::Done(outcome) => self.record(&d, started_ms, outcome).await,
-                RenderEnd::Held(outcome) => {
-                    let this = self.clone();
-                    finishing.spawn(async move { this.record(&d, started_ms, outcome).await });
-                }
+            let outcome = self.render(n, &d).await;
+            // A small PNG held in memory, which the outcome carries to the asset's row, is
+            // recorded while the worker goes on to its next render.
+            if matches!(outcome, Outcome::Succeeded { png: Some(_), .. }) {
+                let this = self.clone();
+                finishing.spawn(async move { this.record(&d, started_ms, outcome).await });
+            } else {
+                self.record(&d, started_ms, outcome).await;
             }
         }
         while finishing.join_next().await.is_some() {}
     }
 
-    async fn render(&self, n: usize, job: &Dispatch) -> RenderEnd {
+    async fn render(&self, n: usize, job: &Dispatch) -> Outcome {
         let attempt = job.attempt;
         self.metrics.in_flight.inc();
         let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.job_id.clone());
@@ -590,14 +583,11 @@ impl Scheduler {
         };
         self.metrics.in_flight.dec();
         let (error, transient) = match result {
-            Ok(Ok(r)) => {
-                let held = r.png.is_some();
-                return if held { RenderEnd::Held(succeeded(r)) } else { RenderEnd::Done(succeeded(r)) };
-            }
+            Ok(Ok(r)) => return succeeded(r),
             Ok(Err(e)) => (e.to_string(), e.is_transient()),
             Err(e) => (format!("the render panicked: {e}"), true),
         };
-        RenderEnd::Done(self.failure_outcome(job, error, transient))
+        self.failure_outcome(job, error, transient)
     }
 
     /// What a failed attempt leads to: a retry after a backoff with jitter, or giving up.
