@@ -9,17 +9,7 @@ use wgpu::util::DeviceExt;
 use crate::engine::EngineError;
 use crate::engine::cppn::{Cppn, SampleTile};
 use crate::post::{GLYPHS, PostParams};
-
-/// Every WGSL source, by name. `common` is prepended to each post-processing kernel.
-pub const SHADERS: [(&str, &str); 7] = [
-    ("common", include_str!("../../shaders/common.wgsl")),
-    ("cppn", include_str!("../../shaders/cppn.wgsl")),
-    ("tone", include_str!("../../shaders/tone.wgsl")),
-    ("resolve", include_str!("../../shaders/resolve.wgsl")),
-    ("watermark", include_str!("../../shaders/watermark.wgsl")),
-    ("quantize", include_str!("../../shaders/quantize.wgsl")),
-    ("thumbnail", include_str!("../../shaders/thumbnail.wgsl")),
-];
+use crate::shaders::pipeline_source;
 
 const WORKGROUP: u32 = 64;
 
@@ -101,11 +91,9 @@ impl Gpu {
             }
         }));
         let pipeline = |name: &str| -> Result<wgpu::ComputePipeline, EngineError> {
-            let src = SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s).unwrap_or_default();
             let src = match (name, cppn) {
                 ("cppn", Some(given)) => given.to_owned(),
-                ("cppn", None) => src.to_owned(),
-                _ => format!("{}\n{}", SHADERS[0].1, src),
+                _ => pipeline_source(name).unwrap_or_default(),
             };
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {

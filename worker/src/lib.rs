@@ -14,6 +14,7 @@ pub mod post;
 pub mod prng;
 pub mod render;
 pub mod settle;
+pub mod shaders;
 pub mod store;
 pub mod worker;
 

@@ -17,7 +17,7 @@ pub fn post_chain_version(req: &RenderRequest) -> String {
     let base = BASE.get_or_init(|| {
         let mut h = blake3::Hasher::new();
         h.update(&REVISION.to_le_bytes());
-        for (_, src) in crate::gpu::SHADERS {
+        for (_, src) in crate::shaders::SHADERS {
             h.update(src.as_bytes());
         }
         format!("post{REVISION}-{}", &h.finalize().to_hex()[..12])
