@@ -148,7 +148,199 @@ pub async fn run_device(
     session
 }
 
-/// The MQTT session: connect, birth, subscribe, send the spool in order, take tasks in.
+/// What the MQTT session hears: from the broker (through rumqttc's event loop), from the
+/// device's health, and from the loop itself (a publish it queued).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The broker accepted the connection; the device's health is as given.
+    Connected(Health),
+    /// A message on a topic the session subscribed to.
+    Message {
+        /// Its topic.
+        topic: String,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// A QoS 1 publish was queued with the client: a spooled message (its seq) or a status.
+    Queued(Option<u64>),
+    /// rumqttc sent a PUBLISH with this packet id (our publishes go out in the order queued).
+    Sent(u16),
+    /// The broker acknowledged the QoS 1 PUBLISH with this packet id.
+    Acked(u16),
+    /// The connection failed or broke.
+    Lost(String),
+    /// The device's health changed.
+    Health(Health),
+}
+
+/// What the session asks its loop to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Publish the device's status (retained, QoS 1) with this health, then say [`Input::Queued`].
+    PublishStatus(Health),
+    /// Subscribe (QoS 1).
+    Subscribe(String),
+    /// Hand a task payload to the executor.
+    TakeTask(Vec<u8>),
+    /// The broker has the spooled message with this seq: remove it from the spool.
+    Unspool(u64),
+    /// A scheduler status that did not parse: count it and drop it.
+    Malformed(String),
+    /// Wait this long before polling the connection again.
+    Backoff(Duration),
+}
+
+/// A device's MQTT session as pure state: [`SessionState::handle`] takes what happened and says
+/// what to do, with no I/O (rumqttc's `MqttState` is the model), and [`SessionState::may_send`]
+/// says when the spool's front may go. The loop in [`mqtt`] only carries it out.
+///
+/// The spool goes one message at a time, and only while the scheduler's retained status says it
+/// is online: the next leaves when the broker has acknowledged the one before, so reports arrive
+/// in order; one in flight when the connection breaks goes again on the next connection.
+#[derive(Debug)]
+pub struct SessionState {
+    device: String,
+    tasks_topic: String,
+    scheduler_topic: String,
+    connected: bool,
+    /// Whether the scheduler's retained status, as heard on this connection, says it is online.
+    scheduler_online: bool,
+    /// The scheduler's boot id as last heard online: a new one means it was reborn.
+    scheduler_boot: Option<String>,
+    /// The device's health as last published.
+    health: Health,
+    /// Our QoS 1 publishes in the order queued, so the next [`Input::Sent`] names the packet id
+    /// of the front one: `Some(seq)` for a spooled message, `None` for a status.
+    expect: VecDeque<Option<u64>>,
+    /// The spooled message in flight: its seq and, once sent, its packet id.
+    inflight: Option<(u64, Option<u16>)>,
+    backoff: Duration,
+    max_backoff: Duration,
+}
+
+/// The first wait after the connection fails; it doubles up to `mqtt.reconnect_max_ms`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+impl SessionState {
+    /// The session of device `device` under `topics`, not yet connected.
+    pub fn new(device: &str, topics: &Topics, max_backoff: Duration) -> SessionState {
+        SessionState {
+            device: device.to_owned(),
+            tasks_topic: topics.tasks(device),
+            scheduler_topic: topics.scheduler_status(),
+            connected: false,
+            scheduler_online: false,
+            scheduler_boot: None,
+            health: Health { state: DeviceState::Online, detail: None },
+            expect: VecDeque::new(),
+            inflight: None,
+            backoff: FIRST_BACKOFF,
+            max_backoff,
+        }
+    }
+
+    /// Whether the connection is up.
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Whether the spool's front message may be published now: connected, the scheduler
+    /// listening, and nothing of the spool's in flight.
+    pub fn may_send(&self) -> bool {
+        self.connected && self.scheduler_online && self.inflight.is_none()
+    }
+
+    /// Takes in what happened; returns what to do, in order.
+    pub fn handle(&mut self, input: Input) -> Vec<Action> {
+        match input {
+            Input::Connected(health) => {
+                tracing::info!(device = self.device, "connected to the broker");
+                self.connected = true;
+                self.scheduler_online = false;
+                self.backoff = FIRST_BACKOFF;
+                self.expect.clear();
+                self.inflight = None;
+                self.health = health.clone();
+                vec![
+                    Action::PublishStatus(health),
+                    Action::Subscribe(self.tasks_topic.clone()),
+                    Action::Subscribe(self.scheduler_topic.clone()),
+                ]
+            }
+            Input::Message { topic, payload } if topic == self.tasks_topic => vec![Action::TakeTask(payload)],
+            Input::Message { topic, payload } if topic == self.scheduler_topic => self.scheduler_status(&payload),
+            Input::Message { .. } => vec![],
+            Input::Queued(seq) => {
+                self.expect.push_back(seq);
+                if let Some(seq) = seq {
+                    self.inflight = Some((seq, None));
+                }
+                vec![]
+            }
+            Input::Sent(pkid) => {
+                if let Some(Some(seq)) = self.expect.pop_front()
+                    && let Some((s, id)) = self.inflight.as_mut()
+                    && *s == seq
+                {
+                    *id = Some(pkid);
+                }
+                vec![]
+            }
+            Input::Acked(pkid) => match self.inflight {
+                Some((seq, Some(sent))) if sent == pkid => {
+                    self.inflight = None;
+                    vec![Action::Unspool(seq)]
+                }
+                _ => vec![],
+            },
+            Input::Lost(error) => {
+                if self.connected {
+                    tracing::warn!(device = self.device, error, "lost the broker; reconnecting");
+                } else {
+                    tracing::debug!(device = self.device, error, "broker unreachable");
+                }
+                self.connected = false;
+                self.expect.clear();
+                self.inflight = None;
+                let wait = self.backoff;
+                self.backoff = (self.backoff * 2).min(self.max_backoff);
+                vec![Action::Backoff(wait)]
+            }
+            Input::Health(h) if self.connected && h != self.health => {
+                let detail = h.detail.as_deref().unwrap_or("");
+                tracing::info!(device = self.device, state = %h.state, detail, "health changed");
+                self.health = h.clone();
+                vec![Action::PublishStatus(h)]
+            }
+            Input::Health(_) => vec![],
+        }
+    }
+
+    /// The scheduler's retained status: the spool's gate, and a rebirth to announce to.
+    fn scheduler_status(&mut self, payload: &[u8]) -> Vec<Action> {
+        let s = match decode::<SchedulerStatus>(payload) {
+            Ok(s) => s,
+            Err(e) => return vec![Action::Malformed(e.to_string())],
+        };
+        let online = s.state == DeviceState::Online;
+        if online != self.scheduler_online {
+            tracing::info!(device = self.device, online, "the scheduler's status");
+        }
+        self.scheduler_online = online;
+        if !online || self.scheduler_boot.as_deref() == Some(&s.boot_id) {
+            return vec![];
+        }
+        let reborn = self.scheduler_boot.replace(s.boot_id).is_some();
+        if reborn {
+            tracing::info!(device = self.device, "the scheduler was reborn; announcing again");
+            return vec![Action::PublishStatus(self.health.clone())];
+        }
+        vec![]
+    }
+}
+
+/// The MQTT session: connect, birth, subscribe, send the spool in order, take tasks in. It carries
+/// out what [`SessionState`] decides.
 async fn mqtt(
     cfg: &Config,
     dev: &DeviceConfig,
@@ -183,120 +375,67 @@ async fn mqtt(
     }
     let (client, mut events) = AsyncClient::new(opts, 64);
     let mut health = shared.health.subscribe();
-    let mut connected = false;
-    // Our QoS 1 publishes in the order asked, so the next `Outgoing::Publish` names the packet id
-    // of the front one: `Some(seq)` for a spooled message, `None` for a status.
-    let mut expect: VecDeque<Option<u64>> = VecDeque::new();
-    let mut inflight: Option<(u64, Option<u16>)> = None;
-    let mut backoff = Duration::from_millis(100);
-    let max_backoff = Duration::from_millis(cfg.mqtt.reconnect_max_ms);
-    let mut scheduler_boot: Option<String> = None;
-    // Whether the scheduler's retained status, as heard on this connection, says it is online.
-    let mut scheduler_online = false;
-    let publish_status = |h: &Health, expect: &mut VecDeque<Option<u64>>| {
-        let payload = serde_json::to_vec(&status(h)).unwrap_or_default();
-        if client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, payload).is_ok() {
-            expect.push_back(None);
-        }
-    };
-    loop {
-        tokio::select! {
+    let mut state = SessionState::new(&dev.id, &topics, Duration::from_millis(cfg.mqtt.reconnect_max_ms));
+    'session: loop {
+        let input = tokio::select! {
             () = stop.cancelled() => break,
             ev = events.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    scheduler_online = false;
-                    backoff = Duration::from_millis(100);
-                    expect.clear();
-                    inflight = None;
-                    tracing::info!(device = dev.id, "connected to the broker");
-                    let h = health.borrow_and_update().clone();
-                    publish_status(&h, &mut expect);
-                    let _ = client.try_subscribe(topics.tasks(&dev.id), QoS::AtLeastOnce);
-                    let _ = client.try_subscribe(topics.scheduler_status(), QoS::AtLeastOnce);
-                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Some(Input::Connected(health.borrow_and_update().clone())),
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if p.topic == topics.tasks(&dev.id) {
-                        take_task(&shared, &tasks, &p.payload);
-                    } else if p.topic == topics.scheduler_status() {
-                        match decode::<SchedulerStatus>(&p.payload) {
-                            Ok(s) => {
-                                let online = s.state == DeviceState::Online;
-                                if online != scheduler_online {
-                                    tracing::info!(device = dev.id, online, "the scheduler's status");
-                                }
-                                scheduler_online = online;
-                                if online && scheduler_boot.as_deref() != Some(&s.boot_id) {
-                                    if scheduler_boot.is_some() {
-                                        tracing::info!(device = dev.id, boot = s.boot_id, "the scheduler was reborn; announcing again");
-                                        let h = health.borrow().clone();
-                                        publish_status(&h, &mut expect);
-                                    }
-                                    scheduler_boot = Some(s.boot_id);
-                                }
-                            }
-                            Err(e) => {
-                                shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                tracing::warn!(device = dev.id, error = %e, "dropped a scheduler status");
-                            }
-                        }
-                    }
+                    Some(Input::Message { topic: p.topic, payload: p.payload.to_vec() })
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(Some(seq)) = expect.pop_front()
-                        && let Some((s, id)) = inflight.as_mut()
-                        && *s == seq
-                    {
-                        *id = Some(pkid);
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some((seq, Some(pkid))) = inflight
-                        && pkid == ack.pkid
-                    {
-                        let removed = shared.spool.lock().map_err(|_| "poisoned".to_owned()).and_then(|mut s| s.remove(seq).map_err(|e| e.to_string()));
-                        if let Err(e) = removed {
-                            tracing::error!(device = dev.id, error = e, "could not remove a sent message from the spool");
-                        }
-                        inflight = None;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if connected {
-                        tracing::warn!(device = dev.id, error = %e, "lost the broker; reconnecting");
-                    } else {
-                        tracing::debug!(device = dev.id, error = %e, "broker unreachable");
-                    }
-                    connected = false;
-                    expect.clear();
-                    inflight = None;
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(max_backoff);
-                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Some(Input::Sent(pkid)),
+                Ok(Event::Incoming(Packet::PubAck(ack))) => Some(Input::Acked(ack.pkid)),
+                Ok(_) => None,
+                Err(e) => Some(Input::Lost(e.to_string())),
             },
-            () = shared.wake.notified(), if connected => {}
-            Ok(()) = health.changed(), if connected => {
-                let h = health.borrow_and_update().clone();
-                tracing::info!(device = dev.id, state = %h.state, detail = h.detail.as_deref().unwrap_or(""), "health changed");
-                publish_status(&h, &mut expect);
+            // Something was spooled: only a look at whether it may go.
+            () = shared.wake.notified(), if state.connected() => None,
+            Ok(()) = health.changed(), if state.connected() => Some(Input::Health(health.borrow_and_update().clone())),
+        };
+        for action in input.map(|i| state.handle(i)).unwrap_or_default() {
+            match action {
+                Action::PublishStatus(h) => {
+                    let payload = serde_json::to_vec(&status(&h)).unwrap_or_default();
+                    if client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, payload).is_ok() {
+                        state.handle(Input::Queued(None));
+                    }
+                }
+                Action::Subscribe(topic) => {
+                    let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                }
+                Action::TakeTask(payload) => take_task(&shared, &tasks, &payload),
+                Action::Unspool(seq) => {
+                    let removed = shared
+                        .spool
+                        .lock()
+                        .map_err(|_| "poisoned".to_owned())
+                        .and_then(|mut s| s.remove(seq).map_err(|e| e.to_string()));
+                    if let Err(e) = removed {
+                        tracing::error!(device = dev.id, error = e, "could not remove a sent message from the spool");
+                    }
+                }
+                Action::Malformed(error) => {
+                    shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(device = dev.id, error, "dropped a scheduler status");
+                }
+                Action::Backoff(wait) => tokio::select! {
+                    () = stop.cancelled() => break 'session,
+                    () = tokio::time::sleep(wait) => {}
+                },
             }
         }
-        if connected && scheduler_online && inflight.is_none() {
+        if state.may_send() {
             let front = shared.spool.lock().ok().and_then(|mut s| s.front().ok().flatten());
             if let Some(entry) = front
                 && client.try_publish(entry.topic, QoS::AtLeastOnce, false, entry.payload).is_ok()
             {
-                expect.push_back(Some(entry.seq));
-                inflight = Some((entry.seq, None));
+                state.handle(Input::Queued(Some(entry.seq)));
             }
         }
     }
     // A clean goodbye: offline (retained) so the scheduler need not wait for the keepalive.
-    if connected {
+    if state.connected() {
         let bye = status(&Health { state: DeviceState::Offline, detail: Some("the agent stopped".into()) });
         let _ = client.try_publish(topics.status(&dev.id), QoS::AtLeastOnce, true, serde_json::to_vec(&bye)?);
         let _ = client.try_disconnect();
@@ -545,4 +684,149 @@ fn boot_id() -> String {
         b = now_ms().to_le_bytes();
     }
     format!("{:016x}", u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONLINE: Health = Health { state: DeviceState::Online, detail: None };
+
+    fn state() -> SessionState {
+        SessionState::new("p1", &Topics::new("kiln"), Duration::from_millis(1000))
+    }
+
+    fn scheduler(state: DeviceState, boot: &str) -> Input {
+        let s = SchedulerStatus { v: FLEET_VERSION, state, boot_id: boot.into(), at_ms: 1 };
+        Input::Message { topic: "kiln/scheduler/status".into(), payload: serde_json::to_vec(&s).unwrap() }
+    }
+
+    /// What a connection does first: announce the device with `health` and subscribe.
+    fn birth(health: Health) -> Vec<Action> {
+        vec![
+            Action::PublishStatus(health),
+            Action::Subscribe("kiln/devices/p1/tasks".into()),
+            Action::Subscribe("kiln/scheduler/status".into()),
+        ]
+    }
+
+    fn degraded(why: &str) -> Health {
+        Health { state: DeviceState::Degraded, detail: Some(why.into()) }
+    }
+
+    /// Runs `steps` in order: each input, the actions it must give, and whether the spool's front
+    /// may go after it.
+    fn run(s: &mut SessionState, steps: Vec<(Input, Vec<Action>, bool)>) {
+        for (i, (input, want, may_send)) in steps.into_iter().enumerate() {
+            let said = format!("{input:?}");
+            assert_eq!(s.handle(input), want, "step {i}: {said}");
+            assert_eq!(s.may_send(), may_send, "step {i}: {said}: may the spool's front go?");
+        }
+    }
+
+    #[test]
+    fn a_connection_announces_subscribes_and_opens_the_spool_only_when_the_scheduler_is_online() {
+        let mut s = state();
+        run(
+            &mut s,
+            vec![
+                (Input::Connected(ONLINE), birth(ONLINE), false),
+                (Input::Queued(None), vec![], false),
+                (Input::Sent(1), vec![], false),
+                (scheduler(DeviceState::Offline, "b1"), vec![], false),
+                // The first birth heard: the status just published stands.
+                (scheduler(DeviceState::Online, "b1"), vec![], true),
+                (scheduler(DeviceState::Online, "b1"), vec![], true),
+                (scheduler(DeviceState::Offline, "b1"), vec![], false),
+                (scheduler(DeviceState::Online, "b1"), vec![], true),
+                // Born again: the device announces itself again.
+                (scheduler(DeviceState::Online, "b2"), vec![Action::PublishStatus(ONLINE)], true),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_spool_goes_one_message_at_a_time_and_each_leaves_when_the_broker_acks_it() {
+        let mut s = state();
+        s.handle(Input::Connected(ONLINE));
+        s.handle(Input::Queued(None));
+        s.handle(scheduler(DeviceState::Online, "b1"));
+        run(
+            &mut s,
+            vec![
+                (Input::Queued(Some(7)), vec![], false),
+                // The status queued first is sent first, then the spooled message.
+                (Input::Sent(1), vec![], false),
+                (Input::Sent(2), vec![], false),
+                (Input::Acked(1), vec![], false),
+                (Input::Acked(9), vec![], false),
+                (Input::Acked(2), vec![Action::Unspool(7)], true),
+                (Input::Acked(2), vec![], true),
+                (Input::Queued(Some(8)), vec![], false),
+                (Input::Sent(3), vec![], false),
+                (Input::Acked(3), vec![Action::Unspool(8)], true),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_message_in_flight_when_the_connection_breaks_goes_again_on_the_next() {
+        let mut s = state();
+        s.handle(Input::Connected(ONLINE));
+        s.handle(scheduler(DeviceState::Online, "b1"));
+        run(
+            &mut s,
+            vec![
+                (Input::Queued(Some(7)), vec![], false),
+                (Input::Sent(4), vec![], false),
+                (Input::Lost("reset".into()), vec![Action::Backoff(Duration::from_millis(100))], false),
+                // An ack from the old connection is not this one's.
+                (Input::Acked(4), vec![], false),
+                (Input::Connected(ONLINE), birth(ONLINE), false),
+                // The gate opens again only once the scheduler is heard on this connection.
+                (scheduler(DeviceState::Online, "b1"), vec![], true),
+                (Input::Queued(Some(7)), vec![], false),
+            ],
+        );
+    }
+
+    #[test]
+    fn reconnects_back_off_doubling_to_the_limit_and_start_over_once_connected() {
+        let mut s = state();
+        let waits: Vec<Action> = (0..6).flat_map(|_| s.handle(Input::Lost("refused".into()))).collect();
+        let ms = |m| Action::Backoff(Duration::from_millis(m));
+        assert_eq!(waits, [ms(100), ms(200), ms(400), ms(800), ms(1000), ms(1000)]);
+        s.handle(Input::Connected(ONLINE));
+        assert_eq!(s.handle(Input::Lost("reset".into())), [ms(100)]);
+    }
+
+    #[test]
+    fn health_is_published_when_it_changes_while_connected() {
+        let mut s = state();
+        run(
+            &mut s,
+            vec![
+                // Not connected: the next connection's birth carries the health then.
+                (Input::Health(degraded("no answer")), vec![], false),
+                (Input::Connected(degraded("no answer")), birth(degraded("no answer")), false),
+                (Input::Health(degraded("no answer")), vec![], false),
+                (Input::Health(ONLINE), vec![Action::PublishStatus(ONLINE)], false),
+            ],
+        );
+        s.handle(scheduler(DeviceState::Online, "b1"));
+        assert_eq!(s.handle(scheduler(DeviceState::Online, "b2")), [Action::PublishStatus(ONLINE)]);
+    }
+
+    #[test]
+    fn tasks_go_to_the_executor_and_a_bad_scheduler_status_is_dropped() {
+        let mut s = state();
+        s.handle(Input::Connected(ONLINE));
+        let task = Input::Message { topic: "kiln/devices/p1/tasks".into(), payload: b"{...}".to_vec() };
+        assert_eq!(s.handle(task), [Action::TakeTask(b"{...}".to_vec())]);
+        let other = Input::Message { topic: "kiln/devices/p2/tasks".into(), payload: b"{}".to_vec() };
+        assert_eq!(s.handle(other), []);
+        let bad = Input::Message { topic: "kiln/scheduler/status".into(), payload: b"not json".to_vec() };
+        assert!(matches!(s.handle(bad)[..], [Action::Malformed(ref e)] if e.contains("malformed")));
+        assert!(!s.may_send(), "a status that did not parse opens nothing");
+    }
 }
