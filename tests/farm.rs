@@ -479,6 +479,72 @@ async fn attempts_run_out_and_the_job_keeps_its_error() {
     farm.stop().await;
 }
 
+/// The asset store's folder becomes a file: every render that stores a file fails (root or not).
+fn block_the_asset_store(farm: &TestFarm) {
+    let assets = farm.dir.path().join("assets");
+    std::fs::remove_dir_all(&assets).unwrap();
+    std::fs::write(&assets, b"in the way").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_fails_on_enough_in_process_workers_is_quarantined_as_on_a_distributed_farm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.workers = 3;
+    cfg.scheduler.broker.quarantine_after_workers = 2;
+    // Attempts to spare: the job is quarantined long before they run out.
+    cfg.scheduler.retry.max_attempts = 50;
+    cfg.scheduler.retry.max_ms = 100;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    block_the_asset_store(&farm);
+    let j = farm.submit(job("poison", 1, "preview")).await;
+    let done = farm.wait(j["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.starts_with("quarantined: failed on 2 distinct workers (in-process-"), "{done}");
+    assert!(error.contains("asset store"), "the last error is kept: {done}");
+    assert!(done["attempt"].as_u64().unwrap() < 50, "{done}");
+    assert_eq!(farm.metric("kiln_jobs_quarantined_total", "").await, 1.0);
+    assert_eq!(farm.metric("kiln_render_attempts_total", "outcome=\"quarantined\"").await, 1.0);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_process_worker_that_fails_enough_jobs_is_drained_until_the_operator_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.workers = 1;
+    cfg.scheduler.broker.drain_after_jobs = 2;
+    cfg.scheduler.retry.max_attempts = 1;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let workers = farm.client.call(Method::GET, "/v1/workers", None).await.unwrap();
+    assert_eq!(workers["workers"][0]["worker_id"], "in-process-0", "{workers}");
+    assert_eq!(workers["workers"][0]["state"], "active", "{workers}");
+    block_the_asset_store(&farm);
+    for seed in [1, 2] {
+        let j = farm.submit(job("bad disk", seed, "preview")).await;
+        assert_eq!(farm.wait(j["id"].as_str().unwrap()).await["state"], "failed");
+    }
+    let workers = farm.client.call(Method::GET, "/v1/workers", None).await.unwrap();
+    let w = &workers["workers"][0];
+    assert_eq!(w["state"], "drained", "{workers}");
+    assert!(w["drained_reason"].as_str().unwrap().starts_with("failed 2 distinct jobs"), "{workers}");
+    assert_eq!(workers["drained"][0]["worker_id"], "in-process-0", "{workers}");
+    assert_eq!(farm.metric("kiln_workers", "state=\"drained\"").await, 1.0);
+    // The disk is mended, but a drained worker takes nothing until it is resumed.
+    let assets = farm.dir.path().join("assets");
+    std::fs::remove_file(&assets).unwrap();
+    std::fs::create_dir(&assets).unwrap();
+    let j = farm.submit(job("waits", 3, "preview")).await;
+    let id = j["id"].as_str().unwrap();
+    let waited = farm.client.call(Method::GET, &format!("/v1/jobs/{id}?wait=1"), None).await.unwrap();
+    assert!(!waited["state"].as_str().unwrap().parse::<kiln_protocol::JobState>().unwrap().is_terminal(), "{waited}");
+    let r = farm.client.call(Method::POST, "/v1/workers/in-process-0/resume", None).await.unwrap();
+    assert_eq!(r["state"], "resumed");
+    assert_eq!(farm.wait(id).await["state"], "succeeded");
+    farm.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn assets_can_be_public_by_config() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Role;
 use crate::config::FarmConfig;
+use crate::dispatch::local::{self, LocalQueue};
+use crate::dispatch::run_outbox;
 use crate::scheduler::Scheduler;
 use crate::store::{PgStore, SqliteStore, Store};
 
@@ -140,17 +142,23 @@ impl Farm {
         let Farm { sched, listener, .. } = self;
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        sched.registry.set_drained(sched.store.drained().await.context("failed to read the drained workers")?);
         if sched.cfg.broker.amqp_url.is_some() {
-            // Distributed: jobs in hand are the broker's and the workers'; nothing to resume.
+            // Distributed: the outbox goes to RabbitMQ; jobs in hand are the broker's and the
+            // workers', so there is nothing to resume.
             tracker.spawn(crate::broker::run(sched.clone(), sched.cfg.broker.clone(), stop.clone()));
         } else {
             let resumed = sched.resume().await.context("failed to resume the jobs of the last run")?;
             if resumed > 0 {
                 tracing::info!(jobs = resumed, "resumed jobs that were in hand when the farm last stopped");
             }
-            tracker.spawn(sched.clone().run_dispatcher(stop.clone()));
+            let queue = Arc::new(LocalQueue::default());
+            let (s, q, st) = (sched.clone(), queue.clone(), stop.clone());
+            // The in-process queue cannot fail as a transport: the loop ends only on `stop`.
+            tracker.spawn(async move { run_outbox(&s, &*q, &st).await });
             for n in 0..sched.cfg.workers {
-                tracker.spawn(sched.clone().run_worker(n, sched.cfg.worker_tiers.clone(), stop.clone()));
+                let tiers = sched.cfg.worker_tiers.clone();
+                tracker.spawn(local::run_worker(sched.clone(), queue.clone(), n, tiers, stop.clone()));
             }
         }
         if sched.cfg.fleet.mqtt_url.is_some() {

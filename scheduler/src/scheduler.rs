@@ -6,65 +6,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError, Tier};
+use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError};
 use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
-use kiln_worker::render::{Backend, own_thumbnail};
-use kiln_worker::store::SPILL_BYTES;
-use kiln_worker::worker::{Rendered, Worker};
+use kiln_worker::worker::Worker;
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Role, Secret, new_token, token_hash};
 use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
-use crate::queue::JobQueue;
-use crate::retry::Decision;
-use crate::store::{Admission, Dispatch, Event, Job, JobReads, NewJob, Outcome, Store, StoreError, TokenRow};
+use crate::registry::Registry;
+use crate::store::{Admission, Event, Job, JobReads, NewJob, Store, StoreError, TokenRow};
 use crate::time::now_ms;
-
-/// An in-process render of fewer samples than this (width × height × samples²) writes its `running`
-/// event with its result, in one write, instead of one write before the render and one after (a job
-/// otherwise costs four writes: its submit, dispatch, start and result). The event keeps the time
-/// the render started; the job shows `dispatched` meanwhile, for a moment, and a job cancelled
-/// meanwhile is rendered (for nothing) but stays cancelled. A larger render writes its start first,
-/// so it shows `running` while it renders and is skipped once cancelled.
-const START_WITH_RESULT_BELOW_SAMPLES: u64 = 64 * 64;
-
-/// Renders the in-process workers have done whose small PNGs are still being recorded, at most,
-/// shared out among the workers. More lengthens the queue each write ends and the wait of the
-/// jobs at its back: when these PNGs were files, with 32 a worker, 128 workers ran tiny jobs
-/// about as fast, and two runs in eight had a p99 over 300 ms (one over a second).
-const FINISHING_PER_FARM: usize = 256;
-
-/// A render on the CPU of fewer samples than this runs on the worker's task, not on a blocking
-/// thread ([`renders_inline`]): a hand-off to the blocking pool and back costs two thread wakes
-/// and their context switches, for a 16×16 render of about 50 µs (on the 2-core machine of the
-/// farm benchmark, where tiny jobs went 4–13% faster without it). At this bound a render holds
-/// its runtime thread for a few times that, well under a millisecond.
-const INLINE_BELOW_SAMPLES: u64 = 32 * 32;
-
-/// Whether a render runs on the task that asked for it: a tiny one on the CPU, whose PNG is
-/// small and its own thumbnail, so held in memory (no file is written on a runtime thread).
-fn renders_inline(worker: &Worker, req: &RenderRequest) -> bool {
-    matches!(worker.engine().backend, Backend::Cpu { .. })
-        && req.sample_count() < INLINE_BELOW_SAMPLES
-        && own_thumbnail(req.width, req.height)
-}
-
-/// What a caught panic said.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let said = payload.downcast_ref::<&str>().copied().or_else(|| payload.downcast_ref::<String>().map(String::as_str));
-    said.unwrap_or("(no message)").to_owned()
-}
-
-/// The outcome of a render: its asset a file in the asset store, or (small, held in memory) a
-/// PNG to keep with the asset's row.
-fn succeeded(r: Rendered) -> Outcome {
-    // The render wrote its provenance as JSON text.
-    Outcome::Succeeded { asset: r.asset, bytes: r.bytes, provenance: r.provenance, png: r.png }
-}
 
 /// Who waits for which job's end (long polls): each is woken only by its own job's end.
 #[derive(Debug, Default)]
@@ -193,14 +147,12 @@ pub struct Scheduler {
     pub store: Arc<dyn Store>,
     /// The render engine and asset store (the embedded farm's workers share it).
     pub worker: Arc<Worker>,
-    /// The in-process worker queue.
-    pub queue: JobQueue,
     /// Metrics.
     pub metrics: Metrics,
     /// Settings.
     pub cfg: SchedulerConfig,
-    /// Workers heard from over the broker (distributed mode).
-    pub registry: crate::broker::Registry,
+    /// The workers: heard from over the broker, or in process.
+    pub registry: Registry,
     live: broadcast::Sender<Arc<Live>>,
     /// Long polls' reads of their jobs, gathered.
     reads: JobReads,
@@ -227,9 +179,8 @@ impl Scheduler {
             reads: JobReads::spawn(store.clone()),
             store,
             worker,
-            queue: JobQueue::default(),
             metrics: Metrics::new(),
-            registry: crate::broker::Registry::new(Duration::from_secs(cfg.broker.lost_after_seconds)),
+            registry: Registry::new(Duration::from_secs(cfg.broker.lost_after_seconds)),
             cfg,
             live,
             waiters: Arc::default(),
@@ -263,7 +214,12 @@ impl Scheduler {
         }
     }
 
-    fn random(&self) -> u64 {
+    /// Where render progress goes (not stored).
+    pub(crate) fn live_sender(&self) -> broadcast::Sender<Arc<Live>> {
+        self.live.clone()
+    }
+
+    pub(crate) fn random(&self) -> u64 {
         self.rng.lock().unwrap_or_else(|p| p.into_inner()).next_u64()
     }
 
@@ -479,165 +435,6 @@ impl Scheduler {
         self.dispatch_wake.notify_one();
         Ok(n)
     }
-
-    /// Moves due outbox rows to the worker queue until cancelled.
-    pub async fn run_dispatcher(self: Arc<Self>, stop: CancellationToken) {
-        const BATCH: u32 = 512;
-        loop {
-            let now = now_ms();
-            let next_due = match self.store.take_due(now, BATCH).await {
-                Ok(due) => {
-                    let full = due.jobs.len() == BATCH as usize;
-                    self.publish(due.events);
-                    self.queue.push_all(due.jobs);
-                    if full {
-                        continue;
-                    }
-                    due.next_due_ms
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "dispatch: cannot read the outbox; trying again in 1 s");
-                    Some(now + 1000)
-                }
-            };
-            let sleep = next_due.map_or(Duration::from_secs(3600), |t| Duration::from_millis((t - now).max(1) as u64));
-            tokio::select! {
-                () = self.dispatch_wake.notified() => {}
-                () = tokio::time::sleep(sleep) => {}
-                () = stop.cancelled() => return,
-            }
-        }
-    }
-
-    /// One in-process worker: takes jobs of `tiers` until cancelled, finishing the one in hand.
-    /// A render's small PNG is stored and its result recorded while the worker renders the next
-    /// (its share of [`FINISHING_PER_FARM`] at once): the syncs that store an asset take longer
-    /// than a tiny render. Those it has begun are finished before it returns.
-    pub async fn run_worker(self: Arc<Self>, n: usize, tiers: Vec<Tier>, stop: CancellationToken) {
-        let mut finishing = tokio::task::JoinSet::new();
-        let most = (FINISHING_PER_FARM / self.cfg.workers.max(1)).max(1);
-        loop {
-            while finishing.len() >= most {
-                finishing.join_next().await;
-            }
-            // Finished ones are let go of as the worker goes.
-            while finishing.try_join_next().is_some() {}
-            let d = tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                d = self.queue.pop(&tiers) => d,
-            };
-            let started_ms = now_ms();
-            // A tiny render's start is written with its result instead.
-            if d.request.sample_count() >= START_WITH_RESULT_BELOW_SAMPLES {
-                let started = match self.store.start(&d, started_ms).await {
-                    Ok(Some(e)) => e,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        // The job stays dispatched; the next start of the farm runs it.
-                        tracing::error!(job_id = d.job_id, error = %e, "worker: cannot mark the job running");
-                        continue;
-                    }
-                };
-                self.publish(vec![started]);
-            }
-            let outcome = self.render(n, &d).await;
-            // A small PNG held in memory, which the outcome carries to the asset's row, is
-            // recorded while the worker goes on to its next render.
-            if matches!(outcome, Outcome::Succeeded { png: Some(_), .. }) {
-                let this = self.clone();
-                finishing.spawn(async move { this.record(&d, started_ms, outcome).await });
-            } else {
-                self.record(&d, started_ms, outcome).await;
-            }
-        }
-        while finishing.join_next().await.is_some() {}
-    }
-
-    async fn render(&self, n: usize, job: &Dispatch) -> Outcome {
-        let attempt = job.attempt;
-        self.metrics.in_flight.inc();
-        let (worker, req, live, id) = (self.worker.clone(), job.request.clone(), self.live.clone(), job.job_id.clone());
-        // Per job at debug: the job's events record it, and a line per job floods a busy farm's log.
-        tracing::debug!(job_id = id, worker = n, attempt, tier = %req.tier, "rendering");
-        let inline = renders_inline(&worker, &req);
-        let render = move || {
-            let mut last = 0;
-            let progress = &mut |p: kiln_worker::render::Progress| {
-                // Progress is for people: at most every 2% and the end.
-                if p.rows_done == p.rows || p.rows_done * 50 / p.rows.max(1) > last {
-                    last = p.rows_done * 50 / p.rows.max(1);
-                    let _ = live.send(Arc::new(Live::Progress {
-                        job_id: id.clone(),
-                        rows_done: p.rows_done,
-                        rows: p.rows,
-                    }));
-                }
-            };
-            worker.render_holding(&req, progress, SPILL_BYTES as u64)
-        };
-        let result = if inline {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(render)).map_err(|p| panic_message(&*p))
-        } else {
-            tokio::task::spawn_blocking(render).await.map_err(|e| e.to_string())
-        };
-        self.metrics.in_flight.dec();
-        let (error, transient) = match result {
-            Ok(Ok(r)) => return succeeded(r),
-            Ok(Err(e)) => (e.to_string(), e.is_transient()),
-            Err(e) => (format!("the render panicked: {e}"), true),
-        };
-        self.failure_outcome(job, error, transient)
-    }
-
-    /// What a failed attempt leads to: a retry after a backoff with jitter, or giving up.
-    pub(crate) fn failure_outcome(&self, job: &Dispatch, error: String, transient: bool) -> Outcome {
-        let attempt = job.attempt;
-        let jitter = (self.random() >> 11) as f64 / (1u64 << 53) as f64;
-        match self.cfg.retry.decide(attempt, transient, jitter) {
-            Decision::RetryAfter(wait) => {
-                tracing::warn!(
-                    job_id = job.job_id,
-                    attempt,
-                    error,
-                    retry_in_ms = wait.as_millis() as u64,
-                    "render failed; will retry"
-                );
-                Outcome::Retry { error, retry_at_ms: now_ms() + wait.as_millis() as i64 }
-            }
-            Decision::GiveUp => {
-                tracing::error!(job_id = job.job_id, attempt, error, "render failed; giving up");
-                Outcome::Failed { error }
-            }
-        }
-    }
-
-    /// Counts an attempt's outcome.
-    pub(crate) fn count_attempt(&self, job: &Dispatch, outcome: &str) {
-        self.metrics.attempts.with_label_values(&[job.tier.as_str(), outcome]).inc();
-    }
-
-    /// Records an in-process attempt that started at `started_ms` ([`Store::record`]: its start
-    /// too, unless that was written before the render; a start no longer allowed, the job
-    /// cancelled meanwhile, records nothing of it but its asset).
-    async fn record(&self, job: &Dispatch, started_ms: i64, outcome: Outcome) {
-        self.count_attempt(job, outcome.label());
-        let retry = matches!(outcome, Outcome::Retry { .. });
-        // The result is worth keeping: a few tries before leaving the job to the next start.
-        for wait_ms in [0, 100, 1000, 5000] {
-            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            match self.store.record(job, started_ms, outcome.clone(), now_ms()).await {
-                Ok(events) => {
-                    self.publish(events);
-                    if retry {
-                        self.dispatch_wake.notify_one();
-                    }
-                    return;
-                }
-                Err(e) => tracing::error!(job_id = job.job_id, error = %e, "cannot record the result; trying again"),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -645,6 +442,7 @@ mod tests {
     use super::*;
     use crate::config::FarmConfig;
     use crate::store::SqliteStore;
+    use kiln_worker::render::Backend;
 
     /// A scheduler on a SQLite store in `dir`, with no dispatcher or workers: jobs stay queued.
     async fn idle_scheduler(dir: &std::path::Path) -> Arc<Scheduler> {
@@ -713,13 +511,5 @@ mod tests {
         let (_, _, watch) = submit("third").await;
         drop(watch);
         assert_eq!(waiting(&s), 0);
-    }
-
-    #[test]
-    fn a_caught_panic_says_what_it_said() {
-        let caught = |f: fn()| panic_message(&*std::panic::catch_unwind(f).unwrap_err());
-        assert_eq!(caught(|| panic!("a literal")), "a literal");
-        assert_eq!(caught(|| panic!("formatted {}", 7)), "formatted 7");
-        assert_eq!(caught(|| std::panic::panic_any(7u8)), "(no message)");
     }
 }

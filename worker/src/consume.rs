@@ -34,6 +34,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp;
+use crate::attempt::{Failure, attempt};
 use crate::client::{Client, Secret};
 use crate::config::ConfigError;
 use crate::metrics::Metrics;
@@ -611,17 +612,16 @@ impl Daemon {
         };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let started_ms = now_ms();
-        let (worker, req) = (self.worker.clone(), msg.request.clone());
         let inline_max = self.upload.as_ref().map(|_| self.cfg.inline_asset_bytes);
-        let result = tokio::task::spawn_blocking(move || {
-            let mut r = worker.render_holding(&req, &mut |_| {}, inline_max.unwrap_or(0))?;
-            let inline = inline_max.map(|max| Inline::take(worker.store(), &req, &mut r, max)).unwrap_or_default();
-            Ok::<_, crate::worker::WorkerError>((r, inline))
-        })
-        .await;
+        let req = msg.request.clone();
+        let take = move |w: &Worker, mut r: crate::worker::Rendered| {
+            let inline = inline_max.map(|max| Inline::take(w.store(), &req, &mut r, max)).unwrap_or_default();
+            (r, inline)
+        };
+        let result = attempt(&self.worker, msg.request.clone(), inline_max.unwrap_or(0), |_| {}, take).await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let outcome = match result {
-            Ok(Ok((r, inline))) => {
+            Ok((r, inline)) => {
                 match self.upload(&r.asset, &inline).await {
                     Ok(()) => AttemptOutcome::Succeeded {
                         asset: r.asset,
@@ -640,8 +640,7 @@ impl Daemon {
                     }
                 }
             }
-            Ok(Err(e)) => AttemptOutcome::Failed { error: e.to_string(), transient: e.is_transient() },
-            Err(e) => AttemptOutcome::Failed { error: format!("the render panicked: {e}"), transient: true },
+            Err(Failure { error, transient }) => AttemptOutcome::Failed { error, transient },
         };
         let result = ResultMessage {
             v: wire::SCHEMA_VERSION,

@@ -2,6 +2,7 @@
 //! PNG encoding, the content-addressed asset store and the seed-keyed cache.
 
 pub mod amqp;
+pub mod attempt;
 pub mod bench;
 pub mod cli;
 pub mod client;

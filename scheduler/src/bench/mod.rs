@@ -623,11 +623,14 @@ async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> 
     let t = Instant::now();
     let mut due = Vec::with_capacity(n);
     loop {
-        let d = store.take_due(now, 512).await?;
-        if d.jobs.is_empty() {
+        // As the in-process transport takes them: read, marked sent, the moved jobs kept.
+        let pending = store.pending(now, 512).await?;
+        if pending.rows.is_empty() {
             break;
         }
-        due.extend(d.jobs);
+        let events = store.mark_sent(pending.rows.iter().map(|o| o.id).collect(), now).await?;
+        let moved = events.into_iter().map(|e| e.job_id).collect();
+        due.extend(crate::store::Due::of(pending, &moved).jobs);
     }
     let take = n as f64 / t.elapsed().as_secs_f64();
     let due = Arc::new(due);

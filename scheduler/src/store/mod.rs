@@ -239,21 +239,18 @@ impl Outcome {
     }
 }
 
-/// Outbox rows handed out by [`Store::take_due`].
+/// Outbox rows a transport marked sent, as jobs for workers.
 #[derive(Debug, Clone, Default)]
 pub struct Due {
     /// The jobs, now `dispatched`.
     pub jobs: Vec<Dispatch>,
-    /// Their events.
-    pub events: Vec<Event>,
     /// When the next row not yet due falls due, unix milliseconds.
     pub next_due_ms: Option<i64>,
 }
 
 impl Due {
-    /// The live rows of `pending` that `events` moved to `dispatched`.
-    fn new(pending: Pending, events: Vec<Event>) -> Due {
-        let moved: std::collections::HashSet<&str> = events.iter().map(|e| e.job_id.as_str()).collect();
+    /// The live rows of `pending` whose jobs the mark moved to `dispatched` (`moved`), each once.
+    pub fn of(pending: Pending, moved: &std::collections::HashSet<String>) -> Due {
         let mut seen = std::collections::HashSet::new();
         let jobs = pending
             .rows
@@ -261,7 +258,7 @@ impl Due {
             .filter(|o| o.live && moved.contains(o.dispatch.job_id.as_str()) && seen.insert(o.dispatch.job_id.clone()))
             .map(|o| o.dispatch)
             .collect();
-        Due { jobs, events, next_due_ms: pending.next_due_ms }
+        Due { jobs, next_due_ms: pending.next_due_ms }
     }
 }
 
@@ -351,12 +348,8 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     /// same key, else a new `queued` job with an outbox row.
     fn submit(&self, job: NewJob) -> BoxFut<'_, Result<Submitted, StoreError>>;
 
-    /// Marks up to `limit` due outbox rows sent and their jobs `dispatched`; returns them, with
-    /// the time the next not-yet-due row falls due.
-    fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>>;
-
-    /// Reads up to `limit` due outbox rows without changing them (the broker relay publishes
-    /// them, then calls [`Store::mark_sent`] once the broker has confirmed).
+    /// Reads up to `limit` due outbox rows without changing them (a transport takes them, then
+    /// calls [`Store::mark_sent`]: see [`crate::dispatch`]).
     fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>>;
 
     /// Marks outbox rows sent and moves each job still waiting for that attempt to `dispatched`.

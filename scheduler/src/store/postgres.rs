@@ -19,8 +19,8 @@ use super::rows::{
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
 use super::{
-    AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery, NewJob,
-    Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
+    AttemptFailure, BoxFut, Dispatch, DrainedWorker, Event, FailureTally, Job, JobChange, ListQuery, NewJob, Outcome,
+    Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 use kiln_protocol::{JobState, Tier};
 
@@ -239,13 +239,6 @@ async fn mark_sent_op(conn: &mut PgConnection, ids: &[i64], now_ms: i64) -> Resu
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(|r| dispatched_event(r, now_ms)).collect()
-}
-
-async fn take_due_op(conn: &mut PgConnection, now_ms: i64, limit: u32) -> Result<Due, StoreError> {
-    let pending = pending_op(&mut *conn, now_ms, limit).await?;
-    let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
-    let events = if ids.is_empty() { vec![] } else { mark_sent_op(conn, &ids, now_ms).await? };
-    Ok(Due::new(pending, events))
 }
 
 async fn start_op(conn: &mut PgConnection, d: &Dispatch, now_ms: i64) -> Result<Option<Event>, StoreError> {

@@ -138,10 +138,6 @@ macro_rules! store_impl {
                 Box::pin(self.submit_one(job))
             }
 
-            fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
-                Box::pin(self.write(Box::new(move |c| Box::pin(take_due_op(c, now_ms, limit)))))
-            }
-
             fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>> {
                 Box::pin(async move {
                     let mut conn = self.read.acquire().await?;

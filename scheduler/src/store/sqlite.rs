@@ -26,8 +26,8 @@ use super::rows::{
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
 use super::{
-    AttemptFailure, BoxFut, Dispatch, DrainedWorker, Due, Event, FailureTally, Job, JobChange, ListQuery, NewJob,
-    Outcome, Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
+    AttemptFailure, BoxFut, Dispatch, DrainedWorker, Event, FailureTally, Job, JobChange, ListQuery, NewJob, Outcome,
+    Page, Pending, Recorded, StateCount, Store, StoreError, Submitted, TokenRow,
 };
 
 /// The SQLite store.
@@ -315,13 +315,6 @@ const MARK_SENT_SQL: &str = "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NUL
 async fn mark_sent_op(conn: &mut SqliteConnection, ids: &[i64], now_ms: i64) -> Result<Vec<Event>, StoreError> {
     let rows = sqlx::query(MARK_SENT_SQL).bind(now_ms).bind(json("outbox ids", &ids)?).fetch_all(&mut *conn).await?;
     rows.iter().map(|r| dispatched_event(r, now_ms)).collect()
-}
-
-async fn take_due_op(conn: &mut SqliteConnection, now_ms: i64, limit: u32) -> Result<Due, StoreError> {
-    let pending = pending_op(&mut *conn, now_ms, limit).await?;
-    let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
-    let events = if ids.is_empty() { vec![] } else { mark_sent_op(conn, &ids, now_ms).await? };
-    Ok(Due::new(pending, events))
 }
 
 /// What a job is now: its state, its attempt, and whether it is attached to another's render.

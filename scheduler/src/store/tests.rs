@@ -15,6 +15,24 @@ async fn pg_store() -> Option<PgStore> {
     Some(PgStore::open(&url).await.unwrap())
 }
 
+/// What the in-process transport does with due rows ([`crate::dispatch::local`]): reads them,
+/// marks them sent, and keeps the jobs the mark moved to `dispatched`.
+trait TakeDue {
+    fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>>;
+}
+
+impl<S: Store + ?Sized> TakeDue for S {
+    fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
+        Box::pin(async move {
+            let pending = self.pending(now_ms, limit).await?;
+            let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
+            let events = self.mark_sent(ids, now_ms).await?;
+            let moved = events.iter().map(|e| e.job_id.clone()).collect();
+            Ok(Due::of(pending, &moved))
+        })
+    }
+}
+
 /// Runs each case against both stores.
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {

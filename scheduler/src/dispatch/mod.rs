@@ -1,0 +1,96 @@
+//! Handing the outbox to workers: one loop ([`run_outbox`]) reads the due rows and offers them to
+//! a transport behind [`Dispatch`]: the embedded farm's in-process queue ([`local`]) or RabbitMQ
+//! ([`crate::broker`]). Each transport marks the rows sent once it holds them, in the order its
+//! durability needs; a row not marked stays due and is offered again.
+
+pub mod local;
+pub mod queue;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::Scheduler;
+use crate::store::{BoxFut, Outgoing, StoreError};
+use crate::time::now_ms;
+
+/// Why a round of dispatch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The store failed; the round is tried again after a pause.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transport failed (the broker went away): the loop ends, for its caller to reconnect.
+    #[error("the transport failed: {0}")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Marks outbox rows sent for a transport, and publishes the events that makes.
+pub struct Marker<'a>(&'a Scheduler);
+
+impl Marker<'_> {
+    /// Marks `ids` sent; the jobs that moved to `dispatched` (those that still waited for that
+    /// attempt: not one cancelled, or whose result came first).
+    pub async fn mark(&self, ids: Vec<i64>) -> Result<HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let events = self.0.store.mark_sent(ids, now_ms()).await?;
+        let moved = events.iter().map(|e| e.job_id.clone()).collect();
+        self.0.publish(events);
+        Ok(moved)
+    }
+}
+
+/// A transport that carries jobs to workers.
+pub trait Dispatch: Send + Sync {
+    /// Due rows read at a time.
+    fn window(&self) -> u32;
+
+    /// Hands `rows` to workers and marks sent (with `marker`) those it now holds, in the order
+    /// its transport's durability needs; a row whose job no longer waits for it (`live` false) is
+    /// only marked. Answers how many rows it marked: fewer than it was given means some must be
+    /// offered again (after a pause).
+    fn send<'a>(&'a self, rows: Vec<Outgoing>, marker: &'a Marker<'a>) -> BoxFut<'a, Result<usize, DispatchError>>;
+}
+
+/// Offers due outbox rows to `via` until `stop`, sleeping until the next row falls due or a new
+/// one is written. Ends with an error only when the transport fails.
+pub async fn run_outbox(sched: &Scheduler, via: &dyn Dispatch, stop: &CancellationToken) -> Result<(), DispatchError> {
+    let marker = Marker(sched);
+    loop {
+        let now = now_ms();
+        let window = via.window();
+        let pause = match sched.store.pending(now, window).await {
+            Ok(pending) if pending.rows.is_empty() => pending.next_due_ms,
+            Ok(pending) => {
+                let (offered, full) = (pending.rows.len(), pending.rows.len() == window as usize);
+                match via.send(pending.rows, &marker).await {
+                    // More may be due already.
+                    Ok(marked) if marked == offered && full => continue,
+                    Ok(marked) if marked == offered => pending.next_due_ms,
+                    Ok(marked) => {
+                        tracing::warn!(unsent = offered - marked, "dispatch: rows were not taken; they go again");
+                        Some(now + 500)
+                    }
+                    Err(DispatchError::Store(e)) => {
+                        tracing::error!(error = %e, "dispatch: cannot mark rows sent; they go again in 1 s");
+                        Some(now + 1000)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "dispatch: cannot read the outbox; trying again in 1 s");
+                Some(now + 1000)
+            }
+        };
+        let sleep = pause.map_or(Duration::from_secs(3600), |t| Duration::from_millis((t - now).max(1) as u64));
+        tokio::select! {
+            () = sched.dispatch_wake.notified() => {}
+            () = tokio::time::sleep(sleep) => {}
+            () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
