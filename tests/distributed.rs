@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::{TestFarm, WorkerEnv, job, test_config};
 use hyper::Method;
+use kiln_common::amqp::lapin;
 use kiln_protocol::wire::{
     AttemptOutcome, JOB_TYPE, JobMessage, Names, REASON_HEADER, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_scheduler::auth::Role;
 use kiln_scheduler::testenv;
-use kiln_worker::amqp::lapin;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use serde_json::Value;
 
@@ -95,8 +95,8 @@ impl Distributed {
 
     /// A connection (kept open while the channel is used) and a confirming channel on it.
     async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = kiln_worker::amqp::connect(&self.amqp_url, "kiln-test").await.unwrap();
-        let ch = kiln_worker::amqp::confirm_channel(&conn).await.unwrap();
+        let conn = kiln_common::amqp::connect(&self.amqp_url, "kiln-test").await.unwrap();
+        let ch = kiln_common::amqp::confirm_channel(&conn).await.unwrap();
         (conn, ch)
     }
 
@@ -146,7 +146,7 @@ impl Distributed {
             let _ = child.wait();
         }
         let (_conn, ch) = self.channel().await;
-        let _ = kiln_worker::amqp::delete_queues(&ch, &self.names).await;
+        let _ = kiln_common::amqp::delete_queues(&ch, &self.names).await;
         self.farm.stop().await;
     }
 }
@@ -214,7 +214,7 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     assert_eq!((w["worker_id"].as_str(), w["state"].as_str()), (Some("w-e2e"), Some("active")), "{workers}");
     assert_eq!(w["tiers"].as_array().unwrap().len(), 3);
     // The worker's own endpoint: healthy while connected, and its render metrics.
-    let own = kiln_scheduler::client::Client::new(&format!("http://{listen}"), None);
+    let own = kiln_common::client::Client::new(&format!("http://{listen}"), None);
     let health = own.send(Method::GET, "/healthz", None).await.unwrap();
     assert_eq!(health.status, 200, "{:?}", String::from_utf8_lossy(&health.body));
     assert_eq!(health.json().unwrap()["worker_id"], "w-e2e");
@@ -261,7 +261,7 @@ async fn a_malformed_message_is_dead_lettered_with_its_reason_and_the_worker_car
     d.spawn_worker("w-dlq");
     let (_conn, ch) = d.channel().await;
     // The queues may not exist yet (the worker and the scheduler declare them as they connect).
-    kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    kiln_common::amqp::declare_topology(&ch, &d.names).await.unwrap();
     // Straight onto the preview queue, the way a broken tool would.
     for body in [&b"{not json"[..], br#"{"v": 99, "job_id": "x"}"#] {
         let confirm = ch
@@ -313,7 +313,7 @@ async fn dead_reasons(d: &Distributed, ch: &lapin::Channel, n: usize) -> Vec<Str
 async fn a_batch_of_results_in_one_message_is_recorded_and_a_bad_batch_is_dead_lettered() {
     let Some(d) = Distributed::start().await else { return };
     let (_conn, ch) = d.channel().await;
-    kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    kiln_common::amqp::declare_topology(&ch, &d.names).await.unwrap();
     // No worker: this test takes the job messages off the queue itself and answers them all in
     // one batch, the way a busy worker does.
     let ids = d.submit(3, 300).await;
@@ -355,7 +355,7 @@ async fn take_jobs(d: &Distributed, ch: &lapin::Channel, n: usize) -> Vec<JobMes
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        jobs.push(kiln_worker::amqp::decode(&msg.delivery, JOB_TYPE).unwrap());
+        jobs.push(kiln_common::amqp::decode(&msg.delivery, JOB_TYPE).unwrap());
     }
     jobs
 }
@@ -369,15 +369,15 @@ fn answer(job: JobMessage, outcome: AttemptOutcome) -> ResultMessage {
 /// Publishes a batch of results to the results queue, confirmed.
 async fn publish_results(d: &Distributed, ch: &lapin::Channel, batch: &ResultBatch) {
     let body = serde_json::to_vec(batch).unwrap();
-    let props = kiln_worker::amqp::properties(RESULTS_TYPE, "by-hand");
-    kiln_worker::amqp::publish_confirmed(ch, "", &d.names.results_queue(), &body, props).await.unwrap();
+    let props = kiln_common::amqp::properties(RESULTS_TYPE, "by-hand");
+    kiln_common::amqp::publish_confirmed(ch, "", &d.names.results_queue(), &body, props).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_asset_inside_its_result_is_checked_stored_and_served_and_a_wrong_one_fails_the_attempt() {
     let Some(d) = Distributed::start_with(|cfg| cfg.scheduler.retry.max_attempts = 1).await else { return };
     let (_conn, ch) = d.channel().await;
-    kiln_worker::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    kiln_common::amqp::declare_topology(&ch, &d.names).await.unwrap();
     let ids = d.submit(4, 500).await;
     let jobs = take_jobs(&d, &ch, ids.len()).await;
     let png = |shade: u8| kiln_worker::render::encode_png(2, 2, &[shade; 12]).unwrap();
@@ -563,14 +563,14 @@ async fn the_worker_acks_a_finished_run_in_one_frame_and_never_a_delivery_still_
     use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
     use lapin::types::FieldTable;
     let Some((url, prefix)) = testenv::amqp().await else { return };
-    let conn = kiln_worker::amqp::connect(&url, "kiln-test").await.unwrap();
-    let publ = kiln_worker::amqp::confirm_channel(&conn).await.unwrap();
+    let conn = kiln_common::amqp::connect(&url, "kiln-test").await.unwrap();
+    let publ = kiln_common::amqp::confirm_channel(&conn).await.unwrap();
     let queue = format!("{prefix}.settle");
     let declare = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
     publ.queue_declare(queue.clone().into(), declare, FieldTable::default()).await.unwrap();
     for i in 1..=6 {
-        let props = kiln_worker::amqp::properties(JOB_TYPE, &format!("m{i}"));
-        kiln_worker::amqp::publish_confirmed(&publ, "", &queue, format!("m{i}").as_bytes(), props).await.unwrap();
+        let props = kiln_common::amqp::properties(JOB_TYPE, &format!("m{i}"));
+        kiln_common::amqp::publish_confirmed(&publ, "", &queue, format!("m{i}").as_bytes(), props).await.unwrap();
     }
     let ch = conn.create_channel().await.unwrap();
     ch.basic_qos(10, BasicQosOptions::default()).await.unwrap();
@@ -606,7 +606,7 @@ async fn the_worker_acks_a_finished_run_in_one_frame_and_never_a_delivery_still_
     // Nothing more comes, and with the channel closed nothing goes back: every message is acked.
     let more = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
     assert!(more.is_err(), "an unexpected delivery: {more:?}");
-    kiln_worker::amqp::close_channels(&[&ch], "done").await;
+    kiln_common::amqp::close_channels(&[&ch], "done").await;
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     let q = publ.queue_declare(queue.clone().into(), passive, FieldTable::default()).await.unwrap();
     assert_eq!(q.message_count(), 0, "messages left on the queue");

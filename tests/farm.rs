@@ -150,7 +150,7 @@ async fn a_batch_is_submitted_and_awaited_in_one_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_4xx_and_the_farm_keeps_serving() {
     let farm = TestFarm::start().await;
-    let expect = |r: &kiln_scheduler::client::Reply, status: StatusCode, field: &str, words: &str| {
+    let expect = |r: &kiln_common::client::Reply, status: StatusCode, field: &str, words: &str| {
         assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
         let v: Value = r.json().unwrap();
         assert_eq!(v["error"]["field"], field, "{v}");

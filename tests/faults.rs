@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use common::{WorkerEnv, job, metric_in, operator_token, sibling, spawn_farm, spawn_worker};
 use hyper::Method;
+use kiln_common::client::Client;
 use kiln_protocol::wire::Names;
 use kiln_scheduler::auth::Secret;
-use kiln_scheduler::client::Client;
 use kiln_scheduler::store::Store;
 use kiln_scheduler::store::postgres::PgStore;
 use kiln_scheduler::testenv;
@@ -200,10 +200,10 @@ impl Fleet {
     /// Stops the processes and deletes the test's queues.
     async fn stop(mut self) {
         self.kill_all();
-        if let Ok(conn) = kiln_worker::amqp::connect(&self.amqp_url, "kiln-test").await
+        if let Ok(conn) = kiln_common::amqp::connect(&self.amqp_url, "kiln-test").await
             && let Ok(ch) = conn.create_channel().await
         {
-            let _ = kiln_worker::amqp::delete_queues(&ch, &Names::new(&self.prefix)).await;
+            let _ = kiln_common::amqp::delete_queues(&ch, &Names::new(&self.prefix)).await;
         }
     }
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::Method;
+use kiln_common::client::Client;
 use kiln_scheduler::auth::Secret;
-use kiln_scheduler::client::Client;
 use serde_json::{Value, json};
 
 async fn job_now(c: &Client, id: &str) -> Value {

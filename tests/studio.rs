@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::Method;
+use kiln_common::client::Client;
 use kiln_scheduler::auth::Secret;
-use kiln_scheduler::client::Client;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 

@@ -26,14 +26,6 @@ use crate::config::Config;
 use crate::drivers::Driver;
 use crate::modbus::Buses;
 
-/// Now, unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// Runs every configured device until `stop`; then each says goodbye (offline) and stops.
 pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     // Fetches a crash cut short.

@@ -33,8 +33,8 @@ use crate::config::{Config, DeviceConfig};
 use crate::drivers::{Driver, TaskCtx};
 use crate::http::Http;
 use crate::journal::{Journal, Record};
-use crate::now_ms;
 use crate::spool::{Kind, Spool, write_synced};
+use kiln_protocol::now_ms;
 
 /// The device's health as its status shows it.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! Kiln's wire types and contracts: render requests, tiers, prompt normalisation, the cache key,
 //! the broker messages and names ([`wire`]), and the edge fleet's MQTT topics and payloads ([`fleet`]).
 //!
-//! Serde only, no I/O: everything here is shared by the scheduler, the workers and the CLI, and a
+//! Serde only, no I/O (the clock aside): everything here is shared by the scheduler, the workers and the CLI, and a
 //! change to the cache key or a payload is a versioned contract change (see DESIGN.md).
 
 pub mod fleet;
@@ -9,9 +9,19 @@ mod job;
 mod key;
 mod prompt;
 mod request;
+mod secret;
 pub mod wire;
 
 pub use job::{JobRequest, JobState, ParseStateError};
 pub use key::{CacheKey, KeyInput, ParseKeyError};
 pub use prompt::normalise_prompt;
 pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};
+pub use secret::Secret;
+
+/// Now, in unix milliseconds: the one clock every Kiln timestamp is read from.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -71,7 +71,7 @@ impl Caller {
     }
 }
 
-pub use kiln_worker::client::Secret;
+pub use kiln_protocol::Secret;
 
 /// Random bytes from the operating system.
 pub fn os_random<const N: usize>() -> std::io::Result<[u8; N]> {

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use kiln_common::amqp::{self, PublishError};
 use kiln_protocol::wire::{
     self, CONTROL_TYPE, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, MessageError, Names, RESULT_TYPE,
     RESULTS_TYPE, ResultBatch, ResultMessage,
 };
-use kiln_worker::amqp::{self, PublishError};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -24,7 +24,7 @@ use crate::dispatch::{Dispatch, DispatchError, Marker, run_outbox};
 use crate::scheduler::Scheduler;
 use crate::store::writer::MAX_BATCH;
 use crate::store::{BoxFut, Dispatch as Job, Outgoing};
-use crate::time::now_ms;
+use kiln_protocol::now_ms;
 
 /// Runs the relay, the results consumer and the heartbeat listener until `stop`, reconnecting
 /// whenever the broker goes away.

@@ -9,16 +9,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
+use kiln_common::{GlobalArgs, run_main};
 use kiln_protocol::{JobRequest, JobState, Tier};
-use kiln_worker::cli::{GlobalArgs, run_main};
 use kiln_worker::config::BackendChoice;
 use kiln_worker::worker::open_backend;
 use serde_json::{Value, json};
 
 use crate::auth::{Role, Secret};
-use crate::client::Client;
 use crate::config::FarmConfig;
 use crate::farm::{Farm, shutdown_signal};
+use kiln_common::client::Client;
 
 /// Kiln, a render farm for generative-art studios: renders (prompt, seed, tier) to the same PNG
 /// every time, answers repeats from its cache, and runs on one laptop with `kiln up`.
@@ -320,7 +320,7 @@ pub fn client(cfg: &FarmConfig, r: &Remote) -> anyhow::Result<Client> {
     Ok(Client::new(&server, Some(Secret::new(token))))
 }
 
-/// The whole of `main` after parsing (see [`kiln_worker::cli::run_main`]).
+/// The whole of `main` after parsing (see [`kiln_common::run_main`]).
 pub fn main_with(cli: Cli) -> std::process::ExitCode {
     let global = cli.global.clone();
     run_main(&global, || run(cli))

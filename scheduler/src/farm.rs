@@ -188,4 +188,4 @@ impl Farm {
     }
 }
 
-pub use kiln_worker::cli::shutdown_signal;
+pub use kiln_common::shutdown_signal;

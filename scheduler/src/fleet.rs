@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::FleetConfig;
 use crate::scheduler::Scheduler;
 use crate::store::fleet::{DeviceTask, TaskChange, TaskMove, TaskState};
-use crate::time::now_ms;
+use kiln_protocol::now_ms;
 
 /// Runs the bridge until `stop`.
 pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToken) {

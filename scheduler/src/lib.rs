@@ -7,7 +7,6 @@ pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod cli;
-pub use kiln_worker::client;
 pub mod config;
 pub mod dispatch;
 pub mod farm;

@@ -2,11 +2,11 @@
 //! as `kiln up` does: the API, the SQLite store, dispatch and in-process workers.
 
 use clap::Parser;
+use kiln_common::GlobalArgs;
 use kiln_scheduler::cli::{Cli, Command, UpArgs, main_with};
-use kiln_worker::cli::GlobalArgs;
 
 #[global_allocator]
-static ALLOC: kiln_worker::Allocator = kiln_worker::Allocator;
+static ALLOC: kiln_common::Allocator = kiln_common::Allocator;
 
 /// Kiln's scheduler: the job API, the durable store, the cache, dispatch to workers.
 #[derive(Debug, Parser)]

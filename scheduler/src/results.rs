@@ -10,7 +10,7 @@ use crate::config::BrokerConfig;
 use crate::retry::Decision;
 use crate::scheduler::Scheduler;
 use crate::store::{AttemptFailure, Dispatch, DrainedWorker, FailureTally, Outcome, StoreError};
-use crate::time::now_ms;
+use kiln_protocol::now_ms;
 
 /// How an attempt ended, as its worker says (before the scheduler's rules weigh it).
 #[derive(Debug, Clone)]

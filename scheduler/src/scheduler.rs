@@ -18,7 +18,7 @@ use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{Admission, Event, Job, JobReads, NewJob, Store, StoreError, TokenRow};
-use crate::time::now_ms;
+use kiln_protocol::now_ms;
 
 /// Who waits for which job's end (long polls): each is woken only by its own job's end.
 #[derive(Debug, Default)]

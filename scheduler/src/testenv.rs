@@ -75,7 +75,7 @@ pub async fn fresh_database() -> Option<String> {
             return None;
         }
     };
-    let now = crate::time::now_ms();
+    let now = kiln_protocol::now_ms();
     let old: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'kiln_t_%' \
          AND split_part(nspname, '_', 3)::bigint < $1",

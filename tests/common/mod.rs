@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
+use kiln_common::client::{Client, Reply};
 use kiln_scheduler::auth::Secret;
-use kiln_scheduler::client::{Client, Reply};
 use kiln_scheduler::config::FarmConfig;
 use kiln_scheduler::farm::Farm;
 use kiln_scheduler::scheduler::Scheduler;

@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use kiln_common::host_name;
 use kiln_protocol::wire::{
     self, AttemptOutcome, CONTROL_TYPE, Command, ControlMessage, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage,
     Names, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
-use kiln_protocol::{RenderRequest, Tier};
+use kiln_protocol::{RenderRequest, Tier, now_ms};
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -33,13 +34,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp;
 use crate::attempt::{Failure, attempt};
-use crate::client::{Client, Secret};
 use crate::config::ConfigError;
 use crate::metrics::Metrics;
 use crate::settle::{Settle, Settler, Tag};
 use crate::worker::Worker;
+use kiln_common::amqp;
+use kiln_common::client::{Client, Secret};
 
 /// The daemon's settings (`[run]` in the worker's config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,20 +188,6 @@ impl RunConfig {
 /// The most `run.inline_asset_bytes` may be: what a render holds in memory before it writes
 /// the PNG to a file. A full result batch of such assets is about 11 MiB.
 const MAX_INLINE_ASSET_BYTES: u64 = crate::store::SPILL_BYTES as u64;
-
-/// The machine's host name.
-pub fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// The running daemon's shared state.
 struct Daemon {
@@ -870,7 +857,7 @@ async fn put_with_retry(client: &Client, path: &str, file: &std::path::Path) -> 
                 )));
             }
             Ok(r) => r.status.to_string(),
-            Err(crate::client::DownloadError::Io(e)) => {
+            Err(kiln_common::client::DownloadError::Io(e)) => {
                 return Err(UploadError::Failed(format!("reading {}: {e}", file.display())));
             }
             Err(e) => e.to_string(),

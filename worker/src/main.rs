@@ -3,7 +3,7 @@
 use clap::Parser;
 
 #[global_allocator]
-static ALLOC: kiln_worker::Allocator = kiln_worker::Allocator;
+static ALLOC: kiln_common::Allocator = kiln_common::Allocator;
 
 fn main() -> std::process::ExitCode {
     kiln_worker::cli::main_with(kiln_worker::cli::Cli::parse())

@@ -37,7 +37,7 @@ impl Display {
         match (&self.command, &self.folder) {
             (Some(argv), _) => run_command(argv, &[("file", &path)], self.step).await?,
             (None, Some(dir)) => {
-                let meta = json!({ "asset": hash, "task_id": task.task_id, "at_ms": crate::now_ms() });
+                let meta = json!({ "asset": hash, "task_id": task.task_id, "at_ms": kiln_protocol::now_ms() });
                 place_file(&path, dir, "current.png")
                     .and_then(|()| write_synced(dir, "current.json", meta.to_string().as_bytes()))
                     .map_err(|e| TaskError::new(format!("display folder {}: {e}", dir.display())))?;

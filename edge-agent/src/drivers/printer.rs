@@ -113,7 +113,7 @@ impl Printer {
                     error_name(now.error_code)
                 )));
             }
-            if tokio::time::Instant::now() >= until || crate::now_ms() > ctx.deadline_ms {
+            if tokio::time::Instant::now() >= until || kiln_protocol::now_ms() > ctx.deadline_ms {
                 let _ = self.modbus.call(Op::WriteCoil(self.map.abort_coil, true)).await;
                 return Err(TaskError::new(format!(
                     "the print did not finish within {} s; aborted",

@@ -578,7 +578,7 @@ async fn workers(State(s): State<AppState>, headers: HeaderMap) -> Result<Respon
         return Err(ApiError::forbidden("the worker registry is the operator's"));
     }
     let drained = s.store.drained().await?;
-    Ok(Json(json!({ "workers": s.registry.list(crate::time::now_ms()), "drained": drained })).into_response())
+    Ok(Json(json!({ "workers": s.registry.list(kiln_protocol::now_ms()), "drained": drained })).into_response())
 }
 
 /// `POST /v1/workers/{id}/resume` (operator): a drained worker may take work again.
@@ -590,7 +590,7 @@ async fn resume_worker(
     if person(&s, &headers)?.role != Role::Operator {
         return Err(ApiError::forbidden("only an operator may resume a worker"));
     }
-    if !s.store.set_drained(&id, None, crate::time::now_ms()).await? {
+    if !s.store.set_drained(&id, None, kiln_protocol::now_ms()).await? {
         return Err(ApiError::conflict(format!("worker {id:?} is not drained")));
     }
     tracing::info!(worker = id, "resumed by the operator");
@@ -719,7 +719,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 /// `GET /metrics`: the scheduler's and the workers' metrics in the Prometheus text format.
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let counts = s.registry.counts(crate::time::now_ms());
+    let counts = s.registry.counts(kiln_protocol::now_ms());
     for state in crate::metrics::WORKER_STATES {
         s.metrics.workers.with_label_values(&[state]).set(counts.get(state).copied().unwrap_or(0) as i64);
     }

@@ -26,9 +26,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use futures_util::StreamExt;
+use kiln_common::amqp::{self, lapin};
 use kiln_protocol::wire::{self, JOB_TYPE, JobMessage, Names};
 use kiln_protocol::{RenderRequest, Tier, TierLimits};
-use kiln_worker::amqp::{self, lapin};
 use kiln_worker::config::BackendChoice;
 use kiln_worker::consume::RunConfig;
 use kiln_worker::worker::{Worker, open_backend};
@@ -113,7 +113,7 @@ fn sample_job_message() -> anyhow::Result<Vec<u8>> {
         attempt: 1,
         client: "operator".into(),
         cache_key: "0".repeat(64),
-        created_ms: crate::time::now_ms(),
+        created_ms: kiln_protocol::now_ms(),
         request,
     };
     Ok(serde_json::to_vec(&msg)?)

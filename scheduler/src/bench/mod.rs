@@ -22,10 +22,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Secret;
-use crate::client::Client;
 use crate::config::FarmConfig;
 use crate::farm::Farm;
 use crate::store::{NewJob, Outcome, PgStore, SqliteStore, Store};
+use kiln_common::client::Client;
 use kiln_protocol::{JobState, RenderRequest, Tier};
 
 pub mod dispatch;
@@ -597,7 +597,7 @@ async fn store_run(a: &StoreBenchArgs, run: usize) -> anyhow::Result<[f64; 3]> {
 
 async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> anyhow::Result<[f64; 3]> {
     let limits = kiln_protocol::TierLimits::default();
-    let (n, now) = (a.jobs, crate::time::now_ms());
+    let (n, now) = (a.jobs, kiln_protocol::now_ms());
     let submit = {
         let store = store.clone();
         drive(n, a.concurrency, move |i| {

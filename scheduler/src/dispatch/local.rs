@@ -20,7 +20,7 @@ use super::{Dispatch, DispatchError, Marker};
 use crate::results::{Ended, Report};
 use crate::scheduler::{Live, Scheduler};
 use crate::store::{BoxFut, Dispatch as Job, Due, Outgoing, Pending};
-use crate::time::now_ms;
+use kiln_protocol::now_ms;
 
 /// An in-process render of fewer samples than this (width × height × samples²) writes its `running`
 /// event with its result, in one write, instead of one write before the render and one after (a job
@@ -88,7 +88,7 @@ pub async fn run_worker(
     sched.registry.join_local(Heartbeat {
         v: wire::SCHEMA_VERSION,
         worker_id: id.clone(),
-        host: kiln_worker::consume::host_name(),
+        host: kiln_common::host_name(),
         backend: engine.backend.name().to_owned(),
         adapter: engine.backend.device_name(),
         memory_bytes: None,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::Scheduler;
 use crate::store::{BoxFut, Outgoing, StoreError};
-use crate::time::now_ms;
+use kiln_protocol::now_ms;
 
 /// Why a round of dispatch failed.
 #[derive(Debug, thiserror::Error)]
