@@ -1,12 +1,17 @@
 //! `kiln`: the Kiln command line. `kiln up` runs the whole farm in one process; the other
 //! commands talk to it, or run the engine directly. See `kiln --help`.
 
+mod cli;
+mod studio;
+mod up;
+
 use clap::Parser;
-use kiln_scheduler::cli::{Cli, main_with};
 
 #[global_allocator]
-static ALLOC: kiln_worker::Allocator = kiln_worker::Allocator;
+static ALLOC: kiln_common::Allocator = kiln_common::Allocator;
 
 fn main() -> std::process::ExitCode {
-    main_with(Cli::parse())
+    let cli = cli::Cli::parse();
+    let global = cli.global.clone();
+    kiln_common::run_main(&global, || cli::run(cli))
 }

@@ -54,6 +54,15 @@ impl FromStr for Role {
     }
 }
 
+impl clap::ValueEnum for Role {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Role::Operator, Role::Client, Role::Worker, Role::Device]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
 /// Who is calling: the token's name and role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {

@@ -173,6 +173,16 @@ impl FarmConfig {
         Self::load_with(file, &|k| std::env::var(k).ok())
     }
 
+    /// The config a binary runs with: defaults < its `--config` file < the environment, with its
+    /// `--data-dir` on top.
+    pub fn load_for(global: &kiln_common::GlobalArgs) -> Result<Self, ConfigError> {
+        let mut cfg = Self::load(global.config.as_deref())?;
+        if let Some(d) = &global.data_dir {
+            cfg.worker.data_dir = d.clone();
+        }
+        Ok(cfg)
+    }
+
     /// [`Self::load`] with an explicit environment (for tests).
     pub fn load_with(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut cfg = FarmConfig::default();

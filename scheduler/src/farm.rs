@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use kiln_worker::config::{BackendChoice, ConfigError};
 use kiln_worker::render::Backend;
-use kiln_worker::worker::Worker;
+use kiln_worker::worker::{Worker, open_backend};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,12 +52,7 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 /// The token kept in `path` while it still authenticates with `role`; else a new one, created under
 /// `name` (or `name-2`, `name-3`, … if taken) and written to `path` (mode 0600). The secret, and
 /// whether it was created now.
-pub(crate) async fn ensure_token(
-    sched: &Scheduler,
-    path: &Path,
-    name: &str,
-    role: Role,
-) -> anyhow::Result<(String, bool)> {
+pub async fn ensure_token(sched: &Scheduler, path: &Path, name: &str, role: Role) -> anyhow::Result<(String, bool)> {
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_owned();
         if sched.authenticate(&t).is_some_and(|c| c.role == role) {
@@ -188,4 +184,73 @@ impl Farm {
     }
 }
 
-pub use kiln_common::shutdown_signal;
+/// The file where a running farm leaves its API's URL, for the CLI on the same machine.
+pub fn url_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("api.url")
+}
+
+/// What `kiln up` and `kiln-scheduler` both take on their command line; each overrides the
+/// config file and the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address for the API [default: 127.0.0.1:7878; env KILN_LISTEN].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// In-process workers [default: 2; env KILN_WORKERS].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// auto, cpu or wgpu [default: auto; env KILN_BACKEND].
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendChoice>,
+}
+
+impl ServeArgs {
+    /// Puts these flags over `cfg` and checks the result.
+    pub fn apply(&self, cfg: &mut FarmConfig) -> Result<(), ConfigError> {
+        cfg.scheduler.listen = self.listen.unwrap_or(cfg.scheduler.listen);
+        cfg.scheduler.workers = self.workers.unwrap_or(cfg.scheduler.workers);
+        cfg.worker.backend = self.backend.unwrap_or(cfg.worker.backend);
+        cfg.validate()
+    }
+}
+
+/// Opens the backend the config asks for; with the words that say which device it renders on.
+pub fn open_farm_backend(cfg: &FarmConfig) -> anyhow::Result<(Backend, String)> {
+    let backend = open_backend(cfg.worker.backend, cfg.worker.threads()).context("failed to open the backend")?;
+    let device = format!("{} ({})", backend.name(), backend.device_name());
+    Ok((backend, device))
+}
+
+/// Serves `farm` as a binary does until `shutdown`: leaves its URL in `DATA/api.url` while it
+/// runs, prints where everything is (headed by `name`, with `extra` lines of the caller's), and
+/// removes the URL file once it has stopped.
+pub async fn serve(
+    farm: Farm,
+    cfg: &FarmConfig,
+    name: &str,
+    device: &str,
+    extra: &[String],
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let url = format!("http://{}", farm.local_addr()?);
+    let url_path = url_file(cfg.data_dir());
+    std::fs::write(&url_path, format!("{url}\n")).with_context(|| format!("failed to write {}", url_path.display()))?;
+    let (token, created) = farm.token_file();
+    println!("{name}: the farm is running");
+    println!("  API      {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+    println!("  metrics  {url}/metrics");
+    println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
+    println!("  data     {}", cfg.data_dir().display());
+    if cfg.scheduler.broker.amqp_url.is_some() {
+        println!("  workers  kiln-worker daemons over RabbitMQ");
+    } else {
+        println!("  workers  {} on {device}", cfg.scheduler.workers);
+    }
+    for line in extra {
+        println!("{line}");
+    }
+    let _ = std::io::stdout().flush();
+    let served = farm.run_until_stopped(shutdown).await;
+    let _ = std::fs::remove_file(&url_path);
+    served
+}

@@ -6,7 +6,6 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod broker;
-pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod farm;
@@ -17,7 +16,5 @@ pub mod results;
 pub mod retry;
 pub mod scheduler;
 pub mod store;
-#[cfg(feature = "studio")]
-pub mod studio;
 pub mod testenv;
 pub mod time;

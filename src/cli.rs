@@ -2,23 +2,20 @@
 //! `job`, `cancel` and `token` talk to a farm over its API; `render` and `bench` run the engine
 //! directly.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
-use kiln_common::{GlobalArgs, run_main};
-use kiln_protocol::{JobRequest, JobState, Tier};
-use kiln_worker::config::BackendChoice;
-use kiln_worker::worker::open_backend;
-use serde_json::{Value, json};
-
-use crate::auth::{Role, Secret};
-use crate::config::FarmConfig;
-use crate::farm::{Farm, shutdown_signal};
+use kiln_common::GlobalArgs;
 use kiln_common::client::Client;
+use kiln_protocol::{JobRequest, JobState, Secret, Tier};
+use kiln_scheduler::auth::Role;
+use kiln_scheduler::config::FarmConfig;
+use kiln_scheduler::farm::{ServeArgs, url_file};
+use serde_json::{Value, json};
 
 /// Kiln, a render farm for generative-art studios: renders (prompt, seed, tier) to the same PNG
 /// every time, answers repeats from its cache, and runs on one laptop with `kiln up`.
@@ -76,15 +73,9 @@ pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:7883";
 /// `kiln up`'s arguments.
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Address for the API [default: 127.0.0.1:7878; env KILN_LISTEN].
-    #[arg(long)]
-    pub listen: Option<std::net::SocketAddr>,
-    /// In-process workers [default: 2; env KILN_WORKERS].
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// auto, cpu or wgpu [default: auto; env KILN_BACKEND].
-    #[arg(long, value_enum)]
-    pub backend: Option<BackendChoice>,
+    /// Where the API listens, the workers, the backend.
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Where the embedded MQTT broker listens, for outside MQTT clients to watch the studio
     /// (unused when scheduler.fleet.mqtt_url / KILN_MQTT_URL names a broker of your own).
     #[arg(long, env = "KILN_MQTT_LISTEN", default_value = DEFAULT_MQTT_LISTEN)]
@@ -252,37 +243,20 @@ pub enum BenchCommand {
     /// The render engine: megapixels/s, effective GFLOP/s and peak memory per backend and tier.
     Engine(kiln_worker::bench::BenchArgs),
     /// The farm end to end through HTTP: cache-hit submits and tiny renders, per second and p50/p99.
-    Farm(crate::bench::FarmBenchArgs),
+    Farm(kiln_scheduler::bench::FarmBenchArgs),
     /// The store alone: how many jobs/s its writes allow, without HTTP or rendering.
-    Store(crate::bench::StoreBenchArgs),
+    Store(kiln_scheduler::bench::StoreBenchArgs),
     /// The distributed farm (PostgreSQL, RabbitMQ) end to end beside the broker's raw ceiling.
-    Dispatch(crate::bench::dispatch::DispatchBenchArgs),
+    Dispatch(kiln_scheduler::bench::dispatch::DispatchBenchArgs),
     /// Many kiln-edge agents against an MQTT broker and one scheduler: CPU, RSS, task round trips.
-    Fleet(crate::bench::fleet::FleetBenchArgs),
-}
-
-impl clap::ValueEnum for Role {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Role::Operator, Role::Client, Role::Worker, Role::Device]
-    }
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.as_str()))
-    }
+    Fleet(kiln_scheduler::bench::fleet::FleetBenchArgs),
 }
 
 /// The config with the command line's overrides on top.
 pub fn load_config(cli: &Cli) -> anyhow::Result<FarmConfig> {
-    let mut cfg = FarmConfig::load(cli.global.config.as_deref())?;
-    if let Some(d) = &cli.global.data_dir {
-        cfg.worker.data_dir = d.clone();
-    }
+    let mut cfg = FarmConfig::load_for(&cli.global)?;
     match &cli.command {
-        Some(Command::Up(a)) => {
-            cfg.scheduler.listen = a.listen.unwrap_or(cfg.scheduler.listen);
-            cfg.scheduler.workers = a.workers.unwrap_or(cfg.scheduler.workers);
-            cfg.worker.backend = a.backend.unwrap_or(cfg.worker.backend);
-            cfg.validate()?;
-        }
+        Some(Command::Up(a)) => a.serve.apply(&mut cfg)?,
         Some(Command::Render(r)) => {
             cfg.worker.backend = r.backend.unwrap_or(cfg.worker.backend);
             cfg.worker.engine = r.engine.unwrap_or(cfg.worker.engine);
@@ -290,11 +264,6 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<FarmConfig> {
         _ => {}
     }
     Ok(cfg)
-}
-
-/// The file where a running `kiln up` leaves its API URL.
-pub fn url_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("api.url")
 }
 
 /// A client from `--server`/`--token`, else the local farm's data dir.
@@ -320,12 +289,6 @@ pub fn client(cfg: &FarmConfig, r: &Remote) -> anyhow::Result<Client> {
     Ok(Client::new(&server, Some(Secret::new(token))))
 }
 
-/// The whole of `main` after parsing (see [`kiln_common::run_main`]).
-pub fn main_with(cli: Cli) -> std::process::ExitCode {
-    let global = cli.global.clone();
-    run_main(&global, || run(cli))
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
 }
@@ -341,13 +304,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         None => bail!("no command given; try `kiln up`, `kiln submit --help` or `kiln --help`"),
         Some(Command::Render(args)) => kiln_worker::cli::render(&cfg.worker, &args),
         Some(Command::Bench(BenchCommand::Engine(args))) => kiln_worker::bench::run(&cfg.worker, &args),
-        Some(Command::Bench(BenchCommand::Farm(args))) => runtime()?.block_on(crate::bench::run(&cfg, &args)),
-        Some(Command::Bench(BenchCommand::Store(args))) => runtime()?.block_on(crate::bench::run_store(&args)),
+        Some(Command::Bench(BenchCommand::Farm(args))) => runtime()?.block_on(kiln_scheduler::bench::run(&cfg, &args)),
+        Some(Command::Bench(BenchCommand::Store(args))) => runtime()?.block_on(kiln_scheduler::bench::run_store(&args)),
         Some(Command::Bench(BenchCommand::Dispatch(args))) => {
-            runtime()?.block_on(crate::bench::dispatch::run(&cfg, &args))
+            runtime()?.block_on(kiln_scheduler::bench::dispatch::run(&cfg, &args))
         }
-        Some(Command::Bench(BenchCommand::Fleet(args))) => runtime()?.block_on(crate::bench::fleet::run(&cfg, &args)),
-        Some(Command::Up(args)) => runtime()?.block_on(up(cfg, &args)),
+        Some(Command::Bench(BenchCommand::Fleet(args))) => {
+            runtime()?.block_on(kiln_scheduler::bench::fleet::run(&cfg, &args))
+        }
+        Some(Command::Up(args)) => runtime()?.block_on(crate::up::up(cfg, &args)),
         Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
         Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),
         Some(Command::Job(args)) => runtime()?.block_on(job(&cfg, &args)),
@@ -367,62 +332,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }),
     }
-}
-
-// Without the studio, nothing sets the MQTT URL in `cfg`.
-#[cfg_attr(not(feature = "studio"), allow(unused_mut))]
-async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
-    let backend = open_backend(cfg.worker.backend, cfg.worker.threads()).context("failed to open the backend")?;
-    let device = format!("{} ({})", backend.name(), backend.device_name());
-    #[cfg(feature = "studio")]
-    let embedded = match &cfg.scheduler.fleet.mqtt_url {
-        Some(_) => false,
-        None => {
-            let addr = crate::studio::start_broker(args.mqtt_listen)?;
-            cfg.scheduler.fleet.mqtt_url = Some(format!("mqtt://{addr}"));
-            true
-        }
-    };
-    #[cfg(not(feature = "studio"))]
-    let embedded = {
-        let _ = args;
-        false
-    };
-    let farm = Farm::build(&cfg, backend).await?;
-    let addr = farm.local_addr()?;
-    let url = format!("http://{addr}");
-    #[cfg(feature = "studio")]
-    let studio = match (&cfg.scheduler.fleet.mqtt_url, args.no_devices) {
-        (Some(mqtt), false) => Some(crate::studio::Studio::start(farm.scheduler(), cfg.data_dir(), mqtt, &url).await?),
-        _ => None,
-    };
-    let url_path = url_file(cfg.data_dir());
-    std::fs::write(&url_path, format!("{url}\n")).with_context(|| format!("failed to write {}", url_path.display()))?;
-    let (token, created) = farm.token_file();
-    println!("kiln up: the farm is running");
-    println!("  API      {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
-    println!("  metrics  {url}/metrics");
-    println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
-    println!("  data     {}", cfg.data_dir().display());
-    println!("  workers  {} on {device}", cfg.scheduler.workers);
-    if let Some(mqtt) = &cfg.scheduler.fleet.mqtt_url {
-        println!("  mqtt     {mqtt}{}", if embedded { " (embedded broker)" } else { "" });
-    }
-    #[cfg(feature = "studio")]
-    if let Some(s) = &studio {
-        println!("  studio   printer, lights, camera, display (simulated); the display shows {}", s.gallery.display());
-    }
-    println!("Try: kiln submit \"ember kaleidoscope\" --wait --out art.png      Ctrl-C drains and stops.");
-    println!("     kiln devices;  kiln task printer print --asset HASH --wait");
-    let _ = std::io::stdout().flush();
-    farm.run_until_stopped(shutdown_signal()).await?;
-    #[cfg(feature = "studio")]
-    if let Some(s) = studio {
-        s.stop().await;
-    }
-    let _ = std::fs::remove_file(&url_path);
-    println!("kiln up: stopped");
-    Ok(())
 }
 
 /// Prints a job: its JSON with `--json`, else a line and its asset or error.
@@ -716,7 +625,7 @@ async fn job(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
     });
     let _ = tokio::time::timeout(Duration::from_millis(300), follow).await;
     for e in &events {
-        let at = e["at_ms"].as_i64().map(crate::time::rfc3339).unwrap_or_default();
+        let at = e["at_ms"].as_i64().map(kiln_scheduler::time::rfc3339).unwrap_or_default();
         println!("  {at}  {:<10} {}", e["state"].as_str().unwrap_or(""), e["detail"].as_str().unwrap_or(""));
     }
     Ok(())

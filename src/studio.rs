@@ -17,8 +17,8 @@ use kiln_edge::sim::{PrinterSetup, SimDevice};
 use kiln_protocol::fleet::DeviceKind;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Role;
-use crate::scheduler::Scheduler;
+use kiln_scheduler::auth::Role;
+use kiln_scheduler::scheduler::Scheduler;
 
 /// Starts the embedded broker on `listen` (port 0 picks one); the address it listens on.
 pub fn start_broker(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
@@ -91,7 +91,7 @@ impl Studio {
         let dir = data.join("studio");
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
         let (token, _) =
-            crate::farm::ensure_token(sched, &dir.join("device.token"), "studio-agent", Role::Device).await?;
+            kiln_scheduler::farm::ensure_token(sched, &dir.join("device.token"), "studio-agent", Role::Device).await?;
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
         let printer = SimDevice::printer(loopback, PrinterSetup { print_ms: 1_500, ..PrinterSetup::default() }).await?;
         let lights = SimDevice::lights(loopback).await?;

@@ -1,0 +1,45 @@
+//! `kiln up`: the whole farm in this process, with an embedded MQTT broker and the simulated
+//! studio ([`crate::studio`]) unless the config names a broker of its own or `--no-devices`.
+
+use kiln_common::shutdown_signal;
+use kiln_scheduler::config::FarmConfig;
+use kiln_scheduler::farm::{Farm, open_farm_backend, serve};
+
+use crate::cli::UpArgs;
+use crate::studio::{Studio, start_broker};
+
+/// Runs the farm until SIGINT or SIGTERM, then drains and stops.
+pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
+    let (backend, device) = open_farm_backend(&cfg)?;
+    let embedded = match &cfg.scheduler.fleet.mqtt_url {
+        Some(_) => false,
+        None => {
+            let addr = start_broker(args.mqtt_listen)?;
+            cfg.scheduler.fleet.mqtt_url = Some(format!("mqtt://{addr}"));
+            true
+        }
+    };
+    let farm = Farm::build(&cfg, backend).await?;
+    let url = format!("http://{}", farm.local_addr()?);
+    let studio = match (&cfg.scheduler.fleet.mqtt_url, args.no_devices) {
+        (Some(mqtt), false) => Some(Studio::start(farm.scheduler(), cfg.data_dir(), mqtt, &url).await?),
+        _ => None,
+    };
+    let mut extra = Vec::new();
+    if let Some(mqtt) = &cfg.scheduler.fleet.mqtt_url {
+        extra.push(format!("  mqtt     {mqtt}{}", if embedded { " (embedded broker)" } else { "" }));
+    }
+    if let Some(s) = &studio {
+        let gallery = s.gallery.display();
+        extra.push(format!("  studio   printer, lights, camera, display (simulated); the display shows {gallery}"));
+    }
+    extra.push("Try: kiln submit \"ember kaleidoscope\" --wait --out art.png      Ctrl-C drains and stops.".into());
+    extra.push("     kiln devices;  kiln task printer print --asset HASH --wait".into());
+    let served = serve(farm, &cfg, "kiln up", &device, &extra, shutdown_signal()).await;
+    if let Some(s) = studio {
+        s.stop().await;
+    }
+    served?;
+    println!("kiln up: stopped");
+    Ok(())
+}
