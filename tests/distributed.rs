@@ -183,9 +183,9 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
         assert_eq!((&prov["asset"], &prov["backend"]), (&Value::from(hash), &Value::from("cpu")), "{prov}");
         // A 24×24 PNG travelled inside its result: the worker did not store it. It and its
         // provenance are kept in the scheduler's database, not in files.
-        let own = kiln_worker::store::AssetStore::open(d.workers[0].1.path()).unwrap();
+        let own = kiln_worker::assets::AssetStore::open(d.workers[0].1.path()).unwrap();
         assert!(!own.contains(hash), "a small asset is sent with its result, not kept and uploaded");
-        let scheduler_files = kiln_worker::store::AssetStore::open(d.farm.dir.path()).unwrap();
+        let scheduler_files = kiln_worker::assets::AssetStore::open(d.farm.dir.path()).unwrap();
         assert!(!scheduler_files.contains(hash) && !scheduler_files.provenance_path(hash).exists());
         assert_eq!(d.farm.sched.store.asset_png(hash).await.unwrap().as_deref(), Some(&png[..]));
     }
@@ -242,7 +242,7 @@ async fn a_worker_sharing_the_schedulers_store_keeps_each_provenance_there_and_i
     let shared = d.farm.dir.path().to_str().unwrap().to_owned();
     d.spawn_worker_with("w-shared", &[("KILN_SHARED_ASSETS", "true"), ("KILN_DATA_DIR", &shared)]);
     let ids = d.submit(2, 70).await;
-    let store = kiln_worker::store::AssetStore::open(d.farm.dir.path()).unwrap();
+    let store = kiln_worker::assets::AssetStore::open(d.farm.dir.path()).unwrap();
     for j in d.wait_all(&ids, Duration::from_secs(120)).await {
         assert_eq!(j["state"], "succeeded", "{j}");
         let hash = j["asset"].as_str().unwrap();

@@ -330,7 +330,7 @@ async fn events_stream_assets_and_provenance() {
     assert_eq!(prov["thumbnail"], blake3::hash(&thumb).to_hex().as_str());
     assert_eq!((&prov["asset"], &prov["request"]["seed"], &prov["backend"]), (&json!(asset), &json!(4), &json!("cpu")));
     // The farm keeps it in its database, not in a file beside the PNG.
-    let files = kiln_worker::store::AssetStore::open(farm.dir.path()).unwrap();
+    let files = kiln_worker::assets::AssetStore::open(farm.dir.path()).unwrap();
     assert!(!files.provenance_path(asset).exists(), "recorded with the asset's row");
     // One uploaded on its own (a worker answering from a store of its own) is a file, served alike.
     let (png, record) = (b"\x89PNG uploaded".to_vec(), |h: &str| json!({ "asset": h, "by": "an upload" }));

@@ -250,7 +250,7 @@ impl Scheduler {
             return refused("its bytes do not hash to it (BLAKE3)".into());
         }
         // It is served as its own thumbnail too.
-        match kiln_worker::store::png_dimensions(png) {
+        match kiln_worker::assets::png_dimensions(png) {
             Some((w, h)) if own_thumbnail(w, h) => Ok(record),
             Some((w, h)) => refused(format!(
                 "it is {w}×{h}: only an image that is its own thumbnail (at most {THUMB_SIDE} px a side) comes inline"

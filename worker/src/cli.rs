@@ -9,7 +9,7 @@ use kiln_common::{GlobalArgs, run_main, shutdown_signal};
 use kiln_protocol::{RenderRequest, Tier};
 
 use crate::config::{BackendChoice, WorkerConfig};
-use crate::consume::RunConfig;
+use crate::daemon::RunConfig;
 use crate::engine::cppn::MODEL_ID;
 use crate::render::{ModelPath, Progress};
 use crate::worker::{Worker, open_backend};
@@ -292,6 +292,6 @@ fn run_daemon(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
             tracing::info!("signal received: draining");
             signalled.cancel();
         });
-        crate::consume::run(worker, run, stop).await
+        crate::daemon::run(worker, run, stop).await
     })
 }

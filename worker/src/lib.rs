@@ -1,11 +1,12 @@
 //! Kiln's worker: the render engine (burn models and fused kernels), wgpu post-processing,
 //! PNG encoding, the content-addressed asset store and the seed-keyed cache.
 
+pub mod assets;
 pub mod attempt;
 pub mod bench;
 pub mod cli;
 pub mod config;
-pub mod consume;
+pub mod daemon;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;
@@ -14,5 +15,4 @@ pub mod prng;
 pub mod render;
 pub mod settle;
 pub mod shaders;
-pub mod store;
 pub mod worker;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use kiln_protocol::{CacheKey, RenderRequest};
 use serde::Serialize;
 
+use crate::assets::AssetStore;
 use crate::config::{BackendChoice, WorkerConfig};
 use crate::engine::EngineError;
 use crate::engine::cppn::{MODEL_ID, model_version};
@@ -15,7 +16,6 @@ use crate::gpu::Gpu;
 use crate::metrics::Metrics;
 use crate::post::post_chain_version;
 use crate::render::{Backend, Engine, Progress, RenderError, RenderStats, render_to};
-use crate::store::AssetStore;
 
 /// What can go wrong in the worker.
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +234,7 @@ impl Worker {
     /// is not stored but handed back in [`Rendered::png`] with its provenance, for a caller that
     /// sends it on whole (a worker daemon puts it inside its result message) or stores it where
     /// waiting for the store holds no thread ([`AssetStore::put`]). `hold` is at most
-    /// [`SPILL_BYTES`](crate::store::SPILL_BYTES); 0 stores every asset.
+    /// [`SPILL_BYTES`](crate::assets::SPILL_BYTES); 0 stores every asset.
     pub fn render_holding(
         &self,
         req: &RenderRequest,

@@ -30,7 +30,7 @@ use kiln_common::amqp::{self, lapin};
 use kiln_protocol::wire::{self, JOB_TYPE, JobMessage, Names};
 use kiln_protocol::{RenderRequest, Tier, TierLimits};
 use kiln_worker::config::BackendChoice;
-use kiln_worker::consume::RunConfig;
+use kiln_worker::daemon::RunConfig;
 use kiln_worker::worker::{Worker, open_backend};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -258,7 +258,7 @@ async fn end_to_end(
             ..RunConfig::default()
         };
         let worker = workers[i % workers.len()].clone();
-        daemons.push(tokio::spawn(kiln_worker::consume::run(worker, rc, stop.clone())));
+        daemons.push(tokio::spawn(kiln_worker::daemon::run(worker, rc, stop.clone())));
     }
     let sent = |workers: &[Arc<Worker>]| {
         workers.iter().fold((0, 0, 0), |(m, r, a), w| {

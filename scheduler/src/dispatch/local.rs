@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use kiln_protocol::Tier;
 use kiln_protocol::wire::{self, Heartbeat};
+use kiln_worker::assets::SPILL_BYTES;
 use kiln_worker::attempt::attempt;
 use kiln_worker::render::Progress;
-use kiln_worker::store::SPILL_BYTES;
 use kiln_worker::worker::Rendered;
 use tokio_util::sync::CancellationToken;
 

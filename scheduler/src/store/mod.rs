@@ -204,7 +204,7 @@ pub enum Outcome {
         /// an asset stays. `None` where it is kept elsewhere (a file in the asset store).
         provenance: Option<String>,
         /// The PNG itself where it is kept with the asset's row (a small one, held in memory:
-        /// see [`kiln_worker::store::SPILL_BYTES`]); the first one recorded for an asset stays.
+        /// see [`kiln_worker::assets::SPILL_BYTES`]); the first one recorded for an asset stays.
         /// `None` where it is a file in the asset store.
         png: Option<Vec<u8>>,
     },
