@@ -15,7 +15,7 @@ use kiln_protocol::wire::{
     AttemptOutcome, JOB_TYPE, JobMessage, Names, REASON_HEADER, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use kiln_scheduler::auth::Role;
-use kiln_scheduler::testenv;
+use kiln_testenv as testenv;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use serde_json::Value;
 

@@ -24,7 +24,7 @@ use kiln_protocol::wire::Names;
 use kiln_scheduler::auth::Secret;
 use kiln_scheduler::store::Store;
 use kiln_scheduler::store::postgres::PgStore;
-use kiln_scheduler::testenv;
+use kiln_testenv as testenv;
 use serde_json::{Value, json};
 
 /// One fault test at a time (an async lock: it is held across awaits, and a failed test does

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{TestFarm, job, sibling, test_config};
 use hyper::Method;
 use kiln_edge::sim::{PrinterSetup, SimDevice, SimLine};
-use kiln_scheduler::testenv;
+use kiln_testenv as testenv;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 

@@ -4,7 +4,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod dispatch;
@@ -16,5 +15,4 @@ pub mod results;
 pub mod retry;
 pub mod scheduler;
 pub mod store;
-pub mod testenv;
 pub mod time;

@@ -31,8 +31,6 @@ pub struct Cli {
 pub enum Command {
     /// Render one image (or answer it from the cache) and copy the PNG to --out.
     Render(RenderArgs),
-    /// Measure the engine: megapixels/s, effective GFLOP/s and peak memory per backend and tier.
-    Bench(crate::bench::BenchArgs),
     /// Run as a daemon of the distributed farm: take jobs from RabbitMQ, render, upload the
     /// asset to the scheduler, publish the result. Settings: `[run]` in the config file, KILN_*
     /// environment, these flags. SIGTERM drains (finishes what is in hand, hands back the rest).
@@ -235,10 +233,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match &cli.command {
         Some(Command::Render(args)) => render(&cfg, args),
-        Some(Command::Bench(args)) => crate::bench::run(&cfg, args),
         Some(Command::Run(_)) => unreachable!("handled above"),
         None => bail!(
-            "no command given; try `kiln-worker run --help`, `kiln-worker render --help` or `kiln-worker bench --help`"
+            "no command given; try `kiln-worker run --help` or `kiln-worker render --help` (the engine's benchmark is `kiln bench engine`)"
         ),
     }
 }

@@ -3,7 +3,6 @@
 
 pub mod assets;
 pub mod attempt;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -59,9 +59,6 @@ pub enum StoreError {
     /// A name that must be unique is taken.
     #[error("{0} already exists")]
     Conflict(String),
-    /// A name handed to the store cannot be used as one (a schema name with odd characters).
-    #[error("{0}")]
-    BadName(String),
 }
 
 /// A job as stored: the projection of its events.

@@ -68,25 +68,6 @@ impl PgStore {
         Ok(PgStore { writer, read, submits, results })
     }
 
-    /// Creates the schema `name` in the database at `base` and returns a URL whose connections
-    /// use it: a private namespace for a test or a benchmark on a shared server. `name` must be
-    /// a plain identifier (letters, digits, `_`).
-    pub async fn create_schema(base: &str, name: &str) -> Result<String, StoreError> {
-        check_identifier(name)?;
-        let mut conn = PgConnectOptions::from_str(base)?.connect().await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&mut conn).await?;
-        let sep = if base.contains('?') { '&' } else { '?' };
-        Ok(format!("{base}{sep}options=-csearch_path%3D{name}"))
-    }
-
-    /// Drops the schema `name` (and everything in it) from the database at `base`.
-    pub async fn drop_schema(base: &str, name: &str) -> Result<(), StoreError> {
-        check_identifier(name)?;
-        let mut conn = PgConnectOptions::from_str(base)?.connect().await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {name} CASCADE"))).execute(&mut conn).await?;
-        Ok(())
-    }
-
     async fn write<T: Send + 'static>(&self, f: OpFn<PgConnection, T>) -> Result<T, StoreError> {
         self.writer.write(f).await
     }
@@ -451,10 +432,3 @@ async fn record_round(
 super::shared::shared_ops!(PgConnection);
 super::shared::store_impl!(PgStore, PgConnection);
 super::fleet::fleet_impl!(PgStore, PgConnection);
-
-fn check_identifier(name: &str) -> Result<(), StoreError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(StoreError::BadName(format!("schema name {name:?}: only letters, digits and '_'")));
-    }
-    Ok(())
-}

@@ -1,5 +1,5 @@
 //! One store test suite, run against both stores: SQLite in a temporary directory, and
-//! PostgreSQL in a fresh schema of the test database (see [`crate::testenv`]).
+//! PostgreSQL in a fresh schema of the test database (see [`kiln_testenv`]).
 
 use super::*;
 use kiln_protocol::TierLimits;
@@ -11,7 +11,7 @@ async fn sqlite_store() -> (tempfile::TempDir, SqliteStore) {
 }
 
 async fn pg_store() -> Option<PgStore> {
-    let url = crate::testenv::fresh_database().await?;
+    let url = kiln_testenv::fresh_database().await?;
     Some(PgStore::open(&url).await.unwrap())
 }
 

@@ -1,4 +1,5 @@
-//! For tests: where the real services are, and what to do when one is not there.
+//! For tests and benchmarks (never linked by a service): where the real services are, what to do
+//! when one is not there, and scratch schemas in PostgreSQL.
 //!
 //! Tests that need PostgreSQL, RabbitMQ or an MQTT broker read `KILN_TEST_DATABASE_URL`,
 //! `KILN_TEST_AMQP_URL` and `KILN_TEST_MQTT_URL`
@@ -9,7 +10,50 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
-use crate::store::PgStore;
+/// Random bytes from the operating system.
+fn os_random<const N: usize>() -> std::io::Result<[u8; N]> {
+    use std::io::Read;
+    let mut buf = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// Why a scratch schema could not be made or dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The name is not a plain identifier.
+    #[error("schema name {0:?}: only letters, digits and '_'")]
+    BadName(String),
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+fn check_identifier(name: &str) -> Result<(), SchemaError> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(SchemaError::BadName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Creates the schema `name` in the database at `base` and returns a URL whose connections use
+/// it: a private namespace for a test or a benchmark on a shared server. `name` must be a plain
+/// identifier (letters, digits, `_`).
+pub async fn create_schema(base: &str, name: &str) -> Result<String, SchemaError> {
+    check_identifier(name)?;
+    let mut conn = sqlx::PgConnection::connect(base).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&mut conn).await?;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{sep}options=-csearch_path%3D{name}"))
+}
+
+/// Drops the schema `name` (and everything in it) from the database at `base`.
+pub async fn drop_schema(base: &str, name: &str) -> Result<(), SchemaError> {
+    check_identifier(name)?;
+    let mut conn = sqlx::PgConnection::connect(base).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {name} CASCADE"))).execute(&mut conn).await?;
+    Ok(())
+}
 
 /// The default PostgreSQL URL for tests.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -85,10 +129,10 @@ pub async fn fresh_database() -> Option<String> {
     .await
     .unwrap_or_default();
     for s in old {
-        let _ = PgStore::drop_schema(&base, &s).await;
+        let _ = drop_schema(&base, &s).await;
     }
-    let schema = format!("kiln_t_{now}_{}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
-    Some(PgStore::create_schema(&base, &schema).await.expect("create a test schema"))
+    let schema = format!("kiln_t_{now}_{}", u32::from_le_bytes(os_random::<4>().expect("random")));
+    Some(create_schema(&base, &schema).await.expect("create a test schema"))
 }
 
 /// `(url, a unique prefix)` when `addr` accepts a TCP connection; else `None`, after saying why
@@ -99,7 +143,7 @@ async fn reachable_with_prefix(service: &str, var: &str, url: String, addr: &str
         skip_or_fail(service, var, &url, &e);
         return None;
     }
-    let prefix = format!("kt{:08x}", u32::from_le_bytes(crate::auth::os_random::<4>().expect("random")));
+    let prefix = format!("kt{:08x}", u32::from_le_bytes(os_random::<4>().expect("random")));
     Some((url, prefix))
 }
 

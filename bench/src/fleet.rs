@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use hyper::Method;
-use kiln_worker::bench::proc_status_mib;
 use serde_json::json;
 
-use super::{BenchFarm, Cleanup, Trips, median, percentile, tiny_jobs};
-use crate::config::FarmConfig;
-use crate::store::fleet::TaskState;
+use kiln_scheduler::config::FarmConfig;
+use kiln_scheduler::store::fleet::TaskState;
+
+use crate::farm::{BenchFarm, Cleanup, Trips, tiny_jobs};
+use crate::stats::{median, percentile, proc_status_mib};
 
 /// `kiln bench fleet`'s arguments.
 #[derive(Debug, Args)]
@@ -97,10 +98,11 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     .await?;
     let c = farm.client.clone();
     tiny_jobs(&c, "fleet bench", 1, 1, 1, Trips::SubmitThenWait).await?;
-    let asset = farm.sched.store.list(crate::store::ListQuery { limit: 1, ..Default::default() }).await?.jobs[0]
-        .asset
-        .clone()
-        .context("the bench's asset")?;
+    let asset = farm.sched.store.list(kiln_scheduler::store::ListQuery { limit: 1, ..Default::default() }).await?.jobs
+        [0]
+    .asset
+    .clone()
+    .context("the bench's asset")?;
     let made = c.call(Method::POST, "/v1/tokens", Some(&json!({ "name": "bench-agents", "role": "device" }))).await?;
     let token = made["token"].as_str().context("no token")?.to_owned();
     let config = farm.dir.join("edge.toml");

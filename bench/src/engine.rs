@@ -1,4 +1,4 @@
-//! `kiln-worker bench`: megapixels per second, effective GFLOP/s and peak memory for each backend
+//! `kiln bench engine`: megapixels per second, effective GFLOP/s and peak memory for each backend
 //! at the preview and final tier sizes, plus one large print render as the bounded-memory check.
 //!
 //! Effective GFLOP/s = the CPPN's multiply-add FLOPs per sample (2 × 3520) × samples / seconds in
@@ -10,12 +10,14 @@ use anyhow::Context;
 use clap::Args;
 use kiln_protocol::{RenderRequest, Tier};
 
-use crate::config::{BackendChoice, WorkerConfig};
-use crate::engine::cppn::{Cppn, FLOPS_PER_SAMPLE, MODEL_ID, SampleTile, render_tile_cpu};
-use crate::engine::style::Style;
-use crate::gpu::{BandRenderer, Gpu};
-use crate::render::{Backend, Engine, ModelPath, render_to};
-use crate::worker::open_backend;
+use kiln_worker::config::{BackendChoice, WorkerConfig};
+use kiln_worker::engine::cppn::{Cppn, FLOPS_PER_SAMPLE, MODEL_ID, SampleTile, render_tile_cpu};
+use kiln_worker::engine::style::Style;
+use kiln_worker::gpu::{BandRenderer, Gpu};
+use kiln_worker::render::{Backend, Engine, ModelPath, render_to};
+use kiln_worker::worker::open_backend;
+
+use crate::stats::{median, proc_status_mib};
 
 /// `bench`'s arguments.
 #[derive(Debug, Args)]
@@ -40,16 +42,6 @@ pub struct BenchArgs {
     /// built-in kernel's; repeatable. Nothing is rendered with it outside the benchmark.
     #[arg(long = "cppn-wgsl", value_name = "FILE")]
     pub cppn_wgsl: Vec<PathBuf>,
-}
-
-/// A `kB` line of `/proc/{pid}/status` (`VmRSS:`, `VmHWM:`…) in MiB; 0 where there is none.
-pub fn proc_status_mib(pid: &str, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Peak resident memory since the last reset, in MiB (Linux; 0 elsewhere).
@@ -130,11 +122,6 @@ fn other_kernels(files: &[PathBuf], builtin: &Gpu, runs: usize) -> anyhow::Resul
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Runs the benchmark and prints a table.
 pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
     let choices = match args.backend.as_str() {
@@ -156,7 +143,7 @@ pub fn run(cfg: &WorkerConfig, args: &BenchArgs) -> anyhow::Result<()> {
         cases.push((Tier::Print, args.print_side, 1));
     }
     println!(
-        "# kiln-worker bench: CPPN 11→4×32→3, {} FLOPs/sample; medians of {runs} runs; cpu threads {}",
+        "# kiln bench engine: CPPN 11→4×32→3, {} FLOPs/sample; medians of {runs} runs; cpu threads {}",
         FLOPS_PER_SAMPLE,
         cfg.threads()
     );

@@ -35,10 +35,11 @@ use kiln_worker::worker::{Worker, open_backend};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-use super::{BenchFarm, Cleanup, Figures, Trips, batched_medians, median, medians, tiny_batches, tiny_jobs};
-use crate::auth::Role;
-use crate::config::FarmConfig;
-use crate::store::PgStore;
+use kiln_scheduler::auth::Role;
+use kiln_scheduler::config::FarmConfig;
+
+use crate::farm::{BenchFarm, Cleanup, Trips, batched_medians, tiny_batches, tiny_jobs};
+use crate::stats::{Figures, median, medians};
 
 /// The broker messages a job cost in a run: its job message and its share of a result message.
 fn messages_per_job(result_messages: u64, results: u64) -> f64 {
@@ -79,10 +80,10 @@ pub struct DispatchBenchArgs {
     #[arg(long, default_value_t = 20_000)]
     pub raw_messages: usize,
     /// The PostgreSQL database (a scratch schema is made in it and dropped).
-    #[arg(long, env = "KILN_DATABASE_URL", default_value = crate::testenv::DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "KILN_DATABASE_URL", default_value = kiln_testenv::DEFAULT_DATABASE_URL)]
     pub database_url: String,
     /// The RabbitMQ broker (queues under a scratch prefix, deleted afterwards).
-    #[arg(long, env = "KILN_AMQP_URL", default_value = crate::testenv::DEFAULT_AMQP_URL)]
+    #[arg(long, env = "KILN_AMQP_URL", default_value = kiln_testenv::DEFAULT_AMQP_URL)]
     pub amqp_url: String,
     /// Runs; the figures are the median.
     #[arg(long, default_value_t = 3)]
@@ -313,10 +314,10 @@ pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> 
         delete_queues(&a.amqp_url, &names).await?;
         let raw = raw?;
         let schema = scratch_name("db", run);
-        let db = PgStore::create_schema(&a.database_url, &schema).await.context("making a scratch schema")?;
+        let db = kiln_testenv::create_schema(&a.database_url, &schema).await.context("making a scratch schema")?;
         let prefix = scratch_name("mq", run);
         let e2e = end_to_end(cfg, a, run, &db, &prefix).await;
-        let _ = PgStore::drop_schema(&a.database_url, &schema).await;
+        let _ = kiln_testenv::drop_schema(&a.database_url, &schema).await;
         delete_queues(&a.amqp_url, &Names::new(&prefix)).await?;
         let (e2e, batch, messages) = e2e?;
         per_job.push(messages);
