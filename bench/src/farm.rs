@@ -49,8 +49,7 @@ pub struct FarmBenchArgs {
     #[arg(long, default_value_t = 16)]
     pub batch_clients: usize,
     /// In-process workers. A tiny render's job waits for its result's write, and renders that
-    /// finish together share one, so many workers help a little: on 2 cores, one job to a
-    /// request went 4,821 and 5,577/s at 16, 5,109 and 5,498 at 32, 5,765 and 5,775 at 128.
+    /// finish together share one, so many workers help a little (docs/benchmarks.md).
     #[arg(long, default_value_t = 128)]
     pub workers: usize,
     /// Keep each run's data dir (database, assets) for a look afterwards.

@@ -22,8 +22,9 @@ pub struct Failure {
 
 /// A render on the CPU of fewer samples than this (width × height × samples²) runs on the task
 /// that asked for it, not on a blocking thread: a hand-off to the blocking pool and back costs
-/// two thread wakes and their context switches, for a 16×16 render of about 50 µs. At this bound
-/// a render holds its runtime thread for well under a millisecond.
+/// two thread wakes and their context switches, more than a 16×16 render takes (see
+/// `docs/benchmarks.md`). At this bound a render holds its runtime thread for well under a
+/// millisecond.
 pub const INLINE_BELOW_SAMPLES: u64 = 32 * 32;
 
 /// The least `hold` under which a render may run on the caller's task: a render under

@@ -146,8 +146,8 @@ pub fn open_backend(choice: BackendChoice, threads: usize) -> Result<Backend, En
 
 /// Renders of fewer samples than this (width × height × samples²) stay out of the store's key
 /// index, which lets a request be answered from the cache across restarts. An entry is a file
-/// made, written back and looked up: about as much work as rendering a 64×64 image on the CPU,
-/// and on a farm of 16×16 renders it cost 7–16% of the CPU per job. Below this size a lost
+/// made, written back and looked up: about as much work as rendering a 64×64 image on the CPU
+/// (see `docs/benchmarks.md`). Below this size a lost
 /// repeat costs less to render again (to the same bytes, stored once) than every render costs to
 /// index. The in-memory cache still answers repeats within a process, and the scheduler's own
 /// cache answers them in a farm.

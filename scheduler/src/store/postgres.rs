@@ -48,8 +48,8 @@ impl PgStore {
         // statements all look rows up by keys with an index. A generic plan (cached after a
         // statement's fifth run) keeps the estimates of its moment; made while the tables were
         // nearly empty (a fresh farm under its first burst), it scanned where it should probe until
-        // the next `ANALYZE`: the submit's key lookup took 26 ms instead of 0.12 ms over 10,000
-        // jobs. Planning every run instead (`plan_cache_mode`) cost more than it saved.
+        // the next `ANALYZE` (see `docs/benchmarks.md`). Planning every run instead
+        // (`plan_cache_mode`) cost more than it saved.
         let writer_opts = opts.clone().options([("enable_seqscan", "off")]);
         let mut conn = writer_opts.connect().await?;
         sqlx::migrate!("./migrations/postgres").run(&mut conn).await?;

@@ -70,8 +70,8 @@ fn options(path: &Path) -> SqliteConnectOptions {
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true)
         // A statement that writes a set (hundreds of rows from one JSON array) keeps a statement
-        // journal to undo itself; past 64 KiB SQLite spills it to a temporary file, which was
-        // 3% of a busy farm's CPU in `pwrite`. In memory it is a few MB at most (a set's rows).
+        // journal to undo itself; past 64 KiB SQLite spills it to a temporary file, a busy farm's
+        // time in `pwrite`. In memory it is a few MB at most (a set's rows).
         .pragma("temp_store", "memory")
         // Rows come back from SQLite's thread through a bounded channel (50 by default): a batch
         // statement that answers hundreds of rows stalled that thread every 50 until the caller
@@ -311,7 +311,7 @@ const MARK_SENT_SQL: &str = "UPDATE outbox SET sent_ms = ?1 WHERE sent_ms IS NUL
 /// Marks outbox rows sent and moves each of their jobs that still waits for that attempt to
 /// `dispatched` (a cancelled job, or one whose result came first, stays as it is). The jobs are
 /// found from the given ids by key (`CROSS JOIN` fixes SQLite's join order): a scan of the queued
-/// jobs, each checked against the list, cost a second per 512 with 10,000 queued.
+/// jobs, each checked against the list, grows with the queue (see `docs/benchmarks.md`).
 async fn mark_sent_op(conn: &mut SqliteConnection, ids: &[i64], now_ms: i64) -> Result<Vec<Event>, StoreError> {
     let rows = sqlx::query(MARK_SENT_SQL).bind(now_ms).bind(json("outbox ids", &ids)?).fetch_all(&mut *conn).await?;
     rows.iter().map(|r| dispatched_event(r, now_ms)).collect()
@@ -625,8 +625,7 @@ mod tests {
         let pending = plans(&mut conn, PENDING_SQL).await;
         assert!(pending.iter().any(|p| p == "SCAN o USING INDEX outbox_unsent_id"), "{pending:?}");
         // Each statement walks its batch (jsonb_each, or rows made from it) and finds each job,
-        // outbox row and asset by key: a `SCAN` of a table would visit every job ever queued
-        // (a second per 512 with 10,000 queued, for the marking of sent rows).
+        // outbox row and asset by key: a `SCAN` of a table would visit every job ever queued.
         let walked = |p: &String| {
             !p.starts_with("SCAN ")
                 || p.contains("VIRTUAL TABLE")

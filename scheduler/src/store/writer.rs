@@ -21,7 +21,7 @@ pub const MAX_BATCH: usize = 512;
 
 /// How often a busy writer runs [`WriteConn::UPKEEP`], and how long it waits, idle after a
 /// write, before it runs it once more. Every caller waits while it runs (SQLite's checkpoint
-/// waits for two flushes to disk); at a quarter of a second, a busy farm did 6% fewer jobs.
+/// waits for two flushes to disk), so more often costs a busy farm jobs (see `docs/benchmarks.md`).
 pub const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A write: runs on the writer's connection inside the batch's transaction.
