@@ -379,6 +379,27 @@ async fn malformed_payloads_are_dropped_or_rejected_and_a_silent_printer_fails_c
     };
     assert_eq!(rejected["state"], "rejected");
     assert!(rejected["detail"].as_str().unwrap().contains("asset"), "{rejected}");
+    assert_eq!((&rejected["v"], &rejected["reason"]), (&json!(2), &json!("malformed")), "{rejected}");
+    // Tasks it can read but will not run say why, typed: past its deadline, or for another device.
+    let late = json!({ "v": 1, "task_id": "late-1", "kind": "print", "deadline_ms": 1,
+        "asset": { "hash": "ab".repeat(32), "url": "/v1/assets/x" } });
+    let wrong = json!({ "v": 1, "task_id": "wrong-1", "kind": "lights", "deadline_ms": i64::MAX });
+    for t in [late, wrong] {
+        raw.publish(s.topic("devices/printer/tasks"), QoS::AtLeastOnce, false, t.to_string()).await.unwrap();
+    }
+    let mut reasons = std::collections::BTreeMap::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while reasons.len() < 2 {
+        let remaining = until.saturating_duration_since(Instant::now());
+        let (topic, payload) = tokio::time::timeout(remaining, heard.recv()).await.expect("two rejections").unwrap();
+        let r: Value = serde_json::from_slice(&payload).unwrap();
+        if let Some(id) = ["late-1", "wrong-1"].into_iter().find(|id| topic.ends_with(&format!("/tasks/{id}"))) {
+            assert_eq!(r["state"], "rejected", "{r}");
+            reasons.insert(id, r["reason"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    assert_eq!(reasons["late-1"], "deadline");
+    assert_eq!(reasons["wrong-1"], "wrong_kind");
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let status = s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"malformed\",topic=\"status\"").await;

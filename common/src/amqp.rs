@@ -173,7 +173,7 @@ pub async fn dead_letter(
 
 /// Decodes a delivery as a Kiln message of kind `want` (a `*_TYPE` constant), checking its
 /// content type, type and schema version ([`kiln_protocol::wire::decode`]).
-pub fn decode<T: serde::de::DeserializeOwned + kiln_protocol::wire::Versioned>(
+pub fn decode<T: serde::de::DeserializeOwned + kiln_protocol::Versioned>(
     d: &lapin::message::Delivery,
     want: &'static str,
 ) -> Result<T, kiln_protocol::wire::MessageError> {

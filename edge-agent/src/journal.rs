@@ -7,7 +7,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use kiln_protocol::fleet::{DeviceTask, ReportState};
+use kiln_protocol::fleet::{DeviceTask, RejectReason, ReportState};
 use serde::{Deserialize, Serialize};
 
 use crate::spool::write_synced;
@@ -21,6 +21,9 @@ pub struct Record {
     pub state: ReportState,
     /// The last detail.
     pub detail: Option<String>,
+    /// Why it was rejected, when it was (absent from records written before reasons).
+    #[serde(default)]
+    pub reason: Option<RejectReason>,
     /// An asset the task made.
     pub output_asset: Option<String>,
     /// When the state was reached, unix milliseconds.
@@ -123,8 +126,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.get("t1").unwrap(), None);
-        let mut r =
-            Record { task: task("t1"), state: ReportState::Running, detail: None, output_asset: None, at_ms: 10 };
+        let mut r = Record {
+            task: task("t1"),
+            state: ReportState::Running,
+            detail: None,
+            reason: None,
+            output_asset: None,
+            at_ms: 10,
+        };
         j.put(&r).unwrap();
         j.put(&Record { task: task("t2"), state: ReportState::Succeeded, at_ms: 5, ..r.clone() }).unwrap();
         let j = Journal::open(dir.path()).unwrap();

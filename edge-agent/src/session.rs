@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_protocol::fleet::{
-    DeviceKind, DeviceState, DeviceStatus, DeviceTask, FLEET_VERSION, ReportState, SchedulerStatus, TaskReport,
-    Telemetry, Topics, decode, valid_id,
+    DeviceKind, DeviceState, DeviceStatus, DeviceTask, FLEET_VERSION, RejectReason, ReportState, SchedulerStatus,
+    TASK_REPORT_VERSION, TaskReport, Telemetry, Topics, decode, valid_id,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Notify, mpsc, watch};
@@ -74,11 +74,12 @@ impl Shared {
 
     fn report(&self, r: &Record) {
         self.send_report(TaskReport {
-            v: FLEET_VERSION,
+            v: TASK_REPORT_VERSION,
             task_id: r.task.task_id.clone(),
             state: r.state,
             at_ms: r.at_ms,
             detail: r.detail.clone(),
+            reason: r.reason,
             output_asset: r.output_asset.clone(),
         });
     }
@@ -460,11 +461,12 @@ fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) 
                 Some(task_id) => {
                     tracing::warn!(device = shared.id, task = task_id, error = %e, "rejected a malformed task");
                     shared.send_report(TaskReport {
-                        v: FLEET_VERSION,
+                        v: TASK_REPORT_VERSION,
                         task_id,
                         state: ReportState::Rejected,
                         at_ms: now_ms(),
                         detail: Some(e.to_string()),
+                        reason: Some(RejectReason::Malformed),
                         output_asset: None,
                     });
                 }
@@ -500,7 +502,26 @@ impl Executor {
         detail: Option<String>,
         output_asset: Option<String>,
     ) -> bool {
-        let r = Record { task: task.clone(), state, detail, output_asset, at_ms: now_ms() };
+        self.keep(Record { task: task.clone(), state, detail, reason: None, output_asset, at_ms: now_ms() })
+    }
+
+    /// Records and reports a task refused without running it, and why.
+    fn reject(&self, task: &DeviceTask, reason: RejectReason, detail: String) -> bool {
+        let state = ReportState::Rejected;
+        let at_ms = now_ms();
+        self.keep(Record {
+            task: task.clone(),
+            state,
+            detail: Some(detail),
+            reason: Some(reason),
+            output_asset: None,
+            at_ms,
+        })
+    }
+
+    /// Journals a task's step, then reports it; `false` when the journal could not be written.
+    fn keep(&self, r: Record) -> bool {
+        let task = &r.task;
         if let Err(e) = self.journal.put(&r) {
             // Without the journal a redelivery could run the task twice: refuse to go on.
             tracing::error!(device = self.shared.id, task = task.task_id, error = %e, "could not write the task journal");
@@ -556,16 +577,12 @@ impl Executor {
                 }
             }
             if task.kind.device_kind() != self.shared.kind {
-                self.record(
-                    &task,
-                    ReportState::Rejected,
-                    Some(format!("a {} cannot do a {} task", self.shared.kind, task.kind)),
-                    None,
-                );
+                let why = format!("a {} cannot do a {} task", self.shared.kind, task.kind);
+                self.reject(&task, RejectReason::WrongKind, why);
                 continue;
             }
             if now_ms() > task.deadline_ms {
-                self.record(&task, ReportState::Rejected, Some("past its deadline; not run".into()), None);
+                self.reject(&task, RejectReason::Deadline, "past its deadline; not run".into());
                 continue;
             }
             if (fresh && !self.record(&task, ReportState::Accepted, None, None))

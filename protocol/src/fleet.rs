@@ -12,12 +12,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// The schema version of every fleet payload.
+use crate::{FieldError, Versioned};
+
+/// The schema version of every fleet payload but the task report.
 pub const FLEET_VERSION: u32 = 1;
+
+/// The schema version of a task report: 2 added the rejection's typed [`RejectReason`]. A
+/// receiver reads version 1 too (a rejection without a reason).
+pub const TASK_REPORT_VERSION: u32 = 2;
 
 /// The longest device or task id (they are topic levels, so they are kept short and plain).
 pub const MAX_ID_LEN: usize = 64;
@@ -313,6 +320,18 @@ pub struct DeviceTask {
     pub deadline_ms: i64,
 }
 
+wire_enum!(
+    /// Why a device rejected a task without running it (task reports from version 2).
+    RejectReason, "reject reason" {
+        /// Its deadline had passed.
+        Deadline = "deadline",
+        /// It is a task for another kind of device.
+        WrongKind = "wrong_kind",
+        /// Its payload did not parse or check.
+        Malformed = "malformed",
+    }
+);
+
 /// `{p}/devices/{id}/tasks/{task}`: how a task is going.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskReport {
@@ -327,6 +346,9 @@ pub struct TaskReport {
     /// A short note: why it failed or was rejected, or what was done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Why it was rejected (a rejection from version 2; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RejectReason>,
     /// An asset the task made (a capture's photo), already uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_asset: Option<String>,
@@ -352,8 +374,8 @@ pub enum PayloadError {
     /// Not JSON of the expected shape.
     #[error("malformed payload: {0}")]
     Malformed(#[from] serde_json::Error),
-    /// A schema version this side does not speak.
-    #[error("unsupported schema version {0} (this side speaks {FLEET_VERSION})")]
+    /// A schema version this side does not read.
+    #[error("unsupported schema version {0}")]
     Version(u32),
     /// A field that parses but cannot be used.
     #[error("field {field}: {message}")]
@@ -365,31 +387,27 @@ pub enum PayloadError {
     },
 }
 
-/// Parses a fleet payload and checks its version.
+/// Parses a fleet payload and checks its version and fields.
 pub fn decode<T: serde::de::DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, PayloadError> {
     let value: T = serde_json::from_slice(bytes)?;
-    if value.version() != FLEET_VERSION {
+    if !value.readable() {
         return Err(PayloadError::Version(value.version()));
     }
     value.check()?;
     Ok(value)
 }
 
-/// A payload with a schema version and field checks beyond its shape.
-pub trait Versioned {
-    /// Its `v`.
-    fn version(&self) -> u32;
-    /// Checks the fields serde cannot.
-    fn check(&self) -> Result<(), PayloadError> {
-        Ok(())
+impl From<FieldError> for PayloadError {
+    fn from(e: FieldError) -> Self {
+        PayloadError::Field { field: e.field, message: e.message }
     }
 }
 
-fn id_field(field: &'static str, id: &str) -> Result<(), PayloadError> {
+fn id_field(field: &'static str, id: &str) -> Result<(), FieldError> {
     if valid_id(id) {
         Ok(())
     } else {
-        Err(PayloadError::Field { field, message: format!("{id:?} is not 1 to {MAX_ID_LEN} of A-Z a-z 0-9 - _ .") })
+        Err(FieldError { field, message: format!("{id:?} is not 1 to {MAX_ID_LEN} of A-Z a-z 0-9 - _ .") })
     }
 }
 
@@ -399,35 +417,39 @@ pub fn valid_hash(hash: &str) -> bool {
 }
 
 impl Versioned for DeviceStatus {
+    const READS: RangeInclusive<u32> = FLEET_VERSION..=FLEET_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
 }
 
 impl Versioned for Telemetry {
+    const READS: RangeInclusive<u32> = FLEET_VERSION..=FLEET_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
 }
 
 impl Versioned for SchedulerStatus {
+    const READS: RangeInclusive<u32> = FLEET_VERSION..=FLEET_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
 }
 
 impl Versioned for DeviceTask {
+    const READS: RangeInclusive<u32> = FLEET_VERSION..=FLEET_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
-    fn check(&self) -> Result<(), PayloadError> {
+    fn check(&self) -> Result<(), FieldError> {
         id_field("task_id", &self.task_id)?;
         match &self.asset {
             Some(a) if !valid_hash(&a.hash) => {
-                Err(PayloadError::Field { field: "asset.hash", message: "must be 64 hex digits (BLAKE3)".into() })
+                Err(FieldError { field: "asset.hash", message: "must be 64 hex digits (BLAKE3)".into() })
             }
             None if self.kind.needs_asset() => {
-                Err(PayloadError::Field { field: "asset", message: format!("a {} task needs an asset", self.kind) })
+                Err(FieldError { field: "asset", message: format!("a {} task needs an asset", self.kind) })
             }
             _ => Ok(()),
         }
@@ -435,14 +457,15 @@ impl Versioned for DeviceTask {
 }
 
 impl Versioned for TaskReport {
+    const READS: RangeInclusive<u32> = 1..=TASK_REPORT_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
-    fn check(&self) -> Result<(), PayloadError> {
+    fn check(&self) -> Result<(), FieldError> {
         id_field("task_id", &self.task_id)?;
         match &self.output_asset {
             Some(h) if !valid_hash(h) => {
-                Err(PayloadError::Field { field: "output_asset", message: "must be 64 hex digits (BLAKE3)".into() })
+                Err(FieldError { field: "output_asset", message: "must be 64 hex digits (BLAKE3)".into() })
             }
             _ => Ok(()),
         }
@@ -488,5 +511,24 @@ mod tests {
         assert!(matches!(decode::<DeviceTask>(bad_id), Err(PayloadError::Field { field: "task_id", .. })));
         assert_eq!("camera".parse::<DeviceKind>(), Ok(DeviceKind::Camera));
         assert!("toaster".parse::<DeviceKind>().unwrap_err().contains("printer, lights, camera, display"));
+    }
+
+    #[test]
+    fn a_rejection_says_why_in_a_version_2_report_and_a_version_1_report_still_reads() {
+        let v2 =
+            br#"{"v":2,"task_id":"t1","state":"rejected","at_ms":5,"detail":"past its deadline","reason":"deadline"}"#;
+        let r = decode::<TaskReport>(v2).unwrap();
+        assert_eq!((r.state, r.reason), (ReportState::Rejected, Some(RejectReason::Deadline)));
+        let v1 = br#"{"v":1,"task_id":"t1","state":"rejected","at_ms":5,"detail":"past its deadline"}"#;
+        assert_eq!(decode::<TaskReport>(v1).unwrap().reason, None);
+        let v3 = br#"{"v":3,"task_id":"t1","state":"rejected","at_ms":5}"#;
+        assert!(matches!(decode::<TaskReport>(v3), Err(PayloadError::Version(3))));
+        let odd = br#"{"v":2,"task_id":"t1","state":"rejected","at_ms":5,"reason":"bored"}"#;
+        assert!(matches!(decode::<TaskReport>(odd), Err(PayloadError::Malformed(_))));
+        let back = TaskReport { reason: Some(RejectReason::WrongKind), ..r };
+        assert!(serde_json::to_string(&back).unwrap().contains(r#""reason":"wrong_kind""#));
+        // Other payloads stay at version 1.
+        let status = br#"{"v":2,"state":"online","boot_id":"b","at_ms":1}"#;
+        assert!(matches!(decode::<SchedulerStatus>(status), Err(PayloadError::Version(2))));
     }
 }

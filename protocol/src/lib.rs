@@ -10,6 +10,7 @@ mod key;
 mod prompt;
 mod request;
 mod secret;
+mod versioned;
 pub mod wire;
 
 pub use job::{JobRequest, JobState, ParseStateError};
@@ -17,6 +18,7 @@ pub use key::{CacheKey, KeyInput, ParseKeyError};
 pub use prompt::normalise_prompt;
 pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};
 pub use secret::Secret;
+pub use versioned::{FieldError, Versioned};
 
 /// Now, in unix milliseconds: the one clock every Kiln timestamp is read from.
 pub fn now_ms() -> i64 {

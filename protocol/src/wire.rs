@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{RenderRequest, Tier};
+use std::ops::RangeInclusive;
+
+use crate::{RenderRequest, Tier, Versioned};
 
 /// The schema version of every message here.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -297,29 +299,26 @@ pub fn decode<T: serde::de::DeserializeOwned + Versioned>(
         return Err(MessageError::Type { got: k.to_owned(), want });
     }
     let v: T = serde_json::from_slice(body)?;
-    if v.version() != SCHEMA_VERSION {
+    if !v.readable() {
         return Err(MessageError::Version(v.version()));
     }
     Ok(v)
 }
 
-/// A message with a schema version.
-pub trait Versioned {
-    /// Its `v`.
-    fn version(&self) -> u32;
-}
-
 impl Versioned for JobMessage {
+    const READS: RangeInclusive<u32> = SCHEMA_VERSION..=SCHEMA_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
 }
 impl Versioned for ResultMessage {
+    const READS: RangeInclusive<u32> = SCHEMA_VERSION..=SCHEMA_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
 }
 impl Versioned for ResultBatch {
+    const READS: RangeInclusive<u32> = SCHEMA_VERSION..=SCHEMA_VERSION;
     /// The batch's own version, or the first result's that differs from it: a batch is read
     /// only when every result in it is of this schema.
     fn version(&self) -> u32 {
@@ -327,11 +326,13 @@ impl Versioned for ResultBatch {
     }
 }
 impl Versioned for Heartbeat {
+    const READS: RangeInclusive<u32> = SCHEMA_VERSION..=SCHEMA_VERSION;
     fn version(&self) -> u32 {
         self.v
     }
 }
 impl Versioned for ControlMessage {
+    const READS: RangeInclusive<u32> = SCHEMA_VERSION..=SCHEMA_VERSION;
     fn version(&self) -> u32 {
         self.v
     }

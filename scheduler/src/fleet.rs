@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kiln_protocol::fleet::{
-    DeviceKind, DeviceState, DeviceStatus, DeviceTask as WireTask, FLEET_VERSION, ReportState, SchedulerStatus,
-    TaskReport, Telemetry, Topic, Topics, decode,
+    DeviceKind, DeviceState, DeviceStatus, DeviceTask as WireTask, FLEET_VERSION, RejectReason, ReportState,
+    SchedulerStatus, TaskReport, Telemetry, Topic, Topics, decode,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::FleetConfig;
 use crate::scheduler::Scheduler;
-use crate::store::fleet::{DeviceTask, TaskChange, TaskMove, TaskState};
+use crate::store::fleet::{Device, DeviceTask, TaskChange, TaskMove, TaskState};
 use kiln_protocol::now_ms;
 
 /// Runs the bridge until `stop`.
@@ -154,29 +154,129 @@ fn dropped(sched: &Scheduler, topic: &str, reason: &str) {
     sched.metrics.fleet_dropped.with_label_values(&[topic, reason]).inc();
 }
 
+/// A fleet message, read: what it says.
+#[derive(Debug, Clone, PartialEq)]
+enum Heard {
+    /// A retained message being cleared: nothing to do.
+    Cleared,
+    /// A device's status.
+    Status(String, DeviceStatus),
+    /// A device's telemetry.
+    Telemetry(String, Telemetry),
+    /// A device's report on one of its tasks.
+    Report(String, TaskReport),
+}
+
+/// Why a message is dropped: the topic kind and reason [`crate::metrics::FLEET_DROPPED`] counts
+/// it under, and what to log, where there is something to say.
+#[derive(Debug, Clone, PartialEq)]
+struct Dropped {
+    topic: &'static str,
+    reason: &'static str,
+    error: Option<String>,
+}
+
+impl Dropped {
+    fn new(topic: &'static str, reason: &'static str) -> Dropped {
+        Dropped { topic, reason, error: None }
+    }
+
+    fn malformed(topic: &'static str, e: impl std::fmt::Display) -> Dropped {
+        Dropped { topic, reason: "malformed", error: Some(e.to_string()) }
+    }
+}
+
+/// Reads a message from the agents: its topic and payload, decoded and checked.
+fn read(topics: &Topics, topic: &str, payload: &[u8]) -> Result<Heard, Dropped> {
+    if payload.is_empty() {
+        return Ok(Heard::Cleared);
+    }
+    match topics.parse(topic) {
+        Some(Topic::Status(id)) => {
+            decode(payload).map(|s| Heard::Status(id, s)).map_err(|e| Dropped::malformed("status", e))
+        }
+        Some(Topic::Telemetry(id)) => {
+            decode(payload).map(|t| Heard::Telemetry(id, t)).map_err(|e| Dropped::malformed("telemetry", e))
+        }
+        Some(Topic::TaskReport(id, task_id)) => match decode::<TaskReport>(payload) {
+            Ok(r) if r.task_id == task_id => Ok(Heard::Report(id, r)),
+            Ok(_) => Err(Dropped::new("report", "task_id_mismatch")),
+            Err(e) => Err(Dropped::malformed("report", e)),
+        },
+        Some(Topic::Tasks(_) | Topic::SchedulerStatus) | None => Err(Dropped::new("other", "unexpected_topic")),
+    }
+}
+
+/// Whether a status says the device is back (a new start of its agent, or online again after
+/// being offline): its unanswered tasks then go again at once.
+fn is_back(before: Option<&Device>, status: &DeviceStatus) -> bool {
+    status.state != DeviceState::Offline
+        && before.is_none_or(|b| b.boot_id != status.boot_id || b.state == DeviceState::Offline.as_str())
+}
+
+/// Why telemetry the store did not keep is dropped: `stored` is its device as stored.
+fn telemetry_unkept(stored: Option<&Device>, seq: i64) -> &'static str {
+    match stored {
+        None => "unknown_device",
+        // A repeat (sent again after a broken connection) is expected.
+        Some(d) if d.telemetry_seq == seq => "duplicate",
+        // One older than what is stored arrived out of order.
+        Some(_) => "stale",
+    }
+}
+
+/// Where device `device`'s report moves its task, whose device and state are `current` as stored.
+/// A rejection is the device's refusal to run it: past its deadline it expires, else it fails.
+fn report_move(
+    device: &str,
+    current: Option<(&str, TaskState)>,
+    r: TaskReport,
+) -> Result<(TaskState, TaskChange), Dropped> {
+    match current {
+        Some((owner, _)) if owner == device => {}
+        _ => return Err(Dropped::new("report", "unknown_task")),
+    }
+    let (to, detail) = match r.state {
+        ReportState::Accepted => (TaskState::Accepted, r.detail),
+        ReportState::Running => (TaskState::Running, r.detail),
+        ReportState::Succeeded => (TaskState::Succeeded, r.detail),
+        ReportState::Failed => (TaskState::Failed, r.detail),
+        ReportState::Rejected => {
+            let to = if r.reason == Some(RejectReason::Deadline) { TaskState::Expired } else { TaskState::Failed };
+            (to, Some(format!("rejected by the device: {}", r.detail.unwrap_or_default())))
+        }
+    };
+    Ok((to, TaskChange { detail, output_asset: r.output_asset, next_send_ms: None }))
+}
+
+/// Why a report that moved nothing is dropped: the same state again is a repeat (a redelivered
+/// task, a resent report); an earlier one arrived out of order.
+fn unmoved(current: TaskState, to: TaskState) -> &'static str {
+    if current == to { "duplicate" } else { "stale" }
+}
+
 /// One message: Ok once it is stored or dropped (counted); Err only when the store failed.
 async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<(), crate::store::StoreError> {
     let now = now_ms();
-    if p.payload.is_empty() {
-        return Ok(()); // a retained message being cleared
-    }
-    match topics.parse(&p.topic) {
-        Some(Topic::Status(id)) => {
-            let s: DeviceStatus = match decode(&p.payload) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(device = id, error = %e, "dropped a malformed status");
-                    dropped(sched, "status", "malformed");
-                    return Ok(());
-                }
-            };
-            let (state, boot) = (s.state, s.boot_id.clone());
-            let before = sched.store.announce(&id, s, now).await?;
-            let reborn = before.as_ref().is_none_or(|b| b.boot_id != boot || b.state == DeviceState::Offline.as_str());
+    let heard = match read(topics, &p.topic, &p.payload) {
+        Ok(h) => h,
+        Err(d) => {
+            if let Some(error) = &d.error {
+                tracing::warn!(topic = p.topic, error, "dropped a malformed fleet message");
+            }
+            dropped(sched, d.topic, d.reason);
+            return Ok(());
+        }
+    };
+    match heard {
+        Heard::Cleared => {}
+        Heard::Status(id, s) => {
+            let state = s.state;
+            let before = sched.store.announce(&id, s.clone(), now).await?;
             if before.as_ref().is_none_or(|b| b.state != state.as_str()) {
                 tracing::info!(device = id, state = %state, "device state");
             }
-            if state != DeviceState::Offline && reborn {
+            if is_back(before.as_ref(), &s) {
                 let n = sched.store.resend_now(&id).await?;
                 if n > 0 {
                     tracing::info!(device = id, tasks = n, "device is back; sending its unanswered tasks again");
@@ -184,69 +284,24 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                 sched.fleet_wake.notify_one();
             }
         }
-        Some(Topic::Telemetry(id)) => match decode::<Telemetry>(&p.payload) {
-            Ok(t) => {
-                let seq = i64::try_from(t.seq).unwrap_or(i64::MAX);
-                if !sched.store.telemetry(&id, t, now).await? {
-                    // A repeat (sent again after a broken connection) is expected; one older than
-                    // what is stored arrived out of order.
-                    let reason = match sched.store.device(&id).await? {
-                        None => "unknown_device",
-                        Some(d) if d.telemetry_seq == seq => "duplicate",
-                        Some(_) => "stale",
-                    };
-                    dropped(sched, "telemetry", reason);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(device = id, error = %e, "dropped malformed telemetry");
-                dropped(sched, "telemetry", "malformed");
-            }
-        },
-        Some(Topic::TaskReport(id, task_id)) => {
-            let r = match decode::<TaskReport>(&p.payload) {
-                Ok(r) if r.task_id == task_id => r,
-                Ok(_) => {
-                    dropped(sched, "report", "task_id_mismatch");
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(device = id, task = task_id, error = %e, "dropped a malformed task report");
-                    dropped(sched, "report", "malformed");
-                    return Ok(());
-                }
-            };
-            let current = match sched.store.task_row(&task_id).await? {
-                Some(t) if t.device_id == id => t.state,
-                _ => {
-                    dropped(sched, "report", "unknown_task");
-                    return Ok(());
-                }
-            };
-            let (to, detail) = match r.state {
-                ReportState::Accepted => (TaskState::Accepted, r.detail),
-                ReportState::Running => (TaskState::Running, r.detail),
-                ReportState::Succeeded => (TaskState::Succeeded, r.detail),
-                ReportState::Failed => (TaskState::Failed, r.detail),
-                ReportState::Rejected => {
-                    let d = r.detail.unwrap_or_default();
-                    if d.contains("deadline") {
-                        (TaskState::Expired, Some(format!("rejected by the device: {d}")))
-                    } else {
-                        (TaskState::Failed, Some(format!("rejected by the device: {d}")))
-                    }
-                }
-            };
-            let change = TaskChange { detail, output_asset: r.output_asset, next_send_ms: None };
-            match sched.store.move_task(&task_id, to, change, now).await? {
-                Some(m) => observe(sched, &m),
-                // The same state again is a repeat (a redelivered task, a resent report); an
-                // earlier one arrived out of order.
-                None if current == to => dropped(sched, "report", "duplicate"),
-                None => dropped(sched, "report", "stale"),
+        Heard::Telemetry(id, t) => {
+            let seq = i64::try_from(t.seq).unwrap_or(i64::MAX);
+            if !sched.store.telemetry(&id, t, now).await? {
+                dropped(sched, "telemetry", telemetry_unkept(sched.store.device(&id).await?.as_ref(), seq));
             }
         }
-        Some(Topic::Tasks(_) | Topic::SchedulerStatus) | None => dropped(sched, "other", "unexpected_topic"),
+        Heard::Report(id, r) => {
+            let task_id = r.task_id.clone();
+            let stored = sched.store.task_row(&task_id).await?;
+            let current = stored.as_ref().map(|t| (t.device_id.as_str(), t.state));
+            match report_move(&id, current, r) {
+                Err(d) => dropped(sched, d.topic, d.reason),
+                Ok((to, change)) => match sched.store.move_task(&task_id, to, change, now).await? {
+                    Some(m) => observe(sched, &m),
+                    None => dropped(sched, "report", unmoved(current.map_or(to, |(_, s)| s), to)),
+                },
+            }
+        }
     }
     Ok(())
 }
@@ -371,5 +426,147 @@ async fn sweep(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToken)
                 sched.metrics.device_spool_dropped.with_label_values(&[d.id.as_str()]).set(d.spool_dropped);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: DeviceState, boot: &str) -> DeviceStatus {
+        DeviceStatus {
+            v: FLEET_VERSION,
+            state,
+            boot_id: boot.into(),
+            kind: DeviceKind::Printer,
+            capabilities: vec!["print".into()],
+            version: "1".into(),
+            at_ms: 1,
+            detail: None,
+        }
+    }
+
+    fn device(state: &str, boot: &str, telemetry_seq: i64) -> Device {
+        Device {
+            id: "p1".into(),
+            kind: "printer".into(),
+            state: state.into(),
+            detail: None,
+            boot_id: boot.into(),
+            version: "1".into(),
+            capabilities: vec![],
+            status_ms: 1,
+            last_seen_ms: 1,
+            telemetry: None,
+            telemetry_seq,
+            telemetry_ms: None,
+            spool_dropped: 0,
+        }
+    }
+
+    fn report(state: ReportState, detail: Option<&str>, reason: Option<RejectReason>) -> TaskReport {
+        TaskReport {
+            v: kiln_protocol::fleet::TASK_REPORT_VERSION,
+            task_id: "t1".into(),
+            state,
+            at_ms: 5,
+            detail: detail.map(str::to_owned),
+            reason,
+            output_asset: None,
+        }
+    }
+
+    #[test]
+    fn each_message_is_read_by_its_topic_or_dropped_with_the_reason_it_is_counted_under() {
+        let topics = Topics::new("kiln");
+        let st = status(DeviceState::Online, "b1");
+        let r = report(ReportState::Accepted, None, None);
+        // A topic, a payload, and what is heard (or the topic kind and reason it is dropped under).
+        type Case = (&'static str, Vec<u8>, Result<Heard, (&'static str, &'static str)>);
+        let cases: Vec<Case> = vec![
+            ("kiln/devices/p1/status", json(&st), Ok(Heard::Status("p1".into(), st.clone()))),
+            ("kiln/devices/p1/status", vec![], Ok(Heard::Cleared)),
+            ("kiln/devices/p1/status", b"{".to_vec(), Err(("status", "malformed"))),
+            ("kiln/devices/p1/telemetry", b"{\"v\":1}".to_vec(), Err(("telemetry", "malformed"))),
+            ("kiln/devices/p1/tasks/t1", json(&r), Ok(Heard::Report("p1".into(), r.clone()))),
+            ("kiln/devices/p1/tasks/t2", json(&r), Err(("report", "task_id_mismatch"))),
+            ("kiln/devices/p1/tasks/t1", b"[]".to_vec(), Err(("report", "malformed"))),
+            ("kiln/devices/p1/tasks", json(&r), Err(("other", "unexpected_topic"))),
+            ("kiln/scheduler/status", b"{}".to_vec(), Err(("other", "unexpected_topic"))),
+            ("other/devices/p1/status", json(&st), Err(("other", "unexpected_topic"))),
+        ];
+        for (topic, payload, want) in cases {
+            let got = read(&topics, topic, &payload).map_err(|d| (d.topic, d.reason));
+            assert_eq!(got, want, "{topic} {}", String::from_utf8_lossy(&payload));
+        }
+    }
+
+    fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    #[test]
+    fn a_device_is_back_when_its_agent_restarted_or_it_was_offline_and_says_it_is_not() {
+        let cases = [
+            (None, DeviceState::Online, true),
+            (None, DeviceState::Offline, false),
+            (Some(device("online", "b1", 0)), DeviceState::Online, false),
+            (Some(device("online", "b1", 0)), DeviceState::Degraded, false),
+            (Some(device("offline", "b1", 0)), DeviceState::Online, true),
+            (Some(device("offline", "b1", 0)), DeviceState::Degraded, true),
+            (Some(device("online", "b0", 0)), DeviceState::Online, true),
+            (Some(device("online", "b0", 0)), DeviceState::Offline, false),
+        ];
+        for (before, state, back) in cases {
+            assert_eq!(is_back(before.as_ref(), &status(state, "b1")), back, "{before:?} then {state}");
+        }
+    }
+
+    #[test]
+    fn telemetry_not_kept_is_a_repeat_an_old_one_or_from_a_stranger() {
+        assert_eq!(telemetry_unkept(None, 5), "unknown_device");
+        assert_eq!(telemetry_unkept(Some(&device("online", "b", 5)), 5), "duplicate");
+        assert_eq!(telemetry_unkept(Some(&device("online", "b", 9)), 5), "stale");
+    }
+
+    #[test]
+    fn a_report_moves_its_task_and_a_rejection_past_its_deadline_expires_it() {
+        let ours = Some(("p1", TaskState::Sent));
+        let change = |detail: Option<&str>| TaskChange { detail: detail.map(str::to_owned), ..TaskChange::default() };
+        let cases = [
+            (report(ReportState::Accepted, None, None), TaskState::Accepted, change(None)),
+            (report(ReportState::Running, None, None), TaskState::Running, change(None)),
+            (report(ReportState::Succeeded, Some("printed"), None), TaskState::Succeeded, change(Some("printed"))),
+            (report(ReportState::Failed, Some("jammed"), None), TaskState::Failed, change(Some("jammed"))),
+            (
+                report(ReportState::Rejected, Some("past its deadline; not run"), Some(RejectReason::Deadline)),
+                TaskState::Expired,
+                change(Some("rejected by the device: past its deadline; not run")),
+            ),
+            (
+                report(ReportState::Rejected, Some("a camera cannot do a print task"), Some(RejectReason::WrongKind)),
+                TaskState::Failed,
+                change(Some("rejected by the device: a camera cannot do a print task")),
+            ),
+            // A version 1 report says no reason: the detail is not read for one.
+            (
+                report(ReportState::Rejected, Some("past its deadline"), None),
+                TaskState::Failed,
+                change(Some("rejected by the device: past its deadline")),
+            ),
+        ];
+        for (r, to, c) in cases {
+            let said = format!("{r:?}");
+            assert_eq!(report_move("p1", ours, r), Ok((to, c)), "{said}");
+        }
+    }
+
+    #[test]
+    fn a_report_on_a_task_the_device_does_not_have_is_dropped_and_a_repeat_is_told_from_a_late_one() {
+        let r = || report(ReportState::Accepted, None, None);
+        assert_eq!(report_move("p1", None, r()).unwrap_err().reason, "unknown_task");
+        assert_eq!(report_move("p1", Some(("p2", TaskState::Sent)), r()).unwrap_err().reason, "unknown_task");
+        assert_eq!(unmoved(TaskState::Accepted, TaskState::Accepted), "duplicate");
+        assert_eq!(unmoved(TaskState::Succeeded, TaskState::Running), "stale");
     }
 }

@@ -199,7 +199,7 @@ pub struct NewTask {
 }
 
 /// A change to a task: where it goes, with what.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskChange {
     /// A note.
     pub detail: Option<String>,
