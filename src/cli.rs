@@ -14,7 +14,7 @@ use kiln_common::client::Client;
 use kiln_protocol::{JobRequest, JobState, Secret, Tier};
 use kiln_scheduler::auth::Role;
 use kiln_scheduler::config::FarmConfig;
-use kiln_scheduler::farm::{ServeArgs, url_file};
+use kiln_scheduler::farm::url_file;
 use serde_json::{Value, json};
 
 /// Kiln, a render farm for generative-art studios: renders (prompt, seed, tier) to the same PNG
@@ -41,7 +41,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the whole farm in this process: API, SQLite state, cache, in-process workers, an MQTT
     /// broker and a simulated studio (printer, lights, camera, display). Ctrl-C drains and stops.
-    Up(UpArgs),
+    Up(crate::up::UpArgs),
     /// Submit a render job; with --wait, show its progress and fetch the PNG.
     Submit(SubmitArgs),
     /// List jobs, newest first.
@@ -64,25 +64,6 @@ pub enum Command {
     /// Benchmarks: the engine, or the farm end to end through HTTP.
     #[command(subcommand)]
     Bench(BenchCommand),
-}
-
-/// Where `kiln up`'s embedded MQTT broker listens unless `--mqtt-listen` says otherwise (not 1883,
-/// which a Mosquitto on the same machine would hold).
-pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:7883";
-
-/// `kiln up`'s arguments.
-#[derive(Debug, Args)]
-pub struct UpArgs {
-    /// Where the API listens, the workers, the backend.
-    #[command(flatten)]
-    pub serve: ServeArgs,
-    /// Where the embedded MQTT broker listens, for outside MQTT clients to watch the studio
-    /// (unused when scheduler.fleet.mqtt_url / KILN_MQTT_URL names a broker of your own).
-    #[arg(long, env = "KILN_MQTT_LISTEN", default_value = DEFAULT_MQTT_LISTEN)]
-    pub mqtt_listen: std::net::SocketAddr,
-    /// No simulated devices (a real fleet talks to this farm).
-    #[arg(long)]
-    pub no_devices: bool,
 }
 
 /// Where the farm is and how to talk to it.

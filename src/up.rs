@@ -1,12 +1,31 @@
 //! `kiln up`: the whole farm in this process, with an embedded MQTT broker and the simulated
 //! studio ([`crate::studio`]) unless the config names a broker of its own or `--no-devices`.
 
+use clap::Args;
 use kiln_common::shutdown_signal;
 use kiln_scheduler::config::FarmConfig;
-use kiln_scheduler::farm::{Farm, open_farm_backend, serve};
+use kiln_scheduler::farm::{Farm, ServeArgs, open_farm_backend, serve};
 
-use crate::cli::UpArgs;
 use crate::studio::{Studio, start_broker};
+
+/// Where `kiln up`'s embedded MQTT broker listens unless `--mqtt-listen` says otherwise (not 1883,
+/// which a Mosquitto on the same machine would hold).
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:7883";
+
+/// `kiln up`'s arguments.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the API listens, the workers, the backend.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Where the embedded MQTT broker listens, for outside MQTT clients to watch the studio
+    /// (unused when scheduler.fleet.mqtt_url / KILN_MQTT_URL names a broker of your own).
+    #[arg(long, env = "KILN_MQTT_LISTEN", default_value = DEFAULT_MQTT_LISTEN)]
+    pub mqtt_listen: std::net::SocketAddr,
+    /// No simulated devices (a real fleet talks to this farm).
+    #[arg(long)]
+    pub no_devices: bool,
+}
 
 /// Runs the farm until SIGINT or SIGTERM, then drains and stops.
 pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
