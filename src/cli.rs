@@ -2,7 +2,6 @@
 //! `job`, `cancel` and `token` talk to a farm over its API; `render` and `bench` run the engine
 //! directly.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -365,23 +364,19 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
         eprintln!("job {id}: {}", job["state"].as_str().unwrap_or("?"));
     }
     if a.wait || a.out.is_some() {
-        let tty = std::io::stderr().is_terminal() && !a.remote.json;
+        let bar = kiln_common::progress::rows_bar("  rendering", 1, a.remote.json);
         c.follow(&id, |kind, data| {
             match kind {
-                "progress" if tty => {
-                    let (done, rows) =
-                        (data["rows_done"].as_u64().unwrap_or(0), data["rows"].as_u64().unwrap_or(1).max(1));
-                    let pct = done * 100 / rows;
-                    let bar = "#".repeat((pct / 4) as usize);
-                    eprint!("\r  rendering [{bar:<25}] {pct:3}%");
+                "progress" => {
+                    bar.set_length(data["rows"].as_u64().unwrap_or(1).max(1));
+                    bar.set_position(data["rows_done"].as_u64().unwrap_or(0));
                 }
                 "state" => {
                     let state = data["state"].as_str().unwrap_or("?");
                     if !a.remote.json {
-                        if tty {
-                            eprint!("\r\x1b[K");
-                        }
-                        eprintln!("  {state}: {}", data["detail"].as_str().unwrap_or(""));
+                        // Above the bar while it is drawn; alone otherwise.
+                        let line = format!("  {state}: {}", data["detail"].as_str().unwrap_or(""));
+                        if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
                     }
                     return !state.parse::<JobState>().is_ok_and(JobState::is_terminal);
                 }
@@ -390,6 +385,7 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
             true
         })
         .await?;
+        bar.finish_and_clear();
         job = c.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?;
         let state: JobState = job["state"].as_str().unwrap_or("").parse().unwrap_or(JobState::Queued);
         if let Some(out) = &a.out {

@@ -42,8 +42,8 @@ impl Distributed {
         let (amqp_url, prefix) = testenv::amqp().await?;
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = test_config(dir.path());
-        cfg.scheduler.database_url = Some(db);
-        cfg.scheduler.broker.amqp_url = Some(amqp_url.clone());
+        cfg.scheduler.database_url = Some(db.into());
+        cfg.scheduler.broker.amqp_url = Some(amqp_url.clone().into());
         cfg.scheduler.broker.prefix = prefix.clone();
         cfg.scheduler.broker.lost_after_seconds = 5;
         change(&mut cfg);

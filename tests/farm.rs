@@ -185,6 +185,9 @@ async fn bad_input_gets_a_clear_4xx_and_the_farm_keeps_serving() {
     expect(&r, StatusCode::BAD_REQUEST, "limit", "1..=500");
     let r = farm.raw(Method::GET, "/v1/jobs?state=done", "").await;
     expect(&r, StatusCode::BAD_REQUEST, "state", "unknown job state");
+    // A multibyte character where an offset's colon would be: refused, not a dropped connection.
+    let r = farm.raw(Method::GET, "/v1/jobs?since=2026-11-22T10:00:00%2B%E2%82%AC:0", "").await;
+    expect(&r, StatusCode::BAD_REQUEST, "since", "RFC 3339");
     let r = farm.raw(Method::GET, "/v1/assets/not-a-hash", "").await;
     expect(&r, StatusCode::BAD_REQUEST, "hash", "hex");
 

@@ -223,8 +223,8 @@ async fn end_to_end(
     prefix: &str,
 ) -> anyhow::Result<(Figures, Option<Figures>, f64)> {
     let farm = BenchFarm::start(cfg, &format!("dispatch-{run}"), |cfg| {
-        cfg.scheduler.database_url = Some(db.to_owned());
-        cfg.scheduler.broker.amqp_url = Some(a.amqp_url.clone());
+        cfg.scheduler.database_url = Some(db.into());
+        cfg.scheduler.broker.amqp_url = Some(a.amqp_url.as_str().into());
         cfg.scheduler.broker.prefix = prefix.to_owned();
     })
     .await?;
@@ -247,7 +247,7 @@ async fn end_to_end(
     let mut daemons = Vec::new();
     for i in 0..a.workers {
         let rc = RunConfig {
-            amqp_url: a.amqp_url.clone(),
+            amqp_url: a.amqp_url.as_str().into(),
             amqp_prefix: prefix.to_owned(),
             tiers: vec![Tier::Preview],
             prefetch: a.prefetch,
@@ -292,8 +292,8 @@ async fn end_to_end(
 pub async fn run(cfg: &FarmConfig, a: &DispatchBenchArgs) -> anyhow::Result<()> {
     let _cleanup = Cleanup;
     let body = sample_job_message()?;
-    let shown_db = a.database_url.split('@').next_back().unwrap_or(&a.database_url);
-    let shown_mq = a.amqp_url.split('@').next_back().unwrap_or(&a.amqp_url);
+    let shown_db = kiln_protocol::SecretUrl::from(a.database_url.as_str());
+    let shown_mq = kiln_protocol::SecretUrl::from(a.amqp_url.as_str());
     println!(
         "kiln bench dispatch: PostgreSQL {shown_db}, RabbitMQ {shown_mq}; per run {} raw {}-byte messages, then {} tiny 16×16 jobs over {} clients, {} worker daemons × {} renders, prefetch {}; {} runs (medians)",
         a.raw_messages,

@@ -1,10 +1,12 @@
 //! The plumbing every Kiln binary shares: the options and `main` wrapper (logging, the error
 //! printed once with its chain), the shutdown signal, the allocator, the RabbitMQ connection and
-//! topology ([`amqp`]), and the client of the scheduler's API ([`client`]).
+//! topology ([`amqp`]), the client of the scheduler's API ([`client`]) and the command line's
+//! progress bars ([`progress`]).
 
 pub mod amqp;
 pub mod client;
 mod process;
+pub mod progress;
 
 pub use process::{GlobalArgs, host_name, run_main, shutdown_signal};
 

@@ -17,7 +17,7 @@ pub use job::{JobRequest, JobState, ParseStateError};
 pub use key::{CacheKey, KeyInput, ParseKeyError};
 pub use prompt::normalise_prompt;
 pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};
-pub use secret::Secret;
+pub use secret::{Secret, SecretUrl};
 pub use versioned::{FieldError, Versioned};
 
 /// Now, in unix milliseconds: the one clock every Kiln timestamp is read from.

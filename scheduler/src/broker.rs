@@ -32,7 +32,9 @@ pub async fn run(sched: Arc<Scheduler>, cfg: BrokerConfig, stop: CancellationTok
     let Some(url) = cfg.amqp_url.clone() else { return };
     let names = Names::new(&cfg.prefix);
     loop {
-        let Some(conn) = amqp::connect_with_backoff(&url, "kiln-scheduler", stop.cancelled()).await else { return };
+        let Some(conn) = amqp::connect_with_backoff(url.expose(), "kiln-scheduler", stop.cancelled()).await else {
+            return;
+        };
         tracing::info!(prefix = names.prefix(), "connected to RabbitMQ");
         let session = stop.child_token();
         // The session ends itself on `stop`, closing its channels on the way out.

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use kiln_protocol::Tier;
+use kiln_protocol::{SecretUrl, Tier};
 use kiln_worker::config::{ConfigError, WorkerConfig, env_parse, read_toml};
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ pub struct SchedulerConfig {
     pub retry: RetryPolicy,
     /// The database: unset for SQLite in the data dir, `sqlite://PATH`, or `postgres://…`
     /// (distributed mode) [env KILN_DATABASE_URL].
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretUrl>,
     /// The broker (distributed mode: jobs go to `kiln-worker` daemons over RabbitMQ instead of
     /// in-process workers).
     pub broker: BrokerConfig,
@@ -109,7 +109,7 @@ impl Default for FleetConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// `amqp://…`; unset runs the embedded in-process workers [env KILN_AMQP_URL].
-    pub amqp_url: Option<String>,
+    pub amqp_url: Option<SecretUrl>,
     /// The prefix of exchange and queue names [env KILN_AMQP_PREFIX].
     pub prefix: String,
     /// Outbox messages published ahead of their confirms.
@@ -207,10 +207,10 @@ impl FarmConfig {
         }
         s.workers = env_parse("KILN_WORKERS", env)?.unwrap_or(s.workers);
         if let Some(v) = env("KILN_DATABASE_URL").filter(|v| !v.is_empty()) {
-            s.database_url = Some(v);
+            s.database_url = Some(v.into());
         }
         if let Some(v) = env("KILN_AMQP_URL").filter(|v| !v.is_empty()) {
-            s.broker.amqp_url = Some(v);
+            s.broker.amqp_url = Some(v.into());
         }
         if let Some(v) = env("KILN_MQTT_URL").filter(|v| !v.is_empty()) {
             s.fleet.mqtt_url = Some(v);
@@ -248,13 +248,13 @@ impl FarmConfig {
             );
         }
         if let Some(url) = &s.database_url
-            && !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| url.starts_with(p))
+            && !["sqlite:", "postgres://", "postgresql://"].iter().any(|p| url.expose().starts_with(p))
         {
             return bad("scheduler.database_url", format!("{url:?}: expected sqlite://PATH or postgres://…"));
         }
         if let Some(url) = &s.broker.amqp_url
-            && !url.starts_with("amqp://")
-            && !url.starts_with("amqps://")
+            && !url.expose().starts_with("amqp://")
+            && !url.expose().starts_with("amqps://")
         {
             return bad("scheduler.broker.amqp_url", format!("{url:?}: expected amqp://…"));
         }

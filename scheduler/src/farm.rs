@@ -77,14 +77,13 @@ pub async fn ensure_token(sched: &Scheduler, path: &Path, name: &str, role: Role
 /// Opens the store the config names: SQLite in the data dir unless `scheduler.database_url`
 /// says `sqlite://PATH` or `postgres://…`.
 pub async fn open_store(cfg: &FarmConfig) -> anyhow::Result<Arc<dyn Store>> {
-    match cfg.scheduler.database_url.as_deref() {
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let shown = url.split('@').next_back().unwrap_or(url);
+    match cfg.scheduler.database_url.as_ref().map(|u| (u.expose(), u)) {
+        Some((url, shown)) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let store = PgStore::open(url).await.with_context(|| format!("failed to open the database at {shown}"))?;
             Ok(Arc::new(store))
         }
         other => {
-            let db = match other.and_then(|u| u.strip_prefix("sqlite://").or_else(|| u.strip_prefix("sqlite:"))) {
+            let db = match other.and_then(|(u, _)| u.strip_prefix("sqlite://").or_else(|| u.strip_prefix("sqlite:"))) {
                 Some(path) => PathBuf::from(path),
                 None => cfg.data_dir().join(DB_FILE),
             };

@@ -1,6 +1,5 @@
 //! The `kiln-worker` command line: `render` one image, `bench` the engine.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -136,20 +135,23 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<WorkerConfig> {
     Ok(cfg)
 }
 
-/// Reports progress: a redrawn line on a terminal, a log line every quarter otherwise.
+/// Reports progress: a bar on a terminal, a log line every quarter otherwise.
 pub fn progress_reporter(label: String) -> impl FnMut(Progress) {
-    let tty = std::io::stderr().is_terminal();
+    let bar = kiln_common::progress::rows_bar(&label, 1, false);
     let mut last_quarter = 0;
     move |p: Progress| {
-        let pct = u64::from(p.rows_done) * 100 / u64::from(p.rows.max(1));
-        if tty {
-            eprint!("\r{label}: {pct:3}% ({}/{} rows)", p.rows_done, p.rows);
-            if p.rows_done == p.rows {
-                eprintln!();
+        if bar.is_hidden() {
+            let pct = u64::from(p.rows_done) * 100 / u64::from(p.rows.max(1));
+            if pct / 25 > last_quarter {
+                last_quarter = pct / 25;
+                tracing::info!(rows_done = p.rows_done, rows = p.rows, "{label}: {pct}%");
             }
-        } else if pct / 25 > last_quarter {
-            last_quarter = pct / 25;
-            tracing::info!(rows_done = p.rows_done, rows = p.rows, "{label}: {pct}%");
+            return;
+        }
+        bar.set_length(u64::from(p.rows));
+        bar.set_position(u64::from(p.rows_done));
+        if p.rows_done == p.rows {
+            bar.finish();
         }
     }
 }

@@ -15,7 +15,9 @@ use serde_json::{Map, Value, json};
 use super::{ApiError, AppState, body_bytes, person, query_error};
 use crate::auth::Role;
 use crate::store::fleet::{Device, DeviceTask, NewTask, TaskEvent, TaskState};
-use crate::time::{now_ms, rfc3339};
+use kiln_protocol::now_ms;
+
+use crate::time::rfc3339;
 
 /// The longest deadline a task may be given.
 const MAX_DEADLINE_SECONDS: u64 = 7 * 24 * 3600;

@@ -2,7 +2,7 @@
 //! flags; errors name the key.
 
 use kiln_common::host_name;
-use kiln_protocol::Tier;
+use kiln_protocol::{SecretUrl, Tier};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
@@ -12,7 +12,7 @@ use crate::config::ConfigError;
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     /// The broker [env KILN_AMQP_URL].
-    pub amqp_url: String,
+    pub amqp_url: SecretUrl,
     /// The prefix of the exchange and queue names [env KILN_AMQP_PREFIX].
     pub amqp_prefix: String,
     /// The tiers this worker serves [env KILN_WORKER_TIERS, comma separated].
@@ -69,7 +69,7 @@ impl RunConfig {
     pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         use crate::config::env_parse;
         if let Some(v) = env("KILN_AMQP_URL") {
-            self.amqp_url = v;
+            self.amqp_url = v.into();
         }
         if let Some(v) = env("KILN_AMQP_PREFIX") {
             self.amqp_prefix = v;
@@ -106,7 +106,8 @@ impl RunConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
-        if !self.amqp_url.starts_with("amqp://") && !self.amqp_url.starts_with("amqps://") {
+        let url = self.amqp_url.expose();
+        if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
             return bad("run.amqp_url", format!("{:?} is not an amqp:// URL", self.amqp_url));
         }
         if self.amqp_prefix.is_empty()

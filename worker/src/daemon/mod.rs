@@ -94,7 +94,7 @@ pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -
     }
     tracing::info!(worker_id = d.id, tiers = ?d.cfg.tiers, concurrency = d.cfg.concurrency, "worker daemon starting");
     loop {
-        let Some(conn) = amqp::connect_with_backoff(&d.cfg.amqp_url, &d.id, stop.cancelled()).await else {
+        let Some(conn) = amqp::connect_with_backoff(d.cfg.amqp_url.expose(), &d.id, stop.cancelled()).await else {
             return Ok(());
         };
         match d.clone().session(&conn, &stop).await {
