@@ -1,7 +1,8 @@
 //! What the scheduler makes of an attempt's end, the same for the embedded farm's in-process
 //! workers and the distributed farm's daemons: the checks a result from another machine must pass
 //! ([`Scheduler::accept`]), the retry policy, the quarantine and drain rules ([`judge`], with no
-//! I/O), and the one path that records it all ([`Scheduler::settle`]).
+//! I/O), and the one path that records it all ([`Scheduler::settle`]). Their spans (level
+//! `debug`, as every per-job line) carry the job, the attempt and the worker.
 
 use kiln_protocol::wire::{AttemptOutcome, ResultMessage};
 use kiln_worker::render::{THUMB_SIDE, own_thumbnail};
@@ -132,6 +133,7 @@ impl Scheduler {
     /// first if its start was not written). `false` when the store failed: the caller tries again
     /// later (recording is idempotent by job and attempt). A repeat of an end already recorded,
     /// or of a stale attempt, changes nothing.
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = %r.d.job_id, attempt = r.d.attempt, worker = %r.worker))]
     pub async fn settle(&self, r: &Report) -> bool {
         let mut outcome = match &r.ended {
             Ended::Succeeded { asset, bytes, provenance, png } => Outcome::Succeeded {
@@ -177,6 +179,7 @@ impl Scheduler {
     /// fails the checks on what it carries ([`Self::check_inline`]) or names an asset that never
     /// arrived here, which fails the attempt (as a transient failure: another worker may do
     /// better). An error when the store cannot say whether the asset is here.
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = %d.job_id, attempt = d.attempt, worker = %msg.worker))]
     pub async fn accept(&self, msg: &ResultMessage, d: Dispatch) -> Result<Report, StoreError> {
         let failed = |error| Ended::Failed { error, transient: true };
         let ended = match &msg.outcome {

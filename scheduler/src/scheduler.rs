@@ -277,6 +277,7 @@ impl Scheduler {
     /// it is admitted), and with `watch` (for a caller that waits for the job to end) the job's
     /// end is watched from before the job is stored, so [`Self::wait_submitted`] need not read
     /// it first.
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = tracing::field::Empty))]
     pub async fn submit_watching(
         &self,
         caller: &Caller,
@@ -285,6 +286,7 @@ impl Scheduler {
         watch: bool,
     ) -> Result<(Job, Admission, Option<Watch>), SubmitError> {
         let id = self.new_id();
+        tracing::Span::current().record("job_id", id.as_str());
         let watch = watch.then(|| Watch {
             woken: Some(self.waiters.watch_one(&id)),
             id: id.clone(),
@@ -311,6 +313,7 @@ impl Scheduler {
     }
 
     /// Cancels a job; a client may cancel only its own. `Ok(None)`: no such job (or not theirs).
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = id))]
     pub async fn cancel(&self, caller: &Caller, id: &str) -> Result<Option<Job>, StoreError> {
         if caller.role != Role::Operator && self.job(caller, id).await?.is_none() {
             return Ok(None);

@@ -149,10 +149,11 @@ pub async fn run_worker(
 }
 
 /// Renders a job through the attempt every worker makes, telling listeners its progress.
+#[tracing::instrument(level = "debug", skip_all, fields(job_id = %job.job_id, attempt = job.attempt, worker = %worker))]
 async fn render(sched: &Arc<Scheduler>, worker: &str, job: &Job) -> Ended {
     sched.metrics.in_flight.inc();
     // Per job at debug: the job's events record it, and a line per job floods a busy farm's log.
-    tracing::debug!(job_id = job.job_id, worker, attempt = job.attempt, tier = %job.tier, "rendering");
+    tracing::debug!(tier = %job.tier, "rendering");
     let (live, id) = (sched.live_sender(), job.job_id.clone());
     let mut last = 0;
     let progress = move |p: Progress| {

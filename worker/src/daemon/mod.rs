@@ -285,6 +285,9 @@ impl Daemon {
         Ok(msg)
     }
 
+    /// One delivery: checked, rendered, its asset handed over, its result published (and then
+    /// acked), or dead-lettered with the reason.
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = tracing::field::Empty, attempt = tracing::field::Empty))]
     async fn handle(
         &self,
         publ: &Channel,
@@ -311,6 +314,9 @@ impl Daemon {
                 return;
             }
         };
+        let span = tracing::Span::current();
+        span.record("job_id", msg.job_id.as_str());
+        span.record("attempt", msg.attempt);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let started_ms = now_ms();
         let inline_max = self.upload.as_ref().map(|_| self.cfg.inline_asset_bytes);
