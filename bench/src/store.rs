@@ -87,12 +87,12 @@ async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> 
     let t = Instant::now();
     let mut due = Vec::with_capacity(n);
     loop {
-        // As the in-process transport takes them: read, marked sent, the moved jobs kept.
-        let pending = store.pending(now, 512).await?;
+        // As the in-process transport takes them: read and marked sent in one write, the moved
+        // jobs kept.
+        let (pending, events) = store.read_and_mark(now, 512).await?;
         if pending.rows.is_empty() {
             break;
         }
-        let events = store.mark_sent(pending.rows.iter().map(|o| o.id).collect(), now).await?;
         let moved = events.into_iter().map(|e| e.job_id).collect();
         due.extend(Due::of(pending, &moved).jobs);
     }

@@ -61,6 +61,10 @@ impl Dispatch for LocalQueue {
         512
     }
 
+    fn marks_as_it_reads(&self) -> bool {
+        true
+    }
+
     fn send<'a>(&'a self, rows: Vec<Outgoing>, marker: &'a Marker<'a>) -> BoxFut<'a, Result<usize, DispatchError>> {
         Box::pin(async move {
             let n = rows.len();

@@ -27,19 +27,34 @@ pub enum DispatchError {
 }
 
 /// Marks outbox rows sent for a transport, and publishes the events that makes.
-pub struct Marker<'a>(&'a Scheduler);
+pub struct Marker<'a> {
+    sched: &'a Scheduler,
+    /// The jobs moved to `dispatched` when the round's rows were marked as they were read.
+    marked: Option<HashSet<String>>,
+}
 
 impl Marker<'_> {
     /// Marks `ids` sent; the jobs that moved to `dispatched` (those that still waited for that
-    /// attempt: not one cancelled, or whose result came first).
+    /// attempt: not one cancelled, or whose result came first). For a transport that
+    /// [marks as it reads](Dispatch::marks_as_it_reads) the round's rows are marked already.
     pub async fn mark(&self, ids: Vec<i64>) -> Result<HashSet<String>, StoreError> {
+        if let Some(moved) = &self.marked {
+            return Ok(moved.clone());
+        }
         if ids.is_empty() {
             return Ok(HashSet::new());
         }
-        let events = self.0.store.mark_sent(ids, now_ms()).await?;
+        let events = self.sched.store.mark_sent(ids, now_ms()).await?;
+        Ok(self.sched.publish_moved(events))
+    }
+}
+
+impl Scheduler {
+    /// Publishes `dispatched` events; the jobs they moved.
+    fn publish_moved(&self, events: Vec<crate::store::Event>) -> HashSet<String> {
         let moved = events.iter().map(|e| e.job_id.clone()).collect();
-        self.0.publish(events);
-        Ok(moved)
+        self.publish(events);
+        moved
     }
 }
 
@@ -47,6 +62,13 @@ impl Marker<'_> {
 pub trait Dispatch: Send + Sync {
     /// Due rows read at a time.
     fn window(&self) -> u32;
+
+    /// Whether the rows are marked sent in the same write that reads them, before the transport
+    /// holds them: for a transport that cannot lose what it takes short of the process dying (the
+    /// next start queues such jobs again). One write a round instead of a read and a write.
+    fn marks_as_it_reads(&self) -> bool {
+        false
+    }
 
     /// Hands `rows` to workers and marks sent (with `marker`) those it now holds, in the order
     /// its transport's durability needs; a row whose job no longer waits for it (`live` false) is
@@ -58,13 +80,21 @@ pub trait Dispatch: Send + Sync {
 /// Offers due outbox rows to `via` until `stop`, sleeping until the next row falls due or a new
 /// one is written. Ends with an error only when the transport fails.
 pub async fn run_outbox(sched: &Scheduler, via: &dyn Dispatch, stop: &CancellationToken) -> Result<(), DispatchError> {
-    let marker = Marker(sched);
     loop {
         let now = now_ms();
         let window = via.window();
-        let pause = match sched.store.pending(now, window).await {
-            Ok(pending) if pending.rows.is_empty() => pending.next_due_ms,
-            Ok(pending) => {
+        let read = if via.marks_as_it_reads() {
+            sched
+                .store
+                .read_and_mark(now, window)
+                .await
+                .map(|(pending, events)| (pending, Marker { sched, marked: Some(sched.publish_moved(events)) }))
+        } else {
+            sched.store.pending(now, window).await.map(|pending| (pending, Marker { sched, marked: None }))
+        };
+        let pause = match read {
+            Ok((pending, _)) if pending.rows.is_empty() => pending.next_due_ms,
+            Ok((pending, marker)) => {
                 let (offered, full) = (pending.rows.len(), pending.rows.len() == window as usize);
                 match via.send(pending.rows, &marker).await {
                     // More may be due already.

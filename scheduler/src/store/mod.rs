@@ -349,6 +349,10 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     /// calls [`Store::mark_sent`]: see [`crate::dispatch`]).
     fn pending(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Pending, StoreError>>;
 
+    /// [`Store::pending`] and [`Store::mark_sent`] of the rows it found, in one write: for a
+    /// transport that marks rows before it hands them over (the in-process queue).
+    fn read_and_mark(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<(Pending, Vec<Event>), StoreError>>;
+
     /// Marks outbox rows sent and moves each job still waiting for that attempt to `dispatched`.
     fn mark_sent(&self, ids: Vec<i64>, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>>;
 

@@ -145,6 +145,21 @@ macro_rules! store_impl {
                 })
             }
 
+            fn read_and_mark(
+                &self,
+                now_ms: i64,
+                limit: u32,
+            ) -> BoxFut<'_, Result<(Pending, Vec<Event>), StoreError>> {
+                Box::pin(self.write(Box::new(move |c| {
+                    Box::pin(async move {
+                        let pending = pending_op(&mut *c, now_ms, limit).await?;
+                        let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
+                        let events = if ids.is_empty() { Vec::new() } else { mark_sent_op(c, &ids, now_ms).await? };
+                        Ok((pending, events))
+                    })
+                })))
+            }
+
             fn mark_sent(&self, ids: Vec<i64>, now_ms: i64) -> BoxFut<'_, Result<Vec<Event>, StoreError>> {
                 Box::pin(self.write(Box::new(move |c| Box::pin(async move { mark_sent_op(c, &ids, now_ms).await }))))
             }

@@ -15,8 +15,8 @@ async fn pg_store() -> Option<PgStore> {
     Some(PgStore::open(&url).await.unwrap())
 }
 
-/// What the in-process transport does with due rows ([`crate::dispatch::local`]): reads them,
-/// marks them sent, and keeps the jobs the mark moved to `dispatched`.
+/// What the in-process transport does with due rows ([`crate::dispatch::local`]): reads them and
+/// marks them sent in one write, and keeps the jobs the mark moved to `dispatched`.
 trait TakeDue {
     fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>>;
 }
@@ -24,9 +24,7 @@ trait TakeDue {
 impl<S: Store + ?Sized> TakeDue for S {
     fn take_due(&self, now_ms: i64, limit: u32) -> BoxFut<'_, Result<Due, StoreError>> {
         Box::pin(async move {
-            let pending = self.pending(now_ms, limit).await?;
-            let ids: Vec<i64> = pending.rows.iter().map(|o| o.id).collect();
-            let events = self.mark_sent(ids, now_ms).await?;
+            let (pending, events) = self.read_and_mark(now_ms, limit).await?;
             let moved = events.iter().map(|e| e.job_id.clone()).collect();
             Ok(Due::of(pending, &moved))
         })
