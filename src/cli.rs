@@ -10,11 +10,13 @@ use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use kiln_common::GlobalArgs;
 use kiln_common::client::Client;
+use kiln_protocol::api::{self, Role};
+use kiln_protocol::fleet::TaskState;
 use kiln_protocol::{JobRequest, JobState, Secret, Tier};
-use kiln_scheduler::auth::Role;
 use kiln_scheduler::config::FarmConfig;
 use kiln_scheduler::farm::url_file;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 
 /// Kiln, a render farm for generative-art studios: renders (prompt, seed, tier) to the same PNG
 /// every time, answers repeats from its cache, and runs on one laptop with `kiln up`.
@@ -300,41 +302,48 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Tasks(args)) => runtime()?.block_on(tasks(&cfg, &args)),
         Some(Command::Token(TokenCommand::Create { name, role, remote })) => runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
-            let v = c.call(Method::POST, "/v1/tokens", Some(&json!({ "name": name, "role": role }))).await?;
+            let new = api::NewToken { name, role };
+            let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
             if remote.json {
-                println!("{v:#}");
+                print_json(&made)?;
             } else {
-                println!("{}", v["token"].as_str().unwrap_or_default());
-                eprintln!("token {name:?} ({role}) created; it is shown only this once");
+                println!("{}", made.token);
+                eprintln!("token {:?} ({}) created; it is shown only this once", made.name, made.role);
             }
             Ok(())
         }),
     }
 }
 
-/// Prints a job: its JSON with `--json`, else a line and its asset or error.
-fn print_job(v: &Value, json: bool) {
-    if json {
-        println!("{v:#}");
-        return;
-    }
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
-    println!(
-        "{}  {:<10} {:<8} {}×{} seed {}  {:?}",
-        s("id"),
-        s("state"),
-        s("tier"),
-        v["width"],
-        v["height"],
-        v["seed"],
-        s("prompt")
-    );
-    if let Some(a) = v["asset"].as_str() {
+/// Prints an answer as `--json` does: pretty JSON.
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Prints a job: a line and its asset or error.
+fn print_job(j: &api::Job) {
+    println!("{}  {:<10} {:<8} {}×{} seed {}  {:?}", j.id, j.state, j.tier, j.width, j.height, j.seed, j.prompt);
+    if let Some(a) = &j.asset {
         println!("  asset  {a}");
     }
-    if let Some(e) = v["error"].as_str() {
+    if let Some(e) = &j.error {
         println!("  error  {e}");
     }
+}
+
+/// Prints an answer as `--json` asks: JSON, or its lines (`print`).
+fn show<T: serde::Serialize>(v: &T, json: bool, print: fn(&T)) -> anyhow::Result<()> {
+    if json {
+        return print_json(v);
+    }
+    print(v);
+    Ok(())
+}
+
+/// Whether a job ended well: succeeded, or answered from the cache.
+fn ended_well(state: JobState) -> bool {
+    matches!(state, JobState::Succeeded | JobState::Cached)
 }
 
 async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
@@ -358,53 +367,53 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
             bail!("--out {}: the directory {} does not exist", out.display(), parent.display());
         }
     }
-    let mut job = c.call(Method::POST, "/v1/jobs", Some(&serde_json::to_value(&req)?)).await?;
-    let id = job["id"].as_str().context("the farm answered a job without an id")?.to_owned();
+    let job: api::Job = c.send_json(Method::POST, "/v1/jobs", Some(&req)).await?;
+    let id = job.id.clone();
     if !a.remote.json {
-        eprintln!("job {id}: {}", job["state"].as_str().unwrap_or("?"));
+        eprintln!("job {id}: {}", job.state);
     }
-    if a.wait || a.out.is_some() {
-        let bar = kiln_common::progress::rows_bar("  rendering", 1, a.remote.json);
-        c.follow(&id, |kind, data| {
-            match kind {
-                "progress" => {
-                    bar.set_length(data["rows"].as_u64().unwrap_or(1).max(1));
-                    bar.set_position(data["rows_done"].as_u64().unwrap_or(0));
-                }
-                "state" => {
-                    let state = data["state"].as_str().unwrap_or("?");
-                    if !a.remote.json {
-                        // Above the bar while it is drawn; alone otherwise.
-                        let line = format!("  {state}: {}", data["detail"].as_str().unwrap_or(""));
-                        if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
-                    }
-                    return !state.parse::<JobState>().is_ok_and(JobState::is_terminal);
-                }
-                _ => {}
-            }
-            true
-        })
-        .await?;
-        bar.finish_and_clear();
-        job = c.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?;
-        let state: JobState = job["state"].as_str().unwrap_or("").parse().unwrap_or(JobState::Queued);
-        if let Some(out) = &a.out {
-            let asset = job["asset"].as_str().with_context(|| format!("job {id} ended {state} without an asset"))?;
-            let n = c
-                .download(&format!("/v1/assets/{asset}"), out)
-                .await
-                .with_context(|| format!("failed to fetch the PNG to --out {}", out.display()))?;
-            if !a.remote.json {
-                eprintln!("  wrote {} ({n} bytes)", out.display());
-            }
-        }
-        print_job(&job, a.remote.json);
-        if !matches!(state, JobState::Succeeded | JobState::Cached) {
-            bail!("job {id} ended {state}: {}", job["error"].as_str().unwrap_or("no error recorded"));
-        }
-        return Ok(());
+    if !(a.wait || a.out.is_some()) {
+        return show(&job, a.remote.json, print_job);
     }
-    print_job(&job, a.remote.json);
+    let bar = kiln_common::progress::rows_bar("  rendering", 1, a.remote.json);
+    c.follow(&id, |kind, data| {
+        match kind {
+            "progress" => {
+                if let Ok(p) = api::JobProgress::deserialize(data) {
+                    bar.set_length(u64::from(p.rows.max(1)));
+                    bar.set_position(u64::from(p.rows_done));
+                }
+            }
+            "state" => {
+                let Ok(e) = api::JobEvent::deserialize(data) else { return true };
+                if !a.remote.json {
+                    // Above the bar while it is drawn; alone otherwise.
+                    let line = format!("  {}: {}", e.state, e.detail);
+                    if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) }
+                }
+                return !e.state.is_terminal();
+            }
+            _ => {}
+        }
+        true
+    })
+    .await?;
+    bar.finish_and_clear();
+    let job: api::Job = c.get(&format!("/v1/jobs/{id}")).await?;
+    if let Some(out) = &a.out {
+        let asset = job.asset.as_ref().with_context(|| format!("job {id} ended {} without an asset", job.state))?;
+        let n = c
+            .download(&format!("/v1/assets/{asset}"), out)
+            .await
+            .with_context(|| format!("failed to fetch the PNG to --out {}", out.display()))?;
+        if !a.remote.json {
+            eprintln!("  wrote {} ({n} bytes)", out.display());
+        }
+    }
+    show(&job, a.remote.json, print_job)?;
+    if !ended_well(job.state) {
+        bail!("job {id} ended {}: {}", job.state, job.error.as_deref().unwrap_or("no error recorded"));
+    }
     Ok(())
 }
 
@@ -417,49 +426,45 @@ async fn submit_many(c: &Client, a: &SubmitArgs, req: JobRequest) -> anyhow::Res
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("--out {}: cannot make the directory", dir.display()))?;
     }
-    let items = (0..a.count)
-        .map(|i| serde_json::to_value(JobRequest { seed: a.seed.map(|s| s.wrapping_add(i)), ..req.clone() }))
-        .collect::<Result<Vec<_>, _>>()?;
-    let made = c.call(Method::POST, "/v1/jobs", Some(&Value::Array(items))).await?;
-    let jobs = made["jobs"].as_array().context("the farm answered a batch without its jobs")?;
+    let items: Vec<JobRequest> =
+        (0..a.count).map(|i| JobRequest { seed: a.seed.map(|s| s.wrapping_add(i)), ..req.clone() }).collect();
+    let made: api::JobBatch = c.send_json(Method::POST, "/v1/jobs", Some(&items)).await?;
     if !(a.wait || a.out.is_some()) {
         if a.remote.json {
-            println!("{made:#}");
-        } else {
-            jobs.iter().for_each(|j| print_job(j, false));
+            return print_json(&made);
         }
+        made.jobs.iter().for_each(print_job);
         return Ok(());
     }
-    let (mut ended, mut failed) = (Vec::with_capacity(jobs.len()), 0);
-    for (i, job) in jobs.iter().enumerate() {
-        let id = job["id"].as_str().context("the farm answered a job without an id")?;
-        let (job, state) = loop {
-            let job = c.call(Method::GET, &format!("/v1/jobs/{id}?wait=60"), None).await?;
-            match job["state"].as_str().and_then(|s| s.parse::<JobState>().ok()) {
-                Some(state) if state.is_terminal() => break (job, state),
-                _ => {}
+    let (mut ended, mut failed, n) = (Vec::with_capacity(made.jobs.len()), 0, made.jobs.len());
+    for (i, job) in made.jobs.into_iter().enumerate() {
+        let id = job.id;
+        let job = loop {
+            let job: api::Job = c.get(&format!("/v1/jobs/{id}?wait=60")).await?;
+            if job.state.is_terminal() {
+                break job;
             }
         };
-        if let (Some(dir), Some(asset)) = (&a.out, job["asset"].as_str()) {
-            let out = dir.join(format!("{}.png", job["seed"]));
+        if let (Some(dir), Some(asset)) = (&a.out, &job.asset) {
+            let out = dir.join(format!("{}.png", job.seed));
             c.download(&format!("/v1/assets/{asset}"), &out)
                 .await
                 .with_context(|| format!("failed to fetch job {id}'s PNG to {}", out.display()))?;
         }
-        if !matches!(state, JobState::Succeeded | JobState::Cached) {
+        if !ended_well(job.state) {
             failed += 1;
         }
         if !a.remote.json {
-            eprintln!("[{}/{}] seed {}: {state}", i + 1, jobs.len(), job["seed"]);
-            print_job(&job, false);
+            eprintln!("[{}/{n}] seed {}: {}", i + 1, job.seed, job.state);
+            print_job(&job);
         }
         ended.push(job);
     }
     if a.remote.json {
-        println!("{:#}", json!({ "jobs": ended }));
+        print_json(&api::JobBatch { jobs: ended })?;
     }
     if failed > 0 {
-        bail!("{failed} of {} jobs did not succeed", jobs.len());
+        bail!("{failed} of {n} jobs did not succeed");
     }
     Ok(())
 }
@@ -473,87 +478,70 @@ async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
     if let Some(t) = a.tier {
         path.push_str(&format!("&tier={t}"));
     }
-    let page = c.call(Method::GET, &path, None).await?;
+    let page: api::JobPage = c.get(&path).await?;
     if a.remote.json {
-        println!("{page:#}");
-        return Ok(());
+        return print_json(&page);
     }
-    let jobs = page["jobs"].as_array().cloned().unwrap_or_default();
-    if jobs.is_empty() {
+    if page.jobs.is_empty() {
         println!("no jobs");
     }
-    for j in &jobs {
-        print_job(j, false);
-    }
+    page.jobs.iter().for_each(print_job);
     Ok(())
 }
 
 async fn devices(cfg: &FarmConfig, a: &DevicesArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
-    let v = c.call(Method::GET, "/v1/devices", None).await?;
+    let list: api::Devices = c.get("/v1/devices").await?;
     if a.remote.json {
-        println!("{v:#}");
-        return Ok(());
+        return print_json(&list);
     }
-    let devices = v["devices"].as_array().cloned().unwrap_or_default();
-    if devices.is_empty() {
+    if list.devices.is_empty() {
         println!("no devices have announced themselves");
     }
-    for d in &devices {
-        let s = |k: &str| d[k].as_str().unwrap_or("").to_owned();
-        let age = d["seconds_since_telemetry"].as_f64().map_or("-".to_owned(), |a| format!("{a:.0} s ago"));
-        println!("{:<16} {:<8} {:<9} telemetry {age:<10} {}", s("id"), s("kind"), s("state"), s("detail"));
+    for d in &list.devices {
+        let age = d.seconds_since_telemetry.map_or("-".to_owned(), |a| format!("{a:.0} s ago"));
+        let detail = d.detail.as_deref().unwrap_or("");
+        println!("{:<16} {:<8} {:<9} telemetry {age:<10} {detail}", d.id, d.kind, d.state);
     }
     Ok(())
 }
 
-fn print_task(t: &Value) {
-    let s = |k: &str| t[k].as_str().unwrap_or("").to_owned();
-    println!("{}  {:<9} {:<8} on {:<12} {}", s("id"), s("state"), s("kind"), s("device_id"), s("detail"));
-    if let Some(a) = t["output_asset"].as_str() {
+fn print_task(t: &api::Task) {
+    let detail = t.detail.as_deref().unwrap_or("");
+    println!("{}  {:<9} {:<8} on {:<12} {detail}", t.id, t.state, t.kind, t.device_id);
+    if let Some(a) = &t.output_asset {
         println!("  output asset  {a}");
     }
 }
 
 async fn task(cfg: &FarmConfig, a: &TaskArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
-    let mut body = json!({ "kind": a.kind, "params": a.params.iter().cloned().collect::<serde_json::Map<_, _>>() });
-    if let Some(h) = &a.asset {
-        body["asset"] = h.clone().into();
-    }
-    if let Some(d) = a.deadline {
-        body["deadline_seconds"] = d.into();
-    }
-    let t = c.call(Method::POST, &format!("/v1/devices/{}/tasks", a.device), Some(&body)).await?;
-    let id = t["id"].as_str().unwrap_or_default().to_owned();
+    let body = api::NewTask {
+        kind: a.kind,
+        asset: a.asset.clone(),
+        params: a.params.iter().cloned().collect(),
+        deadline_seconds: a.deadline,
+    };
+    let t: api::Task = c.send_json(Method::POST, &format!("/v1/devices/{}/tasks", a.device), Some(&body)).await?;
+    let id = t.id.clone();
     if !a.wait {
-        if a.remote.json {
-            println!("{t:#}")
-        } else {
-            print_task(&t)
-        }
-        return Ok(());
+        return show(&t, a.remote.json, print_task);
     }
     let mut shown = 0;
     loop {
-        let t = c.call(Method::GET, &format!("/v1/tasks/{id}"), None).await?;
-        let events = t["events"].as_array().cloned().unwrap_or_default();
+        let t: api::Task = c.get(&format!("/v1/tasks/{id}")).await?;
+        let events = t.events.as_deref().unwrap_or_default();
         if !a.remote.json {
             for e in events.iter().skip(shown) {
-                let detail = e["detail"].as_str().map(|d| format!("  {d}")).unwrap_or_default();
-                eprintln!("{id}  {}{detail}", e["state"].as_str().unwrap_or(""));
+                let detail = e.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
+                eprintln!("{id}  {}{detail}", e.state);
             }
         }
         shown = events.len();
-        let state = t["state"].as_str().unwrap_or("");
-        if ["succeeded", "failed", "timed_out", "expired"].contains(&state) {
-            if a.remote.json {
-                println!("{t:#}")
-            } else {
-                print_task(&t)
-            }
-            if state != "succeeded" {
-                bail!("task {id} ended {state}");
+        if t.state.is_terminal() {
+            show(&t, a.remote.json, print_task)?;
+            if t.state != TaskState::Succeeded {
+                bail!("task {id} ended {}", t.state);
             }
             return Ok(());
         }
@@ -570,45 +558,43 @@ async fn tasks(cfg: &FarmConfig, a: &TasksArgs) -> anyhow::Result<()> {
     if let Some(s) = &a.state {
         path.push_str(&format!("&state={s}"));
     }
-    let v = c.call(Method::GET, &path, None).await?;
+    let list: api::Tasks = c.get(&path).await?;
     if a.remote.json {
-        println!("{v:#}");
-        return Ok(());
+        return print_json(&list);
     }
-    let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-    if tasks.is_empty() {
+    if list.tasks.is_empty() {
         println!("no tasks");
     }
-    tasks.iter().for_each(print_task);
+    list.tasks.iter().for_each(print_task);
     Ok(())
 }
 
 async fn job(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
-    let job = c.call(Method::GET, &format!("/v1/jobs/{}", a.id), None).await?;
-    print_job(&job, a.remote.json);
+    let job: api::Job = c.get(&format!("/v1/jobs/{}", a.id)).await?;
     if a.remote.json {
-        return Ok(());
+        return print_json(&job);
     }
+    print_job(&job);
     // The stored events, read from the stream until it has nothing more to say at once.
     let mut events = Vec::new();
     let follow = c.follow(&a.id, |kind, data| {
+        let Ok(e) = api::JobEvent::deserialize(data) else { return true };
+        let more = !e.state.is_terminal();
         if kind == "state" {
-            events.push(data.clone());
+            events.push(e);
         }
-        !data["state"].as_str().and_then(|s| s.parse::<JobState>().ok()).is_some_and(JobState::is_terminal)
+        more
     });
     let _ = tokio::time::timeout(Duration::from_millis(300), follow).await;
     for e in &events {
-        let at = e["at_ms"].as_i64().map(kiln_scheduler::time::rfc3339).unwrap_or_default();
-        println!("  {at}  {:<10} {}", e["state"].as_str().unwrap_or(""), e["detail"].as_str().unwrap_or(""));
+        println!("  {}  {:<10} {}", kiln_scheduler::time::rfc3339(e.at_ms), e.state, e.detail);
     }
     Ok(())
 }
 
 async fn cancel(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
-    let job = c.call(Method::POST, &format!("/v1/jobs/{}/cancel", a.id), None).await?;
-    print_job(&job, a.remote.json);
-    Ok(())
+    let job: api::Job = c.call_as(Method::POST, &format!("/v1/jobs/{}/cancel", a.id), None).await?;
+    show(&job, a.remote.json, print_job)
 }

@@ -215,6 +215,25 @@ impl Client {
             .map_err(|e| ClientError::Protocol { url: format!("{}{path}", self.base), message: e.to_string() })
     }
 
+    /// `GET path`, its answer read as `T` (one of [`kiln_protocol::api`]'s answers).
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call_as(Method::GET, path, None).await
+    }
+
+    /// `method path` with `body` written as JSON, its answer read as `T`.
+    pub async fn send_json<T: DeserializeOwned, B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let body = body
+            .map(|b| serde_json::to_vec(b).map(Bytes::from))
+            .transpose()
+            .map_err(|e| ClientError::Protocol { url: format!("{}{path}", self.base), message: e.to_string() })?;
+        self.call_as(method, path, body).await
+    }
+
     /// Raw bytes (an asset); non-2xx is an error.
     pub async fn bytes(&self, path: &str) -> Result<Bytes, ClientError> {
         let reply = self.send(Method::GET, path, None).await?;
@@ -285,10 +304,9 @@ impl Client {
 }
 
 fn error_of(status: StatusCode, body: &[u8]) -> ClientError {
-    let message = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect());
+    let message = serde_json::from_slice::<kiln_protocol::api::ErrorBody>(body)
+        .map(|b| b.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(500).collect());
     ClientError::Status { status, message }
 }
 

@@ -136,6 +136,7 @@ macro_rules! wire_enum {
     ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $variant:ident = $s:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[serde(rename_all = "snake_case")]
         pub enum $name {
             $($(#[$vdoc])* $variant),+
@@ -318,6 +319,52 @@ pub struct DeviceTask {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// After this (unix milliseconds) the task is rejected, not run.
     pub deadline_ms: i64,
+}
+
+wire_enum!(
+    /// A device task's state as the scheduler keeps it. It moves forward only: queued → sent →
+    /// accepted → running → succeeded | failed | timed_out | expired; `sent` may repeat (an
+    /// unanswered send is sent again).
+    TaskState, "task state" {
+        /// Created; not yet sent (its device is offline, or the bridge has not got to it).
+        Queued = "queued",
+        /// Published to the device; not yet accepted.
+        Sent = "sent",
+        /// The agent took it into its journal.
+        Accepted = "accepted",
+        /// Under way.
+        Running = "running",
+        /// Done.
+        Succeeded = "succeeded",
+        /// Failed on the device, was rejected by it, or was sent too often without an answer.
+        Failed = "failed",
+        /// Accepted but not ended by its deadline (plus `fleet.run_grace_seconds`).
+        TimedOut = "timed_out",
+        /// Its deadline passed before the device accepted it.
+        Expired = "expired",
+    }
+);
+
+impl TaskState {
+    /// Whether nothing follows.
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 4
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            TaskState::Queued => 0,
+            TaskState::Sent => 1,
+            TaskState::Accepted => 2,
+            TaskState::Running => 3,
+            _ => 4,
+        }
+    }
+
+    /// Whether a task in `self` may move to `to` (forward, or a resend).
+    pub fn may_move_to(self, to: TaskState) -> bool {
+        to.rank() > self.rank() || (self == TaskState::Sent && to == TaskState::Sent)
+    }
 }
 
 wire_enum!(

@@ -11,6 +11,7 @@ use crate::Tier;
 
 /// What a client asks for (`POST /v1/jobs`). Unknown fields are refused by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// The prompt; its words steer the style.
@@ -40,6 +41,7 @@ pub struct JobRequest {
 
 /// Where a job is. `succeeded`, `failed`, `cancelled` and `cached` are terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Accepted, waiting for a worker (or for the render it is attached to).

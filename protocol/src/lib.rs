@@ -4,6 +4,7 @@
 //! Serde only, no I/O (the clock aside): everything here is shared by the scheduler, the workers and the CLI, and a
 //! change to the cache key or a payload is a versioned contract change (see DESIGN.md).
 
+pub mod api;
 pub mod fleet;
 mod job;
 mod key;

@@ -9,6 +9,7 @@ use crate::{KeyInput, normalise_prompt};
 
 /// A render tier. Same prompt and seed at every tier is the same artwork at another resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     /// A fast look: small, one sample per pixel, watermarked.

@@ -199,6 +199,7 @@ pub struct ResultBatch {
 
 /// A worker's heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     /// Schema version ([`SCHEMA_VERSION`]).
     pub v: u32,

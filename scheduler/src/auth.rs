@@ -3,65 +3,9 @@
 //! `worker` (a `kiln-worker` daemon) may only upload the assets it renders; `device` (a `kiln-edge`
 //! agent) may fetch assets and upload the photos it takes.
 
-use std::fmt;
 use std::io::Read;
-use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Everything: any job, tokens, the operator's views.
-    Operator,
-    /// Submit jobs, read them, cancel its own.
-    Client,
-    /// Upload rendered assets (a `kiln-worker` daemon).
-    Worker,
-    /// Fetch assets and upload photos (a `kiln-edge` agent).
-    Device,
-}
-
-impl Role {
-    /// The role's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Operator => "operator",
-            Role::Client => "client",
-            Role::Worker => "worker",
-            Role::Device => "device",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "operator" => Ok(Role::Operator),
-            "client" => Ok(Role::Client),
-            "worker" => Ok(Role::Worker),
-            "device" => Ok(Role::Device),
-            _ => Err(format!("role: unknown role {s:?}; expected operator, client, worker or device")),
-        }
-    }
-}
-
-impl clap::ValueEnum for Role {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Role::Operator, Role::Client, Role::Worker, Role::Device]
-    }
-    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.as_str()))
-    }
-}
+pub use kiln_protocol::api::Role;
 
 /// Who is calling: the token's name and role.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,11 +55,5 @@ mod tests {
         assert!(a.expose().starts_with("kiln_") && a.expose().len() == 37);
         assert_eq!(token_hash(a.expose()), token_hash(a.expose()));
         assert_eq!(format!("{a:?}"), "Secret(***)");
-    }
-
-    #[test]
-    fn roles_parse_by_name() {
-        assert_eq!("client".parse::<Role>().unwrap(), Role::Client);
-        assert!("admin".parse::<Role>().unwrap_err().contains("role"));
     }
 }

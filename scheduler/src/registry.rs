@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::store::DrainedWorker;
 
-/// A worker as the registry knows it.
+/// A worker as the registry knows it (the API shows it as a [`kiln_protocol::api::Worker`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerEntry {
     /// Its last heartbeat (an in-process worker's: what it was started with).
@@ -24,6 +24,13 @@ pub struct WorkerEntry {
     pub drained_reason: Option<String>,
     /// When it was last heard from, unix milliseconds (an in-process worker: now).
     pub last_seen_ms: i64,
+}
+
+impl From<WorkerEntry> for kiln_protocol::api::Worker {
+    fn from(e: WorkerEntry) -> Self {
+        let WorkerEntry { heartbeat, state, drained_reason, last_seen_ms } = e;
+        kiln_protocol::api::Worker { heartbeat, state: state.to_owned(), drained_reason, last_seen_ms }
+    }
 }
 
 /// A worker heard from: its last heartbeat, when, and whether it runs in this process.

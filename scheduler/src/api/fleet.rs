@@ -4,19 +4,18 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kiln_protocol::fleet::{TaskKind, valid_hash};
+use kiln_protocol::fleet::valid_hash;
+use kiln_protocol::{api, now_ms};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use utoipa::IntoParams;
 
-use super::{ApiError, AppState, body_bytes, person, query_error};
-use crate::auth::Role;
+use super::callers::{Operator, Person};
+use super::{ApiError, AppState, body_bytes, query_error};
 use crate::store::fleet::{Device, DeviceTask, NewTask, TaskEvent, TaskState};
-use kiln_protocol::now_ms;
-
 use crate::time::rfc3339;
 
 /// The longest deadline a task may be given.
@@ -32,115 +31,106 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 /// A device as the API shows it; `full` adds its latest readings.
-pub fn device_json(d: &Device, now: i64, full: bool) -> Value {
-    let mut v = json!({
-        "id": d.id,
-        "kind": d.kind,
-        "state": d.state,
-        "boot_id": d.boot_id,
-        "version": d.version,
-        "capabilities": d.capabilities,
-        "last_seen_at": rfc3339(d.last_seen_ms),
-        "telemetry_seq": d.telemetry_seq,
-        "spool_dropped": d.spool_dropped,
-        "links": { "self": format!("/v1/devices/{}", d.id), "tasks": format!("/v1/tasks?device={}", d.id) },
-    });
-    if let Some(detail) = &d.detail {
-        v["detail"] = detail.clone().into();
+pub fn device_view(d: &Device, now: i64, full: bool) -> api::Device {
+    api::Device {
+        id: d.id.clone(),
+        kind: d.kind.clone(),
+        state: d.state.clone(),
+        detail: d.detail.clone(),
+        boot_id: d.boot_id.clone(),
+        version: d.version.clone(),
+        capabilities: d.capabilities.clone(),
+        last_seen_at: rfc3339(d.last_seen_ms),
+        telemetry_seq: d.telemetry_seq,
+        telemetry_at: d.telemetry_ms.map(rfc3339),
+        seconds_since_telemetry: d.telemetry_ms.map(|at| (now - at).max(0) as f64 / 1000.0),
+        spool_dropped: d.spool_dropped,
+        telemetry: full.then(|| d.telemetry.clone().unwrap_or(serde_json::Value::Null)),
+        links: api::DeviceLinks { self_: format!("/v1/devices/{}", d.id), tasks: format!("/v1/tasks?device={}", d.id) },
     }
-    if let Some(at) = d.telemetry_ms {
-        v["telemetry_at"] = rfc3339(at).into();
-        v["seconds_since_telemetry"] = ((now - at).max(0) as f64 / 1000.0).into();
-    }
-    if full {
-        v["telemetry"] = d.telemetry.clone().unwrap_or(Value::Null);
-    }
-    v
 }
 
 /// A task as the API shows it, with its events when given.
-pub fn task_json(t: &DeviceTask, events: Option<&[TaskEvent]>) -> Value {
-    let mut v = json!({
-        "id": t.id,
-        "device_id": t.device_id,
-        "kind": t.kind,
-        "state": t.state,
-        "params": t.params,
-        "sends": t.sends,
-        "deadline_at": rfc3339(t.deadline_ms),
-        "created_by": t.created_by,
-        "created_at": rfc3339(t.created_ms),
-        "updated_at": rfc3339(t.updated_ms),
-        "links": { "self": format!("/v1/tasks/{}", t.id), "device": format!("/v1/devices/{}", t.device_id) },
-    });
-    if let Some(a) = &t.asset {
-        v["asset"] = a.clone().into();
+pub fn task_view(t: &DeviceTask, events: Option<&[TaskEvent]>) -> api::Task {
+    api::Task {
+        id: t.id.clone(),
+        device_id: t.device_id.clone(),
+        kind: t.kind,
+        state: t.state,
+        params: t.params.clone(),
+        sends: t.sends,
+        deadline_at: rfc3339(t.deadline_ms),
+        created_by: t.created_by.clone(),
+        created_at: rfc3339(t.created_ms),
+        updated_at: rfc3339(t.updated_ms),
+        asset: t.asset.clone(),
+        detail: t.detail.clone(),
+        output_asset: t.output_asset.clone(),
+        events: events.map(|events| {
+            let event =
+                |e: &TaskEvent| api::TaskEvent { state: e.state, at: rfc3339(e.at_ms), detail: e.detail.clone() };
+            events.iter().map(event).collect()
+        }),
+        links: api::TaskLinks {
+            self_: format!("/v1/tasks/{}", t.id),
+            device: format!("/v1/devices/{}", t.device_id),
+            output_asset: t.output_asset.as_ref().map(|a| format!("/v1/assets/{a}")),
+        },
     }
-    if let Some(d) = &t.detail {
-        v["detail"] = d.clone().into();
-    }
-    if let Some(a) = &t.output_asset {
-        v["output_asset"] = a.clone().into();
-        v["links"]["output_asset"] = format!("/v1/assets/{a}").into();
-    }
-    if let Some(events) = events {
-        v["events"] = events
-            .iter()
-            .map(|e| json!({ "state": e.state, "at": rfc3339(e.at_ms), "detail": e.detail }))
-            .collect::<Vec<_>>()
-            .into();
-    }
-    v
 }
 
 /// `GET /v1/devices`: every device the fleet bridge has heard of, with its state.
-async fn list_devices(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    person(&s, &headers)?;
+#[utoipa::path(get, path = "/v1/devices", tag = "fleet",
+    responses(
+        (status = 200, body = api::Devices),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+    ))]
+pub(super) async fn list_devices(State(s): State<AppState>, _: Person) -> Result<Json<api::Devices>, ApiError> {
     let now = now_ms();
-    let devices: Vec<Value> = s.store.devices().await?.iter().map(|d| device_json(d, now, false)).collect();
-    Ok(Json(json!({ "devices": devices })).into_response())
+    let devices = s.store.devices().await?.iter().map(|d| device_view(d, now, false)).collect();
+    Ok(Json(api::Devices { devices }))
 }
 
 /// `GET /v1/devices/{id}`: one device with its latest telemetry.
-async fn get_device(
+#[utoipa::path(get, path = "/v1/devices/{id}", tag = "fleet",
+    params(("id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, body = api::Device),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        (status = 404, description = "No such device", body = api::ErrorBody),
+    ))]
+pub(super) async fn get_device(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Person,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    person(&s, &headers)?;
+) -> Result<Json<api::Device>, ApiError> {
     let d = s.store.device(&id).await?.ok_or_else(|| ApiError::not_found(format!("no device {id:?}")))?;
-    Ok(Json(device_json(&d, now_ms(), true)).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewTaskBody {
-    kind: TaskKind,
-    #[serde(default)]
-    asset: Option<String>,
-    #[serde(default)]
-    params: Map<String, Value>,
-    #[serde(default)]
-    deadline_seconds: Option<u64>,
+    Ok(Json(device_view(&d, now_ms(), true)))
 }
 
 /// `POST /v1/devices/{id}/tasks` (operator): a task for a device. 201 with the task, queued; the
 /// bridge sends it when the device is online.
-async fn create_task(
+#[utoipa::path(post, path = "/v1/devices/{id}/tasks", tag = "fleet",
+    params(("id" = String, Path, description = "The device's id")), request_body = api::NewTask,
+    responses(
+        (status = 201, body = api::Task),
+        (status = 400, description = "A kind the device does not do, a missing or unknown asset, or a deadline outside 1 s to a week", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        (status = 404, description = "No such device", body = api::ErrorBody),
+        (status = 409, description = "The fleet bridge is off", body = api::ErrorBody),
+        (status = 413, body = api::ErrorBody),
+    ))]
+pub(super) async fn create_task(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Operator(who): Operator,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = person(&s, &headers)?;
-    if who.role != Role::Operator {
-        return Err(ApiError::forbidden("physical tasks need an operator token"));
-    }
     if s.cfg.fleet.mqtt_url.is_none() {
         return Err(ApiError::conflict("the fleet bridge is off: set scheduler.fleet.mqtt_url (KILN_MQTT_URL)"));
     }
     let body = body_bytes(&s, body)?;
-    let b: NewTaskBody = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let b: api::NewTask = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
     let device = s.store.device(&id).await?.ok_or_else(|| ApiError::not_found(format!("no device {id:?}")))?;
     if device.kind != b.kind.device_kind().as_str() {
         return Err(ApiError::invalid(
@@ -174,24 +164,36 @@ async fn create_task(
     let t = s.store.create_task(task, now).await?;
     tracing::info!(task = t.id, device = t.device_id, kind = %t.kind, by = t.created_by, "device task created");
     s.fleet_wake.notify_one();
-    Ok((StatusCode::CREATED, Json(task_json(&t, None))).into_response())
+    Ok((StatusCode::CREATED, Json(task_view(&t, None))).into_response())
 }
 
-#[derive(Deserialize)]
+/// `GET /v1/tasks`' query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct TaskListParams {
+pub(super) struct TaskListParams {
+    /// Only this device's tasks.
     device: Option<String>,
+    /// Only tasks in this state.
+    #[param(value_type = Option<TaskState>)]
     state: Option<String>,
+    /// How many, 1 to `scheduler.limits.max_page` (500); default 100.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
 /// `GET /v1/tasks?device=&state=&limit=`: tasks, newest first.
-async fn list_tasks(
+#[utoipa::path(get, path = "/v1/tasks", tag = "fleet", params(TaskListParams),
+    responses(
+        (status = 200, body = api::Tasks),
+        (status = 400, description = "An unknown state, or `limit` outside 1..=max_page", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+    ))]
+pub(super) async fn list_tasks(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Person,
     q: Result<Query<TaskListParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    person(&s, &headers)?;
+) -> Result<Json<api::Tasks>, ApiError> {
     let Query(q) = q.map_err(query_error)?;
     let state =
         q.state.as_deref().map(str::parse::<TaskState>).transpose().map_err(|e| ApiError::invalid("state", e))?;
@@ -199,13 +201,23 @@ async fn list_tasks(
     if limit == 0 || limit > s.cfg.limits.max_page {
         return Err(ApiError::invalid("limit", format!("must be from 1 to {}", s.cfg.limits.max_page)));
     }
-    let tasks: Vec<Value> = s.store.tasks(q.device, state, limit).await?.iter().map(|t| task_json(t, None)).collect();
-    Ok(Json(json!({ "tasks": tasks })).into_response())
+    let tasks = s.store.tasks(q.device, state, limit).await?.iter().map(|t| task_view(t, None)).collect();
+    Ok(Json(api::Tasks { tasks }))
 }
 
 /// `GET /v1/tasks/{id}`: one task with every state it went through.
-async fn get_task(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    person(&s, &headers)?;
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "fleet",
+    params(("id" = String, Path, description = "The task's id")),
+    responses(
+        (status = 200, body = api::Task),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        (status = 404, description = "No such task", body = api::ErrorBody),
+    ))]
+pub(super) async fn get_task(
+    State(s): State<AppState>,
+    _: Person,
+    Path(id): Path<String>,
+) -> Result<Json<api::Task>, ApiError> {
     let (t, events) = s.store.task(&id).await?.ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))?;
-    Ok(Json(task_json(&t, Some(&events))).into_response())
+    Ok(Json(task_view(&t, Some(&events))))
 }

@@ -1,10 +1,13 @@
 //! The HTTP API under `/v1` (axum), plus `/healthz` and `/metrics`. The fixed points other tools
 //! rely on: `POST /v1/jobs` answers 201 with the job (`id`, `state`); `GET /v1/jobs/{id}` carries
 //! `asset` once succeeded; `GET /v1/assets/{hash}` answers the PNG; `GET /metrics` the Prometheus
-//! text. The whole surface is described in `scheduler/openapi.json`, served at `/v1/openapi.json`.
+//! text. The whole surface is described by the OpenAPI document derived from the handlers and
+//! their types ([`openapi`]), served at `/v1/openapi.json`.
 
+mod callers;
 pub mod error;
 pub mod fleet;
+pub mod openapi;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,20 +22,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
-use kiln_protocol::{JobRequest, JobState, Tier};
+use kiln_protocol::{JobRequest, JobState, Tier, api};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::IntoParams;
 
+use callers::{Operator, Person, caller, uploader};
 pub use error::ApiError;
 
-use crate::auth::{Caller, Role};
+use crate::auth::Role;
 use crate::scheduler::{Live, Scheduler, Watch};
 use crate::store::{Admission, Job, ListQuery};
 use crate::time::{parse_time, rfc3339};
-
-/// The OpenAPI document of this API.
-pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 type AppState = Arc<Scheduler>;
 
@@ -52,40 +54,13 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/workers", get(workers))
         .route("/v1/workers/{id}/resume", post(resume_worker))
         .route("/v1/tokens", post(create_token))
-        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/openapi.json", get(openapi_json))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(fleet::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(s)
-}
-
-/// The caller a request's bearer token names.
-fn caller(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized(
-            "missing; send `Authorization: Bearer <token>` (the operator's is in DATA/operator.token)",
-        ));
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .ok_or_else(|| ApiError::unauthorized("expected `Bearer <token>`"))?;
-    s.authenticate(token).ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))
-}
-
-/// A caller who may use the job API: an operator or a client (a worker token only uploads).
-fn person(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let who = caller(s, headers)?;
-    match who.role {
-        Role::Worker => return Err(ApiError::forbidden("a worker token may only upload assets")),
-        Role::Device => return Err(ApiError::forbidden("a device token may only fetch and upload assets")),
-        Role::Operator | Role::Client => {}
-    }
-    Ok(who)
 }
 
 /// A job as the API shows it, written straight from the job: building a JSON tree first cost an
@@ -151,13 +126,13 @@ impl Serialize for Links<'_> {
     }
 }
 
-/// A batch submit's answer.
+/// A batch submit's answer ([`api::JobBatch`], written from the jobs).
 #[derive(Serialize)]
 struct Batch {
     jobs: Vec<JobView>,
 }
 
-/// A page of `GET /v1/jobs`, with the cursor of the next.
+/// A page of `GET /v1/jobs` ([`api::JobPage`], written from the jobs), with the cursor of the next.
 #[derive(Serialize)]
 struct Listing {
     jobs: Vec<JobView>,
@@ -178,13 +153,23 @@ fn body_bytes(s: &Scheduler, body: Result<Bytes, BytesRejection>) -> Result<Byte
 /// of an idempotency key answers 200 with the first job. With `?wait=SECONDS`, the answer comes
 /// when every job in the request has ended or the wait is up, with the jobs as they are then: a
 /// batch is submitted and awaited in one round trip.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    params(WaitParams, ("Idempotency-Key" = Option<String>, Header, description = "For a single job: a repeat with the same key answers 200 with the first job.")),
+    request_body(content = openapi::SubmitBody, description = "One job, or an array of up to `scheduler.limits.max_jobs_per_request` (100)"),
+    responses(
+        (status = 201, description = "Created: the job, or `{jobs}` for an array, as they are (after the wait, if any)", body = openapi::Submitted),
+        (status = 200, description = "The idempotency key matched an earlier job: that job", body = api::Job),
+        (status = 400, description = "A field breaks a limit, names an unknown tier or model, or `wait` is outside 0..=60", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        (status = 413, description = "The body is over `scheduler.limits.max_body_bytes`", body = api::ErrorBody),
+    ))]
 async fn submit(
     State(s): State<AppState>,
+    Person(who): Person,
     headers: HeaderMap,
     q: Result<Query<WaitParams>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
     let wait = wait_for(q.wait)?;
     let body = body_bytes(&s, body)?;
@@ -215,11 +200,8 @@ async fn submit(
             // Validate all before admitting any, so a bad item does not leave half a batch.
             let mut resolved = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
-                let req: JobRequest = serde_json::from_value(item).map_err(|e| {
-                    let mut err = ApiError::from_json(&e);
-                    err.message = format!("jobs[{i}].{}", err.message);
-                    err
-                })?;
+                let req: JobRequest =
+                    serde_json::from_value(item).map_err(|e| ApiError::from_json(&e).within(&format!("jobs[{i}].")))?;
                 let request = s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
                 resolved.push((request, req.idempotency_key));
             }
@@ -261,15 +243,26 @@ async fn submit(
 }
 
 /// `GET /v1/jobs`' query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
+    /// Only jobs in this state.
+    #[param(value_type = Option<JobState>)]
     state: Option<String>,
+    /// Only jobs of this tier.
+    #[param(value_type = Option<Tier>)]
     tier: Option<String>,
+    /// Only jobs created at or after: RFC 3339 with its offset, or unix seconds.
     since: Option<String>,
+    /// Only jobs created before: RFC 3339 with its offset, or unix seconds.
     until: Option<String>,
+    /// Only this client's jobs (an operator's filter; a client sees only its own).
     client: Option<String>,
+    /// Page size, 1 to `scheduler.limits.max_page` (500); default 50.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
+    /// The `next` of the previous page.
     cursor: Option<String>,
 }
 
@@ -278,12 +271,18 @@ fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
 }
 
 /// `GET /v1/jobs`: newest first, filtered, a page at a time (`next` is the following page's cursor).
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
+    responses(
+        (status = 200, body = api::JobPage),
+        (status = 400, description = "A filter that does not parse, or `limit` outside 1..=max_page", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody),
+        (status = 403, description = "A worker or device token, or a client asking for another's jobs", body = api::ErrorBody),
+    ))]
 async fn list(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Person(who): Person,
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Listing>, ApiError> {
-    let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
     let time = |field: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
         v.as_deref()
@@ -333,10 +332,13 @@ async fn list(
 }
 
 /// The query of `GET /v1/jobs/{id}` and `POST /v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct WaitParams {
-    /// Seconds to wait for the job(s) to end (long poll), at most 60.
+    /// Seconds to wait for the job(s) to end before answering (long poll), 0 to 60; the answer
+    /// carries the job(s) as they are then.
+    #[param(minimum = 0, maximum = 60)]
     wait: Option<f64>,
 }
 
@@ -351,13 +353,20 @@ fn wait_for(wait: Option<f64>) -> Result<Option<Duration>, ApiError> {
 }
 
 /// `GET /v1/jobs/{id}`; with `?wait=SECONDS`, answers when the job ends or the wait is up.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id"), WaitParams),
+    responses(
+        (status = 200, body = api::Job),
+        (status = 400, description = "`wait` outside 0..=60, or an unknown query field", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
+    ))]
 async fn get_job(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Person(who): Person,
     Path(id): Path<String>,
     q: Result<Query<WaitParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobView>, ApiError> {
-    let who = person(&s, &headers)?;
     let Query(q) = q.map_err(query_error)?;
     let job = match wait_for(q.wait)? {
         Some(w) => s.wait_terminal(&who, std::slice::from_ref(&id), w).await?.remove(&id),
@@ -366,13 +375,20 @@ async fn get_job(
     job.map(|j| Json(JobView(j))).ok_or_else(|| ApiError::not_found(format!("id: no job {id:?}")))
 }
 
-/// `POST /v1/jobs/{id}/cancel`.
+/// `POST /v1/jobs/{id}/cancel`: a client may cancel only its own jobs. A cancelled job's
+/// attached jobs pass to the oldest of them.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job as it now is (an ended job stays as it was)", body = api::Job),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
+    ))]
 async fn cancel(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Person(who): Person,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let who = person(&s, &headers)?;
     match s.cancel(&who, &id).await? {
         Some(j) => Ok(Json(JobView(j))),
         None => Err(ApiError::not_found(format!("id: no job {id:?}"))),
@@ -381,12 +397,21 @@ async fn cancel(
 
 /// `GET /v1/jobs/{id}/events`: Server-Sent Events. The job's stored events first (after
 /// `Last-Event-ID` when given), then live ones and render progress, until it ends.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event (its `seq`)")),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = openapi::EventData,
+            description = "Server-Sent Events until the job ends: `event: state` (id: its `seq`, data: a JobEvent) for each transition, stored ones first; `event: progress` (data: a JobProgress) as a render's rows finish"),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
+    ))]
 async fn events(
     State(s): State<AppState>,
+    Person(who): Person,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let who = person(&s, &headers)?;
     // Subscribe before reading the log, so nothing falls between the two.
     let mut rx = s.subscribe();
     if s.job(&who, &id).await?.is_none() {
@@ -437,10 +462,10 @@ async fn events(
                     send_event(e)
                 }
                 Live::Event(_) => continue,
-                Live::Progress { rows_done, rows, .. } => SseEvent::default()
-                    .event("progress")
-                    .json_data(json!({ "job_id": id, "rows_done": rows_done, "rows": rows }))
-                    .unwrap_or_default(),
+                Live::Progress { rows_done, rows, .. } => {
+                    let p = api::JobProgress { job_id: id.clone(), rows_done: *rows_done, rows: *rows };
+                    SseEvent::default().event("progress").json_data(p).unwrap_or_default()
+                }
             };
             if tx.send(msg).await.is_err() {
                 return;
@@ -452,10 +477,12 @@ async fn events(
 }
 
 /// `GET /v1/assets/{hash}`'s query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AssetParams {
-    /// `thumb` for the thumbnail (long side at most 256 px; an image no larger is its own).
+    /// `full` (the default) or `thumb` for the thumbnail (long side at most 256 px; an image no
+    /// larger is its own).
     variant: Option<String>,
 }
 
@@ -467,12 +494,22 @@ fn check_hash(hash: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Assets need a token (any role) unless `scheduler.public_assets`.
 fn asset_auth(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
     if s.cfg.public_assets { Ok(()) } else { caller(s, headers).map(|_| ()) }
 }
 
 /// `PUT /v1/assets/{hash}` (worker or operator token): stores an asset a worker rendered; the
 /// body must hash to `{hash}` (BLAKE3). `?variant=thumb` stores its thumbnail.
+#[utoipa::path(put, path = "/v1/assets/{hash}", tag = "assets",
+    params(("hash" = String, Path, description = "The BLAKE3 of the PNG, 64 lower-case hex digits"), AssetParams),
+    request_body(content = Vec<u8>, content_type = "image/png"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "The bytes do not hash to the path's BLAKE3, the hash is not 64 hex digits, or an unknown variant", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A client token", body = api::ErrorBody),
+        (status = 413, description = "Over `scheduler.limits.max_asset_bytes`", body = api::ErrorBody),
+    ))]
 async fn put_asset(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -480,7 +517,7 @@ async fn put_asset(
     q: Result<Query<AssetParams>, axum::extract::rejection::QueryRejection>,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let checked = uploader(&s, &headers).and_then(|()| check_hash(&hash)).and_then(|()| {
+    let checked = uploader(&s, &headers).and_then(|_| check_hash(&hash)).and_then(|()| {
         let Query(q) = q.map_err(query_error)?;
         match q.variant.as_deref() {
             None | Some("full") => Ok(false),
@@ -545,6 +582,15 @@ async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -
 }
 
 /// `PUT /v1/assets/{hash}/provenance` (worker or operator token): an uploaded asset's provenance.
+#[utoipa::path(put, path = "/v1/assets/{hash}/provenance", tag = "assets",
+    params(("hash" = String, Path, description = "The asset's BLAKE3")),
+    request_body(content = Object, description = "The provenance record; its `asset` is the hash in the path"),
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Not JSON, or its `asset` is not the path's", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "A client token", body = api::ErrorBody),
+        (status = 413, body = api::ErrorBody),
+    ))]
 async fn put_provenance(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -562,44 +608,54 @@ async fn put_provenance(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn uploader(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
-    match caller(s, headers)?.role {
-        Role::Worker | Role::Operator | Role::Device => Ok(()),
-        Role::Client => Err(ApiError::forbidden("uploading assets needs a worker, device or operator token")),
-    }
-}
-
 /// `GET /v1/workers` (operator): the workers heard from, with their state (`active`,
 /// `draining`, `drained` with the reason, `lost`: no heartbeat for
 /// `scheduler.broker.lost_after_seconds`, or three of its beats where that is longer), and every
 /// drained worker, heard from or not.
-async fn workers(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    if person(&s, &headers)?.role != Role::Operator {
-        return Err(ApiError::forbidden("the worker registry is the operator's"));
-    }
+#[utoipa::path(get, path = "/v1/workers", tag = "workers",
+    responses(
+        (status = 200, body = api::Workers),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+    ))]
+async fn workers(State(s): State<AppState>, _: Operator) -> Result<Json<api::Workers>, ApiError> {
     let drained = s.store.drained().await?;
-    Ok(Json(json!({ "workers": s.registry.list(kiln_protocol::now_ms()), "drained": drained })).into_response())
+    let workers = s.registry.list(kiln_protocol::now_ms()).into_iter().map(api::Worker::from).collect();
+    Ok(Json(api::Workers { workers, drained }))
 }
 
 /// `POST /v1/workers/{id}/resume` (operator): a drained worker may take work again.
+#[utoipa::path(post, path = "/v1/workers/{id}/resume", tag = "workers",
+    params(("id" = String, Path, description = "The worker's id")),
+    responses(
+        (status = 200, body = api::Resumed),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        (status = 409, description = "The worker is not drained", body = api::ErrorBody),
+    ))]
 async fn resume_worker(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Operator,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    if person(&s, &headers)?.role != Role::Operator {
-        return Err(ApiError::forbidden("only an operator may resume a worker"));
-    }
+) -> Result<Json<api::Resumed>, ApiError> {
     if !s.store.set_drained(&id, None, kiln_protocol::now_ms()).await? {
         return Err(ApiError::conflict(format!("worker {id:?} is not drained")));
     }
     tracing::info!(worker = id, "resumed by the operator");
     s.registry.resume(&id);
-    Ok(Json(json!({ "worker_id": id, "state": "resumed" })).into_response())
+    Ok(Json(api::Resumed { worker_id: id, state: "resumed".into() }))
 }
 
 /// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag: a
 /// file in the asset store, or a small PNG (its own thumbnail) kept with the asset's row.
+#[utoipa::path(get, path = "/v1/assets/{hash}", tag = "assets",
+    params(("hash" = String, Path, description = "The BLAKE3 of the PNG, 64 lower-case hex digits"), AssetParams,
+        ("If-None-Match" = Option<String>, Header, description = "The ETag held: 304 when it is this one")),
+    responses(
+        (status = 200, description = "The PNG (immutable; ETag: its hash)", content_type = "image/png", body = Vec<u8>),
+        (status = 304, description = "Not modified"),
+        (status = 400, description = "Not 64 hex digits, or an unknown variant", body = api::ErrorBody),
+        (status = 401, description = "No token, unless `scheduler.public_assets`", body = api::ErrorBody),
+        (status = 404, description = "No such asset", body = api::ErrorBody),
+    ))]
 async fn asset(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -656,6 +712,14 @@ async fn asset(
 }
 
 /// `GET /v1/assets/{hash}/provenance`: who asked, model and version, parameters, backend, timings.
+#[utoipa::path(get, path = "/v1/assets/{hash}/provenance", tag = "assets",
+    params(("hash" = String, Path, description = "The asset's BLAKE3")),
+    responses(
+        (status = 200, description = "The provenance record", body = Object),
+        (status = 400, description = "Not 64 hex digits", body = api::ErrorBody),
+        (status = 401, description = "No token, unless `scheduler.public_assets`", body = api::ErrorBody),
+        (status = 404, description = "No such asset", body = api::ErrorBody),
+    ))]
 async fn provenance(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -676,48 +740,52 @@ async fn provenance(
     }
 }
 
-/// `POST /v1/tokens`' body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    name: String,
-    role: Role,
-}
-
 /// `POST /v1/tokens` (operator): a new token; its secret is shown this once.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = api::NewToken,
+    responses(
+        (status = 201, body = api::TokenCreated),
+        (status = 400, description = "A bad name or role", body = api::ErrorBody),
+        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        (status = 409, description = "The name is taken", body = api::ErrorBody),
+    ))]
 async fn create_token(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _: Operator,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = person(&s, &headers)?;
-    if who.role != Role::Operator {
-        return Err(ApiError::forbidden("only an operator token may create tokens"));
-    }
     let body = body_bytes(&s, body)?;
-    let req: NewToken = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let req: api::NewToken = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
     if req.name.is_empty() || req.name.len() > 100 || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 100 printable characters"));
     }
     let secret = s.create_token(&req.name, req.role).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "name": req.name, "role": req.role, "token": secret.expose() })))
-        .into_response())
+    let made = api::TokenCreated { name: req.name, role: req.role, token: secret.expose().to_owned() };
+    Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 
-async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+/// `GET /v1/openapi.json`: this API's OpenAPI document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+async fn openapi_json() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi::document())
 }
 
 /// `GET /healthz`: 200 while the store answers.
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, body = api::Health), (status = 503, description = "The database does not answer", body = api::Health)))]
 async fn healthz(State(s): State<AppState>) -> Response {
     match s.store.ping().await {
-        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable", "error": e.to_string() })))
-            .into_response(),
+        Ok(_) => Json(api::Health { status: "ok".into(), error: None }).into_response(),
+        Err(e) => {
+            let h = api::Health { status: "unavailable".into(), error: Some(e.to_string()) };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(h)).into_response()
+        }
     }
 }
 
 /// `GET /metrics`: the scheduler's and the workers' metrics in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
+    responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let counts = s.registry.counts(kiln_protocol::now_ms());
     for state in crate::metrics::WORKER_STATES {
@@ -731,6 +799,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn job(ended: bool) -> Job {
         let request = kiln_protocol::RenderRequest::resolve(
@@ -791,6 +860,17 @@ mod tests {
             }
             let got = serde_json::to_string(&JobView(j)).unwrap();
             assert_eq!(got, want.to_string());
+        }
+    }
+
+    /// The answer is written from the job for speed, but it is the protocol's [`api::Job`] to
+    /// the byte: it parses as one, and one writes the same bytes back.
+    #[test]
+    fn a_job_as_written_is_the_protocols_job() {
+        for ended in [false, true] {
+            let written = serde_json::to_string(&JobView(job(ended))).unwrap();
+            let parsed: api::Job = serde_json::from_str(&written).unwrap();
+            assert_eq!(serde_json::to_string(&parsed).unwrap(), written);
         }
     }
 }

@@ -6,101 +6,13 @@
 //! timed_out | expired. A report that would move it back (a duplicate, or one that arrives after
 //! a later one) changes nothing. `sent` may repeat: an unanswered send is sent again.
 
-use std::fmt;
-use std::str::FromStr;
-
+pub use kiln_protocol::fleet::TaskState;
 use kiln_protocol::fleet::{DeviceStatus, TaskKind, Telemetry};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::rows::{Cols, corrupt};
 use super::{BoxFut, StoreError};
-
-/// A device task's state as the scheduler keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskState {
-    /// Created; not yet sent (its device is offline, or the bridge has not got to it).
-    Queued,
-    /// Published to the device; not yet accepted.
-    Sent,
-    /// The agent took it into its journal.
-    Accepted,
-    /// Under way.
-    Running,
-    /// Done.
-    Succeeded,
-    /// Failed on the device, was rejected by it, or was sent too often without an answer.
-    Failed,
-    /// Accepted but not ended by its deadline (plus `fleet.run_grace_seconds`).
-    TimedOut,
-    /// Its deadline passed before the device accepted it.
-    Expired,
-}
-
-impl TaskState {
-    /// Every state, in order.
-    pub const ALL: [TaskState; 8] = [
-        TaskState::Queued,
-        TaskState::Sent,
-        TaskState::Accepted,
-        TaskState::Running,
-        TaskState::Succeeded,
-        TaskState::Failed,
-        TaskState::TimedOut,
-        TaskState::Expired,
-    ];
-
-    /// Its name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Queued => "queued",
-            TaskState::Sent => "sent",
-            TaskState::Accepted => "accepted",
-            TaskState::Running => "running",
-            TaskState::Succeeded => "succeeded",
-            TaskState::Failed => "failed",
-            TaskState::TimedOut => "timed_out",
-            TaskState::Expired => "expired",
-        }
-    }
-
-    /// Whether nothing follows.
-    pub fn is_terminal(self) -> bool {
-        self.rank() == 4
-    }
-
-    fn rank(self) -> u8 {
-        match self {
-            TaskState::Queued => 0,
-            TaskState::Sent => 1,
-            TaskState::Accepted => 2,
-            TaskState::Running => 3,
-            _ => 4,
-        }
-    }
-
-    /// Whether a task in `self` may move to `to` (forward, or a resend).
-    pub fn may_move_to(self, to: TaskState) -> bool {
-        to.rank() > self.rank() || (self == TaskState::Sent && to == TaskState::Sent)
-    }
-}
-
-impl fmt::Display for TaskState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for TaskState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        TaskState::ALL.iter().copied().find(|t| t.as_str() == s).ok_or_else(|| {
-            let all: Vec<&str> = TaskState::ALL.iter().map(|t| t.as_str()).collect();
-            format!("unknown task state {s:?}; expected one of {}", all.join(", "))
-        })
-    }
-}
 
 /// A device as the scheduler knows it.
 #[derive(Debug, Clone, Serialize)]

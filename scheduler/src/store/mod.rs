@@ -447,12 +447,4 @@ pub struct FailureTally {
 }
 
 /// A worker the scheduler drained.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct DrainedWorker {
-    /// Its id.
-    pub worker_id: String,
-    /// Why.
-    pub reason: String,
-    /// When, unix milliseconds.
-    pub at_ms: i64,
-}
+pub use kiln_protocol::api::DrainedWorker;

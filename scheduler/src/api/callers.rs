@@ -1,0 +1,78 @@
+//! Who calls, from the request's bearer token, as axum extractors: a handler names the callers
+//! it serves in its arguments ([`Person`]: an operator or a client; [`Operator`]), and anyone else
+//! gets the 401 or 403 that says why. The asset calls check by hand ([`caller`], [`uploader`]):
+//! a refused upload reads the rest of its body first.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+
+use super::{ApiError, AppState};
+use crate::auth::{Caller, Role};
+use crate::scheduler::Scheduler;
+
+/// A caller who may use the job API: an operator or a client (a worker or device token only
+/// moves assets).
+pub struct Person(pub Caller);
+
+/// An operator.
+pub struct Operator(pub Caller);
+
+/// The caller a request's bearer token names.
+pub(super) fn caller(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "missing; send `Authorization: Bearer <token>` (the operator's is in DATA/operator.token)",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::unauthorized("expected `Bearer <token>`"))?;
+    s.authenticate(token).ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))
+}
+
+/// The caller, if the job API is theirs.
+fn person(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let who = caller(s, headers)?;
+    match who.role {
+        Role::Worker => Err(ApiError::forbidden("a worker token may only upload assets")),
+        Role::Device => Err(ApiError::forbidden("a device token may only fetch and upload assets")),
+        Role::Operator | Role::Client => Ok(who),
+    }
+}
+
+/// A caller who may upload assets: a worker, a device or an operator (a client may not).
+pub(super) fn uploader(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let who = caller(s, headers)?;
+    match who.role {
+        Role::Worker | Role::Operator | Role::Device => Ok(who),
+        Role::Client => Err(ApiError::forbidden("uploading assets needs a worker, device or operator token")),
+    }
+}
+
+impl FromRequestParts<AppState> for Person {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        person(s, &parts.headers).map(Person)
+    }
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        let who = person(s, &parts.headers)?;
+        if who.role != Role::Operator {
+            let path = parts.uri.path();
+            return Err(ApiError::forbidden(format!(
+                "{path} is the operator's; the token {:?} is a client's",
+                who.name
+            )));
+        }
+        Ok(Operator(who))
+    }
+}
