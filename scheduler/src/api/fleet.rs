@@ -83,7 +83,7 @@ pub fn task_view(t: &DeviceTask, events: Option<&[TaskEvent]>) -> api::Task {
 #[utoipa::path(get, path = "/v1/devices", tag = "fleet",
     responses(
         (status = 200, body = api::Devices),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        super::openapi::PersonOnly,
     ))]
 pub(super) async fn list_devices(State(s): State<AppState>, _: Person) -> Result<Json<api::Devices>, ApiError> {
     let now = now_ms();
@@ -96,7 +96,7 @@ pub(super) async fn list_devices(State(s): State<AppState>, _: Person) -> Result
     params(("id" = String, Path, description = "The device's id")),
     responses(
         (status = 200, body = api::Device),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        super::openapi::PersonOnly,
         (status = 404, description = "No such device", body = api::ErrorBody),
     ))]
 pub(super) async fn get_device(
@@ -115,7 +115,7 @@ pub(super) async fn get_device(
     responses(
         (status = 201, body = api::Task),
         (status = 400, description = "A kind the device does not do, a missing or unknown asset, or a deadline outside 1 s to a week", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        super::openapi::OperatorOnly,
         (status = 404, description = "No such device", body = api::ErrorBody),
         (status = 409, description = "The fleet bridge is off", body = api::ErrorBody),
         (status = 413, body = api::ErrorBody),
@@ -187,7 +187,7 @@ pub(super) struct TaskListParams {
     responses(
         (status = 200, body = api::Tasks),
         (status = 400, description = "An unknown state, or `limit` outside 1..=max_page", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        super::openapi::PersonOnly,
     ))]
 pub(super) async fn list_tasks(
     State(s): State<AppState>,
@@ -210,7 +210,7 @@ pub(super) async fn list_tasks(
     params(("id" = String, Path, description = "The task's id")),
     responses(
         (status = 200, body = api::Task),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        super::openapi::PersonOnly,
         (status = 404, description = "No such task", body = api::ErrorBody),
     ))]
 pub(super) async fn get_task(

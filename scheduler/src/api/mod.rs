@@ -160,7 +160,7 @@ fn body_bytes(s: &Scheduler, body: Result<Bytes, BytesRejection>) -> Result<Byte
         (status = 201, description = "Created: the job, or `{jobs}` for an array, as they are (after the wait, if any)", body = openapi::Submitted),
         (status = 200, description = "The idempotency key matched an earlier job: that job", body = api::Job),
         (status = 400, description = "A field breaks a limit, names an unknown tier or model, or `wait` is outside 0..=60", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        openapi::PersonOnly,
         (status = 413, description = "The body is over `scheduler.limits.max_body_bytes`", body = api::ErrorBody),
     ))]
 async fn submit(
@@ -358,7 +358,7 @@ fn wait_for(wait: Option<f64>) -> Result<Option<Duration>, ApiError> {
     responses(
         (status = 200, body = api::Job),
         (status = 400, description = "`wait` outside 0..=60, or an unknown query field", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        openapi::PersonOnly,
         (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
     ))]
 async fn get_job(
@@ -381,7 +381,7 @@ async fn get_job(
     params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 200, description = "The job as it now is (an ended job stays as it was)", body = api::Job),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        openapi::PersonOnly,
         (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
     ))]
 async fn cancel(
@@ -403,7 +403,7 @@ async fn cancel(
     responses(
         (status = 200, content_type = "text/event-stream", body = openapi::EventData,
             description = "Server-Sent Events until the job ends: `event: state` (id: its `seq`, data: a JobEvent) for each transition, stored ones first; `event: progress` (data: a JobProgress) as a render's rows finish"),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A worker or device token", body = api::ErrorBody),
+        openapi::PersonOnly,
         (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
     ))]
 async fn events(
@@ -507,7 +507,7 @@ fn asset_auth(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
     responses(
         (status = 204, description = "Stored"),
         (status = 400, description = "The bytes do not hash to the path's BLAKE3, the hash is not 64 hex digits, or an unknown variant", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A client token", body = api::ErrorBody),
+        openapi::UploaderOnly,
         (status = 413, description = "Over `scheduler.limits.max_asset_bytes`", body = api::ErrorBody),
     ))]
 async fn put_asset(
@@ -588,7 +588,7 @@ async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -
     responses(
         (status = 204, description = "Stored"),
         (status = 400, description = "Not JSON, or its `asset` is not the path's", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "A client token", body = api::ErrorBody),
+        openapi::UploaderOnly,
         (status = 413, body = api::ErrorBody),
     ))]
 async fn put_provenance(
@@ -615,7 +615,7 @@ async fn put_provenance(
 #[utoipa::path(get, path = "/v1/workers", tag = "workers",
     responses(
         (status = 200, body = api::Workers),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        openapi::OperatorOnly,
     ))]
 async fn workers(State(s): State<AppState>, _: Operator) -> Result<Json<api::Workers>, ApiError> {
     let drained = s.store.drained().await?;
@@ -628,7 +628,7 @@ async fn workers(State(s): State<AppState>, _: Operator) -> Result<Json<api::Wor
     params(("id" = String, Path, description = "The worker's id")),
     responses(
         (status = 200, body = api::Resumed),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        openapi::OperatorOnly,
         (status = 409, description = "The worker is not drained", body = api::ErrorBody),
     ))]
 async fn resume_worker(
@@ -745,7 +745,7 @@ async fn provenance(
     responses(
         (status = 201, body = api::TokenCreated),
         (status = 400, description = "A bad name or role", body = api::ErrorBody),
-        (status = 401, body = api::ErrorBody), (status = 403, description = "Not an operator token", body = api::ErrorBody),
+        openapi::OperatorOnly,
         (status = 409, description = "The name is taken", body = api::ErrorBody),
     ))]
 async fn create_token(

@@ -41,6 +41,39 @@ pub enum EventData {
     Progress(api::JobProgress),
 }
 
+/// What a call of the job API or the fleet's answers a caller who may not make it.
+#[derive(utoipa::IntoResponses)]
+pub enum PersonOnly {
+    /// No token, or one that is unknown or revoked.
+    #[response(status = 401)]
+    Unauthorized(api::ErrorBody),
+    /// A worker or device token.
+    #[response(status = 403)]
+    Forbidden(api::ErrorBody),
+}
+
+/// What an operator's call answers a caller who is not one.
+#[derive(utoipa::IntoResponses)]
+pub enum OperatorOnly {
+    /// No token, or one that is unknown or revoked.
+    #[response(status = 401)]
+    Unauthorized(api::ErrorBody),
+    /// Not an operator token.
+    #[response(status = 403)]
+    Forbidden(api::ErrorBody),
+}
+
+/// What an upload answers a caller who may not upload.
+#[derive(utoipa::IntoResponses)]
+pub enum UploaderOnly {
+    /// No token, or one that is unknown or revoked.
+    #[response(status = 401)]
+    Unauthorized(api::ErrorBody),
+    /// A client token.
+    #[response(status = 403)]
+    Forbidden(api::ErrorBody),
+}
+
 /// Every call but `/healthz`, `/metrics` and this document needs `Authorization: Bearer <token>`.
 struct BearerAuth;
 
