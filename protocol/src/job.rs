@@ -115,7 +115,7 @@ impl JobState {
 
 impl fmt::Display for JobState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -176,5 +176,10 @@ mod tests {
         assert!(e.to_string().contains("unknown field `colour`"), "{e}");
         let ok: JobRequest = serde_json::from_str(r#"{"prompt":"a","tier":"final","seed":3}"#).unwrap();
         assert_eq!((ok.tier, ok.seed), (Tier::Final, Some(3)));
+    }
+
+    #[test]
+    fn a_state_pads_to_a_column_as_a_string_does() {
+        assert_eq!(format!("{:<10}|{:>8}|", JobState::Queued, crate::Tier::Final), "queued    |   final|");
     }
 }
