@@ -25,6 +25,7 @@ use kiln_protocol::fleet::{
     DeviceKind, DeviceState, DeviceStatus, DeviceTask, FLEET_VERSION, RejectReason, ReportState, SchedulerStatus,
     TASK_REPORT_VERSION, TaskReport, Telemetry, Topics, decode, valid_id,
 };
+use kiln_protocol::now_ms;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -34,7 +35,6 @@ use crate::drivers::{Driver, TaskCtx};
 use crate::http::Http;
 use crate::journal::{Journal, Record};
 use crate::spool::{Kind, Spool, write_synced};
-use kiln_protocol::now_ms;
 
 /// The device's health as its status shows it.
 #[derive(Debug, Clone, PartialEq)]

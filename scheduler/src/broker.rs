@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kiln_common::amqp::{self, PublishError};
+use kiln_protocol::now_ms;
 use kiln_protocol::wire::{
     self, CONTROL_TYPE, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, MessageError, Names, RESULT_TYPE,
     RESULTS_TYPE, ResultBatch, ResultMessage,
@@ -24,7 +25,6 @@ use crate::dispatch::{Dispatch, DispatchError, Marker, run_outbox};
 use crate::scheduler::Scheduler;
 use crate::store::writer::MAX_BATCH;
 use crate::store::{BoxFut, Dispatch as Job, Outgoing};
-use kiln_protocol::now_ms;
 
 /// Runs the relay, the results consumer and the heartbeat listener until `stop`, reconnecting
 /// whenever the broker goes away.

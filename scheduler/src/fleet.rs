@@ -21,6 +21,7 @@ use kiln_protocol::fleet::{
     DeviceKind, DeviceState, DeviceStatus, DeviceTask as WireTask, FLEET_VERSION, RejectReason, ReportState,
     SchedulerStatus, TaskReport, Telemetry, Topic, Topics, decode,
 };
+use kiln_protocol::now_ms;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::FleetConfig;
 use crate::scheduler::Scheduler;
 use crate::store::fleet::{Device, DeviceTask, TaskChange, TaskMove, TaskState};
-use kiln_protocol::now_ms;
 
 /// Runs the bridge until `stop`.
 pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToken) {

@@ -4,6 +4,7 @@
 //! I/O), and the one path that records it all ([`Scheduler::settle`]). Their spans (level
 //! `debug`, as every per-job line) carry the job, the attempt and the worker.
 
+use kiln_protocol::now_ms;
 use kiln_protocol::wire::{AttemptOutcome, ResultMessage};
 use kiln_worker::render::{THUMB_SIDE, own_thumbnail};
 
@@ -11,7 +12,6 @@ use crate::config::BrokerConfig;
 use crate::retry::Decision;
 use crate::scheduler::Scheduler;
 use crate::store::{AttemptFailure, Dispatch, DrainedWorker, FailureTally, Outcome, StoreError};
-use kiln_protocol::now_ms;
 
 /// How an attempt ended, as its worker says (before the scheduler's rules weigh it).
 #[derive(Debug, Clone)]

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use kiln_protocol::now_ms;
 use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError};
 use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
@@ -18,7 +19,6 @@ use crate::config::SchedulerConfig;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::{Admission, Event, Job, JobReads, NewJob, Store, StoreError, TokenRow};
-use kiln_protocol::now_ms;
 
 /// Who waits for which job's end (long polls): each is woken only by its own job's end.
 #[derive(Debug, Default)]

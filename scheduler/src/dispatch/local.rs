@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_protocol::Tier;
+use kiln_protocol::now_ms;
 use kiln_protocol::wire::{self, Heartbeat};
 use kiln_worker::assets::SPILL_BYTES;
 use kiln_worker::attempt::attempt;
@@ -20,7 +21,6 @@ use super::{Dispatch, DispatchError, Marker};
 use crate::results::{Ended, Report};
 use crate::scheduler::{Live, Scheduler};
 use crate::store::{BoxFut, Dispatch as Job, Due, Outgoing, Pending};
-use kiln_protocol::now_ms;
 
 /// An in-process render of fewer samples than this (width × height × samples²) writes its `running`
 /// event with its result, in one write, instead of one write before the render and one after (a job

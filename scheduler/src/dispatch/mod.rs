@@ -9,11 +9,11 @@ pub mod queue;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use kiln_protocol::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler::Scheduler;
 use crate::store::{BoxFut, Outgoing, StoreError};
-use kiln_protocol::now_ms;
 
 /// Why a round of dispatch failed.
 #[derive(Debug, thiserror::Error)]
