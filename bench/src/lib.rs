@@ -8,5 +8,5 @@ pub mod dispatch;
 pub mod engine;
 pub mod farm;
 pub mod fleet;
-mod stats;
+pub mod stats;
 pub mod store;

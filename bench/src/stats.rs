@@ -111,7 +111,7 @@ impl CpuTime {
 
 /// The kinds of thread the farm's time is split into, by the start of the thread's name
 /// (`/proc/self/task/*/comm`); the rest count as "other".
-pub(crate) const THREAD_KINDS: [(&str, &str); 3] = [
+pub const THREAD_KINDS: [(&str, &str); 3] = [
     // The async runtime: HTTP both ways (the farm's and the load's), tiny renders, the rest.
     ("runtime", "tokio-rt-worker"),
     // SQLite's connections, each on a thread of its own: the writer and the readers.
@@ -121,25 +121,25 @@ pub(crate) const THREAD_KINDS: [(&str, &str); 3] = [
 ];
 
 /// The kinds [`ThreadTimes`] counts: [`THREAD_KINDS`], then "other".
-pub(crate) const KINDS: usize = THREAD_KINDS.len() + 1;
+pub const KINDS: usize = THREAD_KINDS.len() + 1;
 
 /// Where one kind of thread's time went: on a CPU, and ready but waiting for one. Time spent
 /// waiting says a thread was held up by the others, not by its own work: on a full machine a
 /// serial stage (the database writer) waits for a CPU as long as it runs.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ThreadTimes {
+pub struct ThreadTimes {
     /// Milliseconds on a CPU, by [`THREAD_KINDS`] and then "other".
-    pub(crate) run_ms: [f64; KINDS],
+    pub run_ms: [f64; KINDS],
     /// Milliseconds ready to run but waiting for a CPU, the same way.
-    pub(crate) wait_ms: [f64; KINDS],
+    pub wait_ms: [f64; KINDS],
 }
 
 /// Each thread of this process at one moment, by id: its kind ([`thread_kind`]), nanoseconds
 /// on a CPU and waiting for one (`/proc/self/task/*/schedstat`).
-pub(crate) type ThreadSnapshot = std::collections::HashMap<u64, (usize, u64, u64)>;
+pub type ThreadSnapshot = std::collections::HashMap<u64, (usize, u64, u64)>;
 
 /// This process's threads now.
-pub(crate) fn thread_snapshot() -> ThreadSnapshot {
+pub fn thread_snapshot() -> ThreadSnapshot {
     let mut out = std::collections::HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
     for task in tasks.flatten() {
@@ -157,12 +157,12 @@ pub(crate) fn thread_snapshot() -> ThreadSnapshot {
 }
 
 /// A thread's kind by its name: the index into [`THREAD_KINDS`], or its length for "other".
-pub(crate) fn thread_kind(comm: &str) -> usize {
+pub fn thread_kind(comm: &str) -> usize {
     THREAD_KINDS.iter().position(|(_, prefix)| comm.starts_with(prefix)).unwrap_or(THREAD_KINDS.len())
 }
 
 /// `/proc/*/schedstat`: nanoseconds on a CPU, nanoseconds waiting for one, time slices.
-pub(crate) fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
+pub fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
     let mut f = s.split_whitespace().map(str::parse::<u64>);
     Some((f.next()?.ok()?, f.next()?.ok()?))
 }
@@ -170,7 +170,7 @@ pub(crate) fn parse_schedstat(s: &str) -> Option<(u64, u64)> {
 impl ThreadTimes {
     /// Per operation over `n` since `start` ([`thread_snapshot`]). A thread that ended meanwhile
     /// is not counted; one that began counts whole. NaN where `/proc` has no threads to read.
-    pub(crate) fn per_op_since(start: &ThreadSnapshot, n: usize) -> ThreadTimes {
+    pub fn per_op_since(start: &ThreadSnapshot, n: usize) -> ThreadTimes {
         let now = thread_snapshot();
         if now.is_empty() {
             return ThreadTimes { run_ms: [f64::NAN; KINDS], wait_ms: [f64::NAN; KINDS] };
@@ -263,62 +263,4 @@ pub(crate) fn proc_status_mib(pid: &str, key: &str) -> f64 {
             s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_thread_is_of_the_kind_its_name_starts_with() {
-        // Linux cuts a thread's name to 15 bytes: sqlx's "sqlx-sqlite-worker-3" reads so.
-        assert_eq!(THREAD_KINDS[thread_kind("sqlx-sqlite-wor")].0, "database");
-        assert_eq!(THREAD_KINDS[thread_kind("tokio-rt-worker")].0, "runtime");
-        assert_eq!(THREAD_KINDS[thread_kind("kiln-assets")].0, "assets");
-        assert_eq!(thread_kind("kiln"), THREAD_KINDS.len(), "the main thread is other");
-    }
-
-    #[test]
-    fn schedstat_gives_time_on_a_cpu_then_time_waiting_for_one() {
-        assert_eq!(parse_schedstat("2790000000 2450000000 102734\n"), Some((2_790_000_000, 2_450_000_000)));
-        assert_eq!(parse_schedstat("12 x 3"), None);
-        assert_eq!(parse_schedstat(""), None);
-    }
-
-    #[test]
-    fn this_process_threads_are_counted_by_kind() {
-        let start = thread_snapshot();
-        assert!(!start.is_empty(), "/proc/self/task lists this thread at least");
-        // 50 ms on a CPU, by the thread's own count (on a busy machine that takes longer), on a
-        // thread named as the asset store names its own; it stays alive until its time is read.
-        let (worked, done) = std::sync::mpsc::channel();
-        let spin = std::thread::Builder::new()
-            .name("kiln-assets".into())
-            .spawn(move || {
-                let on_cpu = || {
-                    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
-                    parse_schedstat(&s).unwrap().0
-                };
-                let until = on_cpu() + 50_000_000;
-                let mut x = 0u64;
-                while on_cpu() < until {
-                    for _ in 0..100_000 {
-                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-                    }
-                }
-                worked.send(()).unwrap();
-                std::thread::park();
-                x
-            })
-            .unwrap();
-        done.recv().unwrap();
-        let t = ThreadTimes::per_op_since(&start, 10);
-        spin.thread().unpark();
-        spin.join().unwrap();
-        // 50 ms over 10 operations: at least 5 ms each on a CPU, counted as assets. Other tests'
-        // asset stores may add a little of theirs; a figure out of all bounds would be one in
-        // other units (nanoseconds) or not divided by the operations.
-        assert!(t.run_ms[2] >= 5.0, "{t:?}");
-        assert!(t.run_ms[2] < 200.0, "{t:?}");
-    }
 }
