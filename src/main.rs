@@ -1,9 +1,5 @@
 //! `kiln`: the Kiln command line. `kiln up` runs the whole farm in one process; the other
-//! commands talk to it, or run the engine directly. See `kiln --help`.
-
-mod cli;
-mod studio;
-mod up;
+//! commands talk to it, or run the engine directly. See `kiln --help` and the `kiln` library.
 
 use clap::Parser;
 
@@ -11,7 +7,5 @@ use clap::Parser;
 static ALLOC: kiln_common::Allocator = kiln_common::Allocator;
 
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
-    let global = cli.global.clone();
-    kiln_common::run_main(&global, || cli::run(cli))
+    kiln::main_with(kiln::cli::Cli::parse())
 }

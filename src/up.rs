@@ -2,7 +2,6 @@
 //! studio ([`crate::studio`]) unless the config names a broker of its own or `--no-devices`.
 
 use clap::Args;
-use kiln_common::shutdown_signal;
 use kiln_scheduler::config::FarmConfig;
 use kiln_scheduler::farm::{Farm, ServeArgs, open_farm_backend, serve};
 
@@ -54,7 +53,7 @@ pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
     }
     extra.push("Try: kiln submit \"ember kaleidoscope\" --wait --out art.png      Ctrl-C drains and stops.".into());
     extra.push("     kiln devices;  kiln task printer print --asset HASH --wait".into());
-    let served = serve(farm, &cfg, "kiln up", &device, &extra, shutdown_signal()).await;
+    let served = serve(farm, &cfg, "kiln up", &device, &extra).await;
     if let Some(s) = studio {
         s.stop().await;
     }

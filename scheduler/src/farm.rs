@@ -220,17 +220,31 @@ pub fn open_farm_backend(cfg: &FarmConfig) -> anyhow::Result<(Backend, String)> 
     Ok((backend, device))
 }
 
-/// Serves `farm` as a binary does until `shutdown`: leaves its URL in `DATA/api.url` while it
-/// runs, prints where everything is (headed by `name`, with `extra` lines of the caller's), and
-/// removes the URL file once it has stopped.
-pub async fn serve(
-    farm: Farm,
-    cfg: &FarmConfig,
-    name: &str,
-    device: &str,
-    extra: &[String],
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+/// `kiln-scheduler`'s command: the farm the config and `serve`'s flags describe, served until
+/// SIGINT or SIGTERM (or the config printed, with `--print-config`). A plain function, so the
+/// binary stays a thin `main` and the farm is compiled here once.
+pub fn run_scheduler(global: &kiln_common::GlobalArgs, flags: &ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = FarmConfig::load_for(global)?;
+    flags.apply(&mut cfg)?;
+    if global.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    rt.context("failed to start the async runtime")?.block_on(async {
+        let (backend, device) = open_farm_backend(&cfg)?;
+        let farm = Farm::build(&cfg, backend).await?;
+        serve(farm, &cfg, "kiln-scheduler", &device, &[]).await?;
+        println!("kiln-scheduler: stopped");
+        Ok(())
+    })
+}
+
+/// Serves `farm` as a binary does until SIGINT or SIGTERM: leaves its URL in `DATA/api.url`
+/// while it runs, prints where everything is (headed by `name`, with `extra` lines of the
+/// caller's), and removes the URL file once it has stopped. Not generic, so the farm's whole run
+/// is compiled here once, not again in each binary.
+pub async fn serve(farm: Farm, cfg: &FarmConfig, name: &str, device: &str, extra: &[String]) -> anyhow::Result<()> {
     let url = format!("http://{}", farm.local_addr()?);
     let url_path = url_file(cfg.data_dir());
     std::fs::write(&url_path, format!("{url}\n")).with_context(|| format!("failed to write {}", url_path.display()))?;
@@ -249,7 +263,7 @@ pub async fn serve(
         println!("{line}");
     }
     let _ = std::io::stdout().flush();
-    let served = farm.run_until_stopped(shutdown).await;
+    let served = farm.run_until_stopped(kiln_common::shutdown_signal()).await;
     let _ = std::fs::remove_file(&url_path);
     served
 }
