@@ -341,6 +341,36 @@ fn show<T: serde::Serialize>(v: &T, json: bool, print: fn(&T)) -> anyhow::Result
     Ok(())
 }
 
+/// A list call's path: `base?limit=N`, then `&key=value` for each filter that is set.
+fn list_path(base: &str, limit: u32, filters: &[(&str, Option<String>)]) -> String {
+    let mut path = format!("{base}?limit={limit}");
+    for (key, value) in filters {
+        if let Some(v) = value {
+            path.push_str(&format!("&{key}={v}"));
+        }
+    }
+    path
+}
+
+/// Prints a list answer: the whole of it as JSON with `--json`; else `none` when it is empty, or
+/// each item.
+fn print_list<T: serde::Serialize, I>(
+    json: bool,
+    answer: &T,
+    items: &[I],
+    none: &str,
+    each: fn(&I),
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(answer);
+    }
+    if items.is_empty() {
+        println!("{none}");
+    }
+    items.iter().for_each(each);
+    Ok(())
+}
+
 /// Whether a job ended well: succeeded, or answered from the cache.
 fn ended_well(state: JobState) -> bool {
     matches!(state, JobState::Succeeded | JobState::Cached)
@@ -471,39 +501,21 @@ async fn submit_many(c: &Client, a: &SubmitArgs, req: JobRequest) -> anyhow::Res
 
 async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
-    let mut path = format!("/v1/jobs?limit={}", a.limit);
-    if let Some(s) = a.state {
-        path.push_str(&format!("&state={s}"));
-    }
-    if let Some(t) = a.tier {
-        path.push_str(&format!("&tier={t}"));
-    }
-    let page: api::JobPage = c.get(&path).await?;
-    if a.remote.json {
-        return print_json(&page);
-    }
-    if page.jobs.is_empty() {
-        println!("no jobs");
-    }
-    page.jobs.iter().for_each(print_job);
-    Ok(())
+    let filters = [("state", a.state.map(|s| s.to_string())), ("tier", a.tier.map(|t| t.to_string()))];
+    let page: api::JobPage = c.get(&list_path("/v1/jobs", a.limit, &filters)).await?;
+    print_list(a.remote.json, &page, &page.jobs, "no jobs", print_job)
 }
 
 async fn devices(cfg: &FarmConfig, a: &DevicesArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
     let list: api::Devices = c.get("/v1/devices").await?;
-    if a.remote.json {
-        return print_json(&list);
-    }
-    if list.devices.is_empty() {
-        println!("no devices have announced themselves");
-    }
-    for d in &list.devices {
-        let age = d.seconds_since_telemetry.map_or("-".to_owned(), |a| format!("{a:.0} s ago"));
-        let detail = d.detail.as_deref().unwrap_or("");
-        println!("{:<16} {:<8} {:<9} telemetry {age:<10} {detail}", d.id, d.kind, d.state);
-    }
-    Ok(())
+    print_list(a.remote.json, &list, &list.devices, "no devices have announced themselves", print_device)
+}
+
+fn print_device(d: &api::Device) {
+    let age = d.seconds_since_telemetry.map_or("-".to_owned(), |a| format!("{a:.0} s ago"));
+    let detail = d.detail.as_deref().unwrap_or("");
+    println!("{:<16} {:<8} {:<9} telemetry {age:<10} {detail}", d.id, d.kind, d.state);
 }
 
 fn print_task(t: &api::Task) {
@@ -551,22 +563,9 @@ async fn task(cfg: &FarmConfig, a: &TaskArgs) -> anyhow::Result<()> {
 
 async fn tasks(cfg: &FarmConfig, a: &TasksArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
-    let mut path = format!("/v1/tasks?limit={}", a.limit);
-    if let Some(d) = &a.device {
-        path.push_str(&format!("&device={d}"));
-    }
-    if let Some(s) = &a.state {
-        path.push_str(&format!("&state={s}"));
-    }
-    let list: api::Tasks = c.get(&path).await?;
-    if a.remote.json {
-        return print_json(&list);
-    }
-    if list.tasks.is_empty() {
-        println!("no tasks");
-    }
-    list.tasks.iter().for_each(print_task);
-    Ok(())
+    let filters = [("device", a.device.clone()), ("state", a.state.clone())];
+    let list: api::Tasks = c.get(&list_path("/v1/tasks", a.limit, &filters)).await?;
+    print_list(a.remote.json, &list, &list.tasks, "no tasks", print_task)
 }
 
 async fn job(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {

@@ -141,6 +141,15 @@ async fn the_cli_submits_waits_and_fetches_and_the_token_is_private() {
     let listed = kiln().args(["jobs", "--data"]).arg(&data).output().unwrap();
     assert!(listed.status.success());
     assert!(String::from_utf8_lossy(&listed.stdout).contains(job["id"].as_str().unwrap()));
+    let list = |filters: &[&str]| {
+        let out = kiln().arg("jobs").args(filters).arg("--data").arg(&data).output().unwrap();
+        assert!(out.status.success(), "kiln jobs {filters:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let cached = list(&["--state", "cached", "--tier", "preview"]);
+    assert!(cached.contains(batch["jobs"][0]["id"].as_str().unwrap()), "{cached}");
+    assert!(!cached.contains(job["id"].as_str().unwrap()), "the filters reach the API: {cached}");
+    assert_eq!(list(&["--tier", "print"]).trim(), "no jobs");
     let shown = kiln().args(["job", job["id"].as_str().unwrap(), "--data-dir"]).arg(&data).output().unwrap();
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("succeeded") && text.contains("running"), "{text}");
