@@ -41,38 +41,38 @@ pub enum EventData {
     Progress(api::JobProgress),
 }
 
-/// What a call of the job API or the fleet's answers a caller who may not make it.
-#[derive(utoipa::IntoResponses)]
-pub enum PersonOnly {
-    /// No token, or one that is unknown or revoked.
-    #[response(status = 401)]
-    Unauthorized(api::ErrorBody),
-    /// A worker or device token.
-    #[response(status = 403)]
-    Forbidden(api::ErrorBody),
+/// The answers to a caller without the role a call needs: `401` without a known token, `403`
+/// with a token of the wrong kind (`forbidden` says which). One enum a role.
+macro_rules! refusals {
+    ($(#[doc = $doc:tt])* $name:ident, forbidden: $forbidden:tt) => {
+        $(#[doc = $doc])*
+        #[derive(utoipa::IntoResponses)]
+        pub enum $name {
+            /// No token, or one that is unknown or revoked.
+            #[response(status = 401)]
+            Unauthorized(api::ErrorBody),
+            #[doc = $forbidden]
+            #[response(status = 403)]
+            Forbidden(api::ErrorBody),
+        }
+    };
 }
 
-/// What an operator's call answers a caller who is not one.
-#[derive(utoipa::IntoResponses)]
-pub enum OperatorOnly {
-    /// No token, or one that is unknown or revoked.
-    #[response(status = 401)]
-    Unauthorized(api::ErrorBody),
-    /// Not an operator token.
-    #[response(status = 403)]
-    Forbidden(api::ErrorBody),
-}
-
-/// What an upload answers a caller who may not upload.
-#[derive(utoipa::IntoResponses)]
-pub enum UploaderOnly {
-    /// No token, or one that is unknown or revoked.
-    #[response(status = 401)]
-    Unauthorized(api::ErrorBody),
-    /// A client token.
-    #[response(status = 403)]
-    Forbidden(api::ErrorBody),
-}
+refusals!(
+    /// What a call of the job API or the fleet's answers a caller who may not make it.
+    PersonOnly,
+    forbidden: "A worker or device token."
+);
+refusals!(
+    /// What an operator's call answers a caller who is not one.
+    OperatorOnly,
+    forbidden: "Not an operator token."
+);
+refusals!(
+    /// What an upload answers a caller who may not upload.
+    UploaderOnly,
+    forbidden: "A client token."
+);
 
 /// Every call but `/healthz`, `/metrics` and this document needs `Authorization: Bearer <token>`.
 struct BearerAuth;
