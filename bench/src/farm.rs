@@ -220,8 +220,7 @@ impl BenchFarm {
         let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
         let sched = farm.scheduler().clone();
         let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let server = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+        let server = farm.spawn(stop.clone());
         Ok(BenchFarm { dir, client: Client::new(&url, Some(Secret::new(token))), sched, stop, server })
     }
 

@@ -1,8 +1,7 @@
 //! The embedded farm: SQLite state, the API, the dispatcher and N in-process workers in one
 //! process. [`Farm::build`] does everything that can fail before a port is bound;
-//! [`Farm::run_until_stopped`] serves until its shutdown future resolves, then drains.
+//! [`Farm::run_until_stopped`] serves until its shutdown token is cancelled, then drains.
 
-use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,10 +129,17 @@ impl Farm {
         (&self.token_path, self.token_created)
     }
 
-    /// Serves until `shutdown` resolves; then stops taking work, lets renders in hand finish for
-    /// up to `scheduler.shutdown_grace_seconds`, and returns. Whatever did not finish is still
-    /// in the database and runs again at the next start.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    /// [`Self::run_until_stopped`] on a task of its own, as the tests and benchmarks run a farm.
+    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        tokio::spawn(self.run_until_stopped(shutdown))
+    }
+
+    /// Serves until `shutdown` is cancelled; then stops taking work, lets renders in hand finish
+    /// for up to `scheduler.shutdown_grace_seconds`, and returns. Whatever did not finish is still
+    /// in the database and runs again at the next start. Not generic over what stops it, so the
+    /// farm's whole run (the API's server, dispatch, workers) is compiled here once and not again
+    /// in each binary, test and benchmark that runs a farm.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Farm { sched, listener, .. } = self;
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -165,7 +171,7 @@ impl Farm {
         let server = tokio::spawn(async move {
             axum::serve(listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
         });
-        shutdown.await;
+        shutdown.cancelled().await;
         tracing::info!("shutting down: no new work; finishing renders in hand");
         stop.cancel();
         let grace = Duration::from_secs(sched.cfg.shutdown_grace_seconds);
@@ -263,7 +269,14 @@ pub async fn serve(farm: Farm, cfg: &FarmConfig, name: &str, device: &str, extra
         println!("{line}");
     }
     let _ = std::io::stdout().flush();
-    let served = farm.run_until_stopped(kiln_common::shutdown_signal()).await;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    let signal = tokio::spawn(async move {
+        kiln_common::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let served = farm.run_until_stopped(shutdown).await;
+    signal.abort();
     let _ = std::fs::remove_file(&url_path);
     served
 }

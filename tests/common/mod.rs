@@ -59,8 +59,7 @@ impl TestFarm {
         let token = std::fs::read_to_string(cfg.token_path()).unwrap().trim().to_owned();
         let sched = farm.scheduler().clone();
         let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let handle = tokio::spawn(farm.run_until_stopped(async move { stopped.cancelled().await }));
+        let handle = farm.spawn(stop.clone());
         let client = Client::new(&url, Some(Secret::new(token.clone())));
         TestFarm { dir, url, token, client, sched, stop, handle: Some(handle) }
     }
