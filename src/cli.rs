@@ -64,7 +64,7 @@ pub enum Command {
     Render(kiln_worker::cli::RenderArgs),
     /// Benchmarks: the engine, or the farm end to end through HTTP.
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(kiln_bench::BenchCommand),
 }
 
 /// Where the farm is and how to talk to it.
@@ -219,21 +219,6 @@ pub enum TokenCommand {
     },
 }
 
-/// `kiln bench ...`.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// The render engine: megapixels/s, effective GFLOP/s and peak memory per backend and tier.
-    Engine(kiln_bench::engine::BenchArgs),
-    /// The farm end to end through HTTP: cache-hit submits and tiny renders, per second and p50/p99.
-    Farm(kiln_bench::farm::FarmBenchArgs),
-    /// The store alone: how many jobs/s its writes allow, without HTTP or rendering.
-    Store(kiln_bench::store::StoreBenchArgs),
-    /// The distributed farm (PostgreSQL, RabbitMQ) end to end beside the broker's raw ceiling.
-    Dispatch(kiln_bench::dispatch::DispatchBenchArgs),
-    /// Many kiln-edge agents against an MQTT broker and one scheduler: CPU, RSS, task round trips.
-    Fleet(kiln_bench::fleet::FleetBenchArgs),
-}
-
 /// The config with the command line's overrides on top.
 pub fn load_config(cli: &Cli) -> anyhow::Result<FarmConfig> {
     let mut cfg = FarmConfig::load_for(&cli.global)?;
@@ -285,13 +270,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => bail!("no command given; try `kiln up`, `kiln submit --help` or `kiln --help`"),
         Some(Command::Render(args)) => kiln_worker::cli::render(&cfg.worker, &args),
-        Some(Command::Bench(BenchCommand::Engine(args))) => kiln_bench::engine::run(&cfg.worker, &args),
-        Some(Command::Bench(BenchCommand::Farm(args))) => runtime()?.block_on(kiln_bench::farm::run(&cfg, &args)),
-        Some(Command::Bench(BenchCommand::Store(args))) => runtime()?.block_on(kiln_bench::store::run_store(&args)),
-        Some(Command::Bench(BenchCommand::Dispatch(args))) => {
-            runtime()?.block_on(kiln_bench::dispatch::run(&cfg, &args))
-        }
-        Some(Command::Bench(BenchCommand::Fleet(args))) => runtime()?.block_on(kiln_bench::fleet::run(&cfg, &args)),
+        Some(Command::Bench(bench)) => kiln_bench::run(bench, &cfg),
         Some(Command::Up(args)) => runtime()?.block_on(crate::up::up(cfg, &args)),
         Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
         Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),

@@ -10,3 +10,38 @@ pub mod farm;
 pub mod fleet;
 pub mod stats;
 pub mod store;
+
+use anyhow::Context;
+use clap::Subcommand;
+use kiln_scheduler::config::FarmConfig;
+
+/// `kiln bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The render engine: megapixels/s, effective GFLOP/s and peak memory per backend and tier.
+    Engine(engine::BenchArgs),
+    /// The farm end to end through HTTP: cache-hit submits and tiny renders, per second and p50/p99.
+    Farm(farm::FarmBenchArgs),
+    /// The store alone: how many jobs/s its writes allow, without HTTP or rendering.
+    Store(store::StoreBenchArgs),
+    /// The distributed farm (PostgreSQL, RabbitMQ) end to end beside the broker's raw ceiling.
+    Dispatch(dispatch::DispatchBenchArgs),
+    /// Many kiln-edge agents against an MQTT broker and one scheduler: CPU, RSS, task round trips.
+    Fleet(fleet::FleetBenchArgs),
+}
+
+/// Runs a benchmark to its end, on a runtime of its own. A plain function: the benchmarks'
+/// futures are polled here, so their bodies are compiled in this crate once and not again in the
+/// `kiln` binary that calls it.
+pub fn run(command: BenchCommand, cfg: &FarmConfig) -> anyhow::Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
+    };
+    match command {
+        BenchCommand::Engine(args) => engine::run(&cfg.worker, &args),
+        BenchCommand::Farm(args) => runtime()?.block_on(farm::run(cfg, &args)),
+        BenchCommand::Store(args) => runtime()?.block_on(store::run_store(&args)),
+        BenchCommand::Dispatch(args) => runtime()?.block_on(dispatch::run(cfg, &args)),
+        BenchCommand::Fleet(args) => runtime()?.block_on(fleet::run(cfg, &args)),
+    }
+}
