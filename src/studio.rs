@@ -141,7 +141,7 @@ impl Studio {
         };
         cfg.check().map_err(|e| anyhow::anyhow!("the studio's agent config: {e}"))?;
         let stop = CancellationToken::new();
-        let agent = tokio::spawn(kiln_edge::run(cfg, stop.clone()));
+        let agent = kiln_edge::spawn(cfg, stop.clone());
         Ok(Studio { _printer: printer, _lights: lights, agent, stop, gallery })
     }
 

@@ -26,6 +26,12 @@ use crate::config::Config;
 use crate::drivers::Driver;
 use crate::modbus::Buses;
 
+/// [`run`] on a task of its own, as `kiln up`'s studio runs an agent: the agent's future is
+/// polled here, so its body is compiled in this crate once and not again in the caller's.
+pub fn spawn(cfg: Config, stop: CancellationToken) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(run(cfg, stop))
+}
+
 /// Runs every configured device until `stop`; then each says goodbye (offline) and stops.
 pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
     // Fetches a crash cut short.

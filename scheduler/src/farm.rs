@@ -21,7 +21,7 @@ use crate::config::FarmConfig;
 use crate::dispatch::local::{self, LocalQueue};
 use crate::dispatch::run_outbox;
 use crate::scheduler::Scheduler;
-use crate::store::{PgStore, SqliteStore, Store};
+use crate::store::{BoxFut, PgStore, SqliteStore, Store};
 
 /// The database file in the data dir.
 pub const DB_FILE: &str = "kiln.db";
@@ -97,21 +97,32 @@ pub async fn open_store(cfg: &FarmConfig) -> anyhow::Result<Arc<dyn Store>> {
 impl Farm {
     /// Opens the data dir and database, loads the engine, makes sure an operator token exists
     /// (creating `DATA/operator.token`, mode 0600, on first start) and binds the listener.
-    pub async fn build(cfg: &FarmConfig, backend: Backend) -> anyhow::Result<Farm> {
-        let data = cfg.data_dir();
-        std::fs::create_dir_all(data).with_context(|| format!("failed to create the data dir {}", data.display()))?;
-        let store = open_store(cfg).await?;
-        // The database keeps the provenance of what the farm renders, and answers its repeats.
-        let worker = Worker::new(&cfg.worker, backend).context("failed to set up the worker")?.records_kept_by_caller();
-        let sched = Scheduler::new(store, Arc::new(worker), cfg.scheduler.clone(), cfg.worker.tiers.clone())
-            .await
-            .context("failed to load the scheduler's state")?;
-        let token_path = cfg.token_path();
-        let (_, token_created) = ensure_token(&sched, &token_path, "operator", Role::Operator).await?;
-        let addr = cfg.scheduler.listen;
-        let listener =
-            TcpListener::bind(addr).await.with_context(|| format!("failed to listen on {addr} (scheduler.listen)"))?;
-        Ok(Farm { sched, listener, token_path, token_created })
+    /// Boxed, as [`serve`] is, so that its body is compiled here once (an async body is compiled
+    /// again in every crate that polls it); not `Send`, as sqlx's connect cannot promise it
+    /// through a trait object.
+    pub fn build(
+        cfg: &FarmConfig,
+        backend: Backend,
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Farm>> + '_>> {
+        Box::pin(async move {
+            let data = cfg.data_dir();
+            std::fs::create_dir_all(data)
+                .with_context(|| format!("failed to create the data dir {}", data.display()))?;
+            let store = open_store(cfg).await?;
+            // The database keeps the provenance of what the farm renders, and answers its repeats.
+            let worker =
+                Worker::new(&cfg.worker, backend).context("failed to set up the worker")?.records_kept_by_caller();
+            let sched = Scheduler::new(store, Arc::new(worker), cfg.scheduler.clone(), cfg.worker.tiers.clone())
+                .await
+                .context("failed to load the scheduler's state")?;
+            let token_path = cfg.token_path();
+            let (_, token_created) = ensure_token(&sched, &token_path, "operator", Role::Operator).await?;
+            let addr = cfg.scheduler.listen;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr} (scheduler.listen)"))?;
+            Ok(Farm { sched, listener, token_path, token_created })
+        })
     }
 
     /// Where the API listens.
@@ -248,35 +259,45 @@ pub fn run_scheduler(global: &kiln_common::GlobalArgs, flags: &ServeArgs) -> any
 
 /// Serves `farm` as a binary does until SIGINT or SIGTERM: leaves its URL in `DATA/api.url`
 /// while it runs, prints where everything is (headed by `name`, with `extra` lines of the
-/// caller's), and removes the URL file once it has stopped. Not generic, so the farm's whole run
-/// is compiled here once, not again in each binary.
-pub async fn serve(farm: Farm, cfg: &FarmConfig, name: &str, device: &str, extra: &[String]) -> anyhow::Result<()> {
-    let url = format!("http://{}", farm.local_addr()?);
-    let url_path = url_file(cfg.data_dir());
-    std::fs::write(&url_path, format!("{url}\n")).with_context(|| format!("failed to write {}", url_path.display()))?;
-    let (token, created) = farm.token_file();
-    println!("{name}: the farm is running");
-    println!("  API      {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
-    println!("  metrics  {url}/metrics");
-    println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
-    println!("  data     {}", cfg.data_dir().display());
-    if cfg.scheduler.broker.amqp_url.is_some() {
-        println!("  workers  kiln-worker daemons over RabbitMQ");
-    } else {
-        println!("  workers  {} on {device}", cfg.scheduler.workers);
-    }
-    for line in extra {
-        println!("{line}");
-    }
-    let _ = std::io::stdout().flush();
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    let signal = tokio::spawn(async move {
-        kiln_common::shutdown_signal().await;
-        on_signal.cancel();
-    });
-    let served = farm.run_until_stopped(shutdown).await;
-    signal.abort();
-    let _ = std::fs::remove_file(&url_path);
-    served
+/// caller's), and removes the URL file once it has stopped. Boxed and not generic, so the farm's
+/// whole run is compiled here once and not again in each binary that serves it (an async body is
+/// compiled again in every crate that polls it).
+pub fn serve<'a>(
+    farm: Farm,
+    cfg: &'a FarmConfig,
+    name: &'a str,
+    device: &'a str,
+    extra: &'a [String],
+) -> BoxFut<'a, anyhow::Result<()>> {
+    Box::pin(async move {
+        let url = format!("http://{}", farm.local_addr()?);
+        let url_path = url_file(cfg.data_dir());
+        std::fs::write(&url_path, format!("{url}\n"))
+            .with_context(|| format!("failed to write {}", url_path.display()))?;
+        let (token, created) = farm.token_file();
+        println!("{name}: the farm is running");
+        println!("  API      {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+        println!("  metrics  {url}/metrics");
+        println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
+        println!("  data     {}", cfg.data_dir().display());
+        if cfg.scheduler.broker.amqp_url.is_some() {
+            println!("  workers  kiln-worker daemons over RabbitMQ");
+        } else {
+            println!("  workers  {} on {device}", cfg.scheduler.workers);
+        }
+        for line in extra {
+            println!("{line}");
+        }
+        let _ = std::io::stdout().flush();
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        let signal = tokio::spawn(async move {
+            kiln_common::shutdown_signal().await;
+            on_signal.cancel();
+        });
+        let served = farm.run_until_stopped(shutdown).await;
+        signal.abort();
+        let _ = std::fs::remove_file(&url_path);
+        served
+    })
 }
