@@ -256,10 +256,6 @@ pub fn client(cfg: &FarmConfig, r: &Remote) -> anyhow::Result<Client> {
     Ok(Client::new(&server, Some(Secret::new(token))))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
-}
-
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = load_config(&cli)?;
@@ -271,15 +267,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         None => bail!("no command given; try `kiln up`, `kiln submit --help` or `kiln --help`"),
         Some(Command::Render(args)) => kiln_worker::cli::render(&cfg.worker, &args),
         Some(Command::Bench(bench)) => kiln_bench::run(bench, &cfg),
-        Some(Command::Up(args)) => runtime()?.block_on(crate::up::up(cfg, &args)),
-        Some(Command::Submit(args)) => runtime()?.block_on(submit(&cfg, &args)),
-        Some(Command::Jobs(args)) => runtime()?.block_on(jobs(&cfg, &args)),
-        Some(Command::Job(args)) => runtime()?.block_on(job(&cfg, &args)),
-        Some(Command::Cancel(args)) => runtime()?.block_on(cancel(&cfg, &args)),
-        Some(Command::Devices(args)) => runtime()?.block_on(devices(&cfg, &args)),
-        Some(Command::Task(args)) => runtime()?.block_on(task(&cfg, &args)),
-        Some(Command::Tasks(args)) => runtime()?.block_on(tasks(&cfg, &args)),
-        Some(Command::Token(TokenCommand::Create { name, role, remote })) => runtime()?.block_on(async {
+        Some(Command::Up(args)) => kiln_common::runtime()?.block_on(crate::up::up(cfg, &args)),
+        Some(Command::Submit(args)) => kiln_common::runtime()?.block_on(submit(&cfg, &args)),
+        Some(Command::Jobs(args)) => kiln_common::runtime()?.block_on(jobs(&cfg, &args)),
+        Some(Command::Job(args)) => kiln_common::runtime()?.block_on(job(&cfg, &args)),
+        Some(Command::Cancel(args)) => kiln_common::runtime()?.block_on(cancel(&cfg, &args)),
+        Some(Command::Devices(args)) => kiln_common::runtime()?.block_on(devices(&cfg, &args)),
+        Some(Command::Task(args)) => kiln_common::runtime()?.block_on(task(&cfg, &args)),
+        Some(Command::Tasks(args)) => kiln_common::runtime()?.block_on(tasks(&cfg, &args)),
+        Some(Command::Token(TokenCommand::Create { name, role, remote })) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
             let new = api::NewToken { name, role };
             let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;

@@ -11,7 +11,6 @@ pub mod fleet;
 pub mod stats;
 pub mod store;
 
-use anyhow::Context;
 use clap::Subcommand;
 use kiln_scheduler::config::FarmConfig;
 
@@ -34,14 +33,11 @@ pub enum BenchCommand {
 /// futures are polled here, so their bodies are compiled in this crate once and not again in the
 /// `kiln` binary that calls it.
 pub fn run(command: BenchCommand, cfg: &FarmConfig) -> anyhow::Result<()> {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
-    };
     match command {
         BenchCommand::Engine(args) => engine::run(&cfg.worker, &args),
-        BenchCommand::Farm(args) => runtime()?.block_on(farm::run(cfg, &args)),
-        BenchCommand::Store(args) => runtime()?.block_on(store::run_store(&args)),
-        BenchCommand::Dispatch(args) => runtime()?.block_on(dispatch::run(cfg, &args)),
-        BenchCommand::Fleet(args) => runtime()?.block_on(fleet::run(cfg, &args)),
+        BenchCommand::Farm(args) => kiln_common::runtime()?.block_on(farm::run(cfg, &args)),
+        BenchCommand::Store(args) => kiln_common::runtime()?.block_on(store::run_store(&args)),
+        BenchCommand::Dispatch(args) => kiln_common::runtime()?.block_on(dispatch::run(cfg, &args)),
+        BenchCommand::Fleet(args) => kiln_common::runtime()?.block_on(fleet::run(cfg, &args)),
     }
 }

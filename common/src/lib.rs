@@ -8,7 +8,7 @@ pub mod client;
 mod process;
 pub mod progress;
 
-pub use process::{GlobalArgs, host_name, run_main, shutdown_signal};
+pub use process::{GlobalArgs, cancel_on_signal, host_name, run_main, runtime};
 
 /// The allocator Kiln's binaries install (`#[global_allocator] static A: Allocator = Allocator;`
 /// in each `main.rs`): jemalloc (the system's where jemalloc does not build, on MSVC). A busy

@@ -69,8 +69,27 @@ pub fn run_main(global: &GlobalArgs, run: impl FnOnce() -> anyhow::Result<()>) -
     }
 }
 
+/// A multi-threaded async runtime, as every binary's command runs on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start the async runtime")
+}
+
+/// A token cancelled on SIGINT (Ctrl-C) or SIGTERM, watched by a task on the current runtime:
+/// what a binary drains on.
+pub fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signalled = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("signal received: draining");
+        signalled.cancel();
+    });
+    stop
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
+async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");

@@ -247,8 +247,7 @@ pub fn run_scheduler(global: &kiln_common::GlobalArgs, flags: &ServeArgs) -> any
         print!("{}", cfg.to_toml());
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-    rt.context("failed to start the async runtime")?.block_on(async {
+    kiln_common::runtime()?.block_on(async {
         let (backend, device) = open_farm_backend(&cfg)?;
         let farm = Farm::build(&cfg, backend).await?;
         serve(farm, &cfg, "kiln-scheduler", &device, &[]).await?;
@@ -289,14 +288,7 @@ pub fn serve<'a>(
             println!("{line}");
         }
         let _ = std::io::stdout().flush();
-        let shutdown = CancellationToken::new();
-        let on_signal = shutdown.clone();
-        let signal = tokio::spawn(async move {
-            kiln_common::shutdown_signal().await;
-            on_signal.cancel();
-        });
-        let served = farm.run_until_stopped(shutdown).await;
-        signal.abort();
+        let served = farm.run_until_stopped(kiln_common::cancel_on_signal()).await;
         let _ = std::fs::remove_file(&url_path);
         served
     })

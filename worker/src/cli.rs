@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use kiln_common::{GlobalArgs, run_main, shutdown_signal};
+use kiln_common::{GlobalArgs, run_main};
 use kiln_protocol::{RenderRequest, Tier};
 
 use crate::config::{BackendChoice, WorkerConfig};
@@ -280,17 +280,9 @@ fn run_daemon(global: &GlobalArgs, args: &RunArgs) -> anyhow::Result<()> {
         print!("{}\n{}", cfg.to_toml(), toml::to_string_pretty(&wrapped)?);
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    kiln_common::runtime()?.block_on(async move {
         let backend = open_backend(cfg.backend, cfg.threads()).context("failed to open the backend")?;
         let worker = std::sync::Arc::new(Worker::new(&cfg, backend)?);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let signalled = stop.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("signal received: draining");
-            signalled.cancel();
-        });
-        crate::daemon::run(worker, run, stop).await
+        crate::daemon::run(worker, run, kiln_common::cancel_on_signal()).await
     })
 }
