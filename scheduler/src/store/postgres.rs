@@ -38,6 +38,9 @@ impl WriteConn for PgConnection {
     fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>> {
         Box::pin(async move { sqlx::query(sql).execute(self).await.map(|_| ()) })
     }
+    fn exec_many<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::raw_sql(sql).execute(self).await.map(|_| ()) })
+    }
 }
 
 impl PgStore {

@@ -42,6 +42,7 @@ pub struct SqliteStore {
 
 /// A result to write: a whole attempt (`record`: its start too, unless that is recorded
 /// already) or the end of one that is running (`finish`).
+#[derive(Clone)]
 struct Ending {
     r: Recorded,
     may_start: bool,
@@ -58,6 +59,9 @@ impl WriteConn for SqliteConnection {
     const UPKEEP: Option<&'static str> = Some("PRAGMA wal_checkpoint(PASSIVE)");
     fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>> {
         Box::pin(async move { sqlx::query(sql).execute(self).await.map(|_| ()) })
+    }
+    fn exec_many<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::raw_sql(sql).execute(self).await.map(|_| ()) })
     }
 }
 

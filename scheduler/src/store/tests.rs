@@ -699,3 +699,29 @@ async fn an_asset_keeps_the_first_provenance_and_png_recorded_for_it<S: Batches>
         assert_eq!(s.asset_png(h).await.unwrap().as_deref(), png, "{h}");
     }
 }
+
+/// One submit PostgreSQL refuses (a NUL in its idempotency key) among many gathered together: it fails
+/// alone, naming the database's reason, and every other submit of its batch is admitted.
+#[tokio::test]
+async fn on_postgres_a_refused_submit_fails_alone_and_its_batch_commits() {
+    use futures_util::future::join_all;
+    let Some(s) = pg_store().await else { return };
+    let subs = join_all((0..30).map(|i| {
+        let mut j = new_job(&format!("n{i}"), &format!("key{i}"), i);
+        if i == 7 {
+            j.idempotency_key = Some("bad\0key".into());
+        }
+        s.submit(j)
+    }))
+    .await;
+    for (i, sub) in subs.iter().enumerate() {
+        match (i, sub) {
+            (7, Err(e)) => assert!(super::writer::refused_by_database(e), "{e}"),
+            (7, Ok(_)) => panic!("PostgreSQL took a NUL in a text column"),
+            (_, Ok(x)) => assert_eq!(x.admission, Admission::Queued, "n{i}"),
+            (_, Err(e)) => panic!("n{i} failed with the bad one: {e}"),
+        }
+    }
+    assert!(s.job("n7").await.unwrap().is_none());
+    assert_eq!(s.take_due(2000, 100).await.unwrap().jobs.len(), 29);
+}

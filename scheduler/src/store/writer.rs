@@ -2,9 +2,12 @@
 //! It takes whatever operations are waiting (up to [`MAX_BATCH`]), runs them in one
 //! transaction, commits once, and only then answers their callers: a caller never hears "done"
 //! for a write that is not durable, and a burst of submits, dispatches and results costs one
-//! commit instead of hundreds. If any operation in a batch fails, the whole batch rolls back and
-//! every caller in it gets an error, so no half-done operation is ever committed. Being the only
-//! writer also makes the submit's cache and single-flight checks race-free.
+//! commit instead of hundreds. Each operation of a batch of several runs under a savepoint: one
+//! that fails is rolled back to it alone, its caller gets its own error, and the rest of the batch
+//! commits, so no half-done operation is ever committed and one bad write (a value the database
+//! refuses) costs nobody else theirs. A gathered batch ([`Gather`]) the database refuses is
+//! written again one call at a time, so only the bad call fails. Being the only writer also makes
+//! the submit's cache and single-flight checks race-free.
 //!
 //! When the connection breaks (the database restarted), the batch's callers get an error and the
 //! writer connects again, with backoff, before the next batch.
@@ -40,6 +43,8 @@ pub trait WriteConn: Connection + Send + 'static {
     const UPKEEP: Option<&'static str> = None;
     /// Runs one statement that returns nothing.
     fn exec<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>>;
+    /// Runs statements separated by `;` in one round trip (no parameters).
+    fn exec_many<'c>(&'c mut self, sql: &'static str) -> BoxFut<'c, Result<(), sqlx::Error>>;
 }
 
 /// One queued write: runs inside the batch's transaction, answers after the commit.
@@ -132,8 +137,10 @@ impl<I, O> Clone for Gather<I, O> {
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> Gather<I, O> {
+impl<I: Clone + Send + 'static, O: Send + 'static> Gather<I, O> {
     /// Starts gathering for `writer`; `f` writes a batch. It stops when every handle is dropped.
+    /// A batch the database refuses (an error of the database's own, not of the connection) is
+    /// written again one call at a time, so the one that is bad fails alone.
     pub fn spawn<C: WriteConn>(writer: Writer<C>, f: BatchFn<C, I, O>) -> Gather<I, O> {
         let (tx, mut rx) = mpsc::channel::<(I, oneshot::Sender<Result<O, StoreError>>)>(4 * MAX_BATCH);
         tokio::spawn(async move {
@@ -141,16 +148,33 @@ impl<I: Send + 'static, O: Send + 'static> Gather<I, O> {
             while rx.recv_many(&mut got, MAX_BATCH).await > 0 {
                 let (items, replies): (Vec<I>, Vec<_>) = got.drain(..).unzip();
                 let n = items.len();
+                // Kept only to write them again one at a time, should the batch be refused.
+                let again = (n > 1).then(|| items.clone());
                 match writer.write(Box::new(move |c| f(c, items))).await {
                     Ok(outs) if outs.len() == n => {
                         for (reply, out) in replies.into_iter().zip(outs) {
                             let _ = reply.send(Ok(out));
                         }
                     }
+                    Err(e) if refused_by_database(&e) && again.is_some() => {
+                        tracing::warn!(error = %e, calls = n, "store: a gathered batch was refused; writing its calls one at a time");
+                        let items = again.unwrap_or_default();
+                        let alone = items.into_iter().map(|item| writer.write(Box::new(move |c| f(c, vec![item]))));
+                        let answers = futures_util::future::join_all(alone).await;
+                        for (reply, answer) in replies.into_iter().zip(answers) {
+                            let _ = reply.send(answer.and_then(|mut outs| outs.pop().ok_or(StoreError::Closed)));
+                        }
+                    }
                     answer => {
                         let why = match answer {
                             Ok(outs) => format!("a batch of {n} writes answered {} of them", outs.len()),
                             Err(StoreError::RolledBack(why)) => why,
+                            Err(e) if n == 1 => {
+                                if let Some(reply) = replies.into_iter().next() {
+                                    let _ = reply.send(Err(e));
+                                }
+                                continue;
+                            }
                             Err(e) => e.to_string(),
                         };
                         for reply in replies {
@@ -261,14 +285,35 @@ async fn upkeep<C: WriteConn>(conn: Option<&mut C>) {
     }
 }
 
+/// Whether the database itself refused a write (a value it does not take, a constraint): the
+/// same write would fail again, and others beside it need not.
+pub fn refused_by_database(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(sqlx::Error::Database(_)))
+}
+
+/// Runs a batch in one transaction. With more than one operation, each runs under the savepoint
+/// `op`: a failed one is rolled back to it (its caller keeps its own error) and the next runs
+/// under the same savepoint; after one that held, the savepoint is released and set again, in
+/// the same round trip. A lone operation needs none: its failure rolls back the transaction.
 async fn run_batch<C: WriteConn>(conn: &mut C, batch: &mut [Box<dyn WriteOp<C>>]) -> Result<(), sqlx::Error> {
+    let isolate = batch.len() > 1;
     conn.exec(C::BEGIN).await?;
-    for op in batch.iter_mut() {
-        if !op.run(conn).await {
-            conn.exec("ROLLBACK").await?;
-            return Err(sqlx::Error::Protocol(
-                "another write in the same transaction failed; nothing was written".into(),
-            ));
+    if isolate {
+        conn.exec("SAVEPOINT op").await?;
+    }
+    let last = batch.len().saturating_sub(1);
+    for (i, op) in batch.iter_mut().enumerate() {
+        let ok = op.run(conn).await;
+        if !isolate {
+            if !ok {
+                // The caller has its own error; nothing was written.
+                conn.exec("ROLLBACK").await?;
+                return Ok(());
+            }
+        } else if !ok {
+            conn.exec("ROLLBACK TO SAVEPOINT op").await?;
+        } else if i < last {
+            conn.exec_many("RELEASE SAVEPOINT op; SAVEPOINT op").await?;
         }
     }
     if let Err(e) = conn.exec("COMMIT").await {
@@ -276,4 +321,109 @@ async fn run_batch<C: WriteConn>(conn: &mut C, batch: &mut [Box<dyn WriteOp<C>>]
         return Err(e);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{Connection, SqliteConnection};
+
+    use super::*;
+
+    async fn table() -> Writer<SqliteConnection> {
+        let mut c = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER PRIMARY KEY, y TEXT NOT NULL)").execute(&mut c).await.unwrap();
+        Writer::spawn(c, Box::new(|| Box::pin(async { Err(StoreError::Closed) })))
+    }
+
+    fn insert(x: i64, y: Option<&'static str>) -> OpFn<SqliteConnection, ()> {
+        Box::new(move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t VALUES (?, ?)").bind(x).bind(y).execute(c).await?;
+                Ok(())
+            })
+        })
+    }
+
+    async fn rows(w: &Writer<SqliteConnection>) -> Vec<i64> {
+        w.write(Box::new(|c| {
+            Box::pin(async move { Ok(sqlx::query_scalar("SELECT x FROM t ORDER BY x").fetch_all(c).await?) })
+        }))
+        .await
+        .unwrap()
+    }
+
+    /// Writes that queue behind a slow one, so the writer takes them as one batch.
+    async fn one_batch(
+        w: &Writer<SqliteConnection>,
+        ops: Vec<OpFn<SqliteConnection, ()>>,
+    ) -> Vec<Result<(), StoreError>> {
+        let slow: OpFn<SqliteConnection, ()> = Box::new(|_| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(())
+            })
+        });
+        let first = w.write(slow);
+        let rest = futures_util::future::join_all(ops.into_iter().map(|op| w.write(op)));
+        let (first, rest) = tokio::join!(first, rest);
+        first.unwrap();
+        rest
+    }
+
+    #[tokio::test]
+    async fn a_write_the_database_refuses_fails_alone_and_the_rest_of_its_batch_commits() {
+        let w = table().await;
+        let answers = one_batch(&w, vec![insert(1, Some("a")), insert(2, None), insert(3, Some("c"))]).await;
+        assert!(answers[0].is_ok() && answers[2].is_ok(), "{answers:?}");
+        match &answers[1] {
+            Err(e) => assert!(refused_by_database(e) && e.to_string().contains("NOT NULL"), "{e}"),
+            Ok(()) => panic!("a NULL went into a NOT NULL column"),
+        }
+        assert_eq!(rows(&w).await, [1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_write_that_fails_leaves_nothing_behind() {
+        let w = table().await;
+        let two_then_fail: OpFn<SqliteConnection, ()> = Box::new(|c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t VALUES (1, 'a')").execute(&mut *c).await?;
+                sqlx::query("INSERT INTO t VALUES (1, 'again')").execute(&mut *c).await?;
+                Ok(())
+            })
+        });
+        assert!(w.write(two_then_fail).await.is_err());
+        assert_eq!(rows(&w).await, Vec::<i64>::new());
+        assert_eq!(one_batch(&w, vec![insert(5, Some("e"))]).await.len(), 1);
+        assert_eq!(rows(&w).await, [5]);
+    }
+
+    fn insert_all(
+        c: &mut SqliteConnection,
+        items: Vec<(i64, Option<String>)>,
+    ) -> BoxFut<'_, Result<Vec<i64>, StoreError>> {
+        Box::pin(async move {
+            let mut q = sqlx::QueryBuilder::new("INSERT INTO t ");
+            q.push_values(&items, |mut b, (x, y)| {
+                b.push_bind(*x).push_bind(y.clone());
+            });
+            q.build().execute(c).await?;
+            Ok(items.iter().map(|(x, _)| *x).collect())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_gathered_batch_the_database_refuses_is_written_again_one_call_at_a_time() {
+        let w = table().await;
+        let g = Gather::spawn(w.clone(), insert_all);
+        let calls = (1..=20).map(|x| g.call((x, (x != 13).then(|| format!("v{x}")))));
+        let answers = futures_util::future::join_all(calls).await;
+        for (x, a) in (1..=20).zip(&answers) {
+            match a {
+                Ok(got) => assert!(x != 13 && *got == x, "{x}: {got}"),
+                Err(e) => assert!(x == 13 && refused_by_database(e), "{x}: {e}"),
+            }
+        }
+        assert_eq!(rows(&w).await, (1..=20).filter(|x| *x != 13).collect::<Vec<_>>());
+    }
 }
