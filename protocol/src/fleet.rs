@@ -424,6 +424,9 @@ pub enum PayloadError {
     /// A schema version this side does not read.
     #[error("unsupported schema version {0}")]
     Version(u32),
+    /// A string holds a NUL (see [`crate::nul_in_json`]).
+    #[error("field {0}: holds a NUL character, which Kiln does not store")]
+    Nul(String),
     /// A field that parses but cannot be used.
     #[error("field {field}: {message}")]
     Field {
@@ -439,6 +442,9 @@ pub fn decode<T: serde::de::DeserializeOwned + Versioned>(bytes: &[u8]) -> Resul
     let value: T = serde_json::from_slice(bytes)?;
     if !value.readable() {
         return Err(PayloadError::Version(value.version()));
+    }
+    if let Some(at) = crate::nul_in_json(bytes) {
+        return Err(PayloadError::Nul(at));
     }
     value.check()?;
     Ok(value)

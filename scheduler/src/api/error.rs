@@ -103,6 +103,16 @@ impl ApiError {
         ApiError::rejected(StatusCode::BAD_REQUEST, "invalid_json", message, field.or(Some("body".into())))
     }
 
+    /// Parses a JSON body, refusing one with a NUL in any string (named by its path), which no
+    /// store keeps: a 400 either way, naming the field.
+    pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+        let v: T = serde_json::from_slice(body).map_err(|e| ApiError::from_json(&e))?;
+        match kiln_protocol::nul_in_json(body) {
+            Some(at) => Err(ApiError::invalid(at, "holds a NUL character, which Kiln does not store")),
+            None => Ok(v),
+        }
+    }
+
     /// The same error about a part of a larger request: `prefix` goes before its message (an
     /// item of a batch: `jobs[3].`).
     pub fn within(self, prefix: &str) -> ApiError {
@@ -131,6 +141,12 @@ impl From<StoreError> for ApiError {
                 code: "shutting_down",
                 message: "the farm is shutting down; try again shortly".into(),
             },
+            e if crate::store::writer::refused_by_database(&e) => ApiError::rejected(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "refused_by_store",
+                format!("the store refused this write, and would again: {e}"),
+                None,
+            ),
             e => ApiError::internal(&e),
         }
     }

@@ -130,7 +130,7 @@ pub(super) async fn create_task(
         return Err(ApiError::conflict("the fleet bridge is off: set scheduler.fleet.mqtt_url (KILN_MQTT_URL)"));
     }
     let body = body_bytes(&s, body)?;
-    let b: api::NewTask = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let b: api::NewTask = ApiError::parse_json(&body)?;
     let device = s.store.device(&id).await?.ok_or_else(|| ApiError::not_found(format!("no device {id:?}")))?;
     if device.kind != b.kind.device_kind().as_str() {
         return Err(ApiError::invalid(

@@ -173,7 +173,7 @@ async fn submit(
     let Query(q) = q.map_err(query_error)?;
     let wait = wait_for(q.wait)?;
     let body = body_bytes(&s, body)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let value: Value = ApiError::parse_json(&body)?;
     let header_key = headers.get("idempotency-key").map(|v| {
         v.to_str()
             .map(str::to_owned)
@@ -600,7 +600,7 @@ async fn put_provenance(
     uploader(&s, &headers)?;
     check_hash(&hash)?;
     let body = body_bytes(&s, body)?;
-    let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let v: Value = ApiError::parse_json(&body)?;
     if v.get("asset").and_then(Value::as_str) != Some(hash.as_str()) {
         return Err(ApiError::invalid("asset", "must equal the hash in the path"));
     }
@@ -754,7 +754,7 @@ async fn create_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(&s, body)?;
-    let req: api::NewToken = serde_json::from_slice(&body).map_err(|e| ApiError::from_json(&e))?;
+    let req: api::NewToken = ApiError::parse_json(&body)?;
     if req.name.is_empty() || req.name.len() > 100 || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 100 printable characters"));
     }

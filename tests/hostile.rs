@@ -1,0 +1,63 @@
+//! The farm's doors tried from outside, the way a careless or hostile client would: each
+//! refusal is exact (the status, and the field it names), and the farm goes on serving ordinary
+//! jobs meanwhile. The broker's doors (forged and refused results, dead-lettered jobs) are tried
+//! in `distributed.rs`, beside the farm they need.
+
+mod common;
+
+use common::{TestFarm, job};
+use hyper::Method;
+use serde_json::Value;
+
+/// A raw call's status and JSON body.
+async fn call(farm: &TestFarm, method: Method, path: &str, body: &str) -> (u16, Value) {
+    let reply = farm.raw(method, path, body).await;
+    let v = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+    (reply.status.as_u16(), v)
+}
+
+/// The farm still takes and renders an ordinary job.
+async fn still_serving(farm: &TestFarm, seed: u64) {
+    let j = farm.submit(job("still serving", seed, "preview")).await;
+    let done = farm.wait(j["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_any_string_of_a_body_is_refused_naming_where_it_is() {
+    let farm = TestFarm::start().await;
+    let cases = [
+        ("/v1/jobs", r#"{"prompt":"a kiln\u0000","seed":1,"tier":"preview"}"#, "prompt"),
+        ("/v1/jobs", r#"{"jobs":[{"prompt":"ok","seed":1},{"prompt":"ok","model":"cppn\u0000"}]}"#, "jobs[1].model"),
+        ("/v1/jobs", r#"{"prompt":"ok","seed":1,"idempotency_key":"k\u0000"}"#, "idempotency_key"),
+        ("/v1/tokens", r#"{"name":"evil\u0000","role":"client"}"#, "name"),
+    ];
+    for (path, body, field) in cases {
+        let (status, v) = call(&farm, Method::POST, path, body).await;
+        assert_eq!(status, 400, "{path} {body}: {v}");
+        assert_eq!(v["error"]["field"], field, "{path} {body}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert_eq!(message, format!("{field}: holds a NUL character, which Kiln does not store"));
+    }
+    let (_, listed) = call(&farm, Method::GET, "/v1/jobs", "").await;
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(0), "nothing was admitted: {listed}");
+    still_serving(&farm, 1).await;
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multibyte_character_in_a_query_is_a_clear_refusal_not_a_dropped_connection() {
+    let farm = TestFarm::start().await;
+    for since in ["%E2%82%AC", "2026-11-2%E2%82%ACT10:00:00Z", "2026-11-22T10:00:00%C3%A9", "%C7%85"] {
+        let (status, v) = call(&farm, Method::GET, &format!("/v1/jobs?since={since}"), "").await;
+        assert_eq!((status, &v["error"]["field"]), (400, &Value::from("since")), "{since}: {v}");
+    }
+    for (query, field) in [("state=%E2%82%AC", "state"), ("tier=pr%C3%A9view", "tier"), ("until=%F0%9F%94%A5", "until")]
+    {
+        let (status, v) = call(&farm, Method::GET, &format!("/v1/jobs?{query}"), "").await;
+        assert_eq!(status, 400, "{query}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().starts_with(field), "{query}: {v}");
+    }
+    still_serving(&farm, 2).await;
+    farm.stop().await;
+}
