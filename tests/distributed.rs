@@ -12,7 +12,8 @@ use common::{TestFarm, WorkerEnv, job, test_config};
 use hyper::Method;
 use kiln_common::amqp::lapin;
 use kiln_protocol::wire::{
-    AttemptOutcome, JOB_TYPE, JobMessage, Names, REASON_HEADER, RESULTS_TYPE, ResultBatch, ResultMessage,
+    AttemptOutcome, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, MessageKey, Names, REASON_HEADER, RESULTS_TYPE,
+    ResultBatch, ResultMessage,
 };
 use kiln_scheduler::auth::Role;
 use kiln_testenv as testenv;
@@ -366,10 +367,18 @@ fn answer(job: JobMessage, outcome: AttemptOutcome) -> ResultMessage {
     ResultMessage { v: 1, worker: "w-by-hand".into(), backend: "none".into(), started_ms, finished_ms, outcome, job }
 }
 
-/// Publishes a batch of results to the results queue, confirmed.
+/// Publishes a batch of results to the results queue, confirmed, signed with the workers' token.
 async fn publish_results(d: &Distributed, ch: &lapin::Channel, batch: &ResultBatch) {
+    publish_signed(d, ch, batch, Some(&MessageKey::from_token(&d.worker_token))).await;
+}
+
+/// Publishes a batch of results signed with `key` (or not at all).
+async fn publish_signed(d: &Distributed, ch: &lapin::Channel, batch: &ResultBatch, key: Option<&MessageKey>) {
     let body = serde_json::to_vec(batch).unwrap();
-    let props = kiln_common::amqp::properties(RESULTS_TYPE, "by-hand");
+    let mut props = kiln_common::amqp::properties(RESULTS_TYPE, "by-hand");
+    if let Some(key) = key {
+        props = kiln_common::amqp::signed(props, key, &body);
+    }
     kiln_common::amqp::publish_confirmed(ch, "", &d.names.results_queue(), &body, props).await.unwrap();
 }
 
@@ -611,4 +620,175 @@ async fn the_worker_acks_a_finished_run_in_one_frame_and_never_a_delivery_still_
     let q = publ.queue_declare(queue.clone().into(), passive, FieldTable::default()).await.unwrap();
     assert_eq!(q.message_count(), 0, "messages left on the queue");
     publ.queue_delete(queue.into(), QueueDeleteOptions::default()).await.unwrap();
+}
+
+/// Results nobody handed out: for an attempt not yet given, for a job that does not exist, with
+/// another job's cache key, or another request. Each is dead-lettered alone, with its reason,
+/// and counted; none changes a job, and a genuine result in the same message is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_for_a_job_or_attempt_not_handed_out_is_refused_and_changes_nothing() {
+    let Some(d) = Distributed::start().await else { return };
+    let (_conn, ch) = d.channel().await;
+    kiln_common::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    let ids = d.submit(2, 700).await;
+    let jobs = take_jobs(&d, &ch, ids.len()).await;
+    let (a, b) = (jobs[0].clone(), jobs[1].clone());
+    // The relay marks them sent once the broker confirmed them, which may come after the take.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.farm.sched.store.job(&b.job_id).await.unwrap().unwrap().state.as_str() != "dispatched" {
+        assert!(Instant::now() < deadline, "job {} never marked dispatched", b.job_id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let png = kiln_worker::render::encode_png(2, 2, &[99; 12]).unwrap();
+    let forged = || AttemptOutcome::Succeeded {
+        asset: blake3::hash(&png).to_hex().to_string(),
+        bytes: png.len() as u64,
+        png: Some(png.clone()),
+        provenance: None,
+    };
+    let mut later = b.clone();
+    later.attempt += 1;
+    let mut ghost = b.clone();
+    ghost.job_id = "j-ghost".into();
+    let mut other_key = b.clone();
+    other_key.cache_key = a.cache_key.clone();
+    let mut other_request = b.clone();
+    other_request.request.seed += 1;
+    let refused = [later, ghost, other_key, other_request];
+    let mut results: Vec<ResultMessage> = refused.into_iter().map(|j| answer(j, forged())).collect();
+    results.push(answer(a.clone(), AttemptOutcome::Failed { error: "genuine".into(), transient: false }));
+    publish_results(&d, &ch, &ResultBatch { v: 1, results }).await;
+    let mut reasons = dead_reasons(&d, &ch, 4).await;
+    reasons.sort();
+    let id_b = &b.job_id;
+    assert_eq!(
+        reasons,
+        [
+            format!(
+                "result refused (attempt_not_open): attempt 2 of job {id_b} is not open: the job is dispatched at attempt 0"
+            ),
+            format!("result refused (not_its_request): the result's cache key is not job {id_b}'s"),
+            format!("result refused (not_its_request): the result's request is not job {id_b}'s"),
+            "result refused (unknown_job): there is no job j-ghost".to_owned(),
+        ]
+    );
+    let done = d.wait_all(&ids[..1], Duration::from_secs(30)).await;
+    assert!(done[0]["error"].as_str().unwrap().contains("genuine"), "{}", done[0]);
+    let job_b = d.farm.sched.store.job(id_b).await.unwrap().unwrap();
+    assert_eq!((job_b.state.as_str(), job_b.asset), ("dispatched", None), "no forged result moved it");
+    let metrics = d.farm.client.send(Method::GET, "/metrics", None).await.unwrap().body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let refused = |reason: &str| {
+        common::metric_in(&metrics, "kiln_scheduler_results_refused_total", &format!("reason=\"{reason}\""))
+    };
+    assert_eq!((refused("attempt_not_open"), refused("not_its_request"), refused("unknown_job")), (1.0, 2.0, 1.0));
+    d.stop().await;
+}
+
+/// A worker whose tier limits are smaller than the scheduler's refuses the job's message and
+/// dead-letters it. The scheduler hears of it through its copy of the dead letters and fails
+/// the job with the worker's reason, and the identical request that waited on it ends with it:
+/// nothing stays `dispatched`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_a_worker_refuses_fails_with_the_reason_and_nothing_stays_dispatched() {
+    let Some(mut d) = Distributed::start_with(|cfg| cfg.scheduler.retry.max_attempts = 3).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.toml");
+    std::fs::write(
+        &small,
+        "[tiers.preview]\ndefault_side = 16\nmax_side = 16\nmax_pixels = 256\ndefault_samples = 1\nmax_samples = 4\nwatermark = true\ndither = false\n",
+    )
+    .unwrap();
+    d.spawn_worker_with("w-small", &[("KILN_CONFIG", small.to_str().unwrap())]);
+    let mut body = job("too big for this worker", 900, "preview");
+    body["width"] = 24.into();
+    let first = d.farm.submit(body.clone()).await;
+    let second = d.farm.submit(body).await;
+    let ids: Vec<String> = [&first, &second].iter().map(|j| j["id"].as_str().unwrap().to_owned()).collect();
+    for j in d.wait_all(&ids, Duration::from_secs(60)).await {
+        assert_eq!(j["state"], "failed", "{j}");
+        let error = j["error"].as_str().unwrap();
+        assert!(error.contains("refused by a worker: request outside this worker's limits: width: 24 px"), "{j}");
+    }
+    // Refused for good: one attempt, not the three the retry policy allows.
+    let events = d.farm.sched.store.events(&ids[0], 0).await.unwrap();
+    assert_eq!(events.iter().filter(|e| e.state.as_str() == "dispatched").count(), 1, "{events:?}");
+    let metrics = d.farm.client.send(Method::GET, "/metrics", None).await.unwrap().body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let undelivered = common::metric_in(&metrics, "kiln_scheduler_jobs_undelivered_total", "cause=\"worker_refused\"");
+    // Two when the second request came after the first had already failed (it was then its own).
+    assert!((1.0..=2.0).contains(&undelivered), "{metrics}");
+    d.stop().await;
+}
+
+/// Results from someone who is not a worker of this farm: unsigned, signed with a client's
+/// token, or signed by a worker's token over another body. Each message is dead-lettered with
+/// why and counted; the job waits for its real worker. A heartbeat nobody signed puts no
+/// worker in the registry, and a signed one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_and_heartbeats_not_signed_by_a_worker_token_are_refused() {
+    let Some(d) = Distributed::start().await else { return };
+    let (_conn, ch) = d.channel().await;
+    kiln_common::amqp::declare_topology(&ch, &d.names).await.unwrap();
+    let ids = d.submit(1, 800).await;
+    let job = take_jobs(&d, &ch, 1).await.remove(0);
+    let batch = ResultBatch {
+        v: 1,
+        results: vec![answer(job.clone(), AttemptOutcome::Failed { error: "forged".into(), transient: false })],
+    };
+    publish_signed(&d, &ch, &batch, None).await;
+    let client = d.farm.sched.create_token("a-client", Role::Client).await.unwrap();
+    publish_signed(&d, &ch, &batch, Some(&MessageKey::from_token(client.expose()))).await;
+    // A worker's real signature, moved onto another body.
+    let worker = MessageKey::from_token(&d.worker_token);
+    let body = serde_json::to_vec(&batch).unwrap();
+    let stolen = kiln_common::amqp::signed(kiln_common::amqp::properties(RESULTS_TYPE, "x"), &worker, b"{}");
+    kiln_common::amqp::publish_confirmed(&ch, "", &d.names.results_queue(), &body, stolen).await.unwrap();
+    let mut reasons = dead_reasons(&d, &ch, 3).await;
+    reasons.sort();
+    assert!(reasons[0].starts_with("result refused (unproven): it is not signed"), "{reasons:?}");
+    assert_eq!(
+        reasons[1],
+        "result refused (unproven): its MAC does not match its body (signer: worker token \"workers\")"
+    );
+    assert!(
+        reasons[2].starts_with("result refused (unproven): signer ")
+            && reasons[2].ends_with("is no worker token of this farm (or its token was revoked)"),
+        "{reasons:?}"
+    );
+    let j = d.farm.sched.store.job(&ids[0]).await.unwrap().unwrap();
+    assert_ne!(j.state.as_str(), "failed", "no forged result ended it");
+    // Heartbeats: a ghost's is ignored; a worker's is heard.
+    for (id, key) in [("ghost", None), ("signed-by-hand", Some(&worker))] {
+        let hb = Heartbeat {
+            v: 1,
+            worker_id: id.into(),
+            host: "nowhere".into(),
+            backend: "cpu".into(),
+            adapter: "none".into(),
+            memory_bytes: None,
+            models: vec![],
+            tiers: vec![kiln_protocol::Tier::Preview],
+            in_flight: 0,
+            concurrency: 1,
+            draining: false,
+            drained: None,
+            at_ms: kiln_protocol::now_ms(),
+            every_ms: Some(1000),
+        };
+        let body = serde_json::to_vec(&hb).unwrap();
+        let mut props = kiln_common::amqp::properties(HEARTBEAT_TYPE, id);
+        if let Some(key) = key {
+            props = kiln_common::amqp::signed(props, key, &body);
+        }
+        kiln_common::amqp::publish_confirmed(&ch, "", &d.names.heartbeats_queue(), &body, props).await.unwrap();
+    }
+    d.worker_where("signed-by-hand", "heard", |_| true).await;
+    let all = d.farm.client.call(Method::GET, "/v1/workers", None).await.unwrap();
+    assert!(!all.to_string().contains("ghost"), "{all}");
+    let metrics = d.farm.client.send(Method::GET, "/metrics", None).await.unwrap().body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(common::metric_in(&metrics, "kiln_scheduler_results_refused_total", "reason=\"unproven\""), 3.0);
+    assert_eq!(common::metric_in(&metrics, "kiln_scheduler_bad_messages_total", "kind=\"heartbeat\""), 1.0);
+    d.stop().await;
 }

@@ -5,7 +5,9 @@
 //! - `{p}.jobs`: durable direct exchange, routed by tier name to the tier queues.
 //! - `{p}.jobs.{preview,final,print}`: durable queues, priorities 0..=9, dead letters to `{p}.dead`.
 //! - `{p}.dead`: durable fanout exchange and queue of refused messages (with the reason in
-//!   the `x-kiln-reason` header).
+//!   the `x-kiln-reason` header), kept for the operator.
+//! - `{p}.dead.watch`: the scheduler's copy of each dead letter: it settles the job of every
+//!   job message there (see the scheduler's `broker` module).
 //! - `{p}.results`: durable queue of workers' results, dead letters to `{p}.dead`.
 //! - `{p}.heartbeats`: durable queue of worker heartbeats; each expires unread after a minute.
 //! - `{p}.control`: durable direct exchange of the scheduler's commands to workers (drain,
@@ -17,7 +19,7 @@
 use std::time::Duration;
 
 use kiln_protocol::Tier;
-use kiln_protocol::wire::{CONTENT_TYPE, MAX_PRIORITY, Names, REASON_HEADER};
+use kiln_protocol::wire::{CONTENT_TYPE, MAC_HEADER, MAX_PRIORITY, MessageKey, Names, REASON_HEADER, SIGNER_HEADER};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -95,8 +97,9 @@ pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), lapin::
         let (q, x, key) = (names.tier_queue(t), names.jobs_exchange(), t.as_str());
         ch.queue_bind(q.into(), x.into(), key.into(), bind, FieldTable::default()).await?;
     }
-    let (q, x) = (names.dead_queue(), names.dead_exchange());
-    ch.queue_bind(q.into(), x.into(), "".into(), bind, FieldTable::default()).await?;
+    for q in [names.dead_queue(), names.dead_watch_queue()] {
+        ch.queue_bind(q.into(), names.dead_exchange().into(), "".into(), bind, FieldTable::default()).await?;
+    }
     Ok(())
 }
 
@@ -135,6 +138,24 @@ pub fn properties(kind: &str, message_id: &str) -> BasicProperties {
         .with_delivery_mode(2)
 }
 
+/// `props` with `body` signed by `key`: the signer and MAC headers the scheduler checks.
+pub fn signed(props: BasicProperties, key: &MessageKey, body: &[u8]) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(SIGNER_HEADER.into(), text(key.signer()));
+    headers.insert(MAC_HEADER.into(), text(&key.mac(body)));
+    props.with_headers(headers)
+}
+
+/// The signer and MAC a delivery carries (see [`signed`]), where it has both.
+pub fn signature(d: &lapin::message::Delivery) -> Option<(String, String)> {
+    let headers = d.properties.headers().as_ref()?;
+    let get = |name: &str| match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    };
+    Some((get(SIGNER_HEADER)?, get(MAC_HEADER)?))
+}
+
 /// Publishes and waits for the broker's confirm; an error unless the broker acked it.
 pub async fn publish_confirmed(
     ch: &Channel,
@@ -157,18 +178,32 @@ pub async fn publish_confirmed(
 }
 
 /// Dead-letters a refused message with its reason (the original body and properties, plus the
-/// `x-kiln-reason` header), confirmed.
+/// `x-kiln-reason` header), confirmed. A worker signs its dead letters (`key`): the scheduler
+/// fails a job on a worker's refusal only when a worker token signed it ([`dead_letter_payload`]).
 pub async fn dead_letter(
     ch: &Channel,
     names: &Names,
     body: &[u8],
     props: &BasicProperties,
     reason: &str,
+    key: Option<&MessageKey>,
 ) -> Result<(), PublishError> {
     let mut headers = props.headers().clone().unwrap_or_default();
     headers.insert(REASON_HEADER.into(), text(reason));
-    let props = props.clone().with_headers(headers).with_delivery_mode(2);
+    let mut props = props.clone().with_headers(headers).with_delivery_mode(2);
+    if let Some(key) = key {
+        props = signed(props, key, &dead_letter_payload(reason, body));
+    }
     publish_confirmed(ch, &names.dead_exchange(), "", body, props).await
+}
+
+/// What a dead letter's signature covers: its reason and its body, so neither can be swapped.
+pub fn dead_letter_payload(reason: &str, body: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(reason.len() + 1 + body.len());
+    p.extend_from_slice(reason.as_bytes());
+    p.push(0);
+    p.extend_from_slice(body);
+    p
 }
 
 /// Decodes a delivery as a Kiln message of kind `want` (a `*_TYPE` constant), checking its

@@ -27,6 +27,57 @@ pub const CONTROL_TYPE: &str = "kiln.control.v1";
 pub const MAX_PRIORITY: u8 = 9;
 /// The header a dead-lettered message carries with the reason it was refused.
 pub const REASON_HEADER: &str = "x-kiln-reason";
+/// The header that says which worker token signed a result or heartbeat ([`MessageKey::signer`]).
+pub const SIGNER_HEADER: &str = "x-kiln-signer";
+/// The header with a result's or heartbeat's MAC over its body ([`MessageKey::mac`]).
+pub const MAC_HEADER: &str = "x-kiln-mac";
+
+/// What a worker signs its results and heartbeats with, so the scheduler takes them only from
+/// a holder of a worker token it issued (as RabbitMQ's validated `user_id` would, but without a
+/// broker user per worker). Both sides derive it from the token's BLAKE3 (all the scheduler
+/// keeps of a token): a public signer id, which names the token without revealing it, and a
+/// MAC key (BLAKE3's keyed hash). Whoever can read the store's tokens table can sign too.
+#[derive(Clone)]
+pub struct MessageKey {
+    signer: String,
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for MessageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageKey").field("signer", &self.signer).finish_non_exhaustive()
+    }
+}
+
+impl MessageKey {
+    /// The key of a worker token (the secret, `kiln_…`).
+    pub fn from_token(token: &str) -> MessageKey {
+        MessageKey::from_token_hash(blake3::hash(token.as_bytes()).to_hex().as_str())
+    }
+
+    /// The key of the token whose BLAKE3, in hex, is `hash` (as the scheduler stores it).
+    pub fn from_token_hash(hash: &str) -> MessageKey {
+        let id = blake3::derive_key("kiln 2026-12 worker message signer", hash.as_bytes());
+        let key = blake3::derive_key("kiln 2026-12 worker message key", hash.as_bytes());
+        let signer = id[..16].iter().map(|b| format!("{b:02x}")).collect();
+        MessageKey { signer, key }
+    }
+
+    /// The signer id that goes in [`SIGNER_HEADER`].
+    pub fn signer(&self) -> &str {
+        &self.signer
+    }
+
+    /// The MAC of `body` that goes in [`MAC_HEADER`].
+    pub fn mac(&self, body: &[u8]) -> String {
+        blake3::keyed_hash(&self.key, body).to_hex().to_string()
+    }
+
+    /// Whether `mac` is this key's MAC of `body` (compared in constant time).
+    pub fn verify(&self, body: &[u8], mac: &str) -> bool {
+        blake3::Hash::from_hex(mac).is_ok_and(|m| m == blake3::keyed_hash(&self.key, body))
+    }
+}
 
 /// The names of the broker objects, all under one prefix (`kiln` unless configured otherwise,
 /// so several farms or test runs can share a broker).
@@ -66,6 +117,12 @@ impl Names {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.prefix)
     }
+    /// The scheduler's own copy of every dead letter (bound to the dead-letter exchange beside
+    /// [`Names::dead_queue`], which keeps them for the operator): it settles each job whose
+    /// message was refused, expired or dropped, so none stays `dispatched`.
+    pub fn dead_watch_queue(&self) -> String {
+        format!("{}.dead.watch", self.prefix)
+    }
     /// The durable queue workers publish results to (through the default exchange).
     pub fn results_queue(&self) -> String {
         format!("{}.results", self.prefix)
@@ -83,7 +140,7 @@ impl Names {
     /// Every queue, for tests and tools that clean up.
     pub fn queues(&self) -> Vec<String> {
         let mut q: Vec<String> = Tier::ALL.iter().map(|t| self.tier_queue(*t)).collect();
-        q.extend([self.dead_queue(), self.results_queue(), self.heartbeats_queue()]);
+        q.extend([self.dead_queue(), self.dead_watch_queue(), self.results_queue(), self.heartbeats_queue()]);
         q
     }
 }
@@ -279,6 +336,9 @@ pub enum MessageError {
     /// A schema version this build does not know.
     #[error("v: schema version {0} is not {SCHEMA_VERSION}")]
     Version(u32),
+    /// A string holds a NUL (see [`crate::nul_in_json`]).
+    #[error("{0}: holds a NUL character, which Kiln does not store")]
+    Nul(String),
 }
 
 /// Decodes a message of kind `want` (one of the `*_TYPE` constants), checking its content type,
@@ -302,6 +362,9 @@ pub fn decode<T: serde::de::DeserializeOwned + Versioned>(
     let v: T = serde_json::from_slice(body)?;
     if !v.readable() {
         return Err(MessageError::Version(v.version()));
+    }
+    if let Some(at) = crate::nul_in_json(body) {
+        return Err(MessageError::Nul(at));
     }
     Ok(v)
 }
@@ -424,10 +487,31 @@ mod tests {
     fn names_sit_under_the_prefix_and_retries_go_first() {
         let n = Names::default();
         assert_eq!(n.tier_queue(Tier::Print), "kiln.jobs.print");
-        assert_eq!(n.queues().len(), 6);
+        assert_eq!(n.queues().len(), 7);
         let mut j = job();
         let first = j.priority();
         j.attempt = 3;
         assert!(j.priority() > first && j.priority() <= MAX_PRIORITY);
+    }
+
+    #[test]
+    fn a_message_key_signs_what_the_scheduler_can_check_from_the_stored_hash_alone() {
+        let token = "kiln_00112233445566778899aabbccddeeff";
+        let worker = MessageKey::from_token(token);
+        let sched = MessageKey::from_token_hash(blake3::hash(token.as_bytes()).to_hex().as_str());
+        assert_eq!(worker.signer(), sched.signer());
+        assert_eq!(worker.signer().len(), 32);
+        let mac = worker.mac(b"{\"v\":1}");
+        assert!(sched.verify(b"{\"v\":1}", &mac));
+        assert!(!sched.verify(b"{\"v\":2}", &mac), "another body");
+        assert!(!sched.verify(b"{\"v\":1}", "not hex"));
+        let other = MessageKey::from_token("kiln_ffeeddccbbaa99887766554433221100");
+        assert_ne!(other.signer(), worker.signer());
+        assert!(!other.verify(b"{\"v\":1}", &mac), "another token");
+        assert!(!format!("{worker:?}").contains(&hex(&worker.key)), "the key is never printed");
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

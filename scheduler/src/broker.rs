@@ -5,6 +5,7 @@
 //! not yet confirmed stay unsent and are published again, and a result is acked only once it is
 //! durable in the store, so nothing is lost and a repeat changes nothing.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +13,20 @@ use futures_util::StreamExt;
 use kiln_common::amqp::{self, PublishError};
 use kiln_protocol::now_ms;
 use kiln_protocol::wire::{
-    self, CONTROL_TYPE, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, MessageError, Names, RESULT_TYPE,
-    RESULTS_TYPE, ResultBatch, ResultMessage,
+    self, CONTROL_TYPE, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, MessageError, Names, REASON_HEADER,
+    RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
 use crate::dispatch::{Dispatch, DispatchError, Marker, run_outbox};
+use crate::results::{Refusal, Settled, open_attempt};
 use crate::scheduler::Scheduler;
 use crate::store::writer::MAX_BATCH;
-use crate::store::{BoxFut, Dispatch as Job, Outgoing};
+use crate::store::{BoxFut, Dispatch as Attempt, Job, Outgoing};
 
 /// Runs the relay, the results consumer and the heartbeat listener until `stop`, reconnecting
 /// whenever the broker goes away.
@@ -63,6 +65,8 @@ async fn run_session(
     results.basic_qos(1024, BasicQosOptions::default()).await?;
     let beats = conn.create_channel().await?;
     let dead = amqp::confirm_channel(conn).await?;
+    let watch = conn.create_channel().await?;
+    watch.basic_qos(64, BasicQosOptions::default()).await?;
     let control = amqp::confirm_channel(conn).await?;
     sched.registry.set_drained(sched.store.drained().await?);
     let relay = Relay { ch: &publ, names, window: cfg.window, sched };
@@ -70,10 +74,11 @@ async fn run_session(
         r = run_outbox(sched, &relay, &stop) => r.map_err(anyhow::Error::from),
         r = consume_results(sched, names, &results, &dead) => r,
         r = consume_heartbeats(sched, names, &beats) => r,
+        r = watch_dead_letters(sched, names, &watch) => r,
         r = send_commands(sched, names, &control) => r,
         () = stop.cancelled() => Ok(()),
     };
-    amqp::close_channels(&[&publ, &results, &beats, &dead, &control], "bye").await;
+    amqp::close_channels(&[&publ, &results, &beats, &dead, &watch, &control], "bye").await;
     result
 }
 
@@ -166,7 +171,7 @@ impl Dispatch for Relay<'_> {
 }
 
 /// The message a worker gets for a dispatch.
-pub fn job_message(d: &Job) -> JobMessage {
+pub fn job_message(d: &Attempt) -> JobMessage {
     JobMessage {
         v: wire::SCHEMA_VERSION,
         job_id: d.job_id.clone(),
@@ -175,18 +180,6 @@ pub fn job_message(d: &Job) -> JobMessage {
         cache_key: d.cache_key.clone(),
         created_ms: d.created_ms,
         request: d.request.clone(),
-    }
-}
-
-fn dispatch_of(m: &JobMessage) -> Job {
-    Job {
-        job_id: m.job_id.clone(),
-        tier: m.request.tier,
-        client: m.client.clone(),
-        attempt: m.attempt,
-        request: m.request.clone(),
-        cache_key: m.cache_key.clone(),
-        created_ms: m.created_ms,
     }
 }
 
@@ -218,10 +211,22 @@ async fn consume_results(sched: &Arc<Scheduler>, names: &Names, ch: &Channel, de
                 _ => break,
             }
         }
-        let recorded = futures_util::future::join_all(
-            batch.iter().map(|(read, d)| record_delivery(sched, names, dead, d, read.as_deref())),
-        )
-        .await;
+        let ids: Vec<String> =
+            batch.iter().flat_map(|(read, _)| read.iter().flatten()).map(|m| m.job.job_id.clone()).collect();
+        let recorded = match sched.store.jobs(ids).await {
+            Ok(jobs) => {
+                let jobs: HashMap<String, Job> = jobs.into_iter().map(|j| (j.id.clone(), j)).collect();
+                let jobs = &jobs;
+                futures_util::future::join_all(
+                    batch.iter().map(|(read, d)| record_delivery(sched, names, dead, d, read.as_deref(), jobs)),
+                )
+                .await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the jobs results answer");
+                vec![false; batch.len()]
+            }
+        };
         if recorded.iter().all(|ok| *ok) {
             // The channel is this consumer's alone and a batch is every delivery not yet answered,
             // in order: one ack of the last with `multiple` answers the lot.
@@ -253,41 +258,191 @@ fn read_results(d: &lapin::message::Delivery) -> Result<Vec<ResultMessage>, Mess
 }
 
 /// Records a delivery's results; `false` when it must come again (the store failed). A message
-/// that did not decode is dead-lettered with the reason.
+/// that did not decode is dead-lettered with the reason; so is each result refused
+/// ([`Refusal`]), alone, while the rest of its message is recorded. `jobs` holds the jobs the
+/// results name, as stored.
 async fn record_delivery(
     sched: &Scheduler,
     names: &Names,
     dead: &Channel,
     d: &lapin::message::Delivery,
     read: Result<&[ResultMessage], &MessageError>,
+    jobs: &HashMap<String, Job>,
 ) -> bool {
+    if let Err(why) = sched.signed_by(&d.data, amqp::signature(d)).await {
+        let why = Refusal::Unproven(why);
+        let n = read.map_or(1, <[ResultMessage]>::len) as u64;
+        sched.metrics.results_refused.with_label_values(&[why.label()]).inc_by(n);
+        let reason = format!("result refused ({}): {why}", why.label());
+        tracing::warn!(reason, "refusing a result message");
+        return dead_letter(dead, names, &d.data, &d.properties, &reason).await;
+    }
     let results = match read {
         Ok(r) => r,
         Err(e) => {
             sched.metrics.bad_messages.with_label_values(&["result"]).inc();
             let reason = e.to_string();
             tracing::warn!(reason, "dead-lettering a bad result message");
-            return match amqp::dead_letter(dead, names, &d.data, &d.properties, &reason).await {
-                Ok(()) => true,
-                Err(PublishError::Broker(e)) => {
-                    tracing::error!(error = %e, "cannot dead-letter a bad result");
-                    false
-                }
-                Err(PublishError::Nacked) => false,
-            };
+            return dead_letter(dead, names, &d.data, &d.properties, &reason).await;
         }
     };
     // Recording is idempotent by job and attempt: when some fail, the whole message comes again.
     let recorded = futures_util::future::join_all(results.iter().map(|m| async move {
-        match sched.accept(m, dispatch_of(&m.job)).await {
-            Ok(report) => sched.settle(&report).await,
-            Err(e) => {
-                tracing::error!(job_id = m.job.job_id, error = %e, "cannot look up a reported asset");
-                false
-            }
-        }
+        let refusal = match open_attempt(jobs.get(&m.job.job_id), &m.job) {
+            Err(refusal) => refusal,
+            Ok(attempt) => match sched.accept(m, attempt).await {
+                Ok(report) => match sched.settle(&report).await {
+                    Settled::Recorded => return true,
+                    Settled::Again => return false,
+                    Settled::Refused(why) => Refusal::StoreRefused(why),
+                },
+                Err(e) => {
+                    tracing::error!(job_id = m.job.job_id, error = %e, "cannot look up a reported asset");
+                    return false;
+                }
+            },
+        };
+        refuse(sched, names, dead, m, &refusal).await
     }));
     recorded.await.into_iter().all(|ok| ok)
+}
+
+/// Counts a refused result and dead-letters it alone, with the reason; `false` when the broker
+/// did not take it (its message comes again).
+async fn refuse(sched: &Scheduler, names: &Names, dead: &Channel, m: &ResultMessage, why: &Refusal) -> bool {
+    sched.metrics.results_refused.with_label_values(&[why.label()]).inc();
+    let reason = format!("result refused ({}): {why}", why.label());
+    tracing::warn!(job_id = m.job.job_id, attempt = m.job.attempt, worker = m.worker, reason, "refusing a result");
+    // Serializing this plain struct cannot fail.
+    let body = serde_json::to_vec(m).unwrap_or_default();
+    let props = amqp::properties(RESULT_TYPE, &format!("{}:{}", m.job.job_id, m.job.attempt));
+    dead_letter(dead, names, &body, &props, &reason).await
+}
+
+/// Dead-letters a message with `reason`; `false` when the broker did not take it.
+async fn dead_letter(dead: &Channel, names: &Names, body: &[u8], props: &BasicProperties, reason: &str) -> bool {
+    match amqp::dead_letter(dead, names, body, props, reason, None).await {
+        Ok(()) => true,
+        Err(PublishError::Broker(e)) => {
+            tracing::error!(error = %e, "cannot dead-letter a refused message");
+            false
+        }
+        Err(PublishError::Nacked) => false,
+    }
+}
+
+/// Settles the job of every job message dead-lettered ([`Names::dead_watch_queue`]), so none
+/// stays `dispatched` waiting for a render that will not come. A worker's refusal (its reason in
+/// `x-kiln-reason`: a request outside its limits, a message it cannot read), signed with a
+/// worker token over the reason and the body, fails the job with that reason (unsigned, it is
+/// counted and ignored); the broker's own dead letters (`x-death`: expired, over a queue's length) are
+/// failures that may pass, under the retry policy. A message of an attempt no longer open, and
+/// every other kind, is only acked: the operator's copy stays in [`Names::dead_queue`].
+async fn watch_dead_letters(sched: &Arc<Scheduler>, names: &Names, ch: &Channel) -> anyhow::Result<()> {
+    let mut consumer = ch
+        .basic_consume(
+            names.dead_watch_queue().into(),
+            "kiln-scheduler-dead".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    while let Some(d) = consumer.next().await {
+        let d = d?;
+        let done = match undelivered(&d) {
+            Some(u) if u.cause == WORKER_REFUSED => {
+                let payload = amqp::dead_letter_payload(&u.said, &d.data);
+                match sched.signed_by(&payload, amqp::signature(&d)).await {
+                    Ok(_) => settle_dead_job(sched, u).await,
+                    Err(why) => {
+                        sched.metrics.bad_messages.with_label_values(&["dead_letter"]).inc();
+                        tracing::warn!(
+                            job_id = u.msg.job_id,
+                            why,
+                            "ignoring a worker's refusal no worker token signed"
+                        );
+                        true
+                    }
+                }
+            }
+            Some(u) => settle_dead_job(sched, u).await,
+            None => true,
+        };
+        if done {
+            d.ack(BasicAckOptions::default()).await?;
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            d.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
+        }
+    }
+    anyhow::bail!("the dead-letter consumer was closed")
+}
+
+/// A dead-lettered job message, why it died, and whether that may pass; `None` for any other
+/// message.
+fn undelivered(d: &lapin::message::Delivery) -> Option<Undelivered> {
+    if d.properties.kind().as_ref().is_some_and(|k| k.as_str() != JOB_TYPE) {
+        return None;
+    }
+    let msg: JobMessage = serde_json::from_slice(&d.data).ok()?;
+    let headers = d.properties.headers().clone().unwrap_or_default();
+    let text = |v: &AMQPValue| match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    if let Some(reason) = headers.inner().get(REASON_HEADER).and_then(text) {
+        let said = reason.clone();
+        let reason = format!("refused by a worker: {reason}");
+        return Some(Undelivered { msg, reason, said, cause: WORKER_REFUSED.into(), transient: false });
+    }
+    // The broker's own: the newest `x-death` entry says why.
+    let death = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|e| match e {
+            AMQPValue::FieldTable(t) => t.inner().get("reason").and_then(text),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let cause = death.unwrap_or_else(|| "unknown".into());
+    let transient = matches!(cause.as_str(), "expired" | "maxlen");
+    let reason = format!("the broker dropped the job's message ({cause})");
+    Some(Undelivered { msg, reason, said: String::new(), cause, transient })
+}
+
+/// The cause of a dead letter a worker made.
+const WORKER_REFUSED: &str = "worker_refused";
+
+/// A job message that came back dead-lettered.
+struct Undelivered {
+    msg: JobMessage,
+    /// Why, for the job's error.
+    reason: String,
+    /// The worker's own words (its `x-kiln-reason`), which its signature covers.
+    said: String,
+    /// The metric's label: `worker_refused`, or the broker's `x-death` reason.
+    cause: String,
+    /// Whether another attempt may fare better.
+    transient: bool,
+}
+
+/// Ends the attempt of a dead job message, if it is still open; `false` when the store failed.
+async fn settle_dead_job(sched: &Scheduler, u: Undelivered) -> bool {
+    let msg = &u.msg;
+    let job = match sched.store.job(&msg.job_id).await {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!(job_id = msg.job_id, error = %e, "cannot read a dead-lettered job");
+            return false;
+        }
+    };
+    let Ok(attempt) = open_attempt(job.as_ref(), msg) else { return true };
+    tracing::warn!(job_id = msg.job_id, attempt = msg.attempt, reason = u.reason, "a job's message was dead-lettered");
+    if sched.settle_undelivered(&attempt, u.reason, u.transient).await == Settled::Again {
+        return false;
+    }
+    sched.metrics.undelivered.with_label_values(&[&u.cause]).inc();
+    true
 }
 
 async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel) -> anyhow::Result<()> {
@@ -306,6 +461,11 @@ async fn consume_heartbeats(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
         };
         let Some(d) = d else { anyhow::bail!("the heartbeat consumer was closed") };
         let d = d?;
+        if let Err(why) = sched.signed_by(&d.data, amqp::signature(&d)).await {
+            sched.metrics.bad_messages.with_label_values(&["heartbeat"]).inc();
+            tracing::warn!(why, "ignoring an unproven heartbeat");
+            continue;
+        }
         match amqp::decode::<Heartbeat>(&d, HEARTBEAT_TYPE) {
             Ok(hb) => sched.registry.heard(hb, now_ms()),
             Err(e) => {

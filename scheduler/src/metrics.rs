@@ -26,6 +26,12 @@ pub const ATTEMPTS: &str = "kiln_render_attempts_total";
 pub const RELAYED: &str = "kiln_relay_messages_total";
 /// Broker messages refused by the scheduler, by kind (result, heartbeat).
 pub const BAD_MESSAGES: &str = "kiln_scheduler_bad_messages_total";
+/// Results that decoded but were refused before anything was recorded, by reason (see
+/// [`crate::results::Refusal`]); each is dead-lettered with its reason.
+pub const RESULTS_REFUSED: &str = "kiln_scheduler_results_refused_total";
+/// Job messages that came back dead-lettered while their attempt was open, by cause
+/// (`worker_refused`, or the broker's: `expired`, `maxlen`, `rejected`, `delivery_limit`).
+pub const UNDELIVERED: &str = "kiln_scheduler_jobs_undelivered_total";
 /// Jobs quarantined for failing on too many distinct workers.
 pub const QUARANTINED: &str = "kiln_jobs_quarantined_total";
 /// Workers drained for failing too many distinct jobs.
@@ -69,6 +75,10 @@ pub struct Metrics {
     pub relayed: IntCounter,
     /// [`BAD_MESSAGES`].
     pub bad_messages: IntCounterVec,
+    /// [`RESULTS_REFUSED`].
+    pub results_refused: IntCounterVec,
+    /// [`UNDELIVERED`].
+    pub undelivered: IntCounterVec,
     /// [`QUARANTINED`].
     pub jobs_quarantined: IntCounter,
     /// [`DRAINED`].
@@ -123,6 +133,14 @@ impl Metrics {
         let relayed = IntCounter::new(RELAYED, "Outbox messages confirmed by the broker").expect("valid metric");
         let bad_messages =
             IntCounterVec::new(Opts::new(BAD_MESSAGES, "Broker messages refused"), &["kind"]).expect("valid metric");
+        let results_refused =
+            IntCounterVec::new(Opts::new(RESULTS_REFUSED, "Worker results refused unrecorded"), &["reason"])
+                .expect("valid metric");
+        let undelivered = IntCounterVec::new(
+            Opts::new(UNDELIVERED, "Job messages dead-lettered while their attempt was open"),
+            &["cause"],
+        )
+        .expect("valid metric");
         let jobs_quarantined = IntCounter::new(QUARANTINED, "Jobs quarantined (failed on too many distinct workers)")
             .expect("valid metric");
         let workers_drained =
@@ -164,6 +182,8 @@ impl Metrics {
                 Box::new(attempts.clone()),
                 Box::new(relayed.clone()),
                 Box::new(bad_messages.clone()),
+                Box::new(results_refused.clone()),
+                Box::new(undelivered.clone()),
                 Box::new(jobs_quarantined.clone()),
                 Box::new(workers_drained.clone()),
                 Box::new(workers.clone()),
@@ -191,6 +211,8 @@ impl Metrics {
             attempts,
             relayed,
             bad_messages,
+            results_refused,
+            undelivered,
             jobs_quarantined,
             workers_drained,
             workers,

@@ -4,14 +4,113 @@
 //! I/O), and the one path that records it all ([`Scheduler::settle`]). Their spans (level
 //! `debug`, as every per-job line) carry the job, the attempt and the worker.
 
-use kiln_protocol::now_ms;
-use kiln_protocol::wire::{AttemptOutcome, ResultMessage};
+use kiln_protocol::wire::{AttemptOutcome, JobMessage, ResultMessage};
+use kiln_protocol::{JobState, now_ms};
 use kiln_worker::render::{THUMB_SIDE, own_thumbnail};
 
 use crate::config::BrokerConfig;
 use crate::retry::Decision;
 use crate::scheduler::Scheduler;
-use crate::store::{AttemptFailure, Dispatch, DrainedWorker, FailureTally, Outcome, StoreError};
+use crate::store::writer::refused_by_database;
+use crate::store::{AttemptFailure, Dispatch, DrainedWorker, FailureTally, Job, Outcome, StoreError};
+
+/// Why a result from the broker is refused before anything of it is recorded. Each is counted
+/// (`kiln_scheduler_results_refused_total{reason}`) and the result dead-lettered with the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// It names a job this scheduler does not have.
+    UnknownJob(String),
+    /// The attempt it answers is not one this scheduler handed out and has not closed.
+    AttemptNotOpen(String),
+    /// It answers the job with another cache key, client or request than the job's own.
+    NotItsRequest(String),
+    /// Its sender is not a registered worker, or it does not prove it is.
+    Unproven(String),
+    /// The store refused to record it (a value the database does not take).
+    StoreRefused(String),
+}
+
+impl Refusal {
+    /// Its label in the metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::UnknownJob(_) => "unknown_job",
+            Refusal::AttemptNotOpen(_) => "attempt_not_open",
+            Refusal::NotItsRequest(_) => "not_its_request",
+            Refusal::Unproven(_) => "unproven",
+            Refusal::StoreRefused(_) => "store_refused",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::UnknownJob(s)
+            | Refusal::AttemptNotOpen(s)
+            | Refusal::NotItsRequest(s)
+            | Refusal::Unproven(s)
+            | Refusal::StoreRefused(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The attempt a result answers, as the scheduler handed it out: `job` as stored (`None`: there
+/// is no such job) must be the one the message names, with the same cache key, client and
+/// request, and the attempt must be the job's current one (it started), or the next while the
+/// job is `dispatched`, or `queued` with its message published but not yet marked sent (a
+/// result may overtake the relay's mark, and a whole attempt is reported at once).
+/// A result for the current attempt of a job that has ended since is let through: recording it
+/// again changes nothing (at-least-once delivery repeats results), and an asset it made is kept.
+pub fn open_attempt(job: Option<&Job>, m: &JobMessage) -> Result<Dispatch, Refusal> {
+    let Some(job) = job else {
+        return Err(Refusal::UnknownJob(format!("there is no job {}", m.job_id)));
+    };
+    // A job's `attempt` counts the attempts started: one handed out and not yet started is the
+    // next one.
+    let current = m.attempt == job.attempt && job.attempt > 0;
+    let next = m.attempt == job.attempt + 1
+        && matches!(job.state, JobState::Queued | JobState::Dispatched)
+        && job.follows.is_none();
+    if !(current || next) {
+        return Err(Refusal::AttemptNotOpen(format!(
+            "attempt {} of job {} is not open: the job is {} at attempt {}",
+            m.attempt, job.id, job.state, job.attempt
+        )));
+    }
+    let differs = if m.cache_key != job.cache_key {
+        Some("cache key")
+    } else if m.client != job.client {
+        Some("client")
+    } else if m.request != job.request {
+        Some("request")
+    } else {
+        None
+    };
+    if let Some(what) = differs {
+        return Err(Refusal::NotItsRequest(format!("the result's {what} is not job {}'s", job.id)));
+    }
+    Ok(Dispatch {
+        job_id: job.id.clone(),
+        tier: job.tier,
+        client: job.client.clone(),
+        attempt: m.attempt,
+        request: job.request.clone(),
+        cache_key: job.cache_key.clone(),
+        created_ms: job.created_ms,
+    })
+}
+
+/// How [`Scheduler::settle`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// Recorded (or a repeat that changed nothing).
+    Recorded,
+    /// The store failed: try again later (recording is idempotent by job and attempt).
+    Again,
+    /// The store refused it for good: trying again would fail again.
+    Refused(String),
+}
 
 /// How an attempt ended, as its worker says (before the scheduler's rules weigh it).
 #[derive(Debug, Clone)]
@@ -81,6 +180,12 @@ pub fn judge(tally: &FailureTally, rules: &BrokerConfig, job_id: &str, error: &s
     Verdict { quarantine, drain }
 }
 
+impl Settled {
+    fn of(e: StoreError) -> Settled {
+        if refused_by_database(&e) { Settled::Refused(format!("the store refused it: {e}")) } else { Settled::Again }
+    }
+}
+
 impl Scheduler {
     /// What a failed attempt leads to under the retry policy: a retry after a backoff with
     /// jitter, or giving up.
@@ -130,11 +235,12 @@ impl Scheduler {
 
     /// Records an attempt's end, whichever worker made it: a failure under the retry policy and
     /// the quarantine and drain rules, then the outcome in one write (the job moves to `running`
-    /// first if its start was not written). `false` when the store failed: the caller tries again
-    /// later (recording is idempotent by job and attempt). A repeat of an end already recorded,
-    /// or of a stale attempt, changes nothing.
+    /// first if its start was not written). [`Settled::Again`] when the store failed: the caller
+    /// tries again later (recording is idempotent by job and attempt); [`Settled::Refused`] when
+    /// the database refused the write itself, which would fail again. A repeat of an end
+    /// already recorded, or of a stale attempt, changes nothing.
     #[tracing::instrument(level = "debug", skip_all, fields(job_id = %r.d.job_id, attempt = r.d.attempt, worker = %r.worker))]
-    pub async fn settle(&self, r: &Report) -> bool {
+    pub async fn settle(&self, r: &Report) -> Settled {
         let mut outcome = match &r.ended {
             Ended::Succeeded { asset, bytes, provenance, png } => Outcome::Succeeded {
                 asset: asset.clone(),
@@ -150,29 +256,45 @@ impl Scheduler {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::error!(job_id = r.d.job_id, error = %e, "cannot record a failed attempt");
-                    return false;
+                    return Settled::of(e);
                 }
             }
         }
+        self.record_outcome(&r.d, r.started_ms, outcome).await
+    }
+
+    /// Writes an attempt's outcome, counts it, tells listeners and, for a retry, wakes the
+    /// dispatcher.
+    async fn record_outcome(&self, d: &Dispatch, started_ms: i64, outcome: Outcome) -> Settled {
         let retry = matches!(outcome, Outcome::Retry { .. });
         let label = outcome.label();
-        match self.store.record(&r.d, r.started_ms, outcome, now_ms()).await {
+        match self.store.record(d, started_ms, outcome, now_ms()).await {
             Ok(events) => {
                 // Nothing written: a repeat of an end already recorded (or a stale attempt).
                 if !events.is_empty() {
-                    self.metrics.attempts.with_label_values(&[r.d.tier.as_str(), label]).inc();
+                    self.metrics.attempts.with_label_values(&[d.tier.as_str(), label]).inc();
                 }
                 self.publish(events);
                 if retry {
                     self.dispatch_wake.notify_one();
                 }
-                true
+                Settled::Recorded
             }
             Err(e) => {
-                tracing::error!(job_id = r.d.job_id, error = %e, "cannot record a result");
-                false
+                tracing::error!(job_id = d.job_id, error = %e, "cannot record an attempt's end");
+                Settled::of(e)
             }
         }
+    }
+
+    /// Ends attempt `d` whose message never reached a render: a worker refused it, or the broker
+    /// dropped it (expired, over a length or delivery limit). Under the retry policy when the
+    /// cause may pass (`transient`), failed at once otherwise; no worker is weighed for it. The
+    /// jobs attached to it follow its end.
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = %d.job_id, attempt = d.attempt))]
+    pub async fn settle_undelivered(&self, d: &Dispatch, reason: String, transient: bool) -> Settled {
+        let outcome = self.retry_or_fail(d, reason, transient);
+        self.record_outcome(d, now_ms(), outcome).await
     }
 
     /// A result from a worker over the broker, as a [`Report`] to settle: what it says, unless it
@@ -303,5 +425,116 @@ mod tests {
     fn one_failure_can_both_quarantine_the_job_and_drain_the_worker() {
         let v = judge(&tally(&["a", "b"], 2), &rules(2, 2), "j1", "boom");
         assert!(v.quarantine.is_some() && v.drain.is_some(), "{v:?}");
+    }
+
+    fn job(state: JobState, attempt: u32) -> Job {
+        let request = kiln_protocol::RenderRequest::resolve(
+            "cppn",
+            "a kiln",
+            7,
+            kiln_protocol::Tier::Preview,
+            Some(16),
+            None,
+            None,
+            &kiln_protocol::TierLimits::default(),
+        )
+        .unwrap();
+        Job {
+            id: "j1".into(),
+            state,
+            tier: request.tier,
+            request,
+            cache_key: "k1".into(),
+            client: "alice".into(),
+            idempotency_key: None,
+            follows: None,
+            attempt,
+            asset: None,
+            error: None,
+            created_ms: 1,
+            updated_ms: 1,
+            started_ms: None,
+            finished_ms: None,
+        }
+    }
+
+    fn answering(j: &Job, attempt: u32) -> JobMessage {
+        JobMessage {
+            v: kiln_protocol::wire::SCHEMA_VERSION,
+            job_id: j.id.clone(),
+            attempt,
+            client: j.client.clone(),
+            cache_key: j.cache_key.clone(),
+            created_ms: j.created_ms,
+            request: j.request.clone(),
+        }
+    }
+
+    #[test]
+    fn a_result_answers_only_the_attempt_handed_out_and_not_yet_superseded() {
+        use JobState::*;
+        // (job state, job attempt, result's attempt, let through)
+        let cases = [
+            (Dispatched, 0, 1, true),
+            (Dispatched, 1, 2, true), // a retry, handed out
+            (Running, 2, 2, true),
+            (Queued, 0, 1, true),    // published, not yet marked sent
+            (Queued, 1, 2, true),    // a retry's message, published, not yet marked
+            (Succeeded, 1, 1, true), // a repeat: recording it again changes nothing
+            (Cancelled, 1, 1, true), // its asset is still kept
+            (Queued, 0, 0, false),
+            (Queued, 0, 2, false),
+            (Dispatched, 0, 2, false), // never handed out
+            (Running, 2, 1, false),    // stale: a later attempt is out
+            (Running, 1, 2, false),
+            (Succeeded, 1, 2, false),
+            (Failed, 3, 4, false),
+        ];
+        for (state, at, attempt, through) in cases {
+            let j = job(state, at);
+            let got = open_attempt(Some(&j), &answering(&j, attempt));
+            match (&got, through) {
+                (Ok(d), true) => assert_eq!((d.attempt, d.cache_key.as_str()), (attempt, "k1")),
+                (Err(Refusal::AttemptNotOpen(why)), false) => {
+                    assert!(why.starts_with(&format!("attempt {attempt} of job j1 is not open")), "{why}")
+                }
+                _ => panic!("{state} at attempt {at}, result for {attempt}: {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_result_for_a_job_attached_to_another_or_unknown_is_refused() {
+        let mut j = job(JobState::Queued, 0);
+        j.follows = Some("j0".into());
+        assert!(matches!(open_attempt(Some(&j), &answering(&j, 1)), Err(Refusal::AttemptNotOpen(_))));
+        let got = open_attempt(None, &answering(&j, 1));
+        assert_eq!(got, Err(Refusal::UnknownJob("there is no job j1".into())));
+    }
+
+    #[test]
+    fn a_result_carrying_another_key_client_or_request_is_refused_naming_what_differs() {
+        let j = job(JobState::Running, 1);
+        let mut m = answering(&j, 1);
+        m.cache_key = "forged".into();
+        assert_eq!(
+            open_attempt(Some(&j), &m),
+            Err(Refusal::NotItsRequest("the result's cache key is not job j1's".into()))
+        );
+        let mut m = answering(&j, 1);
+        m.client = "mallory".into();
+        assert_eq!(
+            open_attempt(Some(&j), &m),
+            Err(Refusal::NotItsRequest("the result's client is not job j1's".into()))
+        );
+        let mut m = answering(&j, 1);
+        m.request.seed += 1;
+        assert_eq!(
+            open_attempt(Some(&j), &m),
+            Err(Refusal::NotItsRequest("the result's request is not job j1's".into()))
+        );
+        // The dispatch is the job's own, not the message's.
+        let d = open_attempt(Some(&j), &answering(&j, 1)).unwrap();
+        assert_eq!((d.client.as_str(), d.created_ms), ("alice", 1));
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use kiln_protocol::now_ms;
+use kiln_protocol::wire::MessageKey;
 use kiln_protocol::{JobRequest, JobState, RenderRequest, RequestError};
 use kiln_worker::engine::cppn::MODEL_ID;
 use kiln_worker::prng::Rng;
@@ -158,6 +159,10 @@ pub struct Scheduler {
     reads: JobReads,
     waiters: Arc<Waiters>,
     tokens: RwLock<HashMap<String, Caller>>,
+    /// The worker tokens' message keys by signer id (see [`MessageKey`]), with the token's name.
+    signers: RwLock<HashMap<String, (String, MessageKey)>>,
+    /// When the tokens were last read on account of an unknown signer (at most once a second).
+    signers_read: Mutex<Option<std::time::Instant>>,
     pub(crate) dispatch_wake: Notify,
     /// Wakes the fleet bridge's sender (a task was created, a device came back).
     pub fleet_wake: Notify,
@@ -185,6 +190,8 @@ impl Scheduler {
             live,
             waiters: Arc::default(),
             tokens: RwLock::new(HashMap::new()),
+            signers: RwLock::new(HashMap::new()),
+            signers_read: Mutex::new(None),
             dispatch_wake: Notify::new(),
             fleet_wake: Notify::new(),
             rng: Mutex::new(Rng::new(seed)),
@@ -230,9 +237,50 @@ impl Scheduler {
 
     async fn reload_tokens(&self) -> Result<(), StoreError> {
         let rows = self.store.tokens().await?;
+        let signers = rows
+            .iter()
+            .filter(|t| t.role == Role::Worker)
+            .map(|t| {
+                let key = MessageKey::from_token_hash(&t.token_hash);
+                (key.signer().to_owned(), (t.name.clone(), key))
+            })
+            .collect();
         let map = rows.into_iter().map(|t| (t.token_hash, Caller { name: t.name, role: t.role })).collect();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        *self.signers.write().unwrap_or_else(|p| p.into_inner()) = signers;
         Ok(())
+    }
+
+    /// The name of the worker token that signed `body` (`signature`: the signer and MAC headers
+    /// it came with), or why it is not proven. An unknown signer makes the tokens be read again
+    /// (a token made on another node), at most once a second.
+    pub async fn signed_by(&self, body: &[u8], signature: Option<(String, String)>) -> Result<String, String> {
+        let Some((signer, mac)) = signature else {
+            return Err("it is not signed: a worker signs its results and heartbeats with its token".into());
+        };
+        let known = |s: &Self| s.signers.read().unwrap_or_else(|p| p.into_inner()).get(&signer).cloned();
+        let found = match known(self) {
+            Some(k) => Some(k),
+            None => {
+                let due = {
+                    let mut last = self.signers_read.lock().unwrap_or_else(|p| p.into_inner());
+                    let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                    if due {
+                        *last = Some(std::time::Instant::now());
+                    }
+                    due
+                };
+                if due && let Err(e) = self.reload_tokens().await {
+                    tracing::warn!(error = %e, "cannot read the tokens to check a signer");
+                }
+                known(self)
+            }
+        };
+        match found {
+            None => Err(format!("signer {signer} is no worker token of this farm (or its token was revoked)")),
+            Some((name, key)) if key.verify(body, &mac) => Ok(name),
+            Some((name, _)) => Err(format!("its MAC does not match its body (signer: worker token {name:?})")),
+        }
     }
 
     /// Who a bearer token belongs to.

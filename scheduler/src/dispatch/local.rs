@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::queue::JobQueue;
 use super::{Dispatch, DispatchError, Marker};
-use crate::results::{Ended, Report};
+use crate::results::{Ended, Report, Settled};
 use crate::scheduler::{Live, Scheduler};
 use crate::store::{BoxFut, Dispatch as Job, Due, Outgoing, Pending};
 
@@ -177,14 +177,20 @@ async fn render(sched: &Arc<Scheduler>, worker: &str, job: &Job) -> Ended {
 }
 
 /// Settles an in-process attempt, trying the store a few times before leaving the job to the
-/// next start (it stays `dispatched` or `running`, and is queued again then).
+/// next start (it stays `dispatched` or `running`, and is queued again then). An end the store
+/// refuses outright is not tried again; the job is queued again at the next start.
 async fn settle(sched: &Scheduler, report: &Report) {
     for wait_ms in [0, 100, 1000, 5000] {
         if wait_ms > 0 {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         }
-        if sched.settle(report).await {
-            return;
+        match sched.settle(report).await {
+            Settled::Recorded => return,
+            Settled::Again => {}
+            Settled::Refused(why) => {
+                tracing::error!(job_id = report.d.job_id, why, "the store refused an attempt's end");
+                return;
+            }
         }
     }
 }

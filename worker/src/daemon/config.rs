@@ -23,7 +23,7 @@ pub struct RunConfig {
     pub concurrency: usize,
     /// The scheduler's URL, for asset uploads [env KILN_SCHEDULER_URL].
     pub scheduler_url: String,
-    /// A `worker` token for the uploads [env KILN_WORKER_TOKEN]; never printed.
+    /// A `worker` token [env KILN_WORKER_TOKEN]: it signs the results and heartbeats and uploads the assets; never printed.
     #[serde(skip_serializing)]
     pub token: Option<String>,
     /// The asset folder is shared with the scheduler (no upload) [env KILN_SHARED_ASSETS].
@@ -136,11 +136,8 @@ impl RunConfig {
         if self.heartbeat_seconds == 0 {
             return bad("run.heartbeat_seconds", "must be at least 1".into());
         }
-        if !self.shared_assets && self.token.is_none() {
-            return bad(
-                "run.token",
-                "a worker token is needed to upload assets (KILN_WORKER_TOKEN; make one with `kiln token create --role worker NAME`), or set run.shared_assets".into(),
-            );
+        if self.token.is_none() {
+            return bad("run.token", TOKEN_NEEDED.into());
         }
         Ok(())
     }
@@ -150,6 +147,9 @@ impl RunConfig {
         self.worker_id.clone().unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()))
     }
 }
+
+/// Why a worker needs its token.
+pub const TOKEN_NEEDED: &str = "a worker token is needed: it signs this worker's results and heartbeats, which the scheduler takes from no one else, and uploads its assets (KILN_WORKER_TOKEN; make one with `kiln token create --role worker --name NAME`)";
 
 /// The most `run.inline_asset_bytes` may be: what a render holds in memory before it writes
 /// the PNG to a file. A full result batch of such assets is about 11 MiB.
@@ -187,5 +187,13 @@ mod tests {
         assert!(e.contains("heartbeat_seconds") && e.contains("at least 1"), "{e}");
         let e = run.apply_env(&env(&[("KILN_HEARTBEAT_SECONDS", "often")])).unwrap_err().to_string();
         assert!(e.contains("KILN_HEARTBEAT_SECONDS"), "{e}");
+    }
+
+    #[test]
+    fn a_worker_needs_its_token_even_with_a_shared_asset_store() {
+        let mut run = RunConfig { shared_assets: true, ..RunConfig::default() };
+        let e = run.apply_env(&env(&[])).unwrap_err().to_string();
+        assert!(e.contains("run.token") && e.contains("signs this worker's results"), "{e}");
+        run.apply_env(&env(&[("KILN_WORKER_TOKEN", "kiln_x")])).unwrap();
     }
 }

@@ -94,7 +94,8 @@ impl Daemon {
             every_ms: Some(self.cfg.heartbeat_seconds.saturating_mul(1000)),
         };
         let body = serde_json::to_vec(&hb).unwrap_or_default();
-        let props = amqp::properties(HEARTBEAT_TYPE, &format!("{}:{}", self.id, hb.at_ms));
+        let props =
+            amqp::signed(amqp::properties(HEARTBEAT_TYPE, &format!("{}:{}", self.id, hb.at_ms)), &self.key, &body);
         if let Err(e) = amqp::publish_confirmed(publ, "", &self.names.heartbeats_queue(), &body, props).await {
             tracing::warn!(error = %e, "cannot send a heartbeat");
         }

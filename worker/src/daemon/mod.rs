@@ -31,7 +31,7 @@ use futures_util::StreamExt;
 use kiln_common::amqp;
 use kiln_common::client::{Client, Secret};
 use kiln_common::host_name;
-use kiln_protocol::wire::{self, AttemptOutcome, JOB_TYPE, JobMessage, Names, ResultMessage};
+use kiln_protocol::wire::{self, AttemptOutcome, JOB_TYPE, JobMessage, MessageKey, Names, ResultMessage};
 use kiln_protocol::{RenderRequest, now_ms};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -54,6 +54,8 @@ struct Daemon {
     id: String,
     host: String,
     upload: Option<Client>,
+    /// What its results and heartbeats are signed with (from its worker token).
+    key: MessageKey,
     in_flight: AtomicU32,
     draining: AtomicBool,
     /// Whether a broker session is up.
@@ -72,8 +74,11 @@ enum Ended {
 
 /// Runs the daemon until `stop` fires, then drains.
 pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -> anyhow::Result<()> {
-    let upload = (!cfg.shared_assets).then(|| Client::new(&cfg.scheduler_url, cfg.token.clone().map(Secret::new)));
+    let Some(token) = cfg.token.clone() else { anyhow::bail!("run.token: {}", config::TOKEN_NEEDED) };
+    let key = MessageKey::from_token(&token);
+    let upload = (!cfg.shared_assets).then(|| Client::new(&cfg.scheduler_url, Some(Secret::new(token))));
     let d = Arc::new(Daemon {
+        key,
         names: Names::new(&cfg.amqp_prefix),
         id: cfg.id(),
         host: host_name(),
@@ -192,8 +197,13 @@ impl Daemon {
             consumers.into_iter().enumerate().map(|(ch, c)| c.map(move |d| d.map(|d| (ch, d)))),
         );
         let (settler, settling) = Settler::start(channels.len(), self.worker.metrics.clone());
-        let (results, publisher) =
-            Results::start(publ.clone(), self.names.results_queue(), settler.clone(), self.worker.metrics.clone());
+        let (results, publisher) = Results::start(
+            publ.clone(),
+            self.names.results_queue(),
+            self.key.clone(),
+            settler.clone(),
+            self.worker.metrics.clone(),
+        );
         let slots = Arc::new(Semaphore::new(self.cfg.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         let ended = loop {
@@ -302,7 +312,15 @@ impl Daemon {
             Err(reason) => {
                 self.worker.metrics.bad_messages.inc();
                 tracing::warn!(reason, routing_key = %delivery.routing_key, "dead-lettering a bad job message");
-                let dl = amqp::dead_letter(publ, &self.names, &delivery.data, &delivery.properties, &reason).await;
+                let dl = amqp::dead_letter(
+                    publ,
+                    &self.names,
+                    &delivery.data,
+                    &delivery.properties,
+                    &reason,
+                    Some(&self.key),
+                )
+                .await;
                 match dl {
                     Ok(()) => settler.ack(vec![settle()]),
                     // Not lost: back to the queue until the dead-letter exchange takes it.

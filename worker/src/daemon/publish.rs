@@ -2,7 +2,7 @@
 //! deliveries are acked together once the broker has confirmed it.
 
 use kiln_common::amqp;
-use kiln_protocol::wire::{self, AttemptOutcome, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage};
+use kiln_protocol::wire::{self, AttemptOutcome, MessageKey, RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage};
 use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,6 +57,7 @@ impl Results {
     pub(super) fn start(
         publ: Channel,
         queue: String,
+        key: MessageKey,
         settler: Settler,
         metrics: Metrics,
     ) -> (Results, tokio::task::JoinHandle<()>) {
@@ -73,7 +74,7 @@ impl Results {
                     deliveries.push(d);
                     replies.push(reply);
                 }
-                let sent = publish_results(&publ, &queue, results).await.map_err(|e| e.to_string());
+                let sent = publish_results(&publ, &queue, &key, results).await.map_err(|e| e.to_string());
                 if sent.is_ok() {
                     metrics.result_messages.inc();
                     metrics.results.inc_by(n);
@@ -106,6 +107,7 @@ pub(super) fn result_id(r: &ResultMessage) -> String {
 pub(super) async fn publish_results(
     publ: &Channel,
     queue: &str,
+    key: &MessageKey,
     mut results: Vec<ResultMessage>,
 ) -> Result<(), amqp::PublishError> {
     let (kind, id, body) = match results.len() {
@@ -120,7 +122,8 @@ pub(super) async fn publish_results(
     };
     // Serializing these plain structs cannot fail; an empty body would be dead-lettered, not lost.
     let body = body.unwrap_or_default();
-    amqp::publish_confirmed(publ, "", queue, &body, amqp::properties(kind, &id)).await
+    let props = amqp::signed(amqp::properties(kind, &id), key, &body);
+    amqp::publish_confirmed(publ, "", queue, &body, props).await
 }
 
 #[cfg(test)]
