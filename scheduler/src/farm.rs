@@ -170,6 +170,7 @@ impl Farm {
             tracker.spawn(async move { run_outbox(&s, &*q, &st).await });
             for n in 0..sched.cfg.workers {
                 let tiers = sched.cfg.worker_tiers.clone();
+                local::join(&sched, n, &tiers);
                 tracker.spawn(local::run_worker(sched.clone(), queue.clone(), n, tiers, stop.clone()));
             }
         }

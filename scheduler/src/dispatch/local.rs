@@ -76,6 +76,28 @@ impl Dispatch for LocalQueue {
     }
 }
 
+/// Puts in-process worker `n` in the registry, before the farm answers its first request (so
+/// `GET /v1/workers` lists it from the start).
+pub fn join(sched: &Scheduler, n: usize, tiers: &[Tier]) {
+    let engine = sched.worker.engine();
+    sched.registry.join_local(Heartbeat {
+        v: wire::SCHEMA_VERSION,
+        worker_id: worker_id(n),
+        host: kiln_common::host_name(),
+        backend: engine.backend.name().to_owned(),
+        adapter: engine.backend.device_name(),
+        memory_bytes: None,
+        models: vec![kiln_worker::engine::cppn::MODEL_ID.to_owned()],
+        tiers: tiers.to_vec(),
+        in_flight: 0,
+        concurrency: 1,
+        draining: false,
+        drained: None,
+        at_ms: now_ms(),
+        every_ms: None,
+    });
+}
+
 /// One in-process worker, the `n`th: takes jobs of `tiers` from `queue` until cancelled, finishing
 /// the one in hand, and takes none while it is drained. A render's small PNG is recorded while
 /// the worker renders the next (its share of [`FINISHING_PER_FARM`] at once). Those it has begun
@@ -88,23 +110,6 @@ pub async fn run_worker(
     stop: CancellationToken,
 ) {
     let id = worker_id(n);
-    let engine = sched.worker.engine();
-    sched.registry.join_local(Heartbeat {
-        v: wire::SCHEMA_VERSION,
-        worker_id: id.clone(),
-        host: kiln_common::host_name(),
-        backend: engine.backend.name().to_owned(),
-        adapter: engine.backend.device_name(),
-        memory_bytes: None,
-        models: vec![kiln_worker::engine::cppn::MODEL_ID.to_owned()],
-        tiers: tiers.clone(),
-        in_flight: 0,
-        concurrency: 1,
-        draining: false,
-        drained: None,
-        at_ms: now_ms(),
-        every_ms: None,
-    });
     let mut finishing = tokio::task::JoinSet::new();
     let most = (FINISHING_PER_FARM / sched.cfg.workers.max(1)).max(1);
     loop {
