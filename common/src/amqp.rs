@@ -149,11 +149,17 @@ pub fn signed(props: BasicProperties, key: &MessageKey, body: &[u8]) -> BasicPro
 /// The signer and MAC a delivery carries (see [`signed`]), where it has both.
 pub fn signature(d: &lapin::message::Delivery) -> Option<(String, String)> {
     let headers = d.properties.headers().as_ref()?;
-    let get = |name: &str| match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        _ => None,
-    };
+    let get = |name: &str| headers.inner().get(name).and_then(text_of);
     Some((get(SIGNER_HEADER)?, get(MAC_HEADER)?))
+}
+
+/// A header value as text, where it is a string.
+pub fn text_of(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 /// Publishes and waits for the broker's confirm; an error unless the broker acked it.

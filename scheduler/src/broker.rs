@@ -270,12 +270,8 @@ async fn record_delivery(
     jobs: &HashMap<String, Job>,
 ) -> bool {
     if let Err(why) = sched.signed_by(&d.data, amqp::signature(d)).await {
-        let why = Refusal::Unproven(why);
         let n = read.map_or(1, <[ResultMessage]>::len) as u64;
-        sched.metrics.results_refused.with_label_values(&[why.label()]).inc_by(n);
-        let reason = format!("result refused ({}): {why}", why.label());
-        tracing::warn!(reason, "refusing a result message");
-        return dead_letter(dead, names, &d.data, &d.properties, &reason).await;
+        return refuse(sched, names, dead, &Refusal::Unproven(why), n, &d.data, &d.properties).await;
     }
     let results = match read {
         Ok(r) => r,
@@ -302,21 +298,29 @@ async fn record_delivery(
                 }
             },
         };
-        refuse(sched, names, dead, m, &refusal).await
+        // Serializing this plain struct cannot fail.
+        let body = serde_json::to_vec(m).unwrap_or_default();
+        let props = amqp::properties(RESULT_TYPE, &format!("{}:{}", m.job.job_id, m.job.attempt));
+        refuse(sched, names, dead, &refusal, 1, &body, &props).await
     }));
     recorded.await.into_iter().all(|ok| ok)
 }
 
-/// Counts a refused result and dead-letters it alone, with the reason; `false` when the broker
-/// did not take it (its message comes again).
-async fn refuse(sched: &Scheduler, names: &Names, dead: &Channel, m: &ResultMessage, why: &Refusal) -> bool {
-    sched.metrics.results_refused.with_label_values(&[why.label()]).inc();
+/// Counts `n` refused results and dead-letters the message that carries them (`body`, `props`)
+/// with the reason; `false` when the broker did not take it (it comes again).
+async fn refuse(
+    sched: &Scheduler,
+    names: &Names,
+    dead: &Channel,
+    why: &Refusal,
+    n: u64,
+    body: &[u8],
+    props: &BasicProperties,
+) -> bool {
+    sched.metrics.results_refused.with_label_values(&[why.label()]).inc_by(n);
     let reason = format!("result refused ({}): {why}", why.label());
-    tracing::warn!(job_id = m.job.job_id, attempt = m.job.attempt, worker = m.worker, reason, "refusing a result");
-    // Serializing this plain struct cannot fail.
-    let body = serde_json::to_vec(m).unwrap_or_default();
-    let props = amqp::properties(RESULT_TYPE, &format!("{}:{}", m.job.job_id, m.job.attempt));
-    dead_letter(dead, names, &body, &props, &reason).await
+    tracing::warn!(reason, "refusing a result");
+    dead_letter(dead, names, body, props, &reason).await
 }
 
 /// Dead-letters a message with `reason`; `false` when the broker did not take it.
@@ -350,22 +354,24 @@ async fn watch_dead_letters(sched: &Arc<Scheduler>, names: &Names, ch: &Channel)
     while let Some(d) = consumer.next().await {
         let d = d?;
         let done = match undelivered(&d) {
-            Some(u) if u.cause == WORKER_REFUSED => {
-                let payload = amqp::dead_letter_payload(&u.said, &d.data);
-                match sched.signed_by(&payload, amqp::signature(&d)).await {
-                    Ok(_) => settle_dead_job(sched, u).await,
-                    Err(why) => {
-                        sched.metrics.bad_messages.with_label_values(&["dead_letter"]).inc();
-                        tracing::warn!(
-                            job_id = u.msg.job_id,
-                            why,
-                            "ignoring a worker's refusal no worker token signed"
-                        );
-                        true
+            Some(u) => match &u.cause {
+                // A worker's refusal counts only when a worker token signed its words and the body.
+                Cause::Worker(said) => {
+                    match sched.signed_by(&amqp::dead_letter_payload(said, &d.data), amqp::signature(&d)).await {
+                        Ok(_) => settle_dead_job(sched, u).await,
+                        Err(why) => {
+                            sched.metrics.bad_messages.with_label_values(&["dead_letter"]).inc();
+                            tracing::warn!(
+                                job_id = u.msg.job_id,
+                                why,
+                                "ignoring a worker's refusal no worker token signed"
+                            );
+                            true
+                        }
                     }
                 }
-            }
-            Some(u) => settle_dead_job(sched, u).await,
+                Cause::Broker(_) => settle_dead_job(sched, u).await,
+            },
             None => true,
         };
         if done {
@@ -386,44 +392,56 @@ fn undelivered(d: &lapin::message::Delivery) -> Option<Undelivered> {
     }
     let msg: JobMessage = serde_json::from_slice(&d.data).ok()?;
     let headers = d.properties.headers().clone().unwrap_or_default();
-    let text = |v: &AMQPValue| match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    };
-    if let Some(reason) = headers.inner().get(REASON_HEADER).and_then(text) {
-        let said = reason.clone();
-        let reason = format!("refused by a worker: {reason}");
-        return Some(Undelivered { msg, reason, said, cause: WORKER_REFUSED.into(), transient: false });
+    if let Some(said) = headers.inner().get(REASON_HEADER).and_then(amqp::text_of) {
+        return Some(Undelivered { msg, cause: Cause::Worker(said) });
     }
     // The broker's own: the newest `x-death` entry says why.
     let death = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|e| match e {
-            AMQPValue::FieldTable(t) => t.inner().get("reason").and_then(text),
+            AMQPValue::FieldTable(t) => t.inner().get("reason").and_then(amqp::text_of),
             _ => None,
         }),
         _ => None,
     };
-    let cause = death.unwrap_or_else(|| "unknown".into());
-    let transient = matches!(cause.as_str(), "expired" | "maxlen");
-    let reason = format!("the broker dropped the job's message ({cause})");
-    Some(Undelivered { msg, reason, said: String::new(), cause, transient })
+    Some(Undelivered { msg, cause: Cause::Broker(death.unwrap_or_else(|| "unknown".into())) })
 }
 
-/// The cause of a dead letter a worker made.
-const WORKER_REFUSED: &str = "worker_refused";
-
-/// A job message that came back dead-lettered.
+/// A job message that came back dead-lettered, and why.
 struct Undelivered {
     msg: JobMessage,
+    cause: Cause,
+}
+
+/// Who dead-lettered a job message.
+enum Cause {
+    /// A worker refused it, in these words (its `x-kiln-reason`, which its signature covers).
+    Worker(String),
+    /// The broker dropped it, for this `x-death` reason (`expired`, `maxlen`, `rejected`, …).
+    Broker(String),
+}
+
+impl Cause {
     /// Why, for the job's error.
-    reason: String,
-    /// The worker's own words (its `x-kiln-reason`), which its signature covers.
-    said: String,
-    /// The metric's label: `worker_refused`, or the broker's `x-death` reason.
-    cause: String,
-    /// Whether another attempt may fare better.
-    transient: bool,
+    fn reason(&self) -> String {
+        match self {
+            Cause::Worker(said) => format!("refused by a worker: {said}"),
+            Cause::Broker(why) => format!("the broker dropped the job's message ({why})"),
+        }
+    }
+
+    /// The metric's label: `worker_refused`, or the broker's reason.
+    fn label(&self) -> &str {
+        match self {
+            Cause::Worker(_) => "worker_refused",
+            Cause::Broker(why) => why,
+        }
+    }
+
+    /// Whether another attempt may fare better: not after a worker's refusal (its limits will
+    /// refuse it again), but after the broker's expiry or overflow.
+    fn transient(&self) -> bool {
+        matches!(self, Cause::Broker(why) if why == "expired" || why == "maxlen")
+    }
 }
 
 /// Ends the attempt of a dead job message, if it is still open; `false` when the store failed.
@@ -437,11 +455,12 @@ async fn settle_dead_job(sched: &Scheduler, u: Undelivered) -> bool {
         }
     };
     let Ok(attempt) = open_attempt(job.as_ref(), msg) else { return true };
-    tracing::warn!(job_id = msg.job_id, attempt = msg.attempt, reason = u.reason, "a job's message was dead-lettered");
-    if sched.settle_undelivered(&attempt, u.reason, u.transient).await == Settled::Again {
+    let reason = u.cause.reason();
+    tracing::warn!(job_id = msg.job_id, attempt = msg.attempt, reason, "a job's message was dead-lettered");
+    if sched.settle_undelivered(&attempt, reason, u.cause.transient()).await == Settled::Again {
         return false;
     }
-    sched.metrics.undelivered.with_label_values(&[&u.cause]).inc();
+    sched.metrics.undelivered.with_label_values(&[u.cause.label()]).inc();
     true
 }
 
