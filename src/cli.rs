@@ -57,6 +57,9 @@ pub enum Command {
     Task(TaskArgs),
     /// List device tasks, newest first.
     Tasks(TasksArgs),
+    /// Add a Pi to the fleet: its device token and MQTT login, and what the broker needs.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -202,6 +205,54 @@ pub struct JobArgs {
     pub remote: Remote,
 }
 
+/// `kiln device ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Add a Pi (needs an operator token): makes a device token that serves the named devices
+    /// (the scheduler signs their tasks with it, and the agent runs only tasks so signed) and an
+    /// MQTT password for the user NAME, and prints them with the Mosquitto lines that let NAME
+    /// use only those devices' topics. Secrets are shown only this once.
+    Add(DeviceAddArgs),
+}
+
+/// `kiln device add`'s arguments.
+#[derive(Debug, Args)]
+pub struct DeviceAddArgs {
+    /// The Pi's name: its token's name and its MQTT user (1 to 64 of A-Z a-z 0-9 - _ .).
+    pub name: String,
+    /// The device ids its agent serves, as in its edge.toml (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub devices: Vec<String>,
+    /// The fleet's topic prefix [default: scheduler.fleet.prefix].
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// The broker's password file, for the printed mosquitto_passwd line.
+    #[arg(long, default_value = "/etc/mosquitto/kiln.passwd")]
+    pub passwd_file: PathBuf,
+    /// The broker's ACL file, for the printed lines that append to it.
+    #[arg(long, default_value = "/etc/mosquitto/conf.d/kiln.acl")]
+    pub acl_file: PathBuf,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// What `kiln device add` made, as `--json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct DeviceAdded {
+    name: String,
+    devices: Vec<String>,
+    /// The agent's `scheduler.token`.
+    token: String,
+    /// The agent's `mqtt.username` and `mqtt.password`.
+    mqtt_username: String,
+    mqtt_password: String,
+    /// The ACL block for the broker.
+    acl: Vec<String>,
+    /// Shell commands for the broker host: add the password, append the ACL, reload.
+    broker_commands: Vec<String>,
+}
+
 /// `kiln token ...`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -275,9 +326,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Devices(args)) => kiln_common::runtime()?.block_on(devices(&cfg, &args)),
         Some(Command::Task(args)) => kiln_common::runtime()?.block_on(task(&cfg, &args)),
         Some(Command::Tasks(args)) => kiln_common::runtime()?.block_on(tasks(&cfg, &args)),
+        Some(Command::Device(DeviceCommand::Add(args))) => kiln_common::runtime()?.block_on(device_add(&cfg, &args)),
         Some(Command::Token(TokenCommand::Create { name, role, remote })) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
-            let new = api::NewToken { name, role };
+            let new = api::NewToken { name, role, devices: vec![] };
             let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
             if remote.json {
                 print_json(&made)?;
@@ -479,6 +531,62 @@ async fn jobs(cfg: &FarmConfig, a: &JobsArgs) -> anyhow::Result<()> {
     let filters = [("state", a.state.map(|s| s.to_string())), ("tier", a.tier.map(|t| t.to_string()))];
     let page: api::JobPage = c.get(&list_path("/v1/jobs", a.limit, &filters)).await?;
     print_list(a.remote.json, &page, &page.jobs, "no jobs", print_job)
+}
+
+/// Quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+async fn device_add(cfg: &FarmConfig, a: &DeviceAddArgs) -> anyhow::Result<()> {
+    use kiln_protocol::fleet::{Topics, valid_id};
+    if !valid_id(&a.name) {
+        bail!("NAME: {:?} is not 1 to 64 of A-Z a-z 0-9 - _ . (it is the Pi's MQTT user)", a.name);
+    }
+    if let Some((i, d)) = a.devices.iter().enumerate().find(|(_, d)| !valid_id(d)) {
+        bail!("--devices[{i}]: {d:?} is not a device id (1 to 64 of A-Z a-z 0-9 - _ .)");
+    }
+    let c = client(cfg, &a.remote)?;
+    let new = api::NewToken { name: a.name.clone(), role: Role::Device, devices: a.devices.clone() };
+    let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
+    let bytes: [u8; 16] = kiln_scheduler::auth::os_random().context("no random source for the MQTT password")?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let topics = Topics::new(a.prefix.as_deref().unwrap_or(&cfg.scheduler.fleet.prefix));
+    let acl = topics.agent_acl(&a.name, &a.devices);
+    let (passwd, acl_file) = (a.passwd_file.display().to_string(), a.acl_file.display().to_string());
+    let broker_commands = vec![
+        format!("mosquitto_passwd -b {} {} {}", shell_quote(&passwd), shell_quote(&a.name), shell_quote(&password)),
+        format!(
+            "printf '%s\\n' '' {} >> {}",
+            acl.iter().map(|l| shell_quote(l)).collect::<Vec<_>>().join(" "),
+            shell_quote(&acl_file)
+        ),
+        "pkill -HUP -x mosquitto   # Mosquitto reads its password and ACL files again".to_owned(),
+    ];
+    let added = DeviceAdded {
+        name: made.name,
+        devices: made.devices,
+        token: made.token,
+        mqtt_username: a.name.clone(),
+        mqtt_password: password,
+        acl,
+        broker_commands,
+    };
+    if a.remote.json {
+        return print_json(&added);
+    }
+    println!("# {} serves {}. The secrets below are shown only this once.", added.name, added.devices.join(", "));
+    println!();
+    println!("# On the Pi, in edge.toml (its [[device]] ids must be these):");
+    println!("[mqtt]\nusername = \"{}\"\npassword = \"{}\"", added.mqtt_username, added.mqtt_password);
+    println!("[scheduler]\ntoken = \"{}\"", added.token);
+    println!();
+    println!("# On the broker host (Mosquitto with infra/mosquitto/kiln.conf), as root:");
+    for line in &added.broker_commands {
+        println!("{line}");
+    }
+    eprintln!("device token {:?} created; it serves {}", added.name, added.devices.join(", "));
+    Ok(())
 }
 
 async fn devices(cfg: &FarmConfig, a: &DevicesArgs) -> anyhow::Result<()> {

@@ -5,6 +5,12 @@
 //!
 //! rumqttd 0.20's `Broker::start` blocks and has no clean shutdown: it runs on a thread of its own
 //! and ends with the process.
+//!
+//! The broker asks every client for a login: one for the scheduler's bridge and one for the
+//! studio's agent, each a random password kept in `DATA/mqtt/USER.password` (mode 0600) and
+//! made on the first start. rumqttd checks logins but has no per-topic ACLs, so any holder of a
+//! login may publish anywhere under the prefix; tasks are signed, so none of them can make a
+//! device act (README, "Trust").
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,14 +20,38 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_edge::config::{Config as EdgeConfig, DeviceConfig, LightsMap, ModbusConfig, MqttConfig, Parity, PrinterMap};
 use kiln_edge::sim::{PrinterSetup, SimDevice};
-use kiln_protocol::fleet::DeviceKind;
+use kiln_protocol::fleet::{DeviceKind, MqttEndpoint};
 use tokio_util::sync::CancellationToken;
 
 use kiln_scheduler::auth::Role;
 use kiln_scheduler::scheduler::Scheduler;
 
-/// Starts the embedded broker on `listen` (port 0 picks one); the address it listens on.
-pub fn start_broker(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+/// The embedded broker's users: the bridge's and the studio agent's.
+pub const BRIDGE_USER: &str = "kiln-scheduler";
+/// The studio agent's MQTT user.
+pub const AGENT_USER: &str = "studio-agent";
+
+/// The password of `user` on the embedded broker, kept in `DATA/mqtt/USER.password` (mode 0600)
+/// and made there if missing.
+pub fn broker_password(data: &Path, user: &str) -> anyhow::Result<String> {
+    let dir = data.join("mqtt");
+    let path = dir.join(format!("{user}.password"));
+    if let Ok(p) = std::fs::read_to_string(&path)
+        && !p.trim().is_empty()
+    {
+        return Ok(p.trim().to_owned());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let bytes: [u8; 16] = kiln_scheduler::auth::os_random().context("no random source for an MQTT password")?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    kiln_scheduler::farm::write_private(&path, &password)
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(password)
+}
+
+/// Starts the embedded broker on `listen` (port 0 picks one), taking only the given logins (user,
+/// password); the address it listens on.
+pub fn start_broker(listen: SocketAddr, logins: HashMap<String, String>) -> anyhow::Result<SocketAddr> {
     // rumqttd binds on its own thread and reports a taken port only in its log: bind here first,
     // so a taken port is an error that names the flag, and port 0 becomes a real port.
     let probe = std::net::TcpListener::bind(listen)
@@ -32,7 +62,7 @@ pub fn start_broker(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
         connection_timeout_ms: 60_000,
         max_payload_size: 256 * 1024,
         max_inflight_count: 100,
-        auth: None,
+        auth: Some(logins),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -74,6 +104,9 @@ pub fn start_broker(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// The studio's devices, as its agent's token serves them.
+const DEVICES: [&str; 4] = ["printer", "lights", "camera", "display"];
+
 /// The simulated devices and the agent driving them; dropping it stops the simulators.
 pub struct Studio {
     _printer: SimDevice,
@@ -85,13 +118,21 @@ pub struct Studio {
 }
 
 impl Studio {
-    /// Starts the simulators and an agent for them, talking to the broker at `mqtt_url` and the
-    /// API at `api_url` with a device token kept in `DATA/studio/device.token`.
-    pub async fn start(sched: &Arc<Scheduler>, data: &Path, mqtt_url: &str, api_url: &str) -> anyhow::Result<Studio> {
+    /// Starts the simulators and an agent for them, talking to the broker at `mqtt` (logging in
+    /// as it says) and the API at `api_url` with a device token kept in `DATA/studio/device.token`,
+    /// which serves the four devices.
+    pub async fn start(
+        sched: &Arc<Scheduler>,
+        data: &Path,
+        mqtt: &MqttEndpoint,
+        api_url: &str,
+    ) -> anyhow::Result<Studio> {
         let dir = data.join("studio");
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        let served: Vec<String> = DEVICES.iter().map(|d| (*d).to_owned()).collect();
+        let token_path = dir.join("device.token");
         let (token, _) =
-            kiln_scheduler::farm::ensure_token(sched, &dir.join("device.token"), "studio-agent", Role::Device).await?;
+            kiln_scheduler::farm::ensure_token(sched, &token_path, "studio-agent", Role::Device, &served).await?;
         let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
         let printer = SimDevice::printer(loopback, PrinterSetup { print_ms: 1_500, ..PrinterSetup::default() }).await?;
         let lights = SimDevice::lights(loopback).await?;
@@ -134,7 +175,13 @@ impl Studio {
         let cfg = EdgeConfig {
             data_dir: dir.join("edge"),
             telemetry_interval_ms: 5_000,
-            mqtt: MqttConfig { url: mqtt_url.into(), prefix: sched.cfg.fleet.prefix.clone(), ..MqttConfig::default() },
+            mqtt: MqttConfig {
+                url: format!("mqtt://{}:{}", mqtt.host, mqtt.port),
+                prefix: sched.cfg.fleet.prefix.clone(),
+                username: mqtt.login.as_ref().map(|(u, _)| u.clone()),
+                password: mqtt.login.as_ref().map(|(_, p)| p.expose().to_owned()),
+                ..MqttConfig::default()
+            },
             scheduler: kiln_edge::config::SchedulerConfig { url: api_url.into(), token },
             spool: Default::default(),
             devices,

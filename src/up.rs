@@ -1,11 +1,15 @@
 //! `kiln up`: the whole farm in this process, with an embedded MQTT broker and the simulated
 //! studio ([`crate::studio`]) unless the config names a broker of its own or `--no-devices`.
 
+use std::collections::HashMap;
+
 use clap::Args;
+use kiln_protocol::Secret;
+use kiln_protocol::fleet::MqttEndpoint;
 use kiln_scheduler::config::FarmConfig;
 use kiln_scheduler::farm::{Farm, ServeArgs, open_farm_backend, serve};
 
-use crate::studio::{Studio, start_broker};
+use crate::studio::{AGENT_USER, BRIDGE_USER, Studio, broker_password, start_broker};
 
 /// Where `kiln up`'s embedded MQTT broker listens unless `--mqtt-listen` says otherwise (not 1883,
 /// which a Mosquitto on the same machine would hold).
@@ -29,23 +33,35 @@ pub struct UpArgs {
 /// Runs the farm until SIGINT or SIGTERM, then drains and stops.
 pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
     let (backend, device) = open_farm_backend(&cfg)?;
-    let embedded = match &cfg.scheduler.fleet.mqtt_url {
-        Some(_) => false,
+    // The studio's agent logs in to the embedded broker as itself; to a broker of the operator's
+    // own, with the bridge's login from scheduler.fleet.mqtt_url.
+    let (embedded, agent_mqtt) = match &cfg.scheduler.fleet.mqtt_url {
+        Some(url) => (false, MqttEndpoint::parse(url.expose()).map_err(anyhow::Error::msg)?),
         None => {
-            let addr = start_broker(args.mqtt_listen)?;
-            cfg.scheduler.fleet.mqtt_url = Some(format!("mqtt://{addr}"));
-            true
+            let data = cfg.data_dir();
+            let bridge = broker_password(data, BRIDGE_USER)?;
+            let agent = broker_password(data, AGENT_USER)?;
+            let logins =
+                HashMap::from([(BRIDGE_USER.to_owned(), bridge.clone()), (AGENT_USER.to_owned(), agent.clone())]);
+            let addr = start_broker(args.mqtt_listen, logins)?;
+            cfg.scheduler.fleet.mqtt_url = Some(format!("mqtt://{BRIDGE_USER}:{bridge}@{addr}").into());
+            let login = Some((AGENT_USER.to_owned(), Secret::new(agent)));
+            (true, MqttEndpoint { host: addr.ip().to_string(), port: addr.port(), login })
         }
     };
     let farm = Farm::build(&cfg, backend).await?;
     let url = format!("http://{}", farm.local_addr()?);
-    let studio = match (&cfg.scheduler.fleet.mqtt_url, args.no_devices) {
-        (Some(mqtt), false) => Some(Studio::start(farm.scheduler(), cfg.data_dir(), mqtt, &url).await?),
-        _ => None,
+    let studio = match args.no_devices {
+        false => Some(Studio::start(farm.scheduler(), cfg.data_dir(), &agent_mqtt, &url).await?),
+        true => None,
     };
     let mut extra = Vec::new();
-    if let Some(mqtt) = &cfg.scheduler.fleet.mqtt_url {
-        extra.push(format!("  mqtt     {mqtt}{}", if embedded { " (embedded broker)" } else { "" }));
+    if embedded {
+        let logins = cfg.data_dir().join("mqtt");
+        let at = format!("{}:{}", agent_mqtt.host, agent_mqtt.port);
+        extra.push(format!("  mqtt     mqtt://{at} (embedded broker; logins in {})", logins.display()));
+    } else if let Some(mqtt) = &cfg.scheduler.fleet.mqtt_url {
+        extra.push(format!("  mqtt     {mqtt}"));
     }
     if let Some(s) = &studio {
         let gallery = s.gallery.display();

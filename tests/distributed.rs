@@ -49,7 +49,7 @@ impl Distributed {
         cfg.scheduler.broker.lost_after_seconds = 5;
         change(&mut cfg);
         let farm = TestFarm::start_with(dir, cfg).await;
-        let worker_token = farm.sched.create_token("workers", Role::Worker).await.unwrap().expose().to_owned();
+        let worker_token = farm.sched.create_token("workers", Role::Worker, &[]).await.unwrap().expose().to_owned();
         Some(Distributed { farm, amqp_url, names: Names::new(&prefix), worker_token, workers: vec![] })
     }
 
@@ -737,7 +737,7 @@ async fn results_and_heartbeats_not_signed_by_a_worker_token_are_refused() {
         results: vec![answer(job.clone(), AttemptOutcome::Failed { error: "forged".into(), transient: false })],
     };
     publish_signed(&d, &ch, &batch, None).await;
-    let client = d.farm.sched.create_token("a-client", Role::Client).await.unwrap();
+    let client = d.farm.sched.create_token("a-client", Role::Client, &[]).await.unwrap();
     publish_signed(&d, &ch, &batch, Some(&MessageKey::from_token(client.expose()))).await;
     // A worker's real signature, moved onto another body.
     let worker = MessageKey::from_token(&d.worker_token);

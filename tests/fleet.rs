@@ -8,9 +8,11 @@ mod common;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestFarm, job, sibling, test_config};
+use common::{TestFarm, job, kiln, sibling, test_config};
 use hyper::Method;
 use kiln_edge::sim::{PrinterSetup, SimDevice, SimLine};
+use kiln_protocol::fleet::{AssetRef, DeviceTask, FLEET_VERSION, TaskKind};
+use kiln_protocol::wire::MessageKey;
 use kiln_testenv as testenv;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -27,6 +29,20 @@ struct Studio {
     agent: Option<Child>,
     /// The RTU line and the socat that makes it a terminal, when the Modbus devices are on one.
     line: Option<(SimLine, Child)>,
+    /// The key of the agent's device token, as the scheduler signs its tasks.
+    key: MessageKey,
+}
+
+/// A farm whose fleet bridge uses the broker at `mqtt_url` under `prefix`.
+async fn studio_farm(mqtt_url: &str, prefix: &str) -> TestFarm {
+    let filter = std::env::var("KILN_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(data.path());
+    cfg.scheduler.fleet.mqtt_url = Some(mqtt_url.into());
+    cfg.scheduler.fleet.prefix = prefix.to_owned();
+    cfg.scheduler.fleet.resend_after_seconds = 2;
+    TestFarm::start_with(data, cfg).await
 }
 
 impl Drop for Studio {
@@ -56,20 +72,26 @@ impl Studio {
     }
 
     async fn start_on(setup: PrinterSetup, mqtt_url: String, prefix: String, wiring: Wiring) -> Studio {
-        let filter = std::env::var("KILN_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-        let data = tempfile::tempdir().unwrap();
-        let mut cfg = test_config(data.path());
-        cfg.scheduler.fleet.mqtt_url = Some(mqtt_url.clone());
-        cfg.scheduler.fleet.prefix = prefix.clone();
-        cfg.scheduler.fleet.resend_after_seconds = 2;
-        let farm = TestFarm::start_with(data, cfg).await;
+        let farm = studio_farm(&mqtt_url, &prefix).await;
         let made = farm
             .client
-            .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "studio-pi", "role": "device" })))
+            .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "studio-pi", "role": "device", "devices": ALL })))
             .await
             .unwrap();
         let token = made["token"].as_str().unwrap().to_owned();
+        Studio::around(farm, setup, mqtt_url, prefix, wiring, token, None).await
+    }
+
+    /// An agent with `token` (and, if given, an MQTT login) driving simulated devices for `farm`.
+    async fn around(
+        farm: TestFarm,
+        setup: PrinterSetup,
+        mqtt_url: String,
+        prefix: String,
+        wiring: Wiring,
+        token: String,
+        login: Option<(&str, &str)>,
+    ) -> Studio {
         let printer = SimDevice::printer("127.0.0.1:0".parse().unwrap(), setup).await.unwrap();
         let lights = SimDevice::lights("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -107,6 +129,7 @@ url = "{mqtt_url}"
 prefix = "{prefix}"
 keepalive_s = 2
 reconnect_max_ms = 500
+{login}
 [scheduler]
 url = "{url}"
 token = "{token}"
@@ -129,9 +152,11 @@ kind = "display"
 folder = "{d}/gallery"
 "#,
             url = farm.url,
+            login = login.map(|(u, p)| format!("username = \"{u}\"\npassword = \"{p}\"")).unwrap_or_default(),
         );
         std::fs::write(&config, text).unwrap();
-        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line };
+        let key = MessageKey::from_token(&token);
+        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line, key };
         s.spawn_agent();
         s
     }
@@ -231,9 +256,22 @@ folder = "{d}/gallery"
         &self,
         subscribe: &[String],
     ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+        self.raw_client_as(subscribe, None).await
+    }
+
+    /// [`Studio::raw_client`], logged in as `login` (user, password).
+    async fn raw_client_as(
+        &self,
+        subscribe: &[String],
+        login: Option<(&str, &str)>,
+    ) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
         let (host, port) = kiln_protocol::fleet::parse_mqtt_url(&self.mqtt_url).unwrap();
-        let mut opts = MqttOptions::new(format!("{}-raw-{}", self.prefix, std::process::id()), host, port);
+        let user = login.map_or("anon", |(u, _)| u);
+        let mut opts = MqttOptions::new(format!("{}-raw-{user}-{}", self.prefix, std::process::id()), host, port);
         opts.set_keep_alive(Duration::from_secs(5));
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -272,6 +310,41 @@ folder = "{d}/gallery"
 
     fn topic(&self, rest: &str) -> String {
         format!("{}/{rest}", self.prefix)
+    }
+
+    /// `task` for `device` as JSON, signed as the scheduler signs it.
+    fn signed(&self, device: &str, mut task: DeviceTask) -> String {
+        task.sign(device, &self.key);
+        serde_json::to_string(&task).unwrap()
+    }
+
+    /// Waits for the agent's report on task `id` of `device`, heard on `heard`.
+    async fn report(
+        heard: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+        device: &str,
+        id: &str,
+    ) -> Value {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let (topic, payload) = tokio::time::timeout(left, heard.recv()).await.expect("a report").unwrap();
+            if topic.ends_with(&format!("/devices/{device}/tasks/{id}")) {
+                return serde_json::from_slice(&payload).unwrap();
+            }
+        }
+    }
+}
+
+/// A task as the wire carries it, not yet signed.
+fn wire(id: &str, kind: TaskKind, asset: Option<(&str, &str)>, params: Value) -> DeviceTask {
+    DeviceTask {
+        v: FLEET_VERSION,
+        task_id: id.into(),
+        kind,
+        asset: asset.map(|(hash, url)| AssetRef { hash: hash.into(), url: url.into() }),
+        params: params.as_object().cloned().unwrap_or_default(),
+        deadline_ms: i64::MAX,
+        mac: None,
     }
 }
 
@@ -332,9 +405,9 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
 
     // A redelivered task is not run again: the same print task, straight to the agent.
     let (raw, _) = s.raw_client(&[]).await;
-    let again = json!({ "v": 1, "task_id": print, "kind": "print",
-        "asset": { "hash": asset, "url": format!("/v1/assets/{asset}") }, "deadline_ms": i64::MAX });
-    raw.publish(s.topic("devices/printer/tasks"), QoS::AtLeastOnce, false, again.to_string()).await.unwrap();
+    let url = format!("/v1/assets/{asset}");
+    let again = s.signed("printer", wire(&print, TaskKind::Print, Some((&asset, &url)), json!({})));
+    raw.publish(s.topic("devices/printer/tasks"), QoS::AtLeastOnce, false, again).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(s.printer.registers()[3], 1, "the repeat was not printed");
     assert_eq!(s.task(&print).await["state"], "succeeded");
@@ -381,11 +454,12 @@ async fn malformed_payloads_are_dropped_or_rejected_and_a_silent_printer_fails_c
     assert!(rejected["detail"].as_str().unwrap().contains("asset"), "{rejected}");
     assert_eq!((&rejected["v"], &rejected["reason"]), (&json!(2), &json!("malformed")), "{rejected}");
     // Tasks it can read but will not run say why, typed: past its deadline, or for another device.
-    let late = json!({ "v": 1, "task_id": "late-1", "kind": "print", "deadline_ms": 1,
-        "asset": { "hash": "ab".repeat(32), "url": "/v1/assets/x" } });
-    let wrong = json!({ "v": 1, "task_id": "wrong-1", "kind": "lights", "deadline_ms": i64::MAX });
+    let hash = "ab".repeat(32);
+    let late =
+        DeviceTask { deadline_ms: 1, ..wire("late-1", TaskKind::Print, Some((&hash, "/v1/assets/x")), json!({})) };
+    let wrong = wire("wrong-1", TaskKind::Lights, None, json!({}));
     for t in [late, wrong] {
-        raw.publish(s.topic("devices/printer/tasks"), QoS::AtLeastOnce, false, t.to_string()).await.unwrap();
+        raw.publish(s.topic("devices/printer/tasks"), QoS::AtLeastOnce, false, s.signed("printer", t)).await.unwrap();
     }
     let mut reasons = std::collections::BTreeMap::new();
     let until = Instant::now() + Duration::from_secs(10);
@@ -520,6 +594,35 @@ struct PrivateBroker {
 }
 
 impl PrivateBroker {
+    /// Mosquitto as `infra/mosquitto/kiln.conf` sets it up (logins and ACL required), on `port`,
+    /// with the password and ACL files given and no persistence.
+    fn secured(port: u16, dir: &std::path::Path, passwd: &std::path::Path, acl: &std::path::Path) -> PrivateBroker {
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/mosquitto/kiln.conf")).unwrap();
+        let mut conf: String = shipped
+            .lines()
+            .filter(|l| !["persistence", "listener", "password_file", "acl_file"].iter().any(|k| l.starts_with(k)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(conf.contains("allow_anonymous false"), "the shipped config refuses anonymous clients");
+        // As root, Mosquitto would switch to its own user, which cannot read the test's files.
+        conf.push_str(&format!(
+            "listener {port} 127.0.0.1\npassword_file {}\nacl_file {}\nuser root\n",
+            passwd.display(),
+            acl.display()
+        ));
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian's package) is installed");
+        PrivateBroker::listening(child, port)
+    }
+
     fn start(port: u16) -> PrivateBroker {
         let child = std::process::Command::new("mosquitto")
             .args(["-p", &port.to_string()])
@@ -527,8 +630,15 @@ impl PrivateBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto (Debian's package) is installed");
+        PrivateBroker::listening(child, port)
+    }
+
+    fn listening(mut child: Child, port: u16) -> PrivateBroker {
         let until = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("mosquitto exited with {status} before listening on {port}");
+            }
             assert!(Instant::now() < until, "mosquitto did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -603,4 +713,214 @@ async fn a_broker_outage_loses_nothing_and_runs_nothing_twice() {
         "reports in order"
     );
     assert_eq!(s.printer.registers()[3], 1, "printed once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_without_the_schedulers_proof_runs_nothing_and_the_farm_keeps_serving() {
+    let Some(s) = Studio::start(PrinterSetup::default()).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let asset = s.render(11).await;
+    let lights_before = s.lights.registers();
+    // A stranger's server, which the agent must never call (it would send its token there).
+    let stranger = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let foreign = format!("http://{}/v1/assets/{asset}", stranger.local_addr().unwrap());
+    let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = called.clone();
+    tokio::spawn(async move {
+        while stranger.accept().await.is_ok() {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let (raw, mut heard) = s.raw_client(&[s.topic("devices/+/tasks/+")]).await;
+    let scene = |id: &str| wire(id, TaskKind::Lights, None, json!({ "scene": 9, "brightness": 1000 }));
+    let print = |id: &str| wire(id, TaskKind::Print, Some((&asset, &foreign)), json!({}));
+    let other = MessageKey::from_token("kiln_ffeeddccbbaa99887766554433221100");
+    let mut by_other = scene("forged-2");
+    by_other.sign("lights", &other);
+    let plain = |t: DeviceTask| serde_json::to_string(&t).unwrap();
+    let cases = [
+        ("lights", "forged-1", plain(scene("forged-1")), "unproven", "carries no proof"),
+        ("lights", "forged-2", plain(by_other), "unproven", "its proof does not match"),
+        ("lights", "forged-3", s.signed("printer", scene("forged-3")), "unproven", "its proof does not match"),
+        ("printer", "forged-4", plain(print("forged-4")), "unproven", "carries no proof"),
+        // Signed, as a scheduler gone wrong might send it: still refused before any fetch.
+        ("printer", "foreign-1", s.signed("printer", print("foreign-1")), "malformed", "fetches only from there"),
+    ];
+    for (device, id, payload, reason, says) in cases {
+        raw.publish(s.topic(&format!("devices/{device}/tasks")), QoS::AtLeastOnce, false, payload).await.unwrap();
+        let r = Studio::report(&mut heard, device, id).await;
+        assert_eq!((r["state"].as_str(), r["reason"].as_str()), (Some("rejected"), Some(reason)), "{id}: {r}");
+        assert!(r["detail"].as_str().unwrap().contains(says), "{id}: {r}");
+    }
+    assert_eq!(s.lights.registers(), lights_before, "the lights did not change");
+    assert_eq!(s.printer.registers()[3], 0, "nothing printed");
+    assert!(!called.load(std::sync::atomic::Ordering::SeqCst), "the agent called a stranger's server");
+
+    // A forged task that reuses a real task's id neither runs nor moves the real one.
+    let real = s
+        .run_task(
+            "lights",
+            json!({ "kind": "lights", "params": { "scene": 4, "brightness": 300 } }),
+            Duration::from_secs(20),
+        )
+        .await;
+    let id = real["id"].as_str().unwrap();
+    raw.publish(s.topic("devices/lights/tasks"), QoS::AtLeastOnce, false, plain(scene(id))).await.unwrap();
+    loop {
+        let r = Studio::report(&mut heard, "lights", id).await;
+        if r["reason"] == "unproven" {
+            break;
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"unproven_task\",topic=\"report\"").await < 1.0 {
+        assert!(Instant::now() < until, "the scheduler did not count the refused forgery");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.task(id).await["state"], "succeeded");
+    assert_eq!(&s.lights.registers()[..2], &[4, 300]);
+    // The agent counts what it refused in its telemetry.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = s.farm.client.call(Method::GET, "/v1/devices/lights", None).await.unwrap();
+        if d["telemetry"]["unproven_rejected"].as_u64() == Some(4) {
+            break;
+        }
+        assert!(Instant::now() < until, "the agent did not count 4 refused lights tasks: {d:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The connection error a client gets from the broker on `port`, logging in as `login`.
+async fn refused(port: u16, login: Option<(&str, &str)>) -> rumqttc::ConnectionError {
+    let mut opts = MqttOptions::new(format!("intruder-{}", std::process::id()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (_client, mut events) = AsyncClient::new(opts, 8);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("an answer") {
+            Ok(Event::Incoming(Packet::ConnAck(a))) => panic!("{login:?} was let in: {a:?}"),
+            Ok(_) => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_shipped_mosquitto_config_only_logged_in_pis_speak_and_only_for_their_devices() {
+    if testenv::mqtt().await.is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = tempfile::tempdir().unwrap();
+    let (passwd, acl) = (conf.path().join("kiln.passwd"), conf.path().join("kiln.acl"));
+    let bridge = "bridge-pw-1";
+    let farm = studio_farm(&format!("mqtt://kiln-scheduler:{bridge}@127.0.0.1:{port}"), "kiln").await;
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/infra/mosquitto/kiln.acl"), &acl).unwrap();
+    let ok = |c: &mut std::process::Command| {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    ok(std::process::Command::new("mosquitto_passwd").args(["-c", "-b"]).arg(&passwd).args(["kiln-scheduler", bridge]));
+    // What `kiln device add` prints for the broker host, run as printed.
+    let add = |name: &str, devices: &str| -> Value {
+        let out = ok(kiln()
+            .args(["device", "add", name, "--devices", devices, "--json", "--passwd-file"])
+            .arg(&passwd)
+            .arg("--acl-file")
+            .arg(&acl)
+            .args(["--server", &farm.url, "--token", &farm.token]));
+        let added: Value = serde_json::from_slice(&out).unwrap();
+        for cmd in added["broker_commands"].as_array().unwrap().iter().filter_map(|c| c.as_str()) {
+            if !cmd.starts_with("pkill") {
+                ok(std::process::Command::new("sh").args(["-c", cmd]));
+            }
+        }
+        added
+    };
+    let pi = add("studio-pi", "printer,lights,camera,display");
+    let other = add("other-pi", "ghost");
+    let acl_text = std::fs::read_to_string(&acl).unwrap();
+    assert!(
+        acl_text.contains("user other-pi\ntopic read kiln/scheduler/status\ntopic write kiln/devices/ghost/status"),
+        "{acl_text}"
+    );
+    // A device served already is refused, naming the token that serves it.
+    let dup = kiln()
+        .args(["device", "add", "third-pi", "--devices", "lights", "--server", &farm.url, "--token", &farm.token])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&dup.stderr);
+    assert!(!dup.status.success() && said.contains("\"lights\" is served by the token \"studio-pi\""), "{said}");
+
+    let _broker = PrivateBroker::secured(port, conf.path(), &passwd, &acl);
+    let (token, password) = (pi["token"].as_str().unwrap(), pi["mqtt_password"].as_str().unwrap());
+    let mqtt = format!("mqtt://127.0.0.1:{port}");
+    let s = Studio::around(
+        farm,
+        PrinterSetup::default(),
+        mqtt,
+        "kiln".into(),
+        Wiring::Tcp,
+        token.into(),
+        Some(("studio-pi", password)),
+    )
+    .await;
+    // The bridge and the Pi, each with its own login, work within their ACLs.
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+
+    // No login, or a wrong one: refused at connect.
+    use rumqttc::{ConnectReturnCode, ConnectionError};
+    for login in [None, Some(("studio-pi", "wrong")), Some(("nobody", "x"))] {
+        let e = refused(port, login).await;
+        assert!(
+            matches!(
+                e,
+                ConnectionError::ConnectionRefused(
+                    ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword
+                )
+            ),
+            "{login:?}: {e:?}"
+        );
+    }
+
+    // Another Pi speaks for the printer and commands the lights: the broker drops both, while
+    // what it says for its own device is heard.
+    let lights_before = s.lights.registers();
+    let (watch, mut reports) =
+        s.raw_client_as(&["kiln/devices/+/tasks/+".to_owned()], Some(("kiln-scheduler", bridge))).await;
+    let other_pw = other["mqtt_password"].as_str().unwrap();
+    let (intruder, _) = s.raw_client_as(&[], Some(("other-pi", other_pw))).await;
+    let status = |state: &str, kind: &str| {
+        json!({ "v": 1, "state": state, "boot_id": "b-other", "kind": kind, "capabilities": [],
+                "version": "0", "at_ms": 1 })
+        .to_string()
+    };
+    intruder
+        .publish("kiln/devices/printer/status", QoS::AtLeastOnce, true, status("offline", "printer"))
+        .await
+        .unwrap();
+    let scene = serde_json::to_string(&wire("from-other", TaskKind::Lights, None, json!({ "scene": 9 }))).unwrap();
+    intruder.publish("kiln/devices/lights/tasks", QoS::AtLeastOnce, false, scene).await.unwrap();
+    intruder.publish("kiln/devices/ghost/status", QoS::AtLeastOnce, true, status("online", "camera")).await.unwrap();
+    s.wait_state(&["ghost"], "online", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.wait_state(&ALL, "online", Duration::from_secs(1)).await;
+    while let Ok((topic, _)) = reports.try_recv() {
+        assert!(!topic.ends_with("/from-other"), "the lights heard another Pi's task");
+    }
+    assert_eq!(s.lights.registers(), lights_before);
+    drop(watch);
+
+    // The farm serves on: a real task, signed, runs.
+    s.run_task(
+        "lights",
+        json!({ "kind": "lights", "params": { "scene": 6, "brightness": 500 } }),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(&s.lights.registers()[..2], &[6, 500]);
 }

@@ -61,3 +61,26 @@ async fn a_multibyte_character_in_a_query_is_a_clear_refusal_not_a_dropped_conne
     still_serving(&farm, 2).await;
     farm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_serves_devices_only_as_a_device_token_and_each_device_once() {
+    let farm = TestFarm::start().await;
+    let cases = [
+        (r#"{"name":"c","role":"client","devices":["printer-1"]}"#, 400, "devices"),
+        (r#"{"name":"d","role":"device","devices":["ok","a/b"]}"#, 400, "devices[1]"),
+        (r#"{"name":"d","role":"device","devices":["p","p"]}"#, 400, "devices[1]"),
+        (r#"{"name":"d","role":"device","devices":["kiln/#"]}"#, 400, "devices[0]"),
+    ];
+    for (body, status, field) in cases {
+        let (got, v) = call(&farm, Method::POST, "/v1/tokens", body).await;
+        assert_eq!((got, &v["error"]["field"]), (status, &Value::from(field)), "{body}: {v}");
+    }
+    let (got, v) =
+        call(&farm, Method::POST, "/v1/tokens", r#"{"name":"pi-1","role":"device","devices":["p1","c1"]}"#).await;
+    assert_eq!((got, &v["devices"]), (201, &serde_json::json!(["p1", "c1"])), "{v}");
+    let (got, v) = call(&farm, Method::POST, "/v1/tokens", r#"{"name":"pi-2","role":"device","devices":["c1"]}"#).await;
+    assert_eq!(got, 409, "{v}");
+    assert_eq!(v["error"]["message"], "devices: \"c1\" is served by the token \"pi-1\" already");
+    still_serving(&farm, 2).await;
+    farm.stop().await;
+}

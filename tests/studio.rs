@@ -47,11 +47,37 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.lines().filter(|l| l.contains("online")).count() == 4, "{text}");
 
-    // An outside MQTT client watches the embedded broker: the retained statuses are there.
+    // The embedded broker asks for a login: none, or a wrong one, is refused at connect.
+    for login in [None, Some(("kiln-scheduler", "wrong"))] {
+        let mut opts = MqttOptions::new("studio-intruder", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (_c, mut events) = AsyncClient::new(opts, 16);
+        let e = loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("an answer") {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => panic!("{login:?} was let in: {a:?}"),
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        // rumqttd closes the connection of a CONNECT it refuses, without a CONNACK.
+        assert!(matches!(e, rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)), "{e:?}");
+    }
+    // Each login is a file of its own, readable by its owner only.
+    let pw_file = data.join("mqtt/kiln-scheduler.password");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&pw_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(data.join("mqtt/studio-agent.password").is_file());
+    let password = std::fs::read_to_string(&pw_file).unwrap().trim().to_owned();
+
+    // An outside MQTT client with a login watches the embedded broker: the retained statuses are there.
     let mut opts = MqttOptions::new("studio-watcher", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_keep_alive(Duration::from_secs(5)).set_credentials("kiln-scheduler", password);
     let (watcher, mut events) = AsyncClient::new(opts, 16);
     watcher.subscribe("kiln/devices/+/status", QoS::AtLeastOnce).await.unwrap();
+    watcher.subscribe("kiln/devices/lights/tasks/+", QoS::AtLeastOnce).await.unwrap();
     let mut seen = std::collections::BTreeSet::new();
     let until = Instant::now() + Duration::from_secs(10);
     while seen.len() < 4 {
@@ -63,6 +89,20 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
             seen.insert(p.topic.clone());
         }
     }
+    // A login is not the scheduler's proof: a task it publishes is refused by the agent.
+    let forged = r#"{"v":1,"task_id":"forged-up","kind":"lights","params":{"scene":9},"deadline_ms":9000000000000}"#;
+    watcher.publish("kiln/devices/lights/tasks", QoS::AtLeastOnce, false, forged).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let report: Value = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let ev = tokio::time::timeout(left, events.poll()).await.expect("the agent's report").unwrap();
+        if let Event::Incoming(Packet::Publish(p)) = ev
+            && p.topic.ends_with("/tasks/forged-up")
+        {
+            break serde_json::from_slice(&p.payload).unwrap();
+        }
+    };
+    assert_eq!((&report["state"], &report["reason"]), (&serde_json::json!("rejected"), &serde_json::json!("unproven")));
 
     // Render, then print → photograph → display from the CLI.
     let j = c.call(Method::POST, "/v1/jobs", Some(&job("studio piece", 3, "preview"))).await.unwrap();

@@ -92,7 +92,7 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     let prefix = format!("kbench{}-{run}", std::process::id());
     let farm = BenchFarm::start(cfg, &format!("fleet-{run}"), |cfg| {
         cfg.scheduler.workers = 1;
-        cfg.scheduler.fleet.mqtt_url = Some(a.mqtt_url.clone());
+        cfg.scheduler.fleet.mqtt_url = Some(a.mqtt_url.as_str().into());
         cfg.scheduler.fleet.prefix = prefix.clone();
     })
     .await?;
@@ -103,7 +103,14 @@ async fn one_run(cfg: &FarmConfig, a: &FleetBenchArgs, run: usize) -> anyhow::Re
     .asset
     .clone()
     .context("the bench's asset")?;
-    let made = c.call(Method::POST, "/v1/tokens", Some(&json!({ "name": "bench-agents", "role": "device" }))).await?;
+    let devices: Vec<String> = (0..a.agents).map(|i| format!("d{i:04}")).collect();
+    let made = c
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(&json!({ "name": "bench-agents", "role": "device", "devices": devices })),
+        )
+        .await?;
     let token = made["token"].as_str().context("no token")?.to_owned();
     let config = farm.dir.join("edge.toml");
     std::fs::write(&config, agent_config(&farm.dir, a, &prefix, c.base(), &token))?;

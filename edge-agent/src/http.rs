@@ -32,8 +32,16 @@ impl Http {
         Http { client, base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), timeout }
     }
 
-    fn url(&self, url: &str) -> String {
-        if url.starts_with('/') { format!("{}{url}", self.base) } else { url.to_owned() }
+    /// `url` as an address on the scheduler: a path (`/v1/assets/…`), or an absolute URL at the
+    /// scheduler's own origin. Anything else is refused: the agent sends its token nowhere else.
+    pub fn on_scheduler(&self, url: &str) -> Result<String, String> {
+        if url.starts_with('/') && !url.starts_with("//") {
+            return Ok(format!("{}{url}", self.base));
+        }
+        match url.strip_prefix(self.base.as_str()) {
+            Some(rest) if rest.starts_with('/') && !rest.starts_with("//") => Ok(url.to_owned()),
+            _ => Err(format!("{url:?} is not on the scheduler ({}); the agent fetches only from there", self.base)),
+        }
     }
 
     /// The asset `hash` in `dir` (as `dir/{hash}`), fetched from `url` (absolute, or a path on the
@@ -48,7 +56,8 @@ impl Http {
         static FETCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = FETCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!("{hash}.{n}.part"));
-        let got = self.get_to_file(&self.url(url), &tmp, true).await?;
+        let url = self.on_scheduler(url).map_err(anyhow::Error::msg)?;
+        let got = self.get_to_file(&url, &tmp, true).await?;
         if got != hash {
             let _ = tokio::fs::remove_file(&tmp).await;
             anyhow::bail!("asset {hash}: the bytes fetched hash to {got}; refused");
@@ -57,10 +66,13 @@ impl Http {
         Ok(path)
     }
 
-    /// GETs `url` into `path`; the BLAKE3 of what was written.
+    /// GETs `url` into `path`; the BLAKE3 of what was written. With `auth`, the device token
+    /// goes along, and only to the scheduler.
     pub async fn get_to_file(&self, url: &str, path: &Path, auth: bool) -> anyhow::Result<String> {
         let mut req = Request::builder().method(Method::GET).uri(url);
         if auth {
+            let on = self.on_scheduler(url).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(on == url, "{url:?} is not a full URL on the scheduler");
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", self.token));
         }
         let req = req.body(Empty::new().map_err(|never| match never {}).boxed())?;
@@ -131,4 +143,31 @@ pub async fn hash_file(path: &Path) -> std::io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_and_urls_on_the_scheduler_are_fetched_with_the_token() {
+        let http = Http::new("http://10.0.0.5:7070/", "kiln_x", Duration::from_secs(1));
+        let on = |u: &str| http.on_scheduler(u);
+        assert_eq!(on("/v1/assets/ab"), Ok("http://10.0.0.5:7070/v1/assets/ab".into()));
+        assert_eq!(on("http://10.0.0.5:7070/v1/assets/ab"), Ok("http://10.0.0.5:7070/v1/assets/ab".into()));
+        for foreign in [
+            "http://evil.example/v1/assets/ab",
+            "//evil.example/v1/assets/ab",
+            "http://10.0.0.5:7070.evil.example/v1/assets/ab",
+            "http://10.0.0.5:70700/v1/assets/ab",
+            "http://10.0.0.5:7070@evil.example/x",
+            "http://10.0.0.5:7070//evil.example/x",
+            "https://10.0.0.5:7070/v1/assets/ab",
+            "v1/assets/ab",
+            "",
+        ] {
+            let e = on(foreign).unwrap_err();
+            assert!(e.contains("the agent fetches only from there"), "{foreign}: {e}");
+        }
+    }
 }

@@ -118,6 +118,7 @@ mod tests {
             asset: None,
             params: Default::default(),
             deadline_ms: i64::MAX,
+            mac: None,
         }
     }
 

@@ -26,6 +26,7 @@ use kiln_protocol::fleet::{
     TASK_REPORT_VERSION, TaskReport, Telemetry, Topics, decode, valid_id,
 };
 use kiln_protocol::now_ms;
+use kiln_protocol::wire::MessageKey;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,10 @@ struct Shared {
     health: watch::Sender<Health>,
     /// Payloads dropped because they could not be read (no task id to reject).
     malformed: std::sync::atomic::AtomicU64,
+    /// The key of the agent's device token: the scheduler signs this device's tasks with it.
+    key: MessageKey,
+    /// Tasks rejected because they carried no valid proof that the scheduler sent them.
+    unproven: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -128,6 +133,8 @@ pub async fn run_device(
         wake: Notify::new(),
         health,
         malformed: Default::default(),
+        key: MessageKey::from_token(&cfg.scheduler.token),
+        unproven: Default::default(),
     });
     let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, Duration::from_millis(dev.step_timeout_ms));
     let (task_tx, task_rx) = mpsc::channel(256);
@@ -297,6 +304,9 @@ impl SessionState {
             Input::Lost(error) => {
                 if self.connected {
                     tracing::warn!(device = self.device, error, "lost the broker; reconnecting");
+                } else if self.backoff == FIRST_BACKOFF {
+                    // Once per run of failures: a wrong login is refused on every try.
+                    tracing::warn!(device = self.device, error, "cannot connect to the broker; retrying");
                 } else {
                     tracing::debug!(device = self.device, error, "broker unreachable");
                 }
@@ -449,6 +459,8 @@ async fn mqtt(
 }
 
 /// A task from the broker: to the executor, or rejected (with a report when it names its id).
+/// One without the scheduler's proof is rejected before anything else is looked at, and not
+/// journalled: the scheduler's own task of that id, when it comes, still runs.
 fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) {
     let task = match decode::<DeviceTask>(payload) {
         Ok(t) => t,
@@ -478,6 +490,21 @@ fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) 
             return;
         }
     };
+    if !task.proven(&shared.id, &shared.key) {
+        shared.unproven.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let why = if task.mac.is_some() { "its proof does not match" } else { "it carries no proof" };
+        tracing::warn!(device = shared.id, task = task.task_id, why, "rejected a task the scheduler did not send");
+        shared.send_report(TaskReport {
+            v: TASK_REPORT_VERSION,
+            task_id: task.task_id,
+            state: ReportState::Rejected,
+            at_ms: now_ms(),
+            detail: Some(format!("not run: {why} that the scheduler sent it to this device")),
+            reason: Some(RejectReason::Unproven),
+            output_asset: None,
+        });
+        return;
+    }
     if let Err(mpsc::error::TrySendError::Full(t)) = tasks.try_send(task) {
         // The scheduler sends again what it does not hear accepted.
         tracing::warn!(device = shared.id, task = t.task_id, "256 tasks wait already; this one is left for a resend");
@@ -585,6 +612,10 @@ impl Executor {
                 self.reject(&task, RejectReason::Deadline, "past its deadline; not run".into());
                 continue;
             }
+            if let Some(Err(e)) = task.asset.as_ref().map(|a| self.http.on_scheduler(&a.url)) {
+                self.reject(&task, RejectReason::Malformed, format!("asset.url: {e}"));
+                continue;
+            }
             if (fresh && !self.record(&task, ReportState::Accepted, None, None))
                 || !self.record(&task, ReportState::Running, None, None)
             {
@@ -659,6 +690,7 @@ async fn telemetry(
         let (depth, dropped) = shared.spool.lock().map(|s| (s.len(), s.dropped())).unwrap_or((0, 0));
         values.insert("spool_depth".into(), depth.into());
         values.insert("malformed_dropped".into(), shared.malformed.load(std::sync::atomic::Ordering::Relaxed).into());
+        values.insert("unproven_rejected".into(), shared.unproven.load(std::sync::atomic::Ordering::Relaxed).into());
         if let Some(t) = cpu_temp_c() {
             values.insert("cpu_temp_c".into(), t.into());
         }

@@ -220,6 +220,10 @@ pub struct NewToken {
     pub name: String,
     /// What it may do.
     pub role: Role,
+    /// For a `device` token: the device ids its agent serves. Tasks for these devices are signed
+    /// with this token's key, so only its holder can check them; a device is served by one token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// `POST /v1/tokens`'s answer: the secret, shown this once.
@@ -232,6 +236,9 @@ pub struct TokenCreated {
     pub role: Role,
     /// The secret (`kiln_` and 32 hex digits); only its hash is kept.
     pub token: String,
+    /// The devices it serves (a `device` token).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// `GET /healthz`.

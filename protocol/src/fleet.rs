@@ -37,20 +37,63 @@ pub fn valid_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
-        return Err(format!("{url:?} is not mqtt://host:port"));
+/// Where an MQTT broker is and how to log in to it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttEndpoint {
+    /// Its host.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// User and password, from `mqtt://user:password@host:port`.
+    pub login: Option<(String, crate::Secret)>,
+}
+
+impl fmt::Debug for MqttEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let user = self.login.as_ref().map(|(u, _)| u.as_str());
+        f.debug_struct("MqttEndpoint").field("host", &self.host).field("port", &self.port).field("user", &user).finish()
     }
-    match rest.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port.parse().map_err(|_| format!("{url:?}: the port {port:?} is not a number"))?;
-            Ok((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+impl MqttEndpoint {
+    /// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883), with an
+    /// optional `user:password@` before the host (taken as written, no percent-decoding).
+    pub fn parse(url: &str) -> Result<MqttEndpoint, String> {
+        // The password never goes into an error: the URL is shown as SecretUrl shows it.
+        let shown = match url.contains("://") {
+            true => crate::SecretUrl::from(url).to_string(),
+            false if url.contains('@') => "(a URL with a login needs mqtt:// before it)".to_owned(),
+            false => url.to_owned(),
+        };
+        let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
+        let rest = rest.trim_end_matches('/');
+        let (login, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                if user.is_empty() {
+                    return Err(format!("{shown:?}: the user before '@' is empty"));
+                }
+                (Some((user.to_owned(), crate::Secret::new(password.to_owned()))), host)
+            }
+            None => (None, rest),
+        };
+        if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+            return Err(format!("{shown:?} is not mqtt://[user:password@]host:port"));
         }
-        None => Ok((rest.to_owned(), 1883)),
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(':') => {
+                let port = port.parse().map_err(|_| format!("{shown:?}: the port {port:?} is not a number"))?;
+                (host.trim_matches(['[', ']']).to_owned(), port)
+            }
+            _ => (rest.to_owned(), 1883),
+        };
+        Ok(MqttEndpoint { host, port, login })
     }
+}
+
+/// `mqtt://host:port`'s host and port (see [`MqttEndpoint::parse`]).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    MqttEndpoint::parse(url).map(|e| (e.host, e.port))
 }
 
 /// The fleet's topic names, all under one prefix (`kiln` unless configured otherwise).
@@ -114,6 +157,35 @@ impl Topics {
         let p = &self.prefix;
         [format!("{p}/devices/+/status"), format!("{p}/devices/+/telemetry"), format!("{p}/devices/+/tasks/+")]
     }
+    /// The Mosquitto ACL lines of an agent that logs in as `user` and serves `devices`: it may
+    /// publish only its own devices' status, telemetry and task reports, and read only their tasks
+    /// and the scheduler's status. One Pi cannot speak for another's devices.
+    pub fn agent_acl(&self, user: &str, devices: &[String]) -> Vec<String> {
+        let p = &self.prefix;
+        let mut lines = vec![format!("user {user}"), format!("topic read {p}/scheduler/status")];
+        for d in devices {
+            lines.push(format!("topic write {p}/devices/{d}/status"));
+            lines.push(format!("topic write {p}/devices/{d}/telemetry"));
+            lines.push(format!("topic write {p}/devices/{d}/tasks/+"));
+            lines.push(format!("topic read {p}/devices/{d}/tasks"));
+        }
+        lines
+    }
+
+    /// The Mosquitto ACL lines of the scheduler's bridge, logged in as `user`: it announces
+    /// itself, hears every device and sends every device its tasks.
+    pub fn bridge_acl(&self, user: &str) -> Vec<String> {
+        let p = &self.prefix;
+        vec![
+            format!("user {user}"),
+            format!("topic readwrite {p}/scheduler/status"),
+            format!("topic read {p}/devices/+/status"),
+            format!("topic read {p}/devices/+/telemetry"),
+            format!("topic read {p}/devices/+/tasks/+"),
+            format!("topic write {p}/devices/+/tasks"),
+        ]
+    }
+
     /// What `topic` names, if it is one of ours (with valid ids).
     pub fn parse(&self, topic: &str) -> Option<Topic> {
         let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix('/')?;
@@ -319,6 +391,32 @@ pub struct DeviceTask {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// After this (unix milliseconds) the task is rejected, not run.
     pub deadline_ms: i64,
+    /// The scheduler's proof that it sent this task to this device: the keyed BLAKE3 of the task
+    /// (this field left out) and the device id, with the key of the device token that serves the
+    /// device ([`DeviceTask::sign`]). An agent runs nothing without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl DeviceTask {
+    /// What the MAC covers: a context, the device and the task as JSON without its MAC. Both
+    /// sides serialize the same struct, so the bytes agree after a round trip through JSON.
+    fn signed_bytes(&self, device: &str) -> Vec<u8> {
+        let unsigned = DeviceTask { mac: None, ..self.clone() };
+        let mut bytes = format!("kiln device task\n{device}\n").into_bytes();
+        bytes.extend(serde_json::to_vec(&unsigned).unwrap_or_default());
+        bytes
+    }
+
+    /// Signs the task for `device` with the key of the token that serves it.
+    pub fn sign(&mut self, device: &str, key: &crate::wire::MessageKey) {
+        self.mac = Some(key.mac(&self.signed_bytes(device)));
+    }
+
+    /// Whether the task carries the scheduler's proof that it is for `device`, signed with `key`.
+    pub fn proven(&self, device: &str, key: &crate::wire::MessageKey) -> bool {
+        self.mac.as_deref().is_some_and(|mac| key.verify(&self.signed_bytes(device), mac))
+    }
 }
 
 wire_enum!(
@@ -376,6 +474,10 @@ wire_enum!(
         WrongKind = "wrong_kind",
         /// Its payload did not parse or check.
         Malformed = "malformed",
+        /// It carried no valid proof that the scheduler sent it (someone else published it on
+        /// the device's tasks topic): never run, and the scheduler does not let it move the task
+        /// of the same id.
+        Unproven = "unproven",
     }
 );
 
@@ -530,6 +632,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_mqtt_url_gives_host_port_and_login_and_never_shows_its_password() {
+        let e = MqttEndpoint::parse("mqtt://kiln-scheduler:s3cr3t@broker.lan:8883").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("broker.lan", 8883));
+        let (user, password) = e.login.as_ref().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("kiln-scheduler", "s3cr3t"));
+        assert!(!format!("{e:?}").contains("s3cr3t"));
+        assert_eq!(parse_mqtt_url("tcp://127.0.0.1"), Ok(("127.0.0.1".into(), 1883)));
+        assert_eq!(parse_mqtt_url("[::1]:1884"), Ok(("::1".into(), 1884)));
+        assert_eq!(MqttEndpoint::parse("mqtt://h:1").unwrap().login, None);
+        for bad in ["mqtt://u:s3cr3t@h:port", "mqtt://:s3cr3t@h", "mqtt://u:s3cr3t@h/x", "http://h:1", ""] {
+            let e = MqttEndpoint::parse(bad).unwrap_err();
+            assert!(!e.contains("s3cr3t"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn topics_round_trip_and_refuse_strangers() {
         let t = Topics::new("studio");
         assert_eq!(t.parse(&t.status("p1")), Some(Topic::Status("p1".into())));
@@ -552,6 +670,7 @@ mod tests {
             asset: None,
             params: serde_json::Map::new(),
             deadline_ms: 5,
+            mac: None,
         };
         let bytes = serde_json::to_vec(&task).unwrap();
         assert_eq!(decode::<DeviceTask>(&bytes).unwrap(), task);
@@ -564,6 +683,42 @@ mod tests {
         assert!(matches!(decode::<DeviceTask>(bad_id), Err(PayloadError::Field { field: "task_id", .. })));
         assert_eq!("camera".parse::<DeviceKind>(), Ok(DeviceKind::Camera));
         assert!("toaster".parse::<DeviceKind>().unwrap_err().contains("printer, lights, camera, display"));
+    }
+
+    #[test]
+    fn a_task_is_proven_only_for_its_device_with_its_token_and_unchanged() {
+        let sched = crate::wire::MessageKey::from_token_hash(
+            blake3::hash(b"kiln_00112233445566778899aabbccddeeff").to_hex().as_str(),
+        );
+        let agent = crate::wire::MessageKey::from_token("kiln_00112233445566778899aabbccddeeff");
+        let mut params = serde_json::Map::new();
+        params.insert("scene".into(), "dusk".into());
+        params.insert("brightness".into(), 0.35.into());
+        params.insert("zones".into(), serde_json::json!([1, 2.5e-7, {"b": null, "a": "é\u{1F525}"}]));
+        let mut task = DeviceTask {
+            v: FLEET_VERSION,
+            task_id: "t1".into(),
+            kind: TaskKind::Lights,
+            asset: None,
+            params,
+            deadline_ms: 1_900_000_000_000,
+            mac: None,
+        };
+        assert!(!task.proven("lights-1", &agent), "no MAC, no proof");
+        task.sign("lights-1", &sched);
+        // What the agent checks is what it decoded from the wire.
+        let heard: DeviceTask = decode(&serde_json::to_vec(&task).unwrap()).unwrap();
+        assert!(heard.proven("lights-1", &agent));
+        assert!(!heard.proven("lights-2", &agent), "signed for another device");
+        let other = crate::wire::MessageKey::from_token("kiln_ffeeddccbbaa99887766554433221100");
+        assert!(!heard.proven("lights-1", &other), "another token's key");
+        let mut changed = heard.clone();
+        changed.params.insert("brightness".into(), 1.0.into());
+        assert!(!changed.proven("lights-1", &agent), "a changed parameter");
+        let later = DeviceTask { deadline_ms: heard.deadline_ms + 1, ..heard.clone() };
+        assert!(!later.proven("lights-1", &agent), "a moved deadline");
+        let garbage = DeviceTask { mac: Some("zz".into()), ..heard };
+        assert!(!garbage.proven("lights-1", &agent));
     }
 
     #[test]

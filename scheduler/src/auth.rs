@@ -14,6 +14,8 @@ pub struct Caller {
     pub name: String,
     /// Its role.
     pub role: Role,
+    /// The devices it serves (a device token).
+    pub devices: Vec<String>,
 }
 
 impl Caller {

@@ -73,9 +73,10 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
-    /// `mqtt://host:port` of the broker the agents use; unset runs no fleet bridge (`kiln up`
-    /// embeds a broker and sets it) [env KILN_MQTT_URL].
-    pub mqtt_url: Option<String>,
+    /// `mqtt://host:port` of the broker the agents use, with the bridge's login as
+    /// `mqtt://user:password@host:port` when the broker asks for one (shown with the password as
+    /// `***`); unset runs no fleet bridge (`kiln up` embeds a broker and sets it) [env KILN_MQTT_URL].
+    pub mqtt_url: Option<SecretUrl>,
     /// The topic prefix [env KILN_MQTT_PREFIX].
     pub prefix: String,
     /// The scheduler's MQTT keepalive, seconds.
@@ -213,7 +214,7 @@ impl FarmConfig {
             s.broker.amqp_url = Some(v.into());
         }
         if let Some(v) = env("KILN_MQTT_URL").filter(|v| !v.is_empty()) {
-            s.fleet.mqtt_url = Some(v);
+            s.fleet.mqtt_url = Some(v.into());
         }
         if let Some(v) = env("KILN_MQTT_PREFIX").filter(|v| !v.is_empty()) {
             s.fleet.prefix = v;
@@ -259,7 +260,7 @@ impl FarmConfig {
             return bad("scheduler.broker.amqp_url", format!("{url:?}: expected amqp://…"));
         }
         if let Some(url) = &s.fleet.mqtt_url
-            && let Err(e) = kiln_protocol::fleet::parse_mqtt_url(url)
+            && let Err(e) = kiln_protocol::fleet::MqttEndpoint::parse(url.expose())
         {
             return bad("scheduler.fleet.mqtt_url", e);
         }

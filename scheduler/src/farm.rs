@@ -20,7 +20,7 @@ use crate::auth::Role;
 use crate::config::FarmConfig;
 use crate::dispatch::local::{self, LocalQueue};
 use crate::dispatch::run_outbox;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, TokenRefusal};
 use crate::store::{BoxFut, PgStore, SqliteStore, Store};
 
 /// The database file in the data dir.
@@ -35,7 +35,7 @@ pub struct Farm {
 }
 
 /// Writes a secret readable by its owner only.
-fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+pub fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -51,10 +51,16 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 /// The token kept in `path` while it still authenticates with `role`; else a new one, created under
 /// `name` (or `name-2`, `name-3`, … if taken) and written to `path` (mode 0600). The secret, and
 /// whether it was created now.
-pub async fn ensure_token(sched: &Scheduler, path: &Path, name: &str, role: Role) -> anyhow::Result<(String, bool)> {
+pub async fn ensure_token(
+    sched: &Scheduler,
+    path: &Path,
+    name: &str,
+    role: Role,
+    devices: &[String],
+) -> anyhow::Result<(String, bool)> {
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_owned();
-        if sched.authenticate(&t).is_some_and(|c| c.role == role) {
+        if sched.authenticate(&t).is_some_and(|c| c.role == role && c.devices == devices) {
             return Ok((t, false));
         }
     }
@@ -62,9 +68,9 @@ pub async fn ensure_token(sched: &Scheduler, path: &Path, name: &str, role: Role
     let mut n = 1;
     let secret = loop {
         let free = if n == 1 { name.to_owned() } else { format!("{name}-{n}") };
-        match sched.create_token(&free, role).await {
+        match sched.create_token(&free, role, devices).await {
             Ok(s) => break s,
-            Err(crate::store::StoreError::Conflict(_)) if n < 1000 => n += 1,
+            Err(TokenRefusal::Store(crate::store::StoreError::Conflict(_))) if n < 1000 => n += 1,
             Err(e) => return Err(e).with_context(|| format!("failed to create the {role} token")),
         }
     };
@@ -116,7 +122,7 @@ impl Farm {
                 .await
                 .context("failed to load the scheduler's state")?;
             let token_path = cfg.token_path();
-            let (_, token_created) = ensure_token(&sched, &token_path, "operator", Role::Operator).await?;
+            let (_, token_created) = ensure_token(&sched, &token_path, "operator", Role::Operator, &[]).await?;
             let addr = cfg.scheduler.listen;
             let listener = TcpListener::bind(addr)
                 .await

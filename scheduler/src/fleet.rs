@@ -22,6 +22,7 @@ use kiln_protocol::fleet::{
     SchedulerStatus, TaskReport, Telemetry, Topic, Topics, decode,
 };
 use kiln_protocol::now_ms;
+use kiln_protocol::wire::MessageKey;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,8 +34,8 @@ use crate::store::fleet::{Device, DeviceTask, TaskChange, TaskMove, TaskState};
 /// Runs the bridge until `stop`.
 pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToken) {
     let Some(url) = cfg.mqtt_url.clone() else { return };
-    let (host, port) = match kiln_protocol::fleet::parse_mqtt_url(&url) {
-        Ok(hp) => hp,
+    let endpoint = match kiln_protocol::fleet::MqttEndpoint::parse(url.expose()) {
+        Ok(e) => e,
         Err(e) => {
             tracing::error!(error = e, "scheduler.fleet.mqtt_url: no fleet bridge");
             return;
@@ -45,7 +46,10 @@ pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToke
     let status = |state| SchedulerStatus { v: FLEET_VERSION, state, boot_id: boot_id.clone(), at_ms: now_ms() };
     let will = serde_json::to_vec(&status(DeviceState::Offline)).unwrap_or_default();
     let client_id = format!("kiln-scheduler-{}", cfg.prefix.replace('/', "_"));
-    let mut opts = MqttOptions::new(client_id, host, port);
+    let mut opts = MqttOptions::new(client_id, endpoint.host, endpoint.port);
+    if let Some((user, password)) = endpoint.login {
+        opts.set_credentials(user, password.expose());
+    }
     opts.set_keep_alive(Duration::from_secs(cfg.keepalive_seconds))
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -64,15 +68,17 @@ pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToke
         stop.clone(),
     ));
     let sweeper = tokio::spawn(sweep(sched.clone(), cfg.clone(), stop.clone()));
-    tracing::info!(broker = url, prefix = cfg.prefix, "fleet bridge starting");
+    tracing::info!(broker = %url, prefix = cfg.prefix, "fleet bridge starting");
     let mut backoff = Duration::from_millis(100);
+    let mut told = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             ev = events.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    tracing::info!(broker = url, "fleet bridge connected");
+                    tracing::info!(broker = %url, "fleet bridge connected");
                     backoff = Duration::from_millis(100);
+                    told = false;
                     connected.store(true, Ordering::SeqCst);
                     // Subscribed first: a broker handles a client's packets in order, so agents that
                     // hear "online" are heard.
@@ -92,6 +98,10 @@ pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToke
                 Err(e) => {
                     if connected.swap(false, Ordering::SeqCst) {
                         tracing::warn!(error = %e, "fleet bridge lost the broker; reconnecting");
+                    } else if !told {
+                        // Once per run of failures: a wrong login is refused on every try.
+                        tracing::warn!(broker = %url, error = %e, "fleet bridge cannot connect to the broker; retrying");
+                        told = true;
                     } else {
                         tracing::debug!(error = %e, "fleet broker unreachable");
                     }
@@ -236,6 +246,17 @@ fn report_move(
         Some((owner, _)) if owner == device => {}
         _ => return Err(Dropped::new("report", "unknown_task")),
     }
+    if r.state == ReportState::Rejected && r.reason == Some(RejectReason::Unproven) {
+        // The device refused a task of this id that someone else published unsigned: what the
+        // scheduler sent is not touched.
+        return Err(Dropped {
+            topic: "report",
+            reason: "unproven_task",
+            error: Some(format!(
+                "device {device} refused a task without the scheduler's proof: someone else publishes on its tasks topic"
+            )),
+        });
+    }
     let (to, detail) = match r.state {
         ReportState::Accepted => (TaskState::Accepted, r.detail),
         ReportState::Running => (TaskState::Running, r.detail),
@@ -295,7 +316,12 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
             let stored = sched.store.task_row(&task_id).await?;
             let current = stored.as_ref().map(|t| (t.device_id.as_str(), t.state));
             match report_move(&id, current, r) {
-                Err(d) => dropped(sched, d.topic, d.reason),
+                Err(d) => {
+                    if let Some(error) = &d.error {
+                        tracing::warn!(device = id, task = task_id, error, "dropped a task report");
+                    }
+                    dropped(sched, d.topic, d.reason)
+                }
                 Ok((to, change)) => match sched.store.move_task(&task_id, to, change, now).await? {
                     Some(m) => observe(sched, &m),
                     None => dropped(sched, "report", unmoved(current.map_or(to, |(_, s)| s), to)),
@@ -318,9 +344,9 @@ fn observe(sched: &Scheduler, m: &TaskMove) {
     }
 }
 
-/// The task as the agent gets it.
-pub fn wire_task(t: &DeviceTask) -> WireTask {
-    WireTask {
+/// The task as the agent gets it, signed with the key of the token that serves its device.
+pub fn wire_task(t: &DeviceTask, key: &MessageKey) -> WireTask {
+    let mut wire = WireTask {
         v: FLEET_VERSION,
         task_id: t.id.clone(),
         kind: t.kind,
@@ -330,7 +356,10 @@ pub fn wire_task(t: &DeviceTask) -> WireTask {
             .map(|h| kiln_protocol::fleet::AssetRef { hash: h.clone(), url: format!("/v1/assets/{h}") }),
         params: t.params.clone(),
         deadline_ms: t.deadline_ms,
-    }
+        mac: None,
+    };
+    wire.sign(&t.device_id, key);
+    wire
 }
 
 /// Publishes due tasks while connected: when woken (a new task, a device back) or every 500 ms.
@@ -363,7 +392,23 @@ async fn send_tasks(
             if t.sends >= i64::from(cfg.max_sends) {
                 continue; // the sweep fails it
             }
-            let payload = serde_json::to_vec(&wire_task(&t)).unwrap_or_default();
+            let Some((_, key)) = sched.device_key(&t.device_id).await else {
+                // Unsigned, the agent would refuse it: say why here, where the operator looks.
+                let detail = format!(
+                    "no device token serves device {:?}, so the task cannot be signed; \
+                     `kiln device add NAME --devices {}` makes one",
+                    t.device_id, t.device_id
+                );
+                tracing::warn!(task = t.id, device = t.device_id, "{detail}");
+                let change = TaskChange { detail: Some(detail), ..TaskChange::default() };
+                match sched.store.move_task(&t.id, TaskState::Failed, change, now_ms()).await {
+                    Ok(Some(m)) => observe(&sched, &m),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(task = t.id, error = %e, "could not fail an unsignable task"),
+                }
+                continue;
+            };
+            let payload = serde_json::to_vec(&wire_task(&t, &key)).unwrap_or_default();
             if client.publish(topics.tasks(&t.device_id), QoS::AtLeastOnce, false, payload).await.is_err() {
                 break;
             }
@@ -566,6 +611,11 @@ mod tests {
         let r = || report(ReportState::Accepted, None, None);
         assert_eq!(report_move("p1", None, r()).unwrap_err().reason, "unknown_task");
         assert_eq!(report_move("p1", Some(("p2", TaskState::Sent)), r()).unwrap_err().reason, "unknown_task");
+        // Someone published a task of this id unsigned and the device refused it: ours stands.
+        let forged = report(ReportState::Rejected, Some("no proof"), Some(RejectReason::Unproven));
+        let dropped = report_move("p1", Some(("p1", TaskState::Sent)), forged).unwrap_err();
+        assert_eq!(dropped.reason, "unproven_task");
+        assert!(dropped.error.unwrap().contains("someone else publishes on its tasks topic"));
         assert_eq!(unmoved(TaskState::Accepted, TaskState::Accepted), "duplicate");
         assert_eq!(unmoved(TaskState::Succeeded, TaskState::Running), "stale");
     }

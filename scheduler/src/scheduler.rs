@@ -115,6 +115,30 @@ pub enum SubmitError {
     Store(#[from] StoreError),
 }
 
+/// Why a token was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefusal {
+    /// A field of the request is wrong.
+    #[error("{field}: {message}")]
+    Field {
+        /// The field (`devices[1]`).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A device is served by another token already.
+    #[error("devices: {device:?} is served by the token {holder:?} already")]
+    Served {
+        /// The device.
+        device: String,
+        /// The token that serves it.
+        holder: String,
+    },
+    /// The store refused it (a taken name or device) or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Something a listener hears about a job: a durable event, or render progress.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -161,8 +185,12 @@ pub struct Scheduler {
     tokens: RwLock<HashMap<String, Caller>>,
     /// The worker tokens' message keys by signer id (see [`MessageKey`]), with the token's name.
     signers: RwLock<HashMap<String, (String, MessageKey)>>,
-    /// When the tokens were last read on account of an unknown signer (at most once a second).
+    /// When the tokens were last read on account of an unknown signer or an unserved device (at
+    /// most once a second).
     signers_read: Mutex<Option<std::time::Instant>>,
+    /// The key of the device token that serves each device, by device id: its tasks are signed
+    /// with it (see [`kiln_protocol::fleet::DeviceTask::sign`]).
+    device_keys: RwLock<HashMap<String, (String, MessageKey)>>,
     pub(crate) dispatch_wake: Notify,
     /// Wakes the fleet bridge's sender (a task was created, a device came back).
     pub fleet_wake: Notify,
@@ -192,6 +220,7 @@ impl Scheduler {
             tokens: RwLock::new(HashMap::new()),
             signers: RwLock::new(HashMap::new()),
             signers_read: Mutex::new(None),
+            device_keys: RwLock::new(HashMap::new()),
             dispatch_wake: Notify::new(),
             fleet_wake: Notify::new(),
             rng: Mutex::new(Rng::new(seed)),
@@ -245,10 +274,48 @@ impl Scheduler {
                 (key.signer().to_owned(), (t.name.clone(), key))
             })
             .collect();
-        let map = rows.into_iter().map(|t| (t.token_hash, Caller { name: t.name, role: t.role })).collect();
+        // Rows come oldest first: a device named by two tokens is served by the newer.
+        let device_keys = rows
+            .iter()
+            .filter(|t| t.role == Role::Device)
+            .flat_map(|t| t.devices.iter().map(move |d| (d.clone(), (t.name.clone(), t))))
+            .map(|(d, (name, t))| (d, (name, MessageKey::from_token_hash(&t.token_hash))))
+            .collect();
+        let map = rows
+            .into_iter()
+            .map(|t| (t.token_hash, Caller { name: t.name, role: t.role, devices: t.devices }))
+            .collect();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
         *self.signers.write().unwrap_or_else(|p| p.into_inner()) = signers;
+        *self.device_keys.write().unwrap_or_else(|p| p.into_inner()) = device_keys;
         Ok(())
+    }
+
+    /// Reads the tokens again if they were not read in the last second: something named a token
+    /// made on another node, perhaps.
+    async fn reload_tokens_at_most_each_second(&self) {
+        let due = {
+            let mut last = self.signers_read.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if due && let Err(e) = self.reload_tokens().await {
+            tracing::warn!(error = %e, "cannot read the tokens again");
+        }
+    }
+
+    /// The name and key of the device token that serves `device`, which signs its tasks; `None`
+    /// when no token serves it (`kiln device add NAME --devices DEVICE` makes one).
+    pub async fn device_key(&self, device: &str) -> Option<(String, MessageKey)> {
+        let known = |s: &Self| s.device_keys.read().unwrap_or_else(|p| p.into_inner()).get(device).cloned();
+        if let Some(k) = known(self) {
+            return Some(k);
+        }
+        self.reload_tokens_at_most_each_second().await;
+        known(self)
     }
 
     /// The name of the worker token that signed `body` (`signature`: the signer and MAC headers
@@ -262,17 +329,7 @@ impl Scheduler {
         let found = match known(self) {
             Some(k) => Some(k),
             None => {
-                let due = {
-                    let mut last = self.signers_read.lock().unwrap_or_else(|p| p.into_inner());
-                    let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-                    if due {
-                        *last = Some(std::time::Instant::now());
-                    }
-                    due
-                };
-                if due && let Err(e) = self.reload_tokens().await {
-                    tracing::warn!(error = %e, "cannot read the tokens to check a signer");
-                }
+                self.reload_tokens_at_most_each_second().await;
                 known(self)
             }
         };
@@ -288,10 +345,39 @@ impl Scheduler {
         self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(&token_hash(token)).cloned()
     }
 
-    /// Creates a token; the secret is returned once and never stored.
-    pub async fn create_token(&self, name: &str, role: Role) -> Result<Secret, StoreError> {
+    /// Creates a token; the secret is returned once and never stored. `devices` (a device token
+    /// only) are the devices its agent serves: each may be served by one token, checked against
+    /// the tokens as last read.
+    pub async fn create_token(&self, name: &str, role: Role, devices: &[String]) -> Result<Secret, TokenRefusal> {
+        if !devices.is_empty() && role != Role::Device {
+            let message = format!("only a device token serves devices, not a {role} token");
+            return Err(TokenRefusal::Field { field: "devices".into(), message });
+        }
+        for (i, d) in devices.iter().enumerate() {
+            if !kiln_protocol::fleet::valid_id(d) {
+                let message = format!("{d:?} is not a device id (1 to 64 of A-Z a-z 0-9 - _ .)");
+                return Err(TokenRefusal::Field { field: format!("devices[{i}]"), message });
+            }
+            if devices[..i].contains(d) {
+                return Err(TokenRefusal::Field {
+                    field: format!("devices[{i}]"),
+                    message: format!("{d:?} is named twice"),
+                });
+            }
+        }
+        self.reload_tokens().await?;
+        for d in devices {
+            if let Some((holder, _)) = self.device_keys.read().unwrap_or_else(|p| p.into_inner()).get(d) {
+                return Err(TokenRefusal::Served { device: d.clone(), holder: holder.clone() });
+            }
+        }
         let secret = new_token().map_err(|e| StoreError::Corrupt { what: "random source", message: e.to_string() })?;
-        let row = TokenRow { token_hash: token_hash(secret.expose()), name: name.to_owned(), role };
+        let row = TokenRow {
+            token_hash: token_hash(secret.expose()),
+            name: name.to_owned(),
+            role,
+            devices: devices.to_vec(),
+        };
         self.store.add_token(row, now_ms()).await?;
         self.reload_tokens().await?;
         Ok(secret)
@@ -514,7 +600,7 @@ mod tests {
     async fn a_submit_watched_from_before_it_is_stored_wakes_at_its_end_and_leaves_no_waiter() {
         let dir = tempfile::tempdir().unwrap();
         let s = idle_scheduler(dir.path()).await;
-        let me = Caller { name: "ana".into(), role: Role::Client };
+        let me = Caller { name: "ana".into(), role: Role::Client, devices: vec![] };
         let req = |key: &str| JobRequest {
             idempotency_key: Some(key.into()),
             ..serde_json::from_value(

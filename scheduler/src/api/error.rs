@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_protocol::api::{ErrorBody, ErrorDetail};
 
-use crate::scheduler::SubmitError;
+use crate::scheduler::{SubmitError, TokenRefusal};
 use crate::store::StoreError;
 
 /// An API error.
@@ -148,6 +148,16 @@ impl From<StoreError> for ApiError {
                 None,
             ),
             e => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<TokenRefusal> for ApiError {
+    fn from(e: TokenRefusal) -> Self {
+        match e {
+            TokenRefusal::Field { field, message } => ApiError::invalid(field, message),
+            served @ TokenRefusal::Served { .. } => ApiError::conflict(served.to_string()),
+            TokenRefusal::Store(s) => s.into(),
         }
     }
 }

@@ -744,9 +744,9 @@ async fn provenance(
 #[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = api::NewToken,
     responses(
         (status = 201, body = api::TokenCreated),
-        (status = 400, description = "A bad name or role", body = api::ErrorBody),
+        (status = 400, description = "A bad name, role or device", body = api::ErrorBody),
         openapi::OperatorOnly,
-        (status = 409, description = "The name is taken", body = api::ErrorBody),
+        (status = 409, description = "The name is taken, or a device is served by another token", body = api::ErrorBody),
     ))]
 async fn create_token(
     State(s): State<AppState>,
@@ -758,8 +758,9 @@ async fn create_token(
     if req.name.is_empty() || req.name.len() > 100 || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 100 printable characters"));
     }
-    let secret = s.create_token(&req.name, req.role).await?;
-    let made = api::TokenCreated { name: req.name, role: req.role, token: secret.expose().to_owned() };
+    let secret = s.create_token(&req.name, req.role, &req.devices).await?;
+    let made =
+        api::TokenCreated { name: req.name, role: req.role, token: secret.expose().to_owned(), devices: req.devices };
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 

@@ -328,7 +328,7 @@ pub struct Page {
 }
 
 /// A stored API token (its hash, never the secret).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {
     /// BLAKE3 hex of the secret.
     pub token_hash: String,
@@ -336,6 +336,8 @@ pub struct TokenRow {
     pub name: String,
     /// Its role.
     pub role: crate::auth::Role,
+    /// The devices it serves (a device token); empty for others.
+    pub devices: Vec<String>,
 }
 
 /// The scheduler's durable state.

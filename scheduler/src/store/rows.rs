@@ -92,6 +92,7 @@ pub(super) fn token_from_row(row: &impl Cols) -> Result<TokenRow, StoreError> {
         token_hash: row.col("token_hash")?,
         name: row.col("name")?,
         role: role.parse().map_err(|e| corrupt("token role", e))?,
+        devices: row.col::<String>("devices")?.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
     })
 }
 

@@ -306,9 +306,12 @@ macro_rules! store_impl {
 
             fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>> {
                 Box::pin(async move {
-                    let rows = sqlx::query("SELECT token_hash, name, role FROM api_tokens WHERE revoked_ms IS NULL")
-                        .fetch_all(&self.read)
-                        .await?;
+                    let rows = sqlx::query(
+                        "SELECT token_hash, name, role, devices FROM api_tokens WHERE revoked_ms IS NULL \
+                         ORDER BY created_ms, name",
+                    )
+                    .fetch_all(&self.read)
+                    .await?;
                     rows.iter().map(token_from_row).collect()
                 })
             }
@@ -318,13 +321,14 @@ macro_rules! store_impl {
                 let op: OpFn<$conn, Result<(), StoreError>> = Box::new(move |c| {
                     Box::pin(async move {
                         let inserted = sqlx::query(
-                            "INSERT INTO api_tokens (token_hash, name, role, created_ms) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (name) DO NOTHING",
+                            "INSERT INTO api_tokens (token_hash, name, role, created_ms, devices) \
+                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
                         )
                         .bind(&token.token_hash)
                         .bind(&token.name)
                         .bind(token.role.as_str())
                         .bind(now_ms)
+                        .bind(token.devices.join(","))
                         .execute(&mut *c)
                         .await?;
                         if inserted.rows_affected() == 0 {

@@ -654,7 +654,12 @@ mod tests {
         let store = SqliteStore::open(&path).await.unwrap();
         let commits = store.writer.commits();
         let before = *commits.borrow();
-        let row = TokenRow { token_hash: "ab".repeat(32), name: "ops".into(), role: crate::auth::Role::Operator };
+        let row = TokenRow {
+            token_hash: "ab".repeat(32),
+            name: "ops".into(),
+            role: crate::auth::Role::Operator,
+            devices: vec![],
+        };
         store.add_token(row, 1).await.unwrap();
         // The flusher wakes on this count and opens the log by name: a wrong name would find
         // no file and, taking that for a log not made yet, flush nothing.

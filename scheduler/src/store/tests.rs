@@ -311,11 +311,25 @@ async fn the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it(s
 }
 
 async fn tokens_are_unique_by_name(s: &dyn Store) {
-    let row = |hash: &str| TokenRow { token_hash: hash.into(), name: "ops".into(), role: crate::auth::Role::Operator };
+    let row = |hash: &str| TokenRow {
+        token_hash: hash.into(),
+        name: "ops".into(),
+        role: crate::auth::Role::Operator,
+        devices: vec![],
+    };
     s.add_token(row("h1"), 1).await.unwrap();
     assert!(matches!(s.add_token(row("h2"), 2).await, Err(StoreError::Conflict(_))));
+    let pi = TokenRow {
+        token_hash: "h3".into(),
+        name: "studio-pi".into(),
+        role: crate::auth::Role::Device,
+        devices: vec!["printer-1".into(), "camera-1".into()],
+    };
+    s.add_token(pi.clone(), 3).await.unwrap();
     let tokens = s.tokens().await.unwrap();
-    assert_eq!((tokens.len(), tokens[0].token_hash.as_str()), (1, "h1"));
+    assert_eq!((tokens.len(), tokens[0].token_hash.as_str()), (2, "h1"));
+    assert_eq!(tokens[0].devices, Vec::<String>::new());
+    assert_eq!(tokens.iter().find(|t| t.name == "studio-pi"), Some(&pi), "its devices are kept, in order");
     // The refusal did not roll back anything else.
     s.submit(new_job("x", "kx", 9)).await.unwrap();
 }
