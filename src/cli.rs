@@ -60,6 +60,9 @@ pub enum Command {
     /// Add a Pi to the fleet: its device token and MQTT login, and what the broker needs.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Add a worker box: its worker token and RabbitMQ user, and what the broker needs.
+    #[command(subcommand)]
+    Worker(WorkerCommand),
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -253,6 +256,49 @@ struct DeviceAdded {
     broker_commands: Vec<String>,
 }
 
+/// `kiln worker ...`.
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Add a worker box (needs an operator token): makes a worker token (it signs the box's
+    /// results and heartbeats) and a RabbitMQ password for the user NAME, and prints them with
+    /// the rabbitmqctl lines that give NAME only what a worker needs: consume the job queues,
+    /// publish results, heartbeats and dead letters, and a private control queue. Secrets are
+    /// shown only this once.
+    Add(WorkerAddArgs),
+}
+
+/// `kiln worker add`'s arguments.
+#[derive(Debug, Args)]
+pub struct WorkerAddArgs {
+    /// The box's name: its token's name and its RabbitMQ user (1 to 64 of A-Z a-z 0-9 - _ .).
+    pub name: String,
+    /// The broker's name prefix [default: scheduler.broker.prefix].
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// The RabbitMQ virtual host.
+    #[arg(long, default_value = "/")]
+    pub vhost: String,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// What `kiln worker add` made, as `--json` prints it.
+#[derive(Debug, serde::Serialize)]
+struct WorkerAdded {
+    name: String,
+    /// The worker's `run.token` (`KILN_WORKER_TOKEN`).
+    token: String,
+    /// Its RabbitMQ login, for `run.amqp_url`.
+    amqp_username: String,
+    amqp_password: String,
+    vhost: String,
+    /// `configure`, `write` and `read`, as `rabbitmqctl set_permissions` takes them.
+    permissions: [String; 3],
+    /// Shell commands for the broker host.
+    broker_commands: Vec<String>,
+}
+
 /// `kiln token ...`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -327,6 +373,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Task(args)) => kiln_common::runtime()?.block_on(task(&cfg, &args)),
         Some(Command::Tasks(args)) => kiln_common::runtime()?.block_on(tasks(&cfg, &args)),
         Some(Command::Device(DeviceCommand::Add(args))) => kiln_common::runtime()?.block_on(device_add(&cfg, &args)),
+        Some(Command::Worker(WorkerCommand::Add(args))) => kiln_common::runtime()?.block_on(worker_add(&cfg, &args)),
         Some(Command::Token(TokenCommand::Create { name, role, remote })) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
             let new = api::NewToken { name, role, devices: vec![] };
@@ -538,19 +585,75 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// A fresh random password: 32 hex digits.
+fn new_password() -> anyhow::Result<String> {
+    let bytes: [u8; 16] = kiln_scheduler::auth::os_random().context("no random source for a password")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks a name that becomes a broker user.
+fn broker_user(name: &str, whose: &str) -> anyhow::Result<()> {
+    if !kiln_protocol::fleet::valid_id(name) {
+        bail!("NAME: {name:?} is not 1 to 64 of A-Z a-z 0-9 - _ . (it is the {whose})");
+    }
+    Ok(())
+}
+
+async fn worker_add(cfg: &FarmConfig, a: &WorkerAddArgs) -> anyhow::Result<()> {
+    broker_user(&a.name, "box's RabbitMQ user")?;
+    let c = client(cfg, &a.remote)?;
+    let new = api::NewToken { name: a.name.clone(), role: Role::Worker, devices: vec![] };
+    let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
+    let password = new_password()?;
+    let names = kiln_protocol::wire::Names::new(a.prefix.as_deref().unwrap_or(&cfg.scheduler.broker.prefix));
+    let permissions = names.worker_permissions();
+    let quoted: Vec<String> = permissions.iter().map(|p| shell_quote(p)).collect();
+    let broker_commands = vec![
+        format!("rabbitmqctl add_user {} {}", shell_quote(&a.name), shell_quote(&password)),
+        format!(
+            "rabbitmqctl set_permissions -p {} {} {}",
+            shell_quote(&a.vhost),
+            shell_quote(&a.name),
+            quoted.join(" ")
+        ),
+    ];
+    let added = WorkerAdded {
+        name: made.name,
+        token: made.token,
+        amqp_username: a.name.clone(),
+        amqp_password: password,
+        vhost: a.vhost.clone(),
+        permissions,
+        broker_commands,
+    };
+    if a.remote.json {
+        return print_json(&added);
+    }
+    let vhost = added.vhost.replace('%', "%25").replace('/', "%2f");
+    println!("# {}: the secrets below are shown only this once.", added.name);
+    println!();
+    println!("# On the worker box (kiln-worker run), with BROKER the RabbitMQ host:");
+    println!("KILN_WORKER_TOKEN={}", added.token);
+    println!("KILN_AMQP_URL=amqp://{}:{}@BROKER:5672/{vhost}", added.amqp_username, added.amqp_password);
+    println!();
+    println!("# On the broker host, as root:");
+    for line in &added.broker_commands {
+        println!("{line}");
+    }
+    eprintln!("worker token {:?} created", added.name);
+    Ok(())
+}
+
 async fn device_add(cfg: &FarmConfig, a: &DeviceAddArgs) -> anyhow::Result<()> {
     use kiln_protocol::fleet::{Topics, valid_id};
-    if !valid_id(&a.name) {
-        bail!("NAME: {:?} is not 1 to 64 of A-Z a-z 0-9 - _ . (it is the Pi's MQTT user)", a.name);
-    }
+    broker_user(&a.name, "Pi's MQTT user")?;
     if let Some((i, d)) = a.devices.iter().enumerate().find(|(_, d)| !valid_id(d)) {
         bail!("--devices[{i}]: {d:?} is not a device id (1 to 64 of A-Z a-z 0-9 - _ .)");
     }
     let c = client(cfg, &a.remote)?;
     let new = api::NewToken { name: a.name.clone(), role: Role::Device, devices: a.devices.clone() };
     let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
-    let bytes: [u8; 16] = kiln_scheduler::auth::os_random().context("no random source for the MQTT password")?;
-    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let password = new_password()?;
     let topics = Topics::new(a.prefix.as_deref().unwrap_or(&cfg.scheduler.fleet.prefix));
     let acl = topics.agent_acl(&a.name, &a.devices);
     let (passwd, acl_file) = (a.passwd_file.display().to_string(), a.acl_file.display().to_string());

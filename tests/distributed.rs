@@ -792,3 +792,75 @@ async fn results_and_heartbeats_not_signed_by_a_worker_token_are_refused() {
     assert_eq!(common::metric_in(&metrics, "kiln_scheduler_bad_messages_total", "kind=\"heartbeat\""), 1.0);
     d.stop().await;
 }
+
+/// Deletes a RabbitMQ user when dropped.
+struct BrokerUser(String);
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_user", &self.0]).output();
+    }
+}
+
+/// A worker box added with `kiln worker add` and the rabbitmqctl lines it printed: it renders
+/// as its own broker user, and that user can do nothing else on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_with_its_own_broker_user_renders_and_may_do_nothing_else() {
+    let Some(mut d) = Distributed::start().await else { return };
+    let probe = Command::new("rabbitmqctl").arg("list_users").output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        assert!(!testenv::services_required(), "rabbitmqctl does not run here (it needs root): {probe:?}");
+        eprintln!("skipping: rabbitmqctl does not run here (it needs root)");
+        return d.stop().await;
+    }
+    let name = format!("{}-box", d.names.prefix());
+    let out = common::kiln()
+        .args(["worker", "add", &name, "--prefix", d.names.prefix(), "--json"])
+        .args(["--server", &d.farm.url, "--token", &d.farm.token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let added: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let _user = BrokerUser(name.clone());
+    for cmd in added["broker_commands"].as_array().unwrap() {
+        let ran = Command::new("sh").args(["-c", cmd.as_str().unwrap()]).output().unwrap();
+        assert!(ran.status.success(), "{cmd}: {}", String::from_utf8_lossy(&ran.stderr));
+    }
+    let password = added["amqp_password"].as_str().unwrap();
+    let url = format!("amqp://{name}:{password}@127.0.0.1:5672/%2f");
+
+    // It renders, with its own token and user.
+    let env = WorkerEnv {
+        amqp_url: &url,
+        prefix: d.names.prefix(),
+        scheduler_url: &d.farm.url,
+        token: added["token"].as_str().unwrap(),
+    };
+    d.workers.push(common::spawn_worker_to(&env, "w-own-user", &[], std::process::Stdio::inherit()));
+    let ids = d.submit(2, 1100).await;
+    for j in d.wait_all(&ids, Duration::from_secs(60)).await {
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+
+    // Nothing else: declare a queue, read the results, publish a job.
+    let conn = kiln_common::amqp::connect(&url, "intruder").await.unwrap();
+    let refused = |what: &str, e: Option<lapin::Error>| {
+        let e = e.unwrap_or_else(|| panic!("{what} was allowed"));
+        assert!(e.to_string().contains("ACCESS_REFUSED"), "{what}: {e}");
+    };
+    let ch = conn.create_channel().await.unwrap();
+    let opts = lapin::options::QueueDeclareOptions::default();
+    refused("declaring a queue", ch.queue_declare("stolen".into(), opts, Default::default()).await.err());
+    let ch = conn.create_channel().await.unwrap();
+    let consume =
+        ch.basic_consume(d.names.results_queue().into(), "thief".into(), Default::default(), Default::default()).await;
+    refused("consuming the results", consume.err());
+    let ch = kiln_common::amqp::confirm_channel(&conn).await.unwrap();
+    let props = kiln_common::amqp::properties(JOB_TYPE, "forged");
+    let published = kiln_common::amqp::publish_confirmed(&ch, &d.names.jobs_exchange(), "preview", b"{}", props).await;
+    let e = published.expect_err("publishing a job was allowed");
+    assert!(format!("{e:?}").contains("ACCESS_REFUSED"), "{e:?}");
+    let more = d.submit(1, 1200).await;
+    assert_eq!(d.wait_all(&more, Duration::from_secs(60)).await[0]["state"], "succeeded");
+    d.stop().await;
+}

@@ -103,6 +103,25 @@ pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), lapin::
     Ok(())
 }
 
+/// Checks, without declaring anything, that what a worker uses is there as the scheduler
+/// declared it: the job, results and heartbeat queues and the dead-letter and control exchanges.
+/// A passive declare needs no permission, so a worker whose broker user may not configure the
+/// topology (see [`Names::worker_permissions`]) uses it as found, and learns by name what is
+/// missing. A failed check closes the channel.
+pub async fn check_topology(ch: &Channel, names: &Names) -> Result<(), lapin::Error> {
+    let passive = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+    for (x, kind) in [(names.dead_exchange(), ExchangeKind::Fanout), (names.control_exchange(), ExchangeKind::Direct)] {
+        ch.exchange_declare(x.into(), kind, passive, FieldTable::default()).await?;
+    }
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let mut queues: Vec<String> = Tier::ALL.iter().map(|t| names.tier_queue(*t)).collect();
+    queues.extend([names.results_queue(), names.heartbeats_queue()]);
+    for q in queues {
+        ch.queue_declare(q.into(), passive, FieldTable::default()).await?;
+    }
+    Ok(())
+}
+
 /// Deletes every queue under `names` (the exchanges hold nothing and stay): for tests and
 /// benchmarks that borrow a broker under a scratch prefix.
 pub async fn delete_queues(ch: &Channel, names: &Names) -> Result<(), lapin::Error> {

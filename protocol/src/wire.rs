@@ -137,12 +137,41 @@ impl Names {
     pub fn control_exchange(&self) -> String {
         format!("{}.control", self.prefix)
     }
+    /// The RabbitMQ permissions (`configure`, `write`, `read` regular expressions, as
+    /// `rabbitmqctl set_permissions` takes them) of a worker's own broker user: it may declare only
+    /// its private control queue (`amq.gen-…`), publish only through the default exchange (its
+    /// results and heartbeats) and to the dead-letter exchange, and consume only the job queues
+    /// and its control queue. It cannot declare the topology; it checks the scheduler's.
+    /// Write on `amq.default` reaches any queue by name: what it may put there is checked by the
+    /// scheduler (signed results for open attempts), not by the broker.
+    pub fn worker_permissions(&self) -> [String; 3] {
+        let p = regex_escape(&self.prefix);
+        let tiers: Vec<&str> = Tier::ALL.iter().map(|t| t.as_str()).collect();
+        [
+            r"^amq\.gen-.*$".to_owned(),
+            format!(r"^(amq\.default|amq\.gen-.*|{p}\.dead)$"),
+            format!(r"^({p}\.jobs\.({})|{p}\.control|amq\.gen-.*)$", tiers.join("|")),
+        ]
+    }
+
     /// Every queue, for tests and tools that clean up.
     pub fn queues(&self) -> Vec<String> {
         let mut q: Vec<String> = Tier::ALL.iter().map(|t| self.tier_queue(*t)).collect();
         q.extend([self.dead_queue(), self.dead_watch_queue(), self.results_queue(), self.heartbeats_queue()]);
         q
     }
+}
+
+/// `s` with the characters a regular expression gives meaning to escaped.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}-".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A render for a worker: one attempt of one job.
@@ -492,6 +521,17 @@ mod tests {
         let first = j.priority();
         j.attempt = 3;
         assert!(j.priority() > first && j.priority() <= MAX_PRIORITY);
+    }
+
+    #[test]
+    fn a_workers_broker_user_may_touch_only_its_queues_and_the_dead_letter_exchange() {
+        let [configure, write, read] = Names::new("kiln").worker_permissions();
+        assert_eq!(configure, r"^amq\.gen-.*$");
+        assert_eq!(write, r"^(amq\.default|amq\.gen-.*|kiln\.dead)$");
+        assert_eq!(read, r"^(kiln\.jobs\.(preview|final|print)|kiln\.control|amq\.gen-.*)$");
+        // A prefix is matched as written, not as a pattern.
+        let [_, write, _] = Names::new("studio.a+b").worker_permissions();
+        assert_eq!(write, r"^(amq\.default|amq\.gen-.*|studio\.a\+b\.dead)$");
     }
 
     #[test]

@@ -62,6 +62,9 @@ struct Daemon {
     connected: AtomicBool,
     /// Why the scheduler drained this worker, while it is drained.
     drained: std::sync::Mutex<Option<String>>,
+    /// Whether the broker refused this worker's user a declare: from then on the topology is
+    /// checked, not declared (see [`Daemon::topology`]).
+    may_not_declare: AtomicBool,
 }
 
 /// How a stretch of consuming ended.
@@ -89,6 +92,7 @@ pub async fn run(worker: Arc<Worker>, cfg: RunConfig, stop: CancellationToken) -
         draining: AtomicBool::new(false),
         connected: AtomicBool::new(false),
         drained: std::sync::Mutex::new(None),
+        may_not_declare: AtomicBool::new(false),
     });
     if let Some(addr) = d.cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -124,10 +128,38 @@ impl Daemon {
         *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = reason;
     }
 
+    /// A confirm channel, once the broker topology is there: declared, or, where this worker's
+    /// broker user may not configure it (`kiln worker add`), checked without declaring (a passive
+    /// declare needs no permission). A refused declare closes its channel and lapin logs that
+    /// once; after it the worker only checks.
+    async fn topology(&self, conn: &Connection, stop: &CancellationToken) -> anyhow::Result<Channel> {
+        let publ = amqp::confirm_channel(conn).await?;
+        if !self.may_not_declare.load(Ordering::Relaxed) {
+            match amqp::declare_topology(&publ, &self.names).await {
+                Ok(()) => return Ok(publ),
+                Err(e) => {
+                    tracing::info!(refused = %e, "this worker's broker user may not declare the topology; checking the scheduler's")
+                }
+            }
+            self.may_not_declare.store(true, Ordering::Relaxed);
+        }
+        let publ = if publ.status().connected() { publ } else { amqp::confirm_channel(conn).await? };
+        if let Err(e) = amqp::check_topology(&publ, &self.names).await {
+            // Back to declaring next time: the user may have been given the permission.
+            self.may_not_declare.store(false, Ordering::Relaxed);
+            tracing::warn!(missing = %e, "the broker topology is not there and this worker may not declare it: start the scheduler first (it declares it)");
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+            return Err(e.into());
+        }
+        Ok(publ)
+    }
+
     /// One connection's life: `Ok` when stopped and drained, `Err` when the broker went away.
     async fn session(self: Arc<Self>, conn: &Connection, stop: &CancellationToken) -> anyhow::Result<()> {
-        let publ = amqp::confirm_channel(conn).await?;
-        amqp::declare_topology(&publ, &self.names).await?;
+        let publ = self.topology(conn, stop).await?;
         let mut control = self.control_consumer(conn).await?;
         self.connected.store(true, Ordering::Relaxed);
         let session = stop.child_token();
