@@ -864,3 +864,65 @@ async fn a_worker_with_its_own_broker_user_renders_and_may_do_nothing_else() {
     assert_eq!(d.wait_all(&more, Duration::from_secs(60)).await[0]["state"], "succeeded");
     d.stop().await;
 }
+
+/// Waits until `f` says yes, or fails saying `what`.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, within: Duration, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Jobs whose message is purged from the queue are sent again, then failed with the reason
+/// once their attempts are spent; jobs whose messages wait in a queue are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_message_is_purged_is_sent_again_and_fails_once_its_attempts_are_spent() {
+    let Some(mut d) = Distributed::start_with(|cfg| {
+        cfg.scheduler.broker.redispatch_after_seconds = 2;
+        cfg.scheduler.retry.max_attempts = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let ids = d.submit(2, 1300).await;
+    let lost = || async { d.farm.metric("kiln_scheduler_jobs_undelivered_total", "cause=\"lost\"").await };
+    let dispatches = |id: String| {
+        let store = d.farm.sched.store.clone();
+        async move { store.events(&id, 0).await.unwrap().iter().filter(|e| e.state.as_str() == "dispatched").count() }
+    };
+    until("both jobs dispatched", Duration::from_secs(10), || async {
+        d.farm.sched.store.job(&ids[1]).await.unwrap().unwrap().state.as_str() == "dispatched"
+    })
+    .await;
+    // Waiting in the queue, past the limit: not touched.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(lost().await, 0.0);
+    let (_conn, ch) = d.channel().await;
+    let purge = || async {
+        let q = d.names.tier_queue(kiln_protocol::Tier::Preview);
+        ch.queue_purge(q.into(), Default::default()).await.unwrap()
+    };
+    assert_eq!(purge().await, 2);
+    until("both sent again", Duration::from_secs(15), || async { lost().await == 2.0 }).await;
+    for id in &ids {
+        until("dispatched a second time", Duration::from_secs(10), || async { dispatches(id.clone()).await == 2 })
+            .await;
+    }
+    until("both back in the queue", Duration::from_secs(10), || async {
+        let q = d.names.tier_queue(kiln_protocol::Tier::Preview);
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        ch.queue_declare(q.into(), passive, Default::default()).await.unwrap().message_count() == 2
+    })
+    .await;
+    purge().await;
+    for j in d.wait_all(&ids, Duration::from_secs(20)).await {
+        assert_eq!(j["state"], "failed", "{j}");
+        assert!(j["error"].as_str().unwrap().contains("purged, or lost by the broker"), "{j}");
+    }
+    d.spawn_worker("w-after");
+    let more = d.submit(1, 1400).await;
+    assert_eq!(d.wait_all(&more, Duration::from_secs(60)).await[0]["state"], "succeeded");
+    d.stop().await;
+}

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kiln_common::amqp::{self, PublishError};
+use kiln_protocol::JobState;
 use kiln_protocol::now_ms;
 use kiln_protocol::wire::{
     self, CONTROL_TYPE, HEARTBEAT_TYPE, Heartbeat, JOB_TYPE, JobMessage, MessageError, Names, REASON_HEADER,
     RESULT_TYPE, RESULTS_TYPE, ResultBatch, ResultMessage,
 };
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +29,7 @@ use crate::dispatch::{Dispatch, DispatchError, Marker, run_outbox};
 use crate::results::{Refusal, Settled, open_attempt};
 use crate::scheduler::Scheduler;
 use crate::store::writer::MAX_BATCH;
-use crate::store::{BoxFut, Dispatch as Attempt, Job, Outgoing};
+use crate::store::{BoxFut, Dispatch as Attempt, Job, ListQuery, Outgoing};
 
 /// Runs the relay, the results consumer and the heartbeat listener until `stop`, reconnecting
 /// whenever the broker goes away.
@@ -68,6 +71,7 @@ async fn run_session(
     let watch = conn.create_channel().await?;
     watch.basic_qos(64, BasicQosOptions::default()).await?;
     let control = amqp::confirm_channel(conn).await?;
+    let depth = conn.create_channel().await?;
     sched.registry.set_drained(sched.store.drained().await?);
     let relay = Relay { ch: &publ, names, window: cfg.window, sched };
     let result = tokio::select! {
@@ -76,10 +80,71 @@ async fn run_session(
         r = consume_heartbeats(sched, names, &beats) => r,
         r = watch_dead_letters(sched, names, &watch) => r,
         r = send_commands(sched, names, &control) => r,
+        r = redispatch_lost(sched, names, &depth) => r,
         () = stop.cancelled() => Ok(()),
     };
-    amqp::close_channels(&[&publ, &results, &beats, &dead, &watch, &control], "bye").await;
+    amqp::close_channels(&[&publ, &results, &beats, &dead, &watch, &control, &depth], "bye").await;
     result
+}
+
+/// Jobs dispatched `redispatch_after_seconds` ago and still not started while their tier's queue
+/// holds no ready message: their message is gone (purged, or lost by a broker that kept no copy),
+/// not waiting behind others. Each goes through the retry policy: sent again as its next attempt,
+/// or failed with the reason once its attempts are spent; the jobs waiting on it follow.
+async fn redispatch_lost(sched: &Scheduler, names: &Names, ch: &Channel) -> anyhow::Result<()> {
+    let after = sched.cfg.broker.redispatch_after_seconds;
+    if after == 0 {
+        return std::future::pending().await;
+    }
+    let after_ms = i64::try_from(after.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(Duration::from_secs((after / 4).clamp(1, 60)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cutoff = now_ms().saturating_sub(after_ms);
+        // Dispatched before the cutoff means created before it too.
+        let q =
+            ListQuery { state: Some(JobState::Dispatched), until_ms: Some(cutoff), limit: 500, ..Default::default() };
+        let page = match sched.store.list(q).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for jobs whose message was lost");
+                continue;
+            }
+        };
+        let stuck: Vec<Job> = page.jobs.into_iter().filter(|j| j.follows.is_none() && j.updated_ms < cutoff).collect();
+        let mut empty = HashMap::new();
+        for job in stuck {
+            let drained = match empty.get(&job.tier) {
+                Some(e) => *e,
+                None => {
+                    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+                    let q = ch.queue_declare(names.tier_queue(job.tier).into(), passive, FieldTable::default()).await?;
+                    *empty.entry(job.tier).or_insert(q.message_count() == 0)
+                }
+            };
+            if !drained {
+                continue; // its message may be waiting its turn
+            }
+            let d = Attempt {
+                job_id: job.id.clone(),
+                tier: job.tier,
+                client: job.client.clone(),
+                attempt: job.attempt + 1,
+                request: job.request.clone(),
+                cache_key: job.cache_key.clone(),
+                created_ms: job.created_ms,
+            };
+            let reason = format!(
+                "its message was not taken by any worker within {after} s while its queue held nothing \
+                 (scheduler.broker.redispatch_after_seconds): purged, or lost by the broker"
+            );
+            tracing::warn!(job_id = job.id, attempt = d.attempt, "a dispatched job's message is gone; retrying it");
+            if sched.settle_undelivered(&d, reason, true).await != Settled::Again {
+                sched.metrics.undelivered.with_label_values(&["lost"]).inc();
+            }
+        }
+    }
 }
 
 /// Sends the registry's commands to their workers as they come.

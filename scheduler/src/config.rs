@@ -118,6 +118,10 @@ pub struct BrokerConfig {
     /// A worker unheard for this long (or for three of its beats, where that is longer) is shown
     /// as lost.
     pub lost_after_seconds: u64,
+    /// A job dispatched this long ago and not started while its tier's queue holds no ready
+    /// message has lost its message (purged, or lost by the broker): it is retried, or failed
+    /// with the reason once its attempts are spent. 0 turns the check off.
+    pub redispatch_after_seconds: u64,
     /// A job that fails on this many distinct workers is quarantined (failed for good: the
     /// job, not the workers, is at fault).
     pub quarantine_after_workers: u32,
@@ -135,6 +139,7 @@ impl Default for BrokerConfig {
             prefix: "kiln".into(),
             window: 512,
             lost_after_seconds: 30,
+            redispatch_after_seconds: 300,
             quarantine_after_workers: 3,
             drain_after_jobs: 5,
             drain_window_seconds: 600,

@@ -30,7 +30,8 @@ pub const BAD_MESSAGES: &str = "kiln_scheduler_bad_messages_total";
 /// [`crate::results::Refusal`]); each is dead-lettered with its reason.
 pub const RESULTS_REFUSED: &str = "kiln_scheduler_results_refused_total";
 /// Job messages that came back dead-lettered while their attempt was open, by cause
-/// (`worker_refused`, or the broker's: `expired`, `maxlen`, `rejected`, `delivery_limit`).
+/// (`worker_refused`, or the broker's: `expired`, `maxlen`, `rejected`, `delivery_limit`), and
+/// those found gone (`lost`: see `scheduler.broker.redispatch_after_seconds`).
 pub const UNDELIVERED: &str = "kiln_scheduler_jobs_undelivered_total";
 /// Jobs quarantined for failing on too many distinct workers.
 pub const QUARANTINED: &str = "kiln_jobs_quarantined_total";
