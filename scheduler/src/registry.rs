@@ -33,6 +33,9 @@ impl From<WorkerEntry> for kiln_protocol::api::Worker {
     }
 }
 
+/// A worker silent this long (a day) is forgotten by the registry.
+pub const FORGET_AFTER_MS: i64 = 24 * 3600 * 1000;
+
 /// A worker heard from: its last heartbeat, when, and whether it runs in this process.
 #[derive(Debug)]
 struct Known {
@@ -202,8 +205,25 @@ impl Registry {
 
     /// Says once (a warning) of each worker that has become lost: no heartbeat for the lost
     /// period. Whatever it had in hand goes back to its queue when the broker sees its connection
-    /// close. Returns the newly lost.
+    /// close. Returns the newly lost. A worker silent for [`FORGET_AFTER_MS`] is forgotten (no
+    /// longer listed or counted; a drained one stays drained in the store).
     pub fn sweep(&self, now_ms: i64) -> Vec<String> {
+        let gone: Vec<String> = {
+            let mut workers = lock(&self.workers);
+            let gone: Vec<String> = workers
+                .iter()
+                .filter(|(_, k)| !k.local && now_ms - k.seen_ms > FORGET_AFTER_MS)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &gone {
+                workers.remove(id);
+            }
+            gone
+        };
+        for id in gone {
+            lock(&self.reported_lost).remove(&id);
+            tracing::info!(worker = id, "forgot a worker silent for a day");
+        }
         let lost: Vec<WorkerEntry> = self.list(now_ms).into_iter().filter(|e| e.state == "lost").collect();
         let mut reported = lock(&self.reported_lost);
         let mut newly = Vec::new();
@@ -280,6 +300,13 @@ mod tests {
         assert_eq!(r.sweep(14_000), Vec::<String>::new());
         assert_eq!(states(&r, 15_001)[2], ("slow".into(), "lost"));
         assert_eq!(r.counts(15_001).get("lost"), Some(&3));
+        // A day later, those still silent are forgotten; one heard from meanwhile stays.
+        r.heard(beat("quick", Some(1_000)), 20_000);
+        assert_eq!(r.sweep(5_001 + FORGET_AFTER_MS), ["quick"], "lost again, and said so");
+        assert_eq!(states(&r, 5_001 + FORGET_AFTER_MS), [("quick".into(), "lost")]);
+        r.join_local(beat("in-process-0", None));
+        r.sweep(30_000 + 2 * FORGET_AFTER_MS);
+        assert_eq!(states(&r, 30_000 + 2 * FORGET_AFTER_MS), [("in-process-0".into(), "active")], "never forgotten");
     }
 
     #[test]
