@@ -310,10 +310,45 @@ pub enum TokenCommand {
         /// operator, client, worker (a kiln-worker daemon) or device (a kiln-edge agent).
         #[arg(long, default_value = "client")]
         role: Role,
+        /// It stops working after this long: seconds, or a number with s, m, h or d (30d).
+        #[arg(long, value_parser = parse_duration_s)]
+        expires_in: Option<u64>,
         /// Talking to the farm.
         #[command(flatten)]
         remote: Remote,
     },
+    /// List the tokens not revoked (needs an operator token): name, role, devices, expiry.
+    List {
+        /// Talking to the farm.
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke a token (needs an operator token): refused at once on this scheduler and within
+    /// a second on every other node of the farm; its name is free again.
+    Revoke {
+        /// The token's name.
+        name: String,
+        /// Talking to the farm.
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// `30`, `30s`, `15m`, `12h`, `30d` as seconds.
+fn parse_duration_s(s: &str) -> Result<u64, String> {
+    let (n, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a number of seconds, or of s, m, h or d (30d)"))?;
+    let unit = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        other => return Err(format!("{s:?}: unknown unit {other:?}; use s, m, h or d")),
+    };
+    n.checked_mul(unit).ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// The config with the command line's overrides on top.
@@ -374,18 +409,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Tasks(args)) => kiln_common::runtime()?.block_on(tasks(&cfg, &args)),
         Some(Command::Device(DeviceCommand::Add(args))) => kiln_common::runtime()?.block_on(device_add(&cfg, &args)),
         Some(Command::Worker(WorkerCommand::Add(args))) => kiln_common::runtime()?.block_on(worker_add(&cfg, &args)),
-        Some(Command::Token(TokenCommand::Create { name, role, remote })) => kiln_common::runtime()?.block_on(async {
+        Some(Command::Token(TokenCommand::List { remote })) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
-            let new = api::NewToken { name, role, devices: vec![] };
-            let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
-            if remote.json {
-                print_json(&made)?;
-            } else {
-                println!("{}", made.token);
-                eprintln!("token {:?} ({}) created; it is shown only this once", made.name, made.role);
-            }
+            let list: api::Tokens = c.get("/v1/tokens").await?;
+            print_list(remote.json, &list, &list.tokens, "no tokens", |t| {
+                let expiry = match (t.expires_ms, t.expired) {
+                    (None, _) => "never expires".to_owned(),
+                    (Some(_), true) => "expired".to_owned(),
+                    (Some(e), false) => format!("expires in {}", human_ms(e - kiln_protocol::now_ms())),
+                };
+                let devices =
+                    if t.devices.is_empty() { String::new() } else { format!("  serves {}", t.devices.join(",")) };
+                println!("{:<24} {:<9} {expiry}{devices}", t.name, t.role.as_str());
+            })
+        }),
+        Some(Command::Token(TokenCommand::Revoke { name, remote })) => kiln_common::runtime()?.block_on(async {
+            let c = client(&cfg, &remote)?;
+            c.delete(&format!("/v1/tokens/{}", path_segment(&name))).await?;
+            eprintln!("token {name:?} revoked");
             Ok(())
         }),
+        Some(Command::Token(TokenCommand::Create { name, role, expires_in, remote })) => kiln_common::runtime()?
+            .block_on(async {
+                let c = client(&cfg, &remote)?;
+                let new = api::NewToken { name, role, devices: vec![], expires_in_seconds: expires_in };
+                let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
+                if remote.json {
+                    print_json(&made)?;
+                } else {
+                    println!("{}", made.token);
+                    eprintln!("token {:?} ({}) created; it is shown only this once", made.name, made.role);
+                }
+                Ok(())
+            }),
     }
 }
 
@@ -424,6 +480,27 @@ fn list_path(base: &str, limit: u32, filters: &[(&str, Option<String>)]) -> Stri
         }
     }
     path
+}
+
+/// `s` as one URL path segment: bytes other than `A-Z a-z 0-9 - . _ ~` percent-encoded.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A span of milliseconds as a person reads it: `45 s`, `12 min`, `5 h`, `30 d`.
+fn human_ms(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..120 => format!("{s} s"),
+        120..7200 => format!("{} min", s / 60),
+        7200..172_800 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
 }
 
 /// Prints a list answer: the whole of it as JSON with `--json`; else `none` when it is empty, or
@@ -602,7 +679,7 @@ fn broker_user(name: &str, whose: &str) -> anyhow::Result<()> {
 async fn worker_add(cfg: &FarmConfig, a: &WorkerAddArgs) -> anyhow::Result<()> {
     broker_user(&a.name, "box's RabbitMQ user")?;
     let c = client(cfg, &a.remote)?;
-    let new = api::NewToken { name: a.name.clone(), role: Role::Worker, devices: vec![] };
+    let new = api::NewToken { name: a.name.clone(), role: Role::Worker, devices: vec![], expires_in_seconds: None };
     let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
     let password = new_password()?;
     let names = kiln_protocol::wire::Names::new(a.prefix.as_deref().unwrap_or(&cfg.scheduler.broker.prefix));
@@ -651,7 +728,12 @@ async fn device_add(cfg: &FarmConfig, a: &DeviceAddArgs) -> anyhow::Result<()> {
         bail!("--devices[{i}]: {d:?} is not a device id (1 to 64 of A-Z a-z 0-9 - _ .)");
     }
     let c = client(cfg, &a.remote)?;
-    let new = api::NewToken { name: a.name.clone(), role: Role::Device, devices: a.devices.clone() };
+    let new = api::NewToken {
+        name: a.name.clone(),
+        role: Role::Device,
+        devices: a.devices.clone(),
+        expires_in_seconds: None,
+    };
     let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
     let password = new_password()?;
     let topics = Topics::new(a.prefix.as_deref().unwrap_or(&cfg.scheduler.fleet.prefix));

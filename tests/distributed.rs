@@ -49,7 +49,8 @@ impl Distributed {
         cfg.scheduler.broker.lost_after_seconds = 5;
         change(&mut cfg);
         let farm = TestFarm::start_with(dir, cfg).await;
-        let worker_token = farm.sched.create_token("workers", Role::Worker, &[]).await.unwrap().expose().to_owned();
+        let worker_token =
+            farm.sched.create_token("workers", Role::Worker, &[], None).await.unwrap().expose().to_owned();
         Some(Distributed { farm, amqp_url, names: Names::new(&prefix), worker_token, workers: vec![] })
     }
 
@@ -737,7 +738,7 @@ async fn results_and_heartbeats_not_signed_by_a_worker_token_are_refused() {
         results: vec![answer(job.clone(), AttemptOutcome::Failed { error: "forged".into(), transient: false })],
     };
     publish_signed(&d, &ch, &batch, None).await;
-    let client = d.farm.sched.create_token("a-client", Role::Client, &[]).await.unwrap();
+    let client = d.farm.sched.create_token("a-client", Role::Client, &[], None).await.unwrap();
     publish_signed(&d, &ch, &batch, Some(&MessageKey::from_token(client.expose()))).await;
     // A worker's real signature, moved onto another body.
     let worker = MessageKey::from_token(&d.worker_token);
@@ -924,5 +925,38 @@ async fn a_job_whose_message_is_purged_is_sent_again_and_fails_once_its_attempts
     d.spawn_worker("w-after");
     let more = d.submit(1, 1400).await;
     assert_eq!(d.wait_all(&more, Duration::from_secs(60)).await[0]["state"], "succeeded");
+    d.stop().await;
+}
+
+/// Two schedulers on one database: a token made on one is taken by the other, and one revoked
+/// on one is refused by the other within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_revoked_on_one_node_is_refused_on_another_within_a_second() {
+    let Some(d) = Distributed::start().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.database_url = d.farm.sched.cfg.database_url.clone();
+    let other = TestFarm::start_with(dir, cfg).await;
+    let made = d
+        .farm
+        .client
+        .call(Method::POST, "/v1/tokens", Some(&serde_json::json!({ "name": "roaming", "role": "client" })))
+        .await
+        .unwrap();
+    let there = other.client_with(Some(made["token"].as_str().unwrap()));
+    until("the other node takes a token made here", Duration::from_secs(3), || async {
+        there.call(Method::GET, "/v1/jobs", None).await.is_ok()
+    })
+    .await;
+    d.farm.client.delete("/v1/tokens/roaming").await.unwrap();
+    let here = d.farm.client_with(Some(made["token"].as_str().unwrap()));
+    assert!(here.call(Method::GET, "/v1/jobs", None).await.is_err(), "refused at once where it was revoked");
+    let revoked = Instant::now();
+    until("the other node refuses it", Duration::from_secs(3), || async {
+        there.send(Method::GET, "/v1/jobs", None).await.unwrap().status == 401
+    })
+    .await;
+    eprintln!("refused on the other node {:?} after the revoke", revoked.elapsed());
+    other.stop().await;
     d.stop().await;
 }

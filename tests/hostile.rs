@@ -84,3 +84,45 @@ async fn a_token_serves_devices_only_as_a_device_token_and_each_device_once() {
     still_serving(&farm, 2).await;
     farm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expires_on_time_and_a_revoked_one_is_refused_at_once() {
+    let farm = TestFarm::start().await;
+    let (status, v) =
+        call(&farm, Method::POST, "/v1/tokens", r#"{"name":"brief","role":"client","expires_in_seconds":0}"#).await;
+    assert_eq!((status, &v["error"]["field"]), (400, &Value::from("expires_in_seconds")), "{v}");
+    let (status, brief) =
+        call(&farm, Method::POST, "/v1/tokens", r#"{"name":"brief","role":"client","expires_in_seconds":1}"#).await;
+    assert_eq!(status, 201, "{brief}");
+    let (status, lasting) = call(&farm, Method::POST, "/v1/tokens", r#"{"name":"lasting","role":"client"}"#).await;
+    assert_eq!(status, 201, "{lasting}");
+    let as_caller = |v: &Value| farm.client_with(Some(v["token"].as_str().unwrap()));
+    as_caller(&brief).call(Method::GET, "/v1/jobs", None).await.expect("a fresh token works");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let e = as_caller(&brief).call(Method::GET, "/v1/jobs", None).await.unwrap_err();
+    assert!(e.to_string().contains("unknown, revoked or expired token"), "{e}");
+    let (_, list) = call(&farm, Method::GET, "/v1/tokens", "").await;
+    let expired: Vec<(&str, bool)> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["expired"] == true))
+        .collect();
+    assert_eq!(expired, [("operator", false), ("brief", true), ("lasting", false)], "{list}");
+    assert!(!list.to_string().contains("kiln_"), "no secret is listed: {list}");
+
+    // Revoked with the CLI: refused at once; the name is free again.
+    let out = common::kiln()
+        .args(["token", "revoke", "lasting", "--server", &farm.url, "--token", &farm.token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = as_caller(&lasting).call(Method::GET, "/v1/jobs", None).await.unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    let (status, v) = call(&farm, Method::DELETE, "/v1/tokens/lasting", "").await;
+    assert_eq!((status, &v["error"]["code"]), (404, &Value::from("not_found")), "{v}");
+    let (status, _) = call(&farm, Method::POST, "/v1/tokens", r#"{"name":"lasting","role":"client"}"#).await;
+    assert_eq!(status, 201);
+    still_serving(&farm, 3).await;
+    farm.stop().await;
+}

@@ -234,6 +234,12 @@ impl Client {
         self.call_as(method, path, body).await
     }
 
+    /// `DELETE path`; non-2xx is an error.
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let reply = self.send(Method::DELETE, path, None).await?;
+        check(&reply)
+    }
+
     /// Raw bytes (an asset); non-2xx is an error.
     pub async fn bytes(&self, path: &str) -> Result<Bytes, ClientError> {
         let reply = self.send(Method::GET, path, None).await?;

@@ -224,6 +224,37 @@ pub struct NewToken {
     /// with this token's key, so only its holder can check them; a device is served by one token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// It stops working this many seconds from now; never when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+/// One token as `GET /v1/tokens` lists it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenInfo {
+    /// Who holds it.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// The devices it serves (a `device` token).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// When it was made, unix milliseconds.
+    pub created_ms: i64,
+    /// When it stops working, unix milliseconds; never when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+    /// Whether it has expired.
+    pub expired: bool,
+}
+
+/// `GET /v1/tokens`: the tokens not revoked, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Tokens {
+    /// The tokens.
+    pub tokens: Vec<TokenInfo>,
 }
 
 /// `POST /v1/tokens`'s answer: the secret, shown this once.
@@ -239,6 +270,9 @@ pub struct TokenCreated {
     /// The devices it serves (a `device` token).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// When it stops working, unix milliseconds; never when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
 }
 
 /// `GET /healthz`.

@@ -68,7 +68,7 @@ pub async fn ensure_token(
     let mut n = 1;
     let secret = loop {
         let free = if n == 1 { name.to_owned() } else { format!("{name}-{n}") };
-        match sched.create_token(&free, role, devices).await {
+        match sched.create_token(&free, role, devices, None).await {
             Ok(s) => break s,
             Err(TokenRefusal::Store(crate::store::StoreError::Conflict(_))) if n < 1000 => n += 1,
             Err(e) => return Err(e).with_context(|| format!("failed to create the {role} token")),
@@ -183,6 +183,8 @@ impl Farm {
         if sched.cfg.fleet.mqtt_url.is_some() {
             tracker.spawn(crate::fleet::run(sched.clone(), sched.cfg.fleet.clone(), stop.clone()));
         }
+        // Tokens revoked or made on another node of the farm (one database, several schedulers).
+        tracker.spawn(sched.clone().watch_tokens(Duration::from_secs(1), stop.clone()));
         tracker.close();
         let http_stop = stop.clone();
         let app = crate::api::router(sched.clone());

@@ -182,7 +182,8 @@ pub struct Scheduler {
     /// Long polls' reads of their jobs, gathered.
     reads: JobReads,
     waiters: Arc<Waiters>,
-    tokens: RwLock<HashMap<String, Caller>>,
+    /// The tokens not revoked, by hash, with when each expires.
+    tokens: RwLock<HashMap<String, (Caller, Option<i64>)>>,
     /// The worker tokens' message keys by signer id (see [`MessageKey`]), with the token's name.
     signers: RwLock<HashMap<String, (String, MessageKey)>>,
     /// When the tokens were last read on account of an unknown signer or an unserved device (at
@@ -283,7 +284,7 @@ impl Scheduler {
             .collect();
         let map = rows
             .into_iter()
-            .map(|t| (t.token_hash, Caller { name: t.name, role: t.role, devices: t.devices }))
+            .map(|t| (t.token_hash, (Caller { name: t.name, role: t.role, devices: t.devices }, t.expires_ms)))
             .collect();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
         *self.signers.write().unwrap_or_else(|p| p.into_inner()) = signers;
@@ -340,15 +341,52 @@ impl Scheduler {
         }
     }
 
-    /// Who a bearer token belongs to.
+    /// Who a bearer token belongs to, while it is neither revoked nor expired.
     pub fn authenticate(&self, token: &str) -> Option<Caller> {
-        self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(&token_hash(token)).cloned()
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        match tokens.get(&token_hash(token)) {
+            Some((caller, expires)) if expires.is_none_or(|e| now_ms() < e) => Some(caller.clone()),
+            _ => None,
+        }
+    }
+
+    /// Reads the tokens every `every` until `stop`, so a token revoked (or made) on another node
+    /// of the farm is refused (or taken) here within that time.
+    pub async fn watch_tokens(self: Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.reload_tokens().await {
+                tracing::debug!(error = %e, "cannot read the tokens again");
+            }
+        }
+    }
+
+    /// The tokens not revoked, oldest first.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRow>, StoreError> {
+        self.store.tokens().await
+    }
+
+    /// Revokes the token named `name`: refused here at once (and on other nodes within a second);
+    /// `false` when there is no such token.
+    pub async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let revoked = self.store.revoke_token(name.to_owned(), now_ms()).await?;
+        self.reload_tokens().await?;
+        Ok(revoked)
     }
 
     /// Creates a token; the secret is returned once and never stored. `devices` (a device token
     /// only) are the devices its agent serves: each may be served by one token, checked against
     /// the tokens as last read.
-    pub async fn create_token(&self, name: &str, role: Role, devices: &[String]) -> Result<Secret, TokenRefusal> {
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        devices: &[String],
+        expires_ms: Option<i64>,
+    ) -> Result<Secret, TokenRefusal> {
         if !devices.is_empty() && role != Role::Device {
             let message = format!("only a device token serves devices, not a {role} token");
             return Err(TokenRefusal::Field { field: "devices".into(), message });
@@ -377,6 +415,8 @@ impl Scheduler {
             name: name.to_owned(),
             role,
             devices: devices.to_vec(),
+            created_ms: now_ms(),
+            expires_ms,
         };
         self.store.add_token(row, now_ms()).await?;
         self.reload_tokens().await?;

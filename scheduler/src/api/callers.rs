@@ -31,7 +31,7 @@ pub(super) fn caller(s: &Scheduler, headers: &HeaderMap) -> Result<Caller, ApiEr
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .ok_or_else(|| ApiError::unauthorized("expected `Bearer <token>`"))?;
-    s.authenticate(token).ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))
+    s.authenticate(token).ok_or_else(|| ApiError::unauthorized("unknown, revoked or expired token"))
 }
 
 /// The caller, if the job API is theirs.

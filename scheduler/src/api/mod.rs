@@ -19,7 +19,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use kiln_protocol::{JobRequest, JobState, Tier, api};
@@ -53,7 +53,8 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/assets/{hash}/provenance", get(provenance).put(put_provenance))
         .route("/v1/workers", get(workers))
         .route("/v1/workers/{id}/resume", post(resume_worker))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/v1/openapi.json", get(openapi_json))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -758,10 +759,64 @@ async fn create_token(
     if req.name.is_empty() || req.name.len() > 100 || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid("name", "must be 1 to 100 printable characters"));
     }
-    let secret = s.create_token(&req.name, req.role, &req.devices).await?;
-    let made =
-        api::TokenCreated { name: req.name, role: req.role, token: secret.expose().to_owned(), devices: req.devices };
+    /// Ten years: past that, no expiry at all is the honest setting.
+    const MAX_EXPIRY_S: u64 = 10 * 365 * 24 * 3600;
+    let expires_ms = match req.expires_in_seconds {
+        None => None,
+        Some(n) if (1..=MAX_EXPIRY_S).contains(&n) => Some(kiln_protocol::now_ms() + n as i64 * 1000),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "expires_in_seconds",
+                format!("{n} is outside 1..={MAX_EXPIRY_S} (ten years)"),
+            ));
+        }
+    };
+    let secret = s.create_token(&req.name, req.role, &req.devices, expires_ms).await?;
+    let token = secret.expose().to_owned();
+    let made = api::TokenCreated { name: req.name, role: req.role, token, devices: req.devices, expires_ms };
     Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+/// `GET /v1/tokens` (operator): the tokens not revoked, oldest first; never their secrets.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, body = api::Tokens), openapi::OperatorOnly))]
+async fn list_tokens(State(s): State<AppState>, _: Operator) -> Result<Json<api::Tokens>, ApiError> {
+    let now = kiln_protocol::now_ms();
+    let tokens = s
+        .list_tokens()
+        .await?
+        .into_iter()
+        .map(|t| api::TokenInfo {
+            expired: t.expires_ms.is_some_and(|e| now >= e),
+            name: t.name,
+            role: t.role,
+            devices: t.devices,
+            created_ms: t.created_ms,
+            expires_ms: t.expires_ms,
+        })
+        .collect();
+    Ok(Json(api::Tokens { tokens }))
+}
+
+/// `DELETE /v1/tokens/{name}` (operator): revokes a token. It is refused at once on this node
+/// and within a second on every other node of the farm; its name is free again.
+#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "tokens",
+    params(("name" = String, Path, description = "The token's name")),
+    responses(
+        (status = 204, description = "Revoked"),
+        openapi::OperatorOnly,
+        (status = 404, description = "No token has that name", body = api::ErrorBody),
+    ))]
+async fn revoke_token(
+    State(s): State<AppState>,
+    _: Operator,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if !s.revoke_token(&name).await? {
+        return Err(ApiError::not_found(format!("name: no token named {name:?}")));
+    }
+    tracing::info!(token = name, "token revoked by the operator");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/openapi.json`: this API's OpenAPI document.

@@ -338,6 +338,10 @@ pub struct TokenRow {
     pub role: crate::auth::Role,
     /// The devices it serves (a device token); empty for others.
     pub devices: Vec<String>,
+    /// When it was made (as read; a new token's is the time it is added).
+    pub created_ms: i64,
+    /// When it stops working; never when `None`.
+    pub expires_ms: Option<i64>,
 }
 
 /// The scheduler's durable state.
@@ -411,6 +415,8 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>>;
     /// Adds a token; a taken name is a [`StoreError::Conflict`].
     fn add_token(&self, token: TokenRow, now_ms: i64) -> BoxFut<'_, Result<(), StoreError>>;
+    /// Revokes the token named `name` (its name is then free); `false` when there is none.
+    fn revoke_token(&self, name: String, now_ms: i64) -> BoxFut<'_, Result<bool, StoreError>>;
 
     /// Records a worker's failed attempt (once per job and attempt: a repeat changes nothing)
     /// and tallies what the quarantine and drain rules weigh: the distinct workers this job has

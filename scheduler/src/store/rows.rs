@@ -93,6 +93,8 @@ pub(super) fn token_from_row(row: &impl Cols) -> Result<TokenRow, StoreError> {
         name: row.col("name")?,
         role: role.parse().map_err(|e| corrupt("token role", e))?,
         devices: row.col::<String>("devices")?.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
+        created_ms: row.col("created_ms")?,
+        expires_ms: row.col("expires_ms")?,
     })
 }
 

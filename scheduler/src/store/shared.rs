@@ -307,7 +307,7 @@ macro_rules! store_impl {
             fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>> {
                 Box::pin(async move {
                     let rows = sqlx::query(
-                        "SELECT token_hash, name, role, devices FROM api_tokens WHERE revoked_ms IS NULL \
+                        "SELECT token_hash, name, role, devices, created_ms, expires_ms FROM api_tokens WHERE revoked_ms IS NULL \
                          ORDER BY created_ms, name",
                     )
                     .fetch_all(&self.read)
@@ -321,20 +321,39 @@ macro_rules! store_impl {
                 let op: OpFn<$conn, Result<(), StoreError>> = Box::new(move |c| {
                     Box::pin(async move {
                         let inserted = sqlx::query(
-                            "INSERT INTO api_tokens (token_hash, name, role, created_ms, devices) \
-                             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                            "INSERT INTO api_tokens (token_hash, name, role, created_ms, devices, expires_ms) \
+                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
                         )
                         .bind(&token.token_hash)
                         .bind(&token.name)
                         .bind(token.role.as_str())
                         .bind(now_ms)
                         .bind(token.devices.join(","))
+                        .bind(token.expires_ms)
                         .execute(&mut *c)
                         .await?;
                         if inserted.rows_affected() == 0 {
                             return Ok(Err(StoreError::Conflict(format!("a token named {:?}", token.name))));
                         }
                         Ok(Ok(()))
+                    })
+                });
+                Box::pin(async move { self.write(op).await? })
+            }
+
+            fn revoke_token(&self, name: String, now_ms: i64) -> BoxFut<'_, Result<bool, StoreError>> {
+                // The row stays, renamed, so the name is free for a new token.
+                let op: OpFn<$conn, Result<bool, StoreError>> = Box::new(move |c| {
+                    Box::pin(async move {
+                        let revoked = sqlx::query(
+                            "UPDATE api_tokens SET revoked_ms = $1, name = name || ' (revoked ' || CAST($1 AS TEXT) || ')' \
+                             WHERE name = $2 AND revoked_ms IS NULL",
+                        )
+                        .bind(now_ms)
+                        .bind(&name)
+                        .execute(&mut *c)
+                        .await?;
+                        Ok(Ok(revoked.rows_affected() > 0))
                     })
                 });
                 Box::pin(async move { self.write(op).await? })

@@ -659,6 +659,8 @@ mod tests {
             name: "ops".into(),
             role: crate::auth::Role::Operator,
             devices: vec![],
+            created_ms: 1,
+            expires_ms: None,
         };
         store.add_token(row, 1).await.unwrap();
         // The flusher wakes on this count and opens the log by name: a wrong name would find

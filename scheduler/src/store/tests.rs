@@ -316,6 +316,8 @@ async fn tokens_are_unique_by_name(s: &dyn Store) {
         name: "ops".into(),
         role: crate::auth::Role::Operator,
         devices: vec![],
+        created_ms: 1,
+        expires_ms: None,
     };
     s.add_token(row("h1"), 1).await.unwrap();
     assert!(matches!(s.add_token(row("h2"), 2).await, Err(StoreError::Conflict(_))));
@@ -324,12 +326,20 @@ async fn tokens_are_unique_by_name(s: &dyn Store) {
         name: "studio-pi".into(),
         role: crate::auth::Role::Device,
         devices: vec!["printer-1".into(), "camera-1".into()],
+        created_ms: 3,
+        expires_ms: Some(99),
     };
     s.add_token(pi.clone(), 3).await.unwrap();
     let tokens = s.tokens().await.unwrap();
     assert_eq!((tokens.len(), tokens[0].token_hash.as_str()), (2, "h1"));
     assert_eq!(tokens[0].devices, Vec::<String>::new());
     assert_eq!(tokens.iter().find(|t| t.name == "studio-pi"), Some(&pi), "its devices are kept, in order");
+    // Revoked, it is no longer read, and its name is free again.
+    assert!(s.revoke_token("studio-pi".into(), 4).await.unwrap());
+    assert!(!s.revoke_token("studio-pi".into(), 5).await.unwrap(), "revoked already");
+    assert_eq!(s.tokens().await.unwrap().len(), 1);
+    s.add_token(TokenRow { token_hash: "h4".into(), ..pi }, 6).await.unwrap();
+    assert_eq!(s.tokens().await.unwrap().len(), 2);
     // The refusal did not roll back anything else.
     s.submit(new_job("x", "kx", 9)).await.unwrap();
 }
