@@ -131,7 +131,7 @@ mod tests {
     }
 
     /// Every route the router serves, with its method.
-    const ROUTES: [(&str, &str); 20] = [
+    const ROUTES: [(&str, &str); 22] = [
         ("post", "/v1/jobs"),
         ("get", "/v1/jobs"),
         ("get", "/v1/jobs/{id}"),
@@ -144,6 +144,8 @@ mod tests {
         ("get", "/v1/workers"),
         ("post", "/v1/workers/{id}/resume"),
         ("post", "/v1/tokens"),
+        ("get", "/v1/tokens"),
+        ("delete", "/v1/tokens/{name}"),
         ("get", "/v1/openapi.json"),
         ("get", "/healthz"),
         ("get", "/metrics"),
