@@ -126,3 +126,40 @@ async fn a_token_expires_on_time_and_a_revoked_one_is_refused_at_once() {
     still_serving(&farm, 3).await;
     farm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_holding_every_connection_are_cut_off_and_the_farm_serves_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(dir.path());
+    cfg.scheduler.limits.header_read_timeout_seconds = 1;
+    cfg.scheduler.limits.max_connections = 4;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let addr = farm.url.trim_start_matches("http://").to_owned();
+    // Every connection the farm will serve, each with half a request head and then silence.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /v1/jobs HTTP/1.1\r\nHost: kiln\r\n").await.unwrap();
+        slow.push(c);
+    }
+    // An ordinary call waits its turn, and is answered once the slow ones are cut off.
+    let started = std::time::Instant::now();
+    let (status, _) = call(&farm, Method::GET, "/v1/jobs", "").await;
+    assert_eq!(status, 200);
+    let waited = started.elapsed();
+    assert!(waited < std::time::Duration::from_secs(5), "answered after {waited:?}");
+    for mut c in slow {
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), c.read(&mut buf)).await;
+        match read {
+            Ok(Ok(n)) => {
+                assert!(n == 0 || buf[..n].starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&buf[..n]))
+            }
+            Ok(Err(_)) => {} // reset
+            Err(_) => panic!("a slow client still holds its connection after 5 s"),
+        }
+    }
+    still_serving(&farm, 4).await;
+    farm.stop().await;
+}

@@ -26,6 +26,11 @@ pub struct Limits {
     pub max_idempotency_key: usize,
     /// Largest asset a worker may upload, in bytes.
     pub max_asset_bytes: usize,
+    /// A client that has not sent a whole request head this long after connecting (or after
+    /// its last answer, on a kept-alive connection) is cut off, seconds.
+    pub header_read_timeout_seconds: u64,
+    /// Most HTTP connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -36,6 +41,8 @@ impl Default for Limits {
             max_page: 500,
             max_idempotency_key: 200,
             max_asset_bytes: 1 << 30,
+            header_read_timeout_seconds: 10,
+            max_connections: 1024,
         }
     }
 }
@@ -246,6 +253,12 @@ impl FarmConfig {
         }
         if s.retry.max_attempts == 0 {
             return bad("scheduler.retry.max_attempts", "must be at least 1".into());
+        }
+        if s.limits.header_read_timeout_seconds == 0 || s.limits.max_connections == 0 {
+            return bad(
+                "scheduler.limits",
+                "header_read_timeout_seconds and max_connections must be at least 1".into(),
+            );
         }
         if s.limits.max_body_bytes < 1024 {
             return bad(

@@ -188,9 +188,8 @@ impl Farm {
         tracker.close();
         let http_stop = stop.clone();
         let app = crate::api::router(sched.clone());
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
-        });
+        let limits = sched.cfg.limits.clone();
+        let server = tokio::spawn(async move { crate::api::serve::serve(listener, app, &limits, http_stop).await });
         shutdown.cancelled().await;
         tracing::info!("shutting down: no new work; finishing renders in hand");
         stop.cancel();

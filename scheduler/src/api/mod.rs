@@ -8,6 +8,7 @@ mod callers;
 pub mod error;
 pub mod fleet;
 pub mod openapi;
+pub mod serve;
 
 use std::convert::Infallible;
 use std::sync::Arc;
