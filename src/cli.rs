@@ -664,8 +664,7 @@ fn shell_quote(s: &str) -> String {
 
 /// A fresh random password: 32 hex digits.
 fn new_password() -> anyhow::Result<String> {
-    let bytes: [u8; 16] = kiln_scheduler::auth::os_random().context("no random source for a password")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    kiln_scheduler::auth::random_hex().context("no random source for a password")
 }
 
 /// Checks a name that becomes a broker user.

@@ -42,8 +42,7 @@ pub fn broker_password(data: &Path, user: &str) -> anyhow::Result<String> {
         return Ok(p.trim().to_owned());
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let bytes: [u8; 16] = kiln_scheduler::auth::os_random().context("no random source for an MQTT password")?;
-    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let password = kiln_scheduler::auth::random_hex().context("no random source for an MQTT password")?;
     kiln_scheduler::farm::write_private(&path, &password)
         .with_context(|| format!("failed to write {}", path.display()))?;
     Ok(password)

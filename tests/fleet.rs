@@ -791,23 +791,6 @@ async fn a_task_without_the_schedulers_proof_runs_nothing_and_the_farm_keeps_ser
     }
 }
 
-/// The connection error a client gets from the broker on `port`, logging in as `login`.
-async fn refused(port: u16, login: Option<(&str, &str)>) -> rumqttc::ConnectionError {
-    let mut opts = MqttOptions::new(format!("intruder-{}", std::process::id()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    if let Some((u, p)) = login {
-        opts.set_credentials(u, p);
-    }
-    let (_client, mut events) = AsyncClient::new(opts, 8);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("an answer") {
-            Ok(Event::Incoming(Packet::ConnAck(a))) => panic!("{login:?} was let in: {a:?}"),
-            Ok(_) => {}
-            Err(e) => return e,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_the_shipped_mosquitto_config_only_logged_in_pis_speak_and_only_for_their_devices() {
     if testenv::mqtt().await.is_none() {
@@ -875,7 +858,7 @@ async fn on_the_shipped_mosquitto_config_only_logged_in_pis_speak_and_only_for_t
     // No login, or a wrong one: refused at connect.
     use rumqttc::{ConnectReturnCode, ConnectionError};
     for login in [None, Some(("studio-pi", "wrong")), Some(("nobody", "x"))] {
-        let e = refused(port, login).await;
+        let e = common::mqtt_refused(port, login).await;
         assert!(
             matches!(
                 e,

@@ -49,19 +49,7 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
 
     // The embedded broker asks for a login: none, or a wrong one, is refused at connect.
     for login in [None, Some(("kiln-scheduler", "wrong"))] {
-        let mut opts = MqttOptions::new("studio-intruder", "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
-        if let Some((u, p)) = login {
-            opts.set_credentials(u, p);
-        }
-        let (_c, mut events) = AsyncClient::new(opts, 16);
-        let e = loop {
-            match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("an answer") {
-                Ok(Event::Incoming(Packet::ConnAck(a))) => panic!("{login:?} was let in: {a:?}"),
-                Ok(_) => {}
-                Err(e) => break e,
-            }
-        };
+        let e = mqtt_refused(port, login).await;
         // rumqttd closes the connection of a CONNECT it refuses, without a CONNACK.
         assert!(matches!(e, rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)), "{e:?}");
     }

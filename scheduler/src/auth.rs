@@ -35,10 +35,15 @@ pub fn os_random<const N: usize>() -> std::io::Result<[u8; N]> {
     Ok(buf)
 }
 
+/// 16 random bytes as 32 hex digits: a token's secret part, a broker password.
+pub fn random_hex() -> std::io::Result<String> {
+    let bytes: [u8; 16] = os_random()?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// A new token secret.
 pub fn new_token() -> std::io::Result<Secret> {
-    let bytes: [u8; 16] = os_random()?;
-    Ok(Secret::new(format!("kiln_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())))
+    Ok(Secret::new(format!("kiln_{}", random_hex()?)))
 }
 
 /// What the store keeps of a token.

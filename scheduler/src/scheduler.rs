@@ -279,8 +279,10 @@ impl Scheduler {
         let device_keys = rows
             .iter()
             .filter(|t| t.role == Role::Device)
-            .flat_map(|t| t.devices.iter().map(move |d| (d.clone(), (t.name.clone(), t))))
-            .map(|(d, (name, t))| (d, (name, MessageKey::from_token_hash(&t.token_hash))))
+            .flat_map(|t| {
+                let key = MessageKey::from_token_hash(&t.token_hash);
+                t.devices.iter().map(move |d| (d.clone(), (t.name.clone(), key.clone())))
+            })
             .collect();
         let map = rows
             .into_iter()

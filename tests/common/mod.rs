@@ -215,3 +215,21 @@ pub fn operator_token(data: &Path) -> String {
 pub fn file_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
+
+/// The connection error an MQTT client gets from the broker on `port`, logging in as `login`
+/// (user, password); it fails if the broker lets the client in.
+pub async fn mqtt_refused(port: u16, login: Option<(&str, &str)>) -> rumqttc::ConnectionError {
+    let mut opts = rumqttc::MqttOptions::new(format!("intruder-{}", std::process::id()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (_client, mut events) = rumqttc::AsyncClient::new(opts, 8);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await.expect("an answer") {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => panic!("{login:?} was let in: {a:?}"),
+            Ok(_) => {}
+            Err(e) => return e,
+        }
+    }
+}
