@@ -425,7 +425,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Some(Command::Token(TokenCommand::Revoke { name, remote })) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
-            c.delete(&format!("/v1/tokens/{}", path_segment(&name))).await?;
+            c.delete(&format!("/v1/tokens/{}", kiln_protocol::url_component(&name))).await?;
             eprintln!("token {name:?} revoked");
             Ok(())
         }),
@@ -480,16 +480,6 @@ fn list_path(base: &str, limit: u32, filters: &[(&str, Option<String>)]) -> Stri
         }
     }
     path
-}
-
-/// `s` as one URL path segment: bytes other than `A-Z a-z 0-9 - . _ ~` percent-encoded.
-fn path_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A span of milliseconds as a person reads it: `45 s`, `12 min`, `5 h`, `30 d`.

@@ -31,6 +31,8 @@ struct Studio {
     line: Option<(SimLine, Child)>,
     /// The key of the agent's device token, as the scheduler signs its tasks.
     key: MessageKey,
+    /// The agent's device token.
+    token: String,
 }
 
 /// A farm whose fleet bridge uses the broker at `mqtt_url` under `prefix`.
@@ -156,7 +158,7 @@ folder = "{d}/gallery"
         );
         std::fs::write(&config, text).unwrap();
         let key = MessageKey::from_token(&token);
-        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line, key };
+        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line, key, token };
         s.spawn_agent();
         s
     }
@@ -397,6 +399,32 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
     let got = s.farm.raw(Method::GET, &format!("/v1/assets/{photo}"), "").await;
     assert_eq!(got.status, 200);
     assert!(got.body.starts_with(b"photo "));
+    // Each token reads what is its own: the Pi the piece it printed (not the photo); another Pi,
+    // and a client, neither. No Pi uploads but for a live task of its own devices.
+    let made = json!({ "name": "other-pi", "role": "device", "devices": ["elsewhere"] });
+    let other = s.farm.client.call(Method::POST, "/v1/tokens", Some(&made)).await.unwrap();
+    let other = s.farm.client_with(other["token"].as_str());
+    let made = s.farm.client.call(Method::POST, "/v1/tokens", Some(&json!({ "name": "c", "role": "client" }))).await;
+    let client = s.farm.client_with(made.unwrap()["token"].as_str());
+    let pi = s.farm.client_with(Some(&s.token));
+    for (who, of, status) in [(&pi, &asset, 200), (&pi, &photo, 404), (&other, &asset, 404), (&client, &photo, 404)] {
+        let r = who.send(Method::GET, &format!("/v1/assets/{of}"), None).await.unwrap();
+        assert_eq!(r.status, status, "{of}: {:?}", String::from_utf8_lossy(&r.body));
+    }
+    let photo_file = s.dir.path().join("another.photo");
+    std::fs::write(&photo_file, b"photo from elsewhere").unwrap();
+    let upload = format!("/v1/assets/{}", blake3::hash(b"photo from elsewhere").to_hex());
+    let capture = t["id"].as_str().unwrap();
+    for (who, query, status) in [
+        (&other, String::new(), 400),
+        (&other, format!("?task={capture}"), 403),
+        (&pi, format!("?task={capture}"), 409),
+        (&pi, "?task=no-such-task".to_owned(), 404),
+    ] {
+        let r = who.put_file(&format!("{upload}{query}"), &photo_file).await.unwrap();
+        assert_eq!(r.status, status, "{query}: {:?}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(s.farm.raw(Method::GET, &upload, "").await.status, 404, "nothing refused is kept");
 
     // Hang it on the gallery screen: the signage folder shows the asset, byte for byte.
     s.run_task("display", json!({ "kind": "display", "asset": asset }), Duration::from_secs(30)).await;

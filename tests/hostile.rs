@@ -163,3 +163,184 @@ async fn slow_clients_holding_every_connection_are_cut_off_and_the_farm_serves_o
     still_serving(&farm, 4).await;
     farm.stop().await;
 }
+
+/// A token of `role` made by the operator, and a client holding it.
+async fn token_of(farm: &TestFarm, name: &str, role: &str) -> (String, kiln_common::client::Client) {
+    let body = serde_json::json!({"name": name, "role": role});
+    let made = farm.client.call(Method::POST, "/v1/tokens", Some(&body)).await.unwrap();
+    let secret = made["token"].as_str().unwrap().to_owned();
+    let client = farm.client_with(Some(&secret));
+    (secret, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sees_only_its_own_jobs_assets_and_never_the_fleet() {
+    let farm = TestFarm::start().await;
+    let (_, alice) = token_of(&farm, "alice", "client").await;
+    let (_, bob) = token_of(&farm, "bob", "client").await;
+    let (_, worker) = token_of(&farm, "w", "worker").await;
+    let body = job("alice's piece", 31, "preview").to_string();
+    let made = alice.send(Method::POST, "/v1/jobs?wait=30", Some(body.clone().into())).await.unwrap();
+    let done = made.json().unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let asset = done["asset"].as_str().unwrap().to_owned();
+    let parts = [
+        format!("/v1/assets/{asset}"),
+        format!("/v1/assets/{asset}?variant=thumb"),
+        format!("/v1/assets/{asset}/provenance"),
+    ];
+    for path in &parts {
+        assert_eq!(alice.send(Method::GET, path, None).await.unwrap().status, 200, "{path}");
+        let r = bob.send(Method::GET, path, None).await.unwrap();
+        let v = r.json().unwrap_or(Value::Null);
+        assert_eq!((r.status.as_u16(), &v["error"]["code"]), (404, &Value::from("not_found")), "{path}: {v}");
+        let r = worker.send(Method::GET, path, None).await.unwrap();
+        assert_eq!(r.status, 403, "{path}: a worker token reads no assets");
+        assert_eq!(farm.client.send(Method::GET, path, None).await.unwrap().status, 200, "{path}: the operator");
+    }
+    let id = done["id"].as_str().unwrap();
+    assert_eq!(bob.send(Method::GET, &format!("/v1/jobs/{id}"), None).await.unwrap().status, 404);
+    // Asking for the same piece makes it Bob's too: his job is answered from the cache.
+    let same = bob.send(Method::POST, "/v1/jobs", Some(body.into())).await.unwrap().json().unwrap();
+    assert_eq!(same["state"], "cached", "{same}");
+    for path in &parts {
+        assert_eq!(bob.send(Method::GET, path, None).await.unwrap().status, 200, "{path}");
+    }
+    // The fleet is the operator's.
+    for path in ["/v1/devices", "/v1/devices/lights", "/v1/tasks", "/v1/tasks/t1"] {
+        let r = alice.send(Method::GET, path, None).await.unwrap();
+        assert_eq!(r.status, 403, "{path}: {:?}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(farm.client.send(Method::GET, "/v1/devices", None).await.unwrap().status, 200);
+    still_serving(&farm, 32).await;
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_from_a_caller_who_may_not_upload_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let farm = TestFarm::start().await;
+    let (client_token, _) = token_of(&farm, "carol", "client").await;
+    let (worker_token, _) = token_of(&farm, "w", "worker").await;
+    let addr = farm.url.trim_start_matches("http://").to_owned();
+    let hash = "ab".repeat(32);
+    // A gigabyte announced and never sent: the refusal comes at once, from the head alone.
+    let cases = [
+        (None, "", 401, "authorization"),
+        (Some(client_token.as_str()), "", 403, ""),
+        (None, "Expect: 100-continue\r\n", 401, "authorization"),
+        (Some(worker_token.as_str()), "", 400, "job"),
+    ];
+    for (token, extra, status, field) in cases {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let head = format!(
+            "PUT /v1/assets/{hash} HTTP/1.1\r\nHost: kiln\r\n{auth}{extra}Content-Length: {}\r\n\r\n",
+            1u64 << 30
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        if status == 400 {
+            // An uploader naming no job hears why once it has sent its body, not before: send a little.
+            c.write_all(&[0u8; 1024]).await.unwrap();
+            c.shutdown().await.unwrap();
+        }
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                got.extend_from_slice(&buf[..n]);
+                if n == 0 || got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"}") {
+                    break;
+                }
+            }
+        });
+        read.await.unwrap_or_else(|_| panic!("{token:?} {extra:?}: no answer without the body"));
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(text.starts_with(&format!("HTTP/1.1 {status}")), "{token:?} {extra:?}: {text}");
+        if status != 400 {
+            assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        }
+        if !field.is_empty() {
+            assert!(text.contains(&format!("\"field\":\"{field}\"")), "{text}");
+        }
+    }
+    still_serving(&farm, 33).await;
+    farm.stop().await;
+}
+
+/// Reads what a raw connection is answered, up to its close or 10 s.
+async fn answer(c: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = c.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_body_trickles_is_cut_off_and_event_streams_per_token_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(dir.path());
+    cfg.scheduler.limits.request_timeout_seconds = 1;
+    cfg.scheduler.limits.max_event_streams_per_token = 2;
+    // No worker takes prints: a print job waits, and its event stream stays open.
+    cfg.scheduler.worker_tiers = vec![kiln_protocol::Tier::Preview];
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let addr = farm.url.trim_start_matches("http://").to_owned();
+    let token = common::operator_token(farm.dir.path());
+    // A body promised and sent a few bytes at a time, never whole.
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {token}\r\nContent-Length: 200\r\n\r\n{{\"prompt\""
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let text = answer(&mut c).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("scheduler.limits.request_timeout_seconds"), "{text}");
+
+    let waiting = farm.submit(job("a print nobody takes", 34, "print")).await;
+    let path = format!("/v1/jobs/{}/events", waiting["id"].as_str().unwrap());
+    let open = |addr: String, token: String, path: String| async move {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {token}\r\n\r\n");
+        c.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::io::AsyncReadExt::read(&mut c, &mut buf).await.unwrap();
+        (c, String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let (first, a) = open(addr.clone(), token.clone(), path.clone()).await;
+    let (_second, b) = open(addr.clone(), token.clone(), path.clone()).await;
+    assert!(a.starts_with("HTTP/1.1 200") && b.starts_with("HTTP/1.1 200"), "{a}\n{b}");
+    // The stream outlives the request timeout.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (_, third) = open(addr.clone(), token.clone(), path.clone()).await;
+    assert!(third.starts_with("HTTP/1.1 429"), "{third}");
+    assert!(third.contains("max_event_streams_per_token"), "{third}");
+    // Another token has streams of its own.
+    let (alice, _) = token_of(&farm, "alice", "client").await;
+    let mine =
+        farm.client_with(Some(&alice)).call(Method::POST, "/v1/jobs", Some(&job("alice waits", 35, "print"))).await;
+    let mine = format!("/v1/jobs/{}/events", mine.unwrap()["id"].as_str().unwrap());
+    let (_theirs, other) = open(addr.clone(), alice, mine).await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    // A stream closed gives its place back (once the server notices, at its next keep-alive).
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let (_c, again) = open(addr.clone(), token.clone(), path.clone()).await;
+        if again.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed stream's place never came back: {again}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    still_serving(&farm, 36).await;
+    farm.stop().await;
+}

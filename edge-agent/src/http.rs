@@ -98,14 +98,14 @@ impl Http {
         tokio::time::timeout(self.timeout, work).await.map_err(|_| anyhow::anyhow!("GET {url}: no answer in time"))?
     }
 
-    /// Uploads the file at `path` as an asset; its hash.
-    pub async fn upload(&self, path: &Path) -> anyhow::Result<String> {
+    /// Uploads the file at `path` as an asset, the output of task `task_id`; its hash.
+    pub async fn upload(&self, path: &Path, task_id: &str) -> anyhow::Result<String> {
         let hash = hash_file(path).await?;
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
         let stream = tokio_util::io::ReaderStream::new(file).map_ok(Frame::data);
         let body = BodyExt::boxed(StreamBody::new(stream));
-        let url = format!("{}/v1/assets/{hash}", self.base);
+        let url = format!("{}/v1/assets/{hash}?task={}", self.base, kiln_protocol::url_component(task_id));
         let req = Request::builder()
             .method(Method::PUT)
             .uri(&url)

@@ -31,6 +31,13 @@ pub struct Limits {
     pub header_read_timeout_seconds: u64,
     /// Most HTTP connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Longest a call may take, body included, before it is answered 408, seconds; a long poll
+    /// gets its `wait` on top, and an event stream is not bounded once it has started.
+    pub request_timeout_seconds: u64,
+    /// The same for an asset upload (`PUT /v1/assets/...`), seconds.
+    pub upload_timeout_seconds: u64,
+    /// Most event streams (`GET /v1/jobs/{id}/events`) one token may hold open at once.
+    pub max_event_streams_per_token: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +50,9 @@ impl Default for Limits {
             max_asset_bytes: 1 << 30,
             header_read_timeout_seconds: 10,
             max_connections: 1024,
+            request_timeout_seconds: 30,
+            upload_timeout_seconds: 600,
+            max_event_streams_per_token: 64,
         }
     }
 }
@@ -254,11 +264,17 @@ impl FarmConfig {
         if s.retry.max_attempts == 0 {
             return bad("scheduler.retry.max_attempts", "must be at least 1".into());
         }
-        if s.limits.header_read_timeout_seconds == 0 || s.limits.max_connections == 0 {
-            return bad(
-                "scheduler.limits",
-                "header_read_timeout_seconds and max_connections must be at least 1".into(),
-            );
+        let l = &s.limits;
+        for (key, v) in [
+            ("scheduler.limits.header_read_timeout_seconds", l.header_read_timeout_seconds),
+            ("scheduler.limits.max_connections", l.max_connections as u64),
+            ("scheduler.limits.request_timeout_seconds", l.request_timeout_seconds),
+            ("scheduler.limits.upload_timeout_seconds", l.upload_timeout_seconds),
+            ("scheduler.limits.max_event_streams_per_token", l.max_event_streams_per_token as u64),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
         }
         if s.limits.max_body_bytes < 1024 {
             return bad(

@@ -66,18 +66,7 @@ pub fn open_attempt(job: Option<&Job>, m: &JobMessage) -> Result<Dispatch, Refus
     let Some(job) = job else {
         return Err(Refusal::UnknownJob(format!("there is no job {}", m.job_id)));
     };
-    // A job's `attempt` counts the attempts started: one handed out and not yet started is the
-    // next one.
-    let current = m.attempt == job.attempt && job.attempt > 0;
-    let next = m.attempt == job.attempt + 1
-        && matches!(job.state, JobState::Queued | JobState::Dispatched)
-        && job.follows.is_none();
-    if !(current || next) {
-        return Err(Refusal::AttemptNotOpen(format!(
-            "attempt {} of job {} is not open: the job is {} at attempt {}",
-            m.attempt, job.id, job.state, job.attempt
-        )));
-    }
+    attempt_open(job, m.attempt).map_err(Refusal::AttemptNotOpen)?;
     let differs = if m.cache_key != job.cache_key {
         Some("cache key")
     } else if m.client != job.client {
@@ -99,6 +88,26 @@ pub fn open_attempt(job: Option<&Job>, m: &JobMessage) -> Result<Dispatch, Refus
         cache_key: job.cache_key.clone(),
         created_ms: job.created_ms,
     })
+}
+
+/// Whether `attempt` of `job` is one handed out and not superseded: the job's current attempt
+/// (it started), or the next while the job is `dispatched`, or `queued` with its message
+/// published but not yet marked sent. Else why not.
+pub fn attempt_open(job: &Job, attempt: u32) -> Result<(), String> {
+    // A job's `attempt` counts the attempts started: one handed out and not yet started is the
+    // next one.
+    let current = attempt == job.attempt && job.attempt > 0;
+    let next = attempt == job.attempt + 1
+        && matches!(job.state, JobState::Queued | JobState::Dispatched)
+        && job.follows.is_none();
+    if current || next {
+        Ok(())
+    } else {
+        Err(format!(
+            "attempt {attempt} of job {} is not open: the job is {} at attempt {}",
+            job.id, job.state, job.attempt
+        ))
+    }
 }
 
 /// How [`Scheduler::settle`] went.

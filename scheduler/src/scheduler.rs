@@ -195,6 +195,8 @@ pub struct Scheduler {
     pub(crate) dispatch_wake: Notify,
     /// Wakes the fleet bridge's sender (a task was created, a device came back).
     pub fleet_wake: Notify,
+    /// The API's event streams open, by token.
+    pub(crate) event_streams: crate::api::EventStreams,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
 }
@@ -224,6 +226,7 @@ impl Scheduler {
             device_keys: RwLock::new(HashMap::new()),
             dispatch_wake: Notify::new(),
             fleet_wake: Notify::new(),
+            event_streams: crate::api::EventStreams::default(),
             rng: Mutex::new(Rng::new(seed)),
             tiers,
         };

@@ -439,12 +439,15 @@ impl AssetStore {
         self.root.join("tmp").join(scratch_name())
     }
 
-    /// Moves a file written at a [`Self::scratch_path`] and whose BLAKE3 the caller checked is
-    /// `hash` into place, as [`Self::commit`] does: as the asset, or as its thumbnail. The
-    /// scratch file is gone afterwards either way.
-    pub async fn import_file(&self, hash: &str, scratch: PathBuf, thumb: bool) -> io::Result<()> {
-        let to = if thumb { self.thumb_path(hash) } else { self.path(hash) };
-        let files = vec![(Content::Written(Scratch::new(scratch)), to)];
+    /// Moves a PNG written at a [`Self::scratch_path`] and whose BLAKE3 the caller checked is
+    /// `hash` into place as the asset, with its thumbnail (`None`: the image is its own, or has
+    /// none), as [`Self::commit`] does. The scratch file is gone afterwards either way.
+    pub async fn import_file(&self, hash: &str, scratch: PathBuf, thumb: Option<Vec<u8>>) -> io::Result<()> {
+        let mut files = Vec::with_capacity(2);
+        if let Some(thumb) = thumb {
+            files.push((Content::Held(thumb), self.thumb_path(hash)));
+        }
+        files.push((Content::Written(Scratch::new(scratch)), self.path(hash)));
         self.lander.land(files).await.map_err(lander_gone)?
     }
 
@@ -485,7 +488,7 @@ impl AssetStore {
 }
 
 /// The width and height a PNG file's header gives (its IHDR chunk comes first).
-fn png_size(path: &Path) -> io::Result<(u32, u32)> {
+pub fn png_size(path: &Path) -> io::Result<(u32, u32)> {
     let mut head = [0u8; 24];
     io::Read::read_exact(&mut File::open(path)?, &mut head)?;
     png_dimensions(&head).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a PNG"))
@@ -607,13 +610,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = AssetStore::open(dir.path()).unwrap();
         let hash = "cd".repeat(32);
-        for (bytes, thumb) in [(&b"imported"[..], false), (b"imported thumb", true), (b"imported again", false)] {
+        let thumbs = [None, Some(b"its thumb".to_vec()), Some(b"another thumb".to_vec())];
+        for (bytes, thumb) in [&b"imported"[..], b"imported again", b"and again"].into_iter().zip(thumbs) {
             let scratch = store.scratch_path();
             fs::write(&scratch, bytes).unwrap();
             store.import_file(&"ab".repeat(32), scratch, thumb).await.unwrap();
         }
+        // The first of each file stays: a thumbnail comes to an asset stored without one.
         assert_eq!(fs::read(store.path(&"ab".repeat(32))).unwrap(), b"imported", "the first stays");
-        assert_eq!(fs::read(store.thumb_path(&"ab".repeat(32))).unwrap(), b"imported thumb");
+        assert_eq!(fs::read(store.thumb_path(&"ab".repeat(32))).unwrap(), b"its thumb");
         store.import_provenance(&hash, b"{\"n\":1}".to_vec()).await.unwrap();
         store.import_provenance(&hash, b"{\"n\":2}".to_vec()).await.unwrap();
         assert_eq!(fs::read(store.provenance_path(&hash)).unwrap(), b"{\"n\":1}");

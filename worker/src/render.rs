@@ -155,6 +155,53 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, png::E
     Ok(out)
 }
 
+/// The thumbnail of a PNG file, made as a render makes it (a box average in linear light over
+/// [`Plan`]'s factor, rounded sRGB), from the file's 8-bit RGB: for the scheduler, which makes
+/// the thumbnails of uploaded assets itself rather than take them from the uploader. `None`
+/// when the image is its own thumbnail. Reads one row at a time (memory of one row, at most
+/// 64 MiB in the decoder); an interlaced or unreadable PNG is an error that says why.
+pub fn thumbnail_of_png(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut decoder = png::Decoder::new_with_limits(std::io::BufReader::new(file), png::Limits { bytes: 64 << 20 });
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(|e| format!("not a readable PNG: {e}"))?;
+    let (w, h, interlaced) = (reader.info().width, reader.info().height, reader.info().interlaced);
+    if own_thumbnail(w, h) {
+        return Ok(None);
+    }
+    if interlaced {
+        return Err("an interlaced PNG; the scheduler reads only non-interlaced ones".into());
+    }
+    let channels = reader.output_color_type().0.samples();
+    let plan = Plan::new(w, h, 1, 1);
+    let (f, tw, th) = (plan.thumb_factor as usize, plan.thumb_w as usize, plan.thumb_h as usize);
+    let linear: Vec<f32> = (0..=255u8).map(|v| crate::engine::style::srgb_to_linear(f32::from(v) / 255.0)).collect();
+    let (mut acc, mut rgb) = (vec![0.0f32; tw * 3], Vec::with_capacity(tw * th * 3));
+    for y in 0..h as usize {
+        let row = reader.next_row().map_err(|e| format!("not a readable PNG: {e}"))?;
+        let data = row.ok_or("not a readable PNG: its image data ends early")?.data();
+        for (x, px) in data.chunks_exact(channels).take(w as usize).enumerate() {
+            // Grey (and grey with alpha) stands for all three; alpha is left out.
+            let at = (x / f) * 3;
+            for c in 0..3 {
+                acc[at + c] += linear[usize::from(px[if channels < 3 { 0 } else { c }])];
+            }
+        }
+        if (y + 1) % f == 0 || y + 1 == h as usize {
+            let rows = y % f + 1;
+            for (tx, sums) in acc.chunks_exact_mut(3).enumerate() {
+                let count = ((w as usize).min((tx + 1) * f) - tx * f) * rows;
+                for sum in sums.iter_mut() {
+                    let v = (post::linear_to_srgb(*sum / count as f32) * 255.0 + 0.5).floor();
+                    rgb.push(v.clamp(0.0, 255.0) as u8);
+                    *sum = 0.0;
+                }
+            }
+        }
+    }
+    encode_png(tw as u32, th as u32, &rgb).map(Some).map_err(|e| e.to_string())
+}
+
 /// Renders `req` and streams its PNG into `out`. Returns the thumbnail PNG (`None` when the image
 /// is no larger than a thumbnail: it is its own) and the stats.
 pub fn render_to<W: Write>(

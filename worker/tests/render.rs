@@ -134,6 +134,34 @@ fn the_burn_path_agrees_with_the_fused_path() {
     }
 }
 
+#[test]
+fn a_thumbnail_made_from_the_png_matches_the_renders_own() {
+    // The scheduler makes an uploaded asset's thumbnail from its PNG: what it serves must be the
+    // thumbnail the render made (from unquantised light) within a code or two, at its size.
+    let dir = tempfile::tempdir().unwrap();
+    for (w, h) in [(600, 600), (1000, 397)] {
+        let limits = TierLimits::default();
+        let r = RenderRequest::resolve("cppn", "ember kaleidoscope", 7, Tier::Final, Some(w), Some(h), None, &limits)
+            .unwrap();
+        let mut out = Vec::new();
+        let (thumb, _) = render_to(&cpu(), &r, &mut out, &mut |_| {}).unwrap();
+        let path = dir.path().join("a.png");
+        std::fs::write(&path, &out).unwrap();
+        let made = kiln_worker::render::thumbnail_of_png(&path).unwrap().expect("larger than a thumbnail");
+        let (want, got) = (decode(&thumb.unwrap()), decode(&made));
+        assert_eq!((got.0, got.1), (want.0, want.1), "{w}x{h}");
+        let (max, psnr, _) = compare(&want.2, &got.2);
+        assert!(max <= 3 && psnr > 45.0, "{w}x{h}: max {max}, PSNR {psnr:.1} dB");
+    }
+    // An image no larger than a thumbnail is its own; bytes that are no PNG are refused.
+    let small = dir.path().join("small.png");
+    std::fs::write(&small, png(&cpu(), &req("ember", 1, Tier::Preview, 128, None))).unwrap();
+    assert_eq!(kiln_worker::render::thumbnail_of_png(&small), Ok(None));
+    std::fs::write(&small, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let e = kiln_worker::render::thumbnail_of_png(&small).unwrap_err();
+    assert!(e.starts_with("not a readable PNG"), "{e}");
+}
+
 fn config(dir: &std::path::Path) -> WorkerConfig {
     WorkerConfig { data_dir: dir.to_path_buf(), backend: BackendChoice::Cpu, ..WorkerConfig::default() }
 }

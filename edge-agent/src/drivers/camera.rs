@@ -38,7 +38,7 @@ impl Camera {
         if len == 0 {
             return Err(TaskError::new(format!("the camera wrote no photo to {}", out.display())));
         }
-        let hash = ctx.http.upload(&out).await?;
+        let hash = ctx.http.upload(&out, &task.task_id).await?;
         let _ = tokio::fs::remove_file(&out).await;
         self.photos += 1;
         self.last = Some(hash.clone());

@@ -1,7 +1,7 @@
 //! Who calls, from the request's bearer token, as axum extractors: a handler names the callers
 //! it serves in its arguments ([`Person`]: an operator or a client; [`Operator`]), and anyone else
-//! gets the 401 or 403 that says why. The asset calls check by hand ([`caller`], [`uploader`]):
-//! a refused upload reads the rest of its body first.
+//! gets the 401 or 403 that says why. The asset calls check by hand ([`caller`], [`uploader`]),
+//! so that an upload from a caller who may not upload is refused before its body is read.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

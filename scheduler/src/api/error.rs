@@ -80,6 +80,17 @@ impl ApiError {
         ApiError::rejected(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", message, Some("body".into()))
     }
 
+    /// A 408: the call took longer than `secs` (the limit `key` of `scheduler.limits`).
+    pub fn timed_out(secs: u64, key: &str) -> ApiError {
+        let message = format!("request: not done within {secs} s (scheduler.limits.{key})");
+        ApiError::rejected(StatusCode::REQUEST_TIMEOUT, "request_timeout", message, Some("request".into()))
+    }
+
+    /// A 429: the caller holds too many of something at once.
+    pub fn too_many(message: impl Into<String>) -> ApiError {
+        ApiError::rejected(StatusCode::TOO_MANY_REQUESTS, "too_many", message.into(), None)
+    }
+
     /// A 500, logged here with its chain.
     pub fn internal(e: &dyn std::error::Error) -> ApiError {
         tracing::error!(error = %e, source = ?e.source(), "api: internal error");

@@ -1,5 +1,6 @@
-//! The fleet's part of the API: devices and their tasks. Reading needs an operator or client
-//! token; creating a task (a physical act: print, photograph, show, light) needs an operator's.
+//! The fleet's part of the API: devices and their tasks. It is the operator's alone: a client
+//! sees its own jobs and assets, not the studio's devices, their tasks or their photos; creating
+//! a task (a physical act: print, photograph, show, light) needs an operator's token too.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -13,7 +14,7 @@ use kiln_protocol::{api, now_ms};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::callers::{Operator, Person};
+use super::callers::Operator;
 use super::{ApiError, AppState, body_bytes, query_error};
 use crate::store::fleet::{Device, DeviceTask, NewTask, TaskEvent, TaskState};
 use crate::time::rfc3339;
@@ -83,9 +84,9 @@ pub fn task_view(t: &DeviceTask, events: Option<&[TaskEvent]>) -> api::Task {
 #[utoipa::path(get, path = "/v1/devices", tag = "fleet",
     responses(
         (status = 200, body = api::Devices),
-        super::openapi::PersonOnly,
+        super::openapi::OperatorOnly,
     ))]
-pub(super) async fn list_devices(State(s): State<AppState>, _: Person) -> Result<Json<api::Devices>, ApiError> {
+pub(super) async fn list_devices(State(s): State<AppState>, _: Operator) -> Result<Json<api::Devices>, ApiError> {
     let now = now_ms();
     let devices = s.store.devices().await?.iter().map(|d| device_view(d, now, false)).collect();
     Ok(Json(api::Devices { devices }))
@@ -96,12 +97,12 @@ pub(super) async fn list_devices(State(s): State<AppState>, _: Person) -> Result
     params(("id" = String, Path, description = "The device's id")),
     responses(
         (status = 200, body = api::Device),
-        super::openapi::PersonOnly,
+        super::openapi::OperatorOnly,
         (status = 404, description = "No such device", body = api::ErrorBody),
     ))]
 pub(super) async fn get_device(
     State(s): State<AppState>,
-    _: Person,
+    _: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<api::Device>, ApiError> {
     let d = s.store.device(&id).await?.ok_or_else(|| ApiError::not_found(format!("no device {id:?}")))?;
@@ -187,11 +188,11 @@ pub(super) struct TaskListParams {
     responses(
         (status = 200, body = api::Tasks),
         (status = 400, description = "An unknown state, or `limit` outside 1..=max_page", body = api::ErrorBody),
-        super::openapi::PersonOnly,
+        super::openapi::OperatorOnly,
     ))]
 pub(super) async fn list_tasks(
     State(s): State<AppState>,
-    _: Person,
+    _: Operator,
     q: Result<Query<TaskListParams>, QueryRejection>,
 ) -> Result<Json<api::Tasks>, ApiError> {
     let Query(q) = q.map_err(query_error)?;
@@ -210,12 +211,12 @@ pub(super) async fn list_tasks(
     params(("id" = String, Path, description = "The task's id")),
     responses(
         (status = 200, body = api::Task),
-        super::openapi::PersonOnly,
+        super::openapi::OperatorOnly,
         (status = 404, description = "No such task", body = api::ErrorBody),
     ))]
 pub(super) async fn get_task(
     State(s): State<AppState>,
-    _: Person,
+    _: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<api::Task>, ApiError> {
     let (t, events) = s.store.task(&id).await?.ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))?;

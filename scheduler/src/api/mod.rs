@@ -4,6 +4,7 @@
 //! text. The whole surface is described by the OpenAPI document derived from the handlers and
 //! their types ([`openapi`]), served at `/v1/openapi.json`.
 
+mod assets;
 mod callers;
 pub mod error;
 pub mod fleet;
@@ -14,7 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -29,7 +30,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 use utoipa::IntoParams;
 
-use callers::{Operator, Person, caller, uploader};
+use assets::{asset, provenance, put_asset, put_provenance};
+use callers::{Operator, Person};
 pub use error::ApiError;
 
 use crate::auth::Role;
@@ -62,7 +64,36 @@ pub fn router(s: AppState) -> Router {
         .merge(fleet::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(s.clone(), request_timeout))
         .with_state(s)
+}
+
+/// Bounds how long a call may take, its body included: `scheduler.limits.request_timeout_seconds`,
+/// `upload_timeout_seconds` for an asset upload, and a long poll's longest wait on top. An event
+/// stream's handler returns as its stream starts, so the stream itself runs on. A call cut off is
+/// answered 408, and its connection closed (its body may be half read).
+async fn request_timeout(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let l = &s.cfg.limits;
+    let upload = req.method() == axum::http::Method::PUT && req.uri().path().starts_with("/v1/assets/");
+    let (key, mut secs) = match upload {
+        true => ("upload_timeout_seconds", l.upload_timeout_seconds),
+        false => ("request_timeout_seconds", l.request_timeout_seconds),
+    };
+    if req.uri().query().is_some_and(|q| q.split('&').any(|p| p.starts_with("wait="))) {
+        secs += MAX_WAIT_SECONDS;
+    }
+    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = ApiError::timed_out(secs, key).into_response();
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
 }
 
 /// A job as the API shows it, written straight from the job: building a JSON tree first cost an
@@ -345,10 +376,13 @@ struct WaitParams {
 }
 
 /// `?wait=SECONDS` as a duration, or the error naming its range.
+/// The longest `?wait=` a long poll may ask, seconds.
+const MAX_WAIT_SECONDS: u64 = 60;
+
 fn wait_for(wait: Option<f64>) -> Result<Option<Duration>, ApiError> {
     match wait {
-        Some(w) if !(0.0..=60.0).contains(&w) => {
-            Err(ApiError::invalid("wait", format!("{w} is outside 0..=60 seconds")))
+        Some(w) if !(0.0..=MAX_WAIT_SECONDS as f64).contains(&w) => {
+            Err(ApiError::invalid("wait", format!("{w} is outside 0..={MAX_WAIT_SECONDS} seconds")))
         }
         w => Ok(w.map(Duration::from_secs_f64)),
     }
@@ -407,6 +441,7 @@ async fn cancel(
             description = "Server-Sent Events until the job ends: `event: state` (id: its `seq`, data: a JobEvent) for each transition, stored ones first; `event: progress` (data: a JobProgress) as a render's rows finish"),
         openapi::PersonOnly,
         (status = 404, description = "No such job, or another client's", body = api::ErrorBody),
+        (status = 429, description = "The token holds `scheduler.limits.max_event_streams_per_token` streams open already", body = api::ErrorBody),
     ))]
 async fn events(
     State(s): State<AppState>,
@@ -414,6 +449,7 @@ async fn events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let held = s.event_streams.open(&who.name, s.cfg.limits.max_event_streams_per_token)?;
     // Subscribe before reading the log, so nothing falls between the two.
     let mut rx = s.subscribe();
     if s.job(&who, &id).await?.is_none() {
@@ -446,7 +482,12 @@ async fn events(
             if done {
                 return;
             }
-            let live = match rx.recv().await {
+            // A client gone ends the feed at once, not at the job's next event.
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                () = tx.closed() => return,
+            };
+            let live = match received {
                 Ok(l) => l,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     from_log = true;
@@ -474,140 +515,49 @@ async fn events(
             }
         }
     });
-    let stream = futures_util::stream::unfold(out, |mut out| async move { out.recv().await.map(|e| (Ok(e), out)) });
+    // The stream holds its place among the token's until the connection drops it.
+    let stream = futures_util::stream::unfold((out, held), |(mut out, held)| async move {
+        out.recv().await.map(|e| (Ok(e), (out, held)))
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-/// `GET /v1/assets/{hash}`'s query.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-struct AssetParams {
-    /// `full` (the default) or `thumb` for the thumbnail (long side at most 256 px; an image no
-    /// larger is its own).
-    variant: Option<String>,
-}
+/// The event streams open, counted by token name.
+#[derive(Debug, Default)]
+pub struct EventStreams(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
 
-fn check_hash(hash: &str) -> Result<(), ApiError> {
-    if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        Ok(())
-    } else {
-        Err(ApiError::invalid("hash", "expected 64 lower-case hex digits (BLAKE3)"))
-    }
-}
-
-/// Assets need a token (any role) unless `scheduler.public_assets`.
-fn asset_auth(s: &Scheduler, headers: &HeaderMap) -> Result<(), ApiError> {
-    if s.cfg.public_assets { Ok(()) } else { caller(s, headers).map(|_| ()) }
-}
-
-/// `PUT /v1/assets/{hash}` (worker or operator token): stores an asset a worker rendered; the
-/// body must hash to `{hash}` (BLAKE3). `?variant=thumb` stores its thumbnail.
-#[utoipa::path(put, path = "/v1/assets/{hash}", tag = "assets",
-    params(("hash" = String, Path, description = "The BLAKE3 of the PNG, 64 lower-case hex digits"), AssetParams),
-    request_body(content = Vec<u8>, content_type = "image/png"),
-    responses(
-        (status = 204, description = "Stored"),
-        (status = 400, description = "The bytes do not hash to the path's BLAKE3, the hash is not 64 hex digits, or an unknown variant", body = api::ErrorBody),
-        openapi::UploaderOnly,
-        (status = 413, description = "Over `scheduler.limits.max_asset_bytes`", body = api::ErrorBody),
-    ))]
-async fn put_asset(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path(hash): Path<String>,
-    q: Result<Query<AssetParams>, axum::extract::rejection::QueryRejection>,
-    body: axum::body::Body,
-) -> Result<Response, ApiError> {
-    let checked = uploader(&s, &headers).and_then(|_| check_hash(&hash)).and_then(|()| {
-        let Query(q) = q.map_err(query_error)?;
-        match q.variant.as_deref() {
-            None | Some("full") => Ok(false),
-            Some("thumb") => Ok(true),
-            Some(v) => Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
+impl EventStreams {
+    /// Counts one more stream of `token`, unless it holds `max` already (a 429 naming the limit).
+    fn open(&self, token: &str, max: usize) -> Result<StreamHeld, ApiError> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(token.to_owned()).or_default();
+        if *n >= max {
+            return Err(ApiError::too_many(format!(
+                "events: the token {token:?} has {n} event streams open already \
+                 (scheduler.limits.max_event_streams_per_token); close one, or follow jobs with ?wait="
+            )));
         }
-    });
-    let thumb = match checked {
-        Ok(thumb) => thumb,
-        Err(e) => {
-            discard(body.into_data_stream(), s.cfg.limits.max_asset_bytes.saturating_mul(4)).await;
-            return Err(e);
-        }
-    };
-    // Streamed to a scratch file while hashed, so a print-sized PNG never sits in memory.
-    let scratch = s.worker.store().scratch_path();
-    let received = receive(body, &scratch, s.cfg.limits.max_asset_bytes).await;
-    let result = match received {
-        // A thumbnail has its own bytes; the asset it belongs to is checked when it comes.
-        Ok(got) if thumb || got == hash => {
-            s.worker.store().import_file(&hash, scratch.clone(), thumb).await.map_err(|e| ApiError::internal(&e))
-        }
-        Ok(_) => Err(ApiError::invalid("body", "the bytes do not hash to the asset's BLAKE3 in the path")),
-        Err(e) => Err(e),
-    };
-    if scratch.exists() {
-        let _ = tokio::fs::remove_file(&scratch).await;
-    }
-    result.map(|()| StatusCode::NO_CONTENT.into_response())
-}
-
-/// Reads and drops the rest of an upload, up to `left` more bytes: so the sender of a refused
-/// upload hears the 4xx instead of a broken pipe, and does not take it for a fault worth retrying.
-async fn discard(mut stream: axum::body::BodyDataStream, mut left: usize) {
-    use futures_util::StreamExt;
-    while let Some(Ok(chunk)) = stream.next().await {
-        let Some(rest) = left.checked_sub(chunk.len()) else { return };
-        left = rest;
+        *n += 1;
+        Ok(StreamHeld { open: self.0.clone(), token: token.to_owned() })
     }
 }
 
-/// Writes an upload to `path` (not synced), counting it against `limit`; returns its BLAKE3.
-async fn receive(body: axum::body::Body, path: &std::path::Path, limit: usize) -> Result<String, ApiError> {
-    use futures_util::StreamExt;
-    use tokio::io::AsyncWriteExt;
-    let mut file = tokio::fs::File::create(path).await.map_err(|e| ApiError::internal(&e))?;
-    let mut hasher = blake3::Hasher::new();
-    let (mut n, mut stream) = (0usize, body.into_data_stream());
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid("body", format!("the upload broke off: {e}")))?;
-        n += chunk.len();
-        if n > limit {
-            discard(stream, limit.saturating_mul(3)).await;
-            return Err(ApiError::too_large(limit));
-        }
-        hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(|e| ApiError::internal(&e))?;
-    }
-    // Synced by the asset store as it moves the file in.
-    file.flush().await.map_err(|e| ApiError::internal(&e))?;
-    Ok(hasher.finalize().to_hex().to_string())
+/// One open event stream's place in [`EventStreams`], given back when dropped.
+struct StreamHeld {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    token: String,
 }
 
-/// `PUT /v1/assets/{hash}/provenance` (worker or operator token): an uploaded asset's provenance.
-#[utoipa::path(put, path = "/v1/assets/{hash}/provenance", tag = "assets",
-    params(("hash" = String, Path, description = "The asset's BLAKE3")),
-    request_body(content = Object, description = "The provenance record; its `asset` is the hash in the path"),
-    responses(
-        (status = 204, description = "Stored"),
-        (status = 400, description = "Not JSON, or its `asset` is not the path's", body = api::ErrorBody),
-        openapi::UploaderOnly,
-        (status = 413, body = api::ErrorBody),
-    ))]
-async fn put_provenance(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path(hash): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    uploader(&s, &headers)?;
-    check_hash(&hash)?;
-    let body = body_bytes(&s, body)?;
-    let v: Value = ApiError::parse_json(&body)?;
-    if v.get("asset").and_then(Value::as_str) != Some(hash.as_str()) {
-        return Err(ApiError::invalid("asset", "must equal the hash in the path"));
+impl Drop for StreamHeld {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.token);
+            }
+        }
     }
-    s.worker.store().import_provenance(&hash, body.to_vec()).await.map_err(|e| ApiError::internal(&e))?;
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `GET /v1/workers` (operator): the workers heard from, with their state (`active`,
@@ -644,102 +594,6 @@ async fn resume_worker(
     tracing::info!(worker = id, "resumed by the operator");
     s.registry.resume(&id);
     Ok(Json(api::Resumed { worker_id: id, state: "resumed".into() }))
-}
-
-/// `GET /v1/assets/{hash}`: the PNG (or `?variant=thumb`), immutable, with its hash as ETag: a
-/// file in the asset store, or a small PNG (its own thumbnail) kept with the asset's row.
-#[utoipa::path(get, path = "/v1/assets/{hash}", tag = "assets",
-    params(("hash" = String, Path, description = "The BLAKE3 of the PNG, 64 lower-case hex digits"), AssetParams,
-        ("If-None-Match" = Option<String>, Header, description = "The ETag held: 304 when it is this one")),
-    responses(
-        (status = 200, description = "The PNG (immutable; ETag: its hash)", content_type = "image/png", body = Vec<u8>),
-        (status = 304, description = "Not modified"),
-        (status = 400, description = "Not 64 hex digits, or an unknown variant", body = api::ErrorBody),
-        (status = 401, description = "No token, unless `scheduler.public_assets`", body = api::ErrorBody),
-        (status = 404, description = "No such asset", body = api::ErrorBody),
-    ))]
-async fn asset(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path(hash): Path<String>,
-    q: Result<Query<AssetParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    asset_auth(&s, &headers)?;
-    check_hash(&hash)?;
-    let Query(q) = q.map_err(query_error)?;
-    let (path, etag) = match q.variant.as_deref() {
-        None | Some("full") => (Some(s.worker.store().path(&hash)), format!("\"{hash}\"")),
-        Some("thumb") => {
-            let (store, h) = (s.worker.store().clone(), hash.clone());
-            let found = tokio::task::spawn_blocking(move || store.thumbnail(&h)).await;
-            (found.map_err(|e| ApiError::internal(&e))?, format!("\"{hash}.thumb\""))
-        }
-        Some(v) => return Err(ApiError::invalid("variant", format!("unknown variant {v:?}; expected full or thumb"))),
-    };
-    let file = match path {
-        Some(path) => match tokio::fs::File::open(&path).await {
-            Ok(f) => Some(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(ApiError::internal(&e)),
-        },
-        None => None,
-    };
-    let (len, body) = match file {
-        Some(file) => {
-            let len = file.metadata().await.map_err(|e| ApiError::internal(&e))?.len();
-            (len, Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024)))
-        }
-        None => match s.store.asset_png(&hash).await? {
-            Some(png) => (png.len() as u64, Body::from(png)),
-            None => return Err(ApiError::not_found(format!("hash: no asset {hash}"))),
-        },
-    };
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
-    }
-    Ok((
-        [
-            (header::CONTENT_TYPE, "image/png".to_owned()),
-            (header::CONTENT_LENGTH, len.to_string()),
-            (header::ETAG, etag),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable".to_owned()),
-        ],
-        body,
-    )
-        .into_response())
-}
-
-/// `GET /v1/assets/{hash}/provenance`: who asked, model and version, parameters, backend, timings.
-#[utoipa::path(get, path = "/v1/assets/{hash}/provenance", tag = "assets",
-    params(("hash" = String, Path, description = "The asset's BLAKE3")),
-    responses(
-        (status = 200, description = "The provenance record", body = Object),
-        (status = 400, description = "Not 64 hex digits", body = api::ErrorBody),
-        (status = 401, description = "No token, unless `scheduler.public_assets`", body = api::ErrorBody),
-        (status = 404, description = "No such asset", body = api::ErrorBody),
-    ))]
-async fn provenance(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path(hash): Path<String>,
-) -> Result<Response, ApiError> {
-    asset_auth(&s, &headers)?;
-    check_hash(&hash)?;
-    // Recorded with the asset's row, or (recorded before 0005, or uploaded) a file beside it.
-    if let Some(json) = s.store.provenance(&hash).await? {
-        return Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response());
-    }
-    match tokio::fs::read(s.worker.store().provenance_path(&hash)).await {
-        Ok(bytes) => Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ApiError::not_found(format!("hash: no asset {hash}")))
-        }
-        Err(e) => Err(ApiError::internal(&e)),
-    }
 }
 
 /// `POST /v1/tokens` (operator): a new token; its secret is shown this once.

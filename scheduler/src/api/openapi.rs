@@ -96,7 +96,7 @@ impl Modify for BearerAuth {
     modifiers(&BearerAuth),
     paths(
         super::submit, super::list, super::get_job, super::cancel, super::events,
-        super::asset, super::put_asset, super::provenance, super::put_provenance,
+        super::assets::asset, super::assets::put_asset, super::assets::provenance, super::assets::put_provenance,
         super::workers, super::resume_worker, super::create_token, super::list_tokens, super::revoke_token,
         super::openapi_json, super::healthz, super::metrics,
         super::fleet::list_devices, super::fleet::get_device, super::fleet::create_task,

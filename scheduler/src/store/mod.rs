@@ -405,6 +405,14 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     /// The PNG kept with an asset's row: `None` when the asset has no row, or its PNG is a
     /// file in the asset store.
     fn asset_png(&self, hash: &str) -> BoxFut<'_, Result<Option<Vec<u8>>, StoreError>>;
+    /// Whether an asset is one `client` may read (a job of theirs has it: its render, or a cached
+    /// answer) or one any of `devices` may (a task of theirs works on it).
+    fn asset_readable(
+        &self,
+        hash: &str,
+        client: Option<String>,
+        devices: Vec<String>,
+    ) -> BoxFut<'_, Result<bool, StoreError>>;
     /// Jobs by tier and state, for the metrics.
     fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>>;
 

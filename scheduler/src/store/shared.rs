@@ -288,6 +288,36 @@ macro_rules! store_impl {
                 })
             }
 
+            fn asset_readable(
+                &self,
+                hash: &str,
+                client: Option<String>,
+                devices: Vec<String>,
+            ) -> BoxFut<'_, Result<bool, StoreError>> {
+                let hash = hash.to_owned();
+                Box::pin(async move {
+                    if let Some(client) = client {
+                        let mine: Option<i64> =
+                            sqlx::query_scalar("SELECT seq FROM jobs WHERE asset = $1 AND client = $2 LIMIT 1")
+                                .bind(&hash)
+                                .bind(&client)
+                                .fetch_optional(&self.read)
+                                .await?;
+                        if mine.is_some() {
+                            return Ok(true);
+                        }
+                    }
+                    if devices.is_empty() {
+                        return Ok(false);
+                    }
+                    let on: Vec<String> = sqlx::query_scalar("SELECT DISTINCT device_id FROM device_tasks WHERE asset = $1")
+                        .bind(&hash)
+                        .fetch_all(&self.read)
+                        .await?;
+                    Ok(on.iter().any(|d| devices.contains(d)))
+                })
+            }
+
             fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>> {
                 Box::pin(async move {
                     let rows = sqlx::query("SELECT tier, state, COUNT(*) AS n FROM jobs GROUP BY tier, state")

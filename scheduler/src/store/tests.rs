@@ -67,6 +67,7 @@ both_stores!(
     many_jobs_are_read_at_once,
     reads_gathered_from_many_callers_answer_each_its_own,
     an_asset_keeps_the_first_provenance_and_png_recorded_for_it,
+    an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_that_work_on_it,
 );
 
 /// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
@@ -232,6 +233,39 @@ async fn reads_gathered_from_many_callers_answer_each_its_own<S: Store + Clone +
     }
     let alone = reads.jobs(vec![ids[3].clone()]).await.unwrap();
     assert_eq!((alone.len(), alone[0].request.seed), (1, 3));
+}
+
+async fn an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_that_work_on_it(s: &dyn Store) {
+    let readable = |client: Option<&str>, devices: &[&str]| {
+        s.asset_readable("h", client.map(str::to_owned), devices.iter().map(|d| (*d).to_owned()).collect())
+    };
+    s.submit(new_job("lead", "k", 1)).await.unwrap();
+    let due = s.take_due(2000, 10).await.unwrap();
+    s.start(&due.jobs[0], 2001).await.unwrap();
+    assert!(!readable(Some("tester"), &[]).await.unwrap(), "not before the job has it");
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None };
+    s.finish(&due.jobs[0], ok, 2002).await.unwrap();
+    assert!(readable(Some("tester"), &[]).await.unwrap());
+    assert!(!readable(Some("someone else"), &[]).await.unwrap());
+    // A cached answer makes it its client's too.
+    let mut other = new_job("theirs", "k", 1);
+    other.client = "someone else".into();
+    assert_eq!(s.submit(other).await.unwrap().admission, Admission::Cached);
+    assert!(readable(Some("someone else"), &[]).await.unwrap());
+    assert!(!readable(None, &["p1"]).await.unwrap());
+    let task = super::fleet::NewTask {
+        id: "t1".into(),
+        device_id: "p1".into(),
+        kind: kiln_protocol::fleet::TaskKind::Print,
+        asset: Some("h".into()),
+        params: serde_json::Map::new(),
+        deadline_ms: 1_000_000,
+        created_by: "op".into(),
+    };
+    s.create_task(task, 3000).await.unwrap();
+    assert!(readable(None, &["c1", "p1"]).await.unwrap());
+    assert!(!readable(None, &["c1", "p2"]).await.unwrap());
+    assert!(!readable(Some("nobody"), &["c1"]).await.unwrap());
 }
 
 async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {

@@ -379,7 +379,7 @@ impl Daemon {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let outcome = match result {
             Ok((r, inline)) => {
-                match self.upload(&r.asset, &inline).await {
+                match self.upload(&r.asset, &inline, &msg.job_id, msg.attempt).await {
                     Ok(()) => AttemptOutcome::Succeeded {
                         asset: r.asset,
                         bytes: r.bytes,

@@ -1,6 +1,7 @@
 //! Handing an asset to the scheduler: inside its result message when it is small and its own
-//! thumbnail ([`Inline`]), else uploaded (`PUT /v1/assets/{hash}`, with its thumbnail and
-//! provenance), trying again while the scheduler is away.
+//! thumbnail ([`Inline`]), else uploaded (`PUT /v1/assets/{hash}?job=&attempt=`, with its
+//! provenance; the scheduler makes the thumbnail itself), trying again while the scheduler is
+//! away.
 
 use std::time::Duration;
 
@@ -11,29 +12,30 @@ use super::Daemon;
 
 impl Daemon {
     /// Uploads to the scheduler what of an asset does not travel with its result (`inline`): the
-    /// PNG, its thumbnail and its provenance. Nothing when the store is shared.
-    pub(super) async fn upload(&self, hash: &str, inline: &Inline) -> Result<(), UploadError> {
+    /// PNG and its provenance, as the render of `attempt` of `job_id` (the scheduler takes a
+    /// worker's upload only for an attempt it handed out). Nothing when the store is shared.
+    pub(super) async fn upload(
+        &self,
+        hash: &str,
+        inline: &Inline,
+        job_id: &str,
+        attempt: u32,
+    ) -> Result<(), UploadError> {
         let Some(client) = &self.upload else { return Ok(()) };
         let handed = &self.worker.metrics.assets_handed;
         if inline.png.is_some() {
-            // Only an image that is its own thumbnail travels, so no thumbnail goes beside it;
-            // without a readable provenance the scheduler keeps what the result says.
+            // Only an image that is its own thumbnail travels; without a readable provenance the
+            // scheduler keeps what the result says.
             handed.with_label_values(&["inline"]).inc();
             return Ok(());
         }
         let store = self.worker.store();
-        let parts = [
-            (store.path(hash), format!("/v1/assets/{hash}")),
-            (store.thumb_path(hash), format!("/v1/assets/{hash}?variant=thumb")),
-            (store.provenance_path(hash), format!("/v1/assets/{hash}/provenance")),
-        ];
-        for (i, (file, url)) in parts.iter().enumerate() {
-            // An image no larger than a thumbnail has no thumbnail file (it is its own), and a
-            // cached asset from before thumbnails and provenance were kept has neither.
-            if (i == 2 && inline.provenance.is_some()) || (i > 0 && !file.is_file()) {
-                continue;
-            }
-            put_with_retry(client, url, file).await?;
+        let of = format!("job={}&attempt={attempt}", kiln_protocol::url_component(job_id));
+        put_with_retry(client, &format!("/v1/assets/{hash}?{of}"), &store.path(hash)).await?;
+        // A cached asset from before provenance was kept has none.
+        let provenance = store.provenance_path(hash);
+        if inline.provenance.is_none() && provenance.is_file() {
+            put_with_retry(client, &format!("/v1/assets/{hash}/provenance?{of}"), &provenance).await?;
         }
         handed.with_label_values(&["upload"]).inc();
         Ok(())
