@@ -175,7 +175,7 @@ impl Studio {
             data_dir: dir.join("edge"),
             telemetry_interval_ms: 5_000,
             mqtt: MqttConfig {
-                url: format!("mqtt://{}:{}", mqtt.host, mqtt.port),
+                url: format!("{}://{}:{}", if mqtt.tls { "mqtts" } else { "mqtt" }, mqtt.host, mqtt.port),
                 prefix: sched.cfg.fleet.prefix.clone(),
                 username: mqtt.login.as_ref().map(|(u, _)| u.clone()),
                 password: mqtt.login.as_ref().map(|(_, p)| p.expose().to_owned()),
@@ -184,6 +184,7 @@ impl Studio {
             scheduler: kiln_edge::config::SchedulerConfig { url: api_url.into(), token },
             spool: Default::default(),
             devices,
+            tls_ca_file: sched.cfg.tls.ca_file.clone(),
         };
         cfg.check().map_err(|e| anyhow::anyhow!("the studio's agent config: {e}"))?;
         let stop = CancellationToken::new();

@@ -46,11 +46,11 @@ pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
             let addr = start_broker(args.mqtt_listen, logins)?;
             cfg.scheduler.fleet.mqtt_url = Some(format!("mqtt://{BRIDGE_USER}:{bridge}@{addr}").into());
             let login = Some((AGENT_USER.to_owned(), Secret::new(agent)));
-            (true, MqttEndpoint { host: addr.ip().to_string(), port: addr.port(), login })
+            (true, MqttEndpoint { host: addr.ip().to_string(), port: addr.port(), login, tls: false })
         }
     };
     let farm = Farm::build(&cfg, backend).await?;
-    let url = format!("http://{}", farm.local_addr()?);
+    let url = farm.url()?;
     let studio = match args.no_devices {
         false => Some(Studio::start(farm.scheduler(), cfg.data_dir(), &agent_mqtt, &url).await?),
         true => None,

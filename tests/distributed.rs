@@ -1052,3 +1052,41 @@ async fn a_worker_uploads_only_the_render_of_an_open_job_and_the_thumbnail_is_th
     assert_eq!(d.wait_all(&[id], Duration::from_secs(120)).await[0]["state"], "succeeded");
     d.stop().await;
 }
+
+/// A farm whose broker and API speak only TLS: the scheduler and a worker on `amqps://` (a TLS
+/// front for RabbitMQ), the worker uploading over `https://`, each trusting the farm's own CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_farm_and_its_worker_speak_tls_to_the_broker_and_the_api() {
+    let certs = tempfile::tempdir().unwrap();
+    let Some(files) = testenv::tls_files(certs.path()) else { return };
+    let plain = testenv::amqp_url();
+    let Some(proxy) = testenv::tls_proxy(&files, &testenv::amqp_addr(&plain)).await else { return };
+    let login =
+        plain.split("://").nth(1).and_then(|r| r.rsplit_once('@')).map(|(u, _)| format!("{u}@")).unwrap_or_default();
+    let vhost = plain.rsplit_once('/').map(|(_, v)| v).unwrap_or("%2f");
+    let secure = format!("amqps://{login}127.0.0.1:{}/{vhost}", proxy.port);
+    let Some(mut d) = Distributed::start_with(|cfg| {
+        cfg.scheduler.broker.amqp_url = Some(secure.clone().into());
+        cfg.scheduler.tls.cert_file = Some(files.cert.clone());
+        cfg.scheduler.tls.key_file = Some(files.key.clone());
+        cfg.scheduler.tls.ca_file = Some(files.ca.clone());
+    })
+    .await
+    else {
+        return;
+    };
+    assert!(d.farm.url.starts_with("https://"), "{}", d.farm.url);
+    let ca = files.ca.to_str().unwrap();
+    d.spawn_worker_with("w-tls", &[("KILN_AMQP_URL", &secure), ("KILN_TLS_CA_FILE", ca)]);
+    // Large enough to be uploaded, not carried in its result.
+    let mut body = job("over tls", 1600, "preview");
+    body["width"] = 320.into();
+    let id = d.farm.submit(body).await["id"].as_str().unwrap().to_owned();
+    let done = d.wait_all(&[id], Duration::from_secs(120)).await.remove(0);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let hash = done["asset"].as_str().unwrap();
+    let png = d.farm.client.bytes(&format!("/v1/assets/{hash}")).await.unwrap();
+    assert_eq!(blake3::hash(&png).to_hex().as_str(), hash);
+    d.stop().await;
+    drop(proxy);
+}

@@ -13,6 +13,7 @@ use hyper::Method;
 use kiln_edge::sim::{PrinterSetup, SimDevice, SimLine};
 use kiln_protocol::fleet::{AssetRef, DeviceTask, FLEET_VERSION, TaskKind};
 use kiln_protocol::wire::MessageKey;
+use kiln_scheduler::config::FarmConfig;
 use kiln_testenv as testenv;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -37,6 +38,11 @@ struct Studio {
 
 /// A farm whose fleet bridge uses the broker at `mqtt_url` under `prefix`.
 async fn studio_farm(mqtt_url: &str, prefix: &str) -> TestFarm {
+    studio_farm_with(mqtt_url, prefix, |_| {}).await
+}
+
+/// [`studio_farm`] with changes to its config.
+async fn studio_farm_with(mqtt_url: &str, prefix: &str, change: impl FnOnce(&mut FarmConfig)) -> TestFarm {
     let filter = std::env::var("KILN_TEST_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     let data = tempfile::tempdir().unwrap();
@@ -44,6 +50,7 @@ async fn studio_farm(mqtt_url: &str, prefix: &str) -> TestFarm {
     cfg.scheduler.fleet.mqtt_url = Some(mqtt_url.into());
     cfg.scheduler.fleet.prefix = prefix.to_owned();
     cfg.scheduler.fleet.resend_after_seconds = 2;
+    change(&mut cfg);
     TestFarm::start_with(data, cfg).await
 }
 
@@ -123,8 +130,10 @@ impl Studio {
             }
         };
         let config = dir.path().join("edge.toml");
+        // The agent trusts the farm's own CA, where the farm has one (a studio over TLS).
+        let ca = farm.sched.cfg.tls.ca_file.as_ref().map(|f| format!("tls_ca_file = \"{}\"\n", f.display()));
         let text = format!(
-            r#"data_dir = "{d}/edge"
+            r#"{ca}data_dir = "{d}/edge"
 telemetry_interval_ms = 300
 [mqtt]
 url = "{mqtt_url}"
@@ -154,6 +163,7 @@ kind = "display"
 folder = "{d}/gallery"
 "#,
             url = farm.url,
+            ca = ca.unwrap_or_default(),
             login = login.map(|(u, p)| format!("username = \"{u}\"\npassword = \"{p}\"")).unwrap_or_default(),
         );
         std::fs::write(&config, text).unwrap();
@@ -934,4 +944,38 @@ async fn on_the_shipped_mosquitto_config_only_logged_in_pis_speak_and_only_for_t
     )
     .await;
     assert_eq!(&s.lights.registers()[..2], &[6, 500]);
+}
+
+/// A studio whose broker and scheduler speak only TLS: the bridge and the agent on `mqtts://`
+/// (a TLS front for the broker), the agent fetching and uploading over `https://`, each
+/// trusting the studio's own CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_studio_over_mqtts_and_https_prints_and_photographs() {
+    let certs = tempfile::tempdir().unwrap();
+    let Some(files) = testenv::tls_files(certs.path()) else { return };
+    let Some((mqtt_url, prefix)) = testenv::mqtt().await else { return };
+    let (host, port) = kiln_protocol::fleet::parse_mqtt_url(&mqtt_url).unwrap();
+    let Some(proxy) = testenv::tls_proxy(&files, &format!("{host}:{port}")).await else { return };
+    let secure = format!("mqtts://127.0.0.1:{}", proxy.port);
+    let farm = studio_farm_with(&secure, &prefix, |cfg| {
+        cfg.scheduler.tls.cert_file = Some(files.cert.clone());
+        cfg.scheduler.tls.key_file = Some(files.key.clone());
+        cfg.scheduler.tls.ca_file = Some(files.ca.clone());
+    })
+    .await;
+    assert!(farm.url.starts_with("https://"), "{}", farm.url);
+    let made = json!({ "name": "studio-pi", "role": "device", "devices": ALL });
+    let token =
+        farm.client.call(Method::POST, "/v1/tokens", Some(&made)).await.unwrap()["token"].as_str().unwrap().to_owned();
+    let s = Studio::around(farm, PrinterSetup::default(), secure, prefix, Wiring::Tcp, token, None).await;
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let asset = s.render(11).await;
+    let print = s.create("printer", json!({ "kind": "print", "asset": asset })).await;
+    let t = s.wait_task(&print, "succeeded", Duration::from_secs(30)).await;
+    assert_eq!(states(&t), happy_path(), "{t:#}");
+    let t = s.run_task("camera", json!({ "kind": "capture" }), Duration::from_secs(30)).await;
+    let photo = t["output_asset"].as_str().expect("the capture names its photo");
+    assert!(s.farm.raw(Method::GET, &format!("/v1/assets/{photo}"), "").await.body.starts_with(b"photo "));
+    drop(s);
+    drop(proxy);
 }

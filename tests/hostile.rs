@@ -344,3 +344,39 @@ async fn a_call_whose_body_trickles_is_cut_off_and_event_streams_per_token_are_c
     still_serving(&farm, 36).await;
     farm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_https_with_its_certificate_and_nothing_in_the_clear() {
+    use tokio::io::AsyncWriteExt;
+    let certs = tempfile::tempdir().unwrap();
+    let Some(files) = kiln_testenv::tls_files(certs.path()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::test_config(dir.path());
+    cfg.scheduler.tls.cert_file = Some(files.cert.clone());
+    cfg.scheduler.tls.key_file = Some(files.key.clone());
+    cfg.scheduler.tls.ca_file = Some(files.ca.clone());
+    let farm = TestFarm::start_with(dir, cfg).await;
+    assert!(farm.url.starts_with("https://"), "{}", farm.url);
+    // A job end to end over TLS, its PNG with it.
+    still_serving(&farm, 37).await;
+    // In the clear, the port answers no HTTP.
+    let mut c = tokio::net::TcpStream::connect(farm.url.trim_start_matches("https://")).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\n\r\n").await.unwrap();
+    let text = answer(&mut c).await;
+    assert!(!text.starts_with("HTTP/"), "{text}");
+    // The command line trusts the farm's CA only when told of it.
+    let list = |ca: Option<&std::path::Path>| {
+        let mut cmd = common::kiln();
+        cmd.args(["jobs", "--server", &farm.url]).env("KILN_TOKEN", &farm.token).env_remove("KILN_TLS_CA_FILE");
+        if let Some(ca) = ca {
+            cmd.env("KILN_TLS_CA_FILE", ca);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = list(None);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("certificate"), "{said}");
+    let listed = list(Some(&files.ca));
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    farm.stop().await;
+}

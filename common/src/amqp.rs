@@ -34,7 +34,9 @@ pub const HEARTBEAT_TTL_MS: u32 = 60_000;
 /// Connects once.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    Connection::connect(url, props).await
+    // `amqps://` trusts the system's roots and the farm's own CA (crate::tls).
+    let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: crate::tls::extra_ca_pem() };
+    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
 }
 
 /// Connects, trying again with backoff (100 ms doubling to 5 s) until it works or `stop` fires;

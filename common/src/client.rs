@@ -93,16 +93,23 @@ fn full(bytes: Bytes) -> Body {
 /// A client of one farm.
 #[derive(Clone)]
 pub struct Client {
-    http: HyperClient<HttpConnector, Body>,
+    http: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
     base: String,
     token: Option<Secret>,
 }
 
 impl Client {
-    /// A client of the farm at `base` (e.g. `http://127.0.0.1:7878`).
+    /// A client of the farm at `base` (e.g. `http://127.0.0.1:7878`, or `https://…`, trusting
+    /// the system's roots and the farm's own CA: [`crate::tls`]).
     pub fn new(base: &str, token: Option<Secret>) -> Client {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
+        conn.enforce_http(false);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*crate::tls::client_config()).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(conn);
         let http = HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(conn);
         Client { http, base: base.trim_end_matches('/').to_owned(), token }
     }

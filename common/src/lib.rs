@@ -1,12 +1,13 @@
 //! The plumbing every Kiln binary shares: the options and `main` wrapper (logging, the error
 //! printed once with its chain), the shutdown signal, the allocator, the RabbitMQ connection and
 //! topology ([`amqp`]), the client of the scheduler's API ([`client`]) and the command line's
-//! progress bars ([`progress`]).
+//! progress bars ([`progress`]), and TLS ([`tls`]).
 
 pub mod amqp;
 pub mod client;
 mod process;
 pub mod progress;
+pub mod tls;
 
 pub use process::{GlobalArgs, cancel_on_signal, host_name, run_main, runtime};
 

@@ -20,6 +20,10 @@ pub struct GlobalArgs {
     /// Log as JSON lines.
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// PEM CA certificates to trust besides the system's, for an https:// farm, amqps:// and
+    /// mqtts:// whose certificates the farm's own CA signed.
+    #[arg(long, global = true, env = "KILN_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// Mesa's Vulkan device-select layer looks for a display when Vulkan starts; with no
@@ -59,6 +63,12 @@ pub fn run_main(global: &GlobalArgs, run: impl FnOnce() -> anyhow::Result<()>) -
         logs.json().init();
     } else {
         logs.init();
+    }
+    if let Some(ca) = &global.tls_ca_file
+        && let Err(e) = crate::tls::trust_ca_file(ca)
+    {
+        eprintln!("error: --tls-ca-file (KILN_TLS_CA_FILE): {e}");
+        return std::process::ExitCode::FAILURE;
     }
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_protocol::fleet::{DeviceKind, parse_mqtt_url, valid_id};
+use kiln_protocol::fleet::{DeviceKind, MqttEndpoint, valid_id};
 use serde::{Deserialize, Serialize};
 
 /// Everything the agent needs.
@@ -43,6 +43,10 @@ pub struct Config {
     /// The devices this agent drives.
     #[serde(rename = "device", default)]
     pub devices: Vec<DeviceConfig>,
+    /// PEM CA certificates to trust besides the system's, for `mqtts://` and an `https://`
+    /// scheduler that the studio's own CA signed (`KILN_EDGE_TLS_CA_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The MQTT session.
@@ -78,9 +82,9 @@ impl Default for MqttConfig {
 }
 
 impl MqttConfig {
-    /// The broker's host and port.
-    pub fn host_port(&self) -> Result<(String, u16), String> {
-        parse_mqtt_url(&self.url)
+    /// The broker: host, port, and whether over TLS (`mqtts://`).
+    pub fn endpoint(&self) -> Result<MqttEndpoint, String> {
+        MqttEndpoint::parse(&self.url)
     }
 }
 
@@ -327,6 +331,9 @@ impl Config {
         if let Some(v) = env("KILN_EDGE_TOKEN") {
             cfg.scheduler.token = v;
         }
+        if let Some(v) = env("KILN_EDGE_TLS_CA_FILE").filter(|v| !v.is_empty()) {
+            cfg.tls_ca_file = Some(v.into());
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -334,12 +341,12 @@ impl Config {
     /// Checks what serde cannot: ids, one way to reach each device, sane numbers.
     pub fn check(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
-        self.mqtt.host_port().map_err(|m| ConfigError(format!("mqtt.url: {m}")))?;
+        self.mqtt.endpoint().map_err(|m| ConfigError(format!("mqtt.url: {m}")))?;
         if self.mqtt.keepalive_s == 0 || self.mqtt.keepalive_s > 3600 {
             return err(format!("mqtt.keepalive_s: {} is not between 1 and 3600", self.mqtt.keepalive_s));
         }
-        if !self.scheduler.url.starts_with("http://") {
-            return err(format!("scheduler.url: {:?} must start with http://", self.scheduler.url));
+        if !self.scheduler.url.starts_with("http://") && !self.scheduler.url.starts_with("https://") {
+            return err(format!("scheduler.url: {:?} must start with http:// or https://", self.scheduler.url));
         }
         if self.spool.max_entries < 10 {
             return err(format!("spool.max_entries: {} is below 10", self.spool.max_entries));
@@ -445,7 +452,8 @@ mod tests {
         );
         let env = |k: &str| (k == "KILN_EDGE_MQTT_URL").then(|| "mqtt://10.0.0.2:1884".to_owned());
         let cfg = Config::parse(&text, &env).unwrap();
-        assert_eq!(cfg.mqtt.host_port().unwrap(), ("10.0.0.2".to_owned(), 1884));
+        let broker = cfg.mqtt.endpoint().unwrap();
+        assert_eq!((broker.host.as_str(), broker.port, broker.tls), ("10.0.0.2", 1884, false));
         assert_eq!(cfg.devices[0].modbus.as_ref().unwrap().retries, 2);
         assert_eq!(cfg.devices[0].printer.start_coil, 0);
     }

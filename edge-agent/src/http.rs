@@ -9,6 +9,7 @@ use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
 use hyper::body::{Bytes, Frame};
 use hyper::{Method, Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -19,16 +20,24 @@ type Body = BoxBody<Bytes, std::io::Error>;
 /// An HTTP client bound to the scheduler.
 #[derive(Clone)]
 pub struct Http {
-    client: HyperClient<HttpConnector, Body>,
+    client: HyperClient<HttpsConnector<HttpConnector>, Body>,
     base: String,
     token: String,
     timeout: Duration,
 }
 
 impl Http {
-    /// A client for the scheduler at `base` (`http://host:port`) with a device token.
-    pub fn new(base: &str, token: &str, timeout: Duration) -> Http {
-        let client = HyperClient::builder(TokioExecutor::new()).build_http();
+    /// A client for the scheduler at `base` (`http://host:port`, or `https://` with `tls`'s
+    /// trust) with a device token.
+    pub fn new(base: &str, token: &str, timeout: Duration, tls: std::sync::Arc<rustls::ClientConfig>) -> Http {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = HyperClient::builder(TokioExecutor::new()).build(conn);
         Http { client, base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), timeout }
     }
 
@@ -151,7 +160,8 @@ mod tests {
 
     #[test]
     fn only_paths_and_urls_on_the_scheduler_are_fetched_with_the_token() {
-        let http = Http::new("http://10.0.0.5:7070/", "kiln_x", Duration::from_secs(1));
+        let tls = crate::tls::client_config(None).unwrap();
+        let http = Http::new("http://10.0.0.5:7070/", "kiln_x", Duration::from_secs(1), tls);
         let on = |u: &str| http.on_scheduler(u);
         assert_eq!(on("/v1/assets/ab"), Ok("http://10.0.0.5:7070/v1/assets/ab".into()));
         assert_eq!(on("http://10.0.0.5:7070/v1/assets/ab"), Ok("http://10.0.0.5:7070/v1/assets/ab".into()));

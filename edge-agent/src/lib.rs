@@ -17,6 +17,7 @@ pub mod session;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod spool;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -42,6 +43,7 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
             }
         }
     }
+    let tls = tls::client_config(cfg.tls_ca_file.as_deref())?;
     let cfg = Arc::new(cfg);
     let mut buses = Buses::default();
     let mut devices = Vec::new();
@@ -50,10 +52,11 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         std::fs::create_dir_all(&state_dir)?;
         let driver = Driver::new(dev, &mut buses, &state_dir);
         let name = dev.id.clone();
-        let run = session::run_device(cfg.clone(), dev.clone(), driver, stop.clone());
+        let run = session::run_device(cfg.clone(), dev.clone(), driver, tls.clone(), stop.clone());
         devices.push((name, tokio::spawn(run)));
     }
-    tracing::info!(devices = devices.len(), broker = cfg.mqtt.url, "kiln-edge running");
+    let broker = kiln_protocol::SecretUrl::from(cfg.mqtt.url.as_str()).to_string();
+    tracing::info!(devices = devices.len(), broker, "kiln-edge running");
     let mut first_error = None;
     for (name, handle) in devices {
         match handle.await {

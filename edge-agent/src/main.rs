@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
     if cli.print_config {
         let mut shown = cfg.clone();
         shown.scheduler.token = "(set)".into();
+        shown.mqtt.url = kiln_protocol::SecretUrl::from(shown.mqtt.url.as_str()).to_string();
         if shown.mqtt.password.is_some() {
             shown.mqtt.password = Some("(set)".into());
         }

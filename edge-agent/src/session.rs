@@ -109,6 +109,7 @@ pub async fn run_device(
     cfg: Arc<Config>,
     dev: DeviceConfig,
     driver: Driver,
+    tls: Arc<rustls::ClientConfig>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let dir = cfg.data_dir.join("devices").join(&dev.id);
@@ -136,7 +137,8 @@ pub async fn run_device(
         key: MessageKey::from_token(&cfg.scheduler.token),
         unproven: Default::default(),
     });
-    let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, Duration::from_millis(dev.step_timeout_ms));
+    let timeout = Duration::from_millis(dev.step_timeout_ms);
+    let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, timeout, tls.clone());
     let (task_tx, task_rx) = mpsc::channel(256);
     let executor = Executor {
         shared: shared.clone(),
@@ -150,7 +152,7 @@ pub async fn run_device(
     let exec = tokio::spawn(executor.run(task_rx, stop.clone()));
     let telemetry =
         tokio::spawn(telemetry(shared.clone(), driver, boots << 32, cfg.telemetry_interval_ms, stop.clone()));
-    let session = mqtt(&cfg, &dev, shared, task_tx, stop).await;
+    let session = mqtt(&cfg, &dev, shared, task_tx, tls, stop).await;
     let _ = telemetry.await;
     let _ = exec.await;
     session
@@ -357,10 +359,11 @@ async fn mqtt(
     dev: &DeviceConfig,
     shared: Arc<Shared>,
     tasks: mpsc::Sender<DeviceTask>,
+    tls: Arc<rustls::ClientConfig>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let boot_id = shared.boot_id.clone();
-    let (host, port) = cfg.mqtt.host_port().map_err(anyhow::Error::msg)?;
+    let broker = cfg.mqtt.endpoint().map_err(anyhow::Error::msg)?;
     let topics = shared.topics.clone();
     let status = |health: &Health| DeviceStatus {
         v: FLEET_VERSION,
@@ -376,13 +379,19 @@ async fn mqtt(
     // The prefix is in the client id so farms (or tests) sharing a broker do not take over each
     // other's sessions: a broker drops the older connection of a client id it sees twice.
     let client_id = format!("{}-edge-{}", cfg.mqtt.prefix.replace('/', "_"), dev.id);
-    let mut opts = MqttOptions::new(client_id, host, port);
+    let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
+    if broker.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    }
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keepalive_s))
         .set_clean_session(true)
         .set_max_packet_size(256 * 1024, 256 * 1024)
         .set_last_will(LastWill::new(topics.status(&dev.id), serde_json::to_vec(&will)?, QoS::AtLeastOnce, true));
-    if let (Some(u), p) = (&cfg.mqtt.username, &cfg.mqtt.password) {
-        opts.set_credentials(u.clone(), p.clone().unwrap_or_default());
+    // The login in `[mqtt]`, else one in the URL (`mqtt://user:password@host`).
+    let url_login = broker.login.as_ref().map(|(u, p)| (u.clone(), p.expose().to_owned()));
+    let login = cfg.mqtt.username.clone().map(|u| (u, cfg.mqtt.password.clone().unwrap_or_default())).or(url_login);
+    if let Some((user, password)) = login {
+        opts.set_credentials(user, password);
     }
     let (client, mut events) = AsyncClient::new(opts, 64);
     let mut health = shared.health.subscribe();

@@ -46,18 +46,26 @@ pub struct MqttEndpoint {
     pub port: u16,
     /// User and password, from `mqtt://user:password@host:port`.
     pub login: Option<(String, crate::Secret)>,
+    /// Whether it speaks TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 impl fmt::Debug for MqttEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let user = self.login.as_ref().map(|(u, _)| u.as_str());
-        f.debug_struct("MqttEndpoint").field("host", &self.host).field("port", &self.port).field("user", &user).finish()
+        f.debug_struct("MqttEndpoint")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &user)
+            .field("tls", &self.tls)
+            .finish()
     }
 }
 
 impl MqttEndpoint {
-    /// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883), with an
-    /// optional `user:password@` before the host (taken as written, no percent-decoding).
+    /// `mqtt://host:port` (or `tcp://`, or a bare `host:port`; the port defaults to 1883), or
+    /// `mqtts://host:port` over TLS (or `ssl://`; the port defaults to 8883), with an optional
+    /// `user:password@` before the host (taken as written, no percent-decoding).
     pub fn parse(url: &str) -> Result<MqttEndpoint, String> {
         // The password never goes into an error: the URL is shown as SecretUrl shows it.
         let shown = match url.contains("://") {
@@ -65,7 +73,9 @@ impl MqttEndpoint {
             false if url.contains('@') => "(a URL with a login needs mqtt:// before it)".to_owned(),
             false => url.to_owned(),
         };
-        let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
+        let secure = url.strip_prefix("mqtts://").or_else(|| url.strip_prefix("ssl://"));
+        let tls = secure.is_some();
+        let rest = secure.or_else(|| url.strip_prefix("mqtt://")).or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
         let rest = rest.trim_end_matches('/');
         let (login, rest) = match rest.rsplit_once('@') {
             Some((userinfo, host)) => {
@@ -78,16 +88,16 @@ impl MqttEndpoint {
             None => (None, rest),
         };
         if rest.is_empty() || rest.contains('/') || rest.contains("://") {
-            return Err(format!("{shown:?} is not mqtt://[user:password@]host:port"));
+            return Err(format!("{shown:?} is not mqtt[s]://[user:password@]host:port"));
         }
         let (host, port) = match rest.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(':') => {
                 let port = port.parse().map_err(|_| format!("{shown:?}: the port {port:?} is not a number"))?;
                 (host.trim_matches(['[', ']']).to_owned(), port)
             }
-            _ => (rest.to_owned(), 1883),
+            _ => (rest.to_owned(), if tls { 8883 } else { 1883 }),
         };
-        Ok(MqttEndpoint { host, port, login })
+        Ok(MqttEndpoint { host, port, login, tls })
     }
 }
 
@@ -641,6 +651,10 @@ mod tests {
         assert_eq!(parse_mqtt_url("tcp://127.0.0.1"), Ok(("127.0.0.1".into(), 1883)));
         assert_eq!(parse_mqtt_url("[::1]:1884"), Ok(("::1".into(), 1884)));
         assert_eq!(MqttEndpoint::parse("mqtt://h:1").unwrap().login, None);
+        for (url, port, tls) in [("mqtts://h", 8883, true), ("ssl://h:8884", 8884, true), ("mqtt://h", 1883, false)] {
+            let e = MqttEndpoint::parse(url).unwrap();
+            assert_eq!((e.port, e.tls), (port, tls), "{url}");
+        }
         for bad in ["mqtt://u:s3cr3t@h:port", "mqtt://:s3cr3t@h", "mqtt://u:s3cr3t@h/x", "http://h:1", ""] {
             let e = MqttEndpoint::parse(bad).unwrap_err();
             assert!(!e.contains("s3cr3t"), "{bad}: {e}");

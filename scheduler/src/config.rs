@@ -84,6 +84,21 @@ pub struct SchedulerConfig {
     pub broker: BrokerConfig,
     /// The edge fleet (MQTT).
     pub fleet: FleetConfig,
+    /// TLS: the API's certificate, and the CA the farm's own services are signed by.
+    pub tls: TlsConfig,
+}
+
+/// `[scheduler.tls]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A PEM certificate chain: with `key_file`, the API serves HTTPS only [env KILN_TLS_CERT_FILE].
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of `cert_file` [env KILN_TLS_KEY_FILE].
+    pub key_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates to trust besides the system's, for `amqps://` and `mqtts://` (a farm
+    /// whose brokers' certificates its own CA signed) [env KILN_TLS_CA_FILE].
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// `[scheduler.fleet]`: the bridge to the edge agents over MQTT.
@@ -177,6 +192,7 @@ impl Default for SchedulerConfig {
             database_url: None,
             broker: BrokerConfig::default(),
             fleet: FleetConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -245,6 +261,15 @@ impl FarmConfig {
             s.broker.prefix = v;
         }
         s.public_assets = env_parse("KILN_PUBLIC_ASSETS", env)?.unwrap_or(s.public_assets);
+        for (key, field) in [
+            ("KILN_TLS_CERT_FILE", &mut s.tls.cert_file),
+            ("KILN_TLS_KEY_FILE", &mut s.tls.key_file),
+            ("KILN_TLS_CA_FILE", &mut s.tls.ca_file),
+        ] {
+            if let Some(v) = env(key).filter(|v| !v.is_empty()) {
+                *field = Some(v.into());
+            }
+        }
         s.retry.max_attempts = env_parse("KILN_MAX_ATTEMPTS", env)?.unwrap_or(s.retry.max_attempts);
         s.limits.max_body_bytes = env_parse("KILN_MAX_BODY_BYTES", env)?.unwrap_or(s.limits.max_body_bytes);
         cfg.validate()?;
@@ -260,6 +285,10 @@ impl FarmConfig {
         }
         if s.worker_tiers.is_empty() {
             return bad("scheduler.worker_tiers", "must name at least one tier".into());
+        }
+        if s.tls.cert_file.is_some() != s.tls.key_file.is_some() {
+            let missing = if s.tls.cert_file.is_some() { "scheduler.tls.key_file" } else { "scheduler.tls.cert_file" };
+            return bad(missing, "HTTPS needs both cert_file and key_file".into());
         }
         if s.retry.max_attempts == 0 {
             return bad("scheduler.retry.max_attempts", "must be at least 1".into());

@@ -32,6 +32,8 @@ pub struct Farm {
     listener: TcpListener,
     token_path: PathBuf,
     token_created: bool,
+    /// The API's TLS settings, when it serves HTTPS.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Writes a secret readable by its owner only.
@@ -114,6 +116,16 @@ impl Farm {
             let data = cfg.data_dir();
             std::fs::create_dir_all(data)
                 .with_context(|| format!("failed to create the data dir {}", data.display()))?;
+            let t = &cfg.scheduler.tls;
+            if let Some(ca) = &t.ca_file {
+                kiln_common::tls::trust_ca_file(ca).context("scheduler.tls.ca_file")?;
+            }
+            let tls = match (&t.cert_file, &t.key_file) {
+                (Some(cert), Some(key)) => {
+                    Some(kiln_common::tls::server_config(cert, key).context("scheduler.tls.cert_file/key_file")?)
+                }
+                _ => None,
+            };
             let store = open_store(cfg).await?;
             // The database keeps the provenance of what the farm renders, and answers its repeats.
             let worker =
@@ -127,13 +139,19 @@ impl Farm {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("failed to listen on {addr} (scheduler.listen)"))?;
-            Ok(Farm { sched, listener, token_path, token_created })
+            Ok(Farm { sched, listener, token_path, token_created, tls })
         })
     }
 
     /// Where the API listens.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The API's base URL: `https://` when it serves TLS.
+    pub fn url(&self) -> std::io::Result<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}", self.local_addr()?))
     }
 
     /// The scheduler.
@@ -157,7 +175,7 @@ impl Farm {
     /// farm's whole run (the API's server, dispatch, workers) is compiled here once and not again
     /// in each binary, test and benchmark that runs a farm.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Farm { sched, listener, .. } = self;
+        let Farm { sched, listener, tls, .. } = self;
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         sched.registry.set_drained(sched.store.drained().await.context("failed to read the drained workers")?);
@@ -189,7 +207,8 @@ impl Farm {
         let http_stop = stop.clone();
         let app = crate::api::router(sched.clone());
         let limits = sched.cfg.limits.clone();
-        let server = tokio::spawn(async move { crate::api::serve::serve(listener, app, &limits, http_stop).await });
+        let server =
+            tokio::spawn(async move { crate::api::serve::serve(listener, app, &limits, tls, http_stop).await });
         shutdown.cancelled().await;
         tracing::info!("shutting down: no new work; finishing renders in hand");
         stop.cancel();
@@ -277,7 +296,7 @@ pub fn serve<'a>(
     extra: &'a [String],
 ) -> BoxFut<'a, anyhow::Result<()>> {
     Box::pin(async move {
-        let url = format!("http://{}", farm.local_addr()?);
+        let url = farm.url()?;
         let url_path = url_file(cfg.data_dir());
         std::fs::write(&url_path, format!("{url}\n"))
             .with_context(|| format!("failed to write {}", url_path.display()))?;

@@ -47,6 +47,10 @@ pub async fn run(sched: Arc<Scheduler>, cfg: FleetConfig, stop: CancellationToke
     let will = serde_json::to_vec(&status(DeviceState::Offline)).unwrap_or_default();
     let client_id = format!("kiln-scheduler-{}", cfg.prefix.replace('/', "_"));
     let mut opts = MqttOptions::new(client_id, endpoint.host, endpoint.port);
+    if endpoint.tls {
+        let tls = rumqttc::TlsConfiguration::Rustls(kiln_common::tls::client_config());
+        opts.set_transport(rumqttc::Transport::tls_with_config(tls));
+    }
     if let Some((user, password)) = endpoint.login {
         opts.set_credentials(user, password.expose());
     }

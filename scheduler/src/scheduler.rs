@@ -196,7 +196,7 @@ pub struct Scheduler {
     /// Wakes the fleet bridge's sender (a task was created, a device came back).
     pub fleet_wake: Notify,
     /// The API's event streams open, by token.
-    pub(crate) event_streams: crate::api::EventStreams,
+    pub(crate) event_streams: EventStreams,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
 }
@@ -226,7 +226,7 @@ impl Scheduler {
             device_keys: RwLock::new(HashMap::new()),
             dispatch_wake: Notify::new(),
             fleet_wake: Notify::new(),
-            event_streams: crate::api::EventStreams::default(),
+            event_streams: EventStreams::default(),
             rng: Mutex::new(Rng::new(seed)),
             tiers,
         };
@@ -616,6 +616,41 @@ impl Scheduler {
         self.publish(events);
         self.dispatch_wake.notify_one();
         Ok(n)
+    }
+}
+
+/// The API's event streams open, counted by token name.
+#[derive(Debug, Default)]
+pub struct EventStreams(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+impl EventStreams {
+    /// Counts one more stream of `token`, unless it holds `max` already (then how many it holds).
+    pub fn open(&self, token: &str, max: usize) -> Result<StreamHeld, usize> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(token.to_owned()).or_default();
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(StreamHeld { open: self.0.clone(), token: token.to_owned() })
+    }
+}
+
+/// One open event stream's place in [`EventStreams`], given back when dropped.
+pub struct StreamHeld {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    token: String,
+}
+
+impl Drop for StreamHeld {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.token);
+            }
+        }
     }
 }
 

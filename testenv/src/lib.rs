@@ -151,7 +151,7 @@ async fn reachable_with_prefix(service: &str, var: &str, url: String, addr: &str
 /// saying why) when RabbitMQ is unreachable and not required.
 pub async fn amqp() -> Option<(String, String)> {
     let url = amqp_url();
-    let addr = url.split('@').next_back().and_then(|h| h.split('/').next()).unwrap_or("127.0.0.1:5672").to_owned();
+    let addr = amqp_addr(&url);
     reachable_with_prefix("RabbitMQ", "KILN_TEST_AMQP_URL", url, &addr).await
 }
 
@@ -166,4 +166,110 @@ pub async fn mqtt() -> Option<(String, String)> {
     let url = mqtt_url();
     let addr = kiln_protocol::fleet::parse_mqtt_url(&url).map(|(h, p)| format!("{h}:{p}")).unwrap_or_default();
     reachable_with_prefix("MQTT broker", "KILN_TEST_MQTT_URL", url, &addr).await
+}
+
+/// The RabbitMQ broker's `host:port`, from its URL.
+pub fn amqp_addr(url: &str) -> String {
+    url.split('@').next_back().and_then(|h| h.split('/').next()).unwrap_or("127.0.0.1:5672").to_owned()
+}
+
+/// A CA, and a certificate it signed for `localhost` and 127.0.0.1 with its key: PEM files for
+/// tests of TLS.
+pub struct TlsFiles {
+    /// The CA's certificate: what a client trusts.
+    pub ca: std::path::PathBuf,
+    /// The server's certificate.
+    pub cert: std::path::PathBuf,
+    /// The server's private key (PKCS#8).
+    pub key: std::path::PathBuf,
+}
+
+/// Makes [`TlsFiles`] in `dir` with the `openssl` program; `None` (after saying why) when it is
+/// not there and services are not required.
+pub fn tls_files(dir: &std::path::Path) -> Option<TlsFiles> {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output();
+        match out {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr))),
+            Err(e) => Err(format!("openssl does not run ({e})")),
+        }
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ca = ["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=kiln test CA"];
+    let made = std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|()| run(&[&["req", "-x509"][..], &ec, &ca].concat()));
+    let server = ["-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=localhost"];
+    let made = made.and_then(|()| run(&[&["req"][..], &ec, &server].concat())).and_then(|()| {
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])
+    });
+    match made {
+        Ok(()) => Some(TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") }),
+        Err(why) => {
+            skip_or_fail_because(&why, "install openssl");
+            None
+        }
+    }
+}
+
+/// socat on a loopback port, taking TLS with [`TlsFiles`]' certificate and passing the plain
+/// bytes on to a service: a TLS front for a broker that has none. Stopped when dropped.
+pub struct TlsProxy {
+    /// Where it listens, on 127.0.0.1.
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a [`TlsProxy`] in front of `target` (`host:port`) and waits until it listens; `None`
+/// (after saying why) when socat is not there and services are not required.
+pub async fn tls_proxy(files: &TlsFiles, target: &str) -> Option<TlsProxy> {
+    if !program("socat") {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let listen = format!(
+        "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+        files.cert.display(),
+        files.key.display()
+    );
+    let child = std::process::Command::new("socat")
+        .args([listen, format!("TCP:{target}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start socat");
+    let proxy = TlsProxy { port, child };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "socat did not listen on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(proxy)
 }

@@ -55,7 +55,7 @@ impl TestFarm {
     pub async fn start_with(dir: tempfile::TempDir, cfg: FarmConfig) -> TestFarm {
         let backend = open_backend(BackendChoice::Cpu, cfg.worker.threads()).unwrap();
         let farm = Farm::build(&cfg, backend).await.unwrap();
-        let url = format!("http://{}", farm.local_addr().unwrap());
+        let url = farm.url().unwrap();
         let token = std::fs::read_to_string(cfg.token_path()).unwrap().trim().to_owned();
         let sched = farm.scheduler().clone();
         let stop = CancellationToken::new();

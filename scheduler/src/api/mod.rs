@@ -449,7 +449,13 @@ async fn events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let held = s.event_streams.open(&who.name, s.cfg.limits.max_event_streams_per_token)?;
+    let held = s.event_streams.open(&who.name, s.cfg.limits.max_event_streams_per_token).map_err(|n| {
+        ApiError::too_many(format!(
+            "events: the token {:?} has {n} event streams open already \
+             (scheduler.limits.max_event_streams_per_token); close one, or follow jobs with ?wait=",
+            who.name
+        ))
+    })?;
     // Subscribe before reading the log, so nothing falls between the two.
     let mut rx = s.subscribe();
     if s.job(&who, &id).await?.is_none() {
@@ -520,44 +526,6 @@ async fn events(
         out.recv().await.map(|e| (Ok(e), (out, held)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-/// The event streams open, counted by token name.
-#[derive(Debug, Default)]
-pub struct EventStreams(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
-
-impl EventStreams {
-    /// Counts one more stream of `token`, unless it holds `max` already (a 429 naming the limit).
-    fn open(&self, token: &str, max: usize) -> Result<StreamHeld, ApiError> {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(token.to_owned()).or_default();
-        if *n >= max {
-            return Err(ApiError::too_many(format!(
-                "events: the token {token:?} has {n} event streams open already \
-                 (scheduler.limits.max_event_streams_per_token); close one, or follow jobs with ?wait="
-            )));
-        }
-        *n += 1;
-        Ok(StreamHeld { open: self.0.clone(), token: token.to_owned() })
-    }
-}
-
-/// One open event stream's place in [`EventStreams`], given back when dropped.
-struct StreamHeld {
-    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
-    token: String,
-}
-
-impl Drop for StreamHeld {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.token) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.token);
-            }
-        }
-    }
 }
 
 /// `GET /v1/workers` (operator): the workers heard from, with their state (`active`,

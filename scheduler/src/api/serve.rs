@@ -2,7 +2,8 @@
 //! `axum::serve` does not give: a header-read timeout (a client that holds a connection open
 //! without finishing its request head is cut off, kept-alive idle ones too) and a cap on the
 //! connections served at once (past it, new ones wait in the kernel's backlog, costing nothing
-//! here). On `stop` it takes no new connections and lets each open one finish its request.
+//! here), and TLS when the farm has a certificate (the handshake, too, within the header-read
+//! timeout). On `stop` it takes no new connections and lets each open one finish its request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +18,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Limits;
 
-/// Serves `app` on `listener` until `stop`, then until its open connections end.
-pub async fn serve(listener: TcpListener, app: Router, limits: &Limits, stop: CancellationToken) {
+/// Serves `app` on `listener` (over TLS with `tls`) until `stop`, then until its open
+/// connections end.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: &Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: CancellationToken,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let header_timeout = Duration::from_secs(limits.header_read_timeout_seconds);
     let connections = TaskTracker::new();
@@ -59,25 +68,41 @@ pub async fn serve(listener: TcpListener, app: Router, limits: &Limits, stop: Ca
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let stop = stop.clone();
+        let acceptor = acceptor.clone();
         connections.spawn(async move {
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "an HTTP connection ended with an error");
-                    }
-                }
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match acceptor {
+                None => connection(TokioIo::new(stream), service, header_timeout, stop).await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => connection(TokioIo::new(tls), service, header_timeout, stop).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "a TLS handshake failed"),
+                    Err(_) => tracing::debug!("a TLS handshake did not finish in time"),
+                },
             }
         });
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection until it ends, or (on `stop`) until its request in hand is answered.
+async fn connection<I>(io: I, service: TowerToHyperService<Router>, header_timeout: Duration, stop: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "an HTTP connection ended with an error");
+            }
+        }
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
