@@ -181,7 +181,7 @@ impl Studio {
                 password: mqtt.login.as_ref().map(|(_, p)| p.expose().to_owned()),
                 ..MqttConfig::default()
             },
-            scheduler: kiln_edge::config::SchedulerConfig { url: api_url.into(), token },
+            scheduler: kiln_edge::config::SchedulerConfig { url: api_url.into(), token, max_download_bytes: 2 << 30 },
             spool: Default::default(),
             devices,
             tls_ca_file: sched.cfg.tls.ca_file.clone(),

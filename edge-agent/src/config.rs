@@ -96,6 +96,10 @@ pub struct SchedulerConfig {
     pub url: String,
     /// A `device` token (`KILN_EDGE_TOKEN`): fetches assets, uploads photos.
     pub token: String,
+    /// The largest download (an asset, a camera's snapshot) the agent takes, bytes; a larger one
+    /// is cut off and its task fails, so a Pi's card never fills from one answer.
+    #[serde(default = "defaults::max_download_bytes")]
+    pub max_download_bytes: u64,
 }
 
 /// The spool's bound.
@@ -281,6 +285,9 @@ impl Default for LightsMap {
 }
 
 mod defaults {
+    pub fn max_download_bytes() -> u64 {
+        2 << 30
+    }
     pub fn telemetry_interval_ms() -> u64 {
         5_000
     }

@@ -24,6 +24,8 @@ pub struct Http {
     base: String,
     token: String,
     timeout: Duration,
+    /// The largest download taken, bytes.
+    max_bytes: u64,
 }
 
 impl Http {
@@ -38,7 +40,19 @@ impl Http {
             .enable_http1()
             .wrap_connector(http);
         let client = HyperClient::builder(TokioExecutor::new()).build(conn);
-        Http { client, base: base.trim_end_matches('/').to_owned(), token: token.to_owned(), timeout }
+        Http {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            timeout,
+            max_bytes: 2 << 30,
+        }
+    }
+
+    /// The same client, taking downloads of at most `max_bytes`.
+    pub fn max_download(mut self, max_bytes: u64) -> Http {
+        self.max_bytes = max_bytes;
+        self
     }
 
     /// `url` as an address on the scheduler: a path (`/v1/assets/…`), or an absolute URL at the
@@ -92,11 +106,27 @@ impl Http {
                 let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 anyhow::bail!("GET {url}: {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
             }
+            let max = self.max_bytes;
+            let announced =
+                resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if announced.is_some_and(|n| n > max) {
+                anyhow::bail!(
+                    "GET {url}: {} bytes is over scheduler.max_download_bytes ({max})",
+                    announced.unwrap_or(0)
+                );
+            }
             let mut file = tokio::fs::File::create(path).await?;
             let mut hasher = blake3::Hasher::new();
             let mut body = resp.into_body();
+            let mut got = 0u64;
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame?.into_data() {
+                    got += data.len() as u64;
+                    if got > max {
+                        drop(file);
+                        let _ = tokio::fs::remove_file(path).await;
+                        anyhow::bail!("GET {url}: more than scheduler.max_download_bytes ({max}); cut off");
+                    }
                     hasher.update(&data);
                     file.write_all(&data).await?;
                 }
@@ -157,6 +187,43 @@ pub async fn hash_file(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves one answer per connection: `head` and `n` bytes of body, then closes.
+    async fn serve_body(head: &'static str, n: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).await;
+                let _ = c.write_all(head.as_bytes()).await;
+                let _ = c.write_all(&vec![b'x'; n]).await;
+            }
+        });
+        format!("http://{addr}/snapshot")
+    }
+
+    #[tokio::test]
+    async fn a_download_over_the_cap_is_cut_off_and_leaves_no_file() {
+        let tls = crate::tls::client_config(None).unwrap();
+        let http = Http::new("http://127.0.0.1:1", "kiln_x", Duration::from_secs(5), tls).max_download(1000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("got");
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n", 5000, "5000 bytes is over"),
+            ("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", 5000, "cut off"),
+        ];
+        for (head, n, says) in cases {
+            let url = serve_body(head, n).await;
+            let e = http.get_to_file(&url, &path, false).await.unwrap_err().to_string();
+            assert!(e.contains("max_download_bytes") && e.contains(says), "{e}");
+            assert!(!path.exists(), "{head:?}");
+        }
+        let url = serve_body("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", 1000).await;
+        http.get_to_file(&url, &path, false).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1000, "at the cap is taken");
+    }
 
     #[test]
     fn only_paths_and_urls_on_the_scheduler_are_fetched_with_the_token() {

@@ -138,7 +138,8 @@ pub async fn run_device(
         unproven: Default::default(),
     });
     let timeout = Duration::from_millis(dev.step_timeout_ms);
-    let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, timeout, tls.clone());
+    let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, timeout, tls.clone())
+        .max_download(cfg.scheduler.max_download_bytes);
     let (task_tx, task_rx) = mpsc::channel(256);
     let executor = Executor {
         shared: shared.clone(),

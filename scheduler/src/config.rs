@@ -86,6 +86,29 @@ pub struct SchedulerConfig {
     pub fleet: FleetConfig,
     /// TLS: the API's certificate, and the CA the farm's own services are signed by.
     pub tls: TlsConfig,
+    /// What old records and assets are deleted.
+    pub retention: RetentionConfig,
+}
+
+/// `[scheduler.retention]`: a background task deletes what is older than these ages. Off (0)
+/// unless set: a studio's pictures are kept until it says otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Jobs that ended this many days ago, with their events, and device tasks likewise; 0 keeps
+    /// them all.
+    pub jobs_days: u64,
+    /// Assets (PNGs, thumbnails, provenance, photos) made this many days ago that no job or device
+    /// task left names; 0 keeps them all.
+    pub assets_days: u64,
+    /// How often it runs, seconds.
+    pub interval_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { jobs_days: 0, assets_days: 0, interval_seconds: 3600 }
+    }
 }
 
 /// `[scheduler.tls]`.
@@ -193,6 +216,7 @@ impl Default for SchedulerConfig {
             broker: BrokerConfig::default(),
             fleet: FleetConfig::default(),
             tls: TlsConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -300,6 +324,7 @@ impl FarmConfig {
             ("scheduler.limits.request_timeout_seconds", l.request_timeout_seconds),
             ("scheduler.limits.upload_timeout_seconds", l.upload_timeout_seconds),
             ("scheduler.limits.max_event_streams_per_token", l.max_event_streams_per_token as u64),
+            ("scheduler.retention.interval_seconds", s.retention.interval_seconds),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1".into());

@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod registry;
 pub mod results;
+pub mod retention;
 pub mod retry;
 pub mod scheduler;
 pub mod store;

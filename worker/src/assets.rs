@@ -386,6 +386,37 @@ impl AssetStore {
         self.path(hash).is_file()
     }
 
+    /// Deletes an asset's files (PNG, thumbnail, provenance); those not there are no error.
+    pub fn remove(&self, hash: &str) -> io::Result<()> {
+        for path in [self.thumb_path(hash), self.provenance_path(hash), self.path(hash)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The hashes of the assets whose PNG was last written before `before` (retention's
+    /// candidates). Blocks: reads every shard folder.
+    pub fn stored_before(&self, before: std::time::SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(shards) = fs::read_dir(self.root.join("assets")) else { return out };
+        for shard in shards.flatten() {
+            let Ok(files) = fs::read_dir(shard.path()) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some(hash) = name.strip_suffix(".png").filter(|h| h.len() == 64 && !h.contains('.')) else {
+                    continue;
+                };
+                if f.metadata().and_then(|m| m.modified()).is_ok_and(|at| at < before) {
+                    out.push(hash.to_owned());
+                }
+            }
+        }
+        out
+    }
+
     /// Syncs of the store's file system so far, for tests.
     #[cfg(test)]
     fn syncs(&self) -> u64 {

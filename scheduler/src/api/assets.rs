@@ -4,7 +4,7 @@
 //! name what they are for: a worker's render of a job it holds (`?job=&attempt=`), a device's
 //! photo for a live task of its own (`?task=`), or (an operator) anything. The scheduler makes
 //! each uploaded PNG's thumbnail itself rather than take one. A caller who may not upload at all
-//! is refused before its body is read.
+//! is answered from the request head, before its body is read ([`unread`]).
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path, Query, Request, State};
@@ -142,13 +142,23 @@ async fn purpose(s: &Scheduler, who: &Caller, q: UploadParams) -> Result<Purpose
     Ok(Purpose::Output)
 }
 
-/// A refusal sent before the request's body is read: the connection closes after it, and the
-/// body is never taken in.
-fn unread(e: ApiError) -> Response {
+/// A refusal sent before the request's body is read: the answer goes at once, with `Connection:
+/// close`, while at most [`LINGER_BYTES`] of the body are read and dropped for at most
+/// [`LINGER`] behind it (a lingering close, as nginx does), so that a sender still writing a
+/// modest body hears the refusal rather than a reset. None of it is kept.
+fn unread(e: ApiError, body: Body) -> Response {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(LINGER, discard(body.into_data_stream(), LINGER_BYTES)).await;
+    });
     let mut r = e.into_response();
     r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
+
+/// How much of a refused upload's body is read and dropped behind its refusal, at most.
+const LINGER_BYTES: usize = 256 * 1024;
+/// And for how long.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `PUT /v1/assets/{hash}` (worker, device or operator token): stores an asset; the body must
 /// hash to `{hash}` (BLAKE3). A worker's is the render of the job it names, a PNG of the job's
@@ -173,7 +183,7 @@ pub(super) async fn put_asset(
 ) -> Result<Response, ApiError> {
     let who = match uploader(&s, &headers) {
         Ok(who) => who,
-        Err(e) => return Ok(unread(e)),
+        Err(e) => return Ok(unread(e, body)),
     };
     let checked = match check_hash(&hash).and_then(|()| q.map_err(query_error)) {
         Ok(Query(q)) => purpose(&s, &who, q).await,
@@ -276,10 +286,11 @@ pub(super) async fn put_provenance(
 ) -> Result<Response, ApiError> {
     let who = match uploader(&s, &headers) {
         Ok(who) if who.role == Role::Device => {
-            return Ok(unread(ApiError::forbidden("a device token uploads what its tasks make, not provenance")));
+            let e = ApiError::forbidden("a device token uploads what its tasks make, not provenance");
+            return Ok(unread(e, req.into_body()));
         }
         Ok(who) => who,
-        Err(e) => return Ok(unread(e)),
+        Err(e) => return Ok(unread(e, req.into_body())),
     };
     check_hash(&hash)?;
     let Query(q) = q.map_err(query_error)?;

@@ -436,6 +436,24 @@ pub trait Store: fleet::FleetStore + Send + Sync + 'static {
     fn set_drained(&self, worker: &str, reason: Option<&str>, now_ms: i64) -> BoxFut<'_, Result<bool, StoreError>>;
     /// The workers drained now, by id.
     fn drained(&self) -> BoxFut<'_, Result<Vec<DrainedWorker>, StoreError>>;
+
+    /// Retention: deletes the jobs that ended before `jobs_before_ms` (with their events, outbox
+    /// rows and failures) and the device tasks that ended before it (with their events), then the
+    /// asset rows made before `assets_before_ms` that no job or task left names. Returns what went.
+    fn prune(&self, jobs_before_ms: i64, assets_before_ms: i64) -> BoxFut<'_, Result<Pruned, StoreError>>;
+    /// Which of `hashes` a job or device task names (an asset still needed).
+    fn assets_named(&self, hashes: Vec<String>) -> BoxFut<'_, Result<Vec<String>, StoreError>>;
+}
+
+/// What [`Store::prune`] deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Jobs.
+    pub jobs: u64,
+    /// Device tasks.
+    pub tasks: u64,
+    /// The asset rows, by hash: their files go too.
+    pub assets: Vec<String>,
 }
 
 /// A worker's failed attempt at a job (distributed mode).

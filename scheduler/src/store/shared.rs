@@ -371,6 +371,77 @@ macro_rules! store_impl {
                 Box::pin(async move { self.write(op).await? })
             }
 
+            fn prune(
+                &self,
+                jobs_before_ms: i64,
+                assets_before_ms: i64,
+            ) -> BoxFut<'_, Result<$crate::store::Pruned, StoreError>> {
+                let op: OpFn<$conn, Result<$crate::store::Pruned, StoreError>> = Box::new(move |c| {
+                    Box::pin(async move {
+                        // Ended jobs (and tasks) before the cutoff, their rows in every table.
+                        for sql in [
+                            "DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs \
+                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
+                            "DELETE FROM attempt_failures WHERE job_id IN (SELECT id FROM jobs \
+                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
+                            "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs \
+                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
+                        ] {
+                            sqlx::query(sql).bind(jobs_before_ms).execute(&mut *c).await?;
+                        }
+                        let jobs = sqlx::query("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)")
+                            .bind(jobs_before_ms)
+                            .execute(&mut *c)
+                            .await?
+                            .rows_affected();
+                        sqlx::query("DELETE FROM device_task_events WHERE task_id IN (SELECT id FROM device_tasks \
+                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)")
+                            .bind(jobs_before_ms)
+                            .execute(&mut *c)
+                            .await?;
+                        let tasks = sqlx::query("DELETE FROM device_tasks WHERE id IN (SELECT id FROM device_tasks \
+                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)")
+                            .bind(jobs_before_ms)
+                            .execute(&mut *c)
+                            .await?
+                            .rows_affected();
+                        let assets: Vec<String> = sqlx::query_scalar(
+                            "DELETE FROM assets WHERE created_ms < $1 \
+                             AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.asset = assets.hash) \
+                             AND NOT EXISTS (SELECT 1 FROM device_tasks t \
+                                             WHERE t.asset = assets.hash OR t.output_asset = assets.hash) \
+                             RETURNING hash",
+                        )
+                        .bind(assets_before_ms)
+                        .fetch_all(&mut *c)
+                        .await?;
+                        Ok(Ok($crate::store::Pruned { jobs, tasks, assets }))
+                    })
+                });
+                Box::pin(async move { self.write(op).await? })
+            }
+
+            fn assets_named(&self, hashes: Vec<String>) -> BoxFut<'_, Result<Vec<String>, StoreError>> {
+                Box::pin(async move {
+                    let mut named = Vec::new();
+                    for hash in hashes {
+                        let found: Option<String> = sqlx::query_scalar(
+                            "SELECT asset FROM jobs WHERE asset = $1 \
+                             UNION ALL SELECT hash FROM assets WHERE hash = $1 \
+                             UNION ALL SELECT $1 FROM device_tasks WHERE asset = $1 OR output_asset = $1 LIMIT 1",
+                        )
+                        .bind(&hash)
+                        .fetch_optional(&self.read)
+                        .await?;
+                        if found.is_some() {
+                            named.push(hash);
+                        }
+                    }
+                    Ok(named)
+                })
+            }
+
             fn revoke_token(&self, name: String, now_ms: i64) -> BoxFut<'_, Result<bool, StoreError>> {
                 // The row stays, renamed, so the name is free for a new token.
                 let op: OpFn<$conn, Result<bool, StoreError>> = Box::new(move |c| {

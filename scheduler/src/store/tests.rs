@@ -68,6 +68,7 @@ both_stores!(
     reads_gathered_from_many_callers_answer_each_its_own,
     an_asset_keeps_the_first_provenance_and_png_recorded_for_it,
     an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_that_work_on_it,
+    retention_deletes_what_ended_long_ago_and_the_assets_nothing_names,
 );
 
 /// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
@@ -266,6 +267,50 @@ async fn an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_
     assert!(readable(None, &["c1", "p1"]).await.unwrap());
     assert!(!readable(None, &["c1", "p2"]).await.unwrap());
     assert!(!readable(Some("nobody"), &["c1"]).await.unwrap());
+}
+
+async fn retention_deletes_what_ended_long_ago_and_the_assets_nothing_names(s: &dyn Store) {
+    // Two jobs render (ending at 2002 and 2003); a third waits, live, behind nothing.
+    for (id, key, seed) in [("old", "k1", 1), ("newer", "k2", 2), ("live", "k3", 3)] {
+        s.submit(new_job(id, key, seed)).await.unwrap();
+    }
+    let due = s.take_due(2000, 10).await.unwrap();
+    for (d, at) in due.jobs.iter().filter(|d| d.job_id != "live").zip([2002, 2003]) {
+        s.start(d, 2001).await.unwrap();
+        let ok = Outcome::Succeeded { asset: format!("h-{}", d.job_id), bytes: 1, provenance: None, png: None };
+        s.finish(d, ok, at).await.unwrap();
+    }
+    let task = |id: &str, asset: &str| super::fleet::NewTask {
+        id: id.into(),
+        device_id: "p1".into(),
+        kind: kiln_protocol::fleet::TaskKind::Print,
+        asset: Some(asset.into()),
+        params: serde_json::Map::new(),
+        deadline_ms: 1_000_000,
+        created_by: "op".into(),
+    };
+    s.create_task(task("t-old", "h-old"), 2004).await.unwrap();
+    // Nothing is old enough yet.
+    assert_eq!(s.prune(1000, 1000).await.unwrap(), Pruned::default());
+    // Jobs ended before 2003 go, with their events; the asset the queued task still names stays.
+    let p = s.prune(2003, 10_000).await.unwrap();
+    assert_eq!((p.jobs, p.tasks, p.assets.clone()), (1, 0, vec![]), "{p:?}");
+    assert!(s.job("old").await.unwrap().is_none() && s.events("old", 0).await.unwrap().is_empty());
+    assert!(s.job("newer").await.unwrap().is_some() && s.job("live").await.unwrap().is_some());
+    assert_eq!(
+        s.assets_named(vec!["h-old".into(), "h-newer".into(), "h-x".into()]).await.unwrap(),
+        ["h-old", "h-newer"]
+    );
+    // The task ends; once it is old, it goes, and then nothing names h-old.
+    s.move_task("t-old", super::fleet::TaskState::Expired, Default::default(), 2005).await.unwrap();
+    let p = s.prune(3000, 10_000).await.unwrap();
+    assert_eq!((p.jobs, p.tasks), (1, 1), "{p:?}");
+    let mut gone = p.assets;
+    gone.sort();
+    assert_eq!(gone, ["h-newer", "h-old"]);
+    // The live job is never pruned, however old.
+    assert!(s.job("live").await.unwrap().is_some());
+    assert_eq!(s.prune(i64::MAX, i64::MAX).await.unwrap().jobs, 0);
 }
 
 async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {
