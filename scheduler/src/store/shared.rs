@@ -378,34 +378,29 @@ macro_rules! store_impl {
             ) -> BoxFut<'_, Result<$crate::store::Pruned, StoreError>> {
                 let op: OpFn<$conn, Result<$crate::store::Pruned, StoreError>> = Box::new(move |c| {
                     Box::pin(async move {
-                        // Ended jobs (and tasks) before the cutoff, their rows in every table.
-                        for sql in [
+                        // Ended jobs (and tasks) before the cutoff, their rows in every table,
+                        // the jobs and tasks themselves last.
+                        let mut deleted = [0u64; 6];
+                        for (n, sql) in [
                             "DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs \
                              WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
                             "DELETE FROM attempt_failures WHERE job_id IN (SELECT id FROM jobs \
                              WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
                             "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs \
                              WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
-                        ] {
-                            sqlx::query(sql).bind(jobs_before_ms).execute(&mut *c).await?;
+                            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
+                            "DELETE FROM device_task_events WHERE task_id IN (SELECT id FROM device_tasks \
+                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)",
+                            "DELETE FROM device_tasks WHERE id IN (SELECT id FROM device_tasks \
+                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)",
+                        ]
+                        .into_iter()
+                        .enumerate()
+                        {
+                            deleted[n] = sqlx::query(sql).bind(jobs_before_ms).execute(&mut *c).await?.rows_affected();
                         }
-                        let jobs = sqlx::query("DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)")
-                            .bind(jobs_before_ms)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected();
-                        sqlx::query("DELETE FROM device_task_events WHERE task_id IN (SELECT id FROM device_tasks \
-                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)")
-                            .bind(jobs_before_ms)
-                            .execute(&mut *c)
-                            .await?;
-                        let tasks = sqlx::query("DELETE FROM device_tasks WHERE id IN (SELECT id FROM device_tasks \
-                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)")
-                            .bind(jobs_before_ms)
-                            .execute(&mut *c)
-                            .await?
-                            .rows_affected();
+                        let (jobs, tasks) = (deleted[3], deleted[5]);
                         let assets: Vec<String> = sqlx::query_scalar(
                             "DELETE FROM assets WHERE created_ms < $1 \
                              AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.asset = assets.hash) \
