@@ -64,7 +64,7 @@ pub async fn prune(sched: &Scheduler, now_ms: i64) -> Result<Report, StoreError>
     }
     // Asked again just before the files go: a job admitted meanwhile may name one (a repeat of an
     // old request renders the same bytes again).
-    let named = sched.store.assets_named(gone.clone()).await?;
+    let named: std::collections::HashSet<String> = sched.store.assets_named(gone.clone()).await?.into_iter().collect();
     gone.retain(|h| !named.contains(h));
     let assets = gone.len() as u64;
     tokio::task::spawn_blocking(move || {

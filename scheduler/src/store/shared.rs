@@ -125,8 +125,17 @@ macro_rules! shared_ops {
     };
 }
 
-/// Most ids one read of [`Store::jobs`] binds.
+/// Most ids one read of [`Store::jobs`] (or [`Store::assets_named`]) binds.
 pub(super) const JOBS_CHUNK: usize = 256;
+
+/// A chunk of at most [`JOBS_CHUNK`] keys as the parameters of an `IN (…)` list: the marks
+/// `$1, …, $N` for a power of two N, and the keys to bind, the last repeated to fill it, so the
+/// statement cache holds nine statements, not one per count of keys asked.
+pub(super) fn in_list(chunk: &[String]) -> (String, Vec<&String>) {
+    let width = chunk.len().next_power_of_two();
+    let marks = (1..=width).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    (marks, (0..width).map(|k| &chunk[k.min(chunk.len() - 1)]).collect())
+}
 
 /// `impl Store` for a store with a group-commit `writer`, a `read` pool, the `*_op` functions
 /// in scope, and its own `submit_one`, `start_one`, `finish_one` and `record_one` (one at a
@@ -205,18 +214,16 @@ macro_rules! store_impl {
                     ids.sort_unstable();
                     ids.dedup();
                     let mut jobs = Vec::with_capacity(ids.len());
-                    // A statement per chunk (both dialects cap a statement's parameters). A
-                    // chunk binds a power of two of ids, its last repeated to fill it, so the
-                    // statement cache holds nine statements, not one per count of ids asked
-                    // (gathered reads ask for any count, and a new statement is parsed and planned).
+                    // A statement per chunk (both dialects cap a statement's parameters), of
+                    // a few widths (gathered reads ask for any count, and a new statement is
+                    // parsed and planned).
                     for chunk in ids.chunks(super::shared::JOBS_CHUNK) {
-                        let width = chunk.len().next_power_of_two();
-                        let marks = (1..=width).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                        let (marks, keys) = super::shared::in_list(chunk);
                         // Safe: the statement is built from parameter numbers only.
                         let sql = sqlx::AssertSqlSafe(format!("SELECT * FROM jobs WHERE id IN ({marks})"));
                         let mut q = sqlx::query(sql);
-                        for k in 0..width {
-                            q = q.bind(&chunk[k.min(chunk.len() - 1)]);
+                        for k in keys {
+                            q = q.bind(k);
                         }
                         for row in q.fetch_all(&self.read).await? {
                             jobs.push(job_from_row(&row)?);
@@ -419,21 +426,24 @@ macro_rules! store_impl {
 
             fn assets_named(&self, hashes: Vec<String>) -> BoxFut<'_, Result<Vec<String>, StoreError>> {
                 Box::pin(async move {
-                    let mut named = Vec::new();
-                    for hash in hashes {
-                        let found: Option<String> = sqlx::query_scalar(
-                            "SELECT asset FROM jobs WHERE asset = $1 \
-                             UNION ALL SELECT hash FROM assets WHERE hash = $1 \
-                             UNION ALL SELECT $1 FROM device_tasks WHERE asset = $1 OR output_asset = $1 LIMIT 1",
-                        )
-                        .bind(&hash)
-                        .fetch_optional(&self.read)
-                        .await?;
-                        if found.is_some() {
-                            named.push(hash);
+                    let mut named = std::collections::HashSet::new();
+                    // A statement per chunk of hashes, as `jobs` reads, not one per hash.
+                    for chunk in hashes.chunks(super::shared::JOBS_CHUNK) {
+                        let (marks, keys) = super::shared::in_list(chunk);
+                        // Safe: the statement is built from parameter numbers only.
+                        let sql = sqlx::AssertSqlSafe(format!(
+                            "SELECT asset FROM jobs WHERE asset IN ({marks}) \
+                             UNION SELECT hash FROM assets WHERE hash IN ({marks}) \
+                             UNION SELECT asset FROM device_tasks WHERE asset IN ({marks}) \
+                             UNION SELECT output_asset FROM device_tasks WHERE output_asset IN ({marks})"
+                        ));
+                        let mut q = sqlx::query_scalar::<_, String>(sql);
+                        for k in keys {
+                            q = q.bind(k);
                         }
+                        named.extend(q.fetch_all(&self.read).await?);
                     }
-                    Ok(named)
+                    Ok(hashes.into_iter().filter(|h| named.contains(h)).collect())
                 })
             }
 
