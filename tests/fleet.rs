@@ -81,7 +81,18 @@ impl Studio {
     }
 
     async fn start_on(setup: PrinterSetup, mqtt_url: String, prefix: String, wiring: Wiring) -> Studio {
-        let farm = studio_farm(&mqtt_url, &prefix).await;
+        Studio::start_configured(setup, mqtt_url, prefix, wiring, |_| {}).await
+    }
+
+    /// [`Studio::start_on`] with changes to the farm's config.
+    async fn start_configured(
+        setup: PrinterSetup,
+        mqtt_url: String,
+        prefix: String,
+        wiring: Wiring,
+        change: impl FnOnce(&mut FarmConfig),
+    ) -> Studio {
+        let farm = studio_farm_with(&mqtt_url, &prefix, change).await;
         let made = farm
             .client
             .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "studio-pi", "role": "device", "devices": ALL })))
@@ -356,6 +367,7 @@ fn wire(id: &str, kind: TaskKind, asset: Option<(&str, &str)>, params: Value) ->
         asset: asset.map(|(hash, url)| AssetRef { hash: hash.into(), url: url.into() }),
         params: params.as_object().cloned().unwrap_or_default(),
         deadline_ms: i64::MAX,
+        sent_ms: None,
         mac: None,
     }
 }
@@ -978,4 +990,45 @@ async fn a_studio_over_mqtts_and_https_prints_and_photographs() {
     assert!(s.farm.raw(Method::GET, &format!("/v1/assets/{photo}"), "").await.body.starts_with(b"photo "));
     drop(s);
     drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_checks_deadlines_and_stamps_reports_by_the_schedulers_clock() {
+    let Some(s) = Studio::start(PrinterSetup::default()).await else { return };
+    s.wait_state(&["lights"], "online", Duration::from_secs(20)).await;
+    let (raw, mut heard) = s.raw_client(&[s.topic("devices/lights/tasks/+")]).await;
+    let now = kiln_protocol::now_ms();
+    let hour = 3_600_000;
+    // The scheduler's clock two hours behind the Pi's (the Pi booted with a wrong time): a task
+    // whose deadline is an hour past by the Pi's clock has an hour left by the scheduler's.
+    let mut early = wire("clock-1", TaskKind::Lights, None, json!({ "scene": 6, "brightness": 120 }));
+    (early.deadline_ms, early.sent_ms) = (now - hour, Some(now - 2 * hour));
+    raw.publish(s.topic("devices/lights/tasks"), QoS::AtLeastOnce, false, s.signed("lights", early)).await.unwrap();
+    let r = loop {
+        let r = Studio::report(&mut heard, "lights", "clock-1").await;
+        if r["state"] != "accepted" && r["state"] != "running" {
+            break r;
+        }
+    };
+    assert_eq!(r["state"], "succeeded", "{r}");
+    let at = r["at_ms"].as_i64().unwrap();
+    assert!((now - 2 * hour..now - hour).contains(&at), "stamped by the scheduler's clock: {at} (now {now})");
+    assert_eq!(&s.lights.registers()[..2], &[6, 120]);
+    // The scheduler's clock two hours ahead: an hour left by the Pi's clock is an hour late.
+    let mut late = wire("clock-2", TaskKind::Lights, None, json!({ "scene": 7, "brightness": 130 }));
+    (late.deadline_ms, late.sent_ms) = (now + hour, Some(now + 2 * hour));
+    raw.publish(s.topic("devices/lights/tasks"), QoS::AtLeastOnce, false, s.signed("lights", late)).await.unwrap();
+    let r = Studio::report(&mut heard, "lights", "clock-2").await;
+    assert_eq!((r["state"].as_str(), r["reason"].as_str()), (Some("rejected"), Some("deadline")), "{r}");
+    assert_eq!(&s.lights.registers()[..2], &[6, 120], "the late task changed nothing");
+    // A real task from the scheduler sets the clock back, and runs.
+    let real = s
+        .run_task(
+            "lights",
+            json!({ "kind": "lights", "params": { "scene": 2, "brightness": 50 } }),
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(real["state"], "succeeded", "{real}");
+    assert_eq!(&s.lights.registers()[..2], &[2, 50]);
 }

@@ -31,7 +31,7 @@ pub struct Record {
 }
 
 /// A device's journal.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
 }
@@ -84,20 +84,26 @@ impl Journal {
         Ok(out)
     }
 
-    /// Forgets ended tasks last touched before `before_ms` (a week back, at start).
-    pub fn prune(&self, before_ms: i64) -> io::Result<usize> {
-        let mut n = 0;
+    /// Forgets ended tasks last touched before `before_ms`, and the oldest of the rest past
+    /// `max_ended`; a task not ended is kept whatever its age. Returns how many went.
+    pub fn prune(&self, before_ms: i64, max_ended: usize) -> io::Result<usize> {
+        let mut ended = Vec::new();
         for item in fs::read_dir(&self.dir)? {
             let path = item?.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let old = fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-                .is_some_and(|r| r.state.is_terminal() && r.at_ms < before_ms);
-            if old {
-                fs::remove_file(&path)?;
+            let record = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok());
+            if let Some(r) = record.filter(|r| r.state.is_terminal()) {
+                ended.push((r.at_ms, path));
+            }
+        }
+        // Newest first: what is kept is the front, up to `max_ended` and younger than `before_ms`.
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut n = 0;
+        for (i, (at_ms, path)) in ended.iter().enumerate() {
+            if i >= max_ended || *at_ms < before_ms {
+                fs::remove_file(path)?;
                 n += 1;
             }
         }
@@ -118,6 +124,7 @@ mod tests {
             asset: None,
             params: Default::default(),
             deadline_ms: i64::MAX,
+            sent_ms: None,
             mac: None,
         }
     }
@@ -143,7 +150,30 @@ mod tests {
         r.state = ReportState::Failed;
         j.put(&r).unwrap();
         assert!(j.unfinished().unwrap().is_empty());
-        assert_eq!(j.prune(8).unwrap(), 1, "t2 ended before 8");
+        assert_eq!(j.prune(8, 100).unwrap(), 1, "t2 ended before 8");
         assert!(j.get("t2").unwrap().is_none() && j.get("t1").unwrap().is_some());
+    }
+
+    #[test]
+    fn past_its_count_the_oldest_ended_tasks_go_and_unended_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let r = |id: &str, state, at_ms| Record {
+            task: task(id),
+            state,
+            detail: None,
+            reason: None,
+            output_asset: None,
+            at_ms,
+        };
+        for i in 0..5 {
+            j.put(&r(&format!("e{i}"), ReportState::Succeeded, 100 + i)).unwrap();
+        }
+        j.put(&r("old-but-running", ReportState::Running, 1)).unwrap();
+        assert_eq!(j.prune(0, 2).unwrap(), 3);
+        let kept: Vec<bool> = (0..5).map(|i| j.get(&format!("e{i}")).unwrap().is_some()).collect();
+        assert_eq!(kept, [false, false, false, true, true], "the two newest stay");
+        assert!(j.get("old-but-running").unwrap().is_some());
+        assert_eq!(j.prune(0, 2).unwrap(), 0);
     }
 }

@@ -53,8 +53,12 @@ struct Shared {
     boot_id: String,
     kind: DeviceKind,
     topics: Topics,
-    spool: Mutex<Spool>,
+    spool: Arc<Mutex<Spool>>,
     wake: Notify,
+    /// The scheduler's clock less this agent's, milliseconds, from the last proven task's
+    /// `sent_ms` (a Pi has no real-time clock and may boot with any time): deadlines are checked,
+    /// and reports stamped, by the scheduler's time.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
     health: watch::Sender<Health>,
     /// Payloads dropped because they could not be read (no task id to reject).
     malformed: std::sync::atomic::AtomicU64,
@@ -65,19 +69,28 @@ struct Shared {
 }
 
 impl Shared {
-    fn spool(&self, kind: Kind, topic: &str, payload: &[u8]) {
-        let pushed = self
-            .spool
-            .lock()
-            .map_err(|_| "poisoned".to_owned())
-            .and_then(|mut s| s.push(kind, topic, payload).map_err(|e| e.to_string()));
+    /// Now, by the scheduler's clock as far as this agent knows it.
+    fn now_ms(&self) -> i64 {
+        now_ms().saturating_add(self.clock_offset_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Spools a message, synced on a blocking thread: the agent's runtime has one thread, and an
+    /// SD card's fsync can take long enough to miss a keepalive.
+    async fn spool(&self, kind: Kind, topic: String, payload: Vec<u8>) {
+        let spool = self.spool.clone();
+        let pushed = tokio::task::spawn_blocking(move || {
+            let mut s = spool.lock().map_err(|_| "poisoned".to_owned())?;
+            s.push(kind, &topic, &payload).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         match pushed {
             Ok(_) => self.wake.notify_one(),
             Err(e) => tracing::error!(device = self.id, error = e, "could not spool a message; it is lost"),
         }
     }
 
-    fn report(&self, r: &Record) {
+    async fn report(&self, r: &Record) {
         self.send_report(TaskReport {
             v: TASK_REPORT_VERSION,
             task_id: r.task.task_id.clone(),
@@ -86,12 +99,13 @@ impl Shared {
             detail: r.detail.clone(),
             reason: r.reason,
             output_asset: r.output_asset.clone(),
-        });
+        })
+        .await;
     }
 
-    fn send_report(&self, report: TaskReport) {
+    async fn send_report(&self, report: TaskReport) {
         let payload = serde_json::to_vec(&report).unwrap_or_default();
-        self.spool(Kind::Report, &self.topics.task_report(&self.id, &report.task_id), &payload);
+        self.spool(Kind::Report, self.topics.task_report(&self.id, &report.task_id), payload).await;
     }
 
     fn set_health(&self, state: DeviceState, detail: Option<String>) {
@@ -115,9 +129,9 @@ pub async fn run_device(
     let dir = cfg.data_dir.join("devices").join(&dev.id);
     let spool = Spool::open(&dir.join("spool"), cfg.spool.max_entries)?;
     let journal = Journal::open(&dir.join("journal"))?;
-    let pruned = journal.prune(now_ms() - 7 * 24 * 3600 * 1000)?;
+    let pruned = journal.prune(now_ms() - JOURNAL_KEEP_MS, JOURNAL_MAX_ENDED)?;
     if pruned > 0 {
-        tracing::debug!(device = dev.id, pruned, "forgot ended tasks older than a week");
+        tracing::debug!(device = dev.id, pruned, "forgot ended tasks");
     }
     // Telemetry seq = (starts of this device << 32) + messages this start: it increases across
     // restarts with one synced write per start, not one per message.
@@ -130,8 +144,9 @@ pub async fn run_device(
         boot_id: boot_id(),
         kind: dev.kind,
         topics: Topics::new(&cfg.mqtt.prefix),
-        spool: Mutex::new(spool),
+        spool: Arc::new(Mutex::new(spool)),
         wake: Notify::new(),
+        clock_offset_ms: Default::default(),
         health,
         malformed: Default::default(),
         key: MessageKey::from_token(&cfg.scheduler.token),
@@ -366,6 +381,7 @@ async fn mqtt(
     let boot_id = shared.boot_id.clone();
     let broker = cfg.mqtt.endpoint().map_err(anyhow::Error::msg)?;
     let topics = shared.topics.clone();
+    let clock = shared.clone();
     let status = |health: &Health| DeviceStatus {
         v: FLEET_VERSION,
         state: health.state,
@@ -373,7 +389,7 @@ async fn mqtt(
         kind: dev.kind,
         capabilities: vec![capability(dev.kind).to_owned()],
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        at_ms: now_ms(),
+        at_ms: clock.now_ms(),
         detail: health.detail.clone(),
     };
     let will = status(&Health { state: DeviceState::Offline, detail: Some("the agent's connection was lost".into()) });
@@ -425,7 +441,7 @@ async fn mqtt(
                 Action::Subscribe(topic) => {
                     let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
                 }
-                Action::TakeTask(payload) => take_task(&shared, &tasks, &payload),
+                Action::TakeTask(payload) => take_task(&shared, &tasks, &payload).await,
                 Action::Unspool(seq) => {
                     let removed = shared
                         .spool
@@ -471,7 +487,7 @@ async fn mqtt(
 /// A task from the broker: to the executor, or rejected (with a report when it names its id).
 /// One without the scheduler's proof is rejected before anything else is looked at, and not
 /// journalled: the scheduler's own task of that id, when it comes, still runs.
-fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) {
+async fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) {
     let task = match decode::<DeviceTask>(payload) {
         Ok(t) => t,
         Err(e) => {
@@ -482,15 +498,17 @@ fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) 
             match id {
                 Some(task_id) => {
                     tracing::warn!(device = shared.id, task = task_id, error = %e, "rejected a malformed task");
-                    shared.send_report(TaskReport {
-                        v: TASK_REPORT_VERSION,
-                        task_id,
-                        state: ReportState::Rejected,
-                        at_ms: now_ms(),
-                        detail: Some(e.to_string()),
-                        reason: Some(RejectReason::Malformed),
-                        output_asset: None,
-                    });
+                    shared
+                        .send_report(TaskReport {
+                            v: TASK_REPORT_VERSION,
+                            task_id,
+                            state: ReportState::Rejected,
+                            at_ms: shared.now_ms(),
+                            detail: Some(e.to_string()),
+                            reason: Some(RejectReason::Malformed),
+                            output_asset: None,
+                        })
+                        .await;
                 }
                 None => {
                     shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -504,16 +522,26 @@ fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &[u8]) 
         shared.unproven.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let why = if task.mac.is_some() { "its proof does not match" } else { "it carries no proof" };
         tracing::warn!(device = shared.id, task = task.task_id, why, "rejected a task the scheduler did not send");
-        shared.send_report(TaskReport {
-            v: TASK_REPORT_VERSION,
-            task_id: task.task_id,
-            state: ReportState::Rejected,
-            at_ms: now_ms(),
-            detail: Some(format!("not run: {why} that the scheduler sent it to this device")),
-            reason: Some(RejectReason::Unproven),
-            output_asset: None,
-        });
+        shared
+            .send_report(TaskReport {
+                v: TASK_REPORT_VERSION,
+                task_id: task.task_id,
+                state: ReportState::Rejected,
+                at_ms: shared.now_ms(),
+                detail: Some(format!("not run: {why} that the scheduler sent it to this device")),
+                reason: Some(RejectReason::Unproven),
+                output_asset: None,
+            })
+            .await;
         return;
+    }
+    // Proven, so its time is the scheduler's: from now on the agent goes by that clock.
+    if let Some(sent) = task.sent_ms {
+        let offset = sent.saturating_sub(now_ms());
+        let before = shared.clock_offset_ms.swap(offset, std::sync::atomic::Ordering::Relaxed);
+        if (offset - before).abs() > 60_000 {
+            tracing::info!(device = shared.id, offset_ms = offset, "going by the scheduler's clock");
+        }
     }
     if let Err(mpsc::error::TrySendError::Full(t)) = tasks.try_send(task) {
         // The scheduler sends again what it does not hear accepted.
@@ -532,20 +560,21 @@ struct Executor {
 }
 
 impl Executor {
-    fn record(
+    async fn record(
         &self,
         task: &DeviceTask,
         state: ReportState,
         detail: Option<String>,
         output_asset: Option<String>,
     ) -> bool {
-        self.keep(Record { task: task.clone(), state, detail, reason: None, output_asset, at_ms: now_ms() })
+        let at_ms = self.shared.now_ms();
+        self.keep(Record { task: task.clone(), state, detail, reason: None, output_asset, at_ms }).await
     }
 
     /// Records and reports a task refused without running it, and why.
-    fn reject(&self, task: &DeviceTask, reason: RejectReason, detail: String) -> bool {
+    async fn reject(&self, task: &DeviceTask, reason: RejectReason, detail: String) -> bool {
         let state = ReportState::Rejected;
-        let at_ms = now_ms();
+        let at_ms = self.shared.now_ms();
         self.keep(Record {
             task: task.clone(),
             state,
@@ -554,18 +583,28 @@ impl Executor {
             output_asset: None,
             at_ms,
         })
+        .await
     }
 
-    /// Journals a task's step, then reports it; `false` when the journal could not be written.
-    fn keep(&self, r: Record) -> bool {
-        let task = &r.task;
-        if let Err(e) = self.journal.put(&r) {
-            // Without the journal a redelivery could run the task twice: refuse to go on.
-            tracing::error!(device = self.shared.id, task = task.task_id, error = %e, "could not write the task journal");
-            return false;
+    /// Journals a task's step (synced on a blocking thread), then reports it; `false` when the
+    /// journal could not be written.
+    async fn keep(&self, r: Record) -> bool {
+        let journal = self.journal.clone();
+        let task = r.task.task_id.clone();
+        let written = tokio::task::spawn_blocking(move || journal.put(&r).map(|()| r))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(r) => {
+                self.shared.report(&r).await;
+                true
+            }
+            Err(e) => {
+                // Without the journal a redelivery could run the task twice: refuse to go on.
+                tracing::error!(device = self.shared.id, task, error = %e, "could not write the task journal");
+                false
+            }
         }
-        self.shared.report(&r);
-        true
     }
 
     async fn run(self, mut rx: mpsc::Receiver<DeviceTask>, stop: CancellationToken) {
@@ -583,7 +622,8 @@ impl Executor {
                                     .into(),
                             ),
                             None,
-                        );
+                        )
+                        .await;
                     } else {
                         backlog.push_back(r.task);
                     }
@@ -591,11 +631,20 @@ impl Executor {
             }
             Err(e) => tracing::error!(device = self.shared.id, error = %e, "could not read the task journal"),
         }
+        // Ended tasks are forgotten after a week, and past a count, while the agent runs for
+        // months as well as at each start.
+        let mut prune = tokio::time::interval(Duration::from_secs(3600));
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        prune.tick().await;
         loop {
             let (task, fresh) = match backlog.pop_front() {
                 Some(t) => (t, false),
                 None => tokio::select! {
                     () = stop.cancelled() => return,
+                    _ = prune.tick() => {
+                        self.prune().await;
+                        continue;
+                    }
                     t = rx.recv() => match t { Some(t) => (t, true), None => return },
                 },
             };
@@ -603,7 +652,7 @@ impl Executor {
                 match self.journal.get(&task.task_id) {
                     Ok(Some(r)) => {
                         // A redelivery: say again where it stands, do nothing else.
-                        self.shared.report(&r);
+                        self.shared.report(&r).await;
                         continue;
                     }
                     Ok(None) => {}
@@ -615,19 +664,21 @@ impl Executor {
             }
             if task.kind.device_kind() != self.shared.kind {
                 let why = format!("a {} cannot do a {} task", self.shared.kind, task.kind);
-                self.reject(&task, RejectReason::WrongKind, why);
+                self.reject(&task, RejectReason::WrongKind, why).await;
                 continue;
             }
-            if now_ms() > task.deadline_ms {
-                self.reject(&task, RejectReason::Deadline, "past its deadline; not run".into());
+            // By the scheduler's clock: the Pi's may be anything after a boot without network.
+            let late = self.shared.now_ms() - task.deadline_ms;
+            if late > 0 {
+                self.reject(&task, RejectReason::Deadline, format!("past its deadline by {late} ms; not run")).await;
                 continue;
             }
             if let Some(Err(e)) = task.asset.as_ref().map(|a| self.http.on_scheduler(&a.url)) {
-                self.reject(&task, RejectReason::Malformed, format!("asset.url: {e}"));
+                self.reject(&task, RejectReason::Malformed, format!("asset.url: {e}")).await;
                 continue;
             }
-            if (fresh && !self.record(&task, ReportState::Accepted, None, None))
-                || !self.record(&task, ReportState::Running, None, None)
+            if (fresh && !self.record(&task, ReportState::Accepted, None, None).await)
+                || !self.record(&task, ReportState::Running, None, None).await
             {
                 continue;
             }
@@ -635,7 +686,8 @@ impl Executor {
                 http: &self.http,
                 assets_dir: &self.assets_dir,
                 work_dir: &self.work_dir,
-                deadline_ms: task.deadline_ms,
+                // The drivers look at the agent's own clock.
+                deadline_ms: task.deadline_ms.saturating_sub(self.shared.now_ms() - now_ms()),
             };
             let result = self.driver.lock().await.run(&task, &ctx).await;
             match result {
@@ -643,18 +695,40 @@ impl Executor {
                     if self.shared.health.borrow().state == DeviceState::Degraded {
                         self.shared.set_health(DeviceState::Online, None);
                     }
-                    self.record(&task, ReportState::Succeeded, Some(done.detail), done.output_asset);
+                    self.record(&task, ReportState::Succeeded, Some(done.detail), done.output_asset).await;
                 }
                 Err(e) => {
                     if e.device_fault {
                         self.shared.set_health(DeviceState::Degraded, Some(e.message.clone()));
                     }
-                    self.record(&task, ReportState::Failed, Some(e.message), None);
+                    self.record(&task, ReportState::Failed, Some(e.message), None).await;
                 }
             }
         }
     }
 }
+
+impl Executor {
+    /// Forgets ended tasks past [`JOURNAL_KEEP_MS`] or [`JOURNAL_MAX_ENDED`], on a blocking thread.
+    async fn prune(&self) {
+        let journal = self.journal.clone();
+        let before = now_ms() - JOURNAL_KEEP_MS;
+        let pruned = tokio::task::spawn_blocking(move || journal.prune(before, JOURNAL_MAX_ENDED)).await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(device = self.shared.id, pruned = n, "forgot ended tasks"),
+            Ok(Err(e)) => tracing::warn!(device = self.shared.id, error = %e, "could not prune the task journal"),
+            Err(e) => tracing::warn!(device = self.shared.id, error = %e, "could not prune the task journal"),
+        }
+    }
+}
+
+/// How long the journal keeps an ended task: a redelivery comes within minutes (the scheduler
+/// gives up on a task long before), so a week is ample.
+const JOURNAL_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// The most ended tasks the journal keeps (the oldest go first), however many came in the week.
+const JOURNAL_MAX_ENDED: usize = 10_000;
 
 /// Sends the device's readings every interval, through the spool.
 async fn telemetry(
@@ -709,15 +783,13 @@ async fn telemetry(
             v: FLEET_VERSION,
             boot_id: shared.boot_id.clone(),
             seq,
-            at_ms: now_ms(),
+            at_ms: shared.now_ms(),
             readings: values,
             spool_dropped: dropped,
         };
-        shared.spool(
-            Kind::Telemetry,
-            &shared.topics.telemetry(&shared.id),
-            &serde_json::to_vec(&t).unwrap_or_default(),
-        );
+        shared
+            .spool(Kind::Telemetry, shared.topics.telemetry(&shared.id), serde_json::to_vec(&t).unwrap_or_default())
+            .await;
     }
 }
 

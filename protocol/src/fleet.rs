@@ -399,8 +399,13 @@ pub struct DeviceTask {
     /// Task parameters (lights: `scene`, `brightness`).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub params: serde_json::Map<String, serde_json::Value>,
-    /// After this (unix milliseconds) the task is rejected, not run.
+    /// After this (unix milliseconds, the scheduler's clock) the task is rejected, not run.
     pub deadline_ms: i64,
+    /// When the scheduler sent it, by its own clock (unix milliseconds). A Pi has no real-time
+    /// clock: the agent keeps the difference between this and its own clock, and checks
+    /// deadlines and stamps its reports by the scheduler's time. Absent from older schedulers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ms: Option<i64>,
     /// The scheduler's proof that it sent this task to this device: the keyed BLAKE3 of the task
     /// (this field left out) and the device id, with the key of the device token that serves the
     /// device ([`DeviceTask::sign`]). An agent runs nothing without it.
@@ -530,15 +535,12 @@ pub struct SchedulerStatus {
 /// Why a payload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
-    /// Not JSON of the expected shape.
-    #[error("malformed payload: {0}")]
-    Malformed(#[from] serde_json::Error),
+    /// Not JSON of the expected shape, or a string with a NUL: the error names the field.
+    #[error("malformed payload: field {0}")]
+    Malformed(#[from] crate::JsonError),
     /// A schema version this side does not read.
-    #[error("unsupported schema version {0}")]
+    #[error("field v: unsupported schema version {0}")]
     Version(u32),
-    /// A string holds a NUL (see [`crate::nul_in_json`]).
-    #[error("field {0}: holds a NUL character, which Kiln does not store")]
-    Nul(String),
     /// A field that parses but cannot be used.
     #[error("field {field}: {message}")]
     Field {
@@ -551,12 +553,9 @@ pub enum PayloadError {
 
 /// Parses a fleet payload and checks its version and fields.
 pub fn decode<T: serde::de::DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, PayloadError> {
-    let value: T = serde_json::from_slice(bytes)?;
+    let value: T = crate::decode_json(bytes)?;
     if !value.readable() {
         return Err(PayloadError::Version(value.version()));
-    }
-    if let Some(at) = crate::nul_in_json(bytes) {
-        return Err(PayloadError::Nul(at));
     }
     value.check()?;
     Ok(value)
@@ -684,6 +683,7 @@ mod tests {
             asset: None,
             params: serde_json::Map::new(),
             deadline_ms: 5,
+            sent_ms: None,
             mac: None,
         };
         let bytes = serde_json::to_vec(&task).unwrap();
@@ -716,6 +716,7 @@ mod tests {
             asset: None,
             params,
             deadline_ms: 1_900_000_000_000,
+            sent_ms: None,
             mac: None,
         };
         assert!(!task.proven("lights-1", &agent), "no MAC, no proof");

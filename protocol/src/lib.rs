@@ -20,7 +20,7 @@ pub use key::{CacheKey, KeyInput, ParseKeyError};
 pub use prompt::normalise_prompt;
 pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};
 pub use secret::{Secret, SecretUrl};
-pub use text::{nul_in_json, nul_in_value, refuse_nul};
+pub use text::{JsonError, decode_json, decode_json_value, nul_in_json, nul_in_value, refuse_nul};
 pub use versioned::{FieldError, Versioned};
 
 /// Now, in unix milliseconds: the one clock every Kiln timestamp is read from.

@@ -34,9 +34,120 @@ pub fn refuse_nul(field: &str, s: &str) -> Result<(), String> {
     if s.contains('\0') { Err(format!("{field}: holds a NUL character, which Kiln does not store")) } else { Ok(()) }
 }
 
+/// A JSON document from outside that did not decode, and where: `field` is a path such as
+/// `seed`, `jobs[1].model` or `params.scene`, or `body` when the document as a whole is at fault
+/// (not JSON, or the wrong kind of value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct JsonError {
+    /// Where.
+    pub field: String,
+    /// What is wrong, as serde says it.
+    pub message: String,
+}
+
+/// Decodes a JSON document from outside into `T`, naming the field of any error, and refuses
+/// one with a NUL in any string (named by its path), which no store keeps.
+pub fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, JsonError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+    // Something after the document.
+    de.end().map_err(|e| JsonError { field: "body".into(), message: e.to_string() })?;
+    match nul_in_json(bytes) {
+        Some(field) => Err(JsonError { field, message: "holds a NUL character, which Kiln does not store".into() }),
+        None => Ok(v),
+    }
+}
+
+/// [`decode_json`] of a parsed value (an item of a batch, say); NULs are the caller's to find
+/// ([`nul_in_value`]).
+pub fn decode_json_value<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, JsonError> {
+    serde_path_to_error::deserialize(v).map_err(json_error)
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> JsonError {
+    use serde_path_to_error::Segment;
+    // The path as the API names fields (`jobs[1].model`), up to a place serde could not name
+    // (a key not yet read when the text ended, say).
+    let mut path = String::new();
+    let mut last_key = None;
+    for seg in e.path().iter() {
+        match seg {
+            Segment::Seq { index } => path.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                // An empty key is shown quoted, so that it still names something.
+                path.push_str(if key.is_empty() { "\"\"" } else { key });
+                last_key = Some(key.clone());
+            }
+            Segment::Unknown => break,
+        }
+    }
+    let message = e.into_inner().to_string();
+    // serde names a missing (or repeated) field in its message; the path stops at the object
+    // that lacks it. Struct fields have plain names, so the message's quoting is safe to read.
+    let named = ["missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|p| message.split_once(p).and_then(|(_, rest)| rest.split_once('`')).map(|(f, _)| f.to_owned()))
+        .filter(|f| last_key.as_deref() != Some(f.as_str()));
+    let field = match (path.is_empty(), named) {
+        (true, Some(f)) => f,
+        (true, None) => "body".to_owned(),
+        (false, Some(f)) => format!("{path}.{f}"),
+        (false, None) => path,
+    };
+    JsonError { field, message }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        seed: u64,
+        inner: Option<Inner>,
+        items: Option<Vec<Inner>>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        scene: String,
+    }
+
+    #[test]
+    fn a_json_error_names_its_field() {
+        let cases = [
+            (r#"{"seed":"x"}"#, "seed"),
+            (r#"{"seed":1,"inner":{"scene":3}}"#, "inner.scene"),
+            (r#"{"seed":1,"items":[{"scene":"a"},{"scene":"b","x":1}]}"#, "items[1].x"),
+            (r#"{"seed":1,"inner":{}}"#, "inner.scene"),
+            (r#"{"inner":null}"#, "seed"),
+            (r#"{"seed":1,"colour":2}"#, "colour"),
+            (r#"{"seed":1,"seed":2}"#, "seed"),
+            (r#"[1]"#, "body"),
+            (r#"{"seed":1} trailing"#, "body"),
+            (r#"{"seed":"#, "seed"),
+            (r#"{"seed":1,"inner":{"sc"#, "inner"),
+            (r#"{"se"#, "body"),
+            (r#"{"seed":1,"":2}"#, "\"\""),
+            (r#"{"seed":1,"inner":{"scene":"a\u0000"}}"#, "inner.scene"),
+        ];
+        for (doc, field) in cases {
+            let e = decode_json::<Outer>(doc.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{doc}: {e}");
+            assert!(e.to_string().starts_with(&format!("{field}: ")), "{doc}: {e}");
+        }
+        assert_eq!(decode_json::<Outer>(br#"{"seed":3}"#).unwrap().seed, 3);
+        let e = decode_json_value::<Outer>(serde_json::json!({"seed": -1})).unwrap_err();
+        assert_eq!(e.field, "seed", "{e}");
+    }
 
     #[test]
     fn a_nul_anywhere_is_found_with_its_path() {

@@ -359,15 +359,12 @@ pub enum MessageError {
         /// What was expected.
         want: &'static str,
     },
-    /// The body does not parse.
-    #[error("body: {0}")]
-    Body(#[from] serde_json::Error),
+    /// The body does not decode, or holds a NUL: the error names the field.
+    #[error("{0}")]
+    Body(#[from] crate::JsonError),
     /// A schema version this build does not know.
     #[error("v: schema version {0} is not {SCHEMA_VERSION}")]
     Version(u32),
-    /// A string holds a NUL (see [`crate::nul_in_json`]).
-    #[error("{0}: holds a NUL character, which Kiln does not store")]
-    Nul(String),
 }
 
 /// Decodes a message of kind `want` (one of the `*_TYPE` constants), checking its content type,
@@ -388,12 +385,9 @@ pub fn decode<T: serde::de::DeserializeOwned + Versioned>(
     {
         return Err(MessageError::Type { got: k.to_owned(), want });
     }
-    let v: T = serde_json::from_slice(body)?;
+    let v: T = crate::decode_json(body)?;
     if !v.readable() {
         return Err(MessageError::Version(v.version()));
-    }
-    if let Some(at) = crate::nul_in_json(body) {
-        return Err(MessageError::Nul(at));
     }
     Ok(v)
 }

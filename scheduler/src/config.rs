@@ -221,6 +221,29 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The variables that set a key [`FarmConfig::validate`] checks: a value out of range that came
+/// from one is refused naming it, not only the key it set.
+const ENV_KEYS: [(&str, &str); 5] = [
+    ("scheduler.listen", "KILN_LISTEN"),
+    ("scheduler.workers", "KILN_WORKERS"),
+    ("scheduler.retry.max_attempts", "KILN_MAX_ATTEMPTS"),
+    ("scheduler.limits.max_body_bytes", "KILN_MAX_BODY_BYTES"),
+    ("scheduler.database_url", "KILN_DATABASE_URL"),
+];
+
+fn from_env(e: ConfigError, env: &dyn Fn(&str) -> Option<String>) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, message } => {
+            let var = ENV_KEYS.iter().find(|(k, _)| *k == key).map(|(_, var)| *var);
+            match var.and_then(|var| env(var).map(|value| (var, value))) {
+                Some((var, value)) => ConfigError::Env { key: var, value, message: format!("{key}: {message}") },
+                None => ConfigError::Invalid { key, message },
+            }
+        }
+        e => e,
+    }
+}
+
 /// The whole farm's settings.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct FarmConfig {
@@ -296,7 +319,7 @@ impl FarmConfig {
         }
         s.retry.max_attempts = env_parse("KILN_MAX_ATTEMPTS", env)?.unwrap_or(s.retry.max_attempts);
         s.limits.max_body_bytes = env_parse("KILN_MAX_BODY_BYTES", env)?.unwrap_or(s.limits.max_body_bytes);
-        cfg.validate()?;
+        cfg.validate().map_err(|e| from_env(e, env))?;
         Ok(cfg)
     }
 

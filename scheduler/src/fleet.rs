@@ -348,7 +348,8 @@ fn observe(sched: &Scheduler, m: &TaskMove) {
     }
 }
 
-/// The task as the agent gets it, signed with the key of the token that serves its device.
+/// The task as the agent gets it, stamped with the time it is sent and signed with the key of
+/// the token that serves its device.
 pub fn wire_task(t: &DeviceTask, key: &MessageKey) -> WireTask {
     let mut wire = WireTask {
         v: FLEET_VERSION,
@@ -360,6 +361,7 @@ pub fn wire_task(t: &DeviceTask, key: &MessageKey) -> WireTask {
             .map(|h| kiln_protocol::fleet::AssetRef { hash: h.clone(), url: format!("/v1/assets/{h}") }),
         params: t.params.clone(),
         deadline_ms: t.deadline_ms,
+        sent_ms: Some(now_ms()),
         mac: None,
     };
     wire.sign(&t.device_id, key);

@@ -101,36 +101,22 @@ impl ApiError {
         }
     }
 
-    /// A 400 for a JSON body that did not parse, naming the field where serde does.
-    pub fn from_json(e: &serde_json::Error) -> ApiError {
-        let msg = e.to_string();
-        let field = ["unknown field `", "missing field `", "duplicate field `"]
-            .iter()
-            .find_map(|p| msg.split_once(p).and_then(|(_, rest)| rest.split_once('`')).map(|(f, _)| f.to_owned()));
-        let message = match &field {
-            Some(f) => format!("{f}: {msg}"),
-            None => format!("body: not valid JSON for this call: {msg}"),
-        };
-        ApiError::rejected(StatusCode::BAD_REQUEST, "invalid_json", message, field.or(Some("body".into())))
-    }
-
     /// Parses a JSON body, refusing one with a NUL in any string (named by its path), which no
-    /// store keeps: a 400 either way, naming the field.
+    /// store keeps: a 400 either way, naming the field ([`kiln_protocol::decode_json`]).
     pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-        let v: T = serde_json::from_slice(body).map_err(|e| ApiError::from_json(&e))?;
-        match kiln_protocol::nul_in_json(body) {
-            Some(at) => Err(ApiError::invalid(at, "holds a NUL character, which Kiln does not store")),
-            None => Ok(v),
-        }
+        Ok(kiln_protocol::decode_json(body)?)
     }
 
     /// The same error about a part of a larger request: `prefix` goes before its message (an
     /// item of a batch: `jobs[3].`).
     pub fn within(self, prefix: &str) -> ApiError {
         match self {
-            ApiError::Rejected { status, code, message, field } => {
-                ApiError::Rejected { status, code, message: format!("{prefix}{message}"), field }
-            }
+            ApiError::Rejected { status, code, message, field } => ApiError::Rejected {
+                status,
+                code,
+                message: format!("{prefix}{message}"),
+                field: field.map(|f| format!("{prefix}{f}")),
+            },
             e => e,
         }
     }
@@ -140,6 +126,17 @@ impl ApiError {
         match self {
             ApiError::Rejected { status, .. } | ApiError::Unexpected { status, .. } => *status,
         }
+    }
+}
+
+impl From<kiln_protocol::JsonError> for ApiError {
+    /// A 400 naming the field; a document wrong as a whole is named `body`.
+    fn from(e: kiln_protocol::JsonError) -> Self {
+        let message = match e.field.as_str() {
+            "body" => format!("body: not valid JSON for this call: {}", e.message),
+            _ => e.to_string(),
+        };
+        ApiError::rejected(StatusCode::BAD_REQUEST, "invalid_json", message, Some(e.field))
     }
 }
 
@@ -220,6 +217,7 @@ mod tests {
             (status, v["error"]["message"].as_str()),
             (StatusCode::BAD_REQUEST, Some("jobs[3].width: too wide"))
         );
+        assert_eq!(v["error"]["field"], "jobs[3].width");
         let (status, v) = body(ApiError::internal(&std::io::Error::other("disk on fire"))).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(v["error"]["code"], "internal");

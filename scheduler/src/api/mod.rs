@@ -233,8 +233,8 @@ async fn submit(
             // Validate all before admitting any, so a bad item does not leave half a batch.
             let mut resolved = Vec::with_capacity(items.len());
             for (i, item) in items.into_iter().enumerate() {
-                let req: JobRequest =
-                    serde_json::from_value(item).map_err(|e| ApiError::from_json(&e).within(&format!("jobs[{i}].")))?;
+                let req: JobRequest = kiln_protocol::decode_json_value(item)
+                    .map_err(|e| ApiError::from(e).within(&format!("jobs[{i}].")))?;
                 let request = s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
                 resolved.push((request, req.idempotency_key));
             }
@@ -253,7 +253,7 @@ async fn submit(
             Ok((StatusCode::CREATED, Json(Batch { jobs })).into_response())
         }
         Value::Object(_) => {
-            let mut req: JobRequest = serde_json::from_value(value).map_err(|e| ApiError::from_json(&e))?;
+            let mut req: JobRequest = kiln_protocol::decode_json_value(value)?;
             if let Some(k) = header_key {
                 req.idempotency_key = Some(k?);
             }
@@ -299,8 +299,15 @@ struct ListParams {
     cursor: Option<String>,
 }
 
+/// A 400 for a query string that does not decode, naming the parameter where axum does
+/// (`limit: invalid digit found in string`), else `query`.
 fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::invalid_msg(format!("query: {}", e.body_text()))
+    let text = e.body_text();
+    let detail = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+    match detail.split_once(": ") {
+        Some((field, message)) if !field.is_empty() && !field.contains(' ') => ApiError::invalid(field, message),
+        _ => ApiError::invalid("query", detail),
+    }
 }
 
 /// `GET /v1/jobs`: newest first, filtered, a page at a time (`next` is the following page's cursor).
