@@ -66,6 +66,21 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Place, show or cancel a studio order: `kiln order create PROMPT --seeds 3,4,5 --wait`,
+    /// `kiln order ID`, `kiln order cancel ID`.
+    Order(OrderArgs),
+    /// List studio orders, newest first.
+    Orders(OrdersArgs),
+    /// List the approvals waiting for a decision, with each option's seed and preview.
+    Approvals(RemoteOnly),
+    /// Approve one option of an approval (operator): the order goes on to render it final.
+    Approve(ApproveArgs),
+    /// Reject every option of an approval (operator): the order ends, nothing rendered final.
+    Reject(RejectArgs),
+    /// List what needs the operator, open first.
+    Incidents(IncidentsArgs),
+    /// Act on an incident (operator): `retry` its order's failed step, or `resolve` it.
+    Incident(IncidentArgs),
     /// Render one image locally, without a farm (the worker's command).
     Render(kiln_worker::cli::RenderArgs),
     /// Benchmarks: the engine, or the farm end to end through HTTP.
@@ -193,6 +208,142 @@ pub struct TasksArgs {
     /// How many.
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Only the farm to talk to.
+#[derive(Debug, Args)]
+pub struct RemoteOnly {
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln order ...`: one order by id, or a subcommand.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct OrderArgs {
+    /// What to do with orders.
+    #[command(subcommand)]
+    pub command: Option<OrderCommand>,
+    /// The order to show, with its steps and events.
+    pub id: Option<String>,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln order create|cancel`.
+#[derive(Debug, Subcommand)]
+pub enum OrderCommand {
+    /// Place an order: preview each seed, wait for the operator's approval, then render the
+    /// chosen seed final and print size, print it, photograph it and show it on the gallery.
+    Create(OrderCreateArgs),
+    /// Cancel an order at whatever step it is; the steps after it are skipped.
+    Cancel {
+        /// The order's id.
+        id: String,
+        /// Talking to the farm.
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// `kiln order create`'s arguments.
+#[derive(Debug, Args)]
+pub struct OrderCreateArgs {
+    /// The prompt every render of the order shares.
+    pub prompt: String,
+    /// The seeds to preview (comma-separated, 1 to 16): the approval chooses one.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub seeds: Vec<u64>,
+    /// The plan.
+    #[arg(long, default_value = "gallery-print")]
+    pub plan: String,
+    /// The model [default: the farm's].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Raise an incident if the approval waits longer than this: seconds, or 30m, 12h, 2d.
+    #[arg(long, value_parser = parse_duration_s)]
+    pub approval_timeout: Option<u64>,
+    /// Show each step as it goes, until the order ends.
+    #[arg(long)]
+    pub wait: bool,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln orders`' arguments.
+#[derive(Debug, Args)]
+pub struct OrdersArgs {
+    /// Only orders in this state (running, awaiting_approval, succeeded, failed, cancelled).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// How many.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln approve`'s arguments.
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The approval's id (`kiln approvals` lists them).
+    pub id: String,
+    /// The option approved, from 1.
+    #[arg(long)]
+    pub option: u32,
+    /// Why, kept with the order.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln reject`'s arguments.
+#[derive(Debug, Args)]
+pub struct RejectArgs {
+    /// The approval's id.
+    pub id: String,
+    /// Why, kept with the order.
+    #[arg(long, required = true)]
+    pub reason: String,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln incidents`' arguments.
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    /// Only `open` or `resolved` ones.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// How many.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln incident`'s arguments.
+#[derive(Debug, Args)]
+pub struct IncidentArgs {
+    /// `retry` (the order's failed step runs again) or `resolve`.
+    #[arg(value_parser = ["retry", "resolve"])]
+    pub action: String,
+    /// The incident's id.
+    pub id: String,
+    /// A note kept with it.
+    #[arg(long)]
+    pub note: Option<String>,
     /// Talking to the farm.
     #[command(flatten)]
     pub remote: Remote,
@@ -409,6 +560,52 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Tasks(args)) => kiln_common::runtime()?.block_on(tasks(&cfg, &args)),
         Some(Command::Device(DeviceCommand::Add(args))) => kiln_common::runtime()?.block_on(device_add(&cfg, &args)),
         Some(Command::Worker(WorkerCommand::Add(args))) => kiln_common::runtime()?.block_on(worker_add(&cfg, &args)),
+        Some(Command::Order(args)) => kiln_common::runtime()?.block_on(order(&cfg, args)),
+        Some(Command::Orders(a)) => kiln_common::runtime()?.block_on(async {
+            let c = client(&cfg, &a.remote)?;
+            let page: api::OrderPage = c.get(&list_path("/v1/orders", a.limit, &[("state", a.state.clone())])).await?;
+            print_list(a.remote.json, &page, &page.orders, "no orders", print_order_line)
+        }),
+        Some(Command::Approvals(a)) => kiln_common::runtime()?.block_on(async {
+            let c = client(&cfg, &a.remote)?;
+            let list: api::Approvals = c.get("/v1/approvals?state=pending").await?;
+            print_list(a.remote.json, &list, &list.approvals, "no approvals waiting", |ap| {
+                println!("{}  order {}  {:?}  opened {}", ap.id, ap.order, ap.prompt, ap.created_at);
+                for o in &ap.options {
+                    println!("  option {}  seed {:<8} {}  (job {})", o.option, o.seed, o.asset, o.job);
+                }
+            })
+        }),
+        Some(Command::Approve(a)) => kiln_common::runtime()?.block_on(async {
+            let d = api::Decision { decision: "approve".into(), option: Some(a.option), reason: a.reason.clone() };
+            decide(&cfg, &a.id, &d, &a.remote).await
+        }),
+        Some(Command::Reject(a)) => kiln_common::runtime()?.block_on(async {
+            let d = api::Decision { decision: "reject".into(), option: None, reason: Some(a.reason.clone()) };
+            decide(&cfg, &a.id, &d, &a.remote).await
+        }),
+        Some(Command::Incidents(a)) => kiln_common::runtime()?.block_on(async {
+            let c = client(&cfg, &a.remote)?;
+            let list: api::Incidents =
+                c.get(&list_path("/v1/incidents", a.limit, &[("state", a.state.clone())])).await?;
+            print_list(a.remote.json, &list, &list.incidents, "no incidents", |i| {
+                println!("{}  {:<8} {:<18} {}  {}", i.id, i.state, i.kind, i.created_at, i.summary);
+                if !i.actions.is_empty() {
+                    println!("  can: {}", i.actions.join(", "));
+                }
+            })
+        }),
+        Some(Command::Incident(a)) => kiln_common::runtime()?.block_on(async {
+            let c = client(&cfg, &a.remote)?;
+            let body = api::IncidentAction { action: a.action.clone(), note: a.note.clone() };
+            let path = format!("/v1/incidents/{}", kiln_protocol::url_component(&a.id));
+            let done: api::Incident = c.send_json(Method::POST, &path, Some(&body)).await?;
+            if a.remote.json {
+                return print_json(&done);
+            }
+            eprintln!("incident {} {} by {}", done.id, done.state, done.resolved_by.as_deref().unwrap_or("?"));
+            Ok(())
+        }),
         Some(Command::Token(TokenCommand::List { remote })) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &remote)?;
             let list: api::Tokens = c.get("/v1/tokens").await?;
@@ -853,4 +1050,119 @@ async fn cancel(cfg: &FarmConfig, a: &JobArgs) -> anyhow::Result<()> {
     let c = client(cfg, &a.remote)?;
     let job: api::Job = c.call_as(Method::POST, &format!("/v1/jobs/{}/cancel", a.id), None).await?;
     show(&job, a.remote.json, print_job)
+}
+
+fn print_order_line(o: &api::Order) {
+    let at = o.steps.iter().find(|s| !["succeeded", "skipped"].contains(&s.state.as_str()));
+    let step = at.map(|s| format!("at {} ({})", s.name, s.state)).unwrap_or_default();
+    println!("{}  {:<17} {:<13} {step}  {:?}", o.id, o.state, o.plan, o.prompt);
+}
+
+/// An order's steps, one line each, and its approval and outputs.
+fn print_order(o: &api::Order) {
+    print_order_line(o);
+    for s in &o.steps {
+        let made = if s.assets.is_empty() { String::new() } else { format!("  {}", s.assets.join(" ")) };
+        let detail = s.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
+        println!("  {:<13} {:<10} {made}{detail}", s.name, s.state);
+    }
+    if let Some(a) = &o.approval {
+        let by = a.decided_by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default();
+        println!("  approval {} {}{by}", a.id, a.state);
+    }
+    for (k, v) in &o.outputs {
+        println!("  output {k:<6} {v}");
+    }
+    if let Some(e) = &o.error {
+        println!("  error  {e}");
+    }
+}
+
+async fn order(cfg: &FarmConfig, a: OrderArgs) -> anyhow::Result<()> {
+    match (a.command, a.id) {
+        (Some(OrderCommand::Create(a)), _) => {
+            let c = client(cfg, &a.remote)?;
+            let new = api::NewOrder {
+                plan: a.plan.clone(),
+                prompt: a.prompt.clone(),
+                seeds: a.seeds.clone(),
+                model: a.model.clone(),
+                approval_timeout_seconds: a.approval_timeout,
+                expires_in_seconds: None,
+            };
+            let placed: api::Order = c.send_json(Method::POST, "/v1/orders", Some(&new)).await?;
+            if !a.wait {
+                return show(&placed, a.remote.json, print_order);
+            }
+            eprintln!("order {} placed ({})", placed.id, placed.plan);
+            let done = follow_order(&c, &placed.id).await?;
+            show(&done, a.remote.json, print_order)?;
+            if done.state != "succeeded" {
+                bail!("order {} {}: {}", done.id, done.state, done.error.unwrap_or_default());
+            }
+            Ok(())
+        }
+        (Some(OrderCommand::Cancel { id, remote }), _) => {
+            let c = client(cfg, &remote)?;
+            let path = format!("/v1/orders/{}/cancel", kiln_protocol::url_component(&id));
+            let o: api::Order = c.send_json::<_, ()>(Method::POST, &path, None).await?;
+            show(&o, remote.json, print_order)
+        }
+        (None, Some(id)) => {
+            let c = client(cfg, &a.remote)?;
+            let o: api::Order = c.get(&format!("/v1/orders/{}", kiln_protocol::url_component(&id))).await?;
+            if a.remote.json {
+                return print_json(&o);
+            }
+            print_order(&o);
+            for e in o.events.iter().flatten() {
+                println!("  {}  {:<13} {:<17} {}", e.at, e.step.as_deref().unwrap_or("order"), e.state, e.detail);
+            }
+            Ok(())
+        }
+        (None, None) => bail!("name an order (`kiln order ID`), or `kiln order create PROMPT --seeds 3,4,5`"),
+    }
+}
+
+/// Shows an order's steps as they change (on stderr) until it ends; returns it ended.
+async fn follow_order(c: &Client, id: &str) -> anyhow::Result<api::Order> {
+    let path = format!("/v1/orders/{}", kiln_protocol::url_component(id));
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut said_approval = false;
+    loop {
+        let o: api::Order = c.get(&path).await?;
+        for s in &o.steps {
+            let now = (s.name.clone(), s.state.clone());
+            if s.state != "pending" && !seen.contains(&now) {
+                eprintln!("  {:<13} {:<10} {}", s.name, s.state, s.detail.as_deref().unwrap_or(""));
+                seen.push(now);
+            }
+        }
+        if o.state == "awaiting_approval" && !said_approval {
+            if let Some(ap) = &o.approval {
+                eprintln!("  awaiting approval {}: `kiln approvals`, then `kiln approve {} --option N`", ap.id, ap.id);
+            }
+            said_approval = true;
+        }
+        if !["running", "awaiting_approval"].contains(&o.state.as_str()) {
+            return Ok(o);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn decide(cfg: &FarmConfig, id: &str, d: &api::Decision, remote: &Remote) -> anyhow::Result<()> {
+    let c = client(cfg, remote)?;
+    let path = format!("/v1/approvals/{}", kiln_protocol::url_component(id));
+    let o: api::Order = c.send_json(Method::POST, &path, Some(d)).await?;
+    if remote.json {
+        return print_json(&o);
+    }
+    let a = o.approval.as_ref();
+    eprintln!(
+        "approval {id} {} by {}",
+        a.map_or("?", |a| a.state.as_str()),
+        a.and_then(|a| a.decided_by.as_deref()).unwrap_or("?")
+    );
+    Ok(())
 }

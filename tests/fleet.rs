@@ -1032,3 +1032,238 @@ async fn an_agent_checks_deadlines_and_stamps_reports_by_the_schedulers_clock() 
     assert_eq!(real["state"], "succeeded", "{real}");
     assert_eq!(&s.lights.registers()[..2], &[2, 50]);
 }
+
+/// A studio for orders: small renders at every tier, so a whole `gallery-print` runs in seconds.
+async fn order_studio(setup: PrinterSetup, change: impl FnOnce(&mut FarmConfig)) -> Option<Studio> {
+    let (mqtt_url, prefix) = testenv::mqtt().await?;
+    Some(
+        Studio::start_configured(setup, mqtt_url, prefix, Wiring::Tcp, |cfg| {
+            let t = &mut cfg.worker.tiers;
+            for (spec, side) in [(&mut t.preview, 48), (&mut t.r#final, 64), (&mut t.print, 96)] {
+                (spec.default_side, spec.default_samples) = (side, 1);
+            }
+            cfg.scheduler.orders.retry_base_seconds = 1;
+            change(cfg);
+        })
+        .await,
+    )
+}
+
+impl Studio {
+    async fn order(&self, id: &str) -> Value {
+        self.farm.client.call(Method::GET, &format!("/v1/orders/{id}"), None).await.unwrap()
+    }
+
+    /// Waits until order `id` is in `state`; fails at once if it ends in another.
+    async fn wait_order(&self, id: &str, state: &str, within: Duration) -> Value {
+        let until = Instant::now() + within;
+        loop {
+            let o = self.order(id).await;
+            if o["state"] == state {
+                return o;
+            }
+            let ended = ["succeeded", "failed", "cancelled"].contains(&o["state"].as_str().unwrap());
+            assert!(!ended && Instant::now() < until, "order {id} is not {state}: {o:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn place(&self, body: Value) -> String {
+        let o = self.farm.client.call(Method::POST, "/v1/orders", Some(&body)).await.unwrap();
+        o["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn decide(&self, approval: &str, body: Value) -> Value {
+        self.farm.client.call(Method::POST, &format!("/v1/approvals/{approval}"), Some(&body)).await.unwrap()
+    }
+
+    async fn incidents(&self) -> Vec<Value> {
+        let v = self.farm.client.call(Method::GET, "/v1/incidents", None).await.unwrap();
+        v["incidents"].as_array().unwrap().clone()
+    }
+}
+
+fn step<'a>(order: &'a Value, name: &str) -> &'a Value {
+    order["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gallery_print_order_waits_for_approval_then_prints_photographs_and_shows_the_choice() {
+    let Some(s) = order_studio(PrinterSetup::default(), |_| {}).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let id = s.place(json!({ "plan": "gallery-print", "prompt": "a kiln at dusk", "seeds": [3, 4, 5] })).await;
+    let o = s.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;
+    assert_eq!(step(&o, "preview")["state"], "succeeded", "{o:#}");
+    assert_eq!(step(&o, "final")["state"], "pending", "nothing past the gate runs before it: {o:#}");
+    let list = s.farm.client.call(Method::GET, "/v1/approvals?state=pending", None).await.unwrap();
+    let approvals = list["approvals"].as_array().unwrap();
+    assert_eq!(approvals.len(), 1, "{list:#}");
+    let a = &approvals[0];
+    assert_eq!(a["order"], id.as_str());
+    let options = a["options"].as_array().unwrap();
+    assert_eq!(options.iter().map(|o| o["seed"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 4, 5]);
+    let previews: std::collections::BTreeSet<&str> = options.iter().map(|o| o["asset"].as_str().unwrap()).collect();
+    assert_eq!(previews.len(), 3, "three different previews: {a:#}");
+    for o in options {
+        let thumb =
+            s.farm.raw(Method::GET, &format!("/v1/assets/{}?variant=thumb", o["asset"].as_str().unwrap()), "").await;
+        assert_eq!(thumb.status, 200, "each option's thumbnail is there to show");
+    }
+    // Decisions are checked before anything moves.
+    let approval = a["id"].as_str().unwrap();
+    for (body, field) in [
+        (json!({ "decision": "approve" }), "option"),
+        (json!({ "decision": "approve", "option": 4 }), "option"),
+        (json!({ "decision": "reject" }), "reason"),
+        (json!({ "decision": "maybe" }), "decision"),
+    ] {
+        let r = s.farm.raw(Method::POST, &format!("/v1/approvals/{approval}"), &body.to_string()).await;
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((r.status.as_u16(), &v["error"]["field"]), (400, &json!(field)), "{body}: {v}");
+    }
+    let decided = s.decide(approval, json!({ "decision": "approve", "option": 2, "reason": "the warmest" })).await;
+    assert_eq!(decided["approval"]["state"], "approved", "{decided:#}");
+    let again =
+        s.farm.raw(Method::POST, &format!("/v1/approvals/{approval}"), r#"{"decision":"approve","option":1}"#).await;
+    assert_eq!(again.status, 409, "an approval is decided once");
+
+    let o = s.wait_order(&id, "succeeded", Duration::from_secs(90)).await;
+    assert_eq!(o["chosen_seed"], 4, "{o:#}");
+    for st in o["steps"].as_array().unwrap() {
+        assert_eq!(st["state"], "succeeded", "{o:#}");
+    }
+    let ap = &o["approval"];
+    assert_eq!(
+        (ap["decided_by"].as_str(), ap["option"].as_u64(), ap["reason"].as_str()),
+        (Some("operator"), Some(2), Some("the warmest"))
+    );
+    // The chosen seed, rendered final and print size.
+    for (name, tier) in [("final", "final"), ("print_render", "print")] {
+        let job_id = step(&o, name)["jobs"][0].as_str().unwrap();
+        let job = s.farm.client.call(Method::GET, &format!("/v1/jobs/{job_id}"), None).await.unwrap();
+        assert_eq!((job["seed"].as_u64(), job["tier"].as_str()), (Some(4), Some(tier)), "{job:#}");
+    }
+    // Printed once, photographed, and the final asset on the gallery display.
+    assert_eq!(s.printer.registers()[3], 1, "one print");
+    let shown = o["outputs"]["shown"].as_str().unwrap();
+    assert_eq!(shown, step(&o, "final")["assets"][0].as_str().unwrap());
+    let on_screen = std::fs::read(s.dir.path().join("gallery/current.png")).unwrap();
+    assert_eq!(blake3::hash(&on_screen).to_hex().as_str(), shown);
+    let photo = o["outputs"]["photo"].as_str().unwrap();
+    assert_eq!(s.farm.raw(Method::GET, &format!("/v1/assets/{photo}"), "").await.status, 200);
+    assert_eq!(&s.lights.registers()[..2], &[2, 640], "the lights were set for the photo");
+    // Its events tell the story.
+    let states: Vec<&str> = o["events"].as_array().unwrap().iter().map(|e| e["state"].as_str().unwrap()).collect();
+    for want in ["running", "awaiting_approval", "approved", "succeeded"] {
+        assert!(states.contains(&want), "{states:?}");
+    }
+    let listed = s.farm.client.call(Method::GET, "/v1/orders?state=succeeded", None).await.unwrap();
+    assert_eq!(listed["orders"][0]["id"], id.as_str());
+    assert!(s.incidents().await.is_empty(), "nothing needed the operator");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_print_waits_for_a_printer_out_of_media_and_past_its_deadline_raises_an_incident() {
+    let empty = PrinterSetup { media: 0, ..PrinterSetup::default() };
+    let Some(s) = order_studio(empty, |cfg| cfg.scheduler.orders.printer_wait_seconds = 20).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let studio = &s;
+    let approve = |id: String| async move {
+        let o = studio.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;
+        studio.decide(o["approval"]["id"].as_str().unwrap(), json!({ "decision": "approve", "option": 1 })).await;
+        id
+    };
+    let id = approve(s.place(json!({ "prompt": "paper first", "seeds": [7] })).await).await;
+    // It waits at the print step, saying why, and prints nothing.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = s.order(&id).await;
+        let print = step(&o, "print");
+        if print["state"] == "waiting" {
+            assert!(print["detail"].as_str().unwrap().contains("not ready"), "{print}");
+            break;
+        }
+        // Running, or still as the approval left it until the conductor takes it up.
+        assert!(
+            Instant::now() < until && ["running", "awaiting_approval"].contains(&o["state"].as_str().unwrap()),
+            "{o:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(s.printer.registers()[3], 0, "nothing printed without paper");
+    s.printer.refill(10, 100);
+    let o = s.wait_order(&id, "succeeded", Duration::from_secs(60)).await;
+    assert_eq!(s.printer.registers()[3], 1, "printed once, once refilled: {o:#}");
+    assert!(s.incidents().await.is_empty());
+
+    // Empty again, and left so past the wait: one incident, and the order fails saying why.
+    s.printer.refill(0, 100);
+    let id = approve(s.place(json!({ "prompt": "no paper", "seeds": [8] })).await).await;
+    let o = s.wait_order(&id, "failed", Duration::from_secs(90)).await;
+    assert!(o["error"].as_str().unwrap().contains("not ready"), "{o:#}");
+    assert_eq!(step(&o, "photo")["state"], "skipped");
+    let incidents = s.incidents().await;
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    let i = &incidents[0];
+    assert_eq!(
+        (i["kind"].as_str(), i["subject"].as_str(), i["state"].as_str()),
+        (Some("device_not_ready"), Some(id.as_str()), Some("open"))
+    );
+    assert_eq!(i["actions"], json!(["retry", "resolve"]));
+    // Refilled, the operator retries it from the incident, and it finishes.
+    s.printer.refill(10, 100);
+    let acted = s
+        .farm
+        .client
+        .call(
+            Method::POST,
+            &format!("/v1/incidents/{}", i["id"].as_str().unwrap()),
+            Some(&json!({ "action": "retry" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(acted["state"], "resolved", "{acted}");
+    s.wait_order(&id, "succeeded", Duration::from_secs(60)).await;
+    assert_eq!(s.printer.registers()[3], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_approval_renders_nothing_final_and_a_timeout_raises_one_incident() {
+    let Some(s) = order_studio(PrinterSetup::default(), |_| {}).await else { return };
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let id = s.place(json!({ "prompt": "not this one", "seeds": [1, 2] })).await;
+    let o = s.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;
+    s.decide(o["approval"]["id"].as_str().unwrap(), json!({ "decision": "reject", "reason": "too dark" })).await;
+    let o = s.wait_order(&id, "cancelled", Duration::from_secs(20)).await;
+    assert!(o["error"].as_str().unwrap().contains("too dark"), "{o:#}");
+    for name in ["final", "print_render", "print", "display"] {
+        let st = step(&o, name);
+        assert_eq!(st["state"], "skipped", "{o:#}");
+        assert!(st["jobs"].is_null() && st["task"].is_null(), "{st}");
+    }
+    let finals = s.farm.client.call(Method::GET, "/v1/jobs?tier=final", None).await.unwrap();
+    assert_eq!(finals["jobs"].as_array().unwrap().len(), 0, "no final render: {finals}");
+
+    // An approval past its timeout raises one incident, however long it then waits.
+    let id = s.place(json!({ "prompt": "waiting", "seeds": [5], "approval_timeout_seconds": 1 })).await;
+    s.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;
+    let until = Instant::now() + Duration::from_secs(20);
+    while s.incidents().await.is_empty() {
+        assert!(Instant::now() < until, "no incident for the approval past its timeout");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let incidents = s.incidents().await;
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    assert_eq!(
+        (incidents[0]["kind"].as_str(), incidents[0]["subject"].as_str()),
+        (Some("approval_timeout"), Some(id.as_str()))
+    );
+    assert_eq!(s.order(&id).await["state"], "awaiting_approval", "the order waits; it does not decide on its own");
+    // Cancelled while it waits.
+    let c = s.farm.client.call(Method::POST, &format!("/v1/orders/{id}/cancel"), None).await.unwrap();
+    assert_eq!(c["state"], "cancelled", "{c:#}");
+    let list = s.farm.client.call(Method::GET, "/v1/approvals", None).await.unwrap();
+    assert_eq!(list["approvals"].as_array().unwrap().len(), 0, "{list}");
+}

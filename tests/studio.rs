@@ -126,3 +126,75 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Small renders at every tier, so the whole order runs in seconds on a CPU.
+    let mut config = String::new();
+    for (tier, side) in [("preview", 48), ("final", 64), ("print", 96)] {
+        config.push_str(&format!(
+            "[tiers.{tier}]\ndefault_side = {side}\nmax_side = 1024\nmax_pixels = 1048576\n\
+             default_samples = 1\nmax_samples = 2\nwatermark = false\ndither = false\n"
+        ));
+    }
+    let config_file = dir.path().join("kiln.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let (mut child, url) = spawn_up(&data, &["--config", config_file.to_str().unwrap()]);
+    let token = operator_token(&data);
+    let c = Client::new(&url, Some(Secret::new(token.clone())));
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = c.call(Method::GET, "/v1/devices", None).await.unwrap();
+        if v["devices"].as_array().unwrap().iter().filter(|d| d["state"] == "online").count() == 4 {
+            break;
+        }
+        assert!(Instant::now() < until, "the studio's devices did not come online: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli(&url, &token, &["order", "create", "a kiln at dusk", "--seeds", "3,4,5", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let placed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = placed["id"].as_str().unwrap().to_owned();
+    let wait_for = |state: &'static str| {
+        let (c, id) = (&c, &id);
+        async move {
+            let until = Instant::now() + Duration::from_secs(90);
+            loop {
+                let o = c.call(Method::GET, &format!("/v1/orders/{id}"), None).await.unwrap();
+                if o["state"] == state {
+                    return o;
+                }
+                assert!(
+                    Instant::now() < until && ["running", "awaiting_approval"].contains(&o["state"].as_str().unwrap()),
+                    "{o:#}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for("awaiting_approval").await;
+    let out = cli(&url, &token, &["approvals", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let approval = list["approvals"][0]["id"].as_str().expect("an approval waits").to_owned();
+    let out = cli(&url, &token, &["approvals"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("option 2") && text.contains("seed 4"), "{text}");
+    let out = cli(&url, &token, &["approve", &approval, "--option", "2", "--reason", "the warmest"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let o = wait_for("succeeded").await;
+    assert_eq!(o["chosen_seed"], 4);
+    let shown = o["outputs"]["shown"].as_str().unwrap();
+    let on_screen = std::fs::read(data.join("studio/gallery/current.png")).unwrap();
+    assert_eq!(blake3::hash(&on_screen).to_hex().as_str(), shown, "the chosen seed's final render is on the gallery");
+    let photo = o["outputs"]["photo"].as_str().unwrap();
+    assert_eq!(c.send(Method::GET, &format!("/v1/assets/{photo}"), None).await.unwrap().status, 200);
+    let out = cli(&url, &token, &["order", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("succeeded") && text.contains("output photo"), "{text}");
+    let out = cli(&url, &token, &["orders"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -486,6 +486,256 @@ pub struct Tasks {
     pub tasks: Vec<Task>,
 }
 
+/// `POST /v1/orders`' body: a plan to run on a prompt and its seeds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    /// The plan: `gallery-print` (the default) or one written in the config file.
+    #[serde(default = "gallery_print")]
+    pub plan: String,
+    /// The prompt every render of the order shares.
+    pub prompt: String,
+    /// The seeds to preview, 1 to 16: the approval chooses among them.
+    pub seeds: Vec<u64>,
+    /// The model (the scheduler's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// How long the approval may wait before it raises an incident (none by default: it waits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout_seconds: Option<u64>,
+    /// How long the order may take in all (default 30 days); past it the order fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+fn gallery_print() -> String {
+    "gallery-print".into()
+}
+
+/// An order: a plan run as one durable object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Order {
+    /// Its id.
+    pub id: String,
+    /// The plan it runs.
+    pub plan: String,
+    /// `running`, `awaiting_approval`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// The token that placed it.
+    pub client: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The seeds previewed.
+    pub seeds: Vec<u64>,
+    /// The seed the approval chose, once chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen_seed: Option<u64>,
+    /// The steps, in order, each with its checkpoint.
+    pub steps: Vec<OrderStep>,
+    /// The approval, once the order reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+    /// What the order made: `photo` (of the print) and `shown` (the asset on the gallery display).
+    pub outputs: std::collections::BTreeMap<String, String>,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it was placed (RFC 3339).
+    pub created_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+    /// When it fails if not done.
+    pub expires_at: String,
+    /// Every change, oldest first (`GET /v1/orders/{id}` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<OrderEvent>>,
+}
+
+/// A step of an order and its checkpoint: what it made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OrderStep {
+    /// Its name in the plan (`preview`, `approve`, `final`, `print_render`, `print`, `lights`,
+    /// `photo`, `display` in `gallery-print`).
+    pub name: String,
+    /// `render`, `approve` or `device`.
+    pub kind: String,
+    /// `pending`, `running`, `waiting`, `succeeded`, `failed`, `skipped` or `cancelled`.
+    pub state: String,
+    /// The attempt (1 for the first; 0 before it starts).
+    pub attempt: u32,
+    /// Its render jobs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<String>,
+    /// The assets it made or used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assets: Vec<String>,
+    /// Its device task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The device it ran on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// When it started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// What it is waiting for, or why it failed or was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// One change in an order's life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OrderEvent {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The step it is about, if one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// The order's or the step's new state.
+    pub state: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// `GET /v1/orders`: a page, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OrderPage {
+    /// The orders.
+    pub orders: Vec<Order>,
+    /// The cursor of the next page, if there may be one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// An approval gate: the operator chooses one option or rejects them all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Approval {
+    /// Its id.
+    pub id: String,
+    /// The order it gates.
+    pub order: String,
+    /// The step.
+    pub step: String,
+    /// `pending`, `approved` or `rejected`.
+    pub state: String,
+    /// The prompt.
+    pub prompt: String,
+    /// The options, numbered from 1.
+    pub options: Vec<ApprovalOption>,
+    /// When it opened (RFC 3339).
+    pub created_at: String,
+    /// When it raises an incident if still pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<String>,
+    /// Who decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// When.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+    /// The option chosen (from 1), when approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option: Option<u32>,
+    /// Why, as the operator wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One option of an approval: a preview.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApprovalOption {
+    /// Its number, from 1.
+    pub option: u32,
+    /// Its seed.
+    pub seed: u64,
+    /// The preview (BLAKE3): `GET /v1/assets/{asset}`, `?variant=thumb` for its thumbnail.
+    pub asset: String,
+    /// The preview's job.
+    pub job: String,
+}
+
+/// `GET /v1/approvals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Approvals {
+    /// The approvals, oldest first.
+    pub approvals: Vec<Approval>,
+}
+
+/// `POST /v1/approvals/{id}`' body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    /// `approve` or `reject`.
+    pub decision: String,
+    /// The option approved (from 1); required to approve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option: Option<u32>,
+    /// Why; required to reject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Something that needs the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Incident {
+    /// Its id.
+    pub id: String,
+    /// `order_step`, `approval_timeout`, `printer_not_ready`, `job_failed` or `task_failed`.
+    pub kind: String,
+    /// What it concerns: an order, job or device task id.
+    pub subject: String,
+    /// `open` or `resolved`.
+    pub state: String,
+    /// What happened.
+    pub summary: String,
+    /// What can be done (`POST /v1/incidents/{id}`): `retry` where the subject can try again,
+    /// and `resolve`.
+    pub actions: Vec<String>,
+    /// When it was raised (RFC 3339).
+    pub created_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+    /// Who resolved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_by: Option<String>,
+    /// Their note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// `GET /v1/incidents`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Incidents {
+    /// Open first, then newest first.
+    pub incidents: Vec<Incident>,
+}
+
+/// `POST /v1/incidents/{id}`' body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct IncidentAction {
+    /// `retry` (the order's failed step runs again) or `resolve`.
+    pub action: String,
+    /// A note kept with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,6 +88,38 @@ pub struct SchedulerConfig {
     pub tls: TlsConfig,
     /// What old records and assets are deleted.
     pub retention: RetentionConfig,
+    /// Studio orders: how their steps retry and wait.
+    pub orders: OrdersConfig,
+}
+
+/// `[scheduler.orders]`: how the conductor runs orders' steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrdersConfig {
+    /// Attempts of a step before it fails the order (and raises an incident); a render step's
+    /// jobs retry on their own first (`scheduler.retry`).
+    pub step_attempts: u32,
+    /// First wait before a device step tries again, seconds; it doubles with each attempt.
+    pub retry_base_seconds: u64,
+    /// How long a print step waits for a ready printer (one out of media, say) before it raises
+    /// an incident and fails the order, seconds.
+    pub printer_wait_seconds: u64,
+    /// The lights scene set for photographing a print (`gallery-print`'s `lights` step).
+    pub photo_scene: u16,
+    /// Its brightness.
+    pub photo_brightness: u16,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        OrdersConfig {
+            step_attempts: 3,
+            retry_base_seconds: 5,
+            printer_wait_seconds: 3600,
+            photo_scene: 2,
+            photo_brightness: 640,
+        }
+    }
 }
 
 /// `[scheduler.retention]`: a background task deletes what is older than these ages. Off (0)
@@ -217,6 +249,7 @@ impl Default for SchedulerConfig {
             fleet: FleetConfig::default(),
             tls: TlsConfig::default(),
             retention: RetentionConfig::default(),
+            orders: OrdersConfig::default(),
         }
     }
 }
@@ -348,6 +381,8 @@ impl FarmConfig {
             ("scheduler.limits.upload_timeout_seconds", l.upload_timeout_seconds),
             ("scheduler.limits.max_event_streams_per_token", l.max_event_streams_per_token as u64),
             ("scheduler.retention.interval_seconds", s.retention.interval_seconds),
+            ("scheduler.orders.step_attempts", u64::from(s.orders.step_attempts)),
+            ("scheduler.orders.printer_wait_seconds", s.orders.printer_wait_seconds),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1".into());

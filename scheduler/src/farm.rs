@@ -204,6 +204,8 @@ impl Farm {
         // Tokens revoked or made on another node of the farm (one database, several schedulers).
         tracker.spawn(sched.clone().watch_tokens(Duration::from_secs(1), stop.clone()));
         tracker.spawn(crate::retention::run(sched.clone(), stop.clone()));
+        // The conductor: resumes the live orders from their checkpoints, then follows events.
+        tracker.spawn(crate::orders::run(sched.clone(), stop.clone()));
         tracker.close();
         let http_stop = stop.clone();
         let app = crate::api::router(sched.clone());

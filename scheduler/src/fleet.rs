@@ -300,6 +300,8 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
             let before = sched.store.announce(&id, s.clone(), now).await?;
             if before.as_ref().is_none_or(|b| b.state != state.as_str()) {
                 tracing::info!(device = id, state = %state, "device state");
+                sched.order_waits.ended(&format!("device:{id}"));
+                sched.order_waits.ended(&format!("kind:{}", s.kind));
             }
             if is_back(before.as_ref(), &s) {
                 let n = sched.store.resend_now(&id).await?;
@@ -313,6 +315,9 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
             let seq = i64::try_from(t.seq).unwrap_or(i64::MAX);
             if !sched.store.telemetry(&id, t, now).await? {
                 dropped(sched, "telemetry", telemetry_unkept(sched.store.device(&id).await?.as_ref(), seq));
+            } else {
+                // An order waiting for this device to be ready (a printer refilled) looks again.
+                sched.order_waits.ended(&format!("device:{id}"));
             }
         }
         Heard::Report(id, r) => {
@@ -341,6 +346,7 @@ fn observe(sched: &Scheduler, m: &TaskMove) {
     let t = &m.task;
     tracing::info!(task = t.id, device = t.device_id, from = %m.from, to = %t.state, "device task");
     if t.state.is_terminal() {
+        sched.order_waits.ended(&t.id);
         let (kind, outcome) = (t.kind.as_str(), t.state.as_str());
         sched.metrics.device_tasks.with_label_values(&[kind, outcome]).inc();
         let secs = (t.updated_ms - t.created_ms).max(0) as f64 / 1000.0;

@@ -51,6 +51,8 @@ pub const DEVICE_TASKS: &str = "kiln_device_tasks_total";
 pub const DEVICE_TASK_SECONDS: &str = "kiln_device_task_seconds";
 /// Fleet messages the scheduler dropped, by topic kind and reason.
 pub const FLEET_DROPPED: &str = "kiln_fleet_messages_dropped_total";
+/// Incidents raised, by kind.
+pub const INCIDENTS: &str = "kiln_incidents_raised_total";
 /// The worker states [`WORKERS`] reports.
 pub const WORKER_STATES: [&str; 4] = ["active", "draining", "drained", "lost"];
 
@@ -98,6 +100,8 @@ pub struct Metrics {
     pub device_task_seconds: HistogramVec,
     /// [`FLEET_DROPPED`].
     pub fleet_dropped: IntCounterVec,
+    /// [`INCIDENTS`].
+    pub incidents: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -171,6 +175,7 @@ impl Metrics {
         let fleet_dropped =
             IntCounterVec::new(Opts::new(FLEET_DROPPED, "Fleet messages dropped"), &["topic", "reason"])
                 .expect("valid metric");
+        let incidents = IntCounterVec::new(Opts::new(INCIDENTS, "Incidents raised"), &["kind"]).expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -194,6 +199,7 @@ impl Metrics {
                 Box::new(device_tasks.clone()),
                 Box::new(device_task_seconds.clone()),
                 Box::new(fleet_dropped.clone()),
+                Box::new(incidents.clone()),
             ],
         );
         for tier in Tier::ALL {
@@ -223,6 +229,7 @@ impl Metrics {
             device_tasks,
             device_task_seconds,
             fleet_dropped,
+            incidents,
         }
     }
 

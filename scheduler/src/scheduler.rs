@@ -197,6 +197,8 @@ pub struct Scheduler {
     pub fleet_wake: Notify,
     /// The API's event streams open, by token.
     pub(crate) event_streams: EventStreams,
+    /// What the studio's orders wait on; jobs ending wake them.
+    pub order_waits: crate::waits::OrderWaits,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
 }
@@ -227,6 +229,7 @@ impl Scheduler {
             dispatch_wake: Notify::new(),
             fleet_wake: Notify::new(),
             event_streams: EventStreams::default(),
+            order_waits: Default::default(),
             rng: Mutex::new(Rng::new(seed)),
             tiers,
         };
@@ -247,6 +250,7 @@ impl Scheduler {
             self.metrics.observe(&e);
             if e.state.is_terminal() {
                 self.waiters.wake(&e.job_id);
+                self.order_waits.ended(&e.job_id);
             }
             if self.live.receiver_count() > 0 {
                 let _ = self.live.send(Arc::new(Live::Event(e)));

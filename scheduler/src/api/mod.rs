@@ -9,6 +9,7 @@ mod callers;
 pub mod error;
 pub mod fleet;
 pub mod openapi;
+mod orders;
 pub mod serve;
 
 use std::convert::Infallible;
@@ -62,6 +63,7 @@ pub fn router(s: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .merge(fleet::routes())
+        .merge(orders::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(s.clone(), request_timeout))

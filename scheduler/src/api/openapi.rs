@@ -101,6 +101,9 @@ impl Modify for BearerAuth {
         super::openapi_json, super::healthz, super::metrics,
         super::fleet::list_devices, super::fleet::get_device, super::fleet::create_task,
         super::fleet::list_tasks, super::fleet::get_task,
+        super::orders::create_order, super::orders::list_orders, super::orders::get_order,
+        super::orders::cancel_order, super::orders::list_approvals, super::orders::decide,
+        super::orders::list_incidents, super::orders::get_incident, super::orders::act_on_incident,
     ),
     components(schemas(SubmitBody, Submitted, EventData, api::Job, api::JobBatch, api::JobPage, api::JobEvent, api::JobProgress, api::ErrorBody)),
     tags(
@@ -109,6 +112,8 @@ impl Modify for BearerAuth {
         (name = "workers", description = "The worker registry (operator)"),
         (name = "tokens", description = "API tokens (operator)"),
         (name = "fleet", description = "Edge devices and their physical tasks"),
+        (name = "orders", description = "Studio orders: plans run as one durable object, and their approvals"),
+        (name = "incidents", description = "What needs the operator (operator)"),
         (name = "meta", description = "Health, metrics and this document"),
     )
 )]
@@ -131,7 +136,7 @@ mod tests {
     }
 
     /// Every route the router serves, with its method.
-    const ROUTES: [(&str, &str); 22] = [
+    const ROUTES: [(&str, &str); 31] = [
         ("post", "/v1/jobs"),
         ("get", "/v1/jobs"),
         ("get", "/v1/jobs/{id}"),
@@ -154,6 +159,15 @@ mod tests {
         ("post", "/v1/devices/{id}/tasks"),
         ("get", "/v1/tasks"),
         ("get", "/v1/tasks/{id}"),
+        ("post", "/v1/orders"),
+        ("get", "/v1/orders"),
+        ("get", "/v1/orders/{id}"),
+        ("post", "/v1/orders/{id}/cancel"),
+        ("get", "/v1/approvals"),
+        ("post", "/v1/approvals/{id}"),
+        ("get", "/v1/incidents"),
+        ("get", "/v1/incidents/{id}"),
+        ("post", "/v1/incidents/{id}"),
     ];
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod admit;
 pub mod fleet;
+pub mod orders;
 pub mod postgres;
 mod reads;
 mod rows;
@@ -345,7 +346,7 @@ pub struct TokenRow {
 }
 
 /// The scheduler's durable state.
-pub trait Store: fleet::FleetStore + Send + Sync + 'static {
+pub trait Store: fleet::FleetStore + orders::OrderStore + Send + Sync + 'static {
     /// Admits a job in one transaction: an earlier job with the same idempotency key, else a
     /// `cached` job when an asset exists for the key, else a job attached to a live render of the
     /// same key, else a new `queued` job with an outbox row.

@@ -435,3 +435,4 @@ async fn record_round(
 super::shared::shared_ops!(PgConnection);
 super::shared::store_impl!(PgStore, PgConnection);
 super::fleet::fleet_impl!(PgStore, PgConnection);
+super::orders::orders_impl!(PgStore, PgConnection);

@@ -600,6 +600,7 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
 super::shared::shared_ops!(SqliteConnection);
 super::shared::store_impl!(SqliteStore, SqliteConnection);
 super::fleet::fleet_impl!(SqliteStore, SqliteConnection);
+super::orders::orders_impl!(SqliteStore, SqliteConnection);
 
 #[cfg(test)]
 mod tests {

@@ -69,7 +69,65 @@ both_stores!(
     an_asset_keeps_the_first_provenance_and_png_recorded_for_it,
     an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_that_work_on_it,
     retention_deletes_what_ended_long_ago_and_the_assets_nothing_names,
+    an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_cause,
 );
+
+async fn an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_cause(s: &dyn Store) {
+    use super::orders::{Incident, NewOrderEvent, OrderQuery, OrderRow};
+    let row = |id: &str, state: &str, version: i64, at: i64| OrderRow {
+        id: id.into(),
+        plan: "gallery-print".into(),
+        client: "tester".into(),
+        state: state.into(),
+        doc: format!("{{\"v\":{version}}}"),
+        version,
+        created_ms: 1000,
+        updated_ms: at,
+    };
+    let ev = |state: &str| NewOrderEvent { step: None, state: state.into(), detail: format!("to {state}") };
+    assert!(s.save_order(row("o1", "running", 1, 1000), 0, vec![ev("running")]).await.unwrap());
+    assert!(!s.save_order(row("o1", "running", 1, 1000), 0, vec![ev("running")]).await.unwrap(), "placed once");
+    assert!(s.save_order(row("o1", "awaiting_approval", 2, 2000), 1, vec![ev("awaiting_approval")]).await.unwrap());
+    // A writer that read version 1 comes second: nothing of it is written.
+    assert!(!s.save_order(row("o1", "cancelled", 2, 2500), 1, vec![ev("cancelled")]).await.unwrap());
+    let got = s.order("o1").await.unwrap().unwrap();
+    assert_eq!((got.state.as_str(), got.version, got.doc.as_str()), ("awaiting_approval", 2, "{\"v\":2}"));
+    let events: Vec<String> = s.order_events("o1").await.unwrap().into_iter().map(|e| e.state).collect();
+    assert_eq!(events, ["running", "awaiting_approval"]);
+    assert!(s.save_order(row("o2", "succeeded", 1, 1000), 0, vec![]).await.unwrap());
+    let live: Vec<String> = s.live_orders().await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(live, ["o1"]);
+    let page =
+        s.orders(OrderQuery { state: None, client: Some("tester".into()), limit: 1, before: None }).await.unwrap();
+    assert_eq!(page.len(), 1);
+    let rest = OrderQuery { limit: 5, before: Some((page[0].created_ms, page[0].id.clone())), ..OrderQuery::default() };
+    let rest: Vec<String> = s.orders(rest).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(rest.len(), 1, "the next page holds the other: {rest:?}");
+    assert_ne!(rest[0], page[0].id);
+
+    let incident = |id: &str, cause: &str| Incident {
+        id: id.into(),
+        cause: cause.into(),
+        kind: "order_step".into(),
+        subject: "o1".into(),
+        state: "open".into(),
+        summary: "it failed".into(),
+        created_ms: 3000,
+        updated_ms: 3000,
+        resolved_by: None,
+        note: None,
+    };
+    assert!(s.raise_incident(incident("i1", "order:o1:print:3")).await.unwrap());
+    assert!(!s.raise_incident(incident("i2", "order:o1:print:3")).await.unwrap(), "once per cause");
+    assert!(s.raise_incident(incident("i3", "order:o1:display:3")).await.unwrap());
+    let resolved = s.resolve_incident("i1", "operator", Some("refilled".into()), 4000).await.unwrap().unwrap();
+    assert_eq!((resolved.state.as_str(), resolved.note.as_deref()), ("resolved", Some("refilled")));
+    assert!(s.resolve_incident("i1", "operator", None, 5000).await.unwrap().is_none(), "resolved once");
+    let open: Vec<String> = s.incidents(Some("open".into()), 10).await.unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(open, ["i3"]);
+    let all: Vec<String> = s.incidents(None, 10).await.unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(all, ["i3", "i1"], "open first");
+}
 
 /// The stores' set-based writes, handed whole batches (a batch the gathering makes only by
 /// chance).
