@@ -180,7 +180,7 @@ async fn bad_input_gets_a_clear_4xx_and_the_farm_keeps_serving() {
     let r = farm.raw(Method::POST, "/v1/jobs?wait=61", &job("a", 1, "preview").to_string()).await;
     expect(&r, StatusCode::BAD_REQUEST, "wait", "0..=60");
     let r = farm.raw(Method::POST, "/v1/jobs?wiat=1", &job("a", 1, "preview").to_string()).await;
-    expect(&r, StatusCode::BAD_REQUEST, "query", "unknown field `wiat`");
+    expect(&r, StatusCode::BAD_REQUEST, "wiat", "wiat: unknown field `wiat`, expected `wait`");
     let r = farm.raw(Method::GET, "/v1/jobs?limit=0", "").await;
     expect(&r, StatusCode::BAD_REQUEST, "limit", "1..=500");
     let r = farm.raw(Method::GET, "/v1/jobs?state=done", "").await;
