@@ -572,6 +572,14 @@ async fn a_job_that_fails_on_several_distinct_workers_is_quarantined() {
     let last = events.last().unwrap();
     assert!(last.detail.starts_with("quarantined"), "{last:?}");
     assert_eq!(d.farm.metric("kiln_jobs_quarantined_total", "").await, 1.0);
+    // It needs the operator: one incident, however many attempts it took.
+    let incidents = d.farm.client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
+    let incidents = incidents["incidents"].as_array().unwrap();
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    let i = &incidents[0];
+    assert_eq!((i["kind"].as_str(), i["subject"].as_str()), (Some("job_quarantined"), Some(ids[0].as_str())));
+    assert!(i["summary"].as_str().unwrap().contains("distinct workers"), "{i}");
+    assert_eq!(i["actions"], serde_json::json!(["resolve"]));
     d.stop().await;
 }
 

@@ -693,7 +693,8 @@ pub struct Decision {
 pub struct Incident {
     /// Its id.
     pub id: String,
-    /// `order_step`, `approval_timeout`, `printer_not_ready`, `job_failed` or `task_failed`.
+    /// `order_step`, `order_expired`, `approval_timeout`, `device_not_ready`, `job_failed`,
+    /// `job_quarantined`, `task_failed`, `task_timed_out` or `task_expired`.
     pub kind: String,
     /// What it concerns: an order, job or device task id.
     pub subject: String,

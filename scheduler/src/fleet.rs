@@ -342,11 +342,30 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
 }
 
 /// Counts a task that ended.
-fn observe(sched: &Scheduler, m: &TaskMove) {
+fn observe(sched: &Arc<Scheduler>, m: &TaskMove) {
     let t = &m.task;
     tracing::info!(task = t.id, device = t.device_id, from = %m.from, to = %t.state, "device task");
     if t.state.is_terminal() {
         sched.order_waits.ended(&t.id);
+        // A task that failed needs the operator, unless an order sent it (the order retries,
+        // and raises its own incident when it cannot go on).
+        if t.state != TaskState::Succeeded && !t.created_by.starts_with("order ") {
+            let (s, t) = (sched.clone(), t.clone());
+            tokio::spawn(async move {
+                let summary = format!(
+                    "device task {} ({} on {}) {}: {}",
+                    t.id,
+                    t.kind,
+                    t.device_id,
+                    t.state,
+                    t.detail.as_deref().unwrap_or("no detail")
+                );
+                let (kind, cause) = (format!("task_{}", t.state), format!("task:{}", t.id));
+                if let Err(e) = s.raise_incident(&kind, &t.id, &cause, &summary).await {
+                    tracing::error!(task = t.id, error = %e, "cannot raise an incident");
+                }
+            });
+        }
         let (kind, outcome) = (t.kind.as_str(), t.state.as_str());
         sched.metrics.device_tasks.with_label_values(&[kind, outcome]).inc();
         let secs = (t.updated_ms - t.created_ms).max(0) as f64 / 1000.0;

@@ -27,7 +27,7 @@ use crate::auth::{Caller, Role};
 use crate::scheduler::Scheduler;
 use crate::store::StoreError;
 use crate::store::fleet::NewTask;
-use crate::store::orders::{Incident, NewOrderEvent, OrderRow};
+use crate::store::orders::{NewOrderEvent, OrderRow};
 
 /// The plans this build knows.
 pub const PLANS: [&str; 1] = ["gallery-print"];
@@ -664,24 +664,7 @@ async fn step_through(
 
 /// Raises an incident (once per cause).
 async fn raise(sched: &Scheduler, kind: &str, subject: &str, cause: &str, summary: &str) -> Result<(), StoreError> {
-    let now = now_ms();
-    let incident = Incident {
-        id: format!("i{:011x}{:012x}", now, sched.random() >> 16),
-        cause: cause.to_owned(),
-        kind: kind.to_owned(),
-        subject: subject.to_owned(),
-        state: "open".into(),
-        summary: summary.to_owned(),
-        created_ms: now,
-        updated_ms: now,
-        resolved_by: None,
-        note: None,
-    };
-    if sched.store.raise_incident(incident).await? {
-        tracing::warn!(kind, subject, summary, "incident raised");
-        sched.metrics.incidents.with_label_values(&[kind]).inc();
-    }
-    Ok(())
+    sched.raise_incident(kind, subject, cause, summary).await
 }
 
 /// A step out of attempts: an incident, and the order fails.

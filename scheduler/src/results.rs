@@ -277,15 +277,34 @@ impl Scheduler {
     async fn record_outcome(&self, d: &Dispatch, started_ms: i64, outcome: Outcome) -> Settled {
         let retry = matches!(outcome, Outcome::Retry { .. });
         let label = outcome.label();
+        let gave_up = match &outcome {
+            Outcome::Failed { error } => Some(("job_failed", error.clone())),
+            Outcome::Quarantined { error } => Some(("job_quarantined", error.clone())),
+            _ => None,
+        };
         match self.store.record(d, started_ms, outcome, now_ms()).await {
             Ok(events) => {
                 // Nothing written: a repeat of an end already recorded (or a stale attempt).
                 if !events.is_empty() {
                     self.metrics.attempts.with_label_values(&[d.tier.as_str(), label]).inc();
                 }
+                let recorded = !events.is_empty();
                 self.publish(events);
                 if retry {
                     self.dispatch_wake.notify_one();
+                }
+                // A job out of attempts, or quarantined, needs the operator.
+                if let Some((kind, error)) = gave_up.filter(|_| recorded) {
+                    let summary = format!(
+                        "job {} {} at attempt {}: {error}",
+                        d.job_id,
+                        kind.trim_start_matches("job_"),
+                        d.attempt
+                    );
+                    let cause = format!("job:{}", d.job_id);
+                    if let Err(e) = self.raise_incident(kind, &d.job_id, &cause, &summary).await {
+                        tracing::error!(job_id = d.job_id, error = %e, "cannot raise an incident");
+                    }
                 }
                 Settled::Recorded
             }

@@ -240,6 +240,35 @@ impl Scheduler {
         Ok(Arc::new(s))
     }
 
+    /// Raises an incident: something that needs the operator, once per `cause` (a second raise
+    /// of the same cause changes nothing). Logged and counted when new.
+    pub async fn raise_incident(
+        &self,
+        kind: &str,
+        subject: &str,
+        cause: &str,
+        summary: &str,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let incident = crate::store::orders::Incident {
+            id: format!("i{:011x}{:012x}", now, self.random() >> 16),
+            cause: cause.to_owned(),
+            kind: kind.to_owned(),
+            subject: subject.to_owned(),
+            state: "open".into(),
+            summary: summary.to_owned(),
+            created_ms: now,
+            updated_ms: now,
+            resolved_by: None,
+            note: None,
+        };
+        if self.store.raise_incident(incident).await? {
+            tracing::warn!(kind, subject, summary, "incident raised");
+            self.metrics.incidents.with_label_values(&[kind]).inc();
+        }
+        Ok(())
+    }
+
     /// Listens to every job's events and progress from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Live>> {
         self.live.subscribe()

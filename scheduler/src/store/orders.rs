@@ -76,7 +76,8 @@ pub struct Incident {
     pub id: String,
     /// What raised it, once: a second raise of the same cause is the same incident.
     pub cause: String,
-    /// What sort: `order_step`, `approval_timeout`, `printer_not_ready`, `job_failed`, `task_failed`.
+    /// What sort: `order_step`, `order_expired`, `approval_timeout`, `device_not_ready`,
+    /// `job_failed`, `job_quarantined`, `task_failed`, `task_timed_out`, `task_expired`.
     pub kind: String,
     /// What it concerns: an order, job or device task id.
     pub subject: String,
