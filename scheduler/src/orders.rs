@@ -880,27 +880,20 @@ async fn device(
         let Some(chosen) = devices.iter().find(|d| ready(d, kind)) else {
             // None can take it now: wait for one to announce itself or report its readings.
             let since = *c.doc.steps[i].waiting_since_ms.get_or_insert(c.now);
-            let wait_ms = i64::try_from(sched.cfg.orders.printer_wait_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
             let why = match devices.first() {
                 None => format!("no {} is known to the fleet", kind.device_kind()),
                 Some(d) if d.state == "offline" => format!("{} {} is offline", d.kind, d.id),
                 Some(d) => format!("{} {} is not ready ({})", d.kind, d.id, readings_note(d)),
             };
-            if c.now.saturating_sub(since) >= wait_ms {
-                let cause = format!("order:{}:{name}:wait:{since}", c.id);
-                let summary = format!("order {}: step {name} waited {} s for a device: {why}", c.id, wait_ms / 1000);
-                raise(sched, "device_not_ready", c.id, &cause, &summary).await?;
-                return Ok(Progress::End(
-                    "failed",
-                    format!("step {name}: waited {} s for a device: {why}", wait_ms / 1000),
-                ));
+            if let Some(end) = past_wait(sched, c, &name, since, &why).await? {
+                return Ok(end);
             }
             for d in &devices {
                 sched.order_waits.wait(c.id, &format!("device:{}", d.id));
             }
             sched.order_waits.wait(c.id, &format!("kind:{}", kind.device_kind()));
             c.step_state(i, "waiting", Some(format!("waiting for a ready {}: {why}", kind.device_kind())));
-            return Ok(Progress::Wait(Some(since.saturating_add(wait_ms))));
+            return Ok(Progress::Wait(Some(since.saturating_add(device_wait_ms(sched)))));
         };
         let task_id = format!("t-{}-{name}-{}", c.id, c.doc.steps[i].attempt);
         if sched.store.task_row(&task_id).await?.is_none() {
@@ -954,21 +947,14 @@ async fn device(
     }
     let why = format!("task {task_id} on {} {}: {}", t.device_id, t.state, t.detail.as_deref().unwrap_or("no detail"));
     let not_ready = kind == TaskKind::Print && t.detail.as_deref().is_some_and(|d| d.contains("not ready"));
-    let s = &mut c.doc.steps[i];
     if not_ready {
         // Nothing was printed: wait for the printer to be ready again, up to the deadline of
         // the wait (which a ready-looking printer that refuses does not reset).
-        let since = *s.waiting_since_ms.get_or_insert(c.now);
-        let wait_ms = i64::try_from(sched.cfg.orders.printer_wait_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
-        if c.now.saturating_sub(since) >= wait_ms {
-            let cause = format!("order:{}:{name}:wait:{since}", c.id);
-            let summary = format!("order {}: step {name} waited {} s for a ready printer: {why}", c.id, wait_ms / 1000);
-            raise(sched, "device_not_ready", c.id, &cause, &summary).await?;
-            return Ok(Progress::End(
-                "failed",
-                format!("step {name}: waited {} s for a ready printer: {why}", wait_ms / 1000),
-            ));
+        let since = *c.doc.steps[i].waiting_since_ms.get_or_insert(c.now);
+        if let Some(end) = past_wait(sched, c, &name, since, &why).await? {
+            return Ok(end);
         }
+        let s = &mut c.doc.steps[i];
         s.task = None;
         s.attempt += 1;
         let at =
@@ -977,6 +963,7 @@ async fn device(
         c.step_state(i, "waiting", Some(format!("waiting for a ready printer: {why}")));
         return Ok(Progress::Wait(Some(at)));
     }
+    let s = &mut c.doc.steps[i];
     if s.attempt < sched.cfg.orders.step_attempts {
         let backoff = sched.cfg.orders.retry_base_seconds.saturating_mul(1 << s.attempt.min(10)).saturating_mul(1000);
         let at = c.now.saturating_add(i64::try_from(backoff).unwrap_or(i64::MAX));
@@ -992,6 +979,30 @@ async fn device(
         _ => why,
     };
     out_of_attempts(sched, c, i, why).await
+}
+
+/// How long a device step waits for a ready device (`printer_wait_seconds`), ms.
+fn device_wait_ms(sched: &Scheduler) -> i64 {
+    i64::try_from(sched.cfg.orders.printer_wait_seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// A step that has waited for a ready device since `since` past [`device_wait_ms`]: raises the
+/// incident (once for that wait) and ends the order; `None` while it may wait on.
+async fn past_wait(
+    sched: &Scheduler,
+    c: &Change<'_>,
+    name: &str,
+    since: i64,
+    why: &str,
+) -> Result<Option<Progress>, StoreError> {
+    let wait_ms = device_wait_ms(sched);
+    if c.now.saturating_sub(since) < wait_ms {
+        return Ok(None);
+    }
+    let waited = format!("waited {} s for a ready device: {why}", wait_ms / 1000);
+    let cause = format!("order:{}:{name}:wait:{since}", c.id);
+    raise(sched, "device_not_ready", c.id, &cause, &format!("order {}: step {name} {waited}", c.id)).await?;
+    Ok(Some(Progress::End("failed", format!("step {name}: {waited}"))))
 }
 
 fn readings_note(d: &crate::store::fleet::Device) -> String {
