@@ -573,8 +573,15 @@ async fn a_job_that_fails_on_several_distinct_workers_is_quarantined() {
     assert!(last.detail.starts_with("quarantined"), "{last:?}");
     assert_eq!(d.farm.metric("kiln_jobs_quarantined_total", "").await, 1.0);
     // It needs the operator: one incident, however many attempts it took.
-    let incidents = d.farm.client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
-    let incidents = incidents["incidents"].as_array().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let incidents = loop {
+        let v = d.farm.client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
+        let list = v["incidents"].as_array().unwrap().clone();
+        if !list.is_empty() || Instant::now() > until {
+            break list;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(incidents.len(), 1, "{incidents:#?}");
     let i = &incidents[0];
     assert_eq!((i["kind"].as_str(), i["subject"].as_str()), (Some("job_quarantined"), Some(ids[0].as_str())));

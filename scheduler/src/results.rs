@@ -289,11 +289,8 @@ impl Scheduler {
                     self.metrics.attempts.with_label_values(&[d.tier.as_str(), label]).inc();
                 }
                 let recorded = !events.is_empty();
-                self.publish(events);
-                if retry {
-                    self.dispatch_wake.notify_one();
-                }
-                // A job out of attempts, or quarantined, needs the operator.
+                // A job out of attempts, or quarantined, needs the operator: raised before its end
+                // is told, so whoever waits on the job finds the incident there.
                 if let Some((kind, error)) = gave_up.filter(|_| recorded) {
                     let summary = format!(
                         "job {} {} at attempt {}: {error}",
@@ -305,6 +302,10 @@ impl Scheduler {
                     if let Err(e) = self.raise_incident(kind, &d.job_id, &cause, &summary).await {
                         tracing::error!(job_id = d.job_id, error = %e, "cannot raise an incident");
                     }
+                }
+                self.publish(events);
+                if retry {
+                    self.dispatch_wake.notify_one();
                 }
                 Settled::Recorded
             }
