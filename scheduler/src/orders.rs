@@ -384,9 +384,19 @@ fn approval_id(order: &str, step: &str) -> String {
 /// The approvals of orders awaiting one (pending), oldest first; the caller's orders only,
 /// unless an operator.
 pub async fn pending_approvals(sched: &Scheduler, who: &Caller) -> Result<Vec<api::Approval>, StoreError> {
-    let rows = sched.store.live_orders().await?;
+    // Only the orders awaiting one are read (an index on state), the caller's own unless an
+    // operator; oldest first.
+    let client = (who.role != Role::Operator).then(|| who.name.clone());
+    let q = crate::store::orders::OrderQuery {
+        state: Some("awaiting_approval".into()),
+        client,
+        limit: u32::MAX,
+        before: None,
+    };
+    let mut rows = sched.store.orders(q).await?;
+    rows.reverse();
     let mut out = Vec::new();
-    for row in rows.iter().filter(|r| r.state == "awaiting_approval" && who.may_see(&r.client)) {
+    for row in &rows {
         let doc = parse_doc(row)?;
         if let Some(a) = doc.approval.as_ref().filter(|a| a.state == "pending") {
             out.push(approval_view(row, &doc, a));
@@ -624,7 +634,13 @@ async fn step_through(
     loop {
         if c.now > c.doc.expires_ms {
             let why = format!("expired at {} before it was done", crate::time::rfc3339(c.doc.expires_ms));
-            raise(sched, "order_expired", c.id, &format!("order:{}:expired", c.id), &format!("order {}: {why}", c.id))
+            sched
+                .raise_incident(
+                    "order_expired",
+                    c.id,
+                    &format!("order:{}:expired", c.id),
+                    &format!("order {}: {why}", c.id),
+                )
                 .await?;
             c.end("failed", why, "failed");
             return Ok(None);
@@ -662,17 +678,12 @@ async fn step_through(
     }
 }
 
-/// Raises an incident (once per cause).
-async fn raise(sched: &Scheduler, kind: &str, subject: &str, cause: &str, summary: &str) -> Result<(), StoreError> {
-    sched.raise_incident(kind, subject, cause, summary).await
-}
-
 /// A step out of attempts: an incident, and the order fails.
 async fn out_of_attempts(sched: &Scheduler, c: &Change<'_>, i: usize, why: String) -> Result<Progress, StoreError> {
     let s = &c.doc.steps[i];
     let cause = format!("order:{}:{}:{}", c.id, s.name, s.attempt);
     let summary = format!("order {}: step {} failed after {} attempts: {why}", c.id, s.name, s.attempt);
-    raise(sched, "order_step", c.id, &cause, &summary).await?;
+    sched.raise_incident("order_step", c.id, &cause, &summary).await?;
     Ok(Progress::End("failed", format!("step {}: {why}", s.name)))
 }
 
@@ -820,7 +831,7 @@ async fn approve(sched: &Arc<Scheduler>, c: &mut Change<'_>, i: usize) -> Result
                     approval_id(c.id, &name),
                     crate::time::rfc3339(due)
                 );
-                raise(sched, "approval_timeout", c.id, &cause, &summary).await?;
+                sched.raise_incident("approval_timeout", c.id, &cause, &summary).await?;
                 c.step_state(
                     i,
                     "waiting",
@@ -1001,7 +1012,7 @@ async fn past_wait(
     }
     let waited = format!("waited {} s for a ready device: {why}", wait_ms / 1000);
     let cause = format!("order:{}:{name}:wait:{since}", c.id);
-    raise(sched, "device_not_ready", c.id, &cause, &format!("order {}: step {name} {waited}", c.id)).await?;
+    sched.raise_incident("device_not_ready", c.id, &cause, &format!("order {}: step {name} {waited}", c.id)).await?;
     Ok(Some(Progress::End("failed", format!("step {name}: {waited}"))))
 }
 

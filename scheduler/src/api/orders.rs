@@ -209,10 +209,14 @@ pub(super) struct IncidentParams {
     limit: Option<u32>,
 }
 
+/// Whether an incident's subject can try again: an order's failed step, while it is open.
+fn retriable(i: &crate::store::orders::Incident) -> bool {
+    i.state == "open" && ["order_step", "device_not_ready"].contains(&i.kind.as_str())
+}
+
 fn incident_view(i: crate::store::orders::Incident) -> api::Incident {
     let mut actions = Vec::new();
-    if i.state == "open" && i.subject.starts_with('o') && ["order_step", "device_not_ready"].contains(&i.kind.as_str())
-    {
+    if retriable(&i) {
         actions.push("retry".to_owned());
     }
     if i.state == "open" {
@@ -299,7 +303,7 @@ pub(super) async fn act_on_incident(
     let note = a.note.filter(|n| !n.trim().is_empty());
     match a.action.as_str() {
         "resolve" => {}
-        "retry" if incident_view(i.clone()).actions.iter().any(|x| x == "retry") => {
+        "retry" if retriable(&i) => {
             orders::retry(&s, &i.subject, &who.name).await?;
         }
         "retry" => {
