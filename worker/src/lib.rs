@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod post;
 pub mod prng;
 pub mod render;
+pub mod reproduce;
 pub mod settle;
 pub mod shaders;
 pub mod worker;
