@@ -81,6 +81,12 @@ pub enum Command {
     Incidents(IncidentsArgs),
     /// Act on an incident (operator): `retry` its order's failed step, or `resolve` it.
     Incident(IncidentArgs),
+    /// What renders cost per token, tier and day, and each budget's state (a client sees its own).
+    Usage(UsageArgs),
+    /// Render an asset again from its provenance alone and say whether it matches: the same
+    /// bytes on the backend that made it, or within the stated tolerance on another (at most 2
+    /// levels in any channel, PSNR at least 45 dB). Exits 0 only if it is verified.
+    Reproduce(ReproduceArgs),
     /// Render one image locally, without a farm (the worker's command).
     Render(kiln_worker::cli::RenderArgs),
     /// Benchmarks: the engine, or the farm end to end through HTTP.
@@ -268,6 +274,9 @@ pub struct OrderCreateArgs {
     /// Raise an incident if the approval waits longer than this: seconds, or 30m, 12h, 2d.
     #[arg(long, value_parser = parse_duration_s)]
     pub approval_timeout: Option<u64>,
+    /// Say what it would cost (its renders and their estimated device-seconds), placing nothing.
+    #[arg(long, conflicts_with = "wait")]
+    pub dry_run: bool,
     /// Show each step as it goes, until the order ends.
     #[arg(long)]
     pub wait: bool,
@@ -328,6 +337,36 @@ pub struct IncidentsArgs {
     /// How many.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln reproduce`'s arguments.
+#[derive(Debug, Args)]
+pub struct ReproduceArgs {
+    /// The asset's BLAKE3 (64 hex digits).
+    pub hash: String,
+    /// The backend to render on: cpu, wgpu or auto [default: the one that made the asset].
+    #[arg(long, value_enum)]
+    pub backend: Option<kiln_worker::config::BackendChoice>,
+    /// Talking to the farm.
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// `kiln usage`'s arguments.
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Only this token's (an operator's choice; a client sees its own).
+    #[arg(long)]
+    pub client: Option<String>,
+    /// From: RFC 3339 or unix seconds (default: 30 days back).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until, not included (default: now).
+    #[arg(long)]
+    pub until: Option<String>,
     /// Talking to the farm.
     #[command(flatten)]
     pub remote: Remote,
@@ -464,6 +503,14 @@ pub enum TokenCommand {
         /// It stops working after this long: seconds, or a number with s, m, h or d (30d).
         #[arg(long, value_parser = parse_duration_s)]
         expires_in: Option<u64>,
+        /// What a client token may spend per --period, in device-seconds weighed by tier
+        /// (`[scheduler.costs]`): seconds, or a number with s, m, h or d. A submit or order past it
+        /// is refused with 429 and nothing of it starts. No limit when absent.
+        #[arg(long, value_parser = parse_duration_s)]
+        budget: Option<u64>,
+        /// The budget's period, in UTC: day, week or month.
+        #[arg(long, default_value = "day", requires = "budget", value_parser = ["day", "week", "month"])]
+        period: String,
         /// Talking to the farm.
         #[command(flatten)]
         remote: Remote,
@@ -595,6 +642,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })
         }),
+        Some(Command::Reproduce(a)) => kiln_common::runtime()?.block_on(reproduce(&cfg, &a)),
+        Some(Command::Usage(a)) => kiln_common::runtime()?.block_on(async {
+            let c = client(&cfg, &a.remote)?;
+            let query: Vec<String> = [("client", &a.client), ("since", &a.since), ("until", &a.until)]
+                .into_iter()
+                .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", kiln_protocol::url_component(v))))
+                .collect();
+            let u: api::Usage = c.get(&format!("/v1/usage?{}", query.join("&"))).await?;
+            if a.remote.json {
+                return print_json(&u);
+            }
+            println!("from {} until {}", u.since, u.until);
+            for d in &u.days {
+                println!(
+                    "{}  {:<24} {:<8} {:>6} renders  {:>10.1} device-s  {:>10.1} cost-s",
+                    d.day, d.client, d.tier, d.renders, d.device_seconds, d.cost_seconds
+                );
+            }
+            if u.days.is_empty() {
+                println!("no renders charged");
+            }
+            for b in &u.budgets {
+                println!(
+                    "budget {:<24} {:.1} of {} s a {} used, {:.1} in flight; resets at {}",
+                    b.client, b.used_seconds, b.budget_seconds, b.period, b.in_flight_seconds, b.resets_at
+                );
+            }
+            Ok(())
+        }),
         Some(Command::Incident(a)) => kiln_common::runtime()?.block_on(async {
             let c = client(&cfg, &a.remote)?;
             let body = api::IncidentAction { action: a.action.clone(), note: a.note.clone() };
@@ -617,7 +693,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let devices =
                     if t.devices.is_empty() { String::new() } else { format!("  serves {}", t.devices.join(",")) };
-                println!("{:<24} {:<9} {expiry}{devices}", t.name, t.role.as_str());
+                let budget = match (t.budget_seconds, &t.budget_period) {
+                    (Some(s), Some(p)) => format!("  budget {s} s a {p}"),
+                    _ => String::new(),
+                };
+                println!("{:<24} {:<9} {expiry}{devices}{budget}", t.name, t.role.as_str());
             })
         }),
         Some(Command::Token(TokenCommand::Revoke { name, remote })) => kiln_common::runtime()?.block_on(async {
@@ -626,10 +706,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("token {name:?} revoked");
             Ok(())
         }),
-        Some(Command::Token(TokenCommand::Create { name, role, expires_in, remote })) => kiln_common::runtime()?
-            .block_on(async {
+        Some(Command::Token(TokenCommand::Create { name, role, expires_in, budget, period, remote })) => {
+            kiln_common::runtime()?.block_on(async {
                 let c = client(&cfg, &remote)?;
-                let new = api::NewToken { name, role, devices: vec![], expires_in_seconds: expires_in };
+                let new = api::NewToken {
+                    name,
+                    role,
+                    devices: vec![],
+                    expires_in_seconds: expires_in,
+                    budget_period: budget.map(|_| period),
+                    budget_seconds: budget,
+                };
                 let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
                 if remote.json {
                     print_json(&made)?;
@@ -638,7 +725,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("token {:?} ({}) created; it is shown only this once", made.name, made.role);
                 }
                 Ok(())
-            }),
+            })
+        }
     }
 }
 
@@ -865,7 +953,14 @@ fn broker_user(name: &str, whose: &str) -> anyhow::Result<()> {
 async fn worker_add(cfg: &FarmConfig, a: &WorkerAddArgs) -> anyhow::Result<()> {
     broker_user(&a.name, "box's RabbitMQ user")?;
     let c = client(cfg, &a.remote)?;
-    let new = api::NewToken { name: a.name.clone(), role: Role::Worker, devices: vec![], expires_in_seconds: None };
+    let new = api::NewToken {
+        name: a.name.clone(),
+        role: Role::Worker,
+        devices: vec![],
+        expires_in_seconds: None,
+        budget_seconds: None,
+        budget_period: None,
+    };
     let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
     let password = new_password()?;
     let names = kiln_protocol::wire::Names::new(a.prefix.as_deref().unwrap_or(&cfg.scheduler.broker.prefix));
@@ -919,6 +1014,8 @@ async fn device_add(cfg: &FarmConfig, a: &DeviceAddArgs) -> anyhow::Result<()> {
         role: Role::Device,
         devices: a.devices.clone(),
         expires_in_seconds: None,
+        budget_seconds: None,
+        budget_period: None,
     };
     let made: api::TokenCreated = c.send_json(Method::POST, "/v1/tokens", Some(&new)).await?;
     let password = new_password()?;
@@ -1073,6 +1170,9 @@ fn print_order(o: &api::Order) {
     for (k, v) in &o.outputs {
         println!("  output {k:<6} {v}");
     }
+    if let Some(ms) = o.estimated_cost_ms {
+        println!("  estimated cost {:.1} device-seconds", ms as f64 / 1000.0);
+    }
     if let Some(e) = &o.error {
         println!("  error  {e}");
     }
@@ -1090,11 +1190,26 @@ async fn order(cfg: &FarmConfig, a: OrderArgs) -> anyhow::Result<()> {
                 approval_timeout_seconds: a.approval_timeout,
                 expires_in_seconds: None,
             };
+            if a.dry_run {
+                let e: api::OrderEstimate = c.send_json(Method::POST, "/v1/orders?dry_run=true", Some(&new)).await?;
+                if a.remote.json {
+                    return print_json(&e);
+                }
+                println!(
+                    "plan {}: {} renders, estimated {:.1} device-seconds; nothing placed",
+                    e.plan,
+                    e.renders,
+                    e.estimated_cost_ms as f64 / 1000.0
+                );
+                return Ok(());
+            }
             let placed: api::Order = c.send_json(Method::POST, "/v1/orders", Some(&new)).await?;
             if !a.wait {
                 return show(&placed, a.remote.json, print_order);
             }
-            eprintln!("order {} placed ({})", placed.id, placed.plan);
+            let estimate =
+                placed.estimated_cost_ms.map(|ms| format!(", estimated {:.1} device-seconds", ms as f64 / 1000.0));
+            eprintln!("order {} placed ({}{})", placed.id, placed.plan, estimate.unwrap_or_default());
             let done = follow_order(&c, &placed.id).await?;
             show(&done, a.remote.json, print_order)?;
             if done.state != "succeeded" {
@@ -1164,5 +1279,38 @@ async fn decide(cfg: &FarmConfig, id: &str, d: &api::Decision, remote: &Remote) 
         a.map_or("?", |a| a.state.as_str()),
         a.and_then(|a| a.decided_by.as_deref()).unwrap_or("?")
     );
+    Ok(())
+}
+
+/// `kiln reproduce HASH`: the provenance and bytes from the farm, the render here.
+async fn reproduce(cfg: &FarmConfig, a: &ReproduceArgs) -> anyhow::Result<()> {
+    use kiln_worker::config::BackendChoice;
+    use kiln_worker::reproduce::{read_record, reproduce};
+    if a.hash.len() != 64 || !a.hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("HASH: {:?} is not an asset's BLAKE3 (64 hex digits)", a.hash);
+    }
+    let c = client(cfg, &a.remote)?;
+    let record: serde_json::Value = c.get(&format!("/v1/assets/{}/provenance", a.hash)).await?;
+    let record = read_record(&record)?;
+    let original = c.bytes(&format!("/v1/assets/{}", a.hash)).await?;
+    let choice = a.backend.unwrap_or(if record.backend == "wgpu" { BackendChoice::Wgpu } else { BackendChoice::Cpu });
+    let w = cfg.worker.clone();
+    let verdict = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let backend = kiln_worker::worker::open_backend(choice, w.threads())
+            .with_context(|| format!("--backend {choice:?}: cannot open it here"))?;
+        let engine = kiln_worker::render::Engine { backend, path: w.engine, band_samples: w.band_samples };
+        let r = &record.request;
+        let label = format!("rendering {}×{} {} on {} again", r.width, r.height, r.tier, engine.backend.name());
+        Ok(reproduce(&record, &original, &engine, &mut kiln_worker::cli::progress_reporter(label))?)
+    })
+    .await??;
+    if a.remote.json {
+        print_json(&verdict)?;
+    } else {
+        println!("{}", verdict.summary);
+    }
+    if !verdict.verified {
+        bail!("asset {} is not reproduced", verdict.asset);
+    }
     Ok(())
 }

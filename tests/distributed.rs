@@ -50,7 +50,7 @@ impl Distributed {
         change(&mut cfg);
         let farm = TestFarm::start_with(dir, cfg).await;
         let worker_token =
-            farm.sched.create_token("workers", Role::Worker, &[], None).await.unwrap().expose().to_owned();
+            farm.sched.create_token("workers", Role::Worker, &[], None, None).await.unwrap().expose().to_owned();
         Some(Distributed { farm, amqp_url, names: Names::new(&prefix), worker_token, workers: Workers::default() })
     }
 
@@ -781,7 +781,7 @@ async fn results_and_heartbeats_not_signed_by_a_worker_token_are_refused() {
         results: vec![answer(job.clone(), AttemptOutcome::Failed { error: "forged".into(), transient: false })],
     };
     publish_signed(&d, &ch, &batch, None).await;
-    let client = d.farm.sched.create_token("a-client", Role::Client, &[], None).await.unwrap();
+    let client = d.farm.sched.create_token("a-client", Role::Client, &[], None, None).await.unwrap();
     publish_signed(&d, &ch, &batch, Some(&MessageKey::from_token(client.expose()))).await;
     // A worker's real signature, moved onto another body.
     let worker = MessageKey::from_token(&d.worker_token);

@@ -654,3 +654,140 @@ async fn retention_deletes_old_jobs_and_the_assets_nothing_names_any_more() {
     assert!(files.contains(&asset));
     farm.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_over_its_budget_gets_429_and_nothing_of_it_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    // A second of a final render weighs 1000: any render passes a budget of a second, and the
+    // first is estimated at half of it (nothing rendered yet to go by).
+    cfg.scheduler.costs.final_weight = 1000.0;
+    cfg.scheduler.costs.first_estimate_seconds = 0.0005;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    for (body, field) in [
+        (json!({ "name": "w", "role": "worker", "budget_seconds": 5 }), "budget_seconds"),
+        (json!({ "name": "c", "role": "client", "budget_seconds": 0 }), "budget_seconds"),
+        (json!({ "name": "c", "role": "client", "budget_seconds": 5, "budget_period": "fortnight" }), "budget_period"),
+        (json!({ "name": "c", "role": "client", "budget_period": "day" }), "budget_period"),
+    ] {
+        let r = farm.raw(Method::POST, "/v1/tokens", &body.to_string()).await;
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((r.status, &v["error"]["field"]), (StatusCode::BAD_REQUEST, &json!(field)), "{body}: {v}");
+    }
+    let made = farm
+        .client
+        .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "tight", "role": "client", "budget_seconds": 1 })))
+        .await
+        .unwrap();
+    assert_eq!((made["budget_seconds"].as_u64(), made["budget_period"].as_str()), (Some(1), Some("day")), "{made}");
+    let tight = farm.client_with(made["token"].as_str());
+
+    // The first render fits; what it took is charged.
+    let first = json!({ "prompt": "ember field", "seed": 1, "tier": "final", "width": 256, "samples": 2 });
+    let one = tight.call(Method::POST, "/v1/jobs?wait=60", Some(&first)).await.unwrap();
+    assert_eq!(one["state"], "succeeded", "{one}");
+    let usage = tight.call(Method::GET, "/v1/usage", None).await.unwrap();
+    let day = &usage["days"][0];
+    assert_eq!(
+        (day["client"].as_str(), day["tier"].as_str(), day["renders"].as_u64()),
+        (Some("tight"), Some("final"), Some(1)),
+        "{usage:#}"
+    );
+    let (device, cost) = (day["device_seconds"].as_f64().unwrap(), day["cost_seconds"].as_f64().unwrap());
+    assert!(device > 0.0 && (cost - device * 1000.0).abs() < 1.0, "{usage:#}");
+    let budget = &usage["budgets"][0];
+    assert_eq!((budget["client"].as_str(), budget["used_seconds"].as_f64()), (Some("tight"), Some(cost)), "{usage:#}");
+
+    // Past it: a new render, a batch with one, and an order are refused whole, saying why.
+    let second = json!({ "prompt": "ember field", "seed": 2, "tier": "final", "width": 256, "samples": 2 });
+    for (path, body) in [
+        ("/v1/jobs", second.clone()),
+        ("/v1/jobs", json!([first, second])),
+        ("/v1/orders", json!({ "plan": "gallery-print", "prompt": "ember field", "seeds": [7, 8] })),
+    ] {
+        let r = tight.send(Method::POST, path, Some(body.to_string().into())).await.unwrap();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{path} {body}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert_eq!(v["error"]["field"], "budget", "{v}");
+        for says in ["1 device-seconds a day", "has used", "resets at 20"] {
+            assert!(m.contains(says), "{m:?} does not say {says:?}");
+        }
+    }
+    let jobs = tight.call(Method::GET, "/v1/jobs", None).await.unwrap();
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "nothing of a refusal was queued: {jobs:#}");
+    let orders = tight.call(Method::GET, "/v1/orders", None).await.unwrap();
+    assert_eq!(orders["orders"].as_array().unwrap().len(), 0, "{orders:#}");
+    // A repeat costs nothing: the cache answers it.
+    let again = tight.call(Method::POST, "/v1/jobs", Some(&first)).await.unwrap();
+    assert_eq!((again["state"].as_str(), &again["asset"]), (Some("cached"), &one["asset"]));
+    // The operator has no budget, and sees every token's use.
+    farm.submit(second).await;
+    let all = farm.client.call(Method::GET, "/v1/usage", None).await.unwrap();
+    assert!(all["budgets"].as_array().unwrap().iter().any(|b| b["client"] == "tight"), "{all:#}");
+    let r = tight.send(Method::GET, "/v1/usage?client=operator", None).await.unwrap();
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "a client sees its own use only");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_runs_a_plan_written_in_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        "[[plans]]\nname = \"pick-final\"\n\
+         [[plans.steps]]\nname = \"look\"\nkind = \"render\"\ntier = \"preview\"\n\
+         [[plans.steps]]\nname = \"pick\"\nkind = \"approve\"\n\
+         [[plans.steps]]\nname = \"keep\"\nkind = \"render\"\ntier = \"final\"\nchosen = true\n",
+    )
+    .unwrap();
+    let cfg = kiln_scheduler::config::FarmConfig::load_with(Some(&config), &|_| None).unwrap();
+    let mut base = test_config(dir.path());
+    base.scheduler.plans = cfg.scheduler.plans;
+    for (spec, side) in [(&mut base.worker.tiers.preview, 48), (&mut base.worker.tiers.r#final, 64)] {
+        (spec.default_side, spec.default_samples) = (side, 1);
+    }
+    let farm = TestFarm::start_with(dir, base).await;
+    let unknown = farm.raw(Method::POST, "/v1/orders", r#"{"plan":"nope","prompt":"p","seeds":[1]}"#).await;
+    let v: Value = serde_json::from_slice(&unknown.body).unwrap();
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.starts_with("plan: ") && m.contains("gallery-print, pick-final"), "{m}");
+
+    let body = json!({ "plan": "pick-final", "prompt": "salt flats", "seeds": [11, 12] });
+    // What it would cost, first, placing nothing: two previews and one final render.
+    let est = farm.client.call(Method::POST, "/v1/orders?dry_run=true", Some(&body)).await.unwrap();
+    assert_eq!((est["plan"].as_str(), est["renders"].as_u64()), (Some("pick-final"), Some(3)), "{est}");
+    assert!(est["estimated_cost_ms"].as_i64() > Some(0), "{est}");
+    let none = farm.client.call(Method::GET, "/v1/orders", None).await.unwrap();
+    assert_eq!(none["orders"].as_array().unwrap().len(), 0, "a dry run places nothing");
+    let placed = farm.client.call(Method::POST, "/v1/orders", Some(&body)).await.unwrap();
+    let id = placed["id"].as_str().unwrap();
+    let names: Vec<&str> = placed["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["look", "pick", "keep"]);
+    let order = |state: &'static str| {
+        let farm = &farm;
+        async move {
+            for _ in 0..600 {
+                let o = farm.client.call(Method::GET, &format!("/v1/orders/{id}"), None).await.unwrap();
+                if o["state"] == state {
+                    return o;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("order {id} never {state}");
+        }
+    };
+    order("awaiting_approval").await;
+    let decided = farm
+        .client
+        .call(Method::POST, &format!("/v1/approvals/{id}.pick"), Some(&json!({ "decision": "approve", "option": 2 })))
+        .await
+        .unwrap();
+    assert_eq!(decided["approval"]["state"], "approved", "{decided:#}");
+    let o = order("succeeded").await;
+    let keep = &o["steps"][2];
+    let job = farm.wait(keep["jobs"][0].as_str().unwrap()).await;
+    assert_eq!((job["seed"].as_u64(), job["tier"].as_str()), (Some(12), Some("final")), "{job:#}");
+    farm.stop().await;
+}

@@ -13,6 +13,7 @@ use hyper::Method;
 use kiln_edge::sim::{PrinterSetup, SimDevice, SimLine};
 use kiln_protocol::fleet::{AssetRef, DeviceTask, FLEET_VERSION, TaskKind};
 use kiln_protocol::wire::MessageKey;
+use kiln_scheduler::auth::Role;
 use kiln_scheduler::config::FarmConfig;
 use kiln_testenv as testenv;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -62,6 +63,53 @@ impl Drop for Studio {
             let _ = c.wait();
         }
     }
+}
+
+/// An agent's config for the studio's four devices: the printer and light rig at Modbus `buses`,
+/// a camera that writes a distinct file each time, and a display folder, all in `dir`.
+#[allow(clippy::too_many_arguments)]
+fn agent_config(
+    dir: &std::path::Path,
+    mqtt_url: &str,
+    prefix: &str,
+    url: &str,
+    token: &str,
+    buses: (&str, &str),
+    ca: &str,
+    login: &str,
+) -> String {
+    let (d, (pbus, lbus)) = (dir.display(), buses);
+    format!(
+        r#"{ca}data_dir = "{d}/edge"
+telemetry_interval_ms = 300
+[mqtt]
+url = "{mqtt_url}"
+prefix = "{prefix}"
+keepalive_s = 2
+reconnect_max_ms = 500
+{login}
+[scheduler]
+url = "{url}"
+token = "{token}"
+[[device]]
+id = "printer"
+kind = "printer"
+folder = "{d}/print-spool"
+modbus = {{ {pbus}, timeout_ms = 300, retries = 1 }}
+[[device]]
+id = "lights"
+kind = "lights"
+modbus = {{ {lbus}, timeout_ms = 300, retries = 1 }}
+[[device]]
+id = "camera"
+kind = "camera"
+command = ['sh', '-c', 'printf "photo %s" "$(date +%s%N)" > "$0"', '{{out}}']
+[[device]]
+id = "display"
+kind = "display"
+folder = "{d}/gallery"
+"#
+    )
 }
 
 /// How the agent reaches the printer and the light rig.
@@ -115,7 +163,6 @@ impl Studio {
         let printer = SimDevice::printer("127.0.0.1:0".parse().unwrap(), setup).await.unwrap();
         let lights = SimDevice::lights("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
         let mut line = None;
         let (pbus, lbus) = match wiring {
             Wiring::Tcp => (format!("address = \"{}\"", printer.addr()), format!("address = \"{}\"", lights.addr())),
@@ -143,39 +190,16 @@ impl Studio {
         let config = dir.path().join("edge.toml");
         // The agent trusts the farm's own CA, where the farm has one (a studio over TLS).
         let ca = farm.sched.cfg.tls.ca_file.as_ref().map(|f| format!("tls_ca_file = \"{}\"\n", f.display()));
-        let text = format!(
-            r#"{ca}data_dir = "{d}/edge"
-telemetry_interval_ms = 300
-[mqtt]
-url = "{mqtt_url}"
-prefix = "{prefix}"
-keepalive_s = 2
-reconnect_max_ms = 500
-{login}
-[scheduler]
-url = "{url}"
-token = "{token}"
-[[device]]
-id = "printer"
-kind = "printer"
-folder = "{d}/print-spool"
-modbus = {{ {pbus}, timeout_ms = 300, retries = 1 }}
-[[device]]
-id = "lights"
-kind = "lights"
-modbus = {{ {lbus}, timeout_ms = 300, retries = 1 }}
-[[device]]
-id = "camera"
-kind = "camera"
-command = ['sh', '-c', 'printf "photo %s" "$(date +%s%N)" > "$0"', '{{out}}']
-[[device]]
-id = "display"
-kind = "display"
-folder = "{d}/gallery"
-"#,
-            url = farm.url,
-            ca = ca.unwrap_or_default(),
-            login = login.map(|(u, p)| format!("username = \"{u}\"\npassword = \"{p}\"")).unwrap_or_default(),
+        let login = login.map(|(u, p)| format!("username = \"{u}\"\npassword = \"{p}\"")).unwrap_or_default();
+        let text = agent_config(
+            dir.path(),
+            &mqtt_url,
+            &prefix,
+            &farm.url,
+            &token,
+            (&pbus, &lbus),
+            &ca.unwrap_or_default(),
+            &login,
         );
         std::fs::write(&config, text).unwrap();
         let key = MessageKey::from_token(&token);
@@ -648,6 +672,13 @@ async fn an_agent_killed_mid_print_does_not_print_again() {
     let regs = s.printer.registers();
     assert_eq!(regs[3], 1, "printed once: {regs:?}");
     s.wait_state(&ALL, "online", Duration::from_secs(10)).await;
+    // The printer went offline while its task waited on it: one incident says so.
+    let v = s.farm.client.call(Method::GET, "/v1/incidents", None).await.unwrap();
+    let offline: Vec<&Value> =
+        v["incidents"].as_array().unwrap().iter().filter(|i| i["kind"] == "device_offline").collect();
+    assert_eq!(offline.len(), 1, "{v:#}");
+    assert_eq!(offline[0]["subject"], print.as_str(), "{v:#}");
+    assert!(offline[0]["summary"].as_str().unwrap().contains("printer went offline"), "{v:#}");
 }
 
 /// A private Mosquitto on a free port, so stopping it disturbs no other test.
@@ -1107,6 +1138,7 @@ async fn a_gallery_print_order_waits_for_approval_then_prints_photographs_and_sh
     let o = s.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;
     assert_eq!(step(&o, "preview")["state"], "succeeded", "{o:#}");
     assert_eq!(step(&o, "final")["state"], "pending", "nothing past the gate runs before it: {o:#}");
+    assert!(o["estimated_cost_ms"].as_i64() > Some(0), "its cost was estimated before it started: {o:#}");
     let list = s.farm.client.call(Method::GET, "/v1/approvals?state=pending", None).await.unwrap();
     let approvals = list["approvals"].as_array().unwrap();
     assert_eq!(approvals.len(), 1, "{list:#}");
@@ -1154,6 +1186,23 @@ async fn a_gallery_print_order_waits_for_approval_then_prints_photographs_and_sh
         let job_id = step(&o, name)["jobs"][0].as_str().unwrap();
         let job = s.farm.client.call(Method::GET, &format!("/v1/jobs/{job_id}"), None).await.unwrap();
         assert_eq!((job["seed"].as_u64(), job["tier"].as_str()), (Some(4), Some(tier)), "{job:#}");
+    }
+    // The final and print assets' provenance names the order, its step and who approved.
+    for name in ["final", "print_render"] {
+        let asset = step(&o, name)["assets"][0].as_str().unwrap();
+        let p = s.farm.client.call(Method::GET, &format!("/v1/assets/{asset}/provenance"), None).await.unwrap();
+        assert_eq!(p["asset"], asset, "the worker's record is there: {p:#}");
+        assert_eq!(p["asked_by"]["client"], "operator", "{p:#}");
+        let by = &p["orders"][0];
+        assert_eq!((by["order"].as_str(), by["step"].as_str()), (Some(id.as_str()), Some(name)), "{p:#}");
+        assert_eq!(by["job"], step(&o, name)["jobs"][0], "{p:#}");
+        let ap = &by["approval"];
+        assert_eq!(
+            (ap["decided_by"].as_str(), ap["option"].as_u64(), ap["reason"].as_str()),
+            (Some("operator"), Some(2), Some("the warmest")),
+            "{p:#}"
+        );
+        assert!(ap["decided_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{p:#}");
     }
     // Printed once, photographed, and the final asset on the gallery display.
     assert_eq!(s.printer.registers()[3], 1, "one print");
@@ -1278,4 +1327,169 @@ async fn a_rejected_approval_renders_nothing_final_and_a_timeout_raises_one_inci
     assert_eq!(c["state"], "cancelled", "{c:#}");
     let list = s.farm.client.call(Method::GET, "/v1/approvals", None).await.unwrap();
     assert_eq!(list["approvals"].as_array().unwrap().len(), 0, "{list}");
+}
+
+/// Child processes killed when the test ends, however it ends.
+struct Killed(Vec<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_killed_while_an_order_waits_on_the_printer_resumes_and_prints_once() {
+    let Some((mqtt_url, prefix)) = testenv::mqtt().await else { return };
+    // A print takes 3 s: long enough to kill the scheduler while the order waits on it.
+    let printer =
+        SimDevice::printer("127.0.0.1:0".parse().unwrap(), PrinterSetup { print_ms: 3_000, ..PrinterSetup::default() })
+            .await
+            .unwrap();
+    let lights = SimDevice::lights("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = format!(
+        "[scheduler]\nlisten = \"127.0.0.1:{port}\"\n[scheduler.orders]\nretry_base_seconds = 1\n\
+         [scheduler.fleet]\nmqtt_url = \"{mqtt_url}\"\nprefix = \"{prefix}\"\nresend_after_seconds = 2\n"
+    );
+    for (tier, side) in [("preview", 48), ("final", 64), ("print", 96)] {
+        config.push_str(&format!(
+            "[tiers.{tier}]\ndefault_side = {side}\nmax_side = 1024\nmax_pixels = 1048576\n\
+             default_samples = 1\nmax_samples = 2\nwatermark = false\ndither = false\n"
+        ));
+    }
+    let config_file = dir.path().join("kiln.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let scheduler = || {
+        let mut cmd = sibling("kiln-scheduler");
+        cmd.arg("--config").arg(&config_file).arg("--data-dir").arg(&data).args(["--backend", "cpu"]);
+        common::spawn_farm(cmd)
+    };
+    let (child, url) = scheduler();
+    let mut procs = Killed(vec![child]);
+    let op = common::operator_token(&data);
+    let c = kiln_common::client::Client::new(&url, Some(kiln_protocol::Secret::new(op.clone())));
+    let made = c
+        .call(Method::POST, "/v1/tokens", Some(&json!({ "name": "studio-pi", "role": "device", "devices": ALL })))
+        .await
+        .unwrap();
+    let buses = (format!("address = \"{}\"", printer.addr()), format!("address = \"{}\"", lights.addr()));
+    let edge = dir.path().join("edge.toml");
+    let token = made["token"].as_str().unwrap();
+    std::fs::write(&edge, agent_config(dir.path(), &mqtt_url, &prefix, &url, token, (&buses.0, &buses.1), "", ""))
+        .unwrap();
+    let agent = sibling("kiln-edge").arg("--config").arg(&edge).env("KILN_LOG", "warn").stdout(Stdio::null()).spawn();
+    procs.0.push(agent.expect("start kiln-edge"));
+    let get = |path: String| {
+        let c = &c;
+        async move { c.call(Method::GET, &path, None).await }
+    };
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = get("/v1/devices".into()).await.unwrap();
+        if v["devices"].as_array().unwrap().iter().filter(|d| d["state"] == "online").count() == 4 {
+            break;
+        }
+        assert!(Instant::now() < until, "the studio's devices did not come online: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let placed = c
+        .call(Method::POST, "/v1/orders", Some(&json!({ "plan": "gallery-print", "prompt": "ash", "seeds": [1, 2] })))
+        .await
+        .unwrap();
+    let id = placed["id"].as_str().unwrap().to_owned();
+    let until = Instant::now() + Duration::from_secs(60);
+    while get(format!("/v1/orders/{id}")).await.unwrap()["state"] != "awaiting_approval" {
+        assert!(Instant::now() < until, "the order never asked for approval");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.call(Method::POST, &format!("/v1/approvals/{id}.approve"), Some(&json!({ "decision": "approve", "option": 1 })))
+        .await
+        .unwrap();
+    // The printer starts: the order waits on it. The scheduler is killed there.
+    let until = Instant::now() + Duration::from_secs(60);
+    while printer.registers()[0] != 1 {
+        assert!(Instant::now() < until, "the printer never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let o = get(format!("/v1/orders/{id}")).await.unwrap();
+    assert_eq!(step(&o, "print")["state"], "running", "the order waits on the print: {o:#}");
+    let mut first = procs.0.remove(0);
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    // The print finishes while no scheduler runs; one starts again on the same data.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (child, again) = scheduler();
+    procs.0.push(child);
+    assert_eq!(again, url);
+    let until = Instant::now() + Duration::from_secs(90);
+    let o = loop {
+        let o = get(format!("/v1/orders/{id}")).await.unwrap();
+        if o["state"] == "succeeded" {
+            break o;
+        }
+        assert!(Instant::now() < until && o["state"] == "running", "the order did not finish: {o:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(printer.registers()[3], 1, "printed once: {:?}", printer.registers());
+    let print = step(&o, "print");
+    assert_eq!(print["attempt"], 1, "the print step ran once: {o:#}");
+    let t = get(format!("/v1/tasks/{}", print["task"].as_str().unwrap())).await.unwrap();
+    assert_eq!(t["state"], "succeeded", "{t:#}");
+    let tasks = get("/v1/tasks?device=printer".into()).await.unwrap();
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "one print task: {tasks:#}");
+    for name in ["final", "print_render"] {
+        assert_eq!(step(&o, name)["jobs"].as_array().unwrap().len(), 1, "rendered once: {o:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gallery_print_order_runs_the_same_on_a_distributed_farm() {
+    let Some(db) = testenv::fresh_database().await else { return };
+    let Some((amqp_url, amqp_prefix)) = testenv::amqp().await else { return };
+    let (url, prefix) = (amqp_url.clone(), amqp_prefix.clone());
+    let Some(s) = order_studio(PrinterSetup::default(), move |cfg| {
+        cfg.scheduler.database_url = Some(db.into());
+        cfg.scheduler.broker.amqp_url = Some(url.into());
+        cfg.scheduler.broker.prefix = prefix;
+    })
+    .await
+    else {
+        return;
+    };
+    let token = s.farm.sched.create_token("workers", Role::Worker, &[], None, None).await.unwrap();
+    let env = common::WorkerEnv {
+        amqp_url: &amqp_url,
+        prefix: &amqp_prefix,
+        scheduler_url: &s.farm.url,
+        token: token.expose(),
+    };
+    let (worker, _worker_dir) = common::spawn_worker(&env, "w-orders");
+    let workers = Killed(vec![worker]);
+    s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
+    let id = s.place(json!({ "plan": "gallery-print", "prompt": "a kiln at dusk", "seeds": [3, 4] })).await;
+    s.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;
+    let decided = s.decide(&format!("{id}.approve"), json!({ "decision": "approve", "option": 2 })).await;
+    assert_eq!(decided["approval"]["state"], "approved", "{decided:#}");
+    let o = s.wait_order(&id, "succeeded", Duration::from_secs(90)).await;
+    assert_eq!(o["chosen_seed"], 4, "{o:#}");
+    assert_eq!(s.printer.registers()[3], 1, "one print");
+    let shown = o["outputs"]["shown"].as_str().unwrap();
+    let on_screen = std::fs::read(s.dir.path().join("gallery/current.png")).unwrap();
+    assert_eq!(blake3::hash(&on_screen).to_hex().as_str(), shown);
+    // The renders ran on the kiln-worker, and what they took on it is charged.
+    let p = s.farm.client.call(Method::GET, &format!("/v1/assets/{shown}/provenance"), None).await.unwrap();
+    assert_eq!(p["orders"][0]["order"], id.as_str(), "{p:#}");
+    let usage = s.farm.client.call(Method::GET, "/v1/usage", None).await.unwrap();
+    let renders: u64 = usage["days"].as_array().unwrap().iter().map(|d| d["renders"].as_u64().unwrap()).sum();
+    assert_eq!(renders, 4, "two previews, a final and a print render: {usage:#}");
+    drop(workers);
+    let conn = kiln_common::amqp::connect(&amqp_url, "kiln-test").await.unwrap();
+    let ch = kiln_common::amqp::confirm_channel(&conn).await.unwrap();
+    let _ = kiln_common::amqp::delete_queues(&ch, &kiln_protocol::wire::Names::new(&amqp_prefix)).await;
 }

@@ -153,6 +153,9 @@ async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
         assert!(Instant::now() < until, "the studio's devices did not come online: {v:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let out = cli(&url, &token, &["order", "create", "a kiln at dusk", "--seeds", "3,4,5", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("5 renders") && text.contains("nothing placed"), "{text}");
     let out = cli(&url, &token, &["order", "create", "a kiln at dusk", "--seeds", "3,4,5", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let placed: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -195,6 +198,23 @@ async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
     assert!(out.status.success() && text.contains("succeeded") && text.contains("output photo"), "{text}");
     let out = cli(&url, &token, &["orders"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+    // The shown asset's provenance names the order, and it reproduces from that record alone:
+    // the same bytes on the backend that made it.
+    let p = c.call(Method::GET, &format!("/v1/assets/{shown}/provenance"), None).await.unwrap();
+    assert_eq!((p["orders"][0]["order"].as_str(), p["orders"][0]["step"].as_str()), (Some(id.as_str()), Some("final")));
+    let out = cli(&url, &token, &["reproduce", shown]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.starts_with("identical"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    // An asset the farm does not have: nothing to reproduce it from, and the exit says so.
+    let out = cli(&url, &token, &["reproduce", &"0".repeat(64)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no asset"), "{err}");
+    // What the renders cost, per tier.
+    let out = cli(&url, &token, &["usage"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for tier in ["preview", "final", "print"] {
+        assert!(text.contains(tier), "{text}");
+    }
     child.kill().unwrap();
     child.wait().unwrap();
 }

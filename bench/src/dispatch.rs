@@ -231,7 +231,11 @@ async fn end_to_end(
     let stop = farm.stop.clone();
     // Every daemon signs its results and heartbeats with it, and uploads with it where it uploads.
     let token = Some(
-        farm.sched.create_token(&format!("bench-workers-{run}"), Role::Worker, &[], None).await?.expose().to_owned(),
+        farm.sched
+            .create_token(&format!("bench-workers-{run}"), Role::Worker, &[], None, None)
+            .await?
+            .expose()
+            .to_owned(),
     );
     // The workers whose asset folders (and metrics) the daemons use: one each, or the farm's own.
     let workers: Vec<Arc<Worker>> = match a.uploads {

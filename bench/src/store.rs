@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln_protocol::{RenderRequest, Tier};
-use kiln_scheduler::store::{Due, NewJob, Outcome, PgStore, SqliteStore, Store};
+use kiln_scheduler::store::{Cost, Due, NewJob, Outcome, PgStore, SqliteStore, Store};
 
 use crate::stats::{drive, median};
 
@@ -114,8 +114,13 @@ async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> 
                 });
                 // And a PNG kept with the row, as a tiny render's is (16×16: 805 bytes on average).
                 let png = vec![0x89; 800];
-                let ok =
-                    Outcome::Succeeded { asset, bytes: 800, provenance: Some(provenance.to_string()), png: Some(png) };
+                let ok = Outcome::Succeeded {
+                    asset,
+                    bytes: 800,
+                    provenance: Some(provenance.to_string()),
+                    png: Some(png),
+                    cost: Some(Cost { device_ms: 5, cost_ms: 5 }),
+                };
                 let events = if whole {
                     store.record(&due[i], now, ok, now).await?
                 } else {

@@ -227,6 +227,13 @@ pub struct NewToken {
     /// It stops working this many seconds from now; never when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_in_seconds: Option<u64>,
+    /// What it may spend per `budget_period`, in weighted device-seconds (a client token); no
+    /// limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_seconds: Option<u64>,
+    /// The budget's period: `day` (the default), `week` or `month`, in UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_period: Option<String>,
 }
 
 /// One token as `GET /v1/tokens` lists it (never its secret).
@@ -247,6 +254,12 @@ pub struct TokenInfo {
     pub expires_ms: Option<i64>,
     /// Whether it has expired.
     pub expired: bool,
+    /// Its budget per `budget_period`, weighted device-seconds; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_seconds: Option<u64>,
+    /// The budget's period: day, week or month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_period: Option<String>,
 }
 
 /// `GET /v1/tokens`: the tokens not revoked, oldest first.
@@ -273,6 +286,12 @@ pub struct TokenCreated {
     /// When it stops working, unix milliseconds; never when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<i64>,
+    /// Its budget per `budget_period`, weighted device-seconds; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_seconds: Option<u64>,
+    /// The budget's period: day, week or month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_period: Option<String>,
 }
 
 /// `GET /healthz`.
@@ -548,6 +567,10 @@ pub struct Order {
     pub updated_at: String,
     /// When it fails if not done.
     pub expires_at: String,
+    /// What its renders were estimated to cost when it was placed: weighted device-milliseconds
+    /// (`[scheduler.costs]`), every seed previewed and one carried on, cache hits included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_ms: Option<i64>,
     /// Every change, oldest first (`GET /v1/orders/{id}` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<OrderEvent>>,
@@ -749,4 +772,66 @@ mod tests {
             assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
         }
     }
+}
+
+/// One line of `GET /v1/usage`: a token's renders of one tier on one UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageDay {
+    /// The token.
+    pub client: String,
+    /// The tier.
+    pub tier: Tier,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// Renders charged (cache hits and attached jobs cost nothing and are not here).
+    pub renders: u64,
+    /// The device time they took on their workers, seconds.
+    pub device_seconds: f64,
+    /// That time weighed by tier (`[scheduler.costs]`): what budgets count.
+    pub cost_seconds: f64,
+}
+
+/// A token's budget and what it has used of it this period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BudgetUse {
+    /// The token.
+    pub client: String,
+    /// Weighted device-seconds it may spend per period.
+    pub budget_seconds: u64,
+    /// `day`, `week` or `month` (UTC).
+    pub period: String,
+    /// Spent this period.
+    pub used_seconds: f64,
+    /// Estimated for its renders queued or running.
+    pub in_flight_seconds: f64,
+    /// When the period ends and the budget is whole again (RFC 3339).
+    pub resets_at: String,
+}
+
+/// `GET /v1/usage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Usage {
+    /// From (RFC 3339).
+    pub since: String,
+    /// Until, not included.
+    pub until: String,
+    /// Per token, tier and day, newest day first.
+    pub days: Vec<UsageDay>,
+    /// The budgets of the tokens shown that have one.
+    pub budgets: Vec<BudgetUse>,
+}
+
+/// `POST /v1/orders?dry_run=true`: what an order would cost, placing nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OrderEstimate {
+    /// The plan.
+    pub plan: String,
+    /// The renders it would make: every seed previewed, one carried on at each later tier.
+    pub renders: usize,
+    /// Their estimated cost, weighted device-milliseconds (cache hits included at full cost).
+    pub estimated_cost_ms: i64,
 }

@@ -16,6 +16,8 @@ pub struct Caller {
     pub role: Role,
     /// The devices it serves (a device token).
     pub devices: Vec<String>,
+    /// What it may spend; no limit when `None`.
+    pub budget: Option<crate::costs::Budget>,
 }
 
 impl Caller {

@@ -90,6 +90,175 @@ pub struct SchedulerConfig {
     pub retention: RetentionConfig,
     /// Studio orders: how their steps retry and wait.
     pub orders: OrdersConfig,
+    /// What renders cost, against the tokens' budgets.
+    pub costs: CostsConfig,
+    /// The plans written in the config file (`[[plans]]`, at its top level), besides the
+    /// built-in `gallery-print`.
+    #[serde(skip)]
+    pub plans: Vec<PlanConfig>,
+}
+
+/// `[[plans]]`: a plan an order may run. Its steps run in order; each is a `render` (the order's
+/// prompt at a tier: every seed, or with `chosen` the one the approval chose), an `approve` (the
+/// operator picks one of the renders of the render step before it) or a `device` task (on the
+/// asset of an earlier render step, with parameters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Its name, as `POST /v1/orders` gives it.
+    pub name: String,
+    /// Its steps.
+    pub steps: Vec<PlanStepConfig>,
+}
+
+/// A step of a `[[plans]]` plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanStepConfig {
+    /// Its name: letters, digits and `_`, unique in the plan.
+    pub name: String,
+    /// `render`, `approve` or `device`.
+    pub kind: String,
+    /// A render's tier.
+    pub tier: Option<Tier>,
+    /// A render of only the seed the approval before it chose (else every seed).
+    #[serde(default)]
+    pub chosen: bool,
+    /// A device step's task: `print`, `capture`, `display` or `lights`.
+    pub task: Option<String>,
+    /// A device step's asset: the name of an earlier render step (a print or display needs one).
+    pub asset: Option<String>,
+    /// A device step's parameters (`lights`: `scene` and `brightness`).
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+impl PlanConfig {
+    /// Checks the plan; the error names the field: `plans[1] ("print-only").steps[2] ("print").asset`.
+    fn check(&self, at: usize, seen: &[PlanConfig]) -> Result<(), String> {
+        let plan = format!("plans[{at}] ({:?})", self.name);
+        let name_ok = |n: &str| {
+            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !name_ok(&self.name) {
+            return Err(format!("{plan}.name: use 1 to 64 of A-Z a-z 0-9 - _"));
+        }
+        if self.name == "gallery-print" || seen.iter().any(|p| p.name == self.name) {
+            return Err(format!("{plan}.name: {:?} is taken (gallery-print is built in)", self.name));
+        }
+        if self.steps.is_empty() {
+            return Err(format!("{plan}.steps: a plan needs at least one step"));
+        }
+        let mut approved = false;
+        for (i, s) in self.steps.iter().enumerate() {
+            let step = format!("{plan}.steps[{i}] ({:?})", s.name);
+            let before = &self.steps[..i];
+            // No `-` or `.`: a step's name goes into its renders' idempotency keys and its approval's id.
+            if s.name.is_empty() || s.name.len() > 64 || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(format!("{step}.name: use 1 to 64 of A-Z a-z 0-9 _"));
+            }
+            if before.iter().any(|b| b.name == s.name) {
+                return Err(format!("{step}.name: {:?} is named twice", s.name));
+            }
+            let unused = |field: &str, set: bool| {
+                if set { Err(format!("{step}.{field}: not for a {} step", s.kind)) } else { Ok(()) }
+            };
+            match s.kind.as_str() {
+                "render" => {
+                    if s.tier.is_none() {
+                        return Err(format!("{step}.tier: a render step needs one (preview, final or print)"));
+                    }
+                    if s.chosen && !approved {
+                        return Err(format!("{step}.chosen: no approve step comes before it to choose"));
+                    }
+                    unused("task", s.task.is_some())?;
+                    unused("asset", s.asset.is_some())?;
+                    unused("params", !s.params.is_empty())?;
+                }
+                "approve" => {
+                    if approved {
+                        return Err(format!("{step}.kind: a plan has one approve step at most"));
+                    }
+                    if before.iter().rev().find(|b| b.kind == "render").is_none_or(|b| b.chosen) {
+                        return Err(format!("{step}.kind: an approve step needs a render of every seed before it"));
+                    }
+                    approved = true;
+                    unused("tier", s.tier.is_some())?;
+                    unused("chosen", s.chosen)?;
+                    unused("task", s.task.is_some())?;
+                    unused("asset", s.asset.is_some())?;
+                    unused("params", !s.params.is_empty())?;
+                }
+                "device" => {
+                    let task: kiln_protocol::fleet::TaskKind = s
+                        .task
+                        .as_deref()
+                        .ok_or_else(|| {
+                            format!("{step}.task: a device step needs one (print, capture, display or lights)")
+                        })?
+                        .parse()
+                        .map_err(|e| format!("{step}.task: {e}"))?;
+                    match &s.asset {
+                        Some(a) => {
+                            let Some(r) = before.iter().find(|b| b.name == *a && b.kind == "render") else {
+                                return Err(format!("{step}.asset: {a:?} is not a render step before it"));
+                            };
+                            if !r.chosen {
+                                return Err(format!(
+                                    "{step}.asset: {a:?} renders every seed; name a render of the chosen one"
+                                ));
+                            }
+                        }
+                        None if task.needs_asset() => {
+                            return Err(format!(
+                                "{step}.asset: a {task} step needs the render step whose asset it takes"
+                            ));
+                        }
+                        None => {}
+                    }
+                    unused("tier", s.tier.is_some())?;
+                    unused("chosen", s.chosen)?;
+                }
+                other => return Err(format!("{step}.kind: {other:?} is not render, approve or device")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[scheduler.costs]`: a render costs the device time it took on its worker, times its tier's
+/// weight, in device-seconds; a token's budget (`kiln token create --budget`) is counted in these.
+/// A cache hit costs nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostsConfig {
+    /// The weight of a second of a preview render.
+    pub preview_weight: f64,
+    /// Of a final render.
+    pub final_weight: f64,
+    /// Of a print render: it holds the farm's largest slots longest.
+    pub print_weight: f64,
+    /// What a render is estimated to take, seconds, before the farm has rendered anything of its
+    /// tier to go by.
+    pub first_estimate_seconds: f64,
+}
+
+impl Default for CostsConfig {
+    fn default() -> Self {
+        CostsConfig { preview_weight: 1.0, final_weight: 1.0, print_weight: 2.0, first_estimate_seconds: 2.0 }
+    }
+}
+
+impl CostsConfig {
+    /// A tier's weight.
+    pub fn weight(&self, tier: Tier) -> f64 {
+        match tier {
+            Tier::Preview => self.preview_weight,
+            Tier::Final => self.final_weight,
+            Tier::Print => self.print_weight,
+        }
+    }
 }
 
 /// `[scheduler.orders]`: how the conductor runs orders' steps.
@@ -250,6 +419,8 @@ impl Default for SchedulerConfig {
             tls: TlsConfig::default(),
             retention: RetentionConfig::default(),
             orders: OrdersConfig::default(),
+            costs: CostsConfig::default(),
+            plans: Vec::new(),
         }
     }
 }
@@ -312,6 +483,17 @@ impl FarmConfig {
                     path: path.into(),
                     message: format!("in [scheduler]: {e}"),
                 })?;
+            }
+            if let Some(p) = table.remove("plans") {
+                let wrapped = toml::Table::from_iter([("plans".to_owned(), p)]);
+                #[derive(Deserialize)]
+                struct Plans {
+                    plans: Vec<PlanConfig>,
+                }
+                let plans: Plans = toml::Value::Table(wrapped).try_into().map_err(|e: toml::de::Error| {
+                    ConfigError::Parse { path: path.into(), message: format!("in [[plans]]: {e}") }
+                })?;
+                cfg.scheduler.plans = plans.plans;
             }
             cfg.worker = WorkerConfig::from_table(table, path)?;
         }
@@ -388,6 +570,20 @@ impl FarmConfig {
                 return bad(key, "must be at least 1".into());
             }
         }
+        for (i, plan) in s.plans.iter().enumerate() {
+            plan.check(i, &s.plans[..i]).map_err(|message| ConfigError::Invalid { key: "plans", message })?;
+        }
+        let c = &s.costs;
+        for (key, v) in [
+            ("scheduler.costs.preview_weight", c.preview_weight),
+            ("scheduler.costs.final_weight", c.final_weight),
+            ("scheduler.costs.print_weight", c.print_weight),
+            ("scheduler.costs.first_estimate_seconds", c.first_estimate_seconds),
+        ] {
+            if !(0.0..=1e6).contains(&v) {
+                return bad(key, format!("{v} is outside 0..=1000000"));
+            }
+        }
         if s.limits.max_body_bytes < 1024 {
             return bad(
                 "scheduler.limits.max_body_bytes",
@@ -456,6 +652,17 @@ impl FarmConfig {
             }
             Err(e) => out.push_str(&format!("# cannot print [scheduler]: {e}\n")),
         }
+        if !self.scheduler.plans.is_empty() {
+            let mut plans = toml::Table::new();
+            match toml::Value::try_from(&self.scheduler.plans) {
+                Ok(v) => {
+                    plans.insert("plans".into(), v);
+                    out.push('\n');
+                    out.push_str(&toml::to_string_pretty(&plans).unwrap_or_default());
+                }
+                Err(e) => out.push_str(&format!("# cannot print [[plans]]: {e}\n")),
+            }
+        }
         out
     }
 }
@@ -502,5 +709,61 @@ mod tests {
         let f = dir.path().join("printed.toml");
         std::fs::write(&f, cfg.to_toml()).unwrap();
         assert_eq!(FarmConfig::load_with(Some(&f), &|_| None).unwrap(), cfg);
+    }
+
+    /// A plan written in the config: preview every seed, pick one, render it final, show it.
+    const PLAN: &str = "[[plans]]\nname = \"pick-and-show\"\n\
+        [[plans.steps]]\nname = \"preview\"\nkind = \"render\"\ntier = \"preview\"\n\
+        [[plans.steps]]\nname = \"pick\"\nkind = \"approve\"\n\
+        [[plans.steps]]\nname = \"final\"\nkind = \"render\"\ntier = \"final\"\nchosen = true\n\
+        [[plans.steps]]\nname = \"show\"\nkind = \"device\"\ntask = \"display\"\nasset = \"final\"\n";
+
+    #[test]
+    fn plans_in_the_config_are_read_printed_and_checked_naming_plan_and_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(&f, PLAN).unwrap();
+        let cfg = FarmConfig::load_with(Some(&f), &|_| None).unwrap();
+        let plan = &cfg.scheduler.plans[0];
+        assert_eq!((plan.name.as_str(), plan.steps.len()), ("pick-and-show", 4));
+        assert!(plan.steps[2].chosen && plan.steps[3].asset.as_deref() == Some("final"));
+        let printed = dir.path().join("printed.toml");
+        std::fs::write(&printed, cfg.to_toml()).unwrap();
+        assert_eq!(FarmConfig::load_with(Some(&printed), &|_| None).unwrap(), cfg, "printed, it loads back the same");
+        for (change, want) in [
+            (("name = \"pick\"", "name = \"pick.me\""), "plans[0] (\"pick-and-show\").steps[1] (\"pick.me\").name:"),
+            (
+                ("asset = \"final\"", "asset = \"finale\""),
+                ".steps[3] (\"show\").asset: \"finale\" is not a render step",
+            ),
+            (
+                ("asset = \"final\"", "asset = \"preview\""),
+                ".steps[3] (\"show\").asset: \"preview\" renders every seed",
+            ),
+            (("task = \"display\"", "task = \"dance\""), ".steps[3] (\"show\").task: unknown task kind \"dance\""),
+            (
+                ("task = \"display\"\nasset = \"final\"", "task = \"display\""),
+                ".steps[3] (\"show\").asset: a display step needs",
+            ),
+            (("kind = \"approve\"", "kind = \"wait\""), ".steps[1] (\"pick\").kind: \"wait\" is not render"),
+            (("chosen = true\n", ""), ".steps[3] (\"show\").asset: \"final\" renders every seed"),
+            (("tier = \"preview\"\n", ""), ".steps[0] (\"preview\").tier: a render step needs one"),
+            (
+                ("name = \"pick-and-show\"", "name = \"gallery-print\""),
+                "plans[0] (\"gallery-print\").name: \"gallery-print\" is taken",
+            ),
+        ] {
+            std::fs::write(&f, PLAN.replacen(change.0, change.1, 1)).unwrap();
+            let e = FarmConfig::load_with(Some(&f), &|_| None).unwrap_err().to_string();
+            assert!(e.starts_with("plans: ") && e.contains(want), "{change:?}: {e}");
+        }
+        // A chosen render with no approval before it.
+        std::fs::write(&f, PLAN.replacen("kind = \"approve\"", "kind = \"render\"\ntier = \"final\"", 1)).unwrap();
+        let e = FarmConfig::load_with(Some(&f), &|_| None).unwrap_err().to_string();
+        assert!(e.contains(".steps[2] (\"final\").chosen: no approve step"), "{e}");
+        // A key no step has is named by the parser.
+        std::fs::write(&f, PLAN.replacen("chosen = true", "chosen = true\ncolour = 3", 1)).unwrap();
+        let e = FarmConfig::load_with(Some(&f), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("[[plans]]") && e.contains("colour"), "{e}");
     }
 }

@@ -70,7 +70,7 @@ pub async fn ensure_token(
     let mut n = 1;
     let secret = loop {
         let free = if n == 1 { name.to_owned() } else { format!("{name}-{n}") };
-        match sched.create_token(&free, role, devices, None).await {
+        match sched.create_token(&free, role, devices, None, None).await {
             Ok(s) => break s,
             Err(TokenRefusal::Store(crate::store::StoreError::Conflict(_))) if n < 1000 => n += 1,
             Err(e) => return Err(e).with_context(|| format!("failed to create the {role} token")),

@@ -302,6 +302,9 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                 tracing::info!(device = id, state = %state, "device state");
                 sched.order_waits.ended(&format!("device:{id}"));
                 sched.order_waits.ended(&format!("kind:{}", s.kind));
+                if state == DeviceState::Offline {
+                    went_offline(sched, &id).await?;
+                }
             }
             if is_back(before.as_ref(), &s) {
                 let n = sched.store.resend_now(&id).await?;
@@ -337,6 +340,22 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                 },
             }
         }
+    }
+    Ok(())
+}
+
+/// A device gone offline while tasks waited on it: one incident per task, however often the
+/// device comes and goes. The tasks go again when it is back, until their deadlines.
+async fn went_offline(sched: &Arc<Scheduler>, id: &str) -> Result<(), crate::store::StoreError> {
+    for t in sched.store.live_tasks().await?.into_iter().filter(|t| t.device_id == id) {
+        let summary = format!(
+            "device {id} went offline while task {} ({}, {}) waited on it; it goes again when the device is back, until its deadline at {}",
+            t.id,
+            t.kind,
+            t.state,
+            crate::time::rfc3339(t.deadline_ms)
+        );
+        sched.raise_incident("device_offline", &t.id, &format!("device-offline:{}", t.id), &summary).await?;
     }
     Ok(())
 }

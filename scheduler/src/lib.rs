@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod costs;
 pub mod dispatch;
 pub mod farm;
 pub mod fleet;

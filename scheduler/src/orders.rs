@@ -29,8 +29,8 @@ use crate::store::StoreError;
 use crate::store::fleet::NewTask;
 use crate::store::orders::{NewOrderEvent, OrderRow};
 
-/// The plans this build knows.
-pub const PLANS: [&str; 1] = ["gallery-print"];
+/// The plan built in.
+pub const GALLERY_PRINT: &str = "gallery-print";
 
 /// Most seeds an order may preview.
 pub const MAX_SEEDS: usize = 16;
@@ -43,7 +43,7 @@ enum Kind {
     /// The operator chooses one of the previous render's assets, or rejects them all.
     Approve,
     /// A device task: on the asset of the named render step, with these parameters.
-    Device { task: TaskKind, asset_of: Option<&'static str>, params: Map<String, Value> },
+    Device { task: TaskKind, asset_of: Option<String>, params: Map<String, Value> },
 }
 
 impl Kind {
@@ -59,21 +59,25 @@ impl Kind {
 /// A step of a plan.
 #[derive(Debug, Clone)]
 struct PlanStep {
-    name: &'static str,
+    name: String,
     kind: Kind,
 }
 
 /// `gallery-print`: preview each seed → approve one → final render → print render → print →
 /// lights for photography → photograph the print → show the final asset on the gallery display.
 fn gallery_print(cfg: &crate::config::OrdersConfig) -> Vec<PlanStep> {
-    let render = |name, tier, chosen| PlanStep { name, kind: Kind::Render { tier, chosen } };
-    let device = |name, task, asset_of, params: Value| PlanStep {
-        name,
-        kind: Kind::Device { task, asset_of, params: params.as_object().cloned().unwrap_or_default() },
+    let render = |name: &str, tier, chosen| PlanStep { name: name.into(), kind: Kind::Render { tier, chosen } };
+    let device = |name: &str, task, asset_of: Option<&str>, params: Value| PlanStep {
+        name: name.into(),
+        kind: Kind::Device {
+            task,
+            asset_of: asset_of.map(str::to_owned),
+            params: params.as_object().cloned().unwrap_or_default(),
+        },
     };
     vec![
         render("preview", Tier::Preview, false),
-        PlanStep { name: "approve", kind: Kind::Approve },
+        PlanStep { name: "approve".into(), kind: Kind::Approve },
         render("final", Tier::Final, true),
         render("print_render", Tier::Print, true),
         device("print", TaskKind::Print, Some("print_render"), json!({})),
@@ -88,8 +92,35 @@ fn gallery_print(cfg: &crate::config::OrdersConfig) -> Vec<PlanStep> {
     ]
 }
 
-fn plan(name: &str, cfg: &crate::config::OrdersConfig) -> Option<Vec<PlanStep>> {
-    (name == "gallery-print").then(|| gallery_print(cfg))
+/// A plan by name: the built-in one, or one of the config's `[[plans]]` (checked at start, so
+/// every step here is well formed).
+fn plan(name: &str, cfg: &crate::config::SchedulerConfig) -> Option<Vec<PlanStep>> {
+    if name == GALLERY_PRINT {
+        return Some(gallery_print(&cfg.orders));
+    }
+    let p = cfg.plans.iter().find(|p| p.name == name)?;
+    p.steps
+        .iter()
+        .map(|s| {
+            let kind = match s.kind.as_str() {
+                "render" => Kind::Render { tier: s.tier?, chosen: s.chosen },
+                "approve" => Kind::Approve,
+                _ => Kind::Device {
+                    task: s.task.as_deref()?.parse().ok()?,
+                    asset_of: s.asset.clone(),
+                    params: s.params.clone(),
+                },
+            };
+            Some(PlanStep { name: s.name.clone(), kind })
+        })
+        .collect()
+}
+
+/// The plans an order may name.
+fn plan_names(cfg: &crate::config::SchedulerConfig) -> String {
+    let mut names = vec![GALLERY_PRINT];
+    names.extend(cfg.plans.iter().map(|p| p.name.as_str()));
+    names.join(", ")
 }
 
 /// An order's document: what it asked, and each step's checkpoint.
@@ -108,6 +139,9 @@ struct Doc {
     error: Option<String>,
     expires_ms: i64,
     approval_timeout_ms: Option<i64>,
+    /// What its renders were estimated to cost when it was placed, weighted device-ms.
+    #[serde(default)]
+    estimate_ms: Option<i64>,
 }
 
 /// A step's checkpoint.
@@ -155,6 +189,9 @@ pub enum OrderError {
     /// It cannot be done in its present state.
     #[error("{0}")]
     Conflict(String),
+    /// Its renders would pass the token's budget.
+    #[error(transparent)]
+    OverBudget(#[from] crate::costs::OverBudget),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -224,10 +261,14 @@ impl Change<'_> {
     }
 }
 
-/// Places an order: checks it, writes it, and starts it. Returns its id.
-pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Result<String, OrderError> {
-    let steps = plan(&req.plan, &sched.cfg.orders).ok_or_else(|| {
-        OrderError::Invalid(format!("plan: {:?} is not a plan here (known: {})", req.plan, PLANS.join(", ")))
+/// What an order of `req` would be: its plan's steps and the renders it would make (every seed
+/// previewed, one carried on), each checked as a render of it would be.
+fn planned(
+    sched: &Scheduler,
+    req: &NewOrder,
+) -> Result<(Vec<PlanStep>, Vec<kiln_protocol::RenderRequest>), OrderError> {
+    let steps = plan(&req.plan, &sched.cfg).ok_or_else(|| {
+        OrderError::Invalid(format!("plan: {:?} is not a plan here (known: {})", req.plan, plan_names(&sched.cfg)))
     })?;
     if req.seeds.is_empty() || req.seeds.len() > MAX_SEEDS {
         return Err(OrderError::Invalid(format!("seeds: give 1 to {MAX_SEEDS} seeds, not {}", req.seeds.len())));
@@ -247,6 +288,37 @@ pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Resu
         idempotency_key: None,
     };
     sched.resolve(&probe).map_err(|e| OrderError::Invalid(e.to_string()))?;
+    let mut renders = Vec::new();
+    for step in &steps {
+        if let Kind::Render { tier, chosen } = step.kind {
+            let seeds = if chosen { &req.seeds[..1] } else { &req.seeds[..] };
+            for seed in seeds {
+                let r = JobRequest { seed: Some(*seed), tier, ..probe.clone() };
+                renders.push(sched.resolve(&r).map_err(|e| OrderError::Invalid(e.to_string()))?);
+            }
+        }
+    }
+    Ok((steps, renders))
+}
+
+/// What an order of `req` is estimated to cost, placing nothing: `POST /v1/orders?dry_run=true`.
+pub fn estimate(sched: &Scheduler, req: &NewOrder) -> Result<api::OrderEstimate, OrderError> {
+    let (_, renders) = planned(sched, req)?;
+    let estimated_cost_ms = renders.iter().map(|r| sched.estimate_ms(r)).sum::<f64>().round() as i64;
+    Ok(api::OrderEstimate { plan: req.plan.clone(), renders: renders.len(), estimated_cost_ms })
+}
+
+/// Places an order: checked whole (plan, seeds, prompt, model, the token's budget) before
+/// anything starts; then written and started. Returns its id.
+pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Result<String, OrderError> {
+    let (steps, renders) = planned(sched, &req)?;
+    // What its renders would cost, checked against the token's budget before anything is placed.
+    let estimate_ms = renders.iter().map(|r| sched.estimate_ms(r)).sum::<f64>().round() as i64;
+    let _budget = sched.within_budget(who, &renders).await.map_err(|e| match e {
+        crate::scheduler::SubmitError::OverBudget(o) => OrderError::OverBudget(o),
+        crate::scheduler::SubmitError::Store(s) => OrderError::Store(s),
+        e => OrderError::Invalid(e.to_string()),
+    })?;
     let now = now_ms();
     let secs = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
     let id = format!("o{:011x}{:012x}", now, sched.random() >> 16);
@@ -279,6 +351,7 @@ pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Resu
         error: None,
         expires_ms: now.saturating_add(secs(req.expires_in_seconds.unwrap_or(30 * 24 * 3600))),
         approval_timeout_ms: req.approval_timeout_seconds.map(secs),
+        estimate_ms: Some(estimate_ms),
     };
     let row = OrderRow {
         id: id.clone(),
@@ -356,6 +429,7 @@ pub fn order_view(row: &OrderRow) -> Result<api::Order, StoreError> {
         created_at: crate::time::rfc3339(row.created_ms),
         updated_at: crate::time::rfc3339(row.updated_ms),
         expires_at: crate::time::rfc3339(doc.expires_ms),
+        estimated_cost_ms: doc.estimate_ms,
         events: None,
     })
 }
@@ -375,6 +449,62 @@ fn approval_view(row: &OrderRow, doc: &Doc, a: &ApprovalDoc) -> api::Approval {
         option: a.option,
         reason: a.reason.clone(),
     }
+}
+
+/// The order, step and attempt an order's render job was submitted for, from its idempotency
+/// key (`order-{order}-{step}-{attempt}-{n}`).
+fn order_of_key(key: &str) -> Option<(&str, &str)> {
+    let (order, rest) = key.strip_prefix("order-")?.split_once('-')?;
+    let mut back = rest.rsplitn(3, '-');
+    let (_n, _attempt, step) = (back.next()?, back.next()?, back.next()?);
+    Some((order, step))
+}
+
+/// What an asset's provenance adds to the worker's record: who asked for it (the first job that
+/// has it) and, for each order whose render made or was answered by it, the order, its step and
+/// its approval (who decided, when, which option, why).
+pub async fn provenance_of(sched: &Scheduler, hash: &str) -> Result<Map<String, Value>, StoreError> {
+    let jobs = sched.store.asset_jobs(hash, 50).await?;
+    let mut out = Map::new();
+    if let Some(first) = jobs.first() {
+        out.insert(
+            "asked_by".into(),
+            json!({ "client": first.client, "job": first.id, "at": crate::time::rfc3339(first.created_ms) }),
+        );
+    }
+    let mut orders = Vec::new();
+    let mut seen = BTreeSet::new();
+    for j in &jobs {
+        let Some((order, step)) = j.idempotency_key.as_deref().and_then(order_of_key) else { continue };
+        // Only the order's own renders: a key is the client's to choose.
+        let Some(row) = sched.store.order(order).await?.filter(|r| r.client == j.client) else { continue };
+        if !seen.insert((order.to_owned(), step.to_owned())) {
+            continue;
+        }
+        let doc = parse_doc(&row)?;
+        let approval = doc.approval.as_ref().filter(|a| a.decided_by.is_some()).map(|a| {
+            json!({
+                "id": approval_id(&row.id, &a.step),
+                "state": a.state,
+                "decided_by": a.decided_by,
+                "decided_at": a.decided_ms.map(crate::time::rfc3339),
+                "option": a.option,
+                "reason": a.reason,
+            })
+        });
+        orders.push(json!({
+            "order": row.id,
+            "plan": row.plan,
+            "client": row.client,
+            "step": step,
+            "job": j.id,
+            "approval": approval,
+        }));
+    }
+    if !orders.is_empty() {
+        out.insert("orders".into(), Value::Array(orders));
+    }
+    Ok(out)
 }
 
 fn approval_id(order: &str, step: &str) -> String {
@@ -490,8 +620,9 @@ pub async fn cancel(sched: &Arc<Scheduler>, who: &Caller, id: &str) -> Result<ap
     let done: Vec<String> =
         c.doc.steps[..c.doc.current].iter().filter(|s| s.kind == "device").map(|s| s.name.clone()).collect();
     for job in c.doc.steps.get(c.doc.current).map(|s| s.jobs.clone()).unwrap_or_default() {
-        let _ =
-            sched.cancel(&Caller { name: row.client.clone(), role: Role::Operator, devices: Vec::new() }, &job).await;
+        let _ = sched
+            .cancel(&Caller { name: row.client.clone(), role: Role::Operator, devices: Vec::new(), budget: None }, &job)
+            .await;
     }
     let why = if done.is_empty() {
         format!("cancelled by {} at step {at}", who.name)
@@ -608,10 +739,18 @@ async fn advance_held(sched: &Arc<Scheduler>, id: &str) -> Result<Option<i64>, S
             return Ok(None);
         }
         let doc = parse_doc(&row)?;
-        let Some(steps) = plan(&row.plan, &sched.cfg.orders) else {
-            tracing::error!(order = id, plan = row.plan, "an order of a plan this build does not know; left as it is");
+        let Some(steps) = plan(&row.plan, &sched.cfg) else {
+            tracing::error!(order = id, plan = row.plan, "an order of a plan this farm does not know; left as it is");
             return Ok(None);
         };
+        if steps.len() != doc.steps.len() || steps.iter().zip(&doc.steps).any(|(p, s)| p.name != s.name) {
+            let summary = format!(
+                "order {id}: plan {:?} in the config no longer has the steps the order was placed with; it waits until the plan is put back or the order is cancelled",
+                row.plan
+            );
+            sched.raise_incident("order_plan_changed", id, &format!("order:{id}:plan"), &summary).await?;
+            return Ok(None);
+        }
         let mut c = Change { id, doc: doc.clone(), state: row.state.clone(), events: Vec::new(), now: now_ms() };
         let wake = step_through(sched, &row, &steps, &mut c).await?;
         if c.doc == doc && c.state == row.state {
@@ -658,7 +797,7 @@ async fn step_through(
         let progress = match &plan_step.kind {
             Kind::Render { tier, chosen } => render(sched, row, c, i, *tier, *chosen).await?,
             Kind::Approve => approve(sched, c, i).await?,
-            Kind::Device { task, asset_of, params } => device(sched, c, i, *task, *asset_of, params).await?,
+            Kind::Device { task, asset_of, params } => device(sched, c, i, *task, asset_of.as_deref(), params).await?,
         };
         match progress {
             Progress::Next => {
@@ -703,7 +842,7 @@ async fn render(
                 return Ok(Progress::End("failed", "no option was chosen before a chosen-seed render".into()));
             }
         };
-        let client = Caller { name: row.client.clone(), role: Role::Client, devices: Vec::new() };
+        let client = Caller { name: row.client.clone(), role: Role::Client, devices: Vec::new(), budget: None };
         let attempt = c.doc.steps[i].attempt;
         let name = c.doc.steps[i].name.clone();
         let mut jobs = Vec::with_capacity(seeds.len());

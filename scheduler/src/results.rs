@@ -256,9 +256,13 @@ impl Scheduler {
                 bytes: *bytes,
                 provenance: provenance.clone(),
                 png: png.clone(),
+                cost: Some(self.cost_of(r.d.tier, r.finished_ms - r.started_ms)),
             },
             Ended::Failed { error, transient } => self.retry_or_fail(&r.d, error.clone(), *transient),
         };
+        if let Outcome::Succeeded { cost: Some(c), .. } = &outcome {
+            self.estimates.note(&r.d.request, c.device_ms);
+        }
         if let Outcome::Retry { error, .. } | Outcome::Failed { error } = &outcome {
             match self.weigh_failure(r, error).await {
                 Ok(Some(quarantined)) => outcome = quarantined,

@@ -110,6 +110,9 @@ pub enum SubmitError {
     /// The model is not one this farm has.
     #[error("model: unknown model {0:?}; this farm has \"cppn\"")]
     UnknownModel(String),
+    /// It would pass the token's budget.
+    #[error(transparent)]
+    OverBudget(#[from] crate::costs::OverBudget),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -166,6 +169,21 @@ impl Live {
     }
 }
 
+/// What a token has used of its budget ([`Scheduler::budget_use`]).
+pub struct BudgetUse {
+    /// Spent this period, weighted device-seconds.
+    pub used: f64,
+    /// Estimated for its live renders.
+    pub in_flight: f64,
+    /// Those renders.
+    pub live: Vec<RenderRequest>,
+    /// When the period ends, unix ms.
+    pub resets_ms: i64,
+}
+
+/// Renders the estimates start from.
+const ESTIMATE_FROM: u32 = 2000;
+
 /// The scheduler: shared by the API, the dispatcher and the workers.
 pub struct Scheduler {
     /// Durable state.
@@ -199,6 +217,9 @@ pub struct Scheduler {
     pub(crate) event_streams: EventStreams,
     /// What the studio's orders wait on; jobs ending wake them.
     pub order_waits: crate::waits::OrderWaits,
+    /// The recent renders' device times, to estimate costs from.
+    pub estimates: crate::costs::Estimates,
+    budget_locks: crate::costs::BudgetLocks,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
 }
@@ -230,10 +251,27 @@ impl Scheduler {
             fleet_wake: Notify::new(),
             event_streams: EventStreams::default(),
             order_waits: Default::default(),
+            estimates: Default::default(),
+            budget_locks: Default::default(),
             rng: Mutex::new(Rng::new(seed)),
             tiers,
         };
         s.reload_tokens().await?;
+        // Estimates start from the latest renders, oldest noted first.
+        for c in s.store.recent_charges(ESTIMATE_FROM).await?.iter().rev() {
+            let r = RenderRequest {
+                model: String::new(),
+                prompt: String::new(),
+                seed: 0,
+                tier: c.tier,
+                width: c.width,
+                height: c.height,
+                samples: c.samples,
+                watermark: false,
+                dither: false,
+            };
+            s.estimates.note(&r, c.device_ms);
+        }
         for (tier, state, n) in s.store.counts().await? {
             s.metrics.jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(n);
         }
@@ -322,7 +360,12 @@ impl Scheduler {
             .collect();
         let map = rows
             .into_iter()
-            .map(|t| (t.token_hash, (Caller { name: t.name, role: t.role, devices: t.devices }, t.expires_ms)))
+            .map(|t| {
+                (
+                    t.token_hash,
+                    (Caller { name: t.name, role: t.role, devices: t.devices, budget: t.budget }, t.expires_ms),
+                )
+            })
             .collect();
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
         *self.signers.write().unwrap_or_else(|p| p.into_inner()) = signers;
@@ -424,7 +467,12 @@ impl Scheduler {
         role: Role,
         devices: &[String],
         expires_ms: Option<i64>,
+        budget: Option<crate::costs::Budget>,
     ) -> Result<Secret, TokenRefusal> {
+        if budget.is_some() && role != Role::Client {
+            let message = format!("only a client token carries a budget, not a {role} token");
+            return Err(TokenRefusal::Field { field: "budget_seconds".into(), message });
+        }
         if !devices.is_empty() && role != Role::Device {
             let message = format!("only a device token serves devices, not a {role} token");
             return Err(TokenRefusal::Field { field: "devices".into(), message });
@@ -455,10 +503,75 @@ impl Scheduler {
             devices: devices.to_vec(),
             created_ms: now_ms(),
             expires_ms,
+            budget,
         };
         self.store.add_token(row, now_ms()).await?;
         self.reload_tokens().await?;
         Ok(secret)
+    }
+
+    /// What `r` is expected to cost, weighted device-milliseconds (before the cache is asked).
+    pub fn estimate_ms(&self, r: &RenderRequest) -> f64 {
+        self.estimates.device_ms(r, &self.cfg.costs) * self.cfg.costs.weight(r.tier)
+    }
+
+    /// What `client` has spent of `budget` in the period `now_ms` falls in, and has in flight.
+    pub async fn budget_use(
+        &self,
+        client: &str,
+        budget: crate::costs::Budget,
+        now_ms: i64,
+    ) -> Result<BudgetUse, StoreError> {
+        let (start, resets_ms) = budget.period.bounds(now_ms);
+        let used = self.store.spent(client, start).await? as f64 / 1000.0;
+        let live = self.store.live_requests(client).await?;
+        let in_flight = live.iter().map(|r| self.estimate_ms(r)).sum::<f64>() / 1000.0;
+        Ok(BudgetUse { used, in_flight, live, resets_ms })
+    }
+
+    /// What a render that took `device_ms` on its worker costs.
+    pub fn cost_of(&self, tier: kiln_protocol::Tier, device_ms: i64) -> crate::store::Cost {
+        let device_ms = device_ms.max(0);
+        let cost_ms = (device_ms as f64 * self.cfg.costs.weight(tier)).round() as i64;
+        crate::store::Cost { device_ms, cost_ms }
+    }
+
+    /// Whether `caller` may ask for `asked` within its budget: what it spent this period, what
+    /// it has in flight and what this asks (a render the cache or a live job of its own answers
+    /// costs nothing) must fit. The token's lock comes back held: keep it until what was let
+    /// through is stored, so two calls of one token cannot both take the same room. `None`
+    /// for a token without a budget.
+    pub async fn within_budget(
+        &self,
+        caller: &Caller,
+        asked: &[RenderRequest],
+    ) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>, SubmitError> {
+        let Some(budget) = caller.budget else { return Ok(None) };
+        let guard = self.budget_locks.lock(&caller.name).await;
+        let BudgetUse { used, in_flight, live, resets_ms } = self.budget_use(&caller.name, budget, now_ms()).await?;
+        let mut free: std::collections::HashSet<String> = live.iter().map(|r| self.worker.key(r).to_string()).collect();
+        let keys: Vec<String> = asked.iter().map(|r| self.worker.key(r).to_string()).collect();
+        free.extend(self.store.cached(keys.clone()).await?);
+        let mut asked_s = 0.0;
+        for (r, key) in asked.iter().zip(keys) {
+            // The second of two alike in one call is attached to the first.
+            if free.insert(key) {
+                asked_s += self.estimate_ms(r) / 1000.0;
+            }
+        }
+        if asked_s > 0.0 && used + in_flight + asked_s > budget.seconds as f64 {
+            return Err(SubmitError::OverBudget(crate::costs::OverBudget {
+                client: caller.name.clone(),
+                budget: budget.seconds,
+                period: budget.period,
+                used,
+                in_flight,
+                asked: asked_s,
+                resets: crate::time::rfc3339(resets_ms),
+                resets_ms,
+            }));
+        }
+        Ok(Some(guard))
     }
 
     /// Resolves and validates a request as the farm would run it.
@@ -713,7 +826,7 @@ mod tests {
     async fn a_submit_watched_from_before_it_is_stored_wakes_at_its_end_and_leaves_no_waiter() {
         let dir = tempfile::tempdir().unwrap();
         let s = idle_scheduler(dir.path()).await;
-        let me = Caller { name: "ana".into(), role: Role::Client, devices: vec![] };
+        let me = Caller { name: "ana".into(), role: Role::Client, devices: vec![], budget: None };
         let req = |key: &str| JobRequest {
             idempotency_key: Some(key.into()),
             ..serde_json::from_value(

@@ -6,6 +6,7 @@
 //! each uploaded PNG's thumbnail itself rather than take one. A caller who may not upload at all
 //! is answered from the request head, before its body is read ([`unread`]).
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -393,14 +394,21 @@ pub(super) async fn provenance(
     check_hash(&hash)?;
     may_read(&s, &headers, &hash).await?;
     // Recorded with the asset's row, or (recorded before 0005, or uploaded) a file beside it.
-    if let Some(json) = s.store.provenance(&hash).await? {
-        return Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response());
-    }
-    match tokio::fs::read(s.worker.store().provenance_path(&hash)).await {
-        Ok(bytes) => Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(ApiError::not_found(format!("hash: no asset {hash}")))
-        }
-        Err(e) => Err(ApiError::internal(&e)),
-    }
+    let record = match s.store.provenance(&hash).await? {
+        Some(json) => json.into_bytes(),
+        None => match tokio::fs::read(s.worker.store().provenance_path(&hash)).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ApiError::not_found(format!("hash: no asset {hash}")));
+            }
+            Err(e) => return Err(ApiError::internal(&e)),
+        },
+    };
+    // The worker's record, with who asked and the orders it served added.
+    let mut record: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&record) {
+        Ok(m) => m,
+        Err(e) => return Err(ApiError::internal(&e)),
+    };
+    record.extend(crate::orders::provenance_of(&s, &hash).await?);
+    Ok(Json(record).into_response())
 }

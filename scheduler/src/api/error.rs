@@ -170,10 +170,17 @@ impl From<TokenRefusal> for ApiError {
     }
 }
 
+impl From<crate::costs::OverBudget> for ApiError {
+    fn from(o: crate::costs::OverBudget) -> Self {
+        ApiError::rejected(StatusCode::TOO_MANY_REQUESTS, "over_budget", o.to_string(), Some("budget".into()))
+    }
+}
+
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Store(s) => s.into(),
+            SubmitError::OverBudget(o) => o.into(),
             e => ApiError::invalid_msg(e.to_string()),
         }
     }

@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
-use kiln_protocol::{JobRequest, JobState, Tier, api};
+use kiln_protocol::{JobRequest, JobState, RenderRequest, Tier, api};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
@@ -197,6 +197,7 @@ fn body_bytes(s: &Scheduler, body: Result<Bytes, BytesRejection>) -> Result<Byte
         (status = 400, description = "A field breaks a limit, names an unknown tier or model, or `wait` is outside 0..=60", body = api::ErrorBody),
         openapi::PersonOnly,
         (status = 413, description = "The body is over `scheduler.limits.max_body_bytes`", body = api::ErrorBody),
+        (status = 429, description = "What it asks would pass the token's budget: the message says the budget, what is used and when it resets; nothing of it is queued", body = api::ErrorBody),
     ))]
 async fn submit(
     State(s): State<AppState>,
@@ -240,11 +241,15 @@ async fn submit(
                 let request = s.resolve(&req).map_err(|e| ApiError::invalid_msg(format!("jobs[{i}].{e}")))?;
                 resolved.push((request, req.idempotency_key));
             }
+            // Nothing of a batch starts unless all of it fits the budget.
+            let requests: Vec<RenderRequest> = resolved.iter().map(|(r, _)| r.clone()).collect();
+            let budget = s.within_budget(&who, &requests).await?;
             // Submitted together, the batch shares the store's writes (one transaction).
             let admitted = futures_util::future::join_all(
                 resolved.into_iter().map(|(r, key)| s.submit_watching(&who, r, key, wait.is_some())),
             )
             .await;
+            drop(budget);
             // On an error the watches drop, and with them their waiters.
             let (mut jobs, watches): (Vec<Job>, Vec<Option<Watch>>) =
                 admitted.into_iter().map(|a| a.map(|(job, _, watch)| (job, watch))).collect::<Result<_, _>>()?;
@@ -260,8 +265,10 @@ async fn submit(
                 req.idempotency_key = Some(k?);
             }
             let request = s.resolve(&req)?;
+            let budget = s.within_budget(&who, std::slice::from_ref(&request)).await?;
             let (mut job, admission, watch) =
                 s.submit_watching(&who, request, req.idempotency_key, wait.is_some()).await?;
+            drop(budget);
             if let Some(wait) = wait {
                 s.wait_submitted(&who, std::slice::from_mut(&mut job), watch.into_iter().collect(), wait).await?;
             }
@@ -593,6 +600,8 @@ async fn create_token(
     }
     /// Ten years: past that, no expiry at all is the honest setting.
     const MAX_EXPIRY_S: u64 = 10 * 365 * 24 * 3600;
+    /// A year of one device, day and night: a budget past it limits nothing.
+    const MAX_BUDGET_S: u64 = 366 * 24 * 3600;
     let expires_ms = match req.expires_in_seconds {
         None => None,
         Some(n) if (1..=MAX_EXPIRY_S).contains(&n) => Some(kiln_protocol::now_ms() + n as i64 * 1000),
@@ -603,9 +612,28 @@ async fn create_token(
             ));
         }
     };
-    let secret = s.create_token(&req.name, req.role, &req.devices, expires_ms).await?;
+    let budget = match (req.budget_seconds, req.budget_period.as_deref()) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(ApiError::invalid("budget_period", "needs budget_seconds")),
+        (Some(seconds), period) => {
+            if !(1..=MAX_BUDGET_S).contains(&seconds) {
+                return Err(ApiError::invalid("budget_seconds", format!("{seconds} is outside 1..={MAX_BUDGET_S}")));
+            }
+            let period = period.unwrap_or("day").parse().map_err(|e| ApiError::invalid("budget_period", e))?;
+            Some(crate::costs::Budget { seconds, period })
+        }
+    };
+    let secret = s.create_token(&req.name, req.role, &req.devices, expires_ms, budget).await?;
     let token = secret.expose().to_owned();
-    let made = api::TokenCreated { name: req.name, role: req.role, token, devices: req.devices, expires_ms };
+    let made = api::TokenCreated {
+        name: req.name,
+        role: req.role,
+        token,
+        devices: req.devices,
+        expires_ms,
+        budget_seconds: budget.map(|b| b.seconds),
+        budget_period: budget.map(|b| b.period.to_string()),
+    };
     Ok((StatusCode::CREATED, Json(made)).into_response())
 }
 
@@ -625,6 +653,8 @@ async fn list_tokens(State(s): State<AppState>, _: Operator) -> Result<Json<api:
             devices: t.devices,
             created_ms: t.created_ms,
             expires_ms: t.expires_ms,
+            budget_seconds: t.budget.map(|b| b.seconds),
+            budget_period: t.budget.map(|b| b.period.to_string()),
         })
         .collect();
     Ok(Json(api::Tokens { tokens }))

@@ -104,6 +104,7 @@ impl Modify for BearerAuth {
         super::orders::create_order, super::orders::list_orders, super::orders::get_order,
         super::orders::cancel_order, super::orders::list_approvals, super::orders::decide,
         super::orders::list_incidents, super::orders::get_incident, super::orders::act_on_incident,
+        super::orders::usage,
     ),
     components(schemas(SubmitBody, Submitted, EventData, api::Job, api::JobBatch, api::JobPage, api::JobEvent, api::JobProgress, api::ErrorBody)),
     tags(
@@ -136,7 +137,7 @@ mod tests {
     }
 
     /// Every route the router serves, with its method.
-    const ROUTES: [(&str, &str); 31] = [
+    const ROUTES: [(&str, &str); 32] = [
         ("post", "/v1/jobs"),
         ("get", "/v1/jobs"),
         ("get", "/v1/jobs/{id}"),
@@ -168,6 +169,7 @@ mod tests {
         ("get", "/v1/incidents"),
         ("get", "/v1/incidents/{id}"),
         ("post", "/v1/incidents/{id}"),
+        ("get", "/v1/usage"),
     ];
 
     #[test]

@@ -1,5 +1,6 @@
-//! Orders, approvals and incidents: the studio's calls. An order runs a plan (`gallery-print`)
-//! through [`crate::orders`]; an approval is decided here; an incident is what needs the operator.
+//! Orders, approvals, incidents and usage: the studio's calls. An order runs a plan
+//! (`gallery-print`) through [`crate::orders`]; an approval is decided here; an incident is what
+//! needs the operator; usage is what renders cost, against the tokens' budgets.
 
 use axum::Json;
 use axum::Router;
@@ -27,6 +28,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/approvals/{id}", post(decide))
         .route("/v1/incidents", get(list_incidents))
         .route("/v1/incidents/{id}", get(get_incident).post(act_on_incident))
+        .route("/v1/usage", get(usage))
 }
 
 impl From<OrderError> for ApiError {
@@ -35,25 +37,43 @@ impl From<OrderError> for ApiError {
             OrderError::Invalid(m) => ApiError::invalid_msg(m),
             OrderError::NotFound(m) => ApiError::not_found(m),
             OrderError::Conflict(m) => ApiError::conflict(m),
+            OrderError::OverBudget(o) => o.into(),
             OrderError::Store(s) => s.into(),
         }
     }
 }
 
-/// `POST /v1/orders`: places an order; it starts at once (its previews are submitted).
-#[utoipa::path(post, path = "/v1/orders", tag = "orders", request_body = api::NewOrder,
+/// `POST /v1/orders`' query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PlaceParams {
+    /// Check the order and say what it would cost (`200` with the estimate), placing nothing.
+    dry_run: Option<bool>,
+}
+
+/// `POST /v1/orders`: places an order; it starts at once (its previews are submitted). With
+/// `dry_run=true`, says what it would cost instead.
+#[utoipa::path(post, path = "/v1/orders", tag = "orders", request_body = api::NewOrder, params(PlaceParams),
     responses(
         (status = 201, description = "The order as placed", body = api::Order),
+        (status = 200, description = "`dry_run`: what it would cost; nothing is placed", body = api::OrderEstimate),
         (status = 400, description = "A field that does not check (the message names it)", body = api::ErrorBody),
         super::openapi::PersonOnly,
+        (status = 429, description = "Its renders would pass the token's budget: the message says the budget, what is used and when it resets; nothing is placed", body = api::ErrorBody),
     ))]
 pub(super) async fn create_order(
     State(s): State<AppState>,
     Person(who): Person,
+    q: Result<Query<PlaceParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(query_error)?;
     let body = body_bytes(&s, body)?;
     let req: api::NewOrder = ApiError::parse_json(&body)?;
+    if q.dry_run == Some(true) {
+        return Ok(Json(orders::estimate(&s, &req)?).into_response());
+    }
     let id = orders::create(&s, &who, req).await?;
     let order =
         orders::view(&s, &who, &id, false).await?.ok_or_else(|| ApiError::not_found(format!("no order {id}")))?;
@@ -315,4 +335,77 @@ pub(super) async fn act_on_incident(
     let done = s.store.resolve_incident(&id, &who.name, note, kiln_protocol::now_ms()).await?;
     let done = done.ok_or_else(|| ApiError::conflict(format!("incident {id} was resolved meanwhile")))?;
     Ok(Json(incident_view(done)))
+}
+
+/// `GET /v1/usage`' query.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UsageParams {
+    /// Only this token's use (an operator's choice: a client sees its own).
+    client: Option<String>,
+    /// From: RFC 3339 or unix seconds; default the UTC midnight 29 days before today's.
+    since: Option<String>,
+    /// Until, not included: RFC 3339 or unix seconds; default now.
+    until: Option<String>,
+}
+
+/// `GET /v1/usage`: what renders cost per token, tier and UTC day, and each budget's state.
+#[utoipa::path(get, path = "/v1/usage", tag = "orders", params(UsageParams),
+    responses(
+        (status = 200, body = api::Usage),
+        (status = 400, description = "A time that does not parse, or `since` not before `until`", body = api::ErrorBody),
+        super::openapi::PersonOnly,
+        (status = 403, description = "A client asking for another token's use", body = api::ErrorBody),
+    ))]
+pub(super) async fn usage(
+    State(s): State<AppState>,
+    Person(who): Person,
+    q: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Json<api::Usage>, ApiError> {
+    use crate::store::costs::DAY_MS;
+    let Query(q) = q.map_err(query_error)?;
+    let now = kiln_protocol::now_ms();
+    let time = |field: &str, value: Option<&str>, default: i64| match value {
+        None => Ok(default),
+        Some(t) => crate::time::parse_time(t)
+            .ok_or_else(|| ApiError::invalid(field, format!("{t:?}: expected RFC 3339 or unix seconds"))),
+    };
+    let until = time("until", q.until.as_deref(), now)?;
+    let since = time("since", q.since.as_deref(), (now.div_euclid(DAY_MS) - 29) * DAY_MS)?;
+    if since >= until {
+        return Err(ApiError::invalid("since", "must be before until"));
+    }
+    let client = match who.role {
+        crate::auth::Role::Operator => q.client,
+        _ if q.client.as_ref().is_some_and(|c| *c != who.name) => {
+            return Err(ApiError::forbidden("client: a client token sees its own use only"));
+        }
+        _ => Some(who.name.clone()),
+    };
+    let mut days = Vec::new();
+    for l in s.store.usage(client.clone(), since, until).await? {
+        days.push(api::UsageDay {
+            tier: l.tier.parse().map_err(|e: kiln_protocol::RequestError| ApiError::internal(&e))?,
+            day: crate::time::rfc3339(l.day_ms).chars().take(10).collect(),
+            client: l.client,
+            renders: u64::try_from(l.renders).unwrap_or(0),
+            device_seconds: l.device_ms as f64 / 1000.0,
+            cost_seconds: l.cost_ms as f64 / 1000.0,
+        });
+    }
+    let mut budgets = Vec::new();
+    for t in s.list_tokens().await? {
+        let Some(budget) = t.budget.filter(|_| client.as_ref().is_none_or(|c| *c == t.name)) else { continue };
+        let u = s.budget_use(&t.name, budget, now).await?;
+        budgets.push(api::BudgetUse {
+            client: t.name,
+            budget_seconds: budget.seconds,
+            period: budget.period.to_string(),
+            used_seconds: u.used,
+            in_flight_seconds: u.in_flight,
+            resets_at: crate::time::rfc3339(u.resets_ms),
+        });
+    }
+    Ok(Json(api::Usage { since: crate::time::rfc3339(since), until: crate::time::rfc3339(until), days, budgets }))
 }

@@ -6,6 +6,7 @@
 //! one transaction, and returns the events so the caller can publish them once they are durable.
 
 mod admit;
+pub mod costs;
 pub mod fleet;
 pub mod orders;
 pub mod postgres;
@@ -205,6 +206,9 @@ pub enum Outcome {
         /// see [`kiln_worker::assets::SPILL_BYTES`]); the first one recorded for an asset stays.
         /// `None` where it is a file in the asset store.
         png: Option<Vec<u8>>,
+        /// What it cost, charged to its client in the transaction that records it; `None` for
+        /// nothing charged.
+        cost: Option<Cost>,
     },
     /// It failed and will be tried again at `retry_at_ms`.
     Retry {
@@ -223,6 +227,15 @@ pub enum Outcome {
         /// Why, naming the workers, and the last error.
         error: String,
     },
+}
+
+/// What a render cost ([`Outcome::Succeeded`]): a row of `render_costs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    /// The device time it took on its worker, milliseconds.
+    pub device_ms: i64,
+    /// That time weighed by its tier (`[scheduler.costs]`), milliseconds.
+    pub cost_ms: i64,
 }
 
 impl Outcome {
@@ -343,10 +356,12 @@ pub struct TokenRow {
     pub created_ms: i64,
     /// When it stops working; never when `None`.
     pub expires_ms: Option<i64>,
+    /// What it may spend; no limit when `None`.
+    pub budget: Option<crate::costs::Budget>,
 }
 
 /// The scheduler's durable state.
-pub trait Store: fleet::FleetStore + orders::OrderStore + Send + Sync + 'static {
+pub trait Store: fleet::FleetStore + orders::OrderStore + costs::CostStore + Send + Sync + 'static {
     /// Admits a job in one transaction: an earlier job with the same idempotency key, else a
     /// `cached` job when an asset exists for the key, else a job attached to a live render of the
     /// same key, else a new `queued` job with an outbox row.

@@ -14,7 +14,7 @@ use sqlx::{ConnectOptions, PgConnection};
 
 use super::admit;
 use super::rows::{
-    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    Change, Charge, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, start_detail, start_event, state_of, token_from_row,
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
@@ -313,7 +313,35 @@ async fn finish_op(
             events.push(f.follower_event(d, r.col("seq")?, &job_id, r.col("created_ms")?, now_ms));
         }
     }
+    charge(conn, Charge::of(d, &outcome, now_ms).into_iter().collect()).await?;
     Ok(events)
+}
+
+/// Charges each success that its job's row now shows, once (`render_costs`).
+async fn charge(conn: &mut PgConnection, charges: Vec<Charge<'_>>) -> Result<(), StoreError> {
+    if charges.is_empty() {
+        return Ok(());
+    }
+    let col = |f: fn(&Charge) -> i64| charges.iter().map(f).collect::<Vec<i64>>();
+    sqlx::query(
+        "INSERT INTO render_costs (job_id, client, tier, width, height, samples, device_ms, cost_ms, at_ms) \
+         SELECT j.id, j.client, j.tier, x.w, x.h, x.s, x.device, x.cost, x.now \
+         FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], \
+           $8::BIGINT[]) AS x (job, attempt, w, h, s, device, cost, now) \
+         JOIN jobs j ON j.id = x.job WHERE j.state = 'succeeded' AND j.attempt = x.attempt \
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(charges.iter().map(|c| c.job).collect::<Vec<&str>>())
+    .bind(col(|c| c.attempt))
+    .bind(col(|c| c.w))
+    .bind(col(|c| c.h))
+    .bind(col(|c| c.s))
+    .bind(col(|c| c.device))
+    .bind(col(|c| c.cost))
+    .bind(col(|c| c.now))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// A batch of workers' results. Each result is its whole attempt (the start unless recorded
@@ -332,6 +360,7 @@ async fn record_many_op(conn: &mut PgConnection, results: Vec<Recorded>) -> Resu
         record_round(conn, &results, &round, &mut out).await?;
         left = later;
     }
+    charge(conn, results.iter().filter_map(|r| Charge::of(&r.d, &r.outcome, r.now_ms)).collect()).await?;
     Ok(out)
 }
 
@@ -436,3 +465,4 @@ super::shared::shared_ops!(PgConnection);
 super::shared::store_impl!(PgStore, PgConnection);
 super::fleet::fleet_impl!(PgStore, PgConnection);
 super::orders::orders_impl!(PgStore, PgConnection);
+super::costs::costs_impl!(PgStore);

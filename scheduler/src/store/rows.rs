@@ -95,6 +95,13 @@ pub(super) fn token_from_row(row: &impl Cols) -> Result<TokenRow, StoreError> {
         devices: row.col::<String>("devices")?.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
         created_ms: row.col("created_ms")?,
         expires_ms: row.col("expires_ms")?,
+        budget: match (row.col::<Option<i64>>("budget_seconds")?, row.col::<Option<String>>("budget_period")?) {
+            (Some(seconds), Some(period)) => Some(crate::costs::Budget {
+                seconds: u64::try_from(seconds).map_err(|e| corrupt("token budget", e))?,
+                period: period.parse().map_err(|e| corrupt("token budget period", e))?,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -260,6 +267,37 @@ pub(super) struct Finish<'a> {
     pub retry_at: Option<i64>,
     pub followers_to: Option<JobState>,
     pub followers_detail: String,
+}
+
+/// A success's row of `render_costs`, as the statements that write it read it (the job's client
+/// and tier come from its row, where it is still `succeeded` at this attempt).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct Charge<'a> {
+    pub job: &'a str,
+    pub attempt: i64,
+    pub w: i64,
+    pub h: i64,
+    pub s: i64,
+    pub device: i64,
+    pub cost: i64,
+    pub now: i64,
+}
+
+impl<'a> Charge<'a> {
+    /// The charge for attempt `d`'s end, if it cost anything.
+    pub fn of(d: &'a Dispatch, outcome: &Outcome, now_ms: i64) -> Option<Charge<'a>> {
+        let Outcome::Succeeded { cost: Some(c), .. } = outcome else { return None };
+        Some(Charge {
+            job: &d.job_id,
+            attempt: i64::from(d.attempt),
+            w: i64::from(d.request.width),
+            h: i64::from(d.request.height),
+            s: i64::from(d.request.samples),
+            device: c.device_ms,
+            cost: c.cost_ms,
+            now: now_ms,
+        })
+    }
 }
 
 impl<'a> Finish<'a> {

@@ -344,7 +344,8 @@ macro_rules! store_impl {
             fn tokens(&self) -> BoxFut<'_, Result<Vec<TokenRow>, StoreError>> {
                 Box::pin(async move {
                     let rows = sqlx::query(
-                        "SELECT token_hash, name, role, devices, created_ms, expires_ms FROM api_tokens WHERE revoked_ms IS NULL \
+                        "SELECT token_hash, name, role, devices, created_ms, expires_ms, budget_seconds, budget_period FROM api_tokens \
+                         WHERE revoked_ms IS NULL \
                          ORDER BY created_ms, name",
                     )
                     .fetch_all(&self.read)
@@ -358,8 +359,8 @@ macro_rules! store_impl {
                 let op: OpFn<$conn, Result<(), StoreError>> = Box::new(move |c| {
                     Box::pin(async move {
                         let inserted = sqlx::query(
-                            "INSERT INTO api_tokens (token_hash, name, role, created_ms, devices, expires_ms) \
-                             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
+                            "INSERT INTO api_tokens (token_hash, name, role, created_ms, devices, expires_ms, budget_seconds, \
+                               budget_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (name) DO NOTHING",
                         )
                         .bind(&token.token_hash)
                         .bind(&token.name)
@@ -367,6 +368,8 @@ macro_rules! store_impl {
                         .bind(now_ms)
                         .bind(token.devices.join(","))
                         .bind(token.expires_ms)
+                        .bind(token.budget.map(|b| i64::try_from(b.seconds).unwrap_or(i64::MAX)))
+                        .bind(token.budget.map(|b| b.period.as_str()))
                         .execute(&mut *c)
                         .await?;
                         if inserted.rows_affected() == 0 {
@@ -386,21 +389,15 @@ macro_rules! store_impl {
                 let op: OpFn<$conn, Result<$crate::store::Pruned, StoreError>> = Box::new(move |c| {
                     Box::pin(async move {
                         // Ended jobs (and tasks) before the cutoff, their rows in every table,
-                        // the jobs and tasks themselves last.
+                        // the jobs and tasks themselves last; not those of a live order.
                         let mut deleted = [0u64; 6];
                         for (n, sql) in [
-                            "DELETE FROM outbox WHERE job_id IN (SELECT id FROM jobs \
-                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
-                            "DELETE FROM attempt_failures WHERE job_id IN (SELECT id FROM jobs \
-                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
-                            "DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs \
-                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
-                            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-                             WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1)",
-                            "DELETE FROM device_task_events WHERE task_id IN (SELECT id FROM device_tasks \
-                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)",
-                            "DELETE FROM device_tasks WHERE id IN (SELECT id FROM device_tasks \
-                             WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1)",
+                            concat!("DELETE FROM outbox WHERE job_id IN (", super::shared::ended_jobs!(), ")"),
+                            concat!("DELETE FROM attempt_failures WHERE job_id IN (", super::shared::ended_jobs!(), ")"),
+                            concat!("DELETE FROM job_events WHERE job_id IN (", super::shared::ended_jobs!(), ")"),
+                            concat!("DELETE FROM jobs WHERE id IN (", super::shared::ended_jobs!(), ")"),
+                            concat!("DELETE FROM device_task_events WHERE task_id IN (", super::shared::ended_tasks!(), ")"),
+                            concat!("DELETE FROM device_tasks WHERE id IN (", super::shared::ended_tasks!(), ")"),
                         ]
                         .into_iter()
                         .enumerate()
@@ -559,4 +556,23 @@ macro_rules! store_impl {
     };
 }
 
-pub(super) use {shared_ops, store_impl};
+/// The ended jobs retention deletes (before `$1`), sparing a live order's renders: their ids
+/// are in its checkpoints, and their assets are its approval's options.
+macro_rules! ended_jobs {
+    () => {
+        "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'cached') AND finished_ms < $1 \
+         AND NOT (idempotency_key LIKE 'order-%' AND EXISTS (SELECT 1 FROM orders o \
+           WHERE o.state IN ('running', 'awaiting_approval') AND jobs.idempotency_key LIKE 'order-' || o.id || '-%'))"
+    };
+}
+
+/// The ended device tasks retention deletes (before `$1`), sparing a live order's.
+macro_rules! ended_tasks {
+    () => {
+        "SELECT id FROM device_tasks WHERE state IN ('succeeded', 'failed', 'timed_out', 'expired') AND updated_ms < $1 \
+         AND NOT (id LIKE 't-%' AND EXISTS (SELECT 1 FROM orders o \
+           WHERE o.state IN ('running', 'awaiting_approval') AND device_tasks.id LIKE 't-' || o.id || '-%'))"
+    };
+}
+
+pub(super) use {ended_jobs, ended_tasks, shared_ops, store_impl};

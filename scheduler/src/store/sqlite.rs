@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::admit;
 use super::rows::{
-    Change, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
+    Change, Charge, Cols, Finish, corrupt, dispatched_event, event, event_from_row, job_from_row, outgoing_from_row,
     start_allowed, start_detail, start_event, state_of, token_from_row,
 };
 use super::writer::{Connect, Gather, OpFn, WriteConn, Writer};
@@ -594,13 +594,26 @@ async fn end_many_op(conn: &mut SqliteConnection, ends: Vec<Ending>) -> Result<V
     for events in &mut out {
         events.sort_by_key(|e| e.seq);
     }
+    let charges: Vec<Charge> = ends.iter().filter_map(|e| Charge::of(&e.r.d, &e.r.outcome, e.r.now_ms)).collect();
+    if !charges.is_empty() {
+        sqlx::query(CHARGE_SQL).bind(json("charges", &charges)?).execute(&mut *conn).await?;
+    }
     Ok(out)
 }
+
+/// Each success of a batch that its job's row now shows, charged once (`render_costs`).
+const CHARGE_SQL: &str = "INSERT INTO render_costs (job_id, client, tier, width, height, samples, device_ms, cost_ms, at_ms) \
+     SELECT j.id, j.client, j.tier, x.value ->> 'w', x.value ->> 'h', x.value ->> 's', x.value ->> 'device', \
+       x.value ->> 'cost', x.value ->> 'now' \
+     FROM jsonb_each(?1) x JOIN jobs j ON j.id = x.value ->> 'job' \
+     WHERE j.state = 'succeeded' AND j.attempt = x.value ->> 'attempt' \
+     ON CONFLICT (job_id) DO NOTHING";
 
 super::shared::shared_ops!(SqliteConnection);
 super::shared::store_impl!(SqliteStore, SqliteConnection);
 super::fleet::fleet_impl!(SqliteStore, SqliteConnection);
 super::orders::orders_impl!(SqliteStore, SqliteConnection);
+super::costs::costs_impl!(SqliteStore);
 
 #[cfg(test)]
 mod tests {
@@ -662,6 +675,7 @@ mod tests {
             devices: vec![],
             created_ms: 1,
             expires_ms: None,
+            budget: None,
         };
         store.add_token(row, 1).await.unwrap();
         // The flusher wakes on this count and opens the log by name: a wrong name would find

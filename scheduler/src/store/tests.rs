@@ -70,7 +70,71 @@ both_stores!(
     an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_that_work_on_it,
     retention_deletes_what_ended_long_ago_and_the_assets_nothing_names,
     an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_cause,
+    renders_are_charged_once_and_retention_spares_a_live_orders_renders,
 );
+
+async fn renders_are_charged_once_and_retention_spares_a_live_orders_renders(s: &dyn Store) {
+    use super::Cost;
+    use super::costs::AssetJob;
+    use super::orders::OrderRow;
+    // A client's own job, and an order's render (its idempotency key names the order).
+    let mut ordered = new_job("ordered", "k2", 2);
+    ordered.idempotency_key = Some("order-o9-preview-1-0".into());
+    s.submit(new_job("mine", "k1", 1)).await.unwrap();
+    s.submit(ordered).await.unwrap();
+    assert_eq!(s.live_requests("tester").await.unwrap().len(), 2, "both are in flight");
+    let due = s.take_due(2000, 10).await.unwrap();
+    for d in &due.jobs {
+        let cost = Some(Cost { device_ms: 40, cost_ms: 80 });
+        let ok = Outcome::Succeeded { asset: format!("h-{}", d.job_id), bytes: 1, provenance: None, png: None, cost };
+        if d.job_id == "mine" {
+            s.start(d, 2001).await.unwrap();
+            s.finish(d, ok.clone(), 2002).await.unwrap();
+        } else {
+            s.record(d, 2001, ok.clone(), 2002).await.unwrap();
+        }
+        // A repeat changes nothing, and charges nothing more.
+        s.record(d, 2001, ok, 2003).await.unwrap();
+    }
+    assert!(s.live_requests("tester").await.unwrap().is_empty());
+    assert_eq!(s.spent("tester", 0).await.unwrap(), 160);
+    assert_eq!((s.spent("tester", 2003).await.unwrap(), s.spent("other", 0).await.unwrap()), (0, 0));
+    let usage = s.usage(None, 0, 10_000).await.unwrap();
+    let u = &usage[0];
+    assert_eq!((usage.len(), u.client.as_str(), u.tier.as_str(), u.day_ms), (1, "tester", "preview", 0));
+    assert_eq!((u.renders, u.device_ms, u.cost_ms), (2, 80, 160));
+    assert!(s.usage(Some("other".into()), 0, 10_000).await.unwrap().is_empty());
+    let recent = s.recent_charges(10).await.unwrap();
+    assert_eq!((recent.len(), recent[0].width, recent[0].device_ms), (2, 16, 40));
+    assert_eq!(s.cached(vec!["k1".into(), "kx".into()]).await.unwrap(), ["k1"]);
+    let asked = s.asset_jobs("h-ordered", 10).await.unwrap();
+    let want = AssetJob {
+        id: "ordered".into(),
+        client: "tester".into(),
+        idempotency_key: Some("order-o9-preview-1-0".into()),
+        created_ms: 1000,
+    };
+    assert_eq!(asked, [want]);
+    // Retention spares the renders of a live order; once it has ended, they go too.
+    let order = |state: &str, version| OrderRow {
+        id: "o9".into(),
+        plan: "gallery-print".into(),
+        client: "tester".into(),
+        state: state.into(),
+        doc: "{}".into(),
+        version,
+        created_ms: 1000,
+        updated_ms: 1000,
+    };
+    assert!(s.save_order(order("awaiting_approval", 1), 0, vec![]).await.unwrap());
+    assert_eq!(s.prune(i64::MAX, 0).await.unwrap().jobs, 1);
+    assert!(s.job("mine").await.unwrap().is_none() && s.job("ordered").await.unwrap().is_some());
+    assert!(s.save_order(order("succeeded", 2), 1, vec![]).await.unwrap());
+    assert_eq!(s.prune(i64::MAX, 0).await.unwrap().jobs, 1);
+    assert!(s.job("ordered").await.unwrap().is_none());
+    // What was charged outlives the jobs.
+    assert_eq!(s.spent("tester", 0).await.unwrap(), 160);
+}
 
 async fn an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_cause(s: &dyn Store) {
     use super::orders::{Incident, NewOrderEvent, OrderQuery, OrderRow};
@@ -224,7 +288,7 @@ async fn the_job_row_is_the_projection_of_its_events_through_a_whole_life(s: &dy
     let d2 = s.take_due(5000, 10).await.unwrap().jobs.remove(0);
     assert_eq!(d2.attempt, 2);
     s.start(&d2, 5001).await.unwrap().unwrap();
-    s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None, png: None }, 5002)
+    s.finish(&d2, Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None, png: None, cost: None }, 5002)
         .await
         .unwrap();
     check_projection(s, "a").await;
@@ -239,7 +303,7 @@ async fn reports_are_idempotent_by_job_and_attempt(s: &dyn Store) {
     let d = s.take_due(2000, 10).await.unwrap().jobs.remove(0);
     assert!(s.start(&d, 2001).await.unwrap().is_some());
     assert!(s.start(&d, 2002).await.unwrap().is_none(), "a second start of the same attempt is refused");
-    let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None, png: None };
+    let ok = Outcome::Succeeded { asset: "h1".into(), bytes: 10, provenance: None, png: None, cost: None };
     assert_eq!(s.finish(&d, ok.clone(), 2003).await.unwrap().len(), 1);
     assert!(s.finish(&d, ok, 2004).await.unwrap().is_empty(), "a redelivered result changes nothing");
     let stale = Dispatch { attempt: 7, ..d.clone() };
@@ -302,7 +366,7 @@ async fn an_asset_is_readable_by_the_clients_whose_jobs_have_it_and_the_devices_
     let due = s.take_due(2000, 10).await.unwrap();
     s.start(&due.jobs[0], 2001).await.unwrap();
     assert!(!readable(Some("tester"), &[]).await.unwrap(), "not before the job has it");
-    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None };
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None, cost: None };
     s.finish(&due.jobs[0], ok, 2002).await.unwrap();
     assert!(readable(Some("tester"), &[]).await.unwrap());
     assert!(!readable(Some("someone else"), &[]).await.unwrap());
@@ -335,7 +399,8 @@ async fn retention_deletes_what_ended_long_ago_and_the_assets_nothing_names(s: &
     let due = s.take_due(2000, 10).await.unwrap();
     for (d, at) in due.jobs.iter().filter(|d| d.job_id != "live").zip([2002, 2003]) {
         s.start(d, 2001).await.unwrap();
-        let ok = Outcome::Succeeded { asset: format!("h-{}", d.job_id), bytes: 1, provenance: None, png: None };
+        let ok =
+            Outcome::Succeeded { asset: format!("h-{}", d.job_id), bytes: 1, provenance: None, png: None, cost: None };
         s.finish(d, ok, at).await.unwrap();
     }
     let task = |id: &str, asset: &str| super::fleet::NewTask {
@@ -381,7 +446,7 @@ async fn the_cache_and_single_flight_are_decided_in_the_writer(s: &dyn Store) {
     let d = &due.jobs[0];
     s.start(d, 2001).await.unwrap();
     let events = s
-        .finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None }, 2002)
+        .finish(d, Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None, cost: None }, 2002)
         .await
         .unwrap();
     assert_eq!(events.len(), 2, "the leader and its follower succeed together");
@@ -432,7 +497,9 @@ async fn the_relay_marks_rows_sent_only_when_told_and_a_result_may_overtake_it(s
     let b = p.rows[1].dispatch.clone();
     let started = s.start(&b, 2001).await.unwrap().expect("a queued job whose row went out may start");
     assert_eq!(started.from, Some(JobState::Queued));
-    s.finish(&b, Outcome::Succeeded { asset: "hb".into(), bytes: 3, provenance: None, png: None }, 2002).await.unwrap();
+    s.finish(&b, Outcome::Succeeded { asset: "hb".into(), bytes: 3, provenance: None, png: None, cost: None }, 2002)
+        .await
+        .unwrap();
     let ids = p.rows.iter().map(|o| o.id).collect();
     let events = s.mark_sent(ids, 2003).await.unwrap();
     let moved: Vec<_> = events.iter().map(|e| (e.job_id.as_str(), e.state)).collect();
@@ -455,6 +522,7 @@ async fn tokens_are_unique_by_name(s: &dyn Store) {
         devices: vec![],
         created_ms: 1,
         expires_ms: None,
+        budget: None,
     };
     s.add_token(row("h1"), 1).await.unwrap();
     assert!(matches!(s.add_token(row("h2"), 2).await, Err(StoreError::Conflict(_))));
@@ -465,6 +533,7 @@ async fn tokens_are_unique_by_name(s: &dyn Store) {
         devices: vec!["printer-1".into(), "camera-1".into()],
         created_ms: 3,
         expires_ms: Some(99),
+        budget: Some(crate::costs::Budget { seconds: 3600, period: crate::costs::Period::Week }),
     };
     s.add_token(pi.clone(), 3).await.unwrap();
     let tokens = s.tokens().await.unwrap();
@@ -535,7 +604,7 @@ async fn a_whole_attempt_recorded_at_once_is_start_then_finish(s: &dyn Store) {
     assert_eq!(d2.attempt, 2);
     // The retry succeeds (its result overtaking the relay's mark would be the same: `queued`
     // at the attempt before also starts); the follower succeeds with it.
-    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 3, provenance: None, png: None };
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 3, provenance: None, png: None, cost: None };
     let events = s.record(&d2, 3001, ok.clone(), 3002).await.unwrap();
     let ids: Vec<(&str, JobState)> = events.iter().map(|e| (e.job_id.as_str(), e.state)).collect();
     assert_eq!(ids, vec![("lead", JobState::Running), ("lead", JobState::Succeeded), ("follow", JobState::Succeeded)]);
@@ -644,7 +713,7 @@ async fn concurrent_submits_and_results_keep_the_rules_of_one_at_a_time(s: &dyn 
     assert!(once.iter().all(|id| *id == once[0]), "{once:?}");
     let due = s.take_due(2000, 100).await.unwrap().jobs;
     assert_eq!(due.len(), 2);
-    let ok = |h: &str| Outcome::Succeeded { asset: h.into(), bytes: 1, provenance: None, png: None };
+    let ok = |h: &str| Outcome::Succeeded { asset: h.into(), bytes: 1, provenance: None, png: None, cost: None };
     // Each result delivered three times at once.
     let recs = join_all(
         due.iter().flat_map(|d| (0..3).map(move |_| (d, ok(&d.cache_key)))).map(|(d, o)| s.record(d, 2001, o, 2002)),
@@ -676,7 +745,7 @@ async fn a_job_starts_and_finishes_once_however_many_reports_come_together(s: &d
         (started[0].state, started[0].from, started[0].attempt),
         (JobState::Running, Some(JobState::Dispatched), 1)
     );
-    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None };
+    let ok = Outcome::Succeeded { asset: "h".into(), bytes: 1, provenance: None, png: None, cost: None };
     let ends = join_all((0..3).map(|_| s.finish(&d, ok.clone(), 2002))).await;
     let ends: Vec<Vec<Event>> = ends.into_iter().map(Result::unwrap).filter(|e| !e.is_empty()).collect();
     assert_eq!(ends.len(), 1, "{ends:?}");
@@ -723,7 +792,13 @@ async fn batches_see_their_own_earlier_members<S: Batches>(s: &S) {
     let ids: Vec<&str> = due.iter().map(|d| d.job_id.as_str()).collect();
     assert_eq!(ids, ["a", "c"]);
     let (a, c) = (&due[0], &due[1]);
-    let ok = |p: &str| Outcome::Succeeded { asset: "ha".into(), bytes: 1, provenance: Some(p.into()), png: None };
+    let ok = |p: &str| Outcome::Succeeded {
+        asset: "ha".into(),
+        bytes: 1,
+        provenance: Some(p.into()),
+        png: None,
+        cost: None,
+    };
     let retry = Outcome::Retry { error: "boom".into(), retry_at_ms: 9000 };
     let rec = |d: &Dispatch, outcome: Outcome| Recorded { d: d.clone(), started_ms: 2001, outcome, now_ms: 2002 };
     let out = s.records(vec![rec(a, ok("{\"n\":1}")), rec(a, ok("{\"n\":2}")), rec(c, retry)]).await.unwrap();
@@ -828,6 +903,7 @@ async fn an_asset_keeps_the_first_provenance_and_png_recorded_for_it<S: Batches>
         bytes: 1,
         provenance: p.map(str::to_owned),
         png: png.map(<[u8]>::to_vec),
+        cost: None,
     };
     s.record(&due[0], 2001, ok("h1", None, None), 2002).await.unwrap();
     assert_eq!(s.provenance("h1").await.unwrap(), None, "recorded without one");
