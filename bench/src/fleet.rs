@@ -26,7 +26,7 @@ use kiln_scheduler::config::FarmConfig;
 use kiln_scheduler::store::fleet::TaskState;
 
 use crate::farm::{BenchFarm, Cleanup, Trips, tiny_jobs};
-use crate::stats::{median, percentile, proc_status_mib};
+use crate::stats::{cpu_seconds, median, percentile, proc_status_mib};
 
 /// `kiln bench fleet`'s arguments.
 #[derive(Debug, Args)]
@@ -49,16 +49,6 @@ pub struct FleetBenchArgs {
     /// The MQTT broker.
     #[arg(long, env = "KILN_BENCH_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
     pub mqtt_url: String,
-}
-
-/// CPU seconds (user + system) a process has used, from /proc/PID/stat (USER_HZ is 100 on Linux).
-fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).context("a malformed /proc stat")?;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 =
-        f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    Ok(ticks / 100.0)
 }
 
 struct RunFigures {

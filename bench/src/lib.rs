@@ -8,6 +8,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod farm;
 pub mod fleet;
+pub mod orders;
 pub mod stats;
 pub mod store;
 
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Dispatch(dispatch::DispatchBenchArgs),
     /// Many kiln-edge agents against an MQTT broker and one scheduler: CPU, RSS, task round trips.
     Fleet(fleet::FleetBenchArgs),
+    /// Studio orders waiting for approval on the embedded farm: RSS, idle CPU, time to approve all.
+    Orders(orders::OrdersBenchArgs),
 }
 
 /// Runs a benchmark to its end, on a runtime of its own. A plain function: the benchmarks'
@@ -39,5 +42,6 @@ pub fn run(command: BenchCommand, cfg: &FarmConfig) -> anyhow::Result<()> {
         BenchCommand::Store(args) => kiln_common::runtime()?.block_on(store::run_store(&args)),
         BenchCommand::Dispatch(args) => kiln_common::runtime()?.block_on(dispatch::run(cfg, &args)),
         BenchCommand::Fleet(args) => kiln_common::runtime()?.block_on(fleet::run(cfg, &args)),
+        BenchCommand::Orders(args) => kiln_common::runtime()?.block_on(orders::run(cfg, &args)),
     }
 }

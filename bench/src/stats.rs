@@ -264,3 +264,13 @@ pub(crate) fn proc_status_mib(pid: &str, key: &str) -> f64 {
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat (USER_HZ is 100 on Linux).
+pub(crate) fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).context("a malformed /proc stat")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
