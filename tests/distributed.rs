@@ -724,6 +724,17 @@ async fn a_result_for_a_job_or_attempt_not_handed_out_is_refused_and_changes_not
         common::metric_in(&metrics, "kiln_scheduler_results_refused_total", &format!("reason=\"{reason}\""))
     };
     assert_eq!((refused("attempt_not_open"), refused("not_its_request"), refused("unknown_job")), (1.0, 2.0, 1.0));
+    // The operator hears of them: one incident per reason (a day), however many were refused.
+    let v = d.farm.client.call(Method::GET, "/v1/incidents", None).await.unwrap();
+    let mut subjects: Vec<&str> = v["incidents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "result_refused")
+        .map(|i| i["subject"].as_str().unwrap())
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["attempt_not_open", "not_its_request", "unknown_job"], "{v:#}");
     d.stop().await;
 }
 

@@ -385,6 +385,16 @@ async fn refuse(
     sched.metrics.results_refused.with_label_values(&[why.label()]).inc_by(n);
     let reason = format!("result refused ({}): {why}", why.label());
     tracing::warn!(reason, "refusing a result");
+    // The operator hears of it once a day per reason; the metric counts every one.
+    let day = crate::time::rfc3339(now_ms()).chars().take(10).collect::<String>();
+    let cause = format!("result-refused:{}:{day}", why.label());
+    let summary = format!(
+        "results were dead-lettered to {} on {day}, the first: {reason} (kiln_scheduler_results_refused_total counts them)",
+        names.dead_queue()
+    );
+    if let Err(e) = sched.raise_incident("result_refused", why.label(), &cause, &summary).await {
+        tracing::error!(error = %e, "cannot raise an incident");
+    }
     dead_letter(dead, names, body, props, &reason).await
 }
 
