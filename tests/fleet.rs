@@ -1353,16 +1353,11 @@ async fn a_scheduler_killed_while_an_order_waits_on_the_printer_resumes_and_prin
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut config = format!(
+    let config = format!(
         "[scheduler]\nlisten = \"127.0.0.1:{port}\"\n[scheduler.orders]\nretry_base_seconds = 1\n\
-         [scheduler.fleet]\nmqtt_url = \"{mqtt_url}\"\nprefix = \"{prefix}\"\nresend_after_seconds = 2\n"
+         [scheduler.fleet]\nmqtt_url = \"{mqtt_url}\"\nprefix = \"{prefix}\"\nresend_after_seconds = 2\n{}",
+        common::small_tiers()
     );
-    for (tier, side) in [("preview", 48), ("final", 64), ("print", 96)] {
-        config.push_str(&format!(
-            "[tiers.{tier}]\ndefault_side = {side}\nmax_side = 1024\nmax_pixels = 1048576\n\
-             default_samples = 1\nmax_samples = 2\nwatermark = false\ndither = false\n"
-        ));
-    }
     let config_file = dir.path().join("kiln.toml");
     std::fs::write(&config_file, config).unwrap();
     let scheduler = || {

@@ -62,7 +62,7 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
 
     // An outside MQTT client with a login watches the embedded broker: the retained statuses are there.
     let mut opts = MqttOptions::new("studio-watcher", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5)).set_credentials("kiln-scheduler", password);
+    opts.set_keep_alive(Duration::from_secs(5)).set_credentials("kiln-scheduler", password.clone());
     let (watcher, mut events) = AsyncClient::new(opts, 16);
     watcher.subscribe("kiln/devices/+/status", QoS::AtLeastOnce).await.unwrap();
     watcher.subscribe("kiln/devices/lights/tasks/+", QoS::AtLeastOnce).await.unwrap();
@@ -91,6 +91,25 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
         }
     };
     assert_eq!((&report["state"], &report["reason"]), (&serde_json::json!("rejected"), &serde_json::json!("unproven")));
+
+    // The broker's limits hold against a logged-in client: a message over its 256 KiB payload
+    // limit closes that client's connection, and nobody else's (the tasks below still run).
+    let mut opts = MqttOptions::new("studio-flooder", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5)).set_credentials("kiln-scheduler", password);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (flooder, mut flood) = AsyncClient::new(opts, 4);
+    flooder.publish("kiln/flood", QoS::AtMostOnce, false, vec![b'x'; 300 * 1024]).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, flood.poll()).await.expect("the broker closes an oversized sender") {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(closed, rumqttc::ConnectionError::Io(_) | rumqttc::ConnectionError::MqttState(_)), "{closed:?}");
+    let v = c.call(Method::GET, "/v1/devices", None).await.unwrap();
+    assert_eq!(v["devices"].as_array().unwrap().iter().filter(|d| d["state"] == "online").count(), 4, "{v:#}");
 
     // Render, then print → photograph → display from the CLI.
     let j = c.call(Method::POST, "/v1/jobs", Some(&job("studio piece", 3, "preview"))).await.unwrap();
@@ -132,13 +151,7 @@ async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Small renders at every tier, so the whole order runs in seconds on a CPU.
-    let mut config = String::new();
-    for (tier, side) in [("preview", 48), ("final", 64), ("print", 96)] {
-        config.push_str(&format!(
-            "[tiers.{tier}]\ndefault_side = {side}\nmax_side = 1024\nmax_pixels = 1048576\n\
-             default_samples = 1\nmax_samples = 2\nwatermark = false\ndither = false\n"
-        ));
-    }
+    let config = small_tiers();
     let config_file = dir.path().join("kiln.toml");
     std::fs::write(&config_file, config).unwrap();
     let (mut child, url) = spawn_up(&data, &["--config", config_file.to_str().unwrap()]);
@@ -202,6 +215,12 @@ async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
     // the same bytes on the backend that made it.
     let p = c.call(Method::GET, &format!("/v1/assets/{shown}/provenance"), None).await.unwrap();
     assert_eq!((p["orders"][0]["order"].as_str(), p["orders"][0]["step"].as_str()), (Some(id.as_str()), Some("final")));
+    let printed =
+        o["steps"].as_array().unwrap().iter().find(|s| s["name"] == "print_render").unwrap()["assets"][0].clone();
+    let p = c.call(Method::GET, &format!("/v1/assets/{}/provenance", printed.as_str().unwrap()), None).await.unwrap();
+    let by = &p["orders"][0];
+    assert_eq!((by["order"].as_str(), by["step"].as_str()), (Some(id.as_str()), Some("print_render")), "{p:#}");
+    assert_eq!((by["approval"]["decided_by"].as_str(), by["approval"]["option"].as_u64()), (Some("operator"), Some(2)));
     let out = cli(&url, &token, &["reproduce", shown]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.starts_with("identical"), "{text}{}", String::from_utf8_lossy(&out.stderr));

@@ -233,3 +233,16 @@ pub async fn mqtt_refused(port: u16, login: Option<(&str, &str)>) -> rumqttc::Co
         }
     }
 }
+
+/// A config file's tiers, small at every tier (48, 64 and 96 px, one sample), so a whole order
+/// renders in seconds on a CPU.
+pub fn small_tiers() -> String {
+    let mut config = String::new();
+    for (tier, side) in [("preview", 48), ("final", 64), ("print", 96)] {
+        config.push_str(&format!(
+            "[tiers.{tier}]\ndefault_side = {side}\nmax_side = 1024\nmax_pixels = 1048576\n\
+             default_samples = 1\nmax_samples = 2\nwatermark = false\ndither = false\n"
+        ));
+    }
+    config
+}

@@ -35,7 +35,7 @@ use assets::{asset, provenance, put_asset, put_provenance};
 use callers::{Operator, Person};
 pub use error::ApiError;
 
-use crate::auth::Role;
+use crate::auth::{Caller, Role};
 use crate::scheduler::{Live, Scheduler, Watch};
 use crate::store::{Admission, Job, ListQuery};
 use crate::time::{parse_time, rfc3339};
@@ -284,6 +284,22 @@ async fn submit(
     }
 }
 
+/// A time query parameter: RFC 3339 or unix seconds, as unix ms.
+pub(super) fn time_param(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
+    v.map(|t| parse_time(t).ok_or_else(|| ApiError::invalid(field, format!("{t:?} is not RFC 3339 or unix seconds"))))
+        .transpose()
+}
+
+/// Whose records a `client` query parameter asks for: any token's (or all) for an operator, the
+/// caller's own for a client, which may not name another (`what` says what it may do instead).
+pub(super) fn scoped_client(who: &Caller, asked: Option<String>, what: &str) -> Result<Option<String>, ApiError> {
+    match (who.role, asked) {
+        (Role::Operator, c) => Ok(c),
+        (_, Some(c)) if c != who.name => Err(ApiError::forbidden(format!("client: a client token {what}"))),
+        _ => Ok(Some(who.name.clone())),
+    }
+}
+
 /// `GET /v1/jobs`' query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -333,25 +349,13 @@ async fn list(
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Listing>, ApiError> {
     let Query(q) = q.map_err(query_error)?;
-    let time = |field: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
-        v.as_deref()
-            .map(|t| {
-                parse_time(t).ok_or_else(|| ApiError::invalid(field, format!("{t:?} is not RFC 3339 or unix seconds")))
-            })
-            .transpose()
-    };
+    let time = |field: &str, v: &Option<String>| time_param(field, v.as_deref());
     let max = s.cfg.limits.max_page;
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > max {
         return Err(ApiError::invalid("limit", format!("{limit} is outside 1..={max} (scheduler.limits.max_page)")));
     }
-    let client = match (who.role, q.client) {
-        (Role::Operator, c) => c,
-        (_, Some(c)) if c != who.name => {
-            return Err(ApiError::forbidden("client: a client token lists only its own jobs"));
-        }
-        _ => Some(who.name.clone()),
-    };
+    let client = scoped_client(&who, q.client, "lists only its own jobs")?;
     let query = ListQuery {
         state: q
             .state

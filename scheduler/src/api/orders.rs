@@ -15,7 +15,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::callers::{Operator, Person};
-use super::{ApiError, AppState, body_bytes, query_error};
+use super::{ApiError, AppState, body_bytes, query_error, scoped_client, time_param};
 use crate::orders::{self, OrderError};
 use crate::store::orders::OrderQuery;
 
@@ -366,23 +366,12 @@ pub(super) async fn usage(
     use crate::store::costs::DAY_MS;
     let Query(q) = q.map_err(query_error)?;
     let now = kiln_protocol::now_ms();
-    let time = |field: &str, value: Option<&str>, default: i64| match value {
-        None => Ok(default),
-        Some(t) => crate::time::parse_time(t)
-            .ok_or_else(|| ApiError::invalid(field, format!("{t:?}: expected RFC 3339 or unix seconds"))),
-    };
-    let until = time("until", q.until.as_deref(), now)?;
-    let since = time("since", q.since.as_deref(), (now.div_euclid(DAY_MS) - 29) * DAY_MS)?;
+    let until = time_param("until", q.until.as_deref())?.unwrap_or(now);
+    let since = time_param("since", q.since.as_deref())?.unwrap_or((now.div_euclid(DAY_MS) - 29) * DAY_MS);
     if since >= until {
         return Err(ApiError::invalid("since", "must be before until"));
     }
-    let client = match who.role {
-        crate::auth::Role::Operator => q.client,
-        _ if q.client.as_ref().is_some_and(|c| *c != who.name) => {
-            return Err(ApiError::forbidden("client: a client token sees its own use only"));
-        }
-        _ => Some(who.name.clone()),
-    };
+    let client = scoped_client(&who, q.client, "sees its own use only")?;
     let mut days = Vec::new();
     for l in s.store.usage(client.clone(), since, until).await? {
         days.push(api::UsageDay {
