@@ -119,7 +119,7 @@ pub struct OverBudget {
 const KEEP: usize = 50;
 
 /// A render's size: what its time depends on.
-type Size = (Tier, u32, u32, u32);
+pub type Size = (Tier, u32, u32, u32);
 
 fn size(r: &RenderRequest) -> Size {
     (r.tier, r.width, r.height, r.samples)
@@ -148,8 +148,13 @@ pub struct Estimates {
 impl Estimates {
     /// Notes a render that took `device_ms`.
     pub fn note(&self, r: &RenderRequest, device_ms: i64) {
+        self.note_size(size(r), device_ms);
+    }
+
+    /// Notes a render of this tier, width, height and samples per axis that took `device_ms`.
+    pub fn note_size(&self, size: Size, device_ms: i64) {
         let mut m = self.by_size.lock().unwrap_or_else(|p| p.into_inner());
-        let q = m.entry(size(r)).or_default();
+        let q = m.entry(size).or_default();
         if q.len() == KEEP {
             q.pop_front();
         }

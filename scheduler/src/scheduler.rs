@@ -259,18 +259,7 @@ impl Scheduler {
         s.reload_tokens().await?;
         // Estimates start from the latest renders, oldest noted first.
         for c in s.store.recent_charges(ESTIMATE_FROM).await?.iter().rev() {
-            let r = RenderRequest {
-                model: String::new(),
-                prompt: String::new(),
-                seed: 0,
-                tier: c.tier,
-                width: c.width,
-                height: c.height,
-                samples: c.samples,
-                watermark: false,
-                dither: false,
-            };
-            s.estimates.note(&r, c.device_ms);
+            s.estimates.note_size((c.tier, c.width, c.height, c.samples), c.device_ms);
         }
         for (tier, state, n) in s.store.counts().await? {
             s.metrics.jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(n);
