@@ -304,7 +304,7 @@ fn planned(
 /// What an order of `req` is estimated to cost, placing nothing: `POST /v1/orders?dry_run=true`.
 pub fn estimate(sched: &Scheduler, req: &NewOrder) -> Result<api::OrderEstimate, OrderError> {
     let (_, renders) = planned(sched, req)?;
-    let estimated_cost_ms = renders.iter().map(|r| sched.estimate_ms(r)).sum::<f64>().round() as i64;
+    let estimated_cost_ms = sched.estimate_all_ms(&renders).round() as i64;
     Ok(api::OrderEstimate { plan: req.plan.clone(), renders: renders.len(), estimated_cost_ms })
 }
 
@@ -313,7 +313,7 @@ pub fn estimate(sched: &Scheduler, req: &NewOrder) -> Result<api::OrderEstimate,
 pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Result<String, OrderError> {
     let (steps, renders) = planned(sched, &req)?;
     // What its renders would cost, checked against the token's budget before anything is placed.
-    let estimate_ms = renders.iter().map(|r| sched.estimate_ms(r)).sum::<f64>().round() as i64;
+    let estimate_ms = sched.estimate_all_ms(&renders).round() as i64;
     let _budget = sched.within_budget(who, &renders).await.map_err(|e| match e {
         crate::scheduler::SubmitError::OverBudget(o) => OrderError::OverBudget(o),
         crate::scheduler::SubmitError::Store(s) => OrderError::Store(s),
@@ -868,6 +868,10 @@ async fn render(
         c.step_state(i, "running", Some(detail));
     }
     let ids = c.doc.steps[i].jobs.clone();
+    // Waits are said before the jobs are read: a job that ends in between still wakes the order.
+    for id in &ids {
+        sched.order_waits.wait(c.id, id);
+    }
     let found = sched.store.jobs(ids.clone()).await?;
     let by_id: BTreeMap<&str, &crate::store::Job> = found.iter().map(|j| (j.id.as_str(), j)).collect();
     let mut live = Vec::new();
@@ -886,9 +890,6 @@ async fn render(
         }
     }
     if !live.is_empty() {
-        for id in &live {
-            sched.order_waits.wait(c.id, id);
-        }
         return Ok(Progress::Wait(None));
     }
     if let Some(why) = failed {
@@ -1025,8 +1026,17 @@ async fn device(
             },
             None => None,
         };
-        let devices: Vec<_> =
-            sched.store.devices().await?.into_iter().filter(|d| d.kind == kind.device_kind().as_str()).collect();
+        // Waits are said before the devices are read for the last time: an announcement or a
+        // reading that comes in between still wakes the order.
+        let of_kind = || async {
+            let all = sched.store.devices().await?;
+            Ok::<_, StoreError>(all.into_iter().filter(|d| d.kind == kind.device_kind().as_str()).collect::<Vec<_>>())
+        };
+        sched.order_waits.wait(c.id, &format!("kind:{}", kind.device_kind()));
+        for d in of_kind().await? {
+            sched.order_waits.wait(c.id, &format!("device:{}", d.id));
+        }
+        let devices = of_kind().await?;
         let Some(chosen) = devices.iter().find(|d| ready(d, kind)) else {
             // None can take it now: wait for one to announce itself or report its readings.
             let since = *c.doc.steps[i].waiting_since_ms.get_or_insert(c.now);
@@ -1038,10 +1048,6 @@ async fn device(
             if let Some(end) = past_wait(sched, c, &name, since, &why).await? {
                 return Ok(end);
             }
-            for d in &devices {
-                sched.order_waits.wait(c.id, &format!("device:{}", d.id));
-            }
-            sched.order_waits.wait(c.id, &format!("kind:{}", kind.device_kind()));
             c.step_state(i, "waiting", Some(format!("waiting for a ready {}: {why}", kind.device_kind())));
             return Ok(Progress::Wait(Some(since.saturating_add(device_wait_ms(sched)))));
         };
@@ -1069,11 +1075,12 @@ async fn device(
         c.step_state(i, "running", Some(detail));
     }
     let task_id = c.doc.steps[i].task.clone().unwrap_or_default();
+    // Said before the task is read: a task that ends in between still wakes the order.
+    sched.order_waits.wait(c.id, &task_id);
     let Some(t) = sched.store.task_row(&task_id).await? else {
         return Ok(Progress::End("failed", format!("step {name}: task {task_id} is gone")));
     };
     if !t.state.is_terminal() {
-        sched.order_waits.wait(c.id, &task_id);
         return Ok(Progress::Wait(None));
     }
     if t.state == TaskState::Succeeded {

@@ -504,6 +504,12 @@ impl Scheduler {
         self.estimates.device_ms(r, &self.cfg.costs) * self.cfg.costs.weight(r.tier)
     }
 
+    /// What `renders` are expected to cost together, weighted device-milliseconds (0 for none;
+    /// a float `sum` of nothing is -0).
+    pub fn estimate_all_ms(&self, renders: &[RenderRequest]) -> f64 {
+        renders.iter().fold(0.0, |sum, r| sum + self.estimate_ms(r))
+    }
+
     /// What `client` has spent of `budget` in the period `now_ms` falls in, and has in flight.
     pub async fn budget_use(
         &self,
@@ -514,7 +520,7 @@ impl Scheduler {
         let (start, resets_ms) = budget.period.bounds(now_ms);
         let used = self.store.spent(client, start).await? as f64 / 1000.0;
         let live = self.store.live_requests(client).await?;
-        let in_flight = live.iter().map(|r| self.estimate_ms(r)).sum::<f64>() / 1000.0;
+        let in_flight = self.estimate_all_ms(&live) / 1000.0;
         Ok(BudgetUse { used, in_flight, live, resets_ms })
     }
 
