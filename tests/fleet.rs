@@ -1329,18 +1329,6 @@ async fn a_rejected_approval_renders_nothing_final_and_a_timeout_raises_one_inci
     assert_eq!(list["approvals"].as_array().unwrap().len(), 0, "{list}");
 }
 
-/// Child processes killed when the test ends, however it ends.
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_killed_while_an_order_waits_on_the_printer_resumes_and_prints_once() {
     let Some((mqtt_url, prefix)) = testenv::mqtt().await else { return };
@@ -1366,7 +1354,7 @@ async fn a_scheduler_killed_while_an_order_waits_on_the_printer_resumes_and_prin
         common::spawn_farm(cmd)
     };
     let (child, url) = scheduler();
-    let mut procs = Killed(vec![child]);
+    let mut procs = common::Killed(vec![child]);
     let op = common::operator_token(&data);
     let c = kiln_common::client::Client::new(&url, Some(kiln_protocol::Secret::new(op.clone())));
     let made = c
@@ -1465,7 +1453,7 @@ async fn a_gallery_print_order_runs_the_same_on_a_distributed_farm() {
         token: token.expose(),
     };
     let (worker, _worker_dir) = common::spawn_worker(&env, "w-orders");
-    let workers = Killed(vec![worker]);
+    let workers = common::Killed(vec![worker]);
     s.wait_state(&ALL, "online", Duration::from_secs(20)).await;
     let id = s.place(json!({ "plan": "gallery-print", "prompt": "a kiln at dusk", "seeds": [3, 4] })).await;
     s.wait_order(&id, "awaiting_approval", Duration::from_secs(60)).await;

@@ -24,7 +24,8 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
     let data = dir.path().join("data");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
-    let (mut child, url) = spawn_up(&data, &["--mqtt-listen", &listen]);
+    let (child, url) = spawn_up(&data, &["--mqtt-listen", &listen]);
+    let _up = Killed(vec![child]);
     let token = operator_token(&data);
     let c = Client::new(&url, Some(Secret::new(token.clone())));
 
@@ -142,8 +143,6 @@ async fn kiln_up_runs_a_studio_that_prints_photographs_and_shows_from_the_cli() 
     let out = cli(&url, &token, &["task", "printer", "capture"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("kind"), "{}", String::from_utf8_lossy(&out.stderr));
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +153,8 @@ async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
     let config = small_tiers();
     let config_file = dir.path().join("kiln.toml");
     std::fs::write(&config_file, config).unwrap();
-    let (mut child, url) = spawn_up(&data, &["--config", config_file.to_str().unwrap()]);
+    let (child, url) = spawn_up(&data, &["--config", config_file.to_str().unwrap()]);
+    let _up = Killed(vec![child]);
     let token = operator_token(&data);
     let c = Client::new(&url, Some(Secret::new(token.clone())));
     let until = Instant::now() + Duration::from_secs(30);
@@ -234,6 +234,4 @@ async fn kiln_up_runs_a_gallery_print_order_from_the_cli() {
     for tier in ["preview", "final", "print"] {
         assert!(text.contains(tier), "{text}");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
 }

@@ -246,3 +246,15 @@ pub fn small_tiers() -> String {
     }
     config
 }
+
+/// Child processes killed when the test ends, however it ends (a failed assertion too).
+pub struct Killed(pub Vec<Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
