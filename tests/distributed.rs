@@ -506,6 +506,85 @@ async fn kill_9_of_a_worker_mid_render_loses_nothing_and_repeats_nothing() {
     d.stop().await;
 }
 
+/// Starts a worker with a delivery limit of 2 and its own `/healthz` and `/metrics`; returns
+/// the client of that endpoint.
+fn spawn_limited_worker(d: &mut Distributed, id: &str) -> kiln_common::client::Client {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let extra = [("KILN_DELIVERY_LIMIT", "2"), ("KILN_METRICS_LISTEN", listen.as_str()), ("KILN_CONCURRENCY", "1")];
+    d.spawn_worker_with(id, &extra);
+    kiln_common::client::Client::new(&format!("http://{listen}"), None)
+}
+
+/// The worker's `/metrics` text once `pred` holds of its `/healthz` (up to 60 s).
+async fn worker_once(own: &kiln_common::client::Client, what: &str, pred: impl Fn(&Value) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = own.send(Method::GET, "/healthz", None).await
+            && r.json().is_ok_and(|h| pred(&h))
+        {
+            let m = own.send(Method::GET, "/metrics", None).await.unwrap();
+            return String::from_utf8_lossy(&m.body).into_owned();
+        }
+        assert!(Instant::now() < deadline, "the worker never was {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_render_that_kills_its_workers_is_dead_lettered_at_the_delivery_limit() {
+    let Some(mut d) = Distributed::start().await else { return };
+    // A render slow enough (seconds on one CPU thread) to kill its worker in the middle of it.
+    let mut body = job("a render that kills its worker", 7, "final");
+    (body["width"], body["height"], body["samples"]) = (1536.into(), 1536.into(), 4.into());
+    let id = d.farm.submit(body).await["id"].as_str().unwrap().to_owned();
+    let rendering = |h: &Value| h["in_flight"] == 1;
+    let redeliveries = |m: &str, outcome: &str| {
+        common::metric_in(m, "kiln_worker_redeliveries_total", &format!("outcome=\"{outcome}\""))
+    };
+    // The first delivery dies with its worker.
+    let own = spawn_limited_worker(&mut d, "w-dies-1");
+    worker_once(&own, "rendering", rendering).await;
+    d.workers[0].0.kill().unwrap(); // SIGKILL
+    d.workers[0].0.wait().unwrap();
+    // The second worker gets it back from the broker: it puts it back counted, takes the copy,
+    // and dies rendering it too.
+    let own = spawn_limited_worker(&mut d, "w-dies-2");
+    let metrics = worker_once(&own, "rendering", rendering).await;
+    assert_eq!(redeliveries(&metrics, "put_back"), 1.0, "{metrics}");
+    d.workers[1].0.kill().unwrap();
+    d.workers[1].0.wait().unwrap();
+    // Two deliveries unsettled: the third worker dead-letters it instead of rendering it, and
+    // the scheduler fails the job with the reason and tells the operator.
+    let own = spawn_limited_worker(&mut d, "w-lives");
+    let j = &d.wait_all(std::slice::from_ref(&id), Duration::from_secs(60)).await[0];
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap();
+    assert!(
+        error.contains("delivered 2 times without being settled (run.delivery_limit = 2)"),
+        "the job names the delivery limit: {error}"
+    );
+    let metrics = worker_once(&own, "idle", |h| h["in_flight"] == 0).await;
+    assert_eq!((redeliveries(&metrics, "dead_lettered"), redeliveries(&metrics, "put_back")), (1.0, 0.0), "{metrics}");
+    assert_eq!(common::metric_in(&metrics, "kiln_render_seconds_count", ""), 0.0, "it rendered nothing: {metrics}");
+    let until = Instant::now() + Duration::from_secs(10);
+    let incident = loop {
+        let v = d.farm.client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
+        if let Some(i) = v["incidents"].as_array().unwrap().iter().find(|i| i["subject"] == id.as_str()) {
+            break i.clone();
+        }
+        assert!(Instant::now() < until, "no incident for {id}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(incident["kind"], "job_failed", "{incident}");
+    assert!(incident["summary"].as_str().unwrap().contains("run.delivery_limit"), "{incident}");
+    // The farm kept serving: the surviving worker renders an ordinary job at its first attempt.
+    let more = d.submit(1, 5000).await;
+    let j = &d.wait_all(&more, Duration::from_secs(60)).await[0];
+    assert_eq!((j["state"].as_str(), j["attempt"].as_u64()), (Some("succeeded"), Some(1)), "{j}");
+    d.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_that_fails_many_distinct_jobs_is_drained_until_resumed() {
     let Some(mut d) = Distributed::start_with(|cfg| {

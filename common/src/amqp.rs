@@ -19,7 +19,9 @@
 use std::time::Duration;
 
 use kiln_protocol::Tier;
-use kiln_protocol::wire::{CONTENT_TYPE, MAC_HEADER, MAX_PRIORITY, MessageKey, Names, REASON_HEADER, SIGNER_HEADER};
+use kiln_protocol::wire::{
+    CONTENT_TYPE, DELIVERIES_HEADER, MAC_HEADER, MAX_PRIORITY, MessageKey, Names, REASON_HEADER, SIGNER_HEADER,
+};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -172,6 +174,32 @@ pub fn signature(d: &lapin::message::Delivery) -> Option<(String, String)> {
     let headers = d.properties.headers().as_ref()?;
     let get = |name: &str| headers.inner().get(name).and_then(text_of);
     Some((get(SIGNER_HEADER)?, get(MAC_HEADER)?))
+}
+
+/// How many earlier deliveries of `d` ended unsettled, as far as the broker and the workers can
+/// tell: the count a worker wrote in [`DELIVERIES_HEADER`] when it put the message back, plus
+/// the delivery before this one when the broker says there was one (`redelivered`). A header
+/// that is not a whole number counts as absent.
+pub fn unsettled_deliveries(d: &lapin::message::Delivery) -> u32 {
+    let counted =
+        d.properties.headers().as_ref().and_then(|h| h.inner().get(DELIVERIES_HEADER)).and_then(|v| match v {
+            AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+            AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+            AMQPValue::LongUInt(n) => Some(*n),
+            AMQPValue::ShortShortInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+            _ => None,
+        });
+    counted.unwrap_or(0).saturating_add(u32::from(d.redelivered))
+}
+
+/// `props` counting `n` earlier unsettled deliveries ([`DELIVERIES_HEADER`]).
+pub fn with_deliveries(props: &BasicProperties, n: u32) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(DELIVERIES_HEADER.into(), AMQPValue::LongUInt(n));
+    props.clone().with_headers(headers)
 }
 
 /// A header value as text, where it is a string.

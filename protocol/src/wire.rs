@@ -27,6 +27,10 @@ pub const CONTROL_TYPE: &str = "kiln.control.v1";
 pub const MAX_PRIORITY: u8 = 9;
 /// The header a dead-lettered message carries with the reason it was refused.
 pub const REASON_HEADER: &str = "x-kiln-reason";
+/// The header in which workers count a job message's earlier deliveries that ended unsettled
+/// (classic priority queues keep no delivery count): a worker that gets a message back puts a
+/// copy back with the count one higher, or dead-letters it past its `run.delivery_limit`.
+pub const DELIVERIES_HEADER: &str = "x-kiln-deliveries";
 /// The header that says which worker token signed a result or heartbeat ([`MessageKey::signer`]).
 pub const SIGNER_HEADER: &str = "x-kiln-signer";
 /// The header with a result's or heartbeat's MAC over its body ([`MessageKey::mac`]).

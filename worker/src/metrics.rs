@@ -14,6 +14,10 @@ pub const CACHE_MISSES: &str = "kiln_cache_misses_total";
 
 /// Broker messages refused (dead-lettered) by the worker daemon.
 pub const BAD_MESSAGES: &str = "kiln_worker_bad_messages_total";
+/// Job messages the worker daemon got back from the broker unsettled (a worker died or lost the
+/// broker with them in hand, or handed them back), by what it did: `put_back` (counted in the
+/// message and queued again) or `dead_lettered` (past `run.delivery_limit`).
+pub const REDELIVERIES: &str = "kiln_worker_redeliveries_total";
 /// Result messages the worker daemon published (confirmed); one carries one or more results.
 pub const RESULT_MESSAGES: &str = "kiln_worker_result_messages_total";
 /// Results the worker daemon published (confirmed), over all its result messages.
@@ -38,6 +42,8 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     /// [`BAD_MESSAGES`].
     pub bad_messages: IntCounter,
+    /// [`REDELIVERIES`], by `outcome`.
+    pub redeliveries: IntCounterVec,
     /// [`RESULT_MESSAGES`].
     pub result_messages: IntCounter,
     /// [`RESULTS`].
@@ -70,6 +76,11 @@ impl Metrics {
         let cache_misses = IntCounter::new(CACHE_MISSES, "Render requests that had to render").expect("valid metric");
         let bad_messages =
             IntCounter::new(BAD_MESSAGES, "Job messages refused and dead-lettered").expect("valid metric");
+        let redeliveries = IntCounterVec::new(
+            Opts::new(REDELIVERIES, "Job messages delivered again unsettled: put back counted, or dead-lettered"),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let result_messages =
             IntCounter::new(RESULT_MESSAGES, "Result messages published, each with one or more results")
                 .expect("valid metric");
@@ -89,6 +100,7 @@ impl Metrics {
                 Box::new(cache_hits.clone()),
                 Box::new(cache_misses.clone()),
                 Box::new(bad_messages.clone()),
+                Box::new(redeliveries.clone()),
                 Box::new(result_messages.clone()),
                 Box::new(results.clone()),
                 Box::new(ack_frames.clone()),
@@ -102,6 +114,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             bad_messages,
+            redeliveries,
             result_messages,
             results,
             ack_frames,

@@ -37,6 +37,12 @@ pub struct RunConfig {
     pub heartbeat_seconds: u64,
     /// Seconds a drain waits for renders in hand before handing them back.
     pub grace_seconds: u64,
+    /// How many times a job message may be delivered to workers (this one or any other) without
+    /// being settled before this worker dead-letters it instead of rendering it: a render that
+    /// kills its worker (a crash hands the message back unacked) stops there. Classic priority
+    /// queues count no deliveries, so the workers count them in the message's
+    /// `x-kiln-deliveries` header [env KILN_DELIVERY_LIMIT].
+    pub delivery_limit: u32,
     /// This worker's id [default: host-pid; env KILN_WORKER_ID].
     pub worker_id: Option<String>,
     /// Where to serve `/metrics` and `/healthz`, e.g. `0.0.0.0:9464` [default: off; env
@@ -58,6 +64,7 @@ impl Default for RunConfig {
             inline_asset_bytes: 32 << 10,
             heartbeat_seconds: 5,
             grace_seconds: 30,
+            delivery_limit: 5,
             worker_id: None,
             metrics_listen: None,
         }
@@ -100,6 +107,7 @@ impl RunConfig {
         self.shared_assets = env_parse("KILN_SHARED_ASSETS", env)?.unwrap_or(self.shared_assets);
         self.inline_asset_bytes = env_parse("KILN_INLINE_ASSET_BYTES", env)?.unwrap_or(self.inline_asset_bytes);
         self.heartbeat_seconds = env_parse("KILN_HEARTBEAT_SECONDS", env)?.unwrap_or(self.heartbeat_seconds);
+        self.delivery_limit = env_parse("KILN_DELIVERY_LIMIT", env)?.unwrap_or(self.delivery_limit);
         self.metrics_listen = env_parse("KILN_METRICS_LISTEN", env)?.or(self.metrics_listen);
         self.validate()
     }
@@ -135,6 +143,9 @@ impl RunConfig {
         }
         if self.heartbeat_seconds == 0 {
             return bad("run.heartbeat_seconds", "must be at least 1".into());
+        }
+        if self.delivery_limit == 0 {
+            return bad("run.delivery_limit", "must be at least 1 (the first delivery)".into());
         }
         if self.token.is_none() {
             return bad("run.token", TOKEN_NEEDED.into());
@@ -187,6 +198,18 @@ mod tests {
         assert!(e.contains("heartbeat_seconds") && e.contains("at least 1"), "{e}");
         let e = run.apply_env(&env(&[("KILN_HEARTBEAT_SECONDS", "often")])).unwrap_err().to_string();
         assert!(e.contains("KILN_HEARTBEAT_SECONDS"), "{e}");
+    }
+
+    #[test]
+    fn the_delivery_limit_comes_from_the_environment_and_is_at_least_one() {
+        let mut run = RunConfig { token: Some("t".into()), ..RunConfig::default() };
+        assert_eq!(run.delivery_limit, 5);
+        run.apply_env(&env(&[("KILN_DELIVERY_LIMIT", "2")])).unwrap();
+        assert_eq!(run.delivery_limit, 2);
+        let e = run.apply_env(&env(&[("KILN_DELIVERY_LIMIT", "0")])).unwrap_err().to_string();
+        assert!(e.contains("run.delivery_limit") && e.contains("at least 1"), "{e}");
+        let e = run.apply_env(&env(&[("KILN_DELIVERY_LIMIT", "-1")])).unwrap_err().to_string();
+        assert!(e.contains("KILN_DELIVERY_LIMIT"), "{e}");
     }
 
     #[test]

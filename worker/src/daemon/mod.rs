@@ -10,7 +10,9 @@
 //! publishes the result with a publisher confirm, and only then acks the delivery (through the
 //! session's [`Settler`], which folds a run of them into one frame). A crash anywhere before the
 //! ack hands the job back to the broker, which delivers it again; the scheduler records only the
-//! first result of an attempt, so a repeat is harmless.
+//! first result of an attempt, so a repeat is harmless. A message delivered again is counted
+//! ([`Daemon::put_back`]): past `delivery_limit` unsettled deliveries it is dead-lettered rather
+//! than rendered, so a render that kills its worker cannot loop for ever.
 //!
 //! A message that does not decode, has an unknown schema version or asks for a render outside
 //! this worker's tier limits is dead-lettered with the reason and counted; the worker carries on.
@@ -327,6 +329,38 @@ impl Daemon {
         Ok(msg)
     }
 
+    /// A job message the broker delivered before and got back unsettled: a worker died or lost
+    /// the broker with it in hand, or handed it back. Classic queues count no deliveries, so the
+    /// count travels in the message: a copy goes back to the `tier` queue (same priority) with
+    /// the count one higher, to be rendered by whoever takes it; past `run.delivery_limit`
+    /// deliveries it is dead-lettered instead, signed, and the scheduler fails its job with the
+    /// reason. Either way the caller acks this delivery once it returns `Ok`. A render that kills
+    /// every worker that takes it thus kills at most `delivery_limit` of them.
+    async fn put_back(
+        &self,
+        publ: &Channel,
+        tier: kiln_protocol::Tier,
+        delivery: &lapin::message::Delivery,
+    ) -> Result<(), amqp::PublishError> {
+        let unsettled = amqp::unsettled_deliveries(delivery);
+        let limit = self.cfg.delivery_limit;
+        if unsettled >= limit {
+            let reason = format!(
+                "delivered {unsettled} times without being settled (run.delivery_limit = {limit}): its render may kill the worker that takes it, or its workers keep losing the broker"
+            );
+            tracing::warn!(reason, routing_key = %delivery.routing_key, "dead-lettering a job message past its delivery limit");
+            amqp::dead_letter(publ, &self.names, &delivery.data, &delivery.properties, &reason, Some(&self.key))
+                .await?;
+            self.worker.metrics.redeliveries.with_label_values(&["dead_lettered"]).inc();
+        } else {
+            tracing::info!(unsettled, limit, routing_key = %delivery.routing_key, "a job message came back unsettled; putting it back counted");
+            let props = amqp::with_deliveries(&delivery.properties, unsettled);
+            amqp::publish_confirmed(publ, "", &self.names.tier_queue(tier), &delivery.data, props).await?;
+            self.worker.metrics.redeliveries.with_label_values(&["put_back"]).inc();
+        }
+        Ok(())
+    }
+
     /// One delivery: checked, rendered, its asset handed over, its result published (and then
     /// acked), or dead-lettered with the reason.
     #[tracing::instrument(level = "debug", skip_all, fields(job_id = tracing::field::Empty, attempt = tracing::field::Empty))]
@@ -339,6 +373,18 @@ impl Daemon {
         delivery: lapin::message::Delivery,
     ) {
         let settle = || Settle { at: Tag { ch, tag: delivery.delivery_tag }, acker: delivery.acker.clone() };
+        if delivery.redelivered {
+            let done = self.put_back(publ, self.cfg.tiers[ch], &delivery).await;
+            match done {
+                Ok(()) => settler.ack(vec![settle()]),
+                // Not lost: back to the queue, to be counted again by whoever takes it.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot put a redelivered job message back; handing it back");
+                    settler.nack(settle());
+                }
+            }
+            return;
+        }
         let msg = match self.check(&delivery) {
             Ok(m) => m,
             Err(reason) => {
