@@ -1,0 +1,228 @@
+//! The operator's files in `infra/`, kept true to the code: each example config in `infra/config`
+//! loads in its binary (`--print-config`), with its commented-out keys set too, and names every key
+//! the binary knows, so a new setting fails here until the example documents it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A binary built next to `kiln` by `cargo test --workspace`.
+fn binary(name: &str) -> Command {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name(name);
+    assert!(exe.is_file(), "{} is not built (cargo test --workspace builds it)", exe.display());
+    let mut c = Command::new(exe);
+    // Only the file speaks: no variable of the machine running the tests.
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("KILN_")) {
+        c.env_remove(k);
+    }
+    c.env("KILN_LOG", "warn");
+    c
+}
+
+/// The example with its commented-out settings set: each line `# key = …`, `# [table]` or
+/// `# [[array]]` loses its `# `. Prose stays a comment (a line such as `#   or serial = …`
+/// names an alternative, not a setting).
+fn uncommented(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if rest.starts_with('[') || is_setting(rest) => rest,
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn is_setting(line: &str) -> bool {
+    let Some((key, _)) = line.split_once('=') else { return false };
+    let key = key.trim_end();
+    !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Every key of a TOML document as a dotted path: a table's keys under its name, an array of
+/// tables' under its name (whatever the index), a value (an empty table too) as a leaf.
+fn keys(doc: &toml::Table) -> BTreeSet<String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) if !t.is_empty() => {
+                for (k, v) in t {
+                    walk(&format!("{prefix}.{k}"), v, out);
+                }
+            }
+            toml::Value::Array(a) if !a.is_empty() && a.iter().all(toml::Value::is_table) => {
+                for v in a {
+                    walk(prefix, v, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_owned());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for (k, v) in doc {
+        walk(k, v, &mut out);
+    }
+    out
+}
+
+/// What `cmd` prints for `--print-config` of `file` (it must succeed), parsed.
+fn printed(mut cmd: Command, file: &Path) -> toml::Table {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} does not load: {stderr}", file.display());
+    stdout.parse().unwrap_or_else(|e| panic!("{}: --print-config printed no TOML: {e}\n{stdout}", file.display()))
+}
+
+/// Checks one example: it loads as it is and with its commented settings set, and every key the
+/// binary prints for the latter is in it. `cmd` makes the binary's command for a config file.
+fn check_example(name: &str, cmd: impl Fn(&Path) -> Command) {
+    let path = root().join("infra/config").join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    printed(cmd(&path), &path);
+    let dir = tempfile::tempdir().unwrap();
+    let all = dir.path().join(name);
+    let all_text = uncommented(&text);
+    std::fs::write(&all, &all_text).unwrap();
+    let known = keys(&printed(cmd(&all), &all));
+    let written = keys(&all_text.parse().unwrap_or_else(|e| panic!("{name} uncommented is not TOML: {e}")));
+    let missing: Vec<&String> = known.difference(&written).collect();
+    assert!(missing.is_empty(), "infra/config/{name} does not name these keys its binary knows: {missing:?}");
+    // Sanity of the check itself: the example names its binary's well-known keys.
+    assert!(known.len() > 10 && written.contains("data_dir"), "{known:?}");
+}
+
+#[test]
+fn the_scheduler_example_config_loads_and_names_every_key() {
+    check_example("scheduler.toml", |file| {
+        let mut c = binary("kiln-scheduler");
+        c.arg("--config").arg(file).arg("--print-config");
+        c
+    });
+}
+
+#[test]
+fn the_worker_example_config_loads_and_names_every_key() {
+    check_example("worker.toml", |file| {
+        let mut c = binary("kiln-worker");
+        // The example leaves the token to the environment, as a service's EnvironmentFile would.
+        c.env("KILN_WORKER_TOKEN", "kiln_example").arg("--config").arg(file).args(["run", "--print-config"]);
+        c
+    });
+}
+
+#[test]
+fn the_edge_example_config_loads_and_names_every_key() {
+    check_example("edge.toml", |file| {
+        let mut c = binary("kiln-edge");
+        c.arg("--config").arg(file).arg("--print-config");
+        c
+    });
+}
+
+#[test]
+fn the_key_check_finds_a_key_an_example_leaves_out() {
+    let written: toml::Table = "a = 1\n[t]\nb = 2\n".parse().unwrap();
+    let known: toml::Table = "a = 1\n[t]\nb = 2\nc = 3\n[[d]]\ne = 1\n[[d]]\ne = 2\n".parse().unwrap();
+    let missing: Vec<String> = keys(&known).difference(&keys(&written)).cloned().collect();
+    assert_eq!(missing, ["d.e", "t.c"]);
+    assert_eq!(uncommented("# a = 1\n#   or b = 2\n# [t]\n# prose here"), "a = 1\n#   or b = 2\n[t]\n# prose here");
+}
+
+/// Whether `promtool` runs; when it does not, says so and returns false, or fails when services
+/// are required (CI installs Debian's `prometheus`, which brings it).
+fn promtool() -> bool {
+    let ran = Command::new("promtool").arg("--version").output();
+    if ran.as_ref().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    let why = format!("promtool does not run ({:?})", ran.map(|o| o.status));
+    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install prometheus");
+    eprintln!("skipping: {why}; install prometheus, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+    false
+}
+
+/// Runs `promtool ARGS` in `infra/prometheus`; it must succeed.
+fn run_promtool(args: &[&str]) {
+    let out = Command::new("promtool").args(args).current_dir(root().join("infra/prometheus")).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {}:\n{text}", args.join(" "));
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    if !promtool() {
+        return;
+    }
+    run_promtool(&["check", "rules", "alerts.yml"]);
+    run_promtool(&["test", "rules", "alerts_test.yml"]);
+}
+
+/// The `kiln_…` names in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("kiln_") {
+        let name: String =
+            rest[at..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        rest = &rest[at + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+#[test]
+fn every_metric_an_alert_names_is_one_kiln_exports() {
+    let mut exported = BTreeSet::new();
+    for dir in ["scheduler/src", "worker/src", "edge-agent/src"] {
+        let mut files = vec![root().join(dir)];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                // A metric's name is a string constant: `"kiln_…"`.
+                for piece in text.split('"').skip(1).step_by(2) {
+                    if piece.starts_with("kiln_") && metric_names(piece).contains(piece) {
+                        exported.insert(piece.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(exported.contains("kiln_workers") && exported.contains("kiln_job_queue_wait_seconds"), "{exported:?}");
+    let alerts = std::fs::read_to_string(root().join("infra/prometheus/alerts.yml")).unwrap();
+    let named = metric_names(&alerts);
+    assert!(named.len() >= 5, "{named:?}");
+    let unknown: Vec<&String> = named
+        .iter()
+        .filter(|n| {
+            let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| n.strip_suffix(s)).unwrap_or(n);
+            !exported.contains(*n) && !exported.contains(base)
+        })
+        .collect();
+    assert!(unknown.is_empty(), "infra/prometheus/alerts.yml names metrics Kiln does not export: {unknown:?}");
+}
+
+#[test]
+fn every_alert_has_a_runbook_in_the_readme() {
+    let alerts = std::fs::read_to_string(root().join("infra/prometheus/alerts.yml")).unwrap();
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let headings: BTreeSet<String> =
+        readme.lines().filter_map(|l| l.strip_prefix("#### ")).map(|h| h.trim().to_lowercase()).collect();
+    let mut names = Vec::new();
+    for line in alerts.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert: ") {
+            names.push(name.to_owned());
+        } else if let Some(link) = line.strip_prefix("runbook: ") {
+            let name = names.last().expect("a runbook follows its alert");
+            assert_eq!(link.trim_matches('"'), format!("README.md#{}", name.to_lowercase()), "{name}'s runbook link");
+        }
+    }
+    assert!(names.len() >= 5, "{names:?}");
+    let missing: Vec<&String> = names.iter().filter(|n| !headings.contains(&n.to_lowercase())).collect();
+    assert!(missing.is_empty(), "alerts without a `#### NAME` runbook in the README: {missing:?}");
+}
