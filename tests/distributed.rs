@@ -586,6 +586,38 @@ async fn a_render_that_kills_its_workers_is_dead_lettered_at_the_delivery_limit(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tier_with_jobs_and_no_worker_is_said_by_healthz_and_a_metric() {
+    let Some(mut d) = Distributed::start().await else { return };
+    d.spawn_worker_with("w-previews", &[("KILN_WORKER_TIERS", "preview")]);
+    d.worker_where("w-previews", "active", |w| w["state"] == "active").await;
+    let health = d.farm.client.call(Method::GET, "/healthz", None).await.unwrap();
+    assert!(health.get("warnings").is_none(), "nothing waits yet: {health}");
+    // A preview renders; a print waits, and the farm says why.
+    let preview = d.submit(1, 6000).await;
+    let mut print = job("a print nobody takes", 6001, "print");
+    (print["width"], print["height"]) = (64.into(), 64.into());
+    let print_id = d.farm.submit(print).await["id"].as_str().unwrap().to_owned();
+    assert_eq!(d.wait_all(&preview, Duration::from_secs(60)).await[0]["state"], "succeeded");
+    let health = d.farm.client.call(Method::GET, "/healthz", None).await.unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(
+        health["warnings"],
+        serde_json::json!(["1 print job(s) waiting and no active worker serves the print tier"]),
+        "{health}"
+    );
+    assert_eq!(d.farm.metric("kiln_tier_workers", "tier=\"print\"").await, 0.0);
+    assert_eq!(d.farm.metric("kiln_tier_workers", "tier=\"preview\"").await, 1.0);
+    // A print worker comes: the print renders and the warning is gone.
+    d.spawn_worker_with("w-prints", &[("KILN_WORKER_TIERS", "print")]);
+    let j = &d.wait_all(std::slice::from_ref(&print_id), Duration::from_secs(60)).await[0];
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let health = d.farm.client.call(Method::GET, "/healthz", None).await.unwrap();
+    assert!(health.get("warnings").is_none(), "{health}");
+    assert_eq!(d.farm.metric("kiln_tier_workers", "tier=\"print\"").await, 1.0);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_that_fails_many_distinct_jobs_is_drained_until_resumed() {
     let Some(mut d) = Distributed::start_with(|cfg| {
         cfg.scheduler.broker.drain_after_jobs = 3;

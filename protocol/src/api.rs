@@ -303,6 +303,10 @@ pub struct Health {
     /// Why it is unavailable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What keeps the farm from doing its work though the scheduler is up: a tier with jobs
+    /// waiting and no active worker serving it. The status stays `ok` (200).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A worker as `GET /v1/workers` shows it: its last heartbeat (an in-process worker's: what it

@@ -280,7 +280,11 @@ pub fn run_scheduler(global: &kiln_common::GlobalArgs, flags: &ServeArgs) -> any
     kiln_common::runtime()?.block_on(async {
         let (backend, device) = open_farm_backend(&cfg)?;
         let farm = Farm::build(&cfg, backend).await?;
-        serve(farm, &cfg, "kiln-scheduler", &device, &[]).await?;
+        let fleet = match &cfg.scheduler.fleet.mqtt_url {
+            Some(mqtt) => format!("  fleet    bridged over {mqtt}"),
+            None => "  fleet    none (scheduler.fleet.mqtt_url bridges to the edge agents' broker)".to_owned(),
+        };
+        serve(farm, &cfg, "kiln-scheduler", &device, &[fleet]).await?;
         println!("kiln-scheduler: stopped");
         Ok(())
     })
@@ -309,10 +313,17 @@ pub fn serve<'a>(
         println!("  metrics  {url}/metrics");
         println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
         println!("  data     {}", cfg.data_dir().display());
-        if cfg.scheduler.broker.amqp_url.is_some() {
-            println!("  workers  kiln-worker daemons over RabbitMQ");
+        if let Some(db) = &cfg.scheduler.database_url {
+            println!("  database {db}");
+        }
+        if let Some(amqp) = &cfg.scheduler.broker.amqp_url {
+            println!("  broker   {amqp} (prefix {})", cfg.scheduler.broker.prefix);
+            println!(
+                "  workers  none heard yet: kiln-worker daemons render (GET /v1/workers lists them; /healthz warns of a tier with jobs and none to take them)"
+            );
         } else {
-            println!("  workers  {} on {device}", cfg.scheduler.workers);
+            let tiers: Vec<&str> = cfg.scheduler.worker_tiers.iter().map(|t| t.as_str()).collect();
+            println!("  workers  {} on {device}, serving {}", cfg.scheduler.workers, tiers.join(", "));
         }
         for line in extra {
             println!("{line}");

@@ -39,6 +39,8 @@ pub const QUARANTINED: &str = "kiln_jobs_quarantined_total";
 pub const DRAINED: &str = "kiln_workers_drained_total";
 /// Workers heard from, by state (active, draining, drained, lost), as of the scrape.
 pub const WORKERS: &str = "kiln_workers";
+/// Active workers serving each tier, as of the scrape: 0 for a tier whose jobs no worker takes.
+pub const TIER_WORKERS: &str = "kiln_tier_workers";
 /// Edge devices by kind and state (online, degraded, offline), as of the last sweep.
 pub const DEVICES: &str = "kiln_devices";
 /// Seconds since each device's latest telemetry, as of the last sweep.
@@ -88,6 +90,8 @@ pub struct Metrics {
     pub workers_drained: IntCounter,
     /// [`WORKERS`].
     pub workers: IntGaugeVec,
+    /// [`TIER_WORKERS`].
+    pub tier_workers: IntGaugeVec,
     /// [`DEVICES`].
     pub devices: IntGaugeVec,
     /// [`DEVICE_TELEMETRY_AGE`].
@@ -152,6 +156,8 @@ impl Metrics {
             IntCounter::new(DRAINED, "Workers drained (failed too many distinct jobs)").expect("valid metric");
         let workers =
             IntGaugeVec::new(Opts::new(WORKERS, "Workers heard from, by state"), &["state"]).expect("valid metric");
+        let tier_workers = IntGaugeVec::new(Opts::new(TIER_WORKERS, "Active workers serving each tier"), &["tier"])
+            .expect("valid metric");
         let devices = IntGaugeVec::new(Opts::new(DEVICES, "Edge devices by kind and state"), &["kind", "state"])
             .expect("valid metric");
         let device_telemetry_age = prometheus::GaugeVec::new(
@@ -193,6 +199,7 @@ impl Metrics {
                 Box::new(jobs_quarantined.clone()),
                 Box::new(workers_drained.clone()),
                 Box::new(workers.clone()),
+                Box::new(tier_workers.clone()),
                 Box::new(devices.clone()),
                 Box::new(device_telemetry_age.clone()),
                 Box::new(device_spool_dropped.clone()),
@@ -223,6 +230,7 @@ impl Metrics {
             jobs_quarantined,
             workers_drained,
             workers,
+            tier_workers,
             devices,
             device_telemetry_age,
             device_spool_dropped,

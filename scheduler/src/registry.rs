@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use kiln_protocol::Tier;
 use kiln_protocol::wire::{self, Command, ControlMessage, Heartbeat};
 use serde::Serialize;
 
@@ -240,6 +241,13 @@ impl Registry {
             }
         }
         newly
+    }
+
+    /// Active workers (heard from, neither draining nor drained) serving each tier, for the
+    /// `kiln_tier_workers` gauge and `/healthz`; every tier is there, 0 where none serves it.
+    pub fn serving(&self, now_ms: i64) -> Vec<(Tier, usize)> {
+        let active: Vec<WorkerEntry> = self.list(now_ms).into_iter().filter(|e| e.state == "active").collect();
+        Tier::ALL.iter().map(|t| (*t, active.iter().filter(|e| e.heartbeat.tiers.contains(t)).count())).collect()
     }
 
     /// Workers by state, for the `kiln_workers` gauge.

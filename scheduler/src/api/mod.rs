@@ -692,14 +692,31 @@ async fn openapi_json() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], openapi::document())
 }
 
-/// `GET /healthz`: 200 while the store answers.
+/// `GET /healthz`: 200 while the store answers, with a warning for each tier whose jobs wait
+/// with no active worker to take them.
 #[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
     responses((status = 200, body = api::Health), (status = 503, description = "The database does not answer", body = api::Health)))]
 async fn healthz(State(s): State<AppState>) -> Response {
     match s.store.ping().await {
-        Ok(_) => Json(api::Health { status: "ok".into(), error: None }).into_response(),
+        Ok(_) => {
+            let warnings = s
+                .registry
+                .serving(kiln_protocol::now_ms())
+                .into_iter()
+                .filter(|(_, workers)| *workers == 0)
+                .filter_map(|(tier, _)| {
+                    let waiting: i64 = [JobState::Queued, JobState::Dispatched]
+                        .iter()
+                        .map(|st| s.metrics.jobs.with_label_values(&[tier.as_str(), st.as_str()]).get())
+                        .sum();
+                    (waiting > 0)
+                        .then(|| format!("{waiting} {tier} job(s) waiting and no active worker serves the {tier} tier"))
+                })
+                .collect();
+            Json(api::Health { status: "ok".into(), error: None, warnings }).into_response()
+        }
         Err(e) => {
-            let h = api::Health { status: "unavailable".into(), error: Some(e.to_string()) };
+            let h = api::Health { status: "unavailable".into(), error: Some(e.to_string()), warnings: vec![] };
             (StatusCode::SERVICE_UNAVAILABLE, Json(h)).into_response()
         }
     }
@@ -709,9 +726,13 @@ async fn healthz(State(s): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let counts = s.registry.counts(kiln_protocol::now_ms());
+    let now = kiln_protocol::now_ms();
+    let counts = s.registry.counts(now);
     for state in crate::metrics::WORKER_STATES {
         s.metrics.workers.with_label_values(&[state]).set(counts.get(state).copied().unwrap_or(0) as i64);
+    }
+    for (tier, n) in s.registry.serving(now) {
+        s.metrics.tier_workers.with_label_values(&[tier.as_str()]).set(n as i64);
     }
     let mut text = s.metrics.encode();
     text.push_str(&s.worker.metrics.encode());
