@@ -567,15 +567,7 @@ async fn a_render_that_kills_its_workers_is_dead_lettered_at_the_delivery_limit(
     let metrics = worker_once(&own, "idle", |h| h["in_flight"] == 0).await;
     assert_eq!((redeliveries(&metrics, "dead_lettered"), redeliveries(&metrics, "put_back")), (1.0, 0.0), "{metrics}");
     assert_eq!(common::metric_in(&metrics, "kiln_render_seconds_count", ""), 0.0, "it rendered nothing: {metrics}");
-    let until = Instant::now() + Duration::from_secs(10);
-    let incident = loop {
-        let v = d.farm.client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
-        if let Some(i) = v["incidents"].as_array().unwrap().iter().find(|i| i["subject"] == id.as_str()) {
-            break i.clone();
-        }
-        assert!(Instant::now() < until, "no incident for {id}: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let incident = common::open_incident(&d.farm.client, &id).await;
     assert_eq!(incident["kind"], "job_failed", "{incident}");
     assert!(incident["summary"].as_str().unwrap().contains("run.delivery_limit"), "{incident}");
     // The farm kept serving: the surviving worker renders an ordinary job at its first attempt.

@@ -582,15 +582,7 @@ async fn malformed_payloads_are_dropped_or_rejected_and_a_silent_printer_fails_c
     assert!(t["detail"].as_str().unwrap().contains("no answer"), "{t:#}");
     assert_eq!(s.printer.registers()[3], 0, "nothing printed");
     // The failed task is an incident for the operator.
-    let until = Instant::now() + Duration::from_secs(10);
-    let incident = loop {
-        let v = s.farm.client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
-        if let Some(i) = v["incidents"].as_array().unwrap().iter().find(|i| i["subject"] == print.as_str()) {
-            break i.clone();
-        }
-        assert!(Instant::now() < until, "no incident for the failed print: {v:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let incident = common::open_incident(&s.farm.client, &print).await;
     assert_eq!(incident["kind"], "task_failed", "{incident}");
     assert!(incident["summary"].as_str().unwrap().contains("no answer"), "{incident}");
     s.wait_state(&["printer"], "degraded", Duration::from_secs(10)).await;

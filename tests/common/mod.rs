@@ -258,3 +258,16 @@ impl Drop for Killed {
         }
     }
 }
+
+/// The open incident about `subject`, once the farm behind `client` has raised it (up to 10 s).
+pub async fn open_incident(client: &Client, subject: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = client.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
+        if let Some(i) = v["incidents"].as_array().unwrap().iter().find(|i| i["subject"] == subject) {
+            return i.clone();
+        }
+        assert!(Instant::now() < until, "no open incident about {subject}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

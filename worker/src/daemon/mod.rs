@@ -375,14 +375,8 @@ impl Daemon {
         let settle = || Settle { at: Tag { ch, tag: delivery.delivery_tag }, acker: delivery.acker.clone() };
         if delivery.redelivered {
             let done = self.put_back(publ, self.cfg.tiers[ch], &delivery).await;
-            match done {
-                Ok(()) => settler.ack(vec![settle()]),
-                // Not lost: back to the queue, to be counted again by whoever takes it.
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot put a redelivered job message back; handing it back");
-                    settler.nack(settle());
-                }
-            }
+            // Not lost either way: handed back, it is counted again by whoever takes it.
+            ack_or_hand_back(settler, settle(), done, "put a redelivered job message back");
             return;
         }
         let msg = match self.check(&delivery) {
@@ -399,14 +393,8 @@ impl Daemon {
                     Some(&self.key),
                 )
                 .await;
-                match dl {
-                    Ok(()) => settler.ack(vec![settle()]),
-                    // Not lost: back to the queue until the dead-letter exchange takes it.
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot dead-letter; handing the message back");
-                        settler.nack(settle());
-                    }
-                }
+                // Not lost: back to the queue until the dead-letter exchange takes it.
+                ack_or_hand_back(settler, settle(), dl, "dead-letter");
                 return;
             }
         };
@@ -464,6 +452,18 @@ impl Daemon {
             // Unacked: the broker hands the job out again and the result is made again.
             tracing::error!(job = id, error = %e, "cannot publish the result; the job goes back to the queue");
             settler.nack(settle());
+        }
+    }
+}
+
+/// Acks a delivery once what was published in its place is confirmed (`done`); else hands it
+/// back to the queue, saying what could not be done.
+fn ack_or_hand_back(settler: &Settler, settle: Settle, done: Result<(), amqp::PublishError>, what: &str) {
+    match done {
+        Ok(()) => settler.ack(vec![settle]),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot {what}; handing the message back");
+            settler.nack(settle);
         }
     }
 }
