@@ -153,12 +153,13 @@ fn run_promtool(args: &[&str]) {
 }
 
 #[test]
-fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+fn the_alert_rules_and_the_scrape_config_pass_promtool() {
     if !promtool() {
         return;
     }
     run_promtool(&["check", "rules", "alerts.yml"]);
     run_promtool(&["test", "rules", "alerts_test.yml"]);
+    run_promtool(&["check", "config", "prometheus.yml"]);
 }
 
 /// The `kiln_…` names in `text`.
@@ -175,7 +176,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn every_metric_an_alert_names_is_one_kiln_exports() {
+fn every_metric_an_alert_or_a_dashboard_names_is_one_kiln_exports() {
     let mut exported = BTreeSet::new();
     for dir in ["scheduler/src", "worker/src", "edge-agent/src"] {
         let mut files = vec![root().join(dir)];
@@ -194,17 +195,21 @@ fn every_metric_an_alert_names_is_one_kiln_exports() {
         }
     }
     assert!(exported.contains("kiln_workers") && exported.contains("kiln_job_queue_wait_seconds"), "{exported:?}");
-    let alerts = std::fs::read_to_string(root().join("infra/prometheus/alerts.yml")).unwrap();
-    let named = metric_names(&alerts);
-    assert!(named.len() >= 5, "{named:?}");
-    let unknown: Vec<&String> = named
-        .iter()
-        .filter(|n| {
-            let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| n.strip_suffix(s)).unwrap_or(n);
-            !exported.contains(*n) && !exported.contains(base)
-        })
-        .collect();
-    assert!(unknown.is_empty(), "infra/prometheus/alerts.yml names metrics Kiln does not export: {unknown:?}");
+    let mut files = vec![root().join("infra/prometheus/alerts.yml")];
+    let dashboards = root().join("infra/grafana/dashboards");
+    files.extend(std::fs::read_dir(dashboards).unwrap().map(|e| e.unwrap().path()));
+    for file in files {
+        let named = metric_names(&std::fs::read_to_string(&file).unwrap());
+        assert!(named.len() >= 5, "{}: {named:?}", file.display());
+        let unknown: Vec<&String> = named
+            .iter()
+            .filter(|n| {
+                let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| n.strip_suffix(s)).unwrap_or(n);
+                !exported.contains(*n) && !exported.contains(base)
+            })
+            .collect();
+        assert!(unknown.is_empty(), "{} names metrics Kiln does not export: {unknown:?}", file.display());
+    }
 }
 
 #[test]
@@ -226,3 +231,4 @@ fn every_alert_has_a_runbook_in_the_readme() {
     let missing: Vec<&String> = names.iter().filter(|n| !headings.contains(&n.to_lowercase())).collect();
     assert!(missing.is_empty(), "alerts without a `#### NAME` runbook in the README: {missing:?}");
 }
+

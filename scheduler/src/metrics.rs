@@ -4,8 +4,11 @@
 use kiln_worker::metrics::{encode, register_all};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use std::collections::BTreeMap;
+
+use crate::scheduler::Scheduler;
 use crate::store::Event;
-use kiln_protocol::{JobState, Tier};
+use kiln_protocol::{JobState, Tier, now_ms};
 
 /// Jobs in each state, by tier (a gauge: moves as jobs move).
 pub const JOBS: &str = "kiln_jobs";
@@ -39,6 +42,11 @@ pub const QUARANTINED: &str = "kiln_jobs_quarantined_total";
 pub const DRAINED: &str = "kiln_workers_drained_total";
 /// Workers heard from, by state (active, draining, drained, lost), as of the scrape.
 pub const WORKERS: &str = "kiln_workers";
+/// One series per worker heard from (value 1), labelled with its host, backend, adapter (GPU or
+/// CPU) and state, as of the scrape: the dashboards' table of workers.
+pub const WORKER_INFO: &str = "kiln_worker_info";
+/// Seconds since each worker's latest heartbeat (0 for an in-process worker), as of the scrape.
+pub const WORKER_HEARTBEAT_AGE: &str = "kiln_worker_heartbeat_age_seconds";
 /// Active workers serving each tier, as of the scrape: 0 for a tier whose jobs no worker takes.
 pub const TIER_WORKERS: &str = "kiln_tier_workers";
 /// Edge devices by kind and state (online, degraded, offline), as of the last sweep.
@@ -55,6 +63,50 @@ pub const DEVICE_TASK_SECONDS: &str = "kiln_device_task_seconds";
 pub const FLEET_DROPPED: &str = "kiln_fleet_messages_dropped_total";
 /// Incidents raised, by kind.
 pub const INCIDENTS: &str = "kiln_incidents_raised_total";
+/// Incidents open now, by kind, as of the scrape.
+pub const INCIDENTS_OPEN: &str = "kiln_incidents_open";
+/// Orders in each state, as of the scrape.
+pub const ORDERS: &str = "kiln_orders";
+/// The states an order can be in (each has a series from the start).
+pub const ORDER_STATES: [&str; 5] = ["running", "awaiting_approval", "succeeded", "failed", "cancelled"];
+/// Approvals waiting for a decision, as of the scrape.
+pub const APPROVALS_WAITING: &str = "kiln_approvals_waiting";
+/// Seconds the oldest approval still waiting has waited (0 when none waits), as of the scrape.
+pub const APPROVAL_OLDEST_WAIT: &str = "kiln_approval_oldest_wait_seconds";
+/// Each client token's budget for its period, weighted device-seconds.
+pub const BUDGET: &str = "kiln_client_budget_seconds";
+/// What each client token with a budget has spent of it this period, weighted device-seconds.
+pub const BUDGET_USED: &str = "kiln_client_budget_used_seconds";
+/// Seconds the store's group-commit writer spent writing: a rate near 1 is a writer saturated.
+pub const STORE_WRITER_BUSY_SECONDS: &str = "kiln_store_writer_busy_seconds_total";
+/// Writes the store's writer ran.
+pub const STORE_WRITES: &str = "kiln_store_writes_total";
+/// Transactions the store's writer committed.
+pub const STORE_COMMITS: &str = "kiln_store_commits_total";
+/// Writes waiting for the store's writer when its latest batch began.
+pub const STORE_WRITES_WAITING: &str = "kiln_store_writes_waiting";
+/// Bytes free to the scheduler on the file system of its data dir (the SQLite database and the
+/// assets), as of the scrape.
+pub const DATA_DIR_FREE: &str = "kiln_data_dir_free_bytes";
+/// Bytes in all on the file system of the scheduler's data dir.
+pub const DATA_DIR_SIZE: &str = "kiln_data_dir_size_bytes";
+/// The kinds of incident the scheduler raises (each has a series from the start).
+pub const INCIDENT_KINDS: [&str; 12] = [
+    "approval_timeout",
+    "device_not_ready",
+    "device_offline",
+    "job_failed",
+    "job_quarantined",
+    "order_expired",
+    "order_plan_changed",
+    "order_step",
+    "result_refused",
+    "task_expired",
+    "task_failed",
+    "task_timed_out",
+];
+/// Why a job message comes back undelivered (each has a series from the start).
+pub const UNDELIVERED_CAUSES: [&str; 6] = ["worker_refused", "expired", "maxlen", "rejected", "delivery_limit", "lost"];
 /// The worker states [`WORKERS`] reports.
 pub const WORKER_STATES: [&str; 4] = ["active", "draining", "drained", "lost"];
 
@@ -92,6 +144,10 @@ pub struct Metrics {
     pub workers: IntGaugeVec,
     /// [`TIER_WORKERS`].
     pub tier_workers: IntGaugeVec,
+    /// [`WORKER_INFO`].
+    pub worker_info: IntGaugeVec,
+    /// [`WORKER_HEARTBEAT_AGE`].
+    pub worker_heartbeat_age: prometheus::GaugeVec,
     /// [`DEVICES`].
     pub devices: IntGaugeVec,
     /// [`DEVICE_TELEMETRY_AGE`].
@@ -106,6 +162,22 @@ pub struct Metrics {
     pub fleet_dropped: IntCounterVec,
     /// [`INCIDENTS`].
     pub incidents: IntCounterVec,
+    /// [`INCIDENTS_OPEN`].
+    pub incidents_open: IntGaugeVec,
+    /// [`ORDERS`].
+    pub orders: IntGaugeVec,
+    /// [`APPROVALS_WAITING`].
+    pub approvals_waiting: IntGauge,
+    /// [`APPROVAL_OLDEST_WAIT`].
+    pub approval_oldest_wait: prometheus::Gauge,
+    /// [`BUDGET`].
+    pub budget: prometheus::GaugeVec,
+    /// [`BUDGET_USED`].
+    pub budget_used: prometheus::GaugeVec,
+    /// [`DATA_DIR_FREE`].
+    pub data_dir_free: IntGauge,
+    /// [`DATA_DIR_SIZE`].
+    pub data_dir_size: IntGauge,
 }
 
 impl Default for Metrics {
@@ -158,6 +230,16 @@ impl Metrics {
             IntGaugeVec::new(Opts::new(WORKERS, "Workers heard from, by state"), &["state"]).expect("valid metric");
         let tier_workers = IntGaugeVec::new(Opts::new(TIER_WORKERS, "Active workers serving each tier"), &["tier"])
             .expect("valid metric");
+        let worker_info = IntGaugeVec::new(
+            Opts::new(WORKER_INFO, "Each worker heard from, with its host, backend, adapter and state"),
+            &["worker", "host", "backend", "adapter", "state"],
+        )
+        .expect("valid metric");
+        let worker_heartbeat_age = prometheus::GaugeVec::new(
+            Opts::new(WORKER_HEARTBEAT_AGE, "Seconds since each worker's latest heartbeat"),
+            &["worker"],
+        )
+        .expect("valid metric");
         let devices = IntGaugeVec::new(Opts::new(DEVICES, "Edge devices by kind and state"), &["kind", "state"])
             .expect("valid metric");
         let device_telemetry_age = prometheus::GaugeVec::new(
@@ -182,6 +264,27 @@ impl Metrics {
             IntCounterVec::new(Opts::new(FLEET_DROPPED, "Fleet messages dropped"), &["topic", "reason"])
                 .expect("valid metric");
         let incidents = IntCounterVec::new(Opts::new(INCIDENTS, "Incidents raised"), &["kind"]).expect("valid metric");
+        let incidents_open =
+            IntGaugeVec::new(Opts::new(INCIDENTS_OPEN, "Incidents open"), &["kind"]).expect("valid metric");
+        let orders = IntGaugeVec::new(Opts::new(ORDERS, "Orders in each state"), &["state"]).expect("valid metric");
+        let approvals_waiting = IntGauge::new(APPROVALS_WAITING, "Approvals waiting").expect("valid metric");
+        let approval_oldest_wait =
+            prometheus::Gauge::new(APPROVAL_OLDEST_WAIT, "Seconds the oldest approval waiting has waited")
+                .expect("valid metric");
+        let budget = prometheus::GaugeVec::new(
+            Opts::new(BUDGET, "Client budgets per period, weighted device-seconds"),
+            &["client", "period"],
+        )
+        .expect("valid metric");
+        let budget_used = prometheus::GaugeVec::new(
+            Opts::new(BUDGET_USED, "Budget spent this period, weighted device-seconds"),
+            &["client", "period"],
+        )
+        .expect("valid metric");
+        let data_dir_free =
+            IntGauge::new(DATA_DIR_FREE, "Bytes free on the data dir's file system").expect("valid metric");
+        let data_dir_size =
+            IntGauge::new(DATA_DIR_SIZE, "Bytes in all on the data dir's file system").expect("valid metric");
         register_all(
             &registry,
             vec![
@@ -200,6 +303,8 @@ impl Metrics {
                 Box::new(workers_drained.clone()),
                 Box::new(workers.clone()),
                 Box::new(tier_workers.clone()),
+                Box::new(worker_info.clone()),
+                Box::new(worker_heartbeat_age.clone()),
                 Box::new(devices.clone()),
                 Box::new(device_telemetry_age.clone()),
                 Box::new(device_spool_dropped.clone()),
@@ -207,12 +312,42 @@ impl Metrics {
                 Box::new(device_task_seconds.clone()),
                 Box::new(fleet_dropped.clone()),
                 Box::new(incidents.clone()),
+                Box::new(incidents_open.clone()),
+                Box::new(orders.clone()),
+                Box::new(approvals_waiting.clone()),
+                Box::new(approval_oldest_wait.clone()),
+                Box::new(budget.clone()),
+                Box::new(budget_used.clone()),
+                Box::new(data_dir_free.clone()),
+                Box::new(data_dir_size.clone()),
             ],
         );
         for tier in Tier::ALL {
             for state in JobState::ALL {
                 jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(0);
             }
+        }
+        // A series for each known label from the start: an alert's `increase()` then sees the
+        // first one, and a dashboard shows 0 rather than nothing.
+        for kind in INCIDENT_KINDS {
+            incidents.with_label_values(&[kind]).reset();
+            incidents_open.with_label_values(&[kind]).set(0);
+        }
+        for state in ORDER_STATES {
+            orders.with_label_values(&[state]).set(0);
+        }
+        for tier in Tier::ALL {
+            cache_hits.with_label_values(&[tier.as_str()]).reset();
+            coalesced.with_label_values(&[tier.as_str()]).reset();
+        }
+        for cause in UNDELIVERED_CAUSES {
+            undelivered.with_label_values(&[cause]).reset();
+        }
+        for reason in crate::results::Refusal::LABELS {
+            results_refused.with_label_values(&[reason]).reset();
+        }
+        for kind in ["result", "heartbeat", "dead_letter"] {
+            bad_messages.with_label_values(&[kind]).reset();
         }
         Metrics {
             registry,
@@ -231,6 +366,8 @@ impl Metrics {
             workers_drained,
             workers,
             tier_workers,
+            worker_info,
+            worker_heartbeat_age,
             devices,
             device_telemetry_age,
             device_spool_dropped,
@@ -238,7 +375,20 @@ impl Metrics {
             device_task_seconds,
             fleet_dropped,
             incidents,
+            incidents_open,
+            orders,
+            approvals_waiting,
+            approval_oldest_wait,
+            budget,
+            budget_used,
+            data_dir_free,
+            data_dir_size,
         }
+    }
+
+    /// Registers the store writer's metrics (see [`crate::store::writer::WriterMetrics`]).
+    pub fn register_store(&self, writer: &crate::store::writer::WriterMetrics) {
+        register_all(&self.registry, writer.collectors());
     }
 
     /// Moves the state gauge for an event that is now durable, and times the job when it starts
@@ -260,5 +410,79 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         encode(&self.registry)
+    }
+}
+
+/// Brings the gauges a scrape reads up to date: workers by state and by tier, incidents open,
+/// approvals waiting, budgets spent, the data dir's room. A read that fails leaves its gauges
+/// as they were, and is logged: the scrape still answers.
+pub async fn sample(sched: &Scheduler) {
+    let (m, now) = (&sched.metrics, now_ms());
+    let workers = sched.registry.list(now);
+    let counts = crate::registry::counts(&workers);
+    for state in WORKER_STATES {
+        m.workers.with_label_values(&[state]).set(counts.get(state).copied().unwrap_or(0) as i64);
+    }
+    for (tier, n) in crate::registry::serving(&workers) {
+        m.tier_workers.with_label_values(&[tier.as_str()]).set(n as i64);
+    }
+    m.worker_info.reset();
+    m.worker_heartbeat_age.reset();
+    for w in &workers {
+        let hb = &w.heartbeat;
+        m.worker_info.with_label_values(&[&hb.worker_id, &hb.host, &hb.backend, &hb.adapter, w.state]).set(1);
+        let age = (now - w.last_seen_ms).max(0) as f64 / 1000.0;
+        m.worker_heartbeat_age.with_label_values(&[&hb.worker_id]).set(age);
+    }
+    match sched.store.open_incident_counts().await {
+        Ok(open) => {
+            let mut by_kind: BTreeMap<String, i64> = INCIDENT_KINDS.iter().map(|k| (k.to_string(), 0)).collect();
+            by_kind.extend(open);
+            for (kind, n) in by_kind {
+                m.incidents_open.with_label_values(&[&kind]).set(n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot count the open incidents"),
+    }
+    match sched.store.order_counts().await {
+        Ok(counts) => {
+            let mut by_state: BTreeMap<String, i64> = ORDER_STATES.iter().map(|k| (k.to_string(), 0)).collect();
+            by_state.extend(counts);
+            for (state, n) in by_state {
+                m.orders.with_label_values(&[&state]).set(n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot count the orders"),
+    }
+    match crate::orders::approvals_waiting_since(sched).await {
+        Ok(since) => {
+            m.approvals_waiting.set(since.len() as i64);
+            let oldest = since.iter().min().map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+            m.approval_oldest_wait.set(oldest);
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot read the approvals waiting"),
+    }
+    let mut budgets = Vec::new();
+    for (client, budget) in sched.budgets() {
+        let (start, _) = budget.period.bounds(now);
+        match sched.store.spent(&client, start).await {
+            Ok(ms) => budgets.push((client, budget, ms as f64 / 1000.0)),
+            Err(e) => tracing::warn!(client, error = %e, "metrics: cannot read a budget's use"),
+        }
+    }
+    m.budget.reset();
+    m.budget_used.reset();
+    for (client, budget, used) in budgets {
+        m.budget.with_label_values(&[&client, budget.period.as_str()]).set(budget.seconds as f64);
+        m.budget_used.with_label_values(&[&client, budget.period.as_str()]).set(used);
+    }
+    match rustix::fs::statvfs(sched.worker.store().root()) {
+        Ok(fs) => {
+            m.data_dir_free.set(fs.f_bavail.saturating_mul(fs.f_frsize).min(i64::MAX as u64) as i64);
+            m.data_dir_size.set(fs.f_blocks.saturating_mul(fs.f_frsize).min(i64::MAX as u64) as i64);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %sched.worker.store().root().display(), "metrics: cannot read the data dir's room")
+        }
     }
 }

@@ -514,9 +514,20 @@ fn approval_id(order: &str, step: &str) -> String {
 /// The approvals of orders awaiting one (pending), oldest first; the caller's orders only,
 /// unless an operator.
 pub async fn pending_approvals(sched: &Scheduler, who: &Caller) -> Result<Vec<api::Approval>, StoreError> {
-    // Only the orders awaiting one are read (an index on state), the caller's own unless an
-    // operator; oldest first.
     let client = (who.role != Role::Operator).then(|| who.name.clone());
+    let pending = pending(sched, client).await?;
+    Ok(pending.iter().filter_map(|(row, doc)| doc.approval.as_ref().map(|a| approval_view(row, doc, a))).collect())
+}
+
+/// When each pending approval opened, unix ms, oldest first (for the metrics).
+pub async fn approvals_waiting_since(sched: &Scheduler) -> Result<Vec<i64>, StoreError> {
+    let pending = pending(sched, None).await?;
+    Ok(pending.iter().filter_map(|(_, doc)| doc.approval.as_ref().map(|a| a.created_ms)).collect())
+}
+
+/// The orders with a pending approval, oldest first; `client`'s only, if given.
+async fn pending(sched: &Scheduler, client: Option<String>) -> Result<Vec<(OrderRow, Doc)>, StoreError> {
+    // Only the orders awaiting one are read (an index on state).
     let q = crate::store::orders::OrderQuery {
         state: Some("awaiting_approval".into()),
         client,
@@ -526,10 +537,10 @@ pub async fn pending_approvals(sched: &Scheduler, who: &Caller) -> Result<Vec<ap
     let mut rows = sched.store.orders(q).await?;
     rows.reverse();
     let mut out = Vec::new();
-    for row in &rows {
-        let doc = parse_doc(row)?;
-        if let Some(a) = doc.approval.as_ref().filter(|a| a.state == "pending") {
-            out.push(approval_view(row, &doc, a));
+    for row in rows {
+        let doc = parse_doc(&row)?;
+        if doc.approval.as_ref().is_some_and(|a| a.state == "pending") {
+            out.push((row, doc));
         }
     }
     Ok(out)

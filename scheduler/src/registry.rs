@@ -246,18 +246,24 @@ impl Registry {
     /// Active workers (heard from, neither draining nor drained) serving each tier, for the
     /// `kiln_tier_workers` gauge and `/healthz`; every tier is there, 0 where none serves it.
     pub fn serving(&self, now_ms: i64) -> Vec<(Tier, usize)> {
-        let active: Vec<WorkerEntry> = self.list(now_ms).into_iter().filter(|e| e.state == "active").collect();
-        Tier::ALL.iter().map(|t| (*t, active.iter().filter(|e| e.heartbeat.tiers.contains(t)).count())).collect()
+        serving(&self.list(now_ms))
     }
+}
 
-    /// Workers by state, for the `kiln_workers` gauge.
-    pub fn counts(&self, now_ms: i64) -> HashMap<&'static str, usize> {
-        let mut n = HashMap::new();
-        for e in self.list(now_ms) {
-            *n.entry(e.state).or_default() += 1;
-        }
-        n
+/// Of `workers` (a [`Registry::list`]), the active ones serving each tier: every tier is
+/// there, 0 where none serves it.
+pub fn serving(workers: &[WorkerEntry]) -> Vec<(Tier, usize)> {
+    let active = || workers.iter().filter(|e| e.state == "active");
+    Tier::ALL.iter().map(|t| (*t, active().filter(|e| e.heartbeat.tiers.contains(t)).count())).collect()
+}
+
+/// Of `workers` (a [`Registry::list`]), how many are in each state.
+pub fn counts(workers: &[WorkerEntry]) -> HashMap<&'static str, usize> {
+    let mut n = HashMap::new();
+    for e in workers {
+        *n.entry(e.state).or_default() += 1;
     }
+    n
 }
 
 #[cfg(test)]
@@ -307,7 +313,7 @@ mod tests {
         assert_eq!(r.sweep(5_050), ["old", "quick"], "each lost worker is reported once");
         assert_eq!(r.sweep(14_000), Vec::<String>::new());
         assert_eq!(states(&r, 15_001)[2], ("slow".into(), "lost"));
-        assert_eq!(r.counts(15_001).get("lost"), Some(&3));
+        assert_eq!(counts(&r.list(15_001)).get("lost"), Some(&3));
         // A day later, those still silent are forgotten; one heard from meanwhile stays.
         r.heard(beat("quick", Some(1_000)), 20_000);
         assert_eq!(r.sweep(5_001 + FORGET_AFTER_MS), ["quick"], "lost again, and said so");

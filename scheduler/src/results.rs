@@ -31,6 +31,10 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every label [`Refusal::label`] gives.
+    pub const LABELS: [&'static str; 5] =
+        ["unknown_job", "attempt_not_open", "not_its_request", "unproven", "store_refused"];
+
     /// Its label in the metric.
     pub fn label(&self) -> &'static str {
         match self {

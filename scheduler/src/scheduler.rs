@@ -264,7 +264,16 @@ impl Scheduler {
         for (tier, state, n) in s.store.counts().await? {
             s.metrics.jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(n);
         }
+        s.metrics.register_store(&s.store.writer_metrics());
         Ok(Arc::new(s))
+    }
+
+    /// The tokens (not revoked) that carry a budget, by name.
+    pub fn budgets(&self) -> Vec<(String, crate::costs::Budget)> {
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = tokens.values().filter_map(|(c, _)| Some((c.name.clone(), c.budget?))).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Raises an incident: something that needs the operator, once per `cause` (a second raise

@@ -107,6 +107,13 @@ impl Metrics {
                 Box::new(assets_handed.clone()),
             ],
         );
+        // A series for each known label from the start, so a dashboard shows 0 rather than nothing.
+        for outcome in ["put_back", "dead_lettered"] {
+            redeliveries.with_label_values(&[outcome]).reset();
+        }
+        for how in ["inline", "upload"] {
+            assets_handed.with_label_values(&[how]).reset();
+        }
         Metrics {
             registry,
             render_seconds,

@@ -726,14 +726,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let now = kiln_protocol::now_ms();
-    let counts = s.registry.counts(now);
-    for state in crate::metrics::WORKER_STATES {
-        s.metrics.workers.with_label_values(&[state]).set(counts.get(state).copied().unwrap_or(0) as i64);
-    }
-    for (tier, n) in s.registry.serving(now) {
-        s.metrics.tier_workers.with_label_values(&[tier.as_str()]).set(n as i64);
-    }
+    crate::metrics::sample(&s).await;
     let mut text = s.metrics.encode();
     text.push_str(&s.worker.metrics.encode());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)

@@ -432,6 +432,9 @@ pub trait Store: fleet::FleetStore + orders::OrderStore + costs::CostStore + Sen
     /// Jobs by tier and state, for the metrics.
     fn counts(&self) -> BoxFut<'_, Result<Vec<StateCount>, StoreError>>;
 
+    /// The group-commit writer's metrics (its load: see [`writer::WriterMetrics`]).
+    fn writer_metrics(&self) -> writer::WriterMetrics;
+
     /// Answers when the database does (for `/healthz`).
     fn ping(&self) -> BoxFut<'_, Result<(), StoreError>>;
 

@@ -111,6 +111,10 @@ pub trait OrderStore {
     fn orders(&self, q: OrderQuery) -> BoxFut<'_, Result<Vec<OrderRow>, StoreError>>;
     /// The orders not ended (running or awaiting approval), oldest first.
     fn live_orders(&self) -> BoxFut<'_, Result<Vec<OrderRow>, StoreError>>;
+    /// How many orders are in each state (for the metrics).
+    fn order_counts(&self) -> BoxFut<'_, Result<Vec<(String, i64)>, StoreError>>;
+    /// How many incidents of each kind are open (for the metrics).
+    fn open_incident_counts(&self) -> BoxFut<'_, Result<Vec<(String, i64)>, StoreError>>;
     /// An order's events, in order.
     fn order_events(&self, id: &str) -> BoxFut<'_, Result<Vec<OrderEvent>, StoreError>>;
     /// Raises an incident; `false` when one of the same cause was raised before (nothing changes).
@@ -267,6 +271,26 @@ macro_rules! orders_impl {
                     .fetch_all(&self.read)
                     .await?;
                     rows.iter().map($crate::store::orders::order_from_row).collect()
+                })
+            }
+
+            fn order_counts(&self) -> BoxFut<'_, Result<Vec<(String, i64)>, StoreError>> {
+                Box::pin(async move {
+                    let rows = sqlx::query("SELECT state AS k, COUNT(*) AS n FROM orders GROUP BY state")
+                        .fetch_all(&self.read)
+                        .await?;
+                    rows.iter().map(|r| Ok((r.col("k")?, r.col("n")?))).collect()
+                })
+            }
+
+            fn open_incident_counts(&self) -> BoxFut<'_, Result<Vec<(String, i64)>, StoreError>> {
+                Box::pin(async move {
+                    let rows = sqlx::query(
+                        "SELECT kind AS k, COUNT(*) AS n FROM incidents WHERE state = 'open' GROUP BY kind",
+                    )
+                    .fetch_all(&self.read)
+                    .await?;
+                    rows.iter().map(|r| Ok((r.col("k")?, r.col("n")?))).collect()
                 })
             }
 

@@ -334,6 +334,10 @@ macro_rules! store_impl {
                 })
             }
 
+            fn writer_metrics(&self) -> $crate::store::writer::WriterMetrics {
+                self.writer.metrics().clone()
+            }
+
             fn ping(&self) -> BoxFut<'_, Result<(), StoreError>> {
                 Box::pin(async move {
                     sqlx::query("SELECT 1").execute(&self.read).await?;

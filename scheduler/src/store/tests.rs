@@ -161,6 +161,9 @@ async fn an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_
     assert!(s.save_order(row("o2", "succeeded", 1, 1000), 0, vec![]).await.unwrap());
     let live: Vec<String> = s.live_orders().await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(live, ["o1"]);
+    let mut counts = s.order_counts().await.unwrap();
+    counts.sort();
+    assert_eq!(counts, [("awaiting_approval".to_owned(), 1), ("succeeded".to_owned(), 1)]);
     let page =
         s.orders(OrderQuery { state: None, client: Some("tester".into()), limit: 1, before: None }).await.unwrap();
     assert_eq!(page.len(), 1);
@@ -189,6 +192,7 @@ async fn an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_
     assert!(s.resolve_incident("i1", "operator", None, 5000).await.unwrap().is_none(), "resolved once");
     let open: Vec<String> = s.incidents(Some("open".into()), 10).await.unwrap().into_iter().map(|i| i.id).collect();
     assert_eq!(open, ["i3"]);
+    assert_eq!(s.open_incident_counts().await.unwrap(), [("order_step".to_owned(), 1)]);
     let all: Vec<String> = s.incidents(None, 10).await.unwrap().into_iter().map(|i| i.id).collect();
     assert_eq!(all, ["i3", "i1"], "open first");
 }

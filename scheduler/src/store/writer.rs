@@ -83,15 +83,56 @@ impl<C: Send + 'static, T: Send + 'static> WriteOp<C> for Op<C, T> {
     }
 }
 
+/// What the writer has done since it started, for the metrics: how long it spent writing (a
+/// writer busy nearly all the time is the farm's bound), the writes and transactions, and how
+/// many writes wait for it now.
+#[derive(Clone)]
+pub struct WriterMetrics {
+    /// Seconds spent running batches.
+    pub busy: prometheus::Counter,
+    /// Writes run.
+    pub writes: prometheus::IntCounter,
+    /// Transactions committed.
+    pub commits: prometheus::IntCounter,
+    /// Writes queued for the next batch when the last one began.
+    pub waiting: prometheus::IntGauge,
+}
+
+impl WriterMetrics {
+    fn new() -> WriterMetrics {
+        use crate::metrics::{STORE_COMMITS, STORE_WRITER_BUSY_SECONDS, STORE_WRITES, STORE_WRITES_WAITING};
+        WriterMetrics {
+            busy: prometheus::Counter::new(STORE_WRITER_BUSY_SECONDS, "Seconds the store's writer spent writing")
+                .expect("valid metric"),
+            writes: prometheus::IntCounter::new(STORE_WRITES, "Writes the store's writer ran").expect("valid metric"),
+            commits: prometheus::IntCounter::new(STORE_COMMITS, "Transactions the store's writer committed")
+                .expect("valid metric"),
+            waiting: prometheus::IntGauge::new(STORE_WRITES_WAITING, "Writes waiting for the store's writer")
+                .expect("valid metric"),
+        }
+    }
+
+    /// Every metric, to register.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.busy.clone()),
+            Box::new(self.writes.clone()),
+            Box::new(self.commits.clone()),
+            Box::new(self.waiting.clone()),
+        ]
+    }
+}
+
 /// The handle callers send writes through; cheap to clone.
 pub struct Writer<C> {
     tx: mpsc::Sender<Box<dyn WriteOp<C>>>,
     commits: watch::Receiver<u64>,
+    metrics: WriterMetrics,
 }
 
 impl<C> Clone for Writer<C> {
     fn clone(&self) -> Self {
-        Writer { tx: self.tx.clone(), commits: self.commits.clone() }
+        Writer { tx: self.tx.clone(), commits: self.commits.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -100,8 +141,14 @@ impl<C: WriteConn> Writer<C> {
     pub fn spawn(conn: C, connect: Connect<C>) -> Writer<C> {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let (committed, commits) = watch::channel(0);
-        tokio::spawn(run(conn, connect, rx, committed));
-        Writer { tx, commits }
+        let metrics = WriterMetrics::new();
+        tokio::spawn(run(conn, connect, rx, committed, metrics.clone()));
+        Writer { tx, commits, metrics }
+    }
+
+    /// The writer's metrics.
+    pub fn metrics(&self) -> &WriterMetrics {
+        &self.metrics
     }
 
     /// How many transactions have committed: changes after each, and ends (`changed` fails)
@@ -200,6 +247,7 @@ async fn run<C: WriteConn>(
     connect: Connect<C>,
     mut rx: mpsc::Receiver<Box<dyn WriteOp<C>>>,
     committed: watch::Sender<u64>,
+    metrics: WriterMetrics,
 ) {
     let mut conn = Some(conn);
     let mut batch: Vec<Box<dyn WriteOp<C>>> = Vec::with_capacity(MAX_BATCH);
@@ -225,6 +273,7 @@ async fn run<C: WriteConn>(
             break;
         }
         let t = std::time::Instant::now();
+        metrics.waiting.set(rx.len() as i64);
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match connect().await {
@@ -246,9 +295,12 @@ async fn run<C: WriteConn>(
             },
         };
         let commit = run_batch(c, &mut batch).await.map_err(|e| e.to_string());
-        busy += t.elapsed().as_secs_f64();
+        let spent = t.elapsed().as_secs_f64();
+        busy += spent;
         ops += batch.len();
         batches += 1;
+        metrics.busy.inc_by(spent);
+        metrics.writes.inc_by(batch.len() as u64);
         if let Err(e) = &commit {
             tracing::error!(error = %e, ops = batch.len(), "store: a transaction rolled back; its callers are told");
             if c.ping().await.is_err() {
@@ -258,6 +310,7 @@ async fn run<C: WriteConn>(
         }
         if commit.is_ok() {
             committed.send_modify(|n| *n += 1);
+            metrics.commits.inc();
         }
         owed |= C::UPKEEP.is_some() && commit.is_ok();
         for op in batch.drain(..) {
@@ -380,6 +433,12 @@ mod tests {
             Ok(()) => panic!("a NULL went into a NOT NULL column"),
         }
         assert_eq!(rows(&w).await, [1, 3]);
+        // The metrics count them: the slow write, the three and the read of the rows, in fewer
+        // transactions than writes (the three go in one batch, with the slow one or after it).
+        let m = w.metrics();
+        assert_eq!(m.writes.get(), 5);
+        assert!((2..=3).contains(&m.commits.get()), "{} commits", m.commits.get());
+        assert!(m.busy.get() >= 0.05, "the slow write took 50 ms: {}", m.busy.get());
     }
 
     #[tokio::test]
