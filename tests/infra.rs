@@ -232,3 +232,60 @@ fn every_alert_has_a_runbook_in_the_readme() {
     assert!(missing.is_empty(), "alerts without a `#### NAME` runbook in the README: {missing:?}");
 }
 
+/// Whether `systemd-analyze` runs here; under `KILN_TEST_REQUIRE_SERVICES=1` it must.
+fn systemd_analyze() -> bool {
+    let ran = Command::new("systemd-analyze").arg("--version").output();
+    if ran.as_ref().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    let why = format!("systemd-analyze does not run ({:?})", ran.map(|o| o.status));
+    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install systemd");
+    eprintln!("skipping: {why}; install systemd, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+    false
+}
+
+/// Each unit in `infra/systemd` passes `systemd-analyze verify`, runs a binary Kiln builds with
+/// a config in `/etc/kiln`, and is hardened as the README promises. `verify` checks that the
+/// command exists, so each unit is verified with its `/usr/local/bin/…` pointed at the binary
+/// this build made (everything else as shipped).
+#[test]
+fn the_systemd_units_verify_and_are_hardened() {
+    if !systemd_analyze() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = 0;
+    for entry in std::fs::read_dir(root().join("infra/systemd")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let Some(bin) = name.strip_suffix(".service") else { continue };
+        units += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let exec = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("an ExecStart");
+        assert!(exec.starts_with(&format!("/usr/local/bin/{bin} ")), "{name}: {exec}");
+        assert!(
+            exec.contains(&format!("--config /etc/kiln/{}.toml", bin.trim_start_matches("kiln-"))),
+            "{name}: {exec}"
+        );
+        for setting in [
+            "NoNewPrivileges=true",
+            "ProtectSystem=strict",
+            "ProtectHome=true",
+            "PrivateTmp=true",
+            "CapabilityBoundingSet=",
+            &format!("StateDirectory={}", if bin == "kiln-scheduler" { "kiln" } else { bin }),
+        ] {
+            assert!(text.lines().any(|l| l == setting), "{name} lacks {setting}");
+        }
+        let user = text.lines().find_map(|l| l.strip_prefix("User=")).expect("its own user");
+        assert!(user != "root" && !user.is_empty(), "{name}: User={user}");
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name(bin);
+        assert!(built.is_file(), "{} is not built", built.display());
+        let unit = dir.path().join(&name);
+        std::fs::write(&unit, text.replace(&format!("/usr/local/bin/{bin}"), &built.to_string_lossy())).unwrap();
+        let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&unit).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify {name}:\n{said}");
+    }
+    assert_eq!(units, 3, "kiln-scheduler, kiln-worker and kiln-edge");
+}
