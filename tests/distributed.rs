@@ -189,6 +189,26 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
+/// `promtool check metrics` passes `text` (a Prometheus exposition), where promtool is installed
+/// (the infra and dashboard tests require it under `KILN_TEST_REQUIRE_SERVICES=1`).
+fn promtool_check_metrics(text: &str) {
+    use std::io::Write;
+    let Ok(mut lint) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        assert!(!kiln_testenv::services_required(), "promtool is not installed");
+        return;
+    };
+    lint.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool check metrics:\n{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     let Some(mut d) = Distributed::start().await else { return };
@@ -248,6 +268,31 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     assert!(common::metric_in(&metrics, "kiln_render_seconds_count", "") >= 3.0, "{metrics}");
     let handed = |how: &str| common::metric_in(&metrics, "kiln_worker_assets_handed_total", &format!("how=\"{how}\""));
     assert_eq!((handed("inline"), handed("upload")), (3.0, 4.0), "{metrics}");
+    promtool_check_metrics(&metrics);
+    // `kiln-worker doctor` with the worker's settings: every check passes.
+    let scratch = tempfile::tempdir().unwrap();
+    let out = common::sibling("kiln-worker")
+        .arg("doctor")
+        .env("KILN_DATA_DIR", scratch.path())
+        .env("KILN_BACKEND", "cpu")
+        .env("KILN_THREADS", "1")
+        .env("KILN_AMQP_URL", &d.amqp_url)
+        .env("KILN_AMQP_PREFIX", d.names.prefix())
+        .env("KILN_SCHEDULER_URL", &d.farm.url)
+        .env("KILN_WORKER_TOKEN", &d.worker_token)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    for check in ["config", "backend", "render", "scheduler", "broker", "token"] {
+        assert!(said.lines().any(|l| l.split_whitespace().nth(1) == Some(check)), "{check}: {said}");
+    }
+    for check in ["render", "scheduler", "broker", "token"] {
+        assert!(said.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check} passes: {said}");
+    }
+    if d.amqp_url.contains('@') {
+        assert!(!said.contains(&d.amqp_url), "the broker's password is not shown: {said}");
+    }
     // SIGTERM drains and exits cleanly, closing its connection without an error.
     let status = terminate(&mut d.workers[0].0);
     assert!(status.success(), "{status}");

@@ -289,3 +289,160 @@ fn the_systemd_units_verify_and_are_hardened() {
     }
     assert_eq!(units, 3, "kiln-scheduler, kiln-worker and kiln-edge");
 }
+
+/// `infra/install/*.sh --root DIR` lays a box out as its unit and config say: the binary, the
+/// unit as shipped, the config with the box's settings (it loads in its binary, the secrets from
+/// the env file beside it), the secrets readable by root only, the state folder. A second run
+/// without secrets keeps the config and the secrets.
+#[test]
+fn the_install_scripts_lay_out_a_box_whose_config_loads() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |p: &Path| std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777;
+    let env_of = |file: &Path| -> Vec<(String, String)> {
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let install = |script: &str, args: &[&str]| {
+        let out = Command::new("bash").arg(root().join("infra/install").join(script)).args(args).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{script} {args:?}:\n{said}");
+        said
+    };
+    let built =
+        |name: &str| PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name(name).to_string_lossy().into_owned();
+
+    // A GPU box.
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path().to_str().unwrap();
+    let bin = built("kiln-worker");
+    let args = [
+        "--root",
+        r,
+        "--binary",
+        &bin,
+        "--name",
+        "gpu-box-7",
+        "--scheduler-url",
+        "http://sched.lan:7878",
+        "--amqp-url",
+        "amqp://gpu-box-7:s3cret@broker.lan:5672/%2f",
+        "--token",
+        "kiln_box7",
+        "--tiers",
+        "preview,final",
+        "--metrics-listen",
+        "0.0.0.0:9464",
+    ];
+    let said = install("worker.sh", &args);
+    assert!(said.contains("GPU and Vulkan"), "{said}");
+    let at = |p: &str| dir.path().join(p);
+    assert_eq!(mode(&at("usr/local/bin/kiln-worker")), 0o755);
+    assert_eq!(
+        std::fs::read(at("etc/systemd/system/kiln-worker.service")).unwrap(),
+        std::fs::read(root().join("infra/systemd/kiln-worker.service")).unwrap()
+    );
+    assert_eq!(mode(&at("etc/kiln/worker.env")), 0o600);
+    assert_eq!(mode(&at("var/lib/kiln-worker")), 0o750);
+    let env = env_of(&at("etc/kiln/worker.env"));
+    assert!(env.contains(&("KILN_WORKER_TOKEN".into(), "kiln_box7".into())), "{env:?}");
+    let config = std::fs::read_to_string(at("etc/kiln/worker.toml")).unwrap();
+    assert!(!config.contains("s3cret"), "the broker's password stays in worker.env: {config}");
+    let mut cmd = binary("kiln-worker");
+    cmd.envs(env).arg("--config").arg(at("etc/kiln/worker.toml")).args(["run", "--print-config"]);
+    let worker = printed(cmd, &at("etc/kiln/worker.toml"));
+    let run = worker["run"].as_table().unwrap();
+    assert_eq!(run["worker_id"].as_str(), Some("gpu-box-7"));
+    assert_eq!(run["scheduler_url"].as_str(), Some("http://sched.lan:7878"));
+    assert_eq!(run["metrics_listen"].as_str(), Some("0.0.0.0:9464"));
+    let tiers: Vec<&str> = run["tiers"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tiers, ["preview", "final"]);
+    assert_eq!(run["amqp_url"].as_str(), Some("amqp://gpu-box-7:***@broker.lan:5672/%2f"));
+    assert_eq!(worker["data_dir"].as_str(), Some("/var/lib/kiln-worker"), "the unit's StateDirectory");
+    // Again, to upgrade: the config (edited meanwhile) and the secrets are kept.
+    std::fs::write(at("etc/kiln/worker.toml"), config.replace("# concurrency = 1", "concurrency = 3")).unwrap();
+    let said = install("worker.sh", &["--root", r, "--binary", &bin]);
+    assert!(said.contains("keeping"), "{said}");
+    assert!(std::fs::read_to_string(at("etc/kiln/worker.toml")).unwrap().contains("concurrency = 3"));
+    assert_eq!(env_of(&at("etc/kiln/worker.env")).len(), 2);
+    // A mistake is named.
+    let out = Command::new("bash")
+        .arg(root().join("infra/install/worker.sh"))
+        .args(["--root", r, "--binary", "/nonexistent/kiln-worker"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--binary /nonexistent/kiln-worker"));
+
+    // A Pi.
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path().to_str().unwrap();
+    let bin = built("kiln-edge");
+    let args = [
+        "--root",
+        r,
+        "--binary",
+        &bin,
+        "--name",
+        "studio-pi",
+        "--mqtt-url",
+        "mqtt://10.0.0.2:1883",
+        "--scheduler-url",
+        "http://10.0.0.2:7878",
+        "--token",
+        "kiln_pi",
+        "--mqtt-password",
+        "pw-pi",
+    ];
+    install("pi.sh", &args);
+    let at = |p: &str| dir.path().join(p);
+    assert_eq!(mode(&at("usr/local/bin/kiln-edge")), 0o755);
+    assert_eq!(mode(&at("etc/kiln/edge.env")), 0o600);
+    assert_eq!(mode(&at("var/lib/kiln-edge")), 0o750);
+    assert_eq!(
+        std::fs::read(at("etc/systemd/system/kiln-edge.service")).unwrap(),
+        std::fs::read(root().join("infra/systemd/kiln-edge.service")).unwrap()
+    );
+    let mut cmd = binary("kiln-edge");
+    cmd.envs(env_of(&at("etc/kiln/edge.env"))).arg("--config").arg(at("etc/kiln/edge.toml")).arg("--print-config");
+    let edge = printed(cmd, &at("etc/kiln/edge.toml"));
+    assert_eq!(edge["mqtt"]["url"].as_str(), Some("mqtt://10.0.0.2:1883"));
+    assert_eq!(edge["mqtt"]["username"].as_str(), Some("studio-pi"));
+    assert_eq!(edge["scheduler"]["url"].as_str(), Some("http://10.0.0.2:7878"));
+    assert_eq!(edge["data_dir"].as_str(), Some("/var/lib/kiln-edge"), "the unit's StateDirectory");
+    let text = std::fs::read_to_string(at("etc/kiln/edge.toml")).unwrap();
+    assert!(!text.contains("kiln_pi") && !text.contains("pw-pi"), "the secrets stay in edge.env");
+}
+
+/// `kiln-worker doctor` with nothing to reach: the render passes, the scheduler and the broker
+/// fail on lines of their own that say what to set, and it exits non-zero.
+#[test]
+fn the_doctor_names_what_it_cannot_reach() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data = tempfile::tempdir().unwrap();
+    let out = binary("kiln-worker")
+        .arg("doctor")
+        .env("KILN_DATA_DIR", data.path())
+        .env("KILN_BACKEND", "cpu")
+        .env("KILN_THREADS", "1")
+        .env("KILN_SCHEDULER_URL", format!("http://127.0.0.1:{closed}"))
+        .env("KILN_AMQP_URL", format!("amqp://box:hush@127.0.0.1:{closed}/%2f"))
+        .env("KILN_WORKER_TOKEN", "kiln_not_checked_here")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    let line = |check: &str| said.lines().find(|l| l.split_whitespace().nth(1) == Some(check)).unwrap_or_default();
+    assert!(line("render").starts_with("ok") && line("render").contains("Mpx/s"), "{said}");
+    assert!(line("backend").starts_with("warn") && line("backend").contains("cpu"), "{said}");
+    assert!(line("scheduler").starts_with("FAIL") && line("scheduler").contains("KILN_SCHEDULER_URL"), "{said}");
+    assert!(line("broker").starts_with("FAIL") && line("broker").contains("KILN_AMQP_URL"), "{said}");
+    assert!(line("token").starts_with("ok"), "{said}");
+    assert!(!said.contains("hush"), "the password is not shown: {said}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));
+    assert_eq!(std::fs::read_dir(data.path()).unwrap().count(), 0, "the doctor's render lands nowhere of the worker's");
+}

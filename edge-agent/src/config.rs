@@ -94,7 +94,9 @@ impl MqttConfig {
 pub struct SchedulerConfig {
     /// Its base URL, `http://host:port` (`KILN_EDGE_SCHEDULER_URL`).
     pub url: String,
-    /// A `device` token (`KILN_EDGE_TOKEN`): fetches assets, uploads photos.
+    /// A `device` token (`KILN_EDGE_TOKEN`): fetches assets, uploads photos. Required, from the
+    /// file or (better: the file need not hold a secret) the environment.
+    #[serde(default)]
     pub token: String,
     /// The largest download (an asset, a camera's snapshot) the agent takes, bytes; a larger one
     /// is cut off and its task fails, so a Pi's card never fills from one answer.
@@ -352,6 +354,11 @@ impl Config {
         if self.mqtt.keepalive_s == 0 || self.mqtt.keepalive_s > 3600 {
             return err(format!("mqtt.keepalive_s: {} is not between 1 and 3600", self.mqtt.keepalive_s));
         }
+        if self.scheduler.token.is_empty() {
+            return err(
+                "scheduler.token: a device token is needed (KILN_EDGE_TOKEN; `kiln device add` makes one)".into()
+            );
+        }
         if !self.scheduler.url.starts_with("http://") && !self.scheduler.url.starts_with("https://") {
             return err(format!("scheduler.url: {:?} must start with http:// or https://", self.scheduler.url));
         }
@@ -459,6 +466,12 @@ mod tests {
         );
         let env = |k: &str| (k == "KILN_EDGE_MQTT_URL").then(|| "mqtt://10.0.0.2:1884".to_owned());
         let cfg = Config::parse(&text, &env).unwrap();
+        // The token may come from the environment alone; with neither, the key is named.
+        let tokenless = text.replace("token = \"t\"\n", "");
+        let from_env = |k: &str| (k == "KILN_EDGE_TOKEN").then(|| "kiln_env".to_owned());
+        assert_eq!(Config::parse(&tokenless, &from_env).unwrap().scheduler.token, "kiln_env");
+        let e = Config::parse(&tokenless, &|_| None).unwrap_err().to_string();
+        assert!(e.starts_with("scheduler.token:") && e.contains("KILN_EDGE_TOKEN"), "{e}");
         let broker = cfg.mqtt.endpoint().unwrap();
         assert_eq!((broker.host.as_str(), broker.port, broker.tls), ("10.0.0.2", 1884, false));
         assert_eq!(cfg.devices[0].modbus.as_ref().unwrap().retries, 2);

@@ -4,11 +4,8 @@
 use kiln_worker::metrics::{encode, register_all};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use std::collections::BTreeMap;
-
-use crate::scheduler::Scheduler;
 use crate::store::Event;
-use kiln_protocol::{JobState, Tier, now_ms};
+use kiln_protocol::{JobState, Tier};
 
 /// Jobs in each state, by tier (a gauge: moves as jobs move).
 pub const JOBS: &str = "kiln_jobs";
@@ -77,14 +74,8 @@ pub const APPROVAL_OLDEST_WAIT: &str = "kiln_approval_oldest_wait_seconds";
 pub const BUDGET: &str = "kiln_client_budget_seconds";
 /// What each client token with a budget has spent of it this period, weighted device-seconds.
 pub const BUDGET_USED: &str = "kiln_client_budget_used_seconds";
-/// Seconds the store's group-commit writer spent writing: a rate near 1 is a writer saturated.
-pub const STORE_WRITER_BUSY_SECONDS: &str = "kiln_store_writer_busy_seconds_total";
-/// Writes the store's writer ran.
-pub const STORE_WRITES: &str = "kiln_store_writes_total";
-/// Transactions the store's writer committed.
-pub const STORE_COMMITS: &str = "kiln_store_commits_total";
-/// Writes waiting for the store's writer when its latest batch began.
-pub const STORE_WRITES_WAITING: &str = "kiln_store_writes_waiting";
+/// The store writer's metrics (named where the writer is, which this module's gauges read).
+pub use crate::store::writer::{STORE_COMMITS, STORE_WRITER_BUSY_SECONDS, STORE_WRITES, STORE_WRITES_WAITING};
 /// Bytes free to the scheduler on the file system of its data dir (the SQLite database and the
 /// assets), as of the scrape.
 pub const DATA_DIR_FREE: &str = "kiln_data_dir_free_bytes";
@@ -105,6 +96,10 @@ pub const INCIDENT_KINDS: [&str; 12] = [
     "task_failed",
     "task_timed_out",
 ];
+/// Why the scheduler refuses a result: each [`crate::results::Refusal`]'s label (each has a
+/// series from the start).
+pub const REFUSAL_REASONS: [&str; 5] =
+    ["unknown_job", "attempt_not_open", "not_its_request", "unproven", "store_refused"];
 /// Why a job message comes back undelivered (each has a series from the start).
 pub const UNDELIVERED_CAUSES: [&str; 6] = ["worker_refused", "expired", "maxlen", "rejected", "delivery_limit", "lost"];
 /// The worker states [`WORKERS`] reports.
@@ -343,7 +338,7 @@ impl Metrics {
         for cause in UNDELIVERED_CAUSES {
             undelivered.with_label_values(&[cause]).reset();
         }
-        for reason in crate::results::Refusal::LABELS {
+        for reason in REFUSAL_REASONS {
             results_refused.with_label_values(&[reason]).reset();
         }
         for kind in ["result", "heartbeat", "dead_letter"] {
@@ -410,79 +405,5 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         encode(&self.registry)
-    }
-}
-
-/// Brings the gauges a scrape reads up to date: workers by state and by tier, incidents open,
-/// approvals waiting, budgets spent, the data dir's room. A read that fails leaves its gauges
-/// as they were, and is logged: the scrape still answers.
-pub async fn sample(sched: &Scheduler) {
-    let (m, now) = (&sched.metrics, now_ms());
-    let workers = sched.registry.list(now);
-    let counts = crate::registry::counts(&workers);
-    for state in WORKER_STATES {
-        m.workers.with_label_values(&[state]).set(counts.get(state).copied().unwrap_or(0) as i64);
-    }
-    for (tier, n) in crate::registry::serving(&workers) {
-        m.tier_workers.with_label_values(&[tier.as_str()]).set(n as i64);
-    }
-    m.worker_info.reset();
-    m.worker_heartbeat_age.reset();
-    for w in &workers {
-        let hb = &w.heartbeat;
-        m.worker_info.with_label_values(&[&hb.worker_id, &hb.host, &hb.backend, &hb.adapter, w.state]).set(1);
-        let age = (now - w.last_seen_ms).max(0) as f64 / 1000.0;
-        m.worker_heartbeat_age.with_label_values(&[&hb.worker_id]).set(age);
-    }
-    match sched.store.open_incident_counts().await {
-        Ok(open) => {
-            let mut by_kind: BTreeMap<String, i64> = INCIDENT_KINDS.iter().map(|k| (k.to_string(), 0)).collect();
-            by_kind.extend(open);
-            for (kind, n) in by_kind {
-                m.incidents_open.with_label_values(&[&kind]).set(n);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "metrics: cannot count the open incidents"),
-    }
-    match sched.store.order_counts().await {
-        Ok(counts) => {
-            let mut by_state: BTreeMap<String, i64> = ORDER_STATES.iter().map(|k| (k.to_string(), 0)).collect();
-            by_state.extend(counts);
-            for (state, n) in by_state {
-                m.orders.with_label_values(&[&state]).set(n);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "metrics: cannot count the orders"),
-    }
-    match crate::orders::approvals_waiting_since(sched).await {
-        Ok(since) => {
-            m.approvals_waiting.set(since.len() as i64);
-            let oldest = since.iter().min().map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
-            m.approval_oldest_wait.set(oldest);
-        }
-        Err(e) => tracing::warn!(error = %e, "metrics: cannot read the approvals waiting"),
-    }
-    let mut budgets = Vec::new();
-    for (client, budget) in sched.budgets() {
-        let (start, _) = budget.period.bounds(now);
-        match sched.store.spent(&client, start).await {
-            Ok(ms) => budgets.push((client, budget, ms as f64 / 1000.0)),
-            Err(e) => tracing::warn!(client, error = %e, "metrics: cannot read a budget's use"),
-        }
-    }
-    m.budget.reset();
-    m.budget_used.reset();
-    for (client, budget, used) in budgets {
-        m.budget.with_label_values(&[&client, budget.period.as_str()]).set(budget.seconds as f64);
-        m.budget_used.with_label_values(&[&client, budget.period.as_str()]).set(used);
-    }
-    match rustix::fs::statvfs(sched.worker.store().root()) {
-        Ok(fs) => {
-            m.data_dir_free.set(fs.f_bavail.saturating_mul(fs.f_frsize).min(i64::MAX as u64) as i64);
-            m.data_dir_size.set(fs.f_blocks.saturating_mul(fs.f_frsize).min(i64::MAX as u64) as i64);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %sched.worker.store().root().display(), "metrics: cannot read the data dir's room")
-        }
     }
 }

@@ -31,10 +31,6 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// Every label [`Refusal::label`] gives.
-    pub const LABELS: [&'static str; 5] =
-        ["unknown_job", "attempt_not_open", "not_its_request", "unproven", "store_refused"];
-
     /// Its label in the metric.
     pub fn label(&self) -> &'static str {
         match self {
@@ -425,6 +421,19 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_has_a_series_in_the_metrics_from_the_start() {
+        let all = [
+            Refusal::UnknownJob(String::new()),
+            Refusal::AttemptNotOpen(String::new()),
+            Refusal::NotItsRequest(String::new()),
+            Refusal::Unproven(String::new()),
+            Refusal::StoreRefused(String::new()),
+        ];
+        let labels: Vec<&str> = all.iter().map(Refusal::label).collect();
+        assert_eq!(labels, crate::metrics::REFUSAL_REASONS);
+    }
 
     fn rules(quarantine_after_workers: u32, drain_after_jobs: u32) -> BrokerConfig {
         BrokerConfig {

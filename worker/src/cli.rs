@@ -34,6 +34,10 @@ pub enum Command {
     /// asset to the scheduler, publish the result. Settings: `[run]` in the config file, KILN_*
     /// environment, these flags. SIGTERM drains (finishes what is in hand, hands back the rest).
     Run(RunArgs),
+    /// Check this box before it takes work: the config, the backend with its adapter and driver, a
+    /// short render's speed, the scheduler and the broker (with `run`'s settings). Exits non-zero
+    /// when a check fails, with what to do on its line.
+    Doctor,
 }
 
 /// `run`'s arguments (each overrides `[run]` and the environment).
@@ -225,8 +229,13 @@ pub fn main_with(cli: Cli) -> std::process::ExitCode {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Run(args)) = &cli.command {
-        return run_daemon(&cli.global, args);
+    match &cli.command {
+        Some(Command::Run(args)) => return run_daemon(&cli.global, args),
+        Some(Command::Doctor) if !cli.global.print_config => {
+            let env = |k: &str| std::env::var(k).ok();
+            return crate::doctor::doctor(&cli.global, load_configs(cli.global.config.as_deref(), &env));
+        }
+        _ => {}
     }
     let cfg = load_config(&cli)?;
     if cli.global.print_config {
@@ -235,7 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match &cli.command {
         Some(Command::Render(args)) => render(&cfg, args),
-        Some(Command::Run(_)) => unreachable!("handled above"),
+        Some(Command::Run(_) | Command::Doctor) => unreachable!("handled above"),
         None => bail!(
             "no command given; try `kiln-worker run --help` or `kiln-worker render --help` (the engine's benchmark is `kiln bench engine`)"
         ),

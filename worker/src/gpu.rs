@@ -134,6 +134,15 @@ impl Gpu {
         &self.info.name
     }
 
+    /// The driver and its version as the adapter reports them, e.g. "NVIDIA 550.54.14".
+    pub fn driver(&self) -> String {
+        match (self.info.driver.trim(), self.info.driver_info.trim()) {
+            ("", "") => "not reported by the adapter".into(),
+            (d, "") | ("", d) => d.to_owned(),
+            (d, i) => format!("{d} {i}"),
+        }
+    }
+
     /// Whether the adapter is a software rasteriser (lavapipe, llvmpipe, WARP).
     pub fn is_software(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu

@@ -6,6 +6,7 @@ pub mod attempt;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;

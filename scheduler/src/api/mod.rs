@@ -8,6 +8,7 @@ mod assets;
 mod callers;
 pub mod error;
 pub mod fleet;
+mod gauges;
 pub mod openapi;
 mod orders;
 pub mod serve;
@@ -726,7 +727,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    crate::metrics::sample(&s).await;
+    gauges::sample(&s).await;
     let mut text = s.metrics.encode();
     text.push_str(&s.worker.metrics.encode());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)

@@ -83,6 +83,15 @@ impl<C: Send + 'static, T: Send + 'static> WriteOp<C> for Op<C, T> {
     }
 }
 
+/// Seconds the store's group-commit writer spent writing: a rate near 1 is a writer saturated.
+pub const STORE_WRITER_BUSY_SECONDS: &str = "kiln_store_writer_busy_seconds_total";
+/// Writes the store's writer ran.
+pub const STORE_WRITES: &str = "kiln_store_writes_total";
+/// Transactions the store's writer committed.
+pub const STORE_COMMITS: &str = "kiln_store_commits_total";
+/// Writes waiting for the store's writer when its latest batch began.
+pub const STORE_WRITES_WAITING: &str = "kiln_store_writes_waiting";
+
 /// What the writer has done since it started, for the metrics: how long it spent writing (a
 /// writer busy nearly all the time is the farm's bound), the writes and transactions, and how
 /// many writes wait for it now.
@@ -100,7 +109,6 @@ pub struct WriterMetrics {
 
 impl WriterMetrics {
     fn new() -> WriterMetrics {
-        use crate::metrics::{STORE_COMMITS, STORE_WRITER_BUSY_SECONDS, STORE_WRITES, STORE_WRITES_WAITING};
         WriterMetrics {
             busy: prometheus::Counter::new(STORE_WRITER_BUSY_SECONDS, "Seconds the store's writer spent writing")
                 .expect("valid metric"),
