@@ -2,7 +2,7 @@
 //! loads in its binary (`--print-config`), with its commented-out keys set too, and names every key
 //! the binary knows, so a new setting fails here until the example documents it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -132,17 +132,39 @@ fn the_key_check_finds_a_key_an_example_leaves_out() {
     assert_eq!(uncommented("# a = 1\n#   or b = 2\n# [t]\n# prose here"), "a = 1\n#   or b = 2\n[t]\n# prose here");
 }
 
-/// Whether `promtool` runs; when it does not, says so and returns false, or fails when services
-/// are required (CI installs Debian's `prometheus`, which brings it).
-fn promtool() -> bool {
-    let ran = Command::new("promtool").arg("--version").output();
+/// Whether `tool --version` runs; when it does not, says so and returns false, or fails when
+/// services are required (CI installs `package`, which brings it).
+fn tool_runs(tool: &str, package: &str) -> bool {
+    let ran = Command::new(tool).arg("--version").output();
     if ran.as_ref().is_ok_and(|o| o.status.success()) {
         return true;
     }
-    let why = format!("promtool does not run ({:?})", ran.map(|o| o.status));
-    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install prometheus");
-    eprintln!("skipping: {why}; install prometheus, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+    let why = format!("{tool} does not run ({:?})", ran.map(|o| o.status));
+    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install {package}");
+    eprintln!("skipping: {why}; install {package}, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
     false
+}
+
+fn promtool() -> bool {
+    tool_runs("promtool", "prometheus")
+}
+
+/// The string constants in the Rust sources under `dirs` (a metric's name, an environment
+/// variable's: `"kiln_…"`, `"KILN_…"`).
+fn source_strings(dirs: &[&str]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for dir in dirs {
+        let mut files = vec![root().join(dir)];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                out.extend(text.split('"').skip(1).step_by(2).map(str::to_owned));
+            }
+        }
+    }
+    out
 }
 
 /// Runs `promtool ARGS` in `infra/prometheus`; it must succeed.
@@ -177,23 +199,10 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_metric_an_alert_or_a_dashboard_names_is_one_kiln_exports() {
-    let mut exported = BTreeSet::new();
-    for dir in ["scheduler/src", "worker/src", "edge-agent/src"] {
-        let mut files = vec![root().join(dir)];
-        while let Some(path) = files.pop() {
-            if path.is_dir() {
-                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                // A metric's name is a string constant: `"kiln_…"`.
-                for piece in text.split('"').skip(1).step_by(2) {
-                    if piece.starts_with("kiln_") && metric_names(piece).contains(piece) {
-                        exported.insert(piece.to_owned());
-                    }
-                }
-            }
-        }
-    }
+    let exported: BTreeSet<String> = source_strings(&["scheduler/src", "worker/src", "edge-agent/src"])
+        .into_iter()
+        .filter(|piece| piece.starts_with("kiln_") && metric_names(piece).contains(piece))
+        .collect();
     assert!(exported.contains("kiln_workers") && exported.contains("kiln_job_queue_wait_seconds"), "{exported:?}");
     let mut files = vec![root().join("infra/prometheus/alerts.yml")];
     let dashboards = root().join("infra/grafana/dashboards");
@@ -232,25 +241,13 @@ fn every_alert_has_a_runbook_in_the_readme() {
     assert!(missing.is_empty(), "alerts without a `#### NAME` runbook in the README: {missing:?}");
 }
 
-/// Whether `systemd-analyze` runs here; under `KILN_TEST_REQUIRE_SERVICES=1` it must.
-fn systemd_analyze() -> bool {
-    let ran = Command::new("systemd-analyze").arg("--version").output();
-    if ran.as_ref().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    let why = format!("systemd-analyze does not run ({:?})", ran.map(|o| o.status));
-    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install systemd");
-    eprintln!("skipping: {why}; install systemd, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
-    false
-}
-
 /// Each unit in `infra/systemd` passes `systemd-analyze verify`, runs a binary Kiln builds with
 /// a config in `/etc/kiln`, and is hardened as the README promises. `verify` checks that the
 /// command exists, so each unit is verified with its `/usr/local/bin/…` pointed at the binary
 /// this build made (everything else as shipped).
 #[test]
 fn the_systemd_units_verify_and_are_hardened() {
-    if !systemd_analyze() {
+    if !tool_runs("systemd-analyze", "systemd") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -445,4 +442,128 @@ fn the_doctor_names_what_it_cannot_reach() {
     assert!(!said.contains("hush"), "the password is not shown: {said}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 check(s) failed"));
     assert_eq!(std::fs::read_dir(data.path()).unwrap().count(), 0, "the doctor's render lands nowhere of the worker's");
+}
+
+/// The `KILN_*` names Kiln's binaries read: each is a string constant in their sources (the
+/// config loaders' `env("KILN_…")`, clap's `env = "KILN_…"`).
+fn kiln_env_names() -> BTreeSet<String> {
+    source_strings(&["scheduler/src", "worker/src", "edge-agent/src", "common/src", "src"])
+        .into_iter()
+        .filter(|p| p.starts_with("KILN_") && p.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect()
+}
+
+/// `infra/compose.yaml`, read by its shape: the services, each with its `environment` keys, its
+/// mounted repository paths and its published ports.
+#[derive(Debug, Default)]
+struct ComposeService {
+    env: BTreeMap<String, String>,
+    mounts: Vec<String>,
+    ports: Vec<String>,
+}
+
+fn compose_services(text: &str) -> BTreeMap<String, ComposeService> {
+    let mut services: BTreeMap<String, ComposeService> = BTreeMap::new();
+    let (mut section, mut service, mut key) = (String::new(), String::new(), String::new());
+    let mut anchored: BTreeMap<String, String> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty()) {
+        let indent = line.len() - line.trim_start().len();
+        let t = line.trim();
+        match indent {
+            0 => (section, service, key) = (t.trim_end_matches(':').to_owned(), String::new(), String::new()),
+            2 if section == "services" => {
+                service = t.trim_end_matches(':').to_owned();
+                services.entry(service.clone()).or_default();
+            }
+            2 if section.starts_with("x-kiln-env") => {
+                if let Some((k, v)) = t.split_once(": ") {
+                    anchored.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            4 if !service.is_empty() => key = t.split(':').next().unwrap().to_owned(),
+            6 if !service.is_empty() => {
+                let s = services.get_mut(&service).unwrap();
+                match key.as_str() {
+                    "environment" if t == "<<: *kiln-env" => s.env.extend(anchored.clone()),
+                    "environment" => {
+                        let (k, v) = t.split_once(": ").unwrap_or_else(|| panic!("{service}: {t}"));
+                        s.env.insert(k.to_owned(), v.to_owned());
+                    }
+                    "volumes" => s.mounts.push(t.trim_start_matches("- ").to_owned()),
+                    "ports" => s.ports.push(t.trim_start_matches("- ").trim_matches('"').to_owned()),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    services
+}
+
+/// The compose stack and its Dockerfile point at what exists: every file it mounts, the
+/// Dockerfile's profile and binaries; the Kiln services use only names the binaries read, and the
+/// ports agree from end to end (the scheduler's listen address, what it publishes, what Prometheus
+/// scrapes, what Grafana asks). No Docker engine runs here, so the stack itself is not started.
+#[test]
+fn the_compose_stack_names_only_what_exists() {
+    let infra = root().join("infra");
+    let text = std::fs::read_to_string(infra.join("compose.yaml")).unwrap();
+    let services = compose_services(&text);
+    let names: Vec<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(names, ["grafana", "mosquitto", "postgres", "prometheus", "rabbitmq", "scheduler", "worker"]);
+    for (name, s) in &services {
+        for mount in &s.mounts {
+            let Some(rel) = mount.strip_prefix("./") else { continue };
+            let path = infra.join(rel.split(':').next().unwrap());
+            assert!(path.exists(), "{name} mounts {mount}: {} is not there", path.display());
+        }
+    }
+    let known = kiln_env_names();
+    assert!(known.contains("KILN_DATABASE_URL") && known.contains("KILN_WORKER_TOKEN"), "{known:?}");
+    for name in ["scheduler", "worker"] {
+        let env = &services[name].env;
+        assert!(env.len() >= 4, "{name}: {env:?}");
+        for k in env.keys() {
+            assert!(known.contains(k), "{name} sets {k}, which no Kiln binary reads");
+        }
+    }
+    let port_of = |addr: &str| addr.rsplit(':').next().unwrap().to_owned();
+    let sched = &services["scheduler"];
+    let listen = port_of(&sched.env["KILN_LISTEN"]);
+    assert_eq!(sched.ports, [format!("{listen}:{listen}")]);
+    assert!(sched.env["KILN_MQTT_URL"].contains("@mosquitto:1883"));
+    assert!(services["mosquitto"].ports.contains(&"1883:1883".to_owned()));
+    let worker = &services["worker"];
+    assert_eq!(worker.env["KILN_SCHEDULER_URL"], format!("http://scheduler:{listen}"));
+    let metrics = port_of(&worker.env["KILN_METRICS_LISTEN"]);
+    let scrape = std::fs::read_to_string(infra.join("compose/prometheus.yml")).unwrap();
+    assert!(scrape.contains(&format!("\"scheduler:{listen}\"")) && scrape.contains(&format!("\"worker:{metrics}\"")));
+    let datasource = std::fs::read_to_string(infra.join("grafana/provisioning/datasources/kiln.yml")).unwrap();
+    assert!(datasource.contains("url: http://prometheus:9090") && services["prometheus"].ports == ["9090:9090"]);
+    // The worker's start script is sound shell.
+    let out = Command::new("sh").arg("-n").arg(infra.join("compose/worker.sh")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The Dockerfile builds the dist profile's binaries, which Cargo.toml has.
+    let docker = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let cargo: toml::Table = std::fs::read_to_string(root().join("Cargo.toml")).unwrap().parse().unwrap();
+    assert!(cargo["profile"]["dist"]["strip"].as_str() == Some("debuginfo"), "{:?}", cargo["profile"]);
+    let rust = cargo["workspace"]["package"]["rust-version"].as_str().unwrap();
+    assert!(docker.contains(&format!("FROM rust:{rust}-")), "the Dockerfile's Rust is the workspace's {rust}");
+    for bin in ["kiln", "kiln-scheduler", "kiln-worker"] {
+        assert!(docker.contains(&format!("--bin {bin} ")) || docker.contains(&format!("--bin {bin}\n")), "{bin}");
+        assert!(docker.contains(&format!("/src/target/dist/{bin} ")), "{bin} is copied from the dist build");
+        assert!(PathBuf::from(env!("CARGO_BIN_EXE_kiln")).with_file_name(bin).is_file(), "{bin} is a binary");
+    }
+    assert!(docker.contains("--profile dist"));
+
+    // Its Prometheus config passes promtool, with the alerts mounted beside it.
+    if promtool() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(infra.join("compose/prometheus.yml"), dir.path().join("prometheus.yml")).unwrap();
+        std::fs::copy(infra.join("prometheus/alerts.yml"), dir.path().join("alerts.yml")).unwrap();
+        let out =
+            Command::new("promtool").args(["check", "config"]).arg(dir.path().join("prometheus.yml")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
 }

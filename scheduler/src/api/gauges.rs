@@ -30,23 +30,11 @@ pub async fn sample(sched: &Scheduler) {
         m.worker_heartbeat_age.with_label_values(&[&hb.worker_id]).set(age);
     }
     match sched.store.open_incident_counts().await {
-        Ok(open) => {
-            let mut by_kind: BTreeMap<String, i64> = INCIDENT_KINDS.iter().map(|k| (k.to_string(), 0)).collect();
-            by_kind.extend(open);
-            for (kind, n) in by_kind {
-                m.incidents_open.with_label_values(&[&kind]).set(n);
-            }
-        }
+        Ok(open) => set_counts(&m.incidents_open, &INCIDENT_KINDS, open),
         Err(e) => tracing::warn!(error = %e, "metrics: cannot count the open incidents"),
     }
     match sched.store.order_counts().await {
-        Ok(counts) => {
-            let mut by_state: BTreeMap<String, i64> = ORDER_STATES.iter().map(|k| (k.to_string(), 0)).collect();
-            by_state.extend(counts);
-            for (state, n) in by_state {
-                m.orders.with_label_values(&[&state]).set(n);
-            }
-        }
+        Ok(counts) => set_counts(&m.orders, &ORDER_STATES, counts),
         Err(e) => tracing::warn!(error = %e, "metrics: cannot count the orders"),
     }
     match crate::orders::approvals_waiting_since(sched).await {
@@ -79,5 +67,14 @@ pub async fn sample(sched: &Scheduler) {
         Err(e) => {
             tracing::warn!(error = %e, dir = %sched.worker.store().root().display(), "metrics: cannot read the data dir's room")
         }
+    }
+}
+
+/// Sets a gauge of one label to `counts`, and to 0 for each of `known` they leave out.
+fn set_counts(gauge: &prometheus::IntGaugeVec, known: &[&str], counts: Vec<(String, i64)>) {
+    let mut all: BTreeMap<String, i64> = known.iter().map(|k| (k.to_string(), 0)).collect();
+    all.extend(counts);
+    for (label, n) in all {
+        gauge.with_label_values(&[&label]).set(n);
     }
 }
