@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,14 +27,7 @@ fn root() -> PathBuf {
 /// Whether Debian's `prometheus` (server and `promtool`) is here; under
 /// `KILN_TEST_REQUIRE_SERVICES=1` it must be.
 fn prometheus_here() -> bool {
-    let runs = |bin: &str| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success());
-    if runs("prometheus") && runs("promtool") {
-        return true;
-    }
-    let why = "prometheus or promtool does not run";
-    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install prometheus");
-    eprintln!("skipping: {why}; install prometheus, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
-    false
+    tool_runs("prometheus", "prometheus") && tool_runs("promtool", "prometheus")
 }
 
 /// Every PromQL expression in the dashboards, by where it is (file, panel title, refId).
@@ -300,21 +292,7 @@ async fn every_dashboard_panel_and_alert_rule_returns_series_from_a_live_prometh
 
     // The farm's own exposition passes promtool's lint.
     let text = c.send(Method::GET, "/metrics", None).await.unwrap().body;
-    let mut lint = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    lint.stdin.take().unwrap().write_all(&text).unwrap();
-    let out = lint.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check_metrics(&text);
 
     // Enough scrapes that every rate has two samples after the work: wait until the latest
     // scrape shows the order waiting, then a few more.

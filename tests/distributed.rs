@@ -189,26 +189,6 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-/// `promtool check metrics` passes `text` (a Prometheus exposition), where promtool is installed
-/// (the infra and dashboard tests require it under `KILN_TEST_REQUIRE_SERVICES=1`).
-fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let Ok(mut lint) = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    else {
-        assert!(!kiln_testenv::services_required(), "promtool is not installed");
-        return;
-    };
-    lint.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = lint.wait_with_output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "promtool check metrics:\n{said}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     let Some(mut d) = Distributed::start().await else { return };
@@ -268,7 +248,7 @@ async fn a_separate_worker_renders_and_the_asset_downloads_intact() {
     assert!(common::metric_in(&metrics, "kiln_render_seconds_count", "") >= 3.0, "{metrics}");
     let handed = |how: &str| common::metric_in(&metrics, "kiln_worker_assets_handed_total", &format!("how=\"{how}\""));
     assert_eq!((handed("inline"), handed("upload")), (3.0, 4.0), "{metrics}");
-    promtool_check_metrics(&metrics);
+    common::promtool_check_metrics(metrics.as_bytes());
     // `kiln-worker doctor` with the worker's settings: every check passes.
     let scratch = tempfile::tempdir().unwrap();
     let out = common::sibling("kiln-worker")

@@ -2,9 +2,13 @@
 //! loads in its binary (`--print-config`), with its commented-out keys set too, and names every key
 //! the binary knows, so a new setting fails here until the example documents it.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::tool_runs;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -130,19 +134,6 @@ fn the_key_check_finds_a_key_an_example_leaves_out() {
     let missing: Vec<String> = keys(&known).difference(&keys(&written)).cloned().collect();
     assert_eq!(missing, ["d.e", "t.c"]);
     assert_eq!(uncommented("# a = 1\n#   or b = 2\n# [t]\n# prose here"), "a = 1\n#   or b = 2\n[t]\n# prose here");
-}
-
-/// Whether `tool --version` runs; when it does not, says so and returns false, or fails when
-/// services are required (CI installs `package`, which brings it).
-fn tool_runs(tool: &str, package: &str) -> bool {
-    let ran = Command::new(tool).arg("--version").output();
-    if ran.as_ref().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    let why = format!("{tool} does not run ({:?})", ran.map(|o| o.status));
-    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install {package}");
-    eprintln!("skipping: {why}; install {package}, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
-    false
 }
 
 fn promtool() -> bool {

@@ -271,3 +271,36 @@ pub async fn open_incident(client: &Client, subject: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Whether `tool --version` runs; when it does not, says so and returns false, or fails when
+/// services are required (CI installs `package`, which brings it).
+pub fn tool_runs(tool: &str, package: &str) -> bool {
+    let ran = Command::new(tool).arg("--version").output();
+    if ran.as_ref().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    let why = format!("{tool} does not run ({:?})", ran.map(|o| o.status));
+    assert!(!kiln_testenv::services_required(), "KILN_TEST_REQUIRE_SERVICES=1 but {why}; install {package}");
+    eprintln!("skipping: {why}; install {package}, or KILN_TEST_REQUIRE_SERVICES=1 to fail");
+    false
+}
+
+/// `promtool check metrics` passes `text` (a Prometheus exposition), where promtool runs (see
+/// [`tool_runs`]).
+pub fn promtool_check_metrics(text: &[u8]) {
+    use std::io::Write;
+    if !tool_runs("promtool", "prometheus") {
+        return;
+    }
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin.take().unwrap().write_all(text).unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool check metrics:\n{said}");
+}
