@@ -100,8 +100,8 @@ impl Broken {
     /// broken, one that holds it or is inside it, any field there, or a field the call needs
     /// that is missing.
     fn may_name(&self, field: &str, message: &str) -> bool {
-        if field.ends_with("\"\"") && self.keys.iter().any(String::is_empty) {
-            return true; // an empty key, as the decoders show it
+        if field.contains("\"\"") && self.keys.iter().any(String::is_empty) {
+            return true; // in or at an empty key, as the decoders show it
         }
         let last = field.rsplit(['.', '[']).next().unwrap_or(field);
         if message.contains(&format!("missing field `{last}`")) {

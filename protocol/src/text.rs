@@ -22,7 +22,9 @@ pub fn nul_in_value(v: &serde_json::Value, path: &str) -> Option<String> {
             items.iter().enumerate().find_map(|(i, item)| nul_in_value(item, &format!("{path}[{i}]")))
         }
         serde_json::Value::Object(fields) => fields.iter().find_map(|(k, item)| {
-            let at = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            // An empty key is shown as `""`, so the path never reads as the document itself.
+            let key = if k.is_empty() { "\"\"" } else { k.as_str() };
+            let at = if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
             if k.contains('\0') { Some(at) } else { nul_in_value(item, &at) }
         }),
         _ => None,
@@ -151,8 +153,11 @@ mod tests {
 
     #[test]
     fn a_nul_anywhere_is_found_with_its_path() {
-        let cases: [(&str, Option<&str>); 7] = [
+        let cases: [(&str, Option<&str>); 9] = [
             (r#"{"prompt":"a kiln"}"#, None),
+            // An empty key is named `""`, not as the document (found by tests/decoders.rs).
+            (r#"{"":"\u0000"}"#, Some(r#""""#)),
+            (r#"{"p":{"":"\u0000"}}"#, Some(r#"p."""#)),
             (r#"{"prompt":"a\u0000kiln"}"#, Some("prompt")),
             (r#"{"jobs":[{"prompt":"ok"},{"prompt":"x","model":"c\u0000"}]}"#, Some("jobs[1].model")),
             (r#"{"a\u0000":1}"#, Some("a\0")),
