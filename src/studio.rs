@@ -125,6 +125,7 @@ impl Studio {
         data: &Path,
         mqtt: &MqttEndpoint,
         api_url: &str,
+        metrics_listen: Option<SocketAddr>,
     ) -> anyhow::Result<Studio> {
         let dir = data.join("studio");
         std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -185,6 +186,7 @@ impl Studio {
             spool: Default::default(),
             devices,
             tls_ca_file: sched.cfg.tls.ca_file.clone(),
+            metrics_listen,
         };
         cfg.check().map_err(|e| anyhow::anyhow!("the studio's agent config: {e}"))?;
         let stop = CancellationToken::new();

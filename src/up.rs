@@ -28,6 +28,10 @@ pub struct UpArgs {
     /// No simulated devices (a real fleet talks to this farm).
     #[arg(long)]
     pub no_devices: bool,
+    /// Where the simulated studio's agent serves its own `/metrics` and `/healthz`, as a
+    /// kiln-edge on a Pi does with `metrics_listen` (off unless given).
+    #[arg(long, env = "KILN_STUDIO_METRICS_LISTEN")]
+    pub studio_metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the farm until SIGINT or SIGTERM, then drains and stops.
@@ -52,7 +56,10 @@ pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
     let farm = Farm::build(&cfg, backend).await?;
     let url = farm.url()?;
     let studio = match args.no_devices {
-        false => Some(Studio::start(farm.scheduler(), cfg.data_dir(), &agent_mqtt, &url).await?),
+        false => {
+            let metrics = args.studio_metrics_listen;
+            Some(Studio::start(farm.scheduler(), cfg.data_dir(), &agent_mqtt, &url, metrics).await?)
+        }
         true => None,
     };
     let mut extra = Vec::new();
@@ -66,6 +73,9 @@ pub async fn up(mut cfg: FarmConfig, args: &UpArgs) -> anyhow::Result<()> {
     if let Some(s) = &studio {
         let gallery = s.gallery.display();
         extra.push(format!("  studio   printer, lights, camera, display (simulated); the display shows {gallery}"));
+        if let Some(addr) = args.studio_metrics_listen {
+            extra.push(format!("  agent    http://{addr}/metrics (the studio agent's own)"));
+        }
     }
     extra.push("Try: kiln submit \"ember kaleidoscope\" --wait --out art.png      Ctrl-C drains and stops.".into());
     extra.push("     kiln devices;  kiln task printer print --asset HASH --wait".into());

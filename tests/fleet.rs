@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestFarm, job, kiln, sibling, test_config};
+use common::{TestFarm, free_port, job, kiln, metric_in, promtool_check_metrics, sibling, test_config};
 use hyper::Method;
 use kiln_edge::sim::{PrinterSetup, SimDevice, SimLine};
 use kiln_protocol::fleet::{AssetRef, DeviceTask, FLEET_VERSION, TaskKind};
@@ -35,6 +35,8 @@ struct Studio {
     key: MessageKey,
     /// The agent's device token.
     token: String,
+    /// Where the agent serves its own `/metrics` and `/healthz` (`metrics_listen`).
+    metrics: String,
 }
 
 /// A farm whose fleet bridge uses the broker at `mqtt_url` under `prefix`.
@@ -66,7 +68,8 @@ impl Drop for Studio {
 }
 
 /// An agent's config for the studio's four devices: the printer and light rig at Modbus `buses`,
-/// a camera that writes a distinct file each time, and a display folder, all in `dir`.
+/// a camera that writes a distinct file each time, and a display folder, all in `dir`; `top` is
+/// more top-level keys.
 #[allow(clippy::too_many_arguments)]
 fn agent_config(
     dir: &std::path::Path,
@@ -75,12 +78,12 @@ fn agent_config(
     url: &str,
     token: &str,
     buses: (&str, &str),
-    ca: &str,
+    top: &str,
     login: &str,
 ) -> String {
     let (d, (pbus, lbus)) = (dir.display(), buses);
     format!(
-        r#"{ca}data_dir = "{d}/edge"
+        r#"{top}data_dir = "{d}/edge"
 telemetry_interval_ms = 300
 [mqtt]
 url = "{mqtt_url}"
@@ -190,20 +193,14 @@ impl Studio {
         let config = dir.path().join("edge.toml");
         // The agent trusts the farm's own CA, where the farm has one (a studio over TLS).
         let ca = farm.sched.cfg.tls.ca_file.as_ref().map(|f| format!("tls_ca_file = \"{}\"\n", f.display()));
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let top = format!("{}metrics_listen = \"{metrics}\"\n", ca.unwrap_or_default());
         let login = login.map(|(u, p)| format!("username = \"{u}\"\npassword = \"{p}\"")).unwrap_or_default();
-        let text = agent_config(
-            dir.path(),
-            &mqtt_url,
-            &prefix,
-            &farm.url,
-            &token,
-            (&pbus, &lbus),
-            &ca.unwrap_or_default(),
-            &login,
-        );
+        let text = agent_config(dir.path(), &mqtt_url, &prefix, &farm.url, &token, (&pbus, &lbus), &top, &login);
         std::fs::write(&config, text).unwrap();
         let key = MessageKey::from_token(&token);
-        let mut s = Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line, key, token };
+        let mut s =
+            Studio { farm, mqtt_url, prefix, printer, lights, dir, config, agent: None, line, key, token, metrics };
         s.spawn_agent();
         s
     }
@@ -491,6 +488,23 @@ async fn lights_print_capture_display_end_to_end_and_offline_when_the_agent_dies
     assert_eq!(d["telemetry"]["printer_state"], "ready");
     assert_eq!(s.farm.metric("kiln_fleet_messages_dropped_total", "reason=\"stale\",topic=\"telemetry\"").await, 0.0);
     assert_eq!(s.farm.metric("kiln_device_tasks_total", "outcome=\"succeeded\"").await, 4.0);
+
+    // The agent's own `/metrics` says the same from its side, and passes promtool's lint.
+    let agent = kiln_common::client::Client::new(&format!("http://{}", s.metrics), None);
+    let health = agent.send(Method::GET, "/healthz", None).await.unwrap();
+    assert_eq!(health.status, 200, "{}", String::from_utf8_lossy(&health.body));
+    let text = String::from_utf8(agent.send(Method::GET, "/metrics", None).await.unwrap().body.to_vec()).unwrap();
+    for id in ALL {
+        let of = format!("device=\"{id}\"");
+        assert_eq!(metric_in(&text, "kiln_edge_broker_connected", &of), 1.0, "{id}:\n{text}");
+        let ok = format!("{of},outcome=\"succeeded\"");
+        assert_eq!(metric_in(&text, "kiln_edge_tasks_total", &ok), 1.0, "{id}:\n{text}");
+        assert_eq!(metric_in(&text, "kiln_edge_task_duration_seconds_count", &of), 1.0, "{id}:\n{text}");
+        assert_eq!(metric_in(&text, "kiln_edge_spool_dropped_total", &of), 0.0, "{id}:\n{text}");
+    }
+    assert!(metric_in(&text, "kiln_edge_device_reads_total", "device=\"printer\",result=\"ok\"") > 0.0, "{text}");
+    assert!(metric_in(&text, "kiln_edge_task_duration_seconds_sum", "device=\"printer\"") > 0.0, "{text}");
+    promtool_check_metrics(text.as_bytes());
 
     // The agent killed: its last will marks every device offline within the keepalive window
     // (2 s; the broker waits 1.5 of them).

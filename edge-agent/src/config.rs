@@ -47,6 +47,10 @@ pub struct Config {
     /// scheduler that the studio's own CA signed (`KILN_EDGE_TLS_CA_FILE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
+    /// Where to serve the agent's own `/metrics` and `/healthz` for Prometheus, such as
+    /// `0.0.0.0:9465` (`KILN_EDGE_METRICS_LISTEN`). Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The MQTT session.
@@ -342,6 +346,10 @@ impl Config {
         }
         if let Some(v) = env("KILN_EDGE_TLS_CA_FILE").filter(|v| !v.is_empty()) {
             cfg.tls_ca_file = Some(v.into());
+        }
+        if let Some(v) = env("KILN_EDGE_METRICS_LISTEN") {
+            let addr = v.parse().map_err(|e| ConfigError(format!("KILN_EDGE_METRICS_LISTEN: {v:?}: {e}")))?;
+            cfg.metrics_listen = Some(addr);
         }
         cfg.check()?;
         Ok(cfg)

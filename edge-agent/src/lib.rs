@@ -12,6 +12,7 @@ pub mod config;
 pub mod drivers;
 pub mod http;
 pub mod journal;
+pub mod metrics;
 pub mod modbus;
 pub mod session;
 #[cfg(feature = "sim")]
@@ -44,6 +45,14 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         }
     }
     let tls = tls::client_config(cfg.tls_ca_file.as_deref())?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics_listen: cannot listen on {addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+        tokio::spawn(metrics::serve(metrics.clone(), listener, stop.clone()));
+    }
     let cfg = Arc::new(cfg);
     let mut buses = Buses::default();
     let mut devices = Vec::new();
@@ -52,7 +61,8 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
         std::fs::create_dir_all(&state_dir)?;
         let driver = Driver::new(dev, &mut buses, &state_dir);
         let name = dev.id.clone();
-        let run = session::run_device(cfg.clone(), dev.clone(), driver, tls.clone(), stop.clone());
+        let figures = metrics.device(&dev.id, dev.kind);
+        let run = session::run_device(cfg.clone(), dev.clone(), driver, tls.clone(), figures, stop.clone());
         devices.push((name, tokio::spawn(run)));
     }
     let broker = kiln_protocol::SecretUrl::from(cfg.mqtt.url.as_str()).to_string();

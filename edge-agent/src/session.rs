@@ -35,6 +35,7 @@ use crate::config::{Config, DeviceConfig};
 use crate::drivers::{Driver, TaskCtx};
 use crate::http::Http;
 use crate::journal::{Journal, Record};
+use crate::metrics::{DeviceMetrics, cpu_temp_c};
 use crate::spool::{Kind, Spool, write_synced};
 
 /// The device's health as its status shows it.
@@ -60,12 +61,10 @@ struct Shared {
     /// and reports stamped, by the scheduler's time.
     clock_offset_ms: std::sync::atomic::AtomicI64,
     health: watch::Sender<Health>,
-    /// Payloads dropped because they could not be read (no task id to reject).
-    malformed: std::sync::atomic::AtomicU64,
     /// The key of the agent's device token: the scheduler signs this device's tasks with it.
     key: MessageKey,
-    /// Tasks rejected because they carried no valid proof that the scheduler sent them.
-    unproven: std::sync::atomic::AtomicU64,
+    /// What the device did, for `/metrics` (and the counts its telemetry carries).
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl Shared {
@@ -80,12 +79,16 @@ impl Shared {
         let spool = self.spool.clone();
         let pushed = tokio::task::spawn_blocking(move || {
             let mut s = spool.lock().map_err(|_| "poisoned".to_owned())?;
-            s.push(kind, &topic, &payload).map_err(|e| e.to_string())
+            s.push(kind, &topic, &payload).map_err(|e| e.to_string())?;
+            Ok((s.len(), s.dropped()))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         match pushed {
-            Ok(_) => self.wake.notify_one(),
+            Ok((len, dropped)) => {
+                self.metrics.spool(len, dropped);
+                self.wake.notify_one();
+            }
             Err(e) => tracing::error!(device = self.id, error = e, "could not spool a message; it is lost"),
         }
     }
@@ -109,6 +112,7 @@ impl Shared {
     }
 
     fn set_health(&self, state: DeviceState, detail: Option<String>) {
+        self.metrics.set_degraded(state == DeviceState::Degraded);
         let next = Health { state, detail };
         self.health.send_if_modified(|h| {
             let changed = *h != next;
@@ -124,10 +128,12 @@ pub async fn run_device(
     dev: DeviceConfig,
     driver: Driver,
     tls: Arc<rustls::ClientConfig>,
+    metrics: Arc<DeviceMetrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let dir = cfg.data_dir.join("devices").join(&dev.id);
     let spool = Spool::open(&dir.join("spool"), cfg.spool.max_entries)?;
+    metrics.spool(spool.len(), spool.dropped());
     let journal = Journal::open(&dir.join("journal"))?;
     let pruned = journal.prune(now_ms() - JOURNAL_KEEP_MS, JOURNAL_MAX_ENDED)?;
     if pruned > 0 {
@@ -148,9 +154,8 @@ pub async fn run_device(
         wake: Notify::new(),
         clock_offset_ms: Default::default(),
         health,
-        malformed: Default::default(),
         key: MessageKey::from_token(&cfg.scheduler.token),
-        unproven: Default::default(),
+        metrics,
     });
     let timeout = Duration::from_millis(dev.step_timeout_ms);
     let http = Http::new(&cfg.scheduler.url, &cfg.scheduler.token, timeout, tls.clone())
@@ -413,6 +418,7 @@ async fn mqtt(
     let (client, mut events) = AsyncClient::new(opts, 64);
     let mut health = shared.health.subscribe();
     let mut state = SessionState::new(&dev.id, &topics, Duration::from_millis(cfg.mqtt.reconnect_max_ms));
+    let metrics = shared.metrics.clone();
     'session: loop {
         let input = tokio::select! {
             () = stop.cancelled() => break,
@@ -430,7 +436,12 @@ async fn mqtt(
             () = shared.wake.notified(), if state.connected() => None,
             Ok(()) = health.changed(), if state.connected() => Some(Input::Health(health.borrow_and_update().clone())),
         };
-        for action in input.map(|i| state.handle(i)).unwrap_or_default() {
+        if let Some(Input::Connected(_)) = input {
+            metrics.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let actions = input.map(|i| state.handle(i)).unwrap_or_default();
+        metrics.connected.store(state.connected(), std::sync::atomic::Ordering::Relaxed);
+        for action in actions {
             match action {
                 Action::PublishStatus(h) => {
                     let payload = serde_json::to_vec(&status(&h)).unwrap_or_default();
@@ -443,17 +454,17 @@ async fn mqtt(
                 }
                 Action::TakeTask(payload) => take_task(&shared, &tasks, &payload).await,
                 Action::Unspool(seq) => {
-                    let removed = shared
-                        .spool
-                        .lock()
-                        .map_err(|_| "poisoned".to_owned())
-                        .and_then(|mut s| s.remove(seq).map_err(|e| e.to_string()));
+                    let removed = shared.spool.lock().map_err(|_| "poisoned".to_owned()).and_then(|mut s| {
+                        s.remove(seq).map_err(|e| e.to_string())?;
+                        metrics.spool(s.len(), s.dropped());
+                        Ok(())
+                    });
                     if let Err(e) = removed {
                         tracing::error!(device = dev.id, error = e, "could not remove a sent message from the spool");
                     }
                 }
                 Action::Malformed(error) => {
-                    shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(device = dev.id, error, "dropped a scheduler status");
                 }
                 Action::Backoff(wait) => tokio::select! {
@@ -481,6 +492,7 @@ async fn mqtt(
         let drain = async { while events.poll().await.is_ok() {} };
         let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
     }
+    metrics.connected.store(false, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -511,7 +523,7 @@ async fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &
                         .await;
                 }
                 None => {
-                    shared.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.metrics.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(device = shared.id, error = %e, "dropped a task payload with no usable task_id");
                 }
             }
@@ -519,7 +531,7 @@ async fn take_task(shared: &Shared, tasks: &mpsc::Sender<DeviceTask>, payload: &
         }
     };
     if !task.proven(&shared.id, &shared.key) {
-        shared.unproven.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.metrics.unproven.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let why = if task.mac.is_some() { "its proof does not match" } else { "it carries no proof" };
         tracing::warn!(device = shared.id, task = task.task_id, why, "rejected a task the scheduler did not send");
         shared
@@ -596,6 +608,9 @@ impl Executor {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match written {
             Ok(r) => {
+                if r.state.is_terminal() {
+                    self.shared.metrics.task_ended(r.state);
+                }
                 self.shared.report(&r).await;
                 true
             }
@@ -689,7 +704,9 @@ impl Executor {
                 // The drivers look at the agent's own clock.
                 deadline_ms: task.deadline_ms.saturating_sub(self.shared.now_ms() - now_ms()),
             };
+            let started = std::time::Instant::now();
             let result = self.driver.lock().await.run(&task, &ctx).await;
+            self.shared.metrics.task_ran(started.elapsed());
             match result {
                 Ok(done) => {
                     if self.shared.health.borrow().state == DeviceState::Degraded {
@@ -752,12 +769,14 @@ async fn telemetry(
         };
         let mut values = match readings {
             Some(Ok(r)) => {
+                shared.metrics.read(true);
                 if shared.health.borrow().state == DeviceState::Degraded {
                     shared.set_health(DeviceState::Online, None);
                 }
                 r
             }
             Some(Err(e)) => {
+                shared.metrics.read(false);
                 if e.device_fault {
                     shared.set_health(DeviceState::Degraded, Some(e.message.clone()));
                 }
@@ -773,8 +792,9 @@ async fn telemetry(
         };
         let (depth, dropped) = shared.spool.lock().map(|s| (s.len(), s.dropped())).unwrap_or((0, 0));
         values.insert("spool_depth".into(), depth.into());
-        values.insert("malformed_dropped".into(), shared.malformed.load(std::sync::atomic::Ordering::Relaxed).into());
-        values.insert("unproven_rejected".into(), shared.unproven.load(std::sync::atomic::Ordering::Relaxed).into());
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        values.insert("malformed_dropped".into(), count(&shared.metrics.malformed).into());
+        values.insert("unproven_rejected".into(), count(&shared.metrics.unproven).into());
         if let Some(t) = cpu_temp_c() {
             values.insert("cpu_temp_c".into(), t.into());
         }
@@ -791,11 +811,6 @@ async fn telemetry(
             .spool(Kind::Telemetry, shared.topics.telemetry(&shared.id), serde_json::to_vec(&t).unwrap_or_default())
             .await;
     }
-}
-
-fn cpu_temp_c() -> Option<f64> {
-    let milli: f64 = std::fs::read_to_string("/sys/class/thermal/thermal_zone0/temp").ok()?.trim().parse().ok()?;
-    Some(milli / 1000.0)
 }
 
 fn capability(kind: DeviceKind) -> &'static str {

@@ -110,6 +110,11 @@ pub fn metric_in(text: &str, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
+/// A port free on loopback now (for a child that must be told its port before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A job request body.
 pub fn job(prompt: &str, seed: u64, tier: &str) -> Value {
     json!({ "prompt": prompt, "seed": seed, "tier": tier })
