@@ -950,6 +950,8 @@ async fn results_and_heartbeats_not_signed_by_a_worker_token_are_refused() {
             backend: "cpu".into(),
             adapter: "none".into(),
             memory_bytes: None,
+            memory_used_bytes: None,
+            utilization_percent: None,
             models: vec![],
             tiers: vec![kiln_protocol::Tier::Preview],
             in_flight: 0,

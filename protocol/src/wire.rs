@@ -301,8 +301,14 @@ pub struct Heartbeat {
     pub backend: String,
     /// The adapter (GPU) or CPU it renders on.
     pub adapter: String,
-    /// Device memory in bytes, where known.
+    /// The GPU's memory in bytes, where its driver says (NVML on NVIDIA).
     pub memory_bytes: Option<u64>,
+    /// The GPU's memory in use, bytes (by every process on it), where its driver says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    /// The share of the last sample period the GPU ran a kernel, percent, where its driver says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_percent: Option<u32>,
     /// Models it can run.
     pub models: Vec<String>,
     /// Tiers it consumes.

@@ -44,6 +44,13 @@ pub const WORKERS: &str = "kiln_workers";
 pub const WORKER_INFO: &str = "kiln_worker_info";
 /// Seconds since each worker's latest heartbeat (0 for an in-process worker), as of the scrape.
 pub const WORKER_HEARTBEAT_AGE: &str = "kiln_worker_heartbeat_age_seconds";
+/// Each worker's GPU memory, bytes, as its latest heartbeat says (where its driver reports it:
+/// NVML on NVIDIA; no series for other workers).
+pub const WORKER_GPU_MEMORY: &str = "kiln_worker_heartbeat_gpu_memory_bytes";
+/// Each worker's GPU memory in use, bytes, as its latest heartbeat says (where reported).
+pub const WORKER_GPU_MEMORY_USED: &str = "kiln_worker_heartbeat_gpu_memory_used_bytes";
+/// Each worker's GPU load (0 to 1), as its latest heartbeat says (where reported).
+pub const WORKER_GPU_UTILIZATION: &str = "kiln_worker_heartbeat_gpu_utilization_ratio";
 /// Active workers serving each tier, as of the scrape: 0 for a tier whose jobs no worker takes.
 pub const TIER_WORKERS: &str = "kiln_tier_workers";
 /// Edge devices by kind and state (online, degraded, offline), as of the last sweep.
@@ -143,6 +150,8 @@ pub struct Metrics {
     pub worker_info: IntGaugeVec,
     /// [`WORKER_HEARTBEAT_AGE`].
     pub worker_heartbeat_age: prometheus::GaugeVec,
+    /// [`WORKER_GPU_MEMORY`], [`WORKER_GPU_MEMORY_USED`], [`WORKER_GPU_UTILIZATION`], by worker.
+    pub worker_gpu: [prometheus::GaugeVec; 3],
     /// [`DEVICES`].
     pub devices: IntGaugeVec,
     /// [`DEVICE_TELEMETRY_AGE`].
@@ -235,6 +244,12 @@ impl Metrics {
             &["worker"],
         )
         .expect("valid metric");
+        let worker_gpu = [
+            (WORKER_GPU_MEMORY, "Each worker's GPU memory, bytes, as its heartbeat says"),
+            (WORKER_GPU_MEMORY_USED, "Each worker's GPU memory in use, bytes, as its heartbeat says"),
+            (WORKER_GPU_UTILIZATION, "Each worker's GPU load, 0 to 1, as its heartbeat says"),
+        ]
+        .map(|(name, help)| prometheus::GaugeVec::new(Opts::new(name, help), &["worker"]).expect("valid metric"));
         let devices = IntGaugeVec::new(Opts::new(DEVICES, "Edge devices by kind and state"), &["kind", "state"])
             .expect("valid metric");
         let device_telemetry_age = prometheus::GaugeVec::new(
@@ -300,6 +315,9 @@ impl Metrics {
                 Box::new(tier_workers.clone()),
                 Box::new(worker_info.clone()),
                 Box::new(worker_heartbeat_age.clone()),
+                Box::new(worker_gpu[0].clone()),
+                Box::new(worker_gpu[1].clone()),
+                Box::new(worker_gpu[2].clone()),
                 Box::new(devices.clone()),
                 Box::new(device_telemetry_age.clone()),
                 Box::new(device_spool_dropped.clone()),
@@ -363,6 +381,7 @@ impl Metrics {
             tier_workers,
             worker_info,
             worker_heartbeat_age,
+            worker_gpu,
             devices,
             device_telemetry_age,
             device_spool_dropped,

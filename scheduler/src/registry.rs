@@ -278,6 +278,8 @@ mod tests {
             backend: "cpu".into(),
             adapter: "cpu".into(),
             memory_bytes: None,
+            memory_used_bytes: None,
+            utilization_percent: None,
             models: vec![],
             tiers: vec![],
             in_flight: 0,

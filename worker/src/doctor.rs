@@ -103,13 +103,26 @@ pub fn doctor(global: &GlobalArgs, loaded: Result<(WorkerConfig, RunConfig), Con
     }
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 fn backend_finding(b: &Backend) -> Found {
     match b {
         Backend::Wgpu(g) if g.is_software() => Found::Warn(format!(
             "wgpu on {}: a software adapter, slower than the CPU path; install the GPU's Vulkan driver",
             b.device_name()
         )),
-        Backend::Wgpu(_) => Found::Ok(format!("wgpu on {}", b.device_name())),
+        Backend::Wgpu(_) => {
+            let usage = match b.usage() {
+                Some(u) => format!(
+                    "; {:.1} of {:.1} GiB in use, {}% busy (NVML)",
+                    u.memory_used_bytes as f64 / GIB,
+                    u.memory_total_bytes as f64 / GIB,
+                    u.utilization_percent
+                ),
+                None => "; no memory or load figures from its driver (NVML is NVIDIA's)".into(),
+            };
+            Found::Ok(format!("wgpu on {}{usage}", b.device_name()))
+        }
         Backend::Cpu { .. } => Found::Warn(format!(
             "cpu ({}): no hardware GPU adapter was found, or backend = \"cpu\" is set",
             b.device_name()

@@ -51,6 +51,8 @@ pub struct Gpu {
     pub pipelines: Pipelines,
     glyphs: wgpu::Buffer,
     error: Arc<Mutex<Option<String>>>,
+    /// NVML for this GPU, opened at the first ask (`None`: not an NVIDIA GPU, or no driver library).
+    nvml: std::sync::OnceLock<Option<crate::gpu_usage::Nvml>>,
 }
 
 fn backend_err(what: &str, e: impl std::fmt::Display) -> EngineError {
@@ -126,7 +128,22 @@ impl Gpu {
             contents: bytemuck::cast_slice(&GLYPHS),
             usage: wgpu::BufferUsages::STORAGE,
         });
-        Ok(Gpu { device, queue, info, pipelines, glyphs, error })
+        Ok(Gpu { device, queue, info, pipelines, glyphs, error, nvml: Default::default() })
+    }
+
+    /// The GPU's memory and load as its driver says, where it does: NVML on an NVIDIA GPU; `None`
+    /// elsewhere (software adapters, other vendors), where the adapter's name is all there is.
+    pub fn usage(&self) -> Option<crate::gpu_usage::GpuUsage> {
+        let nvml = self.nvml.get_or_init(|| {
+            if self.info.vendor != crate::gpu_usage::NVIDIA {
+                return None;
+            }
+            crate::gpu_usage::Nvml::open(&self.info.name, &self.info.device_pci_bus_id)
+                .map_err(|e| tracing::info!(error = e, "no GPU memory or load figures"))
+                .ok()
+        });
+        let usage = nvml.as_ref()?.usage();
+        usage.map_err(|e| tracing::debug!(error = e, "cannot read the GPU's memory and load")).ok()
     }
 
     /// The adapter's name, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)" or "NVIDIA H100".

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod engine;
 pub mod gpu;
+pub mod gpu_usage;
 pub mod metrics;
 pub mod post;
 pub mod prng;

@@ -1,7 +1,7 @@
 //! The worker's Prometheus metrics. Names are constants with the `kiln_` prefix; labels are
 //! low-cardinality (tier, model, backend), never a job or a seed.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
 /// Seconds per render (model, post chain and encoding), by tier, model and backend.
 pub const RENDER_SECONDS: &str = "kiln_render_seconds";
@@ -28,6 +28,14 @@ pub const ACK_FRAMES: &str = "kiln_worker_ack_frames_total";
 /// `upload` (`PUT`). Nothing is counted when the asset folder is shared.
 pub const ASSETS_HANDED: &str = "kiln_worker_assets_handed_total";
 
+/// The GPU's memory, bytes, by adapter, where its driver says (NVML on NVIDIA).
+pub const GPU_MEMORY: &str = "kiln_worker_gpu_memory_bytes";
+/// The GPU's memory in use (by every process on it), bytes, by adapter, where its driver says.
+pub const GPU_MEMORY_USED: &str = "kiln_worker_gpu_memory_used_bytes";
+/// The share of the driver's last sample period in which the GPU ran a kernel (0 to 1), by
+/// adapter, where its driver says.
+pub const GPU_UTILIZATION: &str = "kiln_worker_gpu_utilization_ratio";
+
 /// The worker's metrics, registered in their own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -52,6 +60,9 @@ pub struct Metrics {
     pub ack_frames: IntCounter,
     /// [`ASSETS_HANDED`], by `how`.
     pub assets_handed: IntCounterVec,
+    /// [`GPU_MEMORY`], [`GPU_MEMORY_USED`] and [`GPU_UTILIZATION`], by `adapter`: no series
+    /// until the driver reports them.
+    gpu: [GaugeVec; 3],
 }
 
 impl Default for Metrics {
@@ -92,9 +103,18 @@ impl Metrics {
             &["how"],
         )
         .expect("valid metric");
+        let gpu = [
+            (GPU_MEMORY, "The GPU's memory, bytes, where its driver says"),
+            (GPU_MEMORY_USED, "The GPU's memory in use by every process on it, bytes, where its driver says"),
+            (GPU_UTILIZATION, "Share of the driver's last sample period the GPU ran a kernel, where it says"),
+        ]
+        .map(|(name, help)| GaugeVec::new(Opts::new(name, help), &["adapter"]).expect("valid metric"));
         register_all(
             &registry,
             vec![
+                Box::new(gpu[0].clone()),
+                Box::new(gpu[1].clone()),
+                Box::new(gpu[2].clone()),
                 Box::new(render_seconds.clone()),
                 Box::new(pixels.clone()),
                 Box::new(cache_hits.clone()),
@@ -126,7 +146,15 @@ impl Metrics {
             results,
             ack_frames,
             assets_handed,
+            gpu,
         }
+    }
+
+    /// The GPU's memory and load as last read.
+    pub fn gpu(&self, adapter: &str, u: &crate::gpu_usage::GpuUsage) {
+        self.gpu[0].with_label_values(&[adapter]).set(u.memory_total_bytes as f64);
+        self.gpu[1].with_label_values(&[adapter]).set(u.memory_used_bytes as f64);
+        self.gpu[2].with_label_values(&[adapter]).set(f64::from(u.utilization_percent) / 100.0);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -48,6 +48,14 @@ impl Backend {
         }
     }
 
+    /// The GPU's memory and load, where its driver says (see [`Gpu::usage`]); `None` on the CPU.
+    pub fn usage(&self) -> Option<crate::gpu_usage::GpuUsage> {
+        match self {
+            Backend::Cpu { .. } => None,
+            Backend::Wgpu(g) => g.usage(),
+        }
+    }
+
     /// What actually ran: the adapter for wgpu, the code path for the CPU.
     pub fn device_name(&self) -> String {
         match self {

@@ -23,11 +23,19 @@ pub async fn sample(sched: &Scheduler) {
     }
     m.worker_info.reset();
     m.worker_heartbeat_age.reset();
+    m.worker_gpu.iter().for_each(|g| g.reset());
     for w in &workers {
         let hb = &w.heartbeat;
         m.worker_info.with_label_values(&[&hb.worker_id, &hb.host, &hb.backend, &hb.adapter, w.state]).set(1);
         let age = (now - w.last_seen_ms).max(0) as f64 / 1000.0;
         m.worker_heartbeat_age.with_label_values(&[&hb.worker_id]).set(age);
+        let gpu = [hb.memory_bytes.map(|b| b as f64), hb.memory_used_bytes.map(|b| b as f64)];
+        let load = hb.utilization_percent.map(|p| f64::from(p) / 100.0);
+        for (gauge, value) in m.worker_gpu.iter().zip(gpu.into_iter().chain([load])) {
+            if let Some(v) = value {
+                gauge.with_label_values(&[&hb.worker_id]).set(v);
+            }
+        }
     }
     match sched.store.open_incident_counts().await {
         Ok(open) => set_counts(&m.incidents_open, &INCIDENT_KINDS, open),

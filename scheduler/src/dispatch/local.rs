@@ -86,7 +86,10 @@ pub fn join(sched: &Scheduler, n: usize, tiers: &[Tier]) {
         host: kiln_common::host_name(),
         backend: engine.backend.name().to_owned(),
         adapter: engine.backend.device_name(),
-        memory_bytes: None,
+        // The GPU's size; what is in use changes by the second, and this heartbeat is sent once.
+        memory_bytes: engine.backend.usage().map(|u| u.memory_total_bytes),
+        memory_used_bytes: None,
+        utilization_percent: None,
         models: vec![kiln_worker::engine::cppn::MODEL_ID.to_owned()],
         tiers: tiers.to_vec(),
         in_flight: 0,

@@ -77,13 +77,19 @@ impl Daemon {
 
     pub(super) async fn send_heartbeat(&self, publ: &Channel) {
         let engine = self.worker.engine();
+        let usage = engine.backend.usage();
+        if let Some(u) = usage {
+            self.worker.metrics.gpu(&engine.backend.device_name(), &u);
+        }
         let hb = Heartbeat {
             v: wire::SCHEMA_VERSION,
             worker_id: self.id.clone(),
             host: self.host.clone(),
             backend: engine.backend.name().to_owned(),
             adapter: engine.backend.device_name(),
-            memory_bytes: None,
+            memory_bytes: usage.map(|u| u.memory_total_bytes),
+            memory_used_bytes: usage.map(|u| u.memory_used_bytes),
+            utilization_percent: usage.map(|u| u.utilization_percent),
             models: vec![crate::engine::cppn::MODEL_ID.to_owned()],
             tiers: self.cfg.tiers.clone(),
             in_flight: self.in_flight.load(Ordering::Relaxed),

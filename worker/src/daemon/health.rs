@@ -38,7 +38,14 @@ impl Daemon {
 
     pub(super) fn http_answer(&self, path: &str) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
         let (status, kind, body) = match path {
-            "/metrics" => (200, "text/plain; version=0.0.4", self.worker.metrics.encode()),
+            "/metrics" => {
+                // The GPU's memory and load as of this scrape, where its driver says.
+                let engine = self.worker.engine();
+                if let Some(u) = engine.backend.usage() {
+                    self.worker.metrics.gpu(&engine.backend.device_name(), &u);
+                }
+                (200, "text/plain; version=0.0.4", self.worker.metrics.encode())
+            }
             "/healthz" => {
                 let drained = self.drained_reason();
                 let (ok, status) = if !self.connected.load(Ordering::Relaxed) {
