@@ -48,6 +48,61 @@ pub fn new_token() -> std::io::Result<Secret> {
     Ok(Secret::new(format!("kiln_{}", random_hex()?)))
 }
 
+/// How long a console session lasts after its sign-in.
+pub const SESSION_MS: i64 = 12 * 3600 * 1000;
+
+/// The most console sessions held at once; past it the oldest goes.
+const MAX_SESSIONS: usize = 10_000;
+
+/// A browser signed in to the console: the token it signed in with (checked again at every
+/// request, so a revoked or expired token ends its sessions at once), the CSRF token its forms
+/// and calls carry, and when it ends.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The token.
+    pub token: Secret,
+    /// What every state-changing form and call from this session must carry.
+    pub csrf: String,
+    /// When it ends, unix milliseconds.
+    pub expires_ms: i64,
+}
+
+/// The console's sessions, by the random id in each browser's cookie. Kept in memory: a restart
+/// of the scheduler signs everyone out, and schedulers sharing a database do not share them.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    held: std::sync::Mutex<std::collections::HashMap<String, Session>>,
+}
+
+impl Sessions {
+    /// A new session for `token` (already authenticated): its id and the session.
+    pub fn open(&self, token: &str, now_ms: i64) -> std::io::Result<(String, Session)> {
+        let id = format!("{}{}", random_hex()?, random_hex()?);
+        let session =
+            Session { token: Secret::new(token.to_owned()), csrf: random_hex()?, expires_ms: now_ms + SESSION_MS };
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|_, s| s.expires_ms > now_ms);
+        if held.len() >= MAX_SESSIONS
+            && let Some(oldest) = held.iter().min_by_key(|(_, s)| s.expires_ms).map(|(k, _)| k.clone())
+        {
+            held.remove(&oldest);
+        }
+        held.insert(id.clone(), session.clone());
+        Ok((id, session))
+    }
+
+    /// The session of `id`, while it lasts.
+    pub fn get(&self, id: &str, now_ms: i64) -> Option<Session> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(id).filter(|s| s.expires_ms > now_ms).cloned()
+    }
+
+    /// Ends the session of `id`.
+    pub fn close(&self, id: &str) {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
+
 /// What the store keeps of a token.
 pub fn token_hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
@@ -64,5 +119,17 @@ mod tests {
         assert!(a.expose().starts_with("kiln_") && a.expose().len() == 37);
         assert_eq!(token_hash(a.expose()), token_hash(a.expose()));
         assert_eq!(format!("{a:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn a_session_lasts_until_it_ends_or_is_closed() {
+        let s = Sessions::default();
+        let (id, opened) = s.open("kiln_x", 1_000).unwrap();
+        assert_eq!(id.len(), 64);
+        assert_eq!(s.get(&id, 2_000).unwrap().csrf, opened.csrf);
+        assert!(s.get(&id, 1_000 + SESSION_MS).is_none(), "ended");
+        assert!(s.get("another", 2_000).is_none());
+        s.close(&id);
+        assert!(s.get(&id, 2_000).is_none(), "closed");
     }
 }

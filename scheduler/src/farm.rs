@@ -310,6 +310,7 @@ pub fn serve<'a>(
         let (token, created) = farm.token_file();
         println!("{name}: the farm is running");
         println!("  API      {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+        println!("  console  {url}/   (sign in with a token)");
         println!("  metrics  {url}/metrics");
         println!("  token    {}{}", token.display(), if created { " (created now)" } else { "" });
         println!("  data     {}", cfg.data_dir().display());

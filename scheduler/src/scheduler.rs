@@ -222,6 +222,8 @@ pub struct Scheduler {
     budget_locks: crate::costs::BudgetLocks,
     rng: Mutex<Rng>,
     tiers: kiln_protocol::TierLimits,
+    /// The console's signed-in browsers.
+    pub sessions: crate::auth::Sessions,
 }
 
 impl Scheduler {
@@ -255,6 +257,7 @@ impl Scheduler {
             budget_locks: Default::default(),
             rng: Mutex::new(Rng::new(seed)),
             tiers,
+            sessions: Default::default(),
         };
         s.reload_tokens().await?;
         // Estimates start from the latest renders, oldest noted first.

@@ -60,7 +60,7 @@ async fn may_read(s: &Scheduler, headers: &HeaderMap, hash: &str) -> Result<(), 
     if s.cfg.public_assets {
         return Ok(());
     }
-    let who = caller(s, headers)?;
+    let who = caller(s, &axum::http::Method::GET, headers)?;
     let readable = match who.role {
         Role::Operator => true,
         Role::Worker => return Err(ApiError::forbidden("a worker token reads no assets; it uploads those it renders")),

@@ -6,6 +6,7 @@
 
 mod assets;
 mod callers;
+mod console;
 pub mod error;
 pub mod fleet;
 mod gauges;
@@ -65,6 +66,7 @@ pub fn router(s: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(fleet::routes())
         .merge(orders::routes())
+        .merge(console::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(s.clone(), request_timeout))

@@ -1,0 +1,511 @@
+//! The operator's console, served at `/` by the scheduler: server-rendered HTML with a little
+//! JavaScript, every file embedded in the binary (`scheduler/console/`), so it works on a studio
+//! LAN without internet.
+//!
+//! Sign-in takes a token (operator or client) and opens a session ([`crate::auth::Sessions`]):
+//! an `HttpOnly`, `SameSite=Strict` cookie (`Secure` under TLS) naming it, the token kept on the
+//! server and checked again at every request. Every form that changes anything carries the
+//! session's CSRF token, and so must every API call the console's script makes
+//! ([`super::callers`]); sign-out ends the session. A client sees what the API lets it see.
+//!
+//! Views so far: the overview and the approvals (options side by side, keyboard: ←/→ choose,
+//! `a` approve, `r` reject).
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kiln_protocol::{Tier, api, now_ms};
+
+use super::AppState;
+use super::callers::{SESSION_COOKIE, session_id};
+use crate::auth::{Caller, Role, Session};
+use crate::scheduler::Scheduler;
+
+/// The console's routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(overview))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/approvals", get(approvals))
+        .route("/approvals/{id}", post(decide))
+        .route("/console/console.css", get(|| async { asset("text/css", include_str!("../../console/console.css")) }))
+        .route(
+            "/console/console.js",
+            get(|| async { asset("text/javascript", include_str!("../../console/console.js")) }),
+        )
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    let mut r = body.into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=300"));
+    r
+}
+
+/// Text made safe for HTML, in an element or a quoted attribute.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// An `application/x-www-form-urlencoded` body's fields.
+fn form_fields(body: &[u8]) -> Vec<(String, String)> {
+    let decode = |s: &str| -> String {
+        let b = s.as_bytes();
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], hex(i + 1), hex(i + 2)) {
+                (b'+', ..) => out.push(b' '),
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                (c, ..) => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// A page: the header with the views and sign-out (when signed in), then `body`.
+fn page(status: StatusCode, title: &str, signed_in: Option<(&Caller, &Session)>, body: &str) -> Response {
+    let nav = match signed_in {
+        Some((who, session)) => {
+            let mut links = vec![("/", "Overview")];
+            if who.role == Role::Operator {
+                links.push(("/approvals", "Approvals"));
+            }
+            let links: String = links
+                .iter()
+                .map(|(href, name)| {
+                    let current = if *name == title { r#" aria-current="page""# } else { "" };
+                    format!(r#"<a href="{href}"{current}>{name}</a>"#)
+                })
+                .collect();
+            format!(
+                r#"<nav aria-label="Views">{links}</nav>
+<form class="signout" method="post" action="/logout"><input type="hidden" name="csrf" value="{csrf}">
+<span class="who">{name} ({role})</span> <button type="submit">Sign out</button></form>"#,
+                csrf = esc(&session.csrf),
+                name = esc(&who.name),
+                role = who.role.as_str()
+            )
+        }
+        None => String::new(),
+    };
+    let html = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} · Kiln</title>
+<link rel="stylesheet" href="/console/console.css">
+<script src="/console/console.js" defer></script>
+</head><body>
+<header><span class="brand">Kiln</span>{nav}</header>
+<main id="main"><h1>{title}</h1>
+{body}
+</main></body></html>
+"#,
+        title = esc(title)
+    );
+    let mut r = (status, html).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    r
+}
+
+fn see_other(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// The signed-in caller and session, or the way to the sign-in page.
+fn signed_in(s: &Scheduler, headers: &HeaderMap) -> Result<(Caller, Session), Box<Response>> {
+    let session = session_id(headers)
+        .and_then(|id| s.sessions.get(&id, now_ms()))
+        .ok_or_else(|| Box::new(see_other("/login")))?;
+    let who = s.authenticate(session.token.expose()).ok_or_else(|| Box::new(see_other("/login?ended=1")))?;
+    Ok((who, session))
+}
+
+/// A form post's fields, once its CSRF token is the session's; else the refusal.
+fn checked_form(session: &Session, who: &Caller, body: &[u8]) -> Result<Vec<(String, String)>, Box<Response>> {
+    let fields = form_fields(body);
+    if field(&fields, "csrf") != Some(session.csrf.as_str()) {
+        let msg = r#"<p role="alert">This form did not carry the page's CSRF token, so nothing was done. Go back, reload the page and try again.</p>"#;
+        return Err(Box::new(page(StatusCode::FORBIDDEN, "Refused", Some((who, session)), msg)));
+    }
+    Ok(fields)
+}
+
+fn login_form(message: &str) -> String {
+    format!(
+        r#"{message}<form class="login" method="post" action="/login">
+<label for="token">API token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<p class="hint">The operator's is in the data dir's <code>operator.token</code>; a client's comes from <code>kiln token create</code>.</p>
+<button type="submit">Sign in</button></form>"#
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct LoginParams {
+    ended: Option<String>,
+}
+
+async fn login_page(Query(q): Query<LoginParams>) -> Response {
+    let message = match q.ended {
+        Some(_) => r#"<p role="alert">The session's token was revoked or has expired; sign in again.</p>"#,
+        None => "",
+    };
+    page(StatusCode::OK, "Sign in", None, &login_form(message))
+}
+
+async fn login(State(s): State<AppState>, body: Bytes) -> Response {
+    let fields = form_fields(&body);
+    let token = field(&fields, "token").unwrap_or("").trim().to_owned();
+    let Some(who) = s.authenticate(&token) else {
+        let msg = r#"<p role="alert">Unknown, revoked or expired token.</p>"#;
+        return page(StatusCode::UNAUTHORIZED, "Sign in", None, &login_form(msg));
+    };
+    if !matches!(who.role, Role::Operator | Role::Client) {
+        let msg = r#"<p role="alert">The console is for operator and client tokens; this one is a worker's or a device's.</p>"#;
+        return page(StatusCode::FORBIDDEN, "Sign in", None, &login_form(msg));
+    }
+    let (id, _) = match s.sessions.open(&token, now_ms()) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let msg = format!(r#"<p role="alert">No session could be made: {}</p>"#, esc(&e.to_string()));
+            return page(StatusCode::INTERNAL_SERVER_ERROR, "Sign in", None, &login_form(&msg));
+        }
+    };
+    tracing::info!(token = who.name, "console: signed in");
+    let secure = if s.cfg.tls.cert_file.is_some() { "; Secure" } else { "" };
+    let max_age = crate::auth::SESSION_MS / 1000;
+    let cookie = format!("{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}");
+    let mut r = see_other("/");
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn logout(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if let Err(refused) = checked_form(&session, &who, &body) {
+        return *refused;
+    }
+    if let Some(id) = session_id(&headers) {
+        s.sessions.close(&id);
+    }
+    let mut r = see_other("/login");
+    let gone = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    if let Ok(v) = HeaderValue::from_str(&gone) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// A figure with its label, as the overview shows it.
+fn tile(label: &str, value: String, href: Option<&str>) -> String {
+    let value = match href {
+        Some(h) => format!(r#"<a href="{h}">{value}</a>"#),
+        None => value,
+    };
+    format!(r#"<div class="tile"><span class="value">{value}</span><span class="label">{}</span></div>"#, esc(label))
+}
+
+async fn overview(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let body = match who.role {
+        Role::Operator => operator_overview(&s).await,
+        _ => client_overview(&s, &who).await,
+    };
+    page(StatusCode::OK, "Overview", Some((&who, &session)), &body)
+}
+
+async fn operator_overview(s: &Scheduler) -> String {
+    let m = &s.metrics;
+    let now = now_ms();
+    let workers = s.registry.list(now);
+    let serving = crate::registry::serving(&workers);
+    let mut rows = String::new();
+    for tier in Tier::ALL {
+        let n = |state: &str| m.jobs.with_label_values(&[tier.as_str(), state]).get();
+        let wait = m.queue_wait.with_label_values(&[tier.as_str()]);
+        let mean = match wait.get_sample_count() {
+            0 => "–".to_owned(),
+            c => format!("{:.1} s", wait.get_sample_sum() / c as f64),
+        };
+        let serving = serving.iter().find(|(t, _)| *t == tier).map_or(0, |(_, n)| *n);
+        rows.push_str(&format!(
+            "<tr><th scope=\"row\">{}</th><td>{}</td><td>{}</td><td>{}</td><td>{mean}</td><td>{serving}</td></tr>",
+            tier.as_str(),
+            n("queued"),
+            n("dispatched"),
+            n("running"),
+        ));
+    }
+    let counts = crate::registry::counts(&workers);
+    let workers_line: Vec<String> = crate::metrics::WORKER_STATES
+        .iter()
+        .map(|st| format!("{} {st}", counts.get(st).copied().unwrap_or(0)))
+        .collect();
+    let mut devices = std::collections::BTreeMap::<String, i64>::new();
+    for family in prometheus::core::Collector::collect(&m.devices) {
+        for metric in family.get_metric() {
+            let state = metric.get_label().iter().find(|l| l.name() == "state").map(|l| l.value().to_owned());
+            *devices.entry(state.unwrap_or_default()).or_default() += metric.get_gauge().get_value() as i64;
+        }
+    }
+    let devices_line: Vec<String> = devices.iter().map(|(st, n)| format!("{n} {st}")).collect();
+    let incidents = match s.store.open_incident_counts().await {
+        Ok(c) => c.into_iter().map(|(_, n)| n).sum::<i64>().to_string(),
+        Err(e) => format!("unreadable ({e})"),
+    };
+    let operator = Caller { name: String::new(), role: Role::Operator, devices: Vec::new(), budget: None };
+    let approvals = match crate::orders::pending_approvals(s, &operator).await {
+        Ok(a) => a.len().to_string(),
+        Err(e) => format!("unreadable ({e})"),
+    };
+    format!(
+        r#"<section aria-labelledby="needs"><h2 id="needs">Needs you</h2><div class="tiles">{}{}</div></section>
+<section aria-labelledby="queue"><h2 id="queue">Queue</h2>
+<div class="scroll"><table><caption>Jobs by tier (mean wait since the scheduler started)</caption>
+<thead><tr><th scope="col">Tier</th><th scope="col">Queued</th><th scope="col">Dispatched</th><th scope="col">Running</th><th scope="col">Mean wait</th><th scope="col">Workers</th></tr></thead>
+<tbody>{rows}</tbody></table></div>
+<div class="tiles">{}</div></section>
+<section aria-labelledby="farm"><h2 id="farm">Farm</h2><div class="tiles">{}{}</div></section>"#,
+        tile("approvals pending", approvals, Some("/approvals")),
+        tile("incidents open", incidents, None),
+        tile("renders in flight", m.in_flight.get().to_string(), None),
+        tile("workers", if workers_line.is_empty() { "none".into() } else { workers_line.join(", ") }, None),
+        tile("devices", if devices_line.is_empty() { "none".into() } else { devices_line.join(", ") }, None),
+    )
+}
+
+async fn client_overview(s: &Scheduler, who: &Caller) -> String {
+    let q = crate::store::ListQuery {
+        state: None,
+        tier: None,
+        since_ms: None,
+        until_ms: None,
+        client: Some(who.name.clone()),
+        limit: 20,
+        before_seq: None,
+    };
+    let rows: String = match s.store.list(q).await {
+        Ok(page) => page
+            .jobs
+            .iter()
+            .map(|j| {
+                format!(
+                    "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&j.id),
+                    j.request.tier.as_str(),
+                    j.state.as_str(),
+                    esc(&j.request.prompt)
+                )
+            })
+            .collect(),
+        Err(e) => format!("<tr><td colspan=\"4\">unreadable: {}</td></tr>", esc(&e.to_string())),
+    };
+    format!(
+        r#"<section aria-labelledby="yours"><h2 id="yours">Your latest jobs</h2>
+<div class="scroll"><table><thead><tr><th scope="col">Job</th><th scope="col">Tier</th><th scope="col">State</th><th scope="col">Prompt</th></tr></thead>
+<tbody>{rows}</tbody></table></div></section>"#
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct ApprovalsParams {
+    done: Option<String>,
+}
+
+async fn approvals(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<ApprovalsParams>) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if who.role != Role::Operator {
+        let msg = r#"<p role="alert">Approvals are the operator's to decide.</p>"#;
+        return page(StatusCode::FORBIDDEN, "Approvals", Some((&who, &session)), msg);
+    }
+    let pending = match crate::orders::pending_approvals(&s, &who).await {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!(r#"<p role="alert">The approvals could not be read: {}</p>"#, esc(&e.to_string()));
+            return page(StatusCode::INTERNAL_SERVER_ERROR, "Approvals", Some((&who, &session)), &msg);
+        }
+    };
+    let mut body = String::new();
+    if let Some(done) = q.done {
+        body.push_str(&format!(r#"<p class="done" role="status">{}</p>"#, esc(&done)));
+    }
+    if pending.is_empty() {
+        body.push_str("<p>Nothing waits for a decision.</p>");
+    } else {
+        body.push_str(
+            r#"<p class="hint">Keys: <kbd>←</kbd> <kbd>→</kbd> choose an option of the first approval, <kbd>a</kbd> approve it, <kbd>r</kbd> write why it is rejected.</p>"#,
+        );
+    }
+    for a in &pending {
+        body.push_str(&approval_card(a, &session.csrf));
+    }
+    page(StatusCode::OK, "Approvals", Some((&who, &session)), &body)
+}
+
+fn approval_card(a: &api::Approval, csrf: &str) -> String {
+    let id = esc(&a.id);
+    let options: String = a
+        .options
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let checked = if i == 0 { " checked" } else { "" };
+            format!(
+                r#"<label class="option"><input type="radio" name="option" value="{n}"{checked}>
+<img src="/v1/assets/{asset}?variant=thumb" alt="Option {n}: seed {seed}" loading="lazy" width="256" height="256">
+<span>Option {n} · seed {seed}</span></label>"#,
+                n = o.option,
+                asset = esc(&o.asset),
+                seed = o.seed
+            )
+        })
+        .collect();
+    let due = a.due_at.as_deref().map(|d| format!(" · raises an incident at {}", esc(d))).unwrap_or_default();
+    format!(
+        r#"<article class="approval" aria-labelledby="a-{id}">
+<h2 id="a-{id}">{prompt}</h2>
+<p class="meta">Order <code>{order}</code> · step {step} · opened {created}{due}</p>
+<form class="approve" method="post" action="/approvals/{id}">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="decision" value="approve">
+<fieldset><legend>Choose one to render final and print</legend><div class="options">{options}</div></fieldset>
+<button type="submit">Approve (a)</button></form>
+<form class="reject" method="post" action="/approvals/{id}">
+<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="decision" value="reject">
+<label for="r-{id}">Why reject them all</label><textarea id="r-{id}" name="reason" rows="2" required></textarea>
+<button type="submit">Reject (r)</button></form>
+</article>"#,
+        prompt = esc(&a.prompt),
+        order = esc(&a.order),
+        step = esc(&a.step),
+        created = esc(&a.created_at),
+        csrf = esc(csrf),
+    )
+}
+
+async fn decide(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let fields = match checked_form(&session, &who, &body) {
+        Ok(f) => f,
+        Err(refused) => return *refused,
+    };
+    if who.role != Role::Operator {
+        let msg = r#"<p role="alert">Approvals are the operator's to decide.</p>"#;
+        return page(StatusCode::FORBIDDEN, "Approvals", Some((&who, &session)), msg);
+    }
+    let decision = api::Decision {
+        decision: field(&fields, "decision").unwrap_or("").to_owned(),
+        option: field(&fields, "option").and_then(|o| o.parse().ok()),
+        reason: field(&fields, "reason").map(str::to_owned).filter(|r| !r.trim().is_empty()),
+    };
+    let what = match (&decision.decision[..], decision.option) {
+        ("approve", Some(n)) => format!("approved option {n}"),
+        _ => "rejected".to_owned(),
+    };
+    match crate::orders::decide(&s, &who, &id, decision).await {
+        Ok(order) => {
+            let done = format!("Order {} {what}.", order.id);
+            let q: String =
+                done.bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() || b == b'.' {
+                            (b as char).to_string()
+                        } else {
+                            format!("%{b:02X}")
+                        }
+                    })
+                    .collect();
+            see_other(&format!("/approvals?done={q}"))
+        }
+        Err(e) => {
+            let e = super::ApiError::from(e);
+            let status = e.status();
+            let message = match e {
+                super::ApiError::Rejected { message, .. } | super::ApiError::Unexpected { message, .. } => message,
+            };
+            let msg = format!(
+                r#"<p role="alert">{}</p><p><a href="/approvals">Back to the approvals</a></p>"#,
+                esc(&message)
+            );
+            page(status, "Approvals", Some((&who, &session)), &msg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_bodies_decode_and_html_is_escaped() {
+        let f = form_fields(b"token=kiln_ab%2Bc&reason=too+dark%21&empty=&bad=%zz&cut=%4");
+        assert_eq!(field(&f, "token"), Some("kiln_ab+c"));
+        assert_eq!(field(&f, "reason"), Some("too dark!"));
+        assert_eq!(field(&f, "empty"), Some(""));
+        assert_eq!(field(&f, "bad"), Some("%zz"));
+        assert_eq!(field(&f, "cut"), Some("%4"));
+        assert_eq!(esc(r#"<a href="x">'&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+    }
+}
