@@ -94,6 +94,11 @@ impl Browser {
         self.cmd(Method::POST, "/actions", Some(body)).await;
     }
 
+    /// Runs `script` in the page; its value.
+    async fn run(&self, script: &str) -> Value {
+        self.cmd(Method::POST, "/execute/sync", Some(json!({ "script": script, "args": [] }))).await
+    }
+
     async fn source(&self) -> String {
         self.cmd(Method::GET, "/source", None).await.as_str().unwrap_or_default().to_owned()
     }
@@ -228,9 +233,22 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     shots(&b, "approvals").await;
     b.press("\u{E014}a").await;
     b.wait_for("approved option 2").await;
+
+    // Its order page follows it to the gallery without a reload: a mark set on the page now is
+    // still there when the page shows the order succeeded.
+    b.click(&format!("a[href='/orders/{order}']")).await;
+    b.wait_for(r#"data-step="display""#).await;
+    b.run("document.documentElement.dataset.mark = 'kept';").await;
+    let src = b.wait_for(r#"<span class="state state-succeeded">succeeded</span></p>"#).await;
+    assert!(src.contains(r#"data-mark="kept""#), "the page was reloaded, not updated");
+    assert!(src.contains("photo") && src.contains("shown"), "the outputs: the print's photo, the shown asset");
+    shots(&b, "order").await;
     let o = wait_order(&c, &order, "succeeded").await;
     assert_eq!(o["approval"]["option"], 2, "{o:#}");
     assert_eq!(o["approval"]["decided_by"], "operator", "{o:#}");
+    b.goto("/orders").await;
+    b.wait_for(&order).await;
+    shots(&b, "orders").await;
     b.goto("/approvals").await;
     b.wait_for("Nothing waits for a decision").await;
 
@@ -264,6 +282,13 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     let r = anon.send_with(Method::POST, &path, Some(decision.into()), &with).await.unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
+    // An order is cancelled from its page.
+    let doomed = order_awaiting(&c, &[7]).await;
+    b.goto(&format!("/orders/{doomed}")).await;
+    b.click("form.cancel button").await;
+    b.wait_for(r#"<span class="state state-cancelled">cancelled</span></p>"#).await;
+    assert_eq!(wait_order(&c, &doomed, "cancelled").await["state"], "cancelled");
+
     // Sign-out ends the session: its cookie opens nothing afterwards.
     b.goto("/").await;
     b.click("form.signout button").await;
@@ -284,4 +309,6 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     assert!(!src.contains("Needs you") && !src.contains(r#"href="/approvals""#), "nor the farm's figures");
     b.goto("/approvals").await;
     b.wait_for("the operator's to decide").await;
+    b.goto(&format!("/orders/{order}")).await;
+    b.wait_for(&format!("No order {order}")).await;
 }

@@ -27,3 +27,54 @@ document.addEventListener("keydown", (e) => {
   }
   e.preventDefault();
 });
+
+// Live views: a page whose <main> has data-live follows the orders' changes over Server-Sent
+// Events (/console/events) and fetches itself again when one it shows changes (an order page,
+// its own order; the orders list, any), swapping in the new <main>: no polling, no reload.
+(() => {
+  const main = document.querySelector("main[data-live]");
+  if (!main || !window.EventSource) {
+    return;
+  }
+  let busy = false;
+  let again = false;
+  const refresh = async () => {
+    if (busy) {
+      again = true;
+      return;
+    }
+    busy = true;
+    try {
+      const r = await fetch(location.href, { credentials: "same-origin", cache: "no-store" });
+      if (r.ok) {
+        const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+        const fresh = doc.querySelector("main");
+        if (fresh) {
+          main.innerHTML = fresh.innerHTML;
+        }
+      }
+    } finally {
+      busy = false;
+      if (again) {
+        again = false;
+        refresh();
+      }
+    }
+  };
+  const events = new EventSource("/console/events");
+  events.addEventListener("order", (e) => {
+    const change = JSON.parse(e.data || "{}");
+    if (!main.dataset.order || !change.id || change.id === main.dataset.order) {
+      refresh();
+    }
+  });
+  // After a dropped connection EventSource reconnects; what changed meanwhile is fetched then
+  // (not at the first open: the page was just served).
+  let opened = false;
+  events.addEventListener("open", () => {
+    if (opened) {
+      refresh();
+    }
+    opened = true;
+  });
+})();

@@ -364,7 +364,7 @@ pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Resu
         updated_ms: now,
     };
     let placed = NewOrderEvent { step: None, state: "running".into(), detail: format!("placed by {}", who.name) };
-    sched.store.save_order(row, 0, vec![placed]).await?;
+    store_order(sched, row, 0, vec![placed]).await?;
     tracing::info!(order = id, by = who.name, "order placed");
     sched.order_waits.wake(&id);
     Ok(id)
@@ -602,7 +602,7 @@ pub async fn decide(
         updated_ms: now,
         ..row.clone()
     };
-    if !sched.store.save_order(next, row.version, vec![event]).await? {
+    if !store_order(sched, next, row.version, vec![event]).await? {
         return Err(OrderError::Conflict(format!("order {order_id} changed meanwhile; try again")));
     }
     tracing::info!(order = order_id, by = who.name, option, "approval decided");
@@ -688,7 +688,23 @@ async fn save(sched: &Scheduler, row: &OrderRow, c: Change<'_>) -> Result<bool, 
         updated_ms: c.now,
         ..row.clone()
     };
-    sched.store.save_order(next, row.version, c.events).await
+    store_order(sched, next, row.version, c.events).await
+}
+
+/// Writes `next` over version `version` with its events, and announces it once written.
+async fn store_order(
+    sched: &Scheduler,
+    next: OrderRow,
+    version: i64,
+    events: Vec<NewOrderEvent>,
+) -> Result<bool, StoreError> {
+    let change =
+        crate::scheduler::OrderChange { id: next.id.clone(), client: next.client.clone(), state: next.state.clone() };
+    let saved = sched.store.save_order(next, version, events).await?;
+    if saved {
+        sched.order_changed(change);
+    }
+    Ok(saved)
 }
 
 /// Runs the conductor until `stop`: every live order is looked at once at start (it resumes

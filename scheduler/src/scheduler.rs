@@ -224,6 +224,19 @@ pub struct Scheduler {
     tiers: kiln_protocol::TierLimits,
     /// The console's signed-in browsers.
     pub sessions: crate::auth::Sessions,
+    /// Each change of an order, once durable (the console's live views follow it).
+    order_changes: broadcast::Sender<Arc<OrderChange>>,
+}
+
+/// An order that changed: written, then announced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrderChange {
+    /// The order.
+    pub id: String,
+    /// The token that placed it (who may see it).
+    pub client: String,
+    /// Its state now.
+    pub state: String,
 }
 
 impl Scheduler {
@@ -258,6 +271,7 @@ impl Scheduler {
             rng: Mutex::new(Rng::new(seed)),
             tiers,
             sessions: Default::default(),
+            order_changes: broadcast::channel(1024).0,
         };
         s.reload_tokens().await?;
         // Estimates start from the latest renders, oldest noted first.
@@ -327,6 +341,18 @@ impl Scheduler {
     }
 
     /// Where render progress goes (not stored).
+    /// The orders' changes from now on.
+    pub fn subscribe_orders(&self) -> broadcast::Receiver<Arc<OrderChange>> {
+        self.order_changes.subscribe()
+    }
+
+    /// Announces a change of an order, once it is durable.
+    pub(crate) fn order_changed(&self, change: OrderChange) {
+        if self.order_changes.receiver_count() > 0 {
+            let _ = self.order_changes.send(Arc::new(change));
+        }
+    }
+
     pub(crate) fn live_sender(&self) -> broadcast::Sender<Arc<Live>> {
         self.live.clone()
     }

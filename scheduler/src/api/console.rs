@@ -8,13 +8,16 @@
 //! session's CSRF token, and so must every API call the console's script makes
 //! ([`super::callers`]); sign-out ends the session. A client sees what the API lets it see.
 //!
-//! Views so far: the overview and the approvals (options side by side, keyboard: ←/→ choose,
-//! `a` approve, `r` reject).
+//! Views so far: the overview, the approvals (options side by side, keyboard: ←/→ choose, `a`
+//! approve, `r` reject) and the orders (each a timeline of its steps). The orders views follow
+//! the orders' changes live: `/console/events` is a Server-Sent Events stream of them, and the
+//! page's script fetches the view again when one it shows changes.
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kiln_protocol::{Tier, api, now_ms};
@@ -32,6 +35,10 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/logout", post(logout))
         .route("/approvals", get(approvals))
         .route("/approvals/{id}", post(decide))
+        .route("/orders", get(orders))
+        .route("/orders/{id}", get(order))
+        .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/console/events", get(events))
         .route("/console/console.css", get(|| async { asset("text/css", include_str!("../../console/console.css")) }))
         .route(
             "/console/console.js",
@@ -98,12 +105,24 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// A page: the header with the views and sign-out (when signed in), then `body`.
 fn page(status: StatusCode, title: &str, signed_in: Option<(&Caller, &Session)>, body: &str) -> Response {
+    page_live(status, title, signed_in, body, "")
+}
+
+/// [`page`], its `main` carrying `live` (attributes that tell the script what to follow).
+fn page_live(
+    status: StatusCode,
+    title: &str,
+    signed_in: Option<(&Caller, &Session)>,
+    body: &str,
+    live: &str,
+) -> Response {
     let nav = match signed_in {
         Some((who, session)) => {
             let mut links = vec![("/", "Overview")];
             if who.role == Role::Operator {
                 links.push(("/approvals", "Approvals"));
             }
+            links.push(("/orders", "Orders"));
             let links: String = links
                 .iter()
                 .map(|(href, name)| {
@@ -131,7 +150,7 @@ fn page(status: StatusCode, title: &str, signed_in: Option<(&Caller, &Session)>,
 <script src="/console/console.js" defer></script>
 </head><body>
 <header><span class="brand">Kiln</span>{nav}</header>
-<main id="main"><h1>{title}</h1>
+<main id="main"{live}><h1>{title}</h1>
 {body}
 </main></body></html>
 "#,
@@ -367,6 +386,7 @@ async fn client_overview(s: &Scheduler, who: &Caller) -> String {
 #[derive(serde::Deserialize)]
 struct ApprovalsParams {
     done: Option<String>,
+    order: Option<String>,
 }
 
 async fn approvals(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<ApprovalsParams>) -> Response {
@@ -387,7 +407,9 @@ async fn approvals(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
     };
     let mut body = String::new();
     if let Some(done) = q.done {
-        body.push_str(&format!(r#"<p class="done" role="status">{}</p>"#, esc(&done)));
+        let follow =
+            q.order.map(|o| format!(r#" <a href="/orders/{0}">Follow order {0}</a>"#, esc(&o))).unwrap_or_default();
+        body.push_str(&format!(r#"<p class="done" role="status">{}{follow}</p>"#, esc(&done)));
     }
     if pending.is_empty() {
         body.push_str("<p>Nothing waits for a decision.</p>");
@@ -477,14 +499,10 @@ async fn decide(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
                         }
                     })
                     .collect();
-            see_other(&format!("/approvals?done={q}"))
+            see_other(&format!("/approvals?done={q}&order={}", order.id))
         }
         Err(e) => {
-            let e = super::ApiError::from(e);
-            let status = e.status();
-            let message = match e {
-                super::ApiError::Rejected { message, .. } | super::ApiError::Unexpected { message, .. } => message,
-            };
+            let (status, message) = api_error(e.into());
             let msg = format!(
                 r#"<p role="alert">{}</p><p><a href="/approvals">Back to the approvals</a></p>"#,
                 esc(&message)
@@ -492,6 +510,202 @@ async fn decide(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
             page(status, "Approvals", Some((&who, &session)), &msg)
         }
     }
+}
+
+/// A state as a badge.
+fn badge(state: &str) -> String {
+    format!(r#"<span class="state state-{0}">{0}</span>"#, esc(state))
+}
+
+async fn orders(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let client = (who.role != Role::Operator).then(|| who.name.clone());
+    let q = crate::store::orders::OrderQuery { state: None, client, limit: 50, before: None };
+    let rows = match s.store.orders(q).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let msg = format!(r#"<p role="alert">The orders could not be read: {}</p>"#, esc(&e.to_string()));
+            return page(StatusCode::INTERNAL_SERVER_ERROR, "Orders", Some((&who, &session)), &msg);
+        }
+    };
+    let mut body = String::new();
+    if rows.is_empty() {
+        body.push_str("<p>No orders yet.</p>");
+    } else {
+        body.push_str(
+            r#"<div class="scroll"><table><caption>The latest 50, newest first; they change here as they go</caption>
+<thead><tr><th scope="col">Order</th><th scope="col">State</th><th scope="col">Plan</th><th scope="col">Prompt</th><th scope="col">Placed</th></tr></thead><tbody>"#,
+        );
+        for row in &rows {
+            let Ok(o) = crate::orders::order_view(row) else { continue };
+            body.push_str(&format!(
+                r#"<tr><td><a href="/orders/{id}"><code>{id}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+                badge(&o.state),
+                esc(&o.plan),
+                esc(&o.prompt),
+                esc(&o.created_at),
+                id = esc(&o.id),
+            ));
+        }
+        body.push_str("</tbody></table></div>");
+    }
+    page_live(StatusCode::OK, "Orders", Some((&who, &session)), &body, r#" data-live="orders""#)
+}
+
+async fn order(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let o = match crate::orders::view(&s, &who, &id, false).await {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            let msg = format!(r#"<p role="alert">No order {}.</p>"#, esc(&id));
+            return page(StatusCode::NOT_FOUND, "Order", Some((&who, &session)), &msg);
+        }
+        Err(e) => {
+            let msg = format!(r#"<p role="alert">The order could not be read: {}</p>"#, esc(&e.to_string()));
+            return page(StatusCode::INTERNAL_SERVER_ERROR, "Order", Some((&who, &session)), &msg);
+        }
+    };
+    let live = format!(r#" data-live="order" data-order="{}""#, esc(&o.id));
+    page_live(StatusCode::OK, "Order", Some((&who, &session)), &order_body(&o, &session.csrf), &live)
+}
+
+fn thumb(asset: &str, alt: &str) -> String {
+    format!(
+        r#"<a href="/v1/assets/{a}"><img src="/v1/assets/{a}?variant=thumb" alt="{alt}" loading="lazy" width="128" height="128"></a>"#,
+        a = esc(asset),
+        alt = esc(alt)
+    )
+}
+
+fn order_body(o: &api::Order, csrf: &str) -> String {
+    let mut out = format!(
+        r#"<p class="order-state" id="order-state">{state}</p>
+<dl class="facts"><dt>Order</dt><dd><code>{id}</code></dd><dt>Prompt</dt><dd>{prompt}</dd><dt>Plan</dt><dd>{plan}</dd>
+<dt>Seeds</dt><dd>{seeds}{chosen}</dd><dt>Placed</dt><dd>{created}</dd><dt>Changed</dt><dd>{updated}</dd>{estimate}</dl>"#,
+        state = badge(&o.state),
+        id = esc(&o.id),
+        prompt = esc(&o.prompt),
+        plan = esc(&o.plan),
+        seeds = o.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+        chosen = o.chosen_seed.map(|s| format!(" (chosen: {s})")).unwrap_or_default(),
+        created = esc(&o.created_at),
+        updated = esc(&o.updated_at),
+        estimate = o
+            .estimated_cost_ms
+            .map(|ms| format!("<dt>Estimated cost</dt><dd>{:.1} device-seconds</dd>", ms as f64 / 1000.0))
+            .unwrap_or_default(),
+    );
+    if let Some(e) = &o.error {
+        out.push_str(&format!(r#"<p role="alert">{}</p>"#, esc(e)));
+    }
+    out.push_str(r#"<h2>Steps</h2><ol class="timeline">"#);
+    for step in &o.steps {
+        let mut meta = vec![format!("{} step", esc(&step.kind))];
+        if step.attempt > 0 {
+            meta.push(format!("attempt {}", step.attempt));
+        }
+        if let Some(t) = &step.started_at {
+            meta.push(format!("started {}", esc(t)));
+        }
+        if let Some(t) = &step.ended_at {
+            meta.push(format!("ended {}", esc(t)));
+        }
+        if let Some(d) = &step.device {
+            meta.push(format!("on {}", esc(d)));
+        }
+        let detail = step.detail.as_deref().map(|d| format!(r#"<p class="detail">{}</p>"#, esc(d))).unwrap_or_default();
+        let assets: String = step.assets.iter().take(8).map(|a| thumb(a, &format!("{}: {a}", step.name))).collect();
+        out.push_str(&format!(
+            r#"<li class="step" data-step="{name}"><div><strong>{name}</strong> {state}</div><p class="meta">{meta}</p>{detail}<div class="assets">{assets}</div></li>"#,
+            name = esc(&step.name),
+            state = badge(&step.state),
+            meta = meta.join(" · "),
+        ));
+    }
+    out.push_str("</ol>");
+    if !o.outputs.is_empty() {
+        out.push_str(r#"<h2>Outputs</h2><div class="assets">"#);
+        for (name, asset) in &o.outputs {
+            out.push_str(&format!(r#"<figure>{}<figcaption>{}</figcaption></figure>"#, thumb(asset, name), esc(name)));
+        }
+        out.push_str("</div>");
+    }
+    if o.state == "running" || o.state == "awaiting_approval" {
+        out.push_str(&format!(
+            r#"<form class="cancel" method="post" action="/orders/{id}/cancel"><input type="hidden" name="csrf" value="{csrf}">
+<button type="submit">Cancel this order</button> <span class="hint">the steps after the current one are skipped</span></form>"#,
+            id = esc(&o.id),
+            csrf = esc(csrf)
+        ));
+    }
+    out
+}
+
+async fn cancel_order(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if let Err(refused) = checked_form(&session, &who, &body) {
+        return *refused;
+    }
+    match crate::orders::cancel(&s, &who, &id).await {
+        Ok(o) => see_other(&format!("/orders/{}", o.id)),
+        Err(e) => {
+            let (status, message) = api_error(e.into());
+            let msg = format!(r#"<p role="alert">{}</p>"#, esc(&message));
+            page(status, "Order", Some((&who, &session)), &msg)
+        }
+    }
+}
+
+/// An API error's status and message, for a page.
+fn api_error(e: super::ApiError) -> (StatusCode, String) {
+    let status = e.status();
+    match e {
+        super::ApiError::Rejected { message, .. } | super::ApiError::Unexpected { message, .. } => (status, message),
+    }
+}
+
+/// `/console/events`: each change of an order the session may see, as a Server-Sent Event
+/// `order` (`{"id","client","state"}`), for the views to follow.
+async fn events(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let (who, _) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let held = match s.event_streams.open(&who.name, s.cfg.limits.max_event_streams_per_token) {
+        Ok(h) => h,
+        Err(n) => {
+            let msg = format!("the token {:?} has {n} event streams open already", who.name);
+            return (StatusCode::TOO_MANY_REQUESTS, msg).into_response();
+        }
+    };
+    let rx = s.subscribe_orders();
+    let stream = futures_util::stream::unfold((rx, held, who), |(mut rx, held, who)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(change) if who.may_see(&change.client) => {
+                    let event = SseEvent::default().event("order").json_data(&*change).unwrap_or_default();
+                    return Some((Ok::<_, std::convert::Infallible>(event), (rx, held, who)));
+                }
+                Ok(_) => continue,
+                // Fell behind: say so, and the views fetch themselves again.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let event = SseEvent::default().event("order").data("{}");
+                    return Some((Ok(event), (rx, held, who)));
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 #[cfg(test)]
