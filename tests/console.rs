@@ -224,6 +224,16 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
     shots(&b, "overview").await;
 
+    // A photo of the printer's empty tray fails: an incident for the operator, resolved below.
+    let capture = json!({ "kind": "capture" });
+    let task = c.call(Method::POST, "/v1/devices/camera/tasks", Some(&capture)).await.unwrap();
+    let task = task["id"].as_str().unwrap().to_owned();
+    let until = Instant::now() + Duration::from_secs(30);
+    while c.call(Method::GET, &format!("/v1/tasks/{task}"), None).await.unwrap()["state"] != "failed" {
+        assert!(Instant::now() < until, "the photo of an empty tray did not fail");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // An order of three seeds waits for its approval; the operator chooses option 2 by keyboard.
     let order = order_awaiting(&c, &[3, 4, 5]).await;
     b.goto("/approvals").await;
@@ -288,6 +298,26 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     b.click("form.cancel button").await;
     b.wait_for(r#"<span class="state state-cancelled">cancelled</span></p>"#).await;
     assert_eq!(wait_order(&c, &doomed, "cancelled").await["state"], "cancelled");
+
+    // The failed photo's incident is resolved from the incidents view, with a note.
+    let until = Instant::now() + Duration::from_secs(30);
+    let incident = loop {
+        let v = c.call(Method::GET, "/v1/incidents?state=open", None).await.unwrap();
+        let found = v["incidents"].as_array().unwrap().iter().find(|i| i["subject"] == task.as_str()).cloned();
+        if let Some(i) = found {
+            break i["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < until, "no incident for the failed photo {task}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    b.goto("/incidents").await;
+    b.wait_for(&task).await;
+    shots(&b, "incidents").await;
+    b.type_into(&format!("#n-{incident}"), "the tray was empty").await;
+    b.click(&format!("#i-{incident} form.resolve button")).await;
+    b.wait_for(&format!("Incident {incident} resolved")).await;
+    let i = c.call(Method::GET, &format!("/v1/incidents/{incident}"), None).await.unwrap();
+    assert_eq!((i["state"].as_str(), i["note"].as_str()), (Some("resolved"), Some("the tray was empty")), "{i:#}");
 
     // Sign-out ends the session: its cookie opens nothing afterwards.
     b.goto("/").await;

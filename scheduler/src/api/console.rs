@@ -35,6 +35,8 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/logout", post(logout))
         .route("/approvals", get(approvals))
         .route("/approvals/{id}", post(decide))
+        .route("/incidents", get(incidents))
+        .route("/incidents/{id}", post(act_on_incident))
         .route("/orders", get(orders))
         .route("/orders/{id}", get(order))
         .route("/orders/{id}/cancel", post(cancel_order))
@@ -123,6 +125,9 @@ fn page_live(
                 links.push(("/approvals", "Approvals"));
             }
             links.push(("/orders", "Orders"));
+            if who.role == Role::Operator {
+                links.push(("/incidents", "Incidents"));
+            }
             let links: String = links
                 .iter()
                 .map(|(href, name)| {
@@ -343,7 +348,7 @@ async fn operator_overview(s: &Scheduler) -> String {
 <div class="tiles">{}</div></section>
 <section aria-labelledby="farm"><h2 id="farm">Farm</h2><div class="tiles">{}{}</div></section>"#,
         tile("approvals pending", approvals, Some("/approvals")),
-        tile("incidents open", incidents, None),
+        tile("incidents open", incidents, Some("/incidents")),
         tile("renders in flight", m.in_flight.get().to_string(), None),
         tile("workers", if workers_line.is_empty() { "none".into() } else { workers_line.join(", ") }, None),
         tile("devices", if devices_line.is_empty() { "none".into() } else { devices_line.join(", ") }, None),
@@ -488,18 +493,8 @@ async fn decide(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
     };
     match crate::orders::decide(&s, &who, &id, decision).await {
         Ok(order) => {
-            let done = format!("Order {} {what}.", order.id);
-            let q: String =
-                done.bytes()
-                    .map(|b| {
-                        if b.is_ascii_alphanumeric() || b == b'.' {
-                            (b as char).to_string()
-                        } else {
-                            format!("%{b:02X}")
-                        }
-                    })
-                    .collect();
-            see_other(&format!("/approvals?done={q}&order={}", order.id))
+            let done = query_value(&format!("Order {} {what}.", order.id));
+            see_other(&format!("/approvals?done={done}&order={}", order.id))
         }
         Err(e) => {
             let (status, message) = api_error(e.into());
@@ -661,6 +656,115 @@ async fn cancel_order(State(s): State<AppState>, headers: HeaderMap, Path(id): P
             let (status, message) = api_error(e.into());
             let msg = format!(r#"<p role="alert">{}</p>"#, esc(&message));
             page(status, "Order", Some((&who, &session)), &msg)
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct DoneParams {
+    done: Option<String>,
+}
+
+/// `text` as a query parameter's value.
+fn query_value(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'.' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+async fn incidents(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<DoneParams>) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    if who.role != Role::Operator {
+        let msg = r#"<p role="alert">Incidents are the operator's.</p>"#;
+        return page(StatusCode::FORBIDDEN, "Incidents", Some((&who, &session)), msg);
+    }
+    let list = match s.store.incidents(None, 100).await {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!(r#"<p role="alert">The incidents could not be read: {}</p>"#, esc(&e.to_string()));
+            return page(StatusCode::INTERNAL_SERVER_ERROR, "Incidents", Some((&who, &session)), &msg);
+        }
+    };
+    let mut body = String::new();
+    if let Some(done) = q.done {
+        body.push_str(&format!(r#"<p class="done" role="status">{}</p>"#, esc(&done)));
+    }
+    if list.is_empty() {
+        body.push_str("<p>Nothing needs you.</p>");
+    }
+    let csrf = esc(&session.csrf);
+    for i in list.into_iter().map(super::orders::incident_view) {
+        let id = esc(&i.id);
+        let subject = match i.subject.starts_with('o') {
+            true => format!(r#"<a href="/orders/{0}"><code>{0}</code></a>"#, esc(&i.subject)),
+            false => format!("<code>{}</code>", esc(&i.subject)),
+        };
+        let mut actions = String::new();
+        if i.actions.iter().any(|a| a == "retry") {
+            actions.push_str(&format!(
+                r#"<form class="retry" method="post" action="/incidents/{id}"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="retry"><button type="submit">Retry the step</button></form>"#
+            ));
+        }
+        if i.actions.iter().any(|a| a == "resolve") {
+            actions.push_str(&format!(
+                r#"<form class="resolve" method="post" action="/incidents/{id}"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="resolve">
+<label for="n-{id}">Note</label><textarea id="n-{id}" name="note" rows="2"></textarea><button type="submit">Resolve</button></form>"#
+            ));
+        }
+        let resolved = match &i.resolved_by {
+            Some(by) => format!(
+                r#"<p class="meta">resolved by {}{}</p>"#,
+                esc(by),
+                i.note.as_deref().map(|n| format!(": {}", esc(n))).unwrap_or_default()
+            ),
+            None => String::new(),
+        };
+        body.push_str(&format!(
+            r#"<article class="incident" id="i-{id}" aria-labelledby="h-{id}"><h2 id="h-{id}">{kind} {state}</h2>
+<p>{summary}</p><p class="meta">about {subject} · raised {created}</p>{resolved}{actions}</article>"#,
+            kind = esc(&i.kind),
+            state = badge(&i.state),
+            summary = esc(&i.summary),
+            created = esc(&i.created_at),
+        ));
+    }
+    page(StatusCode::OK, "Incidents", Some((&who, &session)), &body)
+}
+
+async fn act_on_incident(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let (who, session) = match signed_in(&s, &headers) {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let fields = match checked_form(&session, &who, &body) {
+        Ok(f) => f,
+        Err(refused) => return *refused,
+    };
+    if who.role != Role::Operator {
+        let msg = r#"<p role="alert">Incidents are the operator's.</p>"#;
+        return page(StatusCode::FORBIDDEN, "Incidents", Some((&who, &session)), msg);
+    }
+    let action = api::IncidentAction {
+        action: field(&fields, "action").unwrap_or("").to_owned(),
+        note: field(&fields, "note").map(str::to_owned),
+    };
+    match super::orders::act(&s, &who, &id, action).await {
+        Ok(i) => see_other(&format!("/incidents?done={}", query_value(&format!("Incident {} resolved.", i.id)))),
+        Err(e) => {
+            let (status, message) = api_error(e);
+            let msg = format!(
+                r#"<p role="alert">{}</p><p><a href="/incidents">Back to the incidents</a></p>"#,
+                esc(&message)
+            );
+            page(status, "Incidents", Some((&who, &session)), &msg)
         }
     }
 }

@@ -234,7 +234,7 @@ fn retriable(i: &crate::store::orders::Incident) -> bool {
     i.state == "open" && ["order_step", "device_not_ready"].contains(&i.kind.as_str())
 }
 
-fn incident_view(i: crate::store::orders::Incident) -> api::Incident {
+pub(super) fn incident_view(i: crate::store::orders::Incident) -> api::Incident {
     let mut actions = Vec::new();
     if retriable(&i) {
         actions.push("retry".to_owned());
@@ -316,7 +316,17 @@ pub(super) async fn act_on_incident(
 ) -> Result<Json<api::Incident>, ApiError> {
     let body = body_bytes(&s, body)?;
     let a: api::IncidentAction = ApiError::parse_json(&body)?;
-    let i = s.store.incident(&id).await?.ok_or_else(|| ApiError::not_found(format!("id: no incident {id:?}")))?;
+    Ok(Json(act(&s, &who, &id, a).await?))
+}
+
+/// Carries out an operator's action on incident `id` (the API's and the console's).
+pub(super) async fn act(
+    s: &AppState,
+    who: &crate::auth::Caller,
+    id: &str,
+    a: api::IncidentAction,
+) -> Result<api::Incident, ApiError> {
+    let i = s.store.incident(id).await?.ok_or_else(|| ApiError::not_found(format!("id: no incident {id:?}")))?;
     if i.state != "open" {
         return Err(ApiError::conflict(format!("incident {id} was resolved by {}", i.resolved_by.unwrap_or_default())));
     }
@@ -324,7 +334,7 @@ pub(super) async fn act_on_incident(
     match a.action.as_str() {
         "resolve" => {}
         "retry" if retriable(&i) => {
-            orders::retry(&s, &i.subject, &who.name).await?;
+            orders::retry(s, &i.subject, &who.name).await?;
         }
         "retry" => {
             return Err(ApiError::invalid("action", format!("a {} incident cannot be retried; resolve it", i.kind)));
@@ -332,9 +342,9 @@ pub(super) async fn act_on_incident(
         other => return Err(ApiError::invalid("action", format!("{other:?} is not retry or resolve"))),
     }
     let note = note.or_else(|| (a.action == "retry").then(|| "retried".to_owned()));
-    let done = s.store.resolve_incident(&id, &who.name, note, kiln_protocol::now_ms()).await?;
+    let done = s.store.resolve_incident(id, &who.name, note, kiln_protocol::now_ms()).await?;
     let done = done.ok_or_else(|| ApiError::conflict(format!("incident {id} was resolved meanwhile")))?;
-    Ok(Json(incident_view(done)))
+    Ok(incident_view(done))
 }
 
 /// `GET /v1/usage`' query.
