@@ -193,14 +193,28 @@ fn signed_in(s: &Scheduler, headers: &HeaderMap) -> Result<(Caller, Session), Bo
     Ok((who, session))
 }
 
-/// A form post's fields, once its CSRF token is the session's; else the refusal.
-fn checked_form(session: &Session, who: &Caller, body: &[u8]) -> Result<Vec<(String, String)>, Box<Response>> {
+/// A form's fields, in order.
+type Fields = Vec<(String, String)>;
+
+/// A form post from a signed-in session: the caller, the session and the form's fields, once its
+/// CSRF token is the session's; else the refusal (or the way to the sign-in page).
+fn posted(s: &Scheduler, headers: &HeaderMap, body: &[u8]) -> Result<(Caller, Session, Fields), Box<Response>> {
+    let (who, session) = signed_in(s, headers)?;
     let fields = form_fields(body);
     if field(&fields, "csrf") != Some(session.csrf.as_str()) {
         let msg = r#"<p role="alert">This form did not carry the page's CSRF token, so nothing was done. Go back, reload the page and try again.</p>"#;
-        return Err(Box::new(page(StatusCode::FORBIDDEN, "Refused", Some((who, session)), msg)));
+        return Err(Box::new(page(StatusCode::FORBIDDEN, "Refused", Some((&who, &session)), msg)));
     }
-    Ok(fields)
+    Ok((who, session, fields))
+}
+
+/// Nothing, for an operator; else the page `title` saying `why` (403).
+fn operator_only(who: &Caller, session: &Session, title: &str, why: &str) -> Result<(), Box<Response>> {
+    if who.role == Role::Operator {
+        return Ok(());
+    }
+    let msg = format!(r#"<p role="alert">{}</p>"#, esc(why));
+    Err(Box::new(page(StatusCode::FORBIDDEN, title, Some((who, session)), &msg)))
 }
 
 fn login_form(message: &str) -> String {
@@ -256,12 +270,8 @@ async fn login(State(s): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn logout(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (who, session) = match signed_in(&s, &headers) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    if let Err(refused) = checked_form(&session, &who, &body) {
-        return *refused;
+    if let Err(r) = posted(&s, &headers, &body) {
+        return *r;
     }
     if let Some(id) = session_id(&headers) {
         s.sessions.close(&id);
@@ -399,9 +409,8 @@ async fn approvals(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if who.role != Role::Operator {
-        let msg = r#"<p role="alert">Approvals are the operator's to decide.</p>"#;
-        return page(StatusCode::FORBIDDEN, "Approvals", Some((&who, &session)), msg);
+    if let Err(r) = operator_only(&who, &session, "Approvals", "Approvals are the operator's to decide.") {
+        return *r;
     }
     let pending = match crate::orders::pending_approvals(&s, &who).await {
         Ok(p) => p,
@@ -470,17 +479,12 @@ fn approval_card(a: &api::Approval, csrf: &str) -> String {
 }
 
 async fn decide(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    let (who, session) = match signed_in(&s, &headers) {
+    let (who, session, fields) = match posted(&s, &headers, &body) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let fields = match checked_form(&session, &who, &body) {
-        Ok(f) => f,
-        Err(refused) => return *refused,
-    };
-    if who.role != Role::Operator {
-        let msg = r#"<p role="alert">Approvals are the operator's to decide.</p>"#;
-        return page(StatusCode::FORBIDDEN, "Approvals", Some((&who, &session)), msg);
+    if let Err(r) = operator_only(&who, &session, "Approvals", "Approvals are the operator's to decide.") {
+        return *r;
     }
     let decision = api::Decision {
         decision: field(&fields, "decision").unwrap_or("").to_owned(),
@@ -643,13 +647,10 @@ fn order_body(o: &api::Order, csrf: &str) -> String {
 }
 
 async fn cancel_order(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    let (who, session) = match signed_in(&s, &headers) {
+    let (who, session, _) = match posted(&s, &headers, &body) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if let Err(refused) = checked_form(&session, &who, &body) {
-        return *refused;
-    }
     match crate::orders::cancel(&s, &who, &id).await {
         Ok(o) => see_other(&format!("/orders/{}", o.id)),
         Err(e) => {
@@ -677,9 +678,8 @@ async fn incidents(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if who.role != Role::Operator {
-        let msg = r#"<p role="alert">Incidents are the operator's.</p>"#;
-        return page(StatusCode::FORBIDDEN, "Incidents", Some((&who, &session)), msg);
+    if let Err(r) = operator_only(&who, &session, "Incidents", "Incidents are the operator's.") {
+        return *r;
     }
     let list = match s.store.incidents(None, 100).await {
         Ok(l) => l,
@@ -740,17 +740,12 @@ async fn act_on_incident(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (who, session) = match signed_in(&s, &headers) {
+    let (who, session, fields) = match posted(&s, &headers, &body) {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let fields = match checked_form(&session, &who, &body) {
-        Ok(f) => f,
-        Err(refused) => return *refused,
-    };
-    if who.role != Role::Operator {
-        let msg = r#"<p role="alert">Incidents are the operator's.</p>"#;
-        return page(StatusCode::FORBIDDEN, "Incidents", Some((&who, &session)), msg);
+    if let Err(r) = operator_only(&who, &session, "Incidents", "Incidents are the operator's.") {
+        return *r;
     }
     let action = api::IncidentAction {
         action: field(&fields, "action").unwrap_or("").to_owned(),
