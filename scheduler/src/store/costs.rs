@@ -64,6 +64,50 @@ pub trait CostStore {
     fn cached(&self, keys: Vec<String>) -> super::BoxFut<'_, Result<Vec<String>, StoreError>>;
     /// The first `limit` jobs that have asset `hash`, oldest first: who asked for it.
     fn asset_jobs(&self, hash: &str, limit: u32) -> super::BoxFut<'_, Result<Vec<AssetJob>, StoreError>>;
+    /// The rendered assets, newest first, each with the first job that had it (of `q.client`'s,
+    /// when given), whose request holds each of `q.words` (a coarse match: the caller checks
+    /// the prompt itself).
+    fn gallery(&self, q: GalleryQuery) -> super::BoxFut<'_, Result<Vec<GalleryItem>, StoreError>>;
+}
+
+/// The most words a gallery search matches in SQL.
+pub const GALLERY_WORDS: usize = 4;
+
+/// What [`CostStore::gallery`] reads.
+#[derive(Debug, Clone, Default)]
+pub struct GalleryQuery {
+    /// Only the assets of this client's jobs.
+    pub client: Option<String>,
+    /// Words the request must hold, lower case; the first [`GALLERY_WORDS`] are matched.
+    pub words: Vec<String>,
+    /// After this asset, by (`created_ms`, hash): the previous page's last.
+    pub before: Option<(i64, String)>,
+    /// How many.
+    pub limit: u32,
+}
+
+/// An asset in the gallery ([`CostStore::gallery`]).
+#[derive(Debug, Clone)]
+pub struct GalleryItem {
+    /// Its hash.
+    pub asset: String,
+    /// When it was stored, unix ms.
+    pub created_ms: i64,
+    /// The first job that had it.
+    pub job: super::Job,
+}
+
+/// `word` as a `LIKE … ESCAPE '\'` pattern that finds it anywhere.
+pub fn like_anywhere(word: &str) -> String {
+    let mut p = String::from("%");
+    for c in word.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
 }
 
 /// A job that has an asset ([`CostStore::asset_jobs`]).
@@ -215,6 +259,45 @@ macro_rules! costs_impl {
                                 client: r.col("client")?,
                                 idempotency_key: r.col("idempotency_key")?,
                                 created_ms: r.col("created_ms")?,
+                            })
+                        })
+                        .collect()
+                })
+            }
+
+            fn gallery(
+                &self,
+                q: $crate::store::costs::GalleryQuery,
+            ) -> BoxFut<'_, Result<Vec<$crate::store::costs::GalleryItem>, StoreError>> {
+                Box::pin(async move {
+                    let word = |i: usize| q.words.get(i).map(|w| $crate::store::costs::like_anywhere(w));
+                    let rows = sqlx::query(
+                        "SELECT a.hash AS gallery_asset, a.created_ms AS gallery_ms, j.* FROM assets a \
+                         JOIN jobs j ON j.seq = (SELECT MIN(f.seq) FROM jobs f WHERE f.asset = a.hash \
+                           AND (CAST($1 AS TEXT) IS NULL OR f.client = $1)) \
+                         WHERE (CAST($2 AS TEXT) IS NULL OR LOWER(j.request) LIKE $2 ESCAPE '\\') \
+                         AND (CAST($3 AS TEXT) IS NULL OR LOWER(j.request) LIKE $3 ESCAPE '\\') \
+                         AND (CAST($4 AS TEXT) IS NULL OR LOWER(j.request) LIKE $4 ESCAPE '\\') \
+                         AND (CAST($5 AS TEXT) IS NULL OR LOWER(j.request) LIKE $5 ESCAPE '\\') \
+                         AND (CAST($6 AS BIGINT) IS NULL OR a.created_ms < $6 OR (a.created_ms = $6 AND a.hash < $7)) \
+                         ORDER BY a.created_ms DESC, a.hash DESC LIMIT $8",
+                    )
+                    .bind(q.client)
+                    .bind(word(0))
+                    .bind(word(1))
+                    .bind(word(2))
+                    .bind(word(3))
+                    .bind(q.before.as_ref().map(|b| b.0))
+                    .bind(q.before.map(|b| b.1).unwrap_or_default())
+                    .bind(i64::from(q.limit))
+                    .fetch_all(&self.read)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            Ok($crate::store::costs::GalleryItem {
+                                asset: r.col("gallery_asset")?,
+                                created_ms: r.col("gallery_ms")?,
+                                job: super::rows::job_from_row(r)?,
                             })
                         })
                         .collect()

@@ -71,7 +71,47 @@ both_stores!(
     retention_deletes_what_ended_long_ago_and_the_assets_nothing_names,
     an_order_changes_by_compare_and_set_and_an_incident_is_raised_once_per_cause,
     renders_are_charged_once_and_retention_spares_a_live_orders_renders,
+    the_gallery_lists_assets_newest_first_by_client_and_words,
 );
+
+async fn the_gallery_lists_assets_newest_first_by_client_and_words(s: &dyn Store) {
+    use super::costs::GalleryQuery;
+    for (i, (id, prompt)) in [("a", "Kiln at dusk"), ("b", "ember 100% glaze"), ("c", "kiln_glaze")].iter().enumerate()
+    {
+        let mut job = new_job(id, &format!("k{id}"), i as u64);
+        job.request.prompt = (*prompt).to_owned();
+        s.submit(job).await.unwrap();
+        let due = s.take_due(2000, 10).await.unwrap();
+        s.start(&due.jobs[0], 2001).await.unwrap();
+        let ok = Outcome::Succeeded { asset: format!("h{id}"), bytes: 1, provenance: None, png: None, cost: None };
+        s.finish(&due.jobs[0], ok, 3000 + i as i64).await.unwrap();
+    }
+    // A cache hit for another client makes the first asset theirs too.
+    let mut theirs = new_job("a2", "ka", 0);
+    theirs.client = "someone else".into();
+    assert_eq!(s.submit(theirs).await.unwrap().admission, Admission::Cached);
+    let gallery = |client: Option<&str>, words: &[&str], before: Option<(i64, &str)>, limit: u32| {
+        let q = GalleryQuery {
+            client: client.map(str::to_owned),
+            words: words.iter().map(|w| (*w).to_owned()).collect(),
+            before: before.map(|(ms, h)| (ms, h.to_owned())),
+            limit,
+        };
+        async move { s.gallery(q).await.unwrap().into_iter().map(|g| (g.asset, g.job.id)).collect::<Vec<_>>() }
+    };
+    let pairs = |v: &[(&str, &str)]| v.iter().map(|(a, j)| ((*a).to_owned(), (*j).to_owned())).collect::<Vec<_>>();
+    assert_eq!(gallery(None, &[], None, 10).await, pairs(&[("hc", "c"), ("hb", "b"), ("ha", "a")]));
+    assert_eq!(gallery(None, &["kiln"], None, 10).await, pairs(&[("hc", "c"), ("ha", "a")]), "any case");
+    assert_eq!(gallery(None, &["kiln", "dusk"], None, 10).await, pairs(&[("ha", "a")]), "every word");
+    assert_eq!(gallery(None, &["_glaze"], None, 10).await, pairs(&[("hc", "c")]), "LIKE's wildcards are text");
+    assert_eq!(gallery(None, &["100%"], None, 10).await, pairs(&[("hb", "b")]));
+    assert_eq!(gallery(None, &[], None, 2).await, pairs(&[("hc", "c"), ("hb", "b")]));
+    let hb_ms = s.gallery(GalleryQuery { limit: 2, ..Default::default() }).await.unwrap()[1].created_ms;
+    assert_eq!(gallery(None, &[], Some((hb_ms, "hb")), 2).await, pairs(&[("ha", "a")]), "the next page");
+    assert_eq!(gallery(Some("someone else"), &[], None, 10).await, pairs(&[("ha", "a2")]), "their own job");
+    assert_eq!(gallery(Some("tester"), &[], None, 10).await.len(), 3);
+    assert!(gallery(Some("nobody"), &[], None, 10).await.is_empty());
+}
 
 async fn renders_are_charged_once_and_retention_spares_a_live_orders_renders(s: &dyn Store) {
     use super::Cost;
