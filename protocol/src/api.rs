@@ -353,8 +353,18 @@ pub struct Workers {
 pub struct Resumed {
     /// The worker.
     pub worker_id: String,
-    /// `resumed`.
+    /// `resumed`, or `drained` (`POST /v1/workers/{id}/drain`).
     pub state: String,
+}
+
+/// `POST /v1/workers/{id}/drain`'s body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// Why, for the workers view and the worker's own log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// An edge device (`GET /v1/devices`, `GET /v1/devices/{id}`).
@@ -675,6 +685,10 @@ pub struct Approval {
     /// Why, as the operator wrote it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// While pending: what approving starts (the chosen seed's later renders) is estimated to
+    /// cost, weighted device-milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_ms: Option<i64>,
 }
 
 /// One option of an approval: a preview.

@@ -448,6 +448,7 @@ fn approval_view(row: &OrderRow, doc: &Doc, a: &ApprovalDoc) -> api::Approval {
         decided_at: a.decided_ms.map(crate::time::rfc3339),
         option: a.option,
         reason: a.reason.clone(),
+        estimated_cost_ms: None,
     }
 }
 
@@ -516,7 +517,39 @@ fn approval_id(order: &str, step: &str) -> String {
 pub async fn pending_approvals(sched: &Scheduler, who: &Caller) -> Result<Vec<api::Approval>, StoreError> {
     let client = (who.role != Role::Operator).then(|| who.name.clone());
     let pending = pending(sched, client).await?;
-    Ok(pending.iter().filter_map(|(row, doc)| doc.approval.as_ref().map(|a| approval_view(row, doc, a))).collect())
+    let view = |(row, doc): &(OrderRow, Doc)| {
+        let a = doc.approval.as_ref()?;
+        Some(api::Approval { estimated_cost_ms: approving_costs(sched, row, doc, a), ..approval_view(row, doc, a) })
+    };
+    Ok(pending.iter().filter_map(view).collect())
+}
+
+/// What approving starts is estimated to cost, weighted device-ms: the renders of the chosen
+/// seed that the plan's steps after the approval make. `None` when the plan is no longer known.
+fn approving_costs(sched: &Scheduler, row: &OrderRow, doc: &Doc, a: &ApprovalDoc) -> Option<i64> {
+    let steps = plan(&row.plan, &sched.cfg)?;
+    let after = steps.iter().position(|p| p.name == a.step)? + 1;
+    let seed = a.options.first().map_or(0, |o| o.seed);
+    let renders: Vec<_> = steps[after..]
+        .iter()
+        .filter_map(|p| match p.kind {
+            Kind::Render { tier, .. } => {
+                let r = JobRequest {
+                    prompt: doc.prompt.clone(),
+                    seed: Some(seed),
+                    tier,
+                    width: None,
+                    height: None,
+                    samples: None,
+                    model: doc.model.clone(),
+                    idempotency_key: None,
+                };
+                sched.resolve(&r).ok()
+            }
+            _ => None,
+        })
+        .collect();
+    Some(sched.estimate_all_ms(&renders).round() as i64)
 }
 
 /// When each pending approval opened, unix ms, oldest first (for the metrics).

@@ -46,7 +46,7 @@ pub(super) struct UploadParams {
     task: Option<String>,
 }
 
-fn check_hash(hash: &str) -> Result<(), ApiError> {
+pub(super) fn check_hash(hash: &str) -> Result<(), ApiError> {
     if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(())
     } else {
@@ -56,7 +56,7 @@ fn check_hash(hash: &str) -> Result<(), ApiError> {
 
 /// Whether the caller may read asset `hash` (see the module's note). An asset the caller may not
 /// see is a 404, as one that is not there: whose a hash is is not for every token to learn.
-async fn may_read(s: &Scheduler, headers: &HeaderMap, hash: &str) -> Result<(), ApiError> {
+pub(super) async fn may_read(s: &Scheduler, headers: &HeaderMap, hash: &str) -> Result<(), ApiError> {
     if s.cfg.public_assets {
         return Ok(());
     }
@@ -393,10 +393,18 @@ pub(super) async fn provenance(
 ) -> Result<Response, ApiError> {
     check_hash(&hash)?;
     may_read(&s, &headers, &hash).await?;
+    Ok(Json(provenance_record(&s, &hash).await?).into_response())
+}
+
+/// An asset's provenance: the worker's record, with who asked and the orders it served added.
+pub(super) async fn provenance_record(
+    s: &crate::scheduler::Scheduler,
+    hash: &str,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
     // Recorded with the asset's row, or (recorded before 0005, or uploaded) a file beside it.
-    let record = match s.store.provenance(&hash).await? {
+    let record = match s.store.provenance(hash).await? {
         Some(json) => json.into_bytes(),
-        None => match tokio::fs::read(s.worker.store().provenance_path(&hash)).await {
+        None => match tokio::fs::read(s.worker.store().provenance_path(hash)).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ApiError::not_found(format!("hash: no asset {hash}")));
@@ -404,11 +412,21 @@ pub(super) async fn provenance(
             Err(e) => return Err(ApiError::internal(&e)),
         },
     };
-    // The worker's record, with who asked and the orders it served added.
-    let mut record: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&record) {
+    let mut record: serde_json::Map<String, Value> = match serde_json::from_slice(&record) {
         Ok(m) => m,
         Err(e) => return Err(ApiError::internal(&e)),
     };
-    record.extend(crate::orders::provenance_of(&s, &hash).await?);
-    Ok(Json(record).into_response())
+    record.extend(crate::orders::provenance_of(s, hash).await?);
+    Ok(record)
+}
+
+/// An asset's whole PNG, from its file or its row.
+pub(super) async fn asset_bytes(s: &crate::scheduler::Scheduler, hash: &str) -> Result<Vec<u8>, ApiError> {
+    match tokio::fs::read(s.worker.store().path(hash)).await {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            s.store.asset_png(hash).await?.ok_or_else(|| ApiError::not_found(format!("hash: no asset {hash}")))
+        }
+        Err(e) => Err(ApiError::internal(&e)),
+    }
 }

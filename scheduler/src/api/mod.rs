@@ -59,6 +59,7 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/assets/{hash}/provenance", get(provenance).put(put_provenance))
         .route("/v1/workers", get(workers))
         .route("/v1/workers/{id}/resume", post(resume_worker))
+        .route("/v1/workers/{id}/drain", post(drain_worker))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/v1/openapi.json", get(openapi_json))
@@ -579,12 +580,59 @@ async fn resume_worker(
     _: Operator,
     Path(id): Path<String>,
 ) -> Result<Json<api::Resumed>, ApiError> {
-    if !s.store.set_drained(&id, None, kiln_protocol::now_ms()).await? {
+    resume(&s, &id).await?;
+    Ok(Json(api::Resumed { worker_id: id, state: "resumed".into() }))
+}
+
+/// Lets drained worker `id` work again, at the operator's word.
+pub(super) async fn resume(s: &Scheduler, id: &str) -> Result<(), ApiError> {
+    if !s.store.set_drained(id, None, kiln_protocol::now_ms()).await? {
         return Err(ApiError::conflict(format!("worker {id:?} is not drained")));
     }
     tracing::info!(worker = id, "resumed by the operator");
-    s.registry.resume(&id);
-    Ok(Json(api::Resumed { worker_id: id, state: "resumed".into() }))
+    s.registry.resume(id);
+    Ok(())
+}
+
+/// `POST /v1/workers/{id}/drain` (operator): a worker heard from takes no new work; what it has
+/// in hand it finishes. It stays drained, across restarts, until resumed.
+#[utoipa::path(post, path = "/v1/workers/{id}/drain", tag = "workers", request_body = api::Drain,
+    params(("id" = String, Path, description = "The worker's id")),
+    responses(
+        (status = 200, body = api::Resumed),
+        (status = 400, description = "A body that is not a drain", body = api::ErrorBody),
+        openapi::OperatorOnly,
+        (status = 404, description = "No worker of that id has been heard from", body = api::ErrorBody),
+        (status = 409, description = "The worker is drained already", body = api::ErrorBody),
+    ))]
+async fn drain_worker(
+    State(s): State<AppState>,
+    _: Operator,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::Resumed>, ApiError> {
+    let body = body_bytes(&s, body)?;
+    let d: api::Drain = if body.is_empty() { api::Drain::default() } else { ApiError::parse_json(&body)? };
+    drain(&s, &id, d.reason.as_deref()).await?;
+    Ok(Json(api::Resumed { worker_id: id, state: "drained".into() }))
+}
+
+/// Drains worker `id` at the operator's word, `why` kept as its reason.
+pub(super) async fn drain(s: &Scheduler, id: &str, why: Option<&str>) -> Result<(), ApiError> {
+    let now = kiln_protocol::now_ms();
+    if !s.registry.list(now).iter().any(|w| w.heartbeat.worker_id == id) {
+        return Err(ApiError::not_found(format!("id: no worker {id:?} has been heard from")));
+    }
+    let reason = match why.map(str::trim).filter(|w| !w.is_empty()) {
+        Some(w) => format!("drained by the operator: {w}"),
+        None => "drained by the operator".to_owned(),
+    };
+    if !s.store.set_drained(id, Some(&reason), now).await? {
+        return Err(ApiError::conflict(format!("worker {id:?} is drained already")));
+    }
+    tracing::info!(worker = id, reason, "drained by the operator");
+    s.registry.drain(crate::store::DrainedWorker { worker_id: id.to_owned(), reason, at_ms: now });
+    Ok(())
 }
 
 /// `POST /v1/tokens` (operator): a new token; its secret is shown this once.

@@ -97,7 +97,7 @@ impl Modify for BearerAuth {
     paths(
         super::submit, super::list, super::get_job, super::cancel, super::events,
         super::assets::asset, super::assets::put_asset, super::assets::provenance, super::assets::put_provenance,
-        super::workers, super::resume_worker, super::create_token, super::list_tokens, super::revoke_token,
+        super::workers, super::resume_worker, super::drain_worker, super::create_token, super::list_tokens, super::revoke_token,
         super::openapi_json, super::healthz, super::metrics,
         super::fleet::list_devices, super::fleet::get_device, super::fleet::create_task,
         super::fleet::list_tasks, super::fleet::get_task,
