@@ -240,6 +240,7 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     b.wait_for(&order).await;
     let src = b.source().await;
     assert_eq!(src.matches("?variant=thumb").count(), 3, "the three previews side by side");
+    assert!(src.contains("Approving starts about"), "what approving costs is shown: {src}");
     shots(&b, "approvals").await;
     b.press("\u{E014}a").await;
     b.wait_for("approved option 2").await;
@@ -248,6 +249,7 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     // still there when the page shows the order succeeded.
     b.click(&format!("a[href='/orders/{order}']")).await;
     b.wait_for(r#"data-step="display""#).await;
+    b.wait_for(r#"data-events="open""#).await;
     b.run("document.documentElement.dataset.mark = 'kept';").await;
     let src = b.wait_for(r#"<span class="state state-succeeded">succeeded</span></p>"#).await;
     assert!(src.contains(r#"data-mark="kept""#), "the page was reloaded, not updated");
@@ -259,6 +261,45 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     b.goto("/orders").await;
     b.wait_for(&order).await;
     shots(&b, "orders").await;
+
+    // The jobs view: the order's renders, filtered by tier; one job with its events and asset.
+    let job_of = |step: usize| o["steps"][step]["jobs"][0].as_str().unwrap().to_owned();
+    let (preview, print) = (job_of(0), job_of(3));
+    assert_eq!(o["steps"][3]["name"], "print_render", "{o:#}");
+    b.goto("/jobs").await;
+    b.wait_for(&print).await;
+    shots(&b, "jobs").await;
+    b.run("document.getElementById('f-tier').value = 'print';").await;
+    b.click("form.filters button").await;
+    let src = b.wait_for(r#"value="print" selected"#).await;
+    assert!(src.contains(&print) && !src.contains(&preview), "only the print tier's jobs");
+    b.click(&format!("a[href='/jobs/{print}']")).await;
+    let src = b.wait_for("<h2>Events</h2>").await;
+    assert!(src.contains("state-succeeded") && src.contains("?variant=thumb"), "its events and asset: {src}");
+    shots(&b, "job").await;
+    // The list follows new jobs without a reload.
+    b.goto("/jobs").await;
+    b.wait_for(&print).await;
+    b.wait_for(r#"data-events="open""#).await;
+    b.run("document.documentElement.dataset.mark = 'kept';").await;
+    let fresh = c.call(Method::POST, "/v1/jobs", Some(&job("a new one", 21, "preview"))).await.unwrap();
+    let src = b.wait_for(fresh["id"].as_str().unwrap()).await;
+    assert!(src.contains(r#"data-mark="kept""#), "the jobs page was reloaded, not updated");
+
+    // The gallery: found by its prompt's words; the asset's provenance; reproduced here.
+    b.goto("/gallery?q=KILN+dusk").await;
+    let src = b.wait_for(r#"class="gallery""#).await;
+    let chosen = o["outputs"]["shown"].as_str().unwrap().to_owned();
+    assert!(src.contains(&chosen), "the shown asset is found by its words: {src}");
+    shots(&b, "gallery").await;
+    b.goto("/gallery?q=kiln+nowhere").await;
+    b.wait_for("No asset's prompt has all those words").await;
+    b.goto(&format!("/gallery/{chosen}")).await;
+    let src = b.wait_for("Asked by").await;
+    assert!(src.contains(&order) && src.contains("kiln reproduce"), "its order and how to reproduce it: {src}");
+    shots(&b, "asset").await;
+    b.click("form.reproduce button").await;
+    b.wait_for("Reproduced on the scheduler").await;
     b.goto("/approvals").await;
     b.wait_for("Nothing waits for a decision").await;
 
@@ -319,6 +360,25 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     let i = c.call(Method::GET, &format!("/v1/incidents/{incident}"), None).await.unwrap();
     assert_eq!((i["state"].as_str(), i["note"].as_str()), (Some("resolved"), Some("the tray was empty")), "{i:#}");
 
+    // The fleet: the studio's devices and the farm's workers; a worker drained and resumed.
+    b.goto("/fleet").await;
+    b.wait_for(r#"data-device="camera""#).await;
+    let src = b.wait_for(r#"data-worker="in-process-1""#).await;
+    assert!(src.contains("Last telemetry") && src.contains("capture"), "devices with telemetry and tasks: {src}");
+    shots(&b, "fleet").await;
+    b.type_into("#why-in-process-1", "cleaning the fan").await;
+    b.click("tr[data-worker='in-process-1'] form.drain button").await;
+    b.wait_for("Worker in-process-1 drained").await;
+    let workers = c.call(Method::GET, "/v1/workers", None).await.unwrap();
+    let w1 = workers["workers"].as_array().unwrap().iter().find(|w| w["worker_id"] == "in-process-1").unwrap();
+    assert_eq!(w1["drained_reason"], "drained by the operator: cleaning the fan", "{workers:#}");
+    b.click("tr[data-worker='in-process-1'] form.resume button").await;
+    b.wait_for("Worker in-process-1 resumed").await;
+    let workers = c.call(Method::GET, "/v1/workers", None).await.unwrap();
+    assert!(workers["drained"].as_array().unwrap().is_empty(), "{workers:#}");
+    let r = c.send(Method::POST, "/v1/workers/nobody/drain", None).await.unwrap();
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+
     // Sign-out ends the session: its cookie opens nothing afterwards.
     b.goto("/").await;
     b.click("form.signout button").await;
@@ -337,8 +397,19 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     assert!(src.contains(mine["id"].as_str().unwrap()), "the client sees its own job");
     assert!(!src.contains(theirs["id"].as_str().unwrap()), "and not the operator's");
     assert!(!src.contains("Needs you") && !src.contains(r#"href="/approvals""#), "nor the farm's figures");
+    assert!(!src.contains(r#"href="/fleet""#), "no fleet for a client");
     b.goto("/approvals").await;
     b.wait_for("the operator's to decide").await;
+    b.goto("/fleet").await;
+    b.wait_for("The fleet is the operator's").await;
+    b.goto("/jobs").await;
+    let src = b.wait_for(mine["id"].as_str().unwrap()).await;
+    assert!(!src.contains(theirs["id"].as_str().unwrap()), "a client's jobs view lists its own");
+    b.goto("/gallery?q=kiln").await;
+    let src = b.wait_for("Prompt words").await;
+    assert!(!src.contains(&chosen), "nor the studio's assets: {src}");
+    b.goto(&format!("/gallery/{chosen}")).await;
+    b.wait_for(&format!("no asset {chosen}")).await;
     b.goto(&format!("/orders/{order}")).await;
     b.wait_for(&format!("No order {order}")).await;
 }

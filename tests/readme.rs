@@ -490,6 +490,7 @@ async fn every_command_the_readme_shows_is_run_or_accounted_for() {
             "kiln bench farm --runs 1 --hits 200 --hit-clients 2 --jobs 100 --concurrency 8 --batch 0 --workers 2",
         ),
         ("kiln bench store", "kiln bench store --runs 1 --jobs 300 --concurrency 8"),
+        ("kiln bench console", "kiln bench console --jobs 300 --assets 20 --requests 2"),
     ] {
         sh.run(bench, &[(bench, small)]);
     }

@@ -194,6 +194,10 @@ pub(crate) async fn tiny_batches(
 /// A farm a benchmark run serves on port 0 from a fresh data dir, on the CPU with one thread.
 pub(crate) struct BenchFarm {
     pub(crate) dir: std::path::PathBuf,
+    /// Where it listens.
+    pub(crate) addr: std::net::SocketAddr,
+    /// The operator's token.
+    pub(crate) token: String,
     pub(crate) client: Client,
     pub(crate) sched: Arc<Scheduler>,
     pub(crate) stop: CancellationToken,
@@ -207,8 +211,17 @@ impl BenchFarm {
         name: &str,
         change: impl FnOnce(&mut FarmConfig),
     ) -> anyhow::Result<BenchFarm> {
-        let dir = std::env::temp_dir().join(format!("kiln-bench-{name}-{}", std::process::id()));
+        let dir = bench_dir(name);
         let _ = std::fs::remove_dir_all(&dir);
+        BenchFarm::start_in(cfg, dir, change).await
+    }
+
+    /// Starts one on the data dir `dir`, as it is.
+    pub(crate) async fn start_in(
+        cfg: &FarmConfig,
+        dir: std::path::PathBuf,
+        change: impl FnOnce(&mut FarmConfig),
+    ) -> anyhow::Result<BenchFarm> {
         let mut cfg = cfg.clone();
         cfg.worker.data_dir = dir.clone();
         cfg.worker.backend = BackendChoice::Cpu;
@@ -216,12 +229,14 @@ impl BenchFarm {
         cfg.scheduler.listen = "127.0.0.1:0".parse().expect("valid address");
         change(&mut cfg);
         let farm = Farm::build(&cfg, open_backend(BackendChoice::Cpu, 1)?).await?;
-        let url = format!("http://{}", farm.local_addr()?);
+        let addr = farm.local_addr()?;
+        let url = format!("http://{addr}");
         let token = std::fs::read_to_string(cfg.token_path())?.trim().to_owned();
         let sched = farm.scheduler().clone();
         let stop = CancellationToken::new();
         let server = farm.spawn(stop.clone());
-        Ok(BenchFarm { dir, client: Client::new(&url, Some(Secret::new(token))), sched, stop, server })
+        let client = Client::new(&url, Some(Secret::new(token.clone())));
+        Ok(BenchFarm { dir, addr, token, client, sched, stop, server })
     }
 
     /// Stops the farm; its data dir is removed when the benchmark ends ([`Cleanup`]), unless
@@ -235,6 +250,11 @@ impl BenchFarm {
         }
         Ok(())
     }
+}
+
+/// A benchmark's data dir: `TMP/kiln-bench-{name}-PID`.
+pub(crate) fn bench_dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kiln-bench-{name}-{}", std::process::id()))
 }
 
 /// The data dirs of finished runs. They are removed when the whole benchmark ends, not between

@@ -1,9 +1,10 @@
 //! Kiln's benchmarks, behind `kiln bench …`: the engine ([`engine`]), the embedded farm end to end
-//! ([`farm`]), the store's writes alone ([`store`]), the distributed farm on PostgreSQL and
+//! ([`farm`]), the store's writes alone ([`store`]), the console's first paint ([`console`]), the distributed farm on PostgreSQL and
 //! RabbitMQ ([`dispatch`]) and a fleet of edge agents ([`fleet`]). Kept out of the services: no
 //! binary that serves links this crate but `kiln`. What they have measured is in
 //! `docs/benchmarks.md`.
 
+pub mod console;
 pub mod dispatch;
 pub mod engine;
 pub mod farm;
@@ -28,6 +29,8 @@ pub enum BenchCommand {
     Dispatch(dispatch::DispatchBenchArgs),
     /// Many kiln-edge agents against an MQTT broker and one scheduler: CPU, RSS, task round trips.
     Fleet(fleet::FleetBenchArgs),
+    /// The console's first paint with 100,000 jobs and 1,000 assets: time to first byte, weight.
+    Console(console::ConsoleBenchArgs),
     /// Studio orders waiting for approval on the embedded farm: RSS, idle CPU, time to approve all.
     Orders(orders::OrdersBenchArgs),
 }
@@ -43,5 +46,6 @@ pub fn run(command: BenchCommand, cfg: &FarmConfig) -> anyhow::Result<()> {
         BenchCommand::Dispatch(args) => kiln_common::runtime()?.block_on(dispatch::run(cfg, &args)),
         BenchCommand::Fleet(args) => kiln_common::runtime()?.block_on(fleet::run(cfg, &args)),
         BenchCommand::Orders(args) => kiln_common::runtime()?.block_on(orders::run(cfg, &args)),
+        BenchCommand::Console(args) => kiln_common::runtime()?.block_on(console::run(cfg, &args)),
     }
 }

@@ -8,10 +8,13 @@
 //! session's CSRF token, and so must every API call the console's script makes
 //! ([`super::callers`]); sign-out ends the session. A client sees what the API lets it see.
 //!
-//! Views so far: the overview, the approvals (options side by side, keyboard: ←/→ choose, `a`
-//! approve, `r` reject) and the orders (each a timeline of its steps). The orders views follow
-//! the orders' changes live: `/console/events` is a Server-Sent Events stream of them, and the
-//! page's script fetches the view again when one it shows changes.
+//! Views: the overview, the approvals (options side by side with what approving costs;
+//! keyboard: ←/→ choose, `a` approve, `r` reject), the orders (each a timeline of its steps), the
+//! incidents, and the farm's own ([`farm`]): jobs, fleet, gallery. The views follow the farm
+//! live: `/console/events` is a Server-Sent Events stream of the orders' and jobs' changes, and
+//! the page's script fetches its view again when something it shows changes.
+
+mod farm;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -40,11 +43,22 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/orders", get(orders))
         .route("/orders/{id}", get(order))
         .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/jobs", get(farm::jobs))
+        .route("/jobs/{id}", get(farm::job))
+        .route("/jobs/{id}/cancel", post(farm::cancel_job))
+        .route("/fleet", get(farm::fleet))
+        .route("/fleet/workers/{id}", post(farm::act_on_worker))
+        .route("/gallery", get(farm::gallery))
+        .route("/gallery/{hash}", get(farm::asset_page))
+        .route("/gallery/{hash}/reproduce", post(farm::reproduce))
         .route("/console/events", get(events))
-        .route("/console/console.css", get(|| async { asset("text/css", include_str!("../../console/console.css")) }))
+        .route(
+            "/console/console.css",
+            get(|| async { asset("text/css", include_str!("../../../console/console.css")) }),
+        )
         .route(
             "/console/console.js",
-            get(|| async { asset("text/javascript", include_str!("../../console/console.js")) }),
+            get(|| async { asset("text/javascript", include_str!("../../../console/console.js")) }),
         )
 }
 
@@ -120,14 +134,19 @@ fn page_live(
 ) -> Response {
     let nav = match signed_in {
         Some((who, session)) => {
-            let mut links = vec![("/", "Overview")];
-            if who.role == Role::Operator {
-                links.push(("/approvals", "Approvals"));
-            }
-            links.push(("/orders", "Orders"));
-            if who.role == Role::Operator {
-                links.push(("/incidents", "Incidents"));
-            }
+            let operator = who.role == Role::Operator;
+            let links: Vec<(&str, &str)> = [
+                ("/", "Overview", true),
+                ("/approvals", "Approvals", operator),
+                ("/orders", "Orders", true),
+                ("/incidents", "Incidents", operator),
+                ("/jobs", "Jobs", true),
+                ("/fleet", "Fleet", operator),
+                ("/gallery", "Gallery", true),
+            ]
+            .into_iter()
+            .filter_map(|(href, name, shown)| shown.then_some((href, name)))
+            .collect();
             let links: String = links
                 .iter()
                 .map(|(href, name)| {
@@ -302,7 +321,7 @@ async fn overview(State(s): State<AppState>, headers: HeaderMap) -> Response {
         Role::Operator => operator_overview(&s).await,
         _ => client_overview(&s, &who).await,
     };
-    page(StatusCode::OK, "Overview", Some((&who, &session)), &body)
+    page_live(StatusCode::OK, "Overview", Some((&who, &session)), &body, r#" data-live="overview""#)
 }
 
 async fn operator_overview(s: &Scheduler) -> String {
@@ -435,7 +454,7 @@ async fn approvals(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
     for a in &pending {
         body.push_str(&approval_card(a, &session.csrf));
     }
-    page(StatusCode::OK, "Approvals", Some((&who, &session)), &body)
+    page_live(StatusCode::OK, "Approvals", Some((&who, &session)), &body, r#" data-live="approvals""#)
 }
 
 fn approval_card(a: &api::Approval, csrf: &str) -> String {
@@ -457,10 +476,19 @@ fn approval_card(a: &api::Approval, csrf: &str) -> String {
         })
         .collect();
     let due = a.due_at.as_deref().map(|d| format!(" · raises an incident at {}", esc(d))).unwrap_or_default();
+    let cost = a
+        .estimated_cost_ms
+        .map(|ms| {
+            format!(
+                r#"<p class="cost">Approving starts about {:.1} device-seconds of rendering.</p>"#,
+                ms as f64 / 1000.0
+            )
+        })
+        .unwrap_or_default();
     format!(
         r#"<article class="approval" aria-labelledby="a-{id}">
 <h2 id="a-{id}">{prompt}</h2>
-<p class="meta">Order <code>{order}</code> · step {step} · opened {created}{due}</p>
+<p class="meta">Order <a href="/orders/{order}"><code>{order}</code></a> · step {step} · opened {created}{due}</p>{cost}
 <form class="approve" method="post" action="/approvals/{id}">
 <input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="decision" value="approve">
 <fieldset><legend>Choose one to render final and print</legend><div class="options">{options}</div></fieldset>
@@ -773,7 +801,9 @@ fn api_error(e: super::ApiError) -> (StatusCode, String) {
 }
 
 /// `/console/events`: each change of an order the session may see, as a Server-Sent Event
-/// `order` (`{"id","client","state"}`), for the views to follow.
+/// `order` (`{"id","client","state"}`), and each job transition it may see as `job`
+/// (`{"id","state"}`), for the views to follow. A stream that fell behind says so with an
+/// `order` event `{}`, and the views fetch themselves again.
 async fn events(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let (who, _) = match signed_in(&s, &headers) {
         Ok(x) => x,
@@ -786,22 +816,35 @@ async fn events(State(s): State<AppState>, headers: HeaderMap) -> Response {
             return (StatusCode::TOO_MANY_REQUESTS, msg).into_response();
         }
     };
-    let rx = s.subscribe_orders();
-    let stream = futures_util::stream::unfold((rx, held, who), |(mut rx, held, who)| async move {
+    let state = (s.subscribe_orders(), s.subscribe(), held, who, s.clone());
+    let stream = futures_util::stream::unfold(state, |(mut orders, mut jobs, held, who, s)| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let lagged = || SseEvent::default().event("order").data("{}");
         loop {
-            match rx.recv().await {
-                Ok(change) if who.may_see(&change.client) => {
-                    let event = SseEvent::default().event("order").json_data(&*change).unwrap_or_default();
-                    return Some((Ok::<_, std::convert::Infallible>(event), (rx, held, who)));
-                }
-                Ok(_) => continue,
-                // Fell behind: say so, and the views fetch themselves again.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    let event = SseEvent::default().event("order").data("{}");
-                    return Some((Ok(event), (rx, held, who)));
-                }
-                Err(_) => return None,
-            }
+            let event = tokio::select! {
+                change = orders.recv() => match change {
+                    Ok(change) if who.may_see(&change.client) => {
+                        SseEvent::default().event("order").json_data(&*change).unwrap_or_default()
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => lagged(),
+                    Err(RecvError::Closed) => return None,
+                },
+                live = jobs.recv() => match live.as_deref() {
+                    Ok(crate::scheduler::Live::Event(e)) => {
+                        // A client's session hears only of its own jobs.
+                        if who.role != Role::Operator && !matches!(s.job(&who, &e.job_id).await, Ok(Some(_))) {
+                            continue;
+                        }
+                        let change = serde_json::json!({ "id": e.job_id, "state": e.state.as_str() });
+                        SseEvent::default().event("job").data(change.to_string())
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => lagged(),
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            return Some((Ok::<_, std::convert::Infallible>(event), (orders, jobs, held, who, s)));
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
