@@ -162,6 +162,17 @@ struct Step {
     retry_at_ms: Option<i64>,
     /// Since when it waits for a ready device.
     waiting_since_ms: Option<i64>,
+    /// The attempts made before the operator last retried it: its attempts go on counting from
+    /// there (each attempt's job keys and task id stay its own), its tries start over.
+    #[serde(default)]
+    retried: u32,
+}
+
+impl Step {
+    /// The attempts made since the step started, or since the operator last retried it.
+    fn tries(&self) -> u32 {
+        self.attempt.saturating_sub(self.retried)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -342,6 +353,7 @@ pub async fn create(sched: &Arc<Scheduler>, who: &Caller, req: NewOrder) -> Resu
                 detail: None,
                 retry_at_ms: None,
                 waiting_since_ms: None,
+                retried: 0,
             })
             .collect(),
         current: 0,
@@ -682,7 +694,8 @@ pub async fn cancel(sched: &Arc<Scheduler>, who: &Caller, id: &str) -> Result<ap
     view(sched, who, id, false).await?.ok_or_else(|| OrderError::NotFound(format!("no order {id:?}")))
 }
 
-/// Runs the failed step of a failed order again (an incident's `retry`): its attempts start over.
+/// Runs the failed step of a failed order again (an incident's `retry`): its tries start over,
+/// under new attempt numbers, so no job key or task id of an attempt made is used again.
 pub async fn retry(sched: &Arc<Scheduler>, id: &str, who: &str) -> Result<(), OrderError> {
     let held = sched.order_waits.lock().await;
     let row = sched.store.order(id).await?.ok_or_else(|| OrderError::NotFound(format!("no order {id:?}")))?;
@@ -694,8 +707,11 @@ pub async fn retry(sched: &Arc<Scheduler>, id: &str, who: &str) -> Result<(), Or
     let from = c.doc.current;
     for i in from..c.doc.steps.len() {
         let s = &mut c.doc.steps[i];
-        (s.state, s.attempt, s.detail, s.ended_ms, s.retry_at_ms, s.waiting_since_ms) =
-            ("pending".into(), 0, None, None, None, None);
+        // Fresh tries under new attempt numbers: the attempts made keep their jobs and tasks.
+        if s.attempt > 0 {
+            (s.retried, s.attempt) = (s.attempt, s.attempt + 1);
+        }
+        (s.state, s.detail, s.ended_ms, s.retry_at_ms, s.waiting_since_ms) = ("pending".into(), None, None, None, None);
         (s.jobs, s.task, s.device) = (Vec::new(), None, None);
     }
     c.doc.error = None;
@@ -881,7 +897,7 @@ async fn step_through(
 async fn out_of_attempts(sched: &Scheduler, c: &Change<'_>, i: usize, why: String) -> Result<Progress, StoreError> {
     let s = &c.doc.steps[i];
     let cause = format!("order:{}:{}:{}", c.id, s.name, s.attempt);
-    let summary = format!("order {}: step {} failed after {} attempts: {why}", c.id, s.name, s.attempt);
+    let summary = format!("order {}: step {} failed after {} attempts: {why}", c.id, s.name, s.tries());
     sched.raise_incident("order_step", c.id, &cause, &summary).await?;
     Ok(Progress::End("failed", format!("step {}: {why}", s.name)))
 }
@@ -953,7 +969,7 @@ async fn render(
         return Ok(Progress::Wait(None));
     }
     if let Some(why) = failed {
-        if c.doc.steps[i].attempt < sched.cfg.orders.step_attempts {
+        if c.doc.steps[i].tries() < sched.cfg.orders.step_attempts {
             let s = &mut c.doc.steps[i];
             s.attempt += 1;
             s.jobs.clear();
@@ -1181,8 +1197,8 @@ async fn device(
         return Ok(Progress::Wait(Some(at)));
     }
     let s = &mut c.doc.steps[i];
-    if s.attempt < sched.cfg.orders.step_attempts {
-        let backoff = sched.cfg.orders.retry_base_seconds.saturating_mul(1 << s.attempt.min(10)).saturating_mul(1000);
+    if s.tries() < sched.cfg.orders.step_attempts {
+        let backoff = sched.cfg.orders.retry_base_seconds.saturating_mul(1 << s.tries().min(10)).saturating_mul(1000);
         let at = c.now.saturating_add(i64::try_from(backoff).unwrap_or(i64::MAX));
         s.task = None;
         s.attempt += 1;
