@@ -198,7 +198,23 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("kiln.toml");
-    std::fs::write(&config, small_tiers()).unwrap();
+    // A plan whose photo comes first: of an empty tray it fails, once the studio has printed it
+    // works, so the order is retried from its page.
+    let plan = r#"
+[scheduler.orders]
+step_attempts = 1
+[[plans]]
+name = "photo-first"
+[[plans.steps]]
+name = "preview"
+kind = "render"
+tier = "preview"
+[[plans.steps]]
+name = "photo"
+kind = "device"
+task = "capture"
+"#;
+    std::fs::write(&config, small_tiers() + plan).unwrap();
     let (child, url) = spawn_up(&data, &["--config", config.to_str().unwrap()]);
     let _up = Killed(vec![child]);
     let token = operator_token(&data);
@@ -223,6 +239,11 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     assert_eq!(cookie["httpOnly"], true, "{cookie}");
     assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
     shots(&b, "overview").await;
+
+    // An order that photographs the empty tray fails: retried from its page below.
+    let body = json!({ "plan": "photo-first", "prompt": "the tray", "seeds": [9] });
+    let early = c.call(Method::POST, "/v1/orders", Some(&body)).await.unwrap()["id"].as_str().unwrap().to_owned();
+    wait_order(&c, &early, "failed").await;
 
     // A photo of the printer's empty tray fails: an incident for the operator, resolved below.
     let capture = json!({ "kind": "capture" });
@@ -261,6 +282,14 @@ async fn the_operator_signs_in_and_approves_by_keyboard_and_the_doors_hold() {
     b.goto("/orders").await;
     b.wait_for(&order).await;
     shots(&b, "orders").await;
+
+    // The order that failed for want of a print is retried from its page, and now succeeds.
+    b.goto(&format!("/orders/{early}")).await;
+    b.wait_for("Retry the failed step").await;
+    b.click("form.retry button").await;
+    b.wait_for(r#"<span class="state state-succeeded">succeeded</span></p>"#).await;
+    assert_eq!(b.path().await, format!("/orders/{early}"));
+    wait_order(&c, &early, "succeeded").await;
 
     // The jobs view: the order's renders, filtered by tier; one job with its events and asset.
     let job_of = |step: usize| o["steps"][step]["jobs"][0].as_str().unwrap().to_owned();

@@ -598,8 +598,40 @@ async fn order(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<Str
             return page(StatusCode::INTERNAL_SERVER_ERROR, "Order", Some((&who, &session)), &msg);
         }
     };
+    let mut body = order_body(&o, &session.csrf);
+    if who.role == Role::Operator {
+        body.push_str(&order_incidents(&s, &o.id, &session.csrf).await);
+    }
     let live = format!(r#" data-live="order" data-order="{}""#, esc(&o.id));
-    page_live(StatusCode::OK, "Order", Some((&who, &session)), &order_body(&o, &session.csrf), &live)
+    page_live(StatusCode::OK, "Order", Some((&who, &session)), &body, &live)
+}
+
+/// The open incidents about order `id`, each with its retry where the step can try again.
+async fn order_incidents(s: &Scheduler, id: &str, csrf: &str) -> String {
+    let open = match s.store.incidents(Some("open".into()), 500).await {
+        Ok(l) => l,
+        Err(e) => return format!(r#"<p role="alert">Its incidents could not be read: {}</p>"#, esc(&e.to_string())),
+    };
+    let mut out = String::new();
+    for i in open.into_iter().filter(|i| i.subject == id).map(super::orders::incident_view) {
+        let retry = match i.actions.iter().any(|a| a == "retry") {
+            true => format!(
+                r#"<form class="retry" method="post" action="/incidents/{iid}"><input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="action" value="retry"><input type="hidden" name="back" value="/orders/{order}"><button type="submit">Retry the failed step</button></form>"#,
+                iid = esc(&i.id),
+                csrf = esc(csrf),
+                order = esc(id)
+            ),
+            false => String::new(),
+        };
+        out.push_str(&format!(
+            r#"<article class="incident" aria-labelledby="h-{iid}"><h2 id="h-{iid}">Incident: {kind}</h2><p>{summary}</p><p class="meta">raised {created} · <a href="/incidents#i-{iid}">in the incidents</a></p>{retry}</article>"#,
+            iid = esc(&i.id),
+            kind = esc(&i.kind),
+            summary = esc(&i.summary),
+            created = esc(&i.created_at),
+        ));
+    }
+    out
 }
 
 fn thumb(asset: &str, alt: &str) -> String {
@@ -779,9 +811,15 @@ async fn act_on_incident(
         action: field(&fields, "action").unwrap_or("").to_owned(),
         note: field(&fields, "note").map(str::to_owned),
     };
-    match super::orders::act(&s, &who, &id, action).await {
-        Ok(i) => see_other(&format!("/incidents?done={}", query_value(&format!("Incident {} resolved.", i.id)))),
-        Err(e) => {
+    // From an order's page, back to it.
+    let back = field(&fields, "back")
+        .filter(|b| b.starts_with("/orders/o") && b[1..].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'/'));
+    match (super::orders::act(&s, &who, &id, action).await, back) {
+        (Ok(_), Some(back)) => see_other(back),
+        (Ok(i), None) => {
+            see_other(&format!("/incidents?done={}", query_value(&format!("Incident {} resolved.", i.id))))
+        }
+        (Err(e), _) => {
             let (status, message) = api_error(e);
             let msg = format!(
                 r#"<p role="alert">{}</p><p><a href="/incidents">Back to the incidents</a></p>"#,
