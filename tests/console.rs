@@ -331,10 +331,15 @@ task = "capture"
     b.wait_for("Reproduced on the scheduler").await;
     b.goto("/approvals").await;
     b.wait_for("Nothing waits for a decision").await;
+    b.wait_for(r#"data-events="open""#).await;
+    b.run("document.documentElement.dataset.mark = 'kept';").await;
 
     // A post from the session without its CSRF token is refused, form or API; with it, it goes.
     let sid = cookie["value"].as_str().unwrap();
     let other = order_awaiting(&c, &[6]).await;
+    // The approvals page shows the new one without a reload.
+    let src = b.wait_for(&format!(r#"action="/approvals/{other}.approve""#)).await;
+    assert!(src.contains(r#"data-mark="kept""#), "the approvals page was reloaded, not updated");
     let anon = Client::new(&url, None);
     let cookie_header = format!("kiln_session={sid}");
     let form = "decision=approve&option=1";

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln_protocol::{RenderRequest, Tier};
-use kiln_scheduler::store::{Cost, Due, NewJob, Outcome, SqliteStore, Store};
+use kiln_scheduler::store::{Cost, NewJob, Outcome, SqliteStore, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::farm::{BenchFarm, Cleanup};
@@ -67,16 +67,7 @@ async fn fill(db: &std::path::Path, a: &ConsoleBenchArgs) -> anyhow::Result<()> 
         })
         .await?;
     }
-    let mut due = Vec::with_capacity(n);
-    loop {
-        let (pending, events) = store.read_and_mark(now, 512).await?;
-        if pending.rows.is_empty() {
-            break;
-        }
-        let moved = events.into_iter().map(|e| e.job_id).collect();
-        due.extend(Due::of(pending, &moved).jobs);
-    }
-    let due = Arc::new(due);
+    let due = Arc::new(crate::store::take_all(store.as_ref(), now).await?);
     drive(due.len(), 64, move |i| {
         let (store, due) = (store.clone(), due.clone());
         async move {

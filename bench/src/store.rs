@@ -85,17 +85,7 @@ async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> 
         .await?
     };
     let t = Instant::now();
-    let mut due = Vec::with_capacity(n);
-    loop {
-        // As the in-process transport takes them: read and marked sent in one write, the moved
-        // jobs kept.
-        let (pending, events) = store.read_and_mark(now, 512).await?;
-        if pending.rows.is_empty() {
-            break;
-        }
-        let moved = events.into_iter().map(|e| e.job_id).collect();
-        due.extend(Due::of(pending, &moved).jobs);
-    }
+    let due = take_all(store.as_ref(), now).await?;
     let take = n as f64 / t.elapsed().as_secs_f64();
     let due = Arc::new(due);
     let whole = a.database_url.is_some();
@@ -136,6 +126,20 @@ async fn store_phases(a: &StoreBenchArgs, run: usize, store: Arc<dyn Store>) -> 
         .await?
     };
     Ok([submit.per_second, take, results.per_second])
+}
+
+/// Takes every queued job as the in-process transport takes them: read and marked sent in one
+/// write, the moved jobs kept.
+pub(crate) async fn take_all(store: &dyn Store, now: i64) -> anyhow::Result<Vec<kiln_scheduler::store::Dispatch>> {
+    let mut due = Vec::new();
+    loop {
+        let (pending, events) = store.read_and_mark(now, 512).await?;
+        if pending.rows.is_empty() {
+            return Ok(due);
+        }
+        let moved = events.into_iter().map(|e| e.job_id).collect();
+        due.extend(Due::of(pending, &moved).jobs);
+    }
 }
 
 /// Runs `kiln bench store` and prints its figures.

@@ -137,7 +137,7 @@ mod tests {
     }
 
     /// Every route the router serves, with its method.
-    const ROUTES: [(&str, &str); 32] = [
+    const ROUTES: [(&str, &str); 33] = [
         ("post", "/v1/jobs"),
         ("get", "/v1/jobs"),
         ("get", "/v1/jobs/{id}"),
@@ -149,6 +149,7 @@ mod tests {
         ("put", "/v1/assets/{hash}/provenance"),
         ("get", "/v1/workers"),
         ("post", "/v1/workers/{id}/resume"),
+        ("post", "/v1/workers/{id}/drain"),
         ("post", "/v1/tokens"),
         ("get", "/v1/tokens"),
         ("delete", "/v1/tokens/{name}"),

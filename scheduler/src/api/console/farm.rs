@@ -11,8 +11,8 @@ use kiln_protocol::{JobState, Tier, now_ms};
 use serde_json::Value;
 
 use super::{
-    AppState, DoneParams, api_error, badge, esc, field, operator_only, page, page_live, posted, query_value, see_other,
-    signed_in,
+    AppState, DoneParams, api_error, badge, esc, field, operator_only, operator_posted, page, page_live, posted,
+    query_value, see_other, signed_in,
 };
 use crate::auth::{Caller, Role, Session};
 use crate::scheduler::Scheduler;
@@ -414,13 +414,10 @@ pub(super) async fn act_on_worker(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (who, session, fields) = match posted(&s, &headers, &body) {
+    let (who, session, fields) = match operator_posted(&s, &headers, &body, "Fleet", "The fleet is the operator's.") {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    if let Err(r) = operator_only(&who, &session, "Fleet", "The fleet is the operator's.") {
-        return *r;
-    }
     let done = match field(&fields, "action") {
         Some("drain") => super::super::drain(&s, &id, field(&fields, "reason")).await.map(|()| "drained"),
         Some("resume") => super::super::resume(&s, &id).await.map(|()| "resumed"),

@@ -227,6 +227,19 @@ fn posted(s: &Scheduler, headers: &HeaderMap, body: &[u8]) -> Result<(Caller, Se
     Ok((who, session, fields))
 }
 
+/// A form post only the operator may make: [`posted`], then [`operator_only`].
+fn operator_posted(
+    s: &Scheduler,
+    headers: &HeaderMap,
+    body: &[u8],
+    title: &str,
+    why: &str,
+) -> Result<(Caller, Session, Fields), Box<Response>> {
+    let (who, session, fields) = posted(s, headers, body)?;
+    operator_only(&who, &session, title, why)?;
+    Ok((who, session, fields))
+}
+
 /// Nothing, for an operator; else the page `title` saying `why` (403).
 fn operator_only(who: &Caller, session: &Session, title: &str, why: &str) -> Result<(), Box<Response>> {
     if who.role == Role::Operator {
@@ -507,13 +520,11 @@ fn approval_card(a: &api::Approval, csrf: &str) -> String {
 }
 
 async fn decide(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Response {
-    let (who, session, fields) = match posted(&s, &headers, &body) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    if let Err(r) = operator_only(&who, &session, "Approvals", "Approvals are the operator's to decide.") {
-        return *r;
-    }
+    let (who, session, fields) =
+        match operator_posted(&s, &headers, &body, "Approvals", "Approvals are the operator's to decide.") {
+            Ok(x) => x,
+            Err(r) => return *r,
+        };
     let decision = api::Decision {
         decision: field(&fields, "decision").unwrap_or("").to_owned(),
         option: field(&fields, "option").and_then(|o| o.parse().ok()),
@@ -800,13 +811,11 @@ async fn act_on_incident(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (who, session, fields) = match posted(&s, &headers, &body) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
-    if let Err(r) = operator_only(&who, &session, "Incidents", "Incidents are the operator's.") {
-        return *r;
-    }
+    let (who, session, fields) =
+        match operator_posted(&s, &headers, &body, "Incidents", "Incidents are the operator's.") {
+            Ok(x) => x,
+            Err(r) => return *r,
+        };
     let action = api::IncidentAction {
         action: field(&fields, "action").unwrap_or("").to_owned(),
         note: field(&fields, "note").map(str::to_owned),
