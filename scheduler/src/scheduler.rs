@@ -226,9 +226,6 @@ pub struct Scheduler {
     pub sessions: crate::auth::Sessions,
     /// Each change of an order, once durable (the console's live views follow it).
     order_changes: broadcast::Sender<Arc<OrderChange>>,
-    /// The id of each device whose state, telemetry or task changed, once stored (the console's
-    /// fleet view follows it).
-    device_changes: broadcast::Sender<Arc<str>>,
 }
 
 /// An order that changed: written, then announced.
@@ -275,7 +272,6 @@ impl Scheduler {
             tiers,
             sessions: Default::default(),
             order_changes: broadcast::channel(1024).0,
-            device_changes: broadcast::channel(256).0,
         };
         s.reload_tokens().await?;
         // Estimates start from the latest renders, oldest noted first.
@@ -348,18 +344,6 @@ impl Scheduler {
     /// The orders' changes from now on.
     pub fn subscribe_orders(&self) -> broadcast::Receiver<Arc<OrderChange>> {
         self.order_changes.subscribe()
-    }
-
-    /// Each device change from now on: the device's id.
-    pub fn subscribe_devices(&self) -> broadcast::Receiver<Arc<str>> {
-        self.device_changes.subscribe()
-    }
-
-    /// Announces that device `id` changed (its state, telemetry or a task), once stored.
-    pub(crate) fn device_changed(&self, id: &str) {
-        if self.device_changes.receiver_count() > 0 {
-            let _ = self.device_changes.send(Arc::from(id));
-        }
     }
 
     /// Announces a change of an order, once it is durable.
