@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{
     AppState, DoneParams, api_error, badge, esc, field, operator_only, operator_posted, page, page_live, posted,
-    query_value, see_other, signed_in,
+    query_value, see_other, signed_in, unreadable,
 };
 use crate::auth::{Caller, Role, Session};
 use crate::scheduler::Scheduler;
@@ -39,12 +39,6 @@ fn ago(now: i64, ms: i64) -> String {
         5400..=129_599 => format!("{} h ago", (s + 1800) / 3600),
         _ => format!("{} days ago", (s + 43_200) / 86_400),
     }
-}
-
-/// A page that says what could not be read (500).
-fn unreadable(title: &str, what: &str, e: impl std::fmt::Display, signed_in: (&Caller, &Session)) -> Response {
-    let msg = format!(r#"<p role="alert">{what} could not be read: {}</p>"#, esc(&e.to_string()));
-    page(StatusCode::INTERNAL_SERVER_ERROR, title, Some(signed_in), &msg)
 }
 
 /// A `<select>` of `options` (value, label), `chosen` selected, labelled `label`.

@@ -212,6 +212,12 @@ fn signed_in(s: &Scheduler, headers: &HeaderMap) -> Result<(Caller, Session), Bo
     Ok((who, session))
 }
 
+/// A page that says what could not be read (500).
+fn unreadable(title: &str, what: &str, e: impl std::fmt::Display, signed_in: (&Caller, &Session)) -> Response {
+    let msg = format!(r#"<p role="alert">{what} could not be read: {}</p>"#, esc(&e.to_string()));
+    page(StatusCode::INTERNAL_SERVER_ERROR, title, Some(signed_in), &msg)
+}
+
 /// A form's fields, in order.
 type Fields = Vec<(String, String)>;
 
@@ -446,10 +452,7 @@ async fn approvals(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
     }
     let pending = match crate::orders::pending_approvals(&s, &who).await {
         Ok(p) => p,
-        Err(e) => {
-            let msg = format!(r#"<p role="alert">The approvals could not be read: {}</p>"#, esc(&e.to_string()));
-            return page(StatusCode::INTERNAL_SERVER_ERROR, "Approvals", Some((&who, &session)), &msg);
-        }
+        Err(e) => return unreadable("Approvals", "The approvals", e, (&who, &session)),
     };
     let mut body = String::new();
     if let Some(done) = q.done {
@@ -564,10 +567,7 @@ async fn orders(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let q = crate::store::orders::OrderQuery { state: None, client, limit: 50, before: None };
     let rows = match s.store.orders(q).await {
         Ok(rows) => rows,
-        Err(e) => {
-            let msg = format!(r#"<p role="alert">The orders could not be read: {}</p>"#, esc(&e.to_string()));
-            return page(StatusCode::INTERNAL_SERVER_ERROR, "Orders", Some((&who, &session)), &msg);
-        }
+        Err(e) => return unreadable("Orders", "The orders", e, (&who, &session)),
     };
     let mut body = String::new();
     if rows.is_empty() {
@@ -604,10 +604,7 @@ async fn order(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<Str
             let msg = format!(r#"<p role="alert">No order {}.</p>"#, esc(&id));
             return page(StatusCode::NOT_FOUND, "Order", Some((&who, &session)), &msg);
         }
-        Err(e) => {
-            let msg = format!(r#"<p role="alert">The order could not be read: {}</p>"#, esc(&e.to_string()));
-            return page(StatusCode::INTERNAL_SERVER_ERROR, "Order", Some((&who, &session)), &msg);
-        }
+        Err(e) => return unreadable("Order", "The order", e, (&who, &session)),
     };
     let mut body = order_body(&o, &session.csrf);
     if who.role == Role::Operator {
@@ -754,10 +751,7 @@ async fn incidents(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
     }
     let list = match s.store.incidents(None, 100).await {
         Ok(l) => l,
-        Err(e) => {
-            let msg = format!(r#"<p role="alert">The incidents could not be read: {}</p>"#, esc(&e.to_string()));
-            return page(StatusCode::INTERNAL_SERVER_ERROR, "Incidents", Some((&who, &session)), &msg);
-        }
+        Err(e) => return unreadable("Incidents", "The incidents", e, (&who, &session)),
     };
     let mut body = String::new();
     if let Some(done) = q.done {
