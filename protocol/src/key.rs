@@ -25,6 +25,10 @@ pub struct KeyInput {
     pub samples: u32,
     /// Version of the post-processing chain (tone map, resolve, watermark, dither, encoding).
     pub post_chain_version: String,
+    /// The rows of a tile, for a tile of a job the scheduler cut up; absent (and absent from
+    /// the canonical JSON, so a whole image's key is what it always was) for a whole image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile: Option<crate::request::Tile>,
 }
 
 impl KeyInput {
@@ -42,7 +46,14 @@ impl KeyInput {
             prompt: &'a str,
             samples: u32,
             seed: u64,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            tile: Option<SortedTile>,
             width: u32,
+        }
+        #[derive(Serialize)]
+        struct SortedTile {
+            rows: u32,
+            y0: u32,
         }
         let sorted = Sorted {
             height: self.height,
@@ -52,6 +63,7 @@ impl KeyInput {
             prompt: &self.prompt,
             samples: self.samples,
             seed: self.seed,
+            tile: self.tile.map(|t| SortedTile { rows: t.rows, y0: t.y0 }),
             width: self.width,
         };
         // Plain numbers and strings cannot fail to serialise.
@@ -123,7 +135,21 @@ mod tests {
             height: 384,
             samples: 1,
             post_chain_version: "post-1".into(),
+            tile: None,
         }
+    }
+
+    #[test]
+    fn a_tile_has_its_own_key_and_a_whole_image_the_key_it_always_had() {
+        let mut i = input();
+        i.tile = Some(crate::request::Tile { y0: 128, rows: 64 });
+        assert_eq!(
+            i.canonical_json(),
+            r#"{"height":384,"model_id":"cppn","model_version":"0123abcd","post_chain_version":"post-1","prompt":"ember tide","samples":1,"seed":42,"tile":{"rows":64,"y0":128},"width":512}"#
+        );
+        assert_ne!(i.key(), input().key());
+        i.tile = Some(crate::request::Tile { y0: 0, rows: 64 });
+        assert_ne!(i.key(), input().key(), "the first tile is not the whole image");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod wire;
 pub use job::{JobRequest, JobState, ParseStateError};
 pub use key::{CacheKey, KeyInput, ParseKeyError};
 pub use prompt::normalise_prompt;
-pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec};
+pub use request::{RenderRequest, RequestError, Tier, TierLimits, TierSpec, Tile};
 pub use secret::{Secret, SecretUrl};
 pub use text::{JsonError, decode_json, decode_json_value, nul_in_json, nul_in_value, refuse_nul};
 pub use versioned::{FieldError, Versioned};

@@ -211,6 +211,24 @@ pub struct RenderRequest {
     pub watermark: bool,
     /// Whether the post chain quantises with an ordered dither (from `tiers.<tier>.dither`).
     pub dither: bool,
+    /// Only these rows of the image: a tile of a job the scheduler cut up (see [`Tile`]).
+    /// Absent for a whole image (the requests clients send).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile: Option<Tile>,
+}
+
+/// A tile of an image: rows `y0 .. y0 + rows`, every column. A job too large for one worker is
+/// cut into these by the scheduler; each renders, and is cached, on its own, and their rows
+/// stitched in order are the whole image's, byte for byte. Full-width strips, because a PNG's
+/// rows stream in order: stitching is a concatenation that holds one row, not a row of tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Tile {
+    /// The first row, in the whole image.
+    pub y0: u32,
+    /// Rows in the tile.
+    pub rows: u32,
 }
 
 impl RenderRequest {
@@ -266,12 +284,28 @@ impl RenderRequest {
             samples,
             watermark: spec.watermark,
             dither: spec.dither,
+            tile: None,
         })
     }
 
-    /// Samples it renders: width × height × samples².
+    /// The same request, for one tile of its image.
+    pub fn tile(&self, tile: Tile) -> RenderRequest {
+        RenderRequest { tile: Some(tile), ..self.clone() }
+    }
+
+    /// The same request, for the whole image (a tile's whole).
+    pub fn whole(&self) -> RenderRequest {
+        RenderRequest { tile: None, ..self.clone() }
+    }
+
+    /// Rows of the PNG it makes: the tile's, or the image's height.
+    pub fn out_rows(&self) -> u32 {
+        self.tile.map_or(self.height, |t| t.rows)
+    }
+
+    /// Samples it renders: width × height × samples² (of its tile's rows, for a tile).
     pub fn sample_count(&self) -> u64 {
-        u64::from(self.width) * u64::from(self.height) * u64::from(self.samples).pow(2)
+        u64::from(self.width) * u64::from(self.out_rows()) * u64::from(self.samples).pow(2)
     }
 
     /// The cache key input of this request under a given model version and post chain.
@@ -285,6 +319,7 @@ impl RenderRequest {
             height: self.height,
             samples: self.samples,
             post_chain_version: post_chain_version.to_owned(),
+            tile: self.tile,
         }
     }
 }

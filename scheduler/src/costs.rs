@@ -122,11 +122,11 @@ const KEEP: usize = 50;
 pub type Size = (Tier, u32, u32, u32);
 
 fn size(r: &RenderRequest) -> Size {
-    (r.tier, r.width, r.height, r.samples)
+    (r.tier, r.width, r.out_rows(), r.samples)
 }
 
 fn samples(r: &RenderRequest) -> f64 {
-    f64::from(r.width) * f64::from(r.height) * f64::from(r.samples) * f64::from(r.samples)
+    r.sample_count() as f64
 }
 
 fn median(v: impl Iterator<Item = f64>) -> Option<f64> {
@@ -230,6 +230,7 @@ mod tests {
             samples: 1,
             watermark: false,
             dither: false,
+            tile: None,
         }
     }
 

@@ -95,6 +95,9 @@ pub enum RenderError {
     /// Writing the PNG failed.
     #[error("cannot write the PNG: {0}")]
     Encode(#[from] png::EncodingError),
+    /// The request's tile is not one of its image.
+    #[error("tile: {0}")]
+    Tile(String),
 }
 
 /// Timings and counts of one render.
@@ -145,6 +148,35 @@ impl Plan {
     }
 }
 
+/// The rows a request renders, `y0 .. y1` of its image: its tile's, which must lie in the image
+/// and start on a thumbnail row (a multiple of `thumb_factor`), or all of them.
+pub fn rows_of(req: &RenderRequest, thumb_factor: u32) -> Result<(u32, u32), RenderError> {
+    let Some(t) = req.tile else { return Ok((0, req.height)) };
+    let end = u64::from(t.y0) + u64::from(t.rows);
+    if t.rows == 0 || end > u64::from(req.height) {
+        return Err(RenderError::Tile(format!(
+            "rows {}..{end} are not within the image's {} rows, or none",
+            t.y0, req.height
+        )));
+    }
+    if !t.y0.is_multiple_of(thumb_factor) {
+        return Err(RenderError::Tile(format!(
+            "it starts at row {}, not a multiple of the thumbnail factor {thumb_factor}",
+            t.y0
+        )));
+    }
+    Ok((t.y0, t.y0 + t.rows))
+}
+
+/// The size of the encoder's buffer for a `width` × `height` PNG: one IDAT chunk of compressed
+/// data, zeroed when made: at most a megabyte, and no more than the whole image could compress to
+/// (its filtered rows plus deflate's worst-case overhead), so a small image gets a small buffer
+/// and the same bytes. The chunking is part of the bytes: a stitched image uses the same.
+fn stream_bytes(width: u32, height: u32) -> usize {
+    let raw = (width as usize * 3 + 1) * height as usize;
+    (raw + raw / 64 + 1024).min(1 << 20)
+}
+
 fn png_encoder<W: Write>(w: W, width: u32, height: u32) -> png::Encoder<'static, W> {
     let mut e = png::Encoder::new(w, width, height);
     e.set_color(png::ColorType::Rgb);
@@ -163,51 +195,166 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> Result<Vec<u8>, png::E
     Ok(out)
 }
 
-/// The thumbnail of a PNG file, made as a render makes it (a box average in linear light over
-/// [`Plan`]'s factor, rounded sRGB), from the file's 8-bit RGB: for the scheduler, which makes
-/// the thumbnails of uploaded assets itself rather than take them from the uploader. `None`
-/// when the image is its own thumbnail. Reads one row at a time (memory of one row, at most
-/// 64 MiB in the decoder); an interlaced or unreadable PNG is an error that says why.
-pub fn thumbnail_of_png(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut decoder = png::Decoder::new_with_limits(std::io::BufReader::new(file), png::Limits { bytes: 64 << 20 });
-    decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = decoder.read_info().map_err(|e| format!("not a readable PNG: {e}"))?;
-    let (w, h, interlaced) = (reader.info().width, reader.info().height, reader.info().interlaced);
-    if own_thumbnail(w, h) {
-        return Ok(None);
+/// A thumbnail made from an image's 8-bit RGB rows as they pass, one row of it held: a box
+/// average in linear light over [`Plan`]'s factor, rounded sRGB, as a render makes it (from the
+/// 8-bit pixels rather than the linear ones). For the scheduler, which makes the thumbnails of
+/// uploaded and stitched assets itself.
+pub struct ThumbRows {
+    width: usize,
+    height: usize,
+    f: usize,
+    tw: usize,
+    th: usize,
+    linear: Vec<f32>,
+    acc: Vec<f32>,
+    rgb: Vec<u8>,
+    y: usize,
+}
+
+impl ThumbRows {
+    /// For a `width` × `height` image; `None` when it is its own thumbnail.
+    pub fn new(width: u32, height: u32) -> Option<ThumbRows> {
+        if own_thumbnail(width, height) {
+            return None;
+        }
+        let plan = Plan::new(width, height, 1, 1);
+        let (f, tw, th) = (plan.thumb_factor as usize, plan.thumb_w as usize, plan.thumb_h as usize);
+        Some(ThumbRows {
+            width: width as usize,
+            height: height as usize,
+            f,
+            tw,
+            th,
+            linear: (0..=255u8).map(|v| crate::engine::style::srgb_to_linear(f32::from(v) / 255.0)).collect(),
+            acc: vec![0.0; tw * 3],
+            rgb: Vec::with_capacity(tw * th * 3),
+            y: 0,
+        })
     }
-    if interlaced {
-        return Err("an interlaced PNG; the scheduler reads only non-interlaced ones".into());
-    }
-    let channels = reader.output_color_type().0.samples();
-    let plan = Plan::new(w, h, 1, 1);
-    let (f, tw, th) = (plan.thumb_factor as usize, plan.thumb_w as usize, plan.thumb_h as usize);
-    let linear: Vec<f32> = (0..=255u8).map(|v| crate::engine::style::srgb_to_linear(f32::from(v) / 255.0)).collect();
-    let (mut acc, mut rgb) = (vec![0.0f32; tw * 3], Vec::with_capacity(tw * th * 3));
-    for y in 0..h as usize {
-        let row = reader.next_row().map_err(|e| format!("not a readable PNG: {e}"))?;
-        let data = row.ok_or("not a readable PNG: its image data ends early")?.data();
-        for (x, px) in data.chunks_exact(channels).take(w as usize).enumerate() {
-            // Grey (and grey with alpha) stands for all three; alpha is left out.
+
+    /// Takes the next row: `channels` samples a pixel (grey, and grey with alpha, stand for all
+    /// three; alpha is left out).
+    pub fn push(&mut self, row: &[u8], channels: usize) {
+        let (w, f) = (self.width, self.f);
+        for (x, px) in row.chunks_exact(channels).take(w).enumerate() {
             let at = (x / f) * 3;
             for c in 0..3 {
-                acc[at + c] += linear[usize::from(px[if channels < 3 { 0 } else { c }])];
+                self.acc[at + c] += self.linear[usize::from(px[if channels < 3 { 0 } else { c }])];
             }
         }
-        if (y + 1) % f == 0 || y + 1 == h as usize {
+        let y = self.y;
+        self.y += 1;
+        if (y + 1).is_multiple_of(f) || y + 1 == self.height {
             let rows = y % f + 1;
-            for (tx, sums) in acc.chunks_exact_mut(3).enumerate() {
-                let count = ((w as usize).min((tx + 1) * f) - tx * f) * rows;
+            for (tx, sums) in self.acc.chunks_exact_mut(3).enumerate() {
+                let count = (w.min((tx + 1) * f) - tx * f) * rows;
                 for sum in sums.iter_mut() {
                     let v = (post::linear_to_srgb(*sum / count as f32) * 255.0 + 0.5).floor();
-                    rgb.push(v.clamp(0.0, 255.0) as u8);
+                    self.rgb.push(v.clamp(0.0, 255.0) as u8);
                     *sum = 0.0;
                 }
             }
         }
     }
-    encode_png(tw as u32, th as u32, &rgb).map(Some).map_err(|e| e.to_string())
+
+    /// The thumbnail's PNG, once every row has passed.
+    pub fn finish(self) -> Result<Vec<u8>, png::EncodingError> {
+        encode_png(self.tw as u32, self.th as u32, &self.rgb)
+    }
+}
+
+/// The thumbnail of a PNG file, made as [`ThumbRows`] makes it. `None` when the image is its
+/// own thumbnail. Reads one row at a time (memory of one row, at most 64 MiB in the decoder);
+/// an interlaced or unreadable PNG is an error that says why.
+pub fn thumbnail_of_png(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut reader = row_reader(std::io::BufReader::new(file))?;
+    let (w, h) = (reader.info().width, reader.info().height);
+    let Some(mut thumb) = ThumbRows::new(w, h) else { return Ok(None) };
+    let channels = reader.output_color_type().0.samples();
+    for _ in 0..h {
+        let row = reader.next_row().map_err(|e| format!("not a readable PNG: {e}"))?;
+        thumb.push(row.ok_or("not a readable PNG: its image data ends early")?.data(), channels);
+    }
+    thumb.finish().map(Some).map_err(|e| e.to_string())
+}
+
+/// A PNG reader that hands out 8-bit rows one at a time (at most 64 MiB in the decoder); an
+/// interlaced PNG is refused.
+fn row_reader<R: std::io::BufRead + std::io::Seek>(r: R) -> Result<png::Reader<R>, String> {
+    let mut decoder = png::Decoder::new_with_limits(r, png::Limits { bytes: 64 << 20 });
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let reader = decoder.read_info().map_err(|e| format!("not a readable PNG: {e}"))?;
+    if reader.info().interlaced {
+        return Err("an interlaced PNG; only non-interlaced ones are read".into());
+    }
+    Ok(reader)
+}
+
+/// What stitching cost ([`stitch`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StitchStats {
+    /// Tiles read.
+    pub tiles: u32,
+    /// Seconds decoding the tiles.
+    pub decode_seconds: f64,
+    /// Seconds encoding the whole image (and its thumbnail).
+    pub encode_seconds: f64,
+}
+
+/// Stitches the tiles of a `width` × `height` image into its PNG, streamed into `out` one row at
+/// a time: `tiles` are each tile's rows (in order, covering the image) and its PNG. The bytes are
+/// those [`render_to`] writes for the whole image on the same backend: the same encoder, the
+/// same buffer, the same rows. Returns the thumbnail ([`ThumbRows`]; `None` for an image that is
+/// its own) and the costs, or why a tile does not fit.
+pub fn stitch<W: Write, R: std::io::BufRead + std::io::Seek>(
+    width: u32,
+    height: u32,
+    tiles: impl IntoIterator<Item = (kiln_protocol::Tile, R)>,
+    out: W,
+) -> Result<(Option<Vec<u8>>, StitchStats), String> {
+    let encode = |e: png::EncodingError| format!("cannot write the PNG: {e}");
+    let mut writer = png_encoder(out, width, height).write_header().map_err(encode)?;
+    let mut stream = writer.stream_writer_with_size(stream_bytes(width, height)).map_err(encode)?;
+    let mut thumb = ThumbRows::new(width, height);
+    let mut stats = StitchStats::default();
+    let mut next = 0u32;
+    for (tile, r) in tiles {
+        let name = format!("tile at rows {}..{}", tile.y0, u64::from(tile.y0) + u64::from(tile.rows));
+        if tile.y0 != next {
+            return Err(format!("{name}: the tiles before it end at row {next}"));
+        }
+        let t = std::time::Instant::now();
+        let mut reader = row_reader(r).map_err(|e| format!("{name}: {e}"))?;
+        let (w, h) = (reader.info().width, reader.info().height);
+        if (w, h) != (width, tile.rows) || reader.output_color_type() != (png::ColorType::Rgb, png::BitDepth::Eight) {
+            return Err(format!("{name}: a {w}×{h} PNG that is not 8-bit RGB; it must be {width}×{} RGB", tile.rows));
+        }
+        stats.decode_seconds += t.elapsed().as_secs_f64();
+        for _ in 0..h {
+            let t = std::time::Instant::now();
+            let row = reader.next_row().map_err(|e| format!("{name}: not a readable PNG: {e}"))?;
+            let row = row.ok_or_else(|| format!("{name}: its image data ends early"))?.data();
+            stats.decode_seconds += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            stream.write_all(row).map_err(|e| encode(e.into()))?;
+            if let Some(th) = &mut thumb {
+                th.push(row, 3);
+            }
+            stats.encode_seconds += t.elapsed().as_secs_f64();
+        }
+        next = tile.y0 + tile.rows;
+        stats.tiles += 1;
+    }
+    if next != height {
+        return Err(format!("the tiles end at row {next} of {height}"));
+    }
+    let t = std::time::Instant::now();
+    stream.finish().map_err(encode)?;
+    writer.finish().map_err(encode)?;
+    let thumb = thumb.map(ThumbRows::finish).transpose().map_err(encode)?;
+    stats.encode_seconds += t.elapsed().as_secs_f64();
+    Ok((thumb, stats))
 }
 
 /// Renders `req` and streams its PNG into `out`. Returns the thumbnail PNG (`None` when the image
@@ -223,6 +370,8 @@ pub fn render_to<W: Write>(
     let model = Cppn::new(req.seed, style);
     let (w, h, s) = (req.width, req.height, req.samples);
     let plan = Plan::new(w, h, s, engine.band_samples);
+    let (first, end) = rows_of(req, plan.thumb_factor)?;
+    let out_rows = end - first;
     let flags = post::flags(req);
     let max_band_pixels = (w * plan.band_rows) as usize;
     let max_band_samples = max_band_pixels * (s * s) as usize;
@@ -243,21 +392,18 @@ pub fn render_to<W: Write>(
         Backend::Cpu { threads } => *threads,
         Backend::Wgpu(_) => 1,
     };
-    let mut writer = png_encoder(out, w, h).write_header()?;
-    // The encoder's buffer is one IDAT chunk of compressed data, zeroed when made: at most a
-    // megabyte, and no more than the whole image could compress to (its filtered rows plus
-    // deflate's worst-case overhead), so a small image gets a small buffer and the same bytes.
-    let raw = (w as usize * 3 + 1) * h as usize;
-    let stream_bytes = (raw + raw / 64 + 1024).min(1 << 20);
-    let mut stream = writer.stream_writer_with_size(stream_bytes)?;
+    let mut writer = png_encoder(out, w, out_rows).write_header()?;
+    let mut stream = writer.stream_writer_with_size(stream_bytes(w, out_rows))?;
+    // A tile of an image that has a thumbnail has the rows of it that its own rows make.
     let own_thumb = own_thumbnail(w, h);
-    let mut thumb_rgb = Vec::with_capacity(if own_thumb { 0 } else { (plan.thumb_w * plan.thumb_h * 3) as usize });
+    let thumb_rows = out_rows.div_ceil(plan.thumb_factor);
+    let mut thumb_rgb = Vec::with_capacity(if own_thumb { 0 } else { (plan.thumb_w * thumb_rows * 3) as usize });
     let mut stats = RenderStats::default();
     let mut samples_buf = Vec::new();
     let mut rgb = Vec::new();
-    let mut y0 = 0;
-    while y0 < h {
-        let rows = plan.band_rows.min(h - y0);
+    let mut y0 = first;
+    while y0 < end {
+        let rows = plan.band_rows.min(end - y0);
         let band_start = Instant::now();
         let tile = SampleTile { x0: 0, y0: y0 * s, w: w * s, h: rows * s, full_w: w * s, full_h: h * s };
         let params = PostParams::new(&model.style, w, h, rows, y0, s, flags, (plan.thumb_factor, plan.thumb_w));
@@ -291,12 +437,12 @@ pub fn render_to<W: Write>(
         stats.samples += tile.len() as u64;
         stats.bands += 1;
         y0 += rows;
-        progress(Progress { rows_done: y0, rows: h });
+        progress(Progress { rows_done: y0 - first, rows: out_rows });
     }
     let encode_start = Instant::now();
     stream.finish()?;
     writer.finish()?;
-    let thumb_png = if own_thumb { None } else { Some(encode_png(plan.thumb_w, plan.thumb_h, &thumb_rgb)?) };
+    let thumb_png = if own_thumb { None } else { Some(encode_png(plan.thumb_w, thumb_rows, &thumb_rgb)?) };
     stats.encode_seconds += encode_start.elapsed().as_secs_f64();
     stats.total_seconds = started.elapsed().as_secs_f64();
     Ok((thumb_png, stats))

@@ -43,7 +43,12 @@ impl WorkerError {
     /// Whether another attempt may succeed: I/O and backend trouble may pass; a request the
     /// engine cannot serve will not.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, WorkerError::UnknownModel(_) | WorkerError::Engine(EngineError::NoAdapter))
+        !matches!(
+            self,
+            WorkerError::UnknownModel(_)
+                | WorkerError::Engine(EngineError::NoAdapter)
+                | WorkerError::Render(crate::render::RenderError::Tile(_))
+        )
     }
 }
 
@@ -310,7 +315,7 @@ impl Worker {
             .render_seconds
             .with_label_values(&[tier, MODEL_ID, backend])
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.pixels.with_label_values(&[tier]).inc_by(u64::from(req.width) * u64::from(req.height));
+        self.metrics.pixels.with_label_values(&[tier]).inc_by(u64::from(req.width) * u64::from(req.out_rows()));
         // Per job at debug (`KILN_LOG=kiln_worker=debug`): at info, a line per job floods a busy
         // farm's log and cost a tenth of its throughput; failures are logged where they happen.
         tracing::debug!(%key, asset, tier, backend, seconds = stats.total_seconds, "rendered");

@@ -3,10 +3,10 @@
 
 use std::process::Command;
 
-use kiln_protocol::{RenderRequest, Tier, TierLimits};
+use kiln_protocol::{RenderRequest, Tier, TierLimits, Tile};
 use kiln_worker::config::{BackendChoice, WorkerConfig};
 use kiln_worker::gpu::gpu_for_tests;
-use kiln_worker::render::{Backend, Engine, ModelPath, render_to};
+use kiln_worker::render::{Backend, Engine, ModelPath, render_to, stitch};
 use kiln_worker::worker::Worker;
 
 fn req(prompt: &str, seed: u64, tier: Tier, side: u32, samples: Option<u32>) -> RenderRequest {
@@ -387,4 +387,66 @@ fn a_preview_and_a_final_of_the_same_size_do_not_share_a_cache_entry() {
     let plain = RenderRequest::resolve("cppn", "ember", 3, Tier::Preview, Some(64), None, Some(1), &limits).unwrap();
     assert_eq!(png(&cpu(), &plain), png(&cpu(), &fin));
     assert_eq!(w.key(&plain), w.key(&fin));
+}
+
+/// Renders `r` in the tiles `rows` (rows each, the last what is left) and stitches them.
+fn stitched(engine: &Engine, r: &RenderRequest, rows: u32) -> (Vec<u8>, Option<Vec<u8>>) {
+    let tiles: Vec<(Tile, std::io::Cursor<Vec<u8>>)> = (0..r.height)
+        .step_by(rows as usize)
+        .map(|y0| {
+            let t = Tile { y0, rows: rows.min(r.height - y0) };
+            (t, std::io::Cursor::new(png(engine, &r.tile(t))))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let (thumb, stats) = stitch(r.width, r.height, tiles, &mut out).unwrap();
+    assert_eq!(stats.tiles, r.height.div_ceil(rows));
+    (out, thumb)
+}
+
+#[test]
+fn tiles_stitched_in_order_are_the_whole_render_byte_for_byte() {
+    // Print (dither), preview (watermark) and a supersampled final; bands that do not line up
+    // with the tiles; an image that is its own thumbnail and ones that are not.
+    let mut engines = vec![("cpu", cpu()), ("cpu, small bands", Engine { band_samples: 3000, ..cpu() })];
+    engines.extend(wgpu().map(|g| ("wgpu", g)));
+    for (name, engine) in &engines {
+        for (r, rows) in [
+            (req("harbour dusk", 3, Tier::Print, 600, None), 129),
+            (RenderRequest { height: 300, ..req("neon", 9, Tier::Preview, 520, None) }, 63),
+            (req("ocean calm", 2, Tier::Final, 200, Some(2)), 50),
+        ] {
+            let whole = png(engine, &r);
+            let (joined, thumb) = stitched(engine, &r, rows);
+            assert!(joined == whole, "{name}: {:?} {}×{} in tiles of {rows} rows", r.tier, r.width, r.height);
+            // The thumbnail is the one made from the whole PNG.
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("whole.png"), &whole).unwrap();
+            let from_png = kiln_worker::render::thumbnail_of_png(&dir.path().join("whole.png")).unwrap();
+            assert_eq!(thumb, from_png, "{name}");
+        }
+    }
+}
+
+#[test]
+fn a_tile_outside_its_image_or_off_the_thumbnail_grid_is_refused_and_tiles_must_cover_it() {
+    let r = req("dusk", 5, Tier::Print, 600, None);
+    let mut out = Vec::new();
+    for (t, why) in [
+        (Tile { y0: 512, rows: 100 }, "not within the image's 600 rows"),
+        (Tile { y0: 0, rows: 0 }, "or none"),
+        (Tile { y0: 5, rows: 10 }, "not a multiple of the thumbnail factor 3"),
+    ] {
+        let e = render_to(&cpu(), &r.tile(t), &mut out, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.starts_with("tile: ") && e.contains(why), "{t:?}: {e}");
+    }
+    // A gap, a tile of the wrong size, and tiles that stop short are each named.
+    let tile = |y0, rows| (Tile { y0, rows }, std::io::Cursor::new(png(&cpu(), &r.tile(Tile { y0, rows }))));
+    let e = stitch(600, 600, [tile(0, 300), tile(330, 270)], Vec::new()).unwrap_err();
+    assert!(e.contains("tile at rows 330..600: the tiles before it end at row 300"), "{e}");
+    let (t, png) = tile(300, 300);
+    let e = stitch(600, 600, [tile(0, 300), (Tile { rows: 150, ..t }, png)], Vec::new()).unwrap_err();
+    assert!(e.contains("a 600×300 PNG") && e.contains("it must be 600×150"), "{e}");
+    let e = stitch(600, 600, [tile(0, 300)], Vec::new()).unwrap_err();
+    assert_eq!(e, "the tiles end at row 300 of 600");
 }

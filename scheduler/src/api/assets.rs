@@ -122,7 +122,7 @@ async fn purpose(s: &Scheduler, who: &Caller, q: UploadParams) -> Result<Purpose
                 false => Ok(()),
             })
             .map_err(|why| ApiError::conflict(format!("job: {why}; its render is not taken")))?;
-        return Ok(Purpose::Render(job.id, job.request.width, job.request.height));
+        return Ok(Purpose::Render(job.id, job.request.width, job.request.out_rows()));
     }
     if q.attempt.is_some() {
         return Err(ApiError::invalid("attempt", "is only for an upload that names its job"));

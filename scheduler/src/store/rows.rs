@@ -291,7 +291,7 @@ impl<'a> Charge<'a> {
             job: &d.job_id,
             attempt: i64::from(d.attempt),
             w: i64::from(d.request.width),
-            h: i64::from(d.request.height),
+            h: i64::from(d.request.out_rows()),
             s: i64::from(d.request.samples),
             device: c.device_ms,
             cost: c.cost_ms,
