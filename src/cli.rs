@@ -836,8 +836,24 @@ async fn submit(cfg: &FarmConfig, a: &SubmitArgs) -> anyhow::Result<()> {
         match kind {
             "progress" => {
                 if let Ok(p) = api::JobProgress::deserialize(data) {
-                    bar.set_length(u64::from(p.rows.max(1)));
-                    bar.set_position(u64::from(p.rows_done));
+                    match (p.tiles_done, p.tiles) {
+                        // A job cut into tiles across the farm counts its tiles.
+                        (Some(done), Some(tiles)) => {
+                            if bar.is_hidden() {
+                                if !a.remote.json {
+                                    eprintln!("  tiles: {done}/{tiles} done");
+                                }
+                            } else {
+                                kiln_common::progress::count(&bar, "tiles");
+                                bar.set_length(u64::from(tiles.max(1)));
+                                bar.set_position(u64::from(done));
+                            }
+                        }
+                        _ => {
+                            bar.set_length(u64::from(p.rows.max(1)));
+                            bar.set_position(u64::from(p.rows_done));
+                        }
+                    }
                 }
             }
             "state" => {

@@ -1248,3 +1248,44 @@ async fn a_farm_and_its_worker_speak_tls_to_the_broker_and_the_api() {
     d.stop().await;
     drop(proxy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_print_is_shared_by_the_worker_daemons_and_stitched_to_the_whole_render() {
+    let Some(mut d) = Distributed::start().await else { return };
+    d.spawn_worker("w-tile-1");
+    d.spawn_worker("w-tile-2");
+    let body =
+        serde_json::json!({ "prompt": "pier at night", "seed": 5, "tier": "print", "width": 600, "height": 600 });
+    let j = d.farm.submit(body).await;
+    let done = d.wait_all(&[j["id"].as_str().unwrap().to_owned()], Duration::from_secs(120)).await.remove(0);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let hash = done["asset"].as_str().unwrap();
+    let png = d.farm.client.bytes(&format!("/v1/assets/{hash}")).await.unwrap();
+    let r = kiln_protocol::RenderRequest::resolve(
+        "cppn",
+        "pier at night",
+        5,
+        kiln_protocol::Tier::Print,
+        Some(600),
+        Some(600),
+        None,
+        &kiln_protocol::TierLimits::default(),
+    )
+    .unwrap();
+    let engine = kiln_worker::render::Engine {
+        backend: kiln_worker::render::Backend::Cpu { threads: 2 },
+        path: kiln_worker::render::ModelPath::Fused,
+        band_samples: 1 << 20,
+    };
+    let mut whole = Vec::new();
+    kiln_worker::render::render_to(&engine, &r, &mut whole, &mut |_| {}).unwrap();
+    assert!(png.to_vec() == whole, "the tiles the daemons rendered stitch to the whole render");
+    let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
+    let tiles = prov["tiles"].as_array().unwrap();
+    assert_eq!(tiles.len(), 4, "{prov}");
+    for t in tiles {
+        let w = t["worker"].as_str().unwrap();
+        assert!(w == "w-tile-1" || w == "w-tile-2", "{t}");
+    }
+    d.stop().await;
+}

@@ -105,6 +105,9 @@ pub struct Job {
     pub state: JobState,
     /// Its tier.
     pub tier: Tier,
+    /// The rows it renders, for a tile of a job cut up across the farm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile: Option<crate::Tile>,
     /// When it last changed.
     pub updated_at: String,
     /// Whether the preview watermark runs.
@@ -187,6 +190,12 @@ pub struct JobProgress {
     pub rows_done: u32,
     /// Rows in all.
     pub rows: u32,
+    /// For a job cut into tiles across the farm: tiles finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiles_done: Option<u32>,
+    /// For a job cut into tiles: tiles in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiles: Option<u32>,
 }
 
 /// Every error: `{"error": {...}}`.

@@ -92,6 +92,8 @@ pub struct SchedulerConfig {
     pub orders: OrdersConfig,
     /// What renders cost, against the tokens' budgets.
     pub costs: CostsConfig,
+    /// Which jobs are cut into tiles that several workers share.
+    pub tiles: TilesConfig,
     /// The plans written in the config file (`[[plans]]`, at its top level), besides the
     /// built-in `gallery-print`.
     #[serde(skip)]
@@ -261,6 +263,51 @@ impl CostsConfig {
     }
 }
 
+/// `[scheduler.tiles]`: a print-tier job, and a job of any tier over `over_pixels`, is cut into
+/// tiles (full-width strips of rows) that the workers of its tier share, each cached by its own
+/// key; the scheduler stitches their rows into the one PNG, byte for byte the whole render's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TilesConfig {
+    /// Pixels a tile holds, at most (a strip of whole rows, the last shorter).
+    pub tile_pixels: u64,
+    /// Tiles a print is cut into, at least (however small), so that this many workers share it.
+    pub print_min_tiles: u32,
+    /// A job of another tier is cut up when it has more pixels than this; 0 never.
+    pub over_pixels: u64,
+}
+
+impl Default for TilesConfig {
+    fn default() -> Self {
+        TilesConfig { tile_pixels: 4 << 20, print_min_tiles: 4, over_pixels: 0 }
+    }
+}
+
+impl TilesConfig {
+    /// The tiles `req` is cut into: none for a job rendered whole (not a print, or not over
+    /// `over_pixels`, or too small to cut). Each starts on a thumbnail row (the image's
+    /// [`kiln_worker::render::Plan`] factor), so a tile's thumbnail rows are the image's.
+    pub fn tiles(&self, req: &kiln_protocol::RenderRequest) -> Vec<kiln_protocol::Tile> {
+        let pixels = u64::from(req.width) * u64::from(req.height);
+        let cut =
+            req.tile.is_none() && (req.tier == Tier::Print || (self.over_pixels > 0 && pixels > self.over_pixels));
+        if !cut {
+            return vec![];
+        }
+        let least = if req.tier == Tier::Print { self.print_min_tiles.max(1) } else { 2 };
+        let f = kiln_worker::render::Plan::new(req.width, req.height, 1, 1).thumb_factor;
+        let units = req.height.div_ceil(f);
+        let by_size = u32::try_from(pixels.div_ceil(self.tile_pixels.max(1))).unwrap_or(u32::MAX);
+        let n = by_size.max(least).min(units);
+        let rows = units.div_ceil(n.max(1)) * f;
+        let tiles: Vec<kiln_protocol::Tile> = (0..req.height)
+            .step_by(rows as usize)
+            .map(|y0| kiln_protocol::Tile { y0, rows: rows.min(req.height - y0) })
+            .collect();
+        if tiles.len() < 2 { vec![] } else { tiles }
+    }
+}
+
 /// `[scheduler.orders]`: how the conductor runs orders' steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -420,6 +467,7 @@ impl Default for SchedulerConfig {
             retention: RetentionConfig::default(),
             orders: OrdersConfig::default(),
             costs: CostsConfig::default(),
+            tiles: TilesConfig::default(),
             plans: Vec::new(),
         }
     }
@@ -565,6 +613,8 @@ impl FarmConfig {
             ("scheduler.retention.interval_seconds", s.retention.interval_seconds),
             ("scheduler.orders.step_attempts", u64::from(s.orders.step_attempts)),
             ("scheduler.orders.printer_wait_seconds", s.orders.printer_wait_seconds),
+            ("scheduler.tiles.tile_pixels", s.tiles.tile_pixels),
+            ("scheduler.tiles.print_min_tiles", u64::from(s.tiles.print_min_tiles)),
         ] {
             if v == 0 {
                 return bad(key, "must be at least 1".into());

@@ -18,5 +18,6 @@ pub mod retention;
 pub mod retry;
 pub mod scheduler;
 pub mod store;
+pub mod tiles;
 pub mod time;
 pub mod waits;

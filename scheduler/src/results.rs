@@ -262,6 +262,9 @@ impl Scheduler {
         };
         if let Outcome::Succeeded { cost: Some(c), .. } = &outcome {
             self.estimates.note(&r.d.request, c.device_ms);
+            if r.d.request.tile.is_some() {
+                self.tile_workers.note(&r.d.job_id, &r.worker);
+            }
         }
         if let Outcome::Retry { error, .. } | Outcome::Failed { error } = &outcome {
             match self.weigh_failure(r, error).await {
@@ -278,7 +281,7 @@ impl Scheduler {
 
     /// Writes an attempt's outcome, counts it, tells listeners and, for a retry, wakes the
     /// dispatcher.
-    async fn record_outcome(&self, d: &Dispatch, started_ms: i64, outcome: Outcome) -> Settled {
+    pub(crate) async fn record_outcome(&self, d: &Dispatch, started_ms: i64, outcome: Outcome) -> Settled {
         let retry = matches!(outcome, Outcome::Retry { .. });
         let label = outcome.label();
         let gave_up = match &outcome {

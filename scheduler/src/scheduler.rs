@@ -156,6 +156,8 @@ pub enum Live {
         rows_done: u32,
         /// Rows in all.
         rows: u32,
+        /// For a job cut into tiles: tiles finished, and in all.
+        tiles: Option<(u32, u32)>,
     },
 }
 
@@ -226,6 +228,11 @@ pub struct Scheduler {
     pub sessions: crate::auth::Sessions,
     /// Each change of an order, once durable (the console's live views follow it).
     order_changes: broadcast::Sender<Arc<OrderChange>>,
+    /// Itself, for the tasks it starts (a job cut into tiles runs on its own task).
+    me: std::sync::OnceLock<std::sync::Weak<Scheduler>>,
+    /// The worker that rendered each recent tile, by job id, for the provenance of the image
+    /// they are stitched into (see [`crate::tiles`]).
+    pub(crate) tile_workers: crate::tiles::TileWorkers,
 }
 
 /// An order that changed: written, then announced.
@@ -272,6 +279,8 @@ impl Scheduler {
             tiers,
             sessions: Default::default(),
             order_changes: broadcast::channel(1024).0,
+            me: std::sync::OnceLock::new(),
+            tile_workers: Default::default(),
         };
         s.reload_tokens().await?;
         // Estimates start from the latest renders, oldest noted first.
@@ -282,7 +291,14 @@ impl Scheduler {
             s.metrics.jobs.with_label_values(&[tier.as_str(), state.as_str()]).set(n);
         }
         s.metrics.register_store(&s.store.writer_metrics());
-        Ok(Arc::new(s))
+        let s = Arc::new(s);
+        let _ = s.me.set(Arc::downgrade(&s));
+        Ok(s)
+    }
+
+    /// Itself, shared (`None` only while it is being dropped).
+    pub(crate) fn shared(&self) -> Option<Arc<Scheduler>> {
+        self.me.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// The tokens (not revoked) that carry a budget, by name.
@@ -353,6 +369,13 @@ impl Scheduler {
         }
     }
 
+    /// Tells listeners something not stored (progress).
+    pub(crate) fn tell(&self, live: Live) {
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(Arc::new(live));
+        }
+    }
+
     pub(crate) fn live_sender(&self) -> broadcast::Sender<Arc<Live>> {
         self.live.clone()
     }
@@ -362,7 +385,7 @@ impl Scheduler {
     }
 
     /// A new job id: creation time and randomness, so ids sort roughly by age and never collide.
-    fn new_id(&self) -> String {
+    pub(crate) fn new_id(&self) -> String {
         format!("j{:011x}{:012x}", now_ms(), self.random() >> 16)
     }
 
@@ -658,6 +681,12 @@ impl Scheduler {
             idempotency_key,
             now_ms: now_ms(),
         };
+        let (job, admission) = self.admit(new).await?;
+        Ok((job, admission, watch))
+    }
+
+    /// Stores a new job as [`Store::submit`] admits it, counts how, and tells listeners.
+    pub(crate) async fn admit(&self, new: NewJob) -> Result<(Job, Admission), StoreError> {
         let s = self.store.submit(new).await?;
         let tier = s.job.tier.as_str();
         match s.admission {
@@ -667,7 +696,37 @@ impl Scheduler {
             Admission::Existing => {}
         }
         self.publish(s.events);
-        Ok((s.job, s.admission, watch))
+        Ok((s.job, s.admission))
+    }
+
+    /// Waits for job `id` to end, and returns it as it ended (`None`: there is no such job).
+    /// Woken by its end; reads it again at least every minute whatever happens.
+    pub(crate) async fn until_ended(&self, id: &str) -> Option<Job> {
+        let id_owned = id.to_owned();
+        loop {
+            let mut woken = Some(self.waiters.watch_one(id));
+            let ended = match self.store.job(id).await {
+                Ok(Some(j)) if j.state.is_terminal() => Some(Some(j)),
+                Ok(Some(_)) => {
+                    if let Some(w) = woken.take() {
+                        let _ = tokio::time::timeout(Duration::from_secs(60), w).await;
+                    }
+                    None
+                }
+                Ok(None) => Some(None),
+                Err(e) => {
+                    tracing::warn!(job_id = id, error = %e, "cannot read a job waited on; trying again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    None
+                }
+            };
+            // Its waiter, whose receiver is gone now, is not left behind.
+            drop(woken);
+            self.waiters.forget([&id_owned]);
+            if let Some(job) = ended {
+                return job;
+            }
+        }
     }
 
     /// Cancels a job; a client may cancel only its own. `Ok(None)`: no such job (or not theirs).

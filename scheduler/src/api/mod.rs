@@ -131,6 +131,7 @@ impl Serialize for JobView {
         entry_if(&mut m, "started_at", j.started_ms.map(rfc3339).as_deref())?;
         m.serialize_entry("state", &j.state)?;
         m.serialize_entry("tier", &j.tier)?;
+        entry_if(&mut m, "tile", r.tile.as_ref())?;
         m.serialize_entry("updated_at", &rfc3339(j.updated_ms))?;
         m.serialize_entry("watermark", &r.watermark)?;
         m.serialize_entry("width", &r.width)?;
@@ -535,8 +536,14 @@ async fn events(
                     send_event(e)
                 }
                 Live::Event(_) => continue,
-                Live::Progress { rows_done, rows, .. } => {
-                    let p = api::JobProgress { job_id: id.clone(), rows_done: *rows_done, rows: *rows };
+                Live::Progress { rows_done, rows, tiles, .. } => {
+                    let p = api::JobProgress {
+                        job_id: id.clone(),
+                        rows_done: *rows_done,
+                        rows: *rows,
+                        tiles_done: tiles.map(|t| t.0),
+                        tiles: tiles.map(|t| t.1),
+                    };
                     SseEvent::default().event("progress").json_data(p).unwrap_or_default()
                 }
             };

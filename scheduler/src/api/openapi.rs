@@ -106,7 +106,7 @@ impl Modify for BearerAuth {
         super::orders::list_incidents, super::orders::get_incident, super::orders::act_on_incident,
         super::orders::usage,
     ),
-    components(schemas(SubmitBody, Submitted, EventData, api::Job, api::JobBatch, api::JobPage, api::JobEvent, api::JobProgress, api::ErrorBody)),
+    components(schemas(SubmitBody, Submitted, EventData, api::Job, api::JobBatch, api::JobPage, api::JobEvent, api::JobProgress, api::ErrorBody, kiln_protocol::Tile)),
     tags(
         (name = "jobs", description = "Render jobs: submit, read, wait, cancel, follow"),
         (name = "assets", description = "PNGs by BLAKE3, their thumbnails and provenance"),

@@ -172,7 +172,12 @@ async fn render(sched: &Arc<Scheduler>, worker: &str, job: &Job) -> Ended {
         // Progress is for people: at most every 2% and the end.
         if p.rows_done == p.rows || p.rows_done * 50 / p.rows.max(1) > last {
             last = p.rows_done * 50 / p.rows.max(1);
-            let _ = live.send(Arc::new(Live::Progress { job_id: id.clone(), rows_done: p.rows_done, rows: p.rows }));
+            let _ = live.send(Arc::new(Live::Progress {
+                job_id: id.clone(),
+                rows_done: p.rows_done,
+                rows: p.rows,
+                tiles: None,
+            }));
         }
     };
     let done = attempt(&sched.worker, job.request.clone(), SPILL_BYTES as u64, progress, |_, r| r).await;

@@ -77,6 +77,34 @@ pub trait Dispatch: Send + Sync {
     fn send<'a>(&'a self, rows: Vec<Outgoing>, marker: &'a Marker<'a>) -> BoxFut<'a, Result<usize, DispatchError>>;
 }
 
+/// Hands `rows` on: a job cut into tiles to its own task here ([`Scheduler::spawn_tiled`]),
+/// once its row is marked sent (its tiles are jobs of their own, dispatched as any); the rest
+/// to `via`. Answers how many rows were marked.
+async fn send(
+    sched: &Scheduler,
+    via: &dyn Dispatch,
+    rows: Vec<Outgoing>,
+    marker: &Marker<'_>,
+    stop: &CancellationToken,
+) -> Result<usize, DispatchError> {
+    let (tiled, rest): (Vec<Outgoing>, Vec<Outgoing>) =
+        rows.into_iter().partition(|o| sched.is_tiled(&o.dispatch.request));
+    let mut marked = 0;
+    if !tiled.is_empty() {
+        let moved = marker.mark(tiled.iter().map(|o| o.id).collect()).await?;
+        marked += tiled.len();
+        for o in tiled {
+            if o.live && moved.contains(&o.dispatch.job_id) {
+                sched.spawn_tiled(o.dispatch, stop);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        marked += via.send(rest, marker).await?;
+    }
+    Ok(marked)
+}
+
 /// Offers due outbox rows to `via` until `stop`, sleeping until the next row falls due or a new
 /// one is written. Ends with an error only when the transport fails.
 pub async fn run_outbox(sched: &Scheduler, via: &dyn Dispatch, stop: &CancellationToken) -> Result<(), DispatchError> {
@@ -96,7 +124,7 @@ pub async fn run_outbox(sched: &Scheduler, via: &dyn Dispatch, stop: &Cancellati
             Ok((pending, _)) if pending.rows.is_empty() => pending.next_due_ms,
             Ok((pending, marker)) => {
                 let (offered, full) = (pending.rows.len(), pending.rows.len() == window as usize);
-                match via.send(pending.rows, &marker).await {
+                match send(sched, via, pending.rows, &marker, stop).await {
                     // More may be due already.
                     Ok(marked) if marked == offered && full => continue,
                     Ok(marked) if marked == offered => pending.next_due_ms,

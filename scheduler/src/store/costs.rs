@@ -66,7 +66,8 @@ pub trait CostStore {
     fn asset_jobs(&self, hash: &str, limit: u32) -> super::BoxFut<'_, Result<Vec<AssetJob>, StoreError>>;
     /// The rendered assets, newest first, each with the first job that had it (of `q.client`'s,
     /// when given), whose request holds each of `q.words` (a coarse match: the caller checks
-    /// the prompt itself).
+    /// the prompt itself). Tiles of a job cut up across the farm are left out: their image is
+    /// the job's.
     fn gallery(&self, q: GalleryQuery) -> super::BoxFut<'_, Result<Vec<GalleryItem>, StoreError>>;
 }
 
@@ -275,7 +276,8 @@ macro_rules! costs_impl {
                         "SELECT a.hash AS gallery_asset, a.created_ms AS gallery_ms, j.* FROM assets a \
                          JOIN jobs j ON j.seq = (SELECT MIN(f.seq) FROM jobs f WHERE f.asset = a.hash \
                            AND (CAST($1 AS TEXT) IS NULL OR f.client = $1)) \
-                         WHERE (CAST($2 AS TEXT) IS NULL OR LOWER(j.request) LIKE $2 ESCAPE '\\') \
+                         WHERE j.request NOT LIKE '%\"tile\":{%' \
+                         AND (CAST($2 AS TEXT) IS NULL OR LOWER(j.request) LIKE $2 ESCAPE '\\') \
                          AND (CAST($3 AS TEXT) IS NULL OR LOWER(j.request) LIKE $3 ESCAPE '\\') \
                          AND (CAST($4 AS TEXT) IS NULL OR LOWER(j.request) LIKE $4 ESCAPE '\\') \
                          AND (CAST($5 AS TEXT) IS NULL OR LOWER(j.request) LIKE $5 ESCAPE '\\') \

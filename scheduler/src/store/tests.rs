@@ -76,10 +76,15 @@ both_stores!(
 
 async fn the_gallery_lists_assets_newest_first_by_client_and_words(s: &dyn Store) {
     use super::costs::GalleryQuery;
-    for (i, (id, prompt)) in [("a", "Kiln at dusk"), ("b", "ember 100% glaze"), ("c", "kiln_glaze")].iter().enumerate()
+    // A tile of a job cut up across the farm ("t") is no image of its own: never listed.
+    for (i, (id, prompt)) in
+        [("t", "kiln tile"), ("a", "Kiln at dusk"), ("b", "ember 100% glaze"), ("c", "kiln_glaze")].iter().enumerate()
     {
         let mut job = new_job(id, &format!("k{id}"), i as u64);
         job.request.prompt = (*prompt).to_owned();
+        if *id == "t" {
+            job.request.tile = Some(kiln_protocol::Tile { y0: 0, rows: 8 });
+        }
         s.submit(job).await.unwrap();
         let due = s.take_due(2000, 10).await.unwrap();
         s.start(&due.jobs[0], 2001).await.unwrap();

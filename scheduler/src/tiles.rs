@@ -1,0 +1,324 @@
+//! One image across the farm. A job that `[scheduler.tiles]` cuts up (a print, or any job over a
+//! size) is not sent to a worker: the dispatcher hands it here ([`Scheduler::run_tiled`]), which
+//! submits each tile as a job of its own (a [`kiln_protocol::Tile`] of the request, with its own
+//! cache key), so the tiles go to whichever workers serve the tier, each retried, handed on from
+//! a lost worker and quarantined as any job is, and each answered from the cache when it was
+//! rendered before. When the last one ends, the tiles' rows are stitched in order into the one
+//! PNG ([`kiln_worker::render::stitch`]), byte for byte the whole render's on the same backend,
+//! and the job ends with it under its own cache key, its provenance listing the tiles and their
+//! workers. A tile that fails for good (out of attempts, quarantined, cancelled) fails the job
+//! with its reason; the tiles not started yet are cancelled with it. Cancelling the job cancels
+//! the tiles not started; the ones rendering finish and stay cached for the next try.
+//!
+//! Nothing is held across a crash: the job was `running`, so the next start queues it again,
+//! and its tiles are submitted again: each is answered from the cache, or attached to its own
+//! earlier tile job (queued again too), so nothing done is rendered again.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use kiln_protocol::{JobState, Tile, now_ms};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::results::Settled;
+use crate::scheduler::{Live, Scheduler};
+use crate::store::{Dispatch, Job, NewJob, Outcome};
+
+/// The worker that rendered each recent tile job, by job id (noted as its success is settled):
+/// for the provenance of the image the tiles are stitched into. Only in memory: a tile rendered
+/// before a restart is listed without its worker.
+#[derive(Debug, Default)]
+pub struct TileWorkers(Mutex<HashMap<String, String>>);
+
+/// Tile jobs' workers remembered, at most (a stitch reads them within moments of their end).
+const TILE_WORKERS_KEPT: usize = 65_536;
+
+impl TileWorkers {
+    /// Notes that `worker` rendered tile job `job_id`.
+    pub fn note(&self, job_id: &str, worker: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= TILE_WORKERS_KEPT {
+            m.clear();
+        }
+        m.insert(job_id.to_owned(), worker.to_owned());
+    }
+
+    fn of(&self, job_id: &str) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(job_id).cloned()
+    }
+}
+
+/// A tile's PNG: a file in the asset store, or (a small one) kept with the asset's row.
+enum Source {
+    File(std::fs::File),
+    Held(Cursor<Vec<u8>>),
+}
+
+impl Read for Source {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::File(f) => f.read(buf),
+            Source::Held(c) => c.read(buf),
+        }
+    }
+}
+
+impl Seek for Source {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Source::File(f) => f.seek(pos),
+            Source::Held(c) => c.seek(pos),
+        }
+    }
+}
+
+/// A tile, as the stitch and the provenance need it.
+struct Done {
+    tile: Tile,
+    job: Job,
+}
+
+impl Scheduler {
+    /// Whether a request is cut into tiles rather than sent to one worker.
+    pub fn is_tiled(&self, req: &kiln_protocol::RenderRequest) -> bool {
+        !self.cfg.tiles.tiles(req).is_empty()
+    }
+
+    /// Runs attempt `d` of a job cut into tiles on a task of its own, until it ends or `stop`.
+    pub(crate) fn spawn_tiled(&self, d: Dispatch, stop: &CancellationToken) {
+        let Some(sched) = self.shared() else { return };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = sched.run_tiled(d) => {}
+            }
+        });
+    }
+
+    /// Runs attempt `d` of a job cut into tiles: starts it, submits its tiles, follows them to
+    /// their ends (telling listeners the tiles done), and records the job's end: the stitched
+    /// image, or why a tile failed.
+    #[tracing::instrument(level = "debug", skip_all, fields(job_id = %d.job_id, attempt = d.attempt))]
+    pub async fn run_tiled(self: Arc<Self>, d: Dispatch) {
+        let started_ms = now_ms();
+        match self.store.start(&d, started_ms).await {
+            Ok(Some(e)) => self.publish(vec![e]),
+            // Cancelled, or this attempt is not the job's any more.
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "tiles: cannot mark the job running; the next start runs it");
+                return;
+            }
+        }
+        let tiles = self.cfg.tiles.tiles(&d.request);
+        let n = tiles.len() as u32;
+        tracing::info!(job_id = d.job_id, tiles = n, "cutting a job into tiles");
+        let mut jobs = Vec::with_capacity(tiles.len());
+        for t in &tiles {
+            let request = d.request.tile(*t);
+            let new = NewJob {
+                id: self.new_id(),
+                cache_key: self.worker.key(&request).to_string(),
+                request,
+                client: d.client.clone(),
+                idempotency_key: None,
+                now_ms: now_ms(),
+            };
+            match self.admit(new).await {
+                Ok((job, _)) => jobs.push(job),
+                Err(e) => {
+                    self.cancel_unstarted(&jobs, &d.job_id).await;
+                    let why = format!("cannot submit tile at rows {}..{}: {e}", t.y0, t.y0 + t.rows);
+                    self.settle_undelivered(&d, why, true).await;
+                    return;
+                }
+            }
+        }
+        let mut open: FuturesUnordered<_> = jobs
+            .iter()
+            .zip(&tiles)
+            .enumerate()
+            .map(|(i, (j, t))| {
+                let (sched, id, t) = (self.clone(), j.id.clone(), *t);
+                async move { (i, t, sched.until_ended(&id).await) }
+            })
+            .collect();
+        let parent = self.until_ended(&d.job_id);
+        tokio::pin!(parent);
+        let mut done: Vec<Option<Done>> = (0..tiles.len()).map(|_| None).collect();
+        let (mut finished, mut rows_done) = (0u32, 0u32);
+        while finished < n {
+            let (i, tile, job) = tokio::select! {
+                Some(ended) = open.next() => ended,
+                ended = &mut parent => {
+                    // Only a cancel ends the job while its tiles run.
+                    let state = ended.map_or_else(|| "gone".to_owned(), |j| j.state.to_string());
+                    tracing::info!(job_id = d.job_id, state, "the job ended; cancelling its tiles not yet started");
+                    self.cancel_unstarted(&jobs, &d.job_id).await;
+                    return;
+                }
+            };
+            let rows = format!("rows {}..{}", tile.y0, tile.y0 + tile.rows);
+            let failed = match job {
+                Some(j) if matches!(j.state, JobState::Succeeded | JobState::Cached) && j.asset.is_some() => {
+                    finished += 1;
+                    rows_done += tile.rows;
+                    self.tell(Live::Progress {
+                        job_id: d.job_id.clone(),
+                        rows_done,
+                        rows: d.request.height,
+                        tiles: Some((finished, n)),
+                    });
+                    done[i] = Some(Done { tile, job: j });
+                    continue;
+                }
+                Some(j) => {
+                    let why = j.error.clone().unwrap_or_else(|| j.state.to_string());
+                    let quarantined = why.starts_with("quarantined");
+                    (format!("tile {}/{n} ({rows}, job {}) {}: {why}", i + 1, j.id, j.state), quarantined)
+                }
+                None => (format!("tile {}/{n} ({rows}): its job is gone", i + 1), false),
+            };
+            self.cancel_unstarted(&jobs, &d.job_id).await;
+            let (error, quarantined) = failed;
+            let outcome = if quarantined { Outcome::Quarantined { error } } else { Outcome::Failed { error } };
+            self.record_outcome(&d, started_ms, outcome).await;
+            return;
+        }
+        let done: Vec<Done> = done.into_iter().flatten().collect();
+        let outcome = match self.stitch(&d, &done, started_ms).await {
+            Ok(o) => o,
+            Err(why) => {
+                tracing::error!(job_id = d.job_id, why, "tiles: cannot stitch");
+                // The tiles stay cached: another attempt only stitches again.
+                self.settle_undelivered(&d, format!("cannot stitch the tiles: {why}"), true).await;
+                return;
+            }
+        };
+        if self.record_outcome(&d, started_ms, outcome).await != Settled::Recorded {
+            tracing::error!(
+                job_id = d.job_id,
+                "tiles: cannot record the stitched image; the next start stitches again"
+            );
+        }
+    }
+
+    /// Cancels the tiles in `jobs` not yet started (queued or dispatched) for the end of `job_id`.
+    async fn cancel_unstarted(&self, jobs: &[Job], job_id: &str) {
+        let by = format!("the end of job {job_id}, of which it is a tile");
+        for j in jobs {
+            let now = match self.store.job(&j.id).await {
+                Ok(Some(now)) => now,
+                _ => continue,
+            };
+            if matches!(now.state, JobState::Queued | JobState::Dispatched) {
+                match self.store.cancel(&j.id, &by, now_ms()).await {
+                    Ok(Some((_, events))) => {
+                        if events.iter().any(|e| e.state == JobState::Queued) {
+                            self.dispatch_wake.notify_one();
+                        }
+                        self.publish(events);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(job_id = j.id, error = %e, "tiles: cannot cancel a tile"),
+                }
+            }
+        }
+    }
+
+    /// Stitches the tiles `done` (in order) into the job's image in the asset store; the
+    /// outcome to record, with the provenance.
+    async fn stitch(&self, d: &Dispatch, done: &[Done], started_ms: i64) -> Result<Outcome, String> {
+        let mut sources = Vec::with_capacity(done.len());
+        let mut listed = Vec::with_capacity(done.len());
+        let (mut backends, mut devices, mut model) = (Vec::<String>::new(), Vec::<String>::new(), Value::Null);
+        for t in done {
+            let asset = t.job.asset.clone().unwrap_or_default();
+            let path = self.worker.store().path(&asset);
+            let source = match std::fs::File::open(&path) {
+                Ok(f) => Source::File(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match self.store.asset_png(&asset).await {
+                    Ok(Some(png)) => Source::Held(Cursor::new(png)),
+                    Ok(None) => return Err(format!("tile job {}: its asset {asset} is not here", t.job.id)),
+                    Err(e) => return Err(e.to_string()),
+                },
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
+            sources.push((t.tile, BufReader::new(source)));
+            let record: Value = match self.store.provenance(&asset).await {
+                Ok(Some(json)) => serde_json::from_str(&json).unwrap_or(Value::Null),
+                _ => std::fs::read(self.worker.store().provenance_path(&asset))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(Value::Null),
+            };
+            let field = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_owned);
+            for (list, v) in [(&mut backends, field("backend")), (&mut devices, field("device"))] {
+                if let Some(v) = v
+                    && !list.contains(&v)
+                {
+                    list.push(v);
+                }
+            }
+            if model.is_null() {
+                model = record.get("model").cloned().unwrap_or(Value::Null);
+            }
+            // A tile attached to another job's render was rendered under that job's id.
+            let rendered_by = t.job.follows.as_deref().unwrap_or(&t.job.id);
+            listed.push(json!({
+                "tile": t.tile,
+                "job": t.job.id,
+                "state": t.job.state,
+                "asset": asset,
+                "cache_key": t.job.cache_key,
+                "worker": self.tile_workers.of(rendered_by),
+                "host": field("host"),
+                "backend": field("backend"),
+                "device": field("device"),
+                "seconds": record.get("timings").and_then(|t| t.get("total_seconds")).cloned(),
+            }));
+        }
+        let worker = self.worker.clone();
+        let (w, h) = (d.request.width, d.request.height);
+        let stitched = tokio::task::spawn_blocking(move || {
+            let t = std::time::Instant::now();
+            let store = worker.store();
+            let mut pending = store.begin().map_err(|e| e.to_string())?;
+            let (thumb, stats) = kiln_worker::render::stitch(w, h, sources, &mut pending)?;
+            let (asset, bytes) = store.commit(pending, thumb.as_deref(), None).map_err(|e| e.to_string())?;
+            let thumb = thumb.map(|t| blake3::hash(&t).to_hex().to_string());
+            Ok::<_, String>((asset, bytes, thumb, stats, t.elapsed().as_secs_f64()))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (asset, bytes, thumb, stats, seconds) = stitched;
+        let key_input = d
+            .request
+            .key_input(kiln_worker::engine::cppn::model_version(), &kiln_worker::post::post_chain_version(&d.request));
+        let record = json!({
+            "asset": asset,
+            "backend": backends.join("+"),
+            "cache_key": d.cache_key,
+            "created_unix": now_ms() / 1000,
+            "device": devices.join(" + "),
+            "host": kiln_common::host_name(),
+            "key_input": key_input,
+            "kiln_version": env!("CARGO_PKG_VERSION"),
+            "model": model,
+            "post_chain_version": key_input.post_chain_version,
+            "request": d.request,
+            "stitch": { "seconds": seconds, "decode_seconds": stats.decode_seconds, "encode_seconds": stats.encode_seconds },
+            "thumbnail": thumb.unwrap_or_else(|| asset.clone()),
+            "tiles": listed,
+            "timings": { "total_seconds": (now_ms() - started_ms) as f64 / 1000.0 },
+        });
+        tracing::info!(job_id = d.job_id, asset, tiles = done.len(), seconds, "stitched the tiles");
+        // The tiles were charged as they rendered; the stitch is the scheduler's own work.
+        Ok(Outcome::Succeeded { asset, bytes, provenance: Some(record.to_string()), png: None, cost: None })
+    }
+}
