@@ -278,7 +278,11 @@ async fn every_dashboard_panel_and_alert_rule_returns_series_from_a_live_prometh
     let budgeted = json!({ "name": "studio-a", "role": "client", "budget_seconds": 3600, "budget_period": "day" });
     let made = c.call(Method::POST, "/v1/tokens", Some(&budgeted)).await.unwrap();
     let client = Client::new(&url, Some(Secret::new(made["token"].as_str().unwrap().to_owned())));
-    let j = client.call(Method::POST, "/v1/jobs", Some(&job("a client's piece", 2, "preview"))).await.unwrap();
+    // Large enough that its render takes more than the ledger's millisecond: a 48 px preview
+    // may take less, cost nothing, and leave the budget's gauge at 0.
+    let mut piece = job("a client's piece", 2, "preview");
+    piece["width"] = 640.into();
+    let j = client.call(Method::POST, "/v1/jobs", Some(&piece)).await.unwrap();
     client.call(Method::GET, &format!("/v1/jobs/{}?wait=60", j["id"].as_str().unwrap()), None).await.unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     while c.call(Method::GET, "/v1/devices", None).await.unwrap()["devices"]

@@ -1476,7 +1476,7 @@ async fn a_gallery_print_order_runs_the_same_on_a_distributed_farm() {
     assert_eq!(p["orders"][0]["order"], id.as_str(), "{p:#}");
     let usage = s.farm.client.call(Method::GET, "/v1/usage", None).await.unwrap();
     let renders: u64 = usage["days"].as_array().unwrap().iter().map(|d| d["renders"].as_u64().unwrap()).sum();
-    assert_eq!(renders, 4, "two previews, a final and a print render: {usage:#}");
+    assert_eq!(renders, 7, "two previews, a final and a print in 4 tiles: {usage:#}");
     drop(workers);
     let conn = kiln_common::amqp::connect(&amqp_url, "kiln-test").await.unwrap();
     let ch = kiln_common::amqp::confirm_channel(&conn).await.unwrap();

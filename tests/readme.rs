@@ -132,7 +132,7 @@ fn readme_commands() -> Vec<String> {
 }
 
 /// README commands not run here, each with the file that runs it and the text there that does.
-const ELSEWHERE: [(&str, &str, &str); 8] = [
+const ELSEWHERE: [(&str, &str, &str); 9] = [
     ("cargo test --release --workspace", ".ci/run", "cargo test --release --workspace"),
     ("cargo build --release -p kiln-edge", ".ci/run", "cargo build --locked -q --profile edge -p kiln-edge"),
     ("cargo build --profile edge -p kiln-edge --target", ".ci/run", "--profile edge -p kiln-edge --target"),
@@ -145,6 +145,7 @@ const ELSEWHERE: [(&str, &str, &str); 8] = [
     ("sudo infra/install/pi.sh", "tests/infra.rs", r#"install("pi.sh", &args)"#),
     ("rabbitmqctl stop_app", "tests/faults.rs", r#"rabbitmqctl("stop_app")"#),
     ("kiln-worker doctor", "tests/distributed.rs", r#".arg("doctor")"#),
+    ("kiln submit --wait", "tests/tiles.rs", r#""--wait""#),
 ];
 
 /// README commands that cannot run on a test machine, and why.
@@ -491,6 +492,7 @@ async fn every_command_the_readme_shows_is_run_or_accounted_for() {
         ),
         ("kiln bench store", "kiln bench store --runs 1 --jobs 300 --concurrency 8"),
         ("kiln bench console", "kiln bench console --jobs 300 --assets 20 --requests 2"),
+        ("kiln bench print", "kiln bench print --runs 1 --side 256 --workers 1,2"),
     ] {
         sh.run(bench, &[(bench, small)]);
     }

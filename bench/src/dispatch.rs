@@ -121,12 +121,12 @@ fn sample_job_message() -> anyhow::Result<Vec<u8>> {
 }
 
 /// A fresh prefix for a run's queues.
-fn scratch_name(what: &str, run: usize) -> String {
+pub(crate) fn scratch_name(what: &str, run: usize) -> String {
     format!("kiln_bench_{what}_{}_{run}", std::process::id())
 }
 
 /// Deletes the queues a run made.
-async fn delete_queues(url: &str, names: &Names) -> anyhow::Result<()> {
+pub(crate) async fn delete_queues(url: &str, names: &Names) -> anyhow::Result<()> {
     let conn = amqp::connect(url, "kiln-bench-cleanup").await?;
     let ch = conn.create_channel().await?;
     amqp::delete_queues(&ch, names).await?;

@@ -1,5 +1,6 @@
 //! Kiln's benchmarks, behind `kiln bench …`: the engine ([`engine`]), the embedded farm end to end
-//! ([`farm`]), the store's writes alone ([`store`]), the console's first paint ([`console`]), the distributed farm on PostgreSQL and
+//! ([`farm`]), the store's writes alone ([`store`]), the console's first paint ([`console`]), one print across the
+//! farm's workers ([`print`]), the distributed farm on PostgreSQL and
 //! RabbitMQ ([`dispatch`]) and a fleet of edge agents ([`fleet`]). Kept out of the services: no
 //! binary that serves links this crate but `kiln`. What they have measured is in
 //! `docs/benchmarks.md`.
@@ -10,6 +11,7 @@ pub mod engine;
 pub mod farm;
 pub mod fleet;
 pub mod orders;
+pub mod print;
 pub mod stats;
 pub mod store;
 
@@ -33,6 +35,8 @@ pub enum BenchCommand {
     Console(console::ConsoleBenchArgs),
     /// Studio orders waiting for approval on the embedded farm: RSS, idle CPU, time to approve all.
     Orders(orders::OrdersBenchArgs),
+    /// One print cut into tiles across 1, 2 and 4 in-process workers: wall time, speedup, stitch.
+    Print(print::PrintBenchArgs),
 }
 
 /// Runs a benchmark to its end, on a runtime of its own. A plain function: the benchmarks'
@@ -47,5 +51,6 @@ pub fn run(command: BenchCommand, cfg: &FarmConfig) -> anyhow::Result<()> {
         BenchCommand::Fleet(args) => kiln_common::runtime()?.block_on(fleet::run(cfg, &args)),
         BenchCommand::Orders(args) => kiln_common::runtime()?.block_on(orders::run(cfg, &args)),
         BenchCommand::Console(args) => kiln_common::runtime()?.block_on(console::run(cfg, &args)),
+        BenchCommand::Print(args) => kiln_common::runtime()?.block_on(print::run(cfg, &args)),
     }
 }

@@ -266,6 +266,31 @@ pub fn counts(workers: &[WorkerEntry]) -> HashMap<&'static str, usize> {
     n
 }
 
+/// The worker that rendered each recent tile job, by job id (noted as its success is settled):
+/// for the provenance of the image the tiles are stitched into. Only in memory: a tile rendered
+/// before a restart is listed without its worker.
+#[derive(Debug, Default)]
+pub struct TileWorkers(Mutex<HashMap<String, String>>);
+
+/// Tile jobs' workers remembered, at most (a stitch reads them within moments of their end).
+const TILE_WORKERS_KEPT: usize = 65_536;
+
+impl TileWorkers {
+    /// Notes that `worker` rendered tile job `job_id`.
+    pub fn note(&self, job_id: &str, worker: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= TILE_WORKERS_KEPT {
+            m.clear();
+        }
+        m.insert(job_id.to_owned(), worker.to_owned());
+    }
+
+    /// The worker that rendered tile job `job_id`, if noted since this process started.
+    pub fn of(&self, job_id: &str) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(job_id).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -232,7 +232,7 @@ pub struct Scheduler {
     me: std::sync::OnceLock<std::sync::Weak<Scheduler>>,
     /// The worker that rendered each recent tile, by job id, for the provenance of the image
     /// they are stitched into (see [`crate::tiles`]).
-    pub(crate) tile_workers: crate::tiles::TileWorkers,
+    pub(crate) tile_workers: crate::registry::TileWorkers,
 }
 
 /// An order that changed: written, then announced.

@@ -14,9 +14,8 @@
 //! and its tiles are submitted again: each is answered from the cache, or attached to its own
 //! earlier tile job (queued again too), so nothing done is rendered again.
 
-use std::collections::HashMap;
 use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -27,30 +26,6 @@ use tokio_util::sync::CancellationToken;
 use crate::results::Settled;
 use crate::scheduler::{Live, Scheduler};
 use crate::store::{Dispatch, Job, NewJob, Outcome};
-
-/// The worker that rendered each recent tile job, by job id (noted as its success is settled):
-/// for the provenance of the image the tiles are stitched into. Only in memory: a tile rendered
-/// before a restart is listed without its worker.
-#[derive(Debug, Default)]
-pub struct TileWorkers(Mutex<HashMap<String, String>>);
-
-/// Tile jobs' workers remembered, at most (a stitch reads them within moments of their end).
-const TILE_WORKERS_KEPT: usize = 65_536;
-
-impl TileWorkers {
-    /// Notes that `worker` rendered tile job `job_id`.
-    pub fn note(&self, job_id: &str, worker: &str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= TILE_WORKERS_KEPT {
-            m.clear();
-        }
-        m.insert(job_id.to_owned(), worker.to_owned());
-    }
-
-    fn of(&self, job_id: &str) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(job_id).cloned()
-    }
-}
 
 /// A tile's PNG: a file in the asset store, or (a small one) kept with the asset's row.
 enum Source {
