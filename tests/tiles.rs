@@ -202,3 +202,44 @@ async fn a_tile_that_fails_on_several_workers_quarantines_the_print_with_the_rea
     }
     panic!("tiles left open: {:?}", tiles_of(&farm, "poison print").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_print_cut_off_by_a_stop_finishes_after_the_restart_rendering_no_tile_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.workers = 1;
+    cfg.scheduler.tiles.tile_pixels = 2048 * 128;
+    let farm = TestFarm::start_with(dir, cfg.clone()).await;
+    let mut live = farm.sched.subscribe();
+    let body =
+        json!({ "prompt": "restart tide", "seed": 8, "tier": "print", "width": 2048, "height": 2048, "samples": 2 });
+    let first = farm.submit(body.clone()).await;
+    let id = first["id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(l) = live.recv().await
+                && let Live::Progress { job_id, tiles: Some((done, 16)), .. } = &*l
+                && *job_id == id
+                && *done >= 1
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a tile finished");
+    // Stopped with the print half done: it stays running in the store, as after a crash.
+    let dir = farm.stop().await;
+    let farm = TestFarm::start_with(dir, cfg).await;
+    let done = farm.wait(&id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let png = farm.client.bytes(&format!("/v1/assets/{}", done["asset"].as_str().unwrap())).await.unwrap();
+    assert!(png.to_vec() == whole("restart tide", 8, 2048, 2048, Some(2)));
+    // Every tile rendered once: the second run's tiles found the cache or their earlier jobs.
+    let tiles = tiles_of(&farm, "restart tide").await;
+    let rendered = tiles.iter().filter(|t| t["state"] == "succeeded" && t.get("follows").is_none()).count();
+    let renders = farm.metric("kiln_render_attempts_total", "tier=\"print\",outcome=\"succeeded\"").await;
+    assert_eq!(rendered, 16, "{tiles:?}");
+    assert!(renders <= 17.0, "16 tiles and the print, each once after the restart: {renders}");
+    farm.stop().await;
+}

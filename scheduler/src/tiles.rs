@@ -51,6 +51,21 @@ impl Seek for Source {
     }
 }
 
+/// A stitch under way ([`Scheduler::begin_stitch`]): where its tiles go, and its thread.
+struct Stitching {
+    tx: std::sync::mpsc::Sender<(Tile, BufReader<Source>)>,
+    task: tokio::task::JoinHandle<Result<Stitched, String>>,
+}
+
+/// A stitched image, stored.
+struct Stitched {
+    asset: String,
+    bytes: u64,
+    thumb: Option<String>,
+    stats: kiln_worker::render::StitchStats,
+    store_seconds: f64,
+}
+
 /// A tile, as the stitch and the provenance need it.
 struct Done {
     tile: Tile,
@@ -125,8 +140,10 @@ impl Scheduler {
             .collect();
         let parent = self.until_ended(&d.job_id);
         tokio::pin!(parent);
+        // The stitch runs as the tiles arrive: each is handed over once those before it are.
+        let mut stitching = Some(self.begin_stitch(&d.request));
         let mut done: Vec<Option<Done>> = (0..tiles.len()).map(|_| None).collect();
-        let (mut finished, mut rows_done) = (0u32, 0u32);
+        let (mut finished, mut rows_done, mut handed) = (0u32, 0u32, 0usize);
         while finished < n {
             let (i, tile, job) = tokio::select! {
                 Some(ended) = open.next() => ended,
@@ -150,6 +167,15 @@ impl Scheduler {
                         tiles: Some((finished, n)),
                     });
                     done[i] = Some(Done { tile, job: j });
+                    while let Some(Some(next)) = done.get(handed) {
+                        if let Some(s) = &stitching
+                            && let Err(why) = self.hand_over(s, next).await
+                        {
+                            tracing::warn!(job_id = d.job_id, why, "tiles: cannot read a tile; stitching stops");
+                            stitching = None;
+                        }
+                        handed += 1;
+                    }
                     continue;
                 }
                 Some(j) => {
@@ -159,6 +185,8 @@ impl Scheduler {
                 }
                 None => (format!("tile {}/{n} ({rows}): its job is gone", i + 1), false),
             };
+            // The stitch, short of tiles, ends with an error nobody reads; its file is let go.
+            drop(stitching);
             self.cancel_unstarted(&jobs, &d.job_id).await;
             let (error, quarantined) = failed;
             let outcome = if quarantined { Outcome::Quarantined { error } } else { Outcome::Failed { error } };
@@ -166,7 +194,11 @@ impl Scheduler {
             return;
         }
         let done: Vec<Done> = done.into_iter().flatten().collect();
-        let outcome = match self.stitch(&d, &done, started_ms).await {
+        let outcome = match stitching {
+            Some(s) => self.finish_stitch(&d, s, &done, started_ms).await,
+            None => Err("a tile's PNG could not be read".to_owned()),
+        };
+        let outcome = match outcome {
             Ok(o) => o,
             Err(why) => {
                 tracing::error!(job_id = d.job_id, why, "tiles: cannot stitch");
@@ -206,25 +238,61 @@ impl Scheduler {
         }
     }
 
-    /// Stitches the tiles `done` (in order) into the job's image in the asset store; the
-    /// outcome to record, with the provenance.
-    async fn stitch(&self, d: &Dispatch, done: &[Done], started_ms: i64) -> Result<Outcome, String> {
-        let mut sources = Vec::with_capacity(done.len());
+    /// Starts the stitch of `req`'s image on a blocking thread: it writes each tile's rows as
+    /// [`Self::hand_over`] hands the tile over, in order, and stores the image once the last has
+    /// come (a stitch whose sender is dropped early ends with an error, and stores nothing).
+    fn begin_stitch(&self, req: &kiln_protocol::RenderRequest) -> Stitching {
+        let (tx, rx) = std::sync::mpsc::channel::<(Tile, BufReader<Source>)>();
+        let worker = self.worker.clone();
+        let (w, h) = (req.width, req.height);
+        let task = tokio::task::spawn_blocking(move || {
+            let store = worker.store();
+            let mut pending = store.begin().map_err(|e| e.to_string())?;
+            let (thumb, stats) = kiln_worker::render::stitch(w, h, rx, &mut pending)?;
+            let t = std::time::Instant::now();
+            let (asset, bytes) = store.commit(pending, thumb.as_deref(), None).map_err(|e| e.to_string())?;
+            let thumb = thumb.map(|t| blake3::hash(&t).to_hex().to_string());
+            Ok(Stitched { asset, bytes, thumb, stats, store_seconds: t.elapsed().as_secs_f64() })
+        });
+        Stitching { tx, task }
+    }
+
+    /// Hands tile `t`'s PNG to the stitch.
+    async fn hand_over(&self, s: &Stitching, t: &Done) -> Result<(), String> {
+        let asset = t.job.asset.clone().unwrap_or_default();
+        let path = self.worker.store().path(&asset);
+        let source = match std::fs::File::open(&path) {
+            Ok(f) => Source::File(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match self.store.asset_png(&asset).await {
+                Ok(Some(png)) => Source::Held(Cursor::new(png)),
+                Ok(None) => return Err(format!("tile job {}: its asset {asset} is not here", t.job.id)),
+                Err(e) => return Err(e.to_string()),
+            },
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        // A stitch that stopped early says why when it is awaited.
+        let _ = s.tx.send((t.tile, BufReader::new(source)));
+        Ok(())
+    }
+
+    /// Waits for the stitch of the tiles `done` to store the image: the outcome to record,
+    /// with the provenance (the tiles and their workers, the stitch's cost).
+    async fn finish_stitch(
+        &self,
+        d: &Dispatch,
+        s: Stitching,
+        done: &[Done],
+        started_ms: i64,
+    ) -> Result<Outcome, String> {
+        let Stitching { tx, task } = s;
+        drop(tx);
+        let last_tile = std::time::Instant::now();
+        let Stitched { asset, bytes, thumb, stats, store_seconds } = task.await.map_err(|e| e.to_string())??;
+        let tail = last_tile.elapsed().as_secs_f64();
         let mut listed = Vec::with_capacity(done.len());
         let (mut backends, mut devices, mut model) = (Vec::<String>::new(), Vec::<String>::new(), Value::Null);
         for t in done {
             let asset = t.job.asset.clone().unwrap_or_default();
-            let path = self.worker.store().path(&asset);
-            let source = match std::fs::File::open(&path) {
-                Ok(f) => Source::File(f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match self.store.asset_png(&asset).await {
-                    Ok(Some(png)) => Source::Held(Cursor::new(png)),
-                    Ok(None) => return Err(format!("tile job {}: its asset {asset} is not here", t.job.id)),
-                    Err(e) => return Err(e.to_string()),
-                },
-                Err(e) => return Err(format!("{}: {e}", path.display())),
-            };
-            sources.push((t.tile, BufReader::new(source)));
             let record: Value = match self.store.provenance(&asset).await {
                 Ok(Some(json)) => serde_json::from_str(&json).unwrap_or(Value::Null),
                 _ => std::fs::read(self.worker.store().provenance_path(&asset))
@@ -258,23 +326,10 @@ impl Scheduler {
                 "seconds": record.get("timings").and_then(|t| t.get("total_seconds")).cloned(),
             }));
         }
-        let worker = self.worker.clone();
-        let (w, h) = (d.request.width, d.request.height);
-        let stitched = tokio::task::spawn_blocking(move || {
-            let t = std::time::Instant::now();
-            let store = worker.store();
-            let mut pending = store.begin().map_err(|e| e.to_string())?;
-            let (thumb, stats) = kiln_worker::render::stitch(w, h, sources, &mut pending)?;
-            let (asset, bytes) = store.commit(pending, thumb.as_deref(), None).map_err(|e| e.to_string())?;
-            let thumb = thumb.map(|t| blake3::hash(&t).to_hex().to_string());
-            Ok::<_, String>((asset, bytes, thumb, stats, t.elapsed().as_secs_f64()))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        let (asset, bytes, thumb, stats, seconds) = stitched;
         let key_input = d
             .request
             .key_input(kiln_worker::engine::cppn::model_version(), &kiln_worker::post::post_chain_version(&d.request));
+        let busy = stats.decode_seconds + stats.encode_seconds + store_seconds;
         let record = json!({
             "asset": asset,
             "backend": backends.join("+"),
@@ -287,12 +342,18 @@ impl Scheduler {
             "model": model,
             "post_chain_version": key_input.post_chain_version,
             "request": d.request,
-            "stitch": { "seconds": seconds, "decode_seconds": stats.decode_seconds, "encode_seconds": stats.encode_seconds },
+            "stitch": {
+                "seconds": busy,
+                "after_last_tile_seconds": tail,
+                "decode_seconds": stats.decode_seconds,
+                "encode_seconds": stats.encode_seconds,
+                "store_seconds": store_seconds,
+            },
             "thumbnail": thumb.unwrap_or_else(|| asset.clone()),
             "tiles": listed,
             "timings": { "total_seconds": (now_ms() - started_ms) as f64 / 1000.0 },
         });
-        tracing::info!(job_id = d.job_id, asset, tiles = done.len(), seconds, "stitched the tiles");
+        tracing::info!(job_id = d.job_id, asset, tiles = done.len(), busy, tail, "stitched the tiles");
         // The tiles were charged as they rendered; the stitch is the scheduler's own work.
         Ok(Outcome::Succeeded { asset, bytes, provenance: Some(record.to_string()), png: None, cost: None })
     }
