@@ -400,6 +400,13 @@ task = "capture"
     let src = b.wait_for(r#"data-worker="in-process-1""#).await;
     assert!(src.contains("Last telemetry") && src.contains("capture"), "devices with telemetry and tasks: {src}");
     shots(&b, "fleet").await;
+    // The devices' changes show without a reload: the lights set to another scene.
+    b.wait_for(r#"data-events="open""#).await;
+    b.run("document.documentElement.dataset.mark = 'kept';").await;
+    let scene = json!({ "kind": "lights", "params": { "scene": 5, "brightness": 300 } });
+    c.call(Method::POST, "/v1/devices/lights/tasks", Some(&scene)).await.unwrap();
+    let src = b.wait_for("brightness 300").await;
+    assert!(src.contains(r#"data-mark="kept""#), "the fleet page was reloaded, not updated");
     b.type_into("#why-in-process-1", "cleaning the fan").await;
     b.click("tr[data-worker='in-process-1'] form.drain button").await;
     b.wait_for("Worker in-process-1 drained").await;

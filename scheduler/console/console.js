@@ -29,7 +29,7 @@ document.addEventListener("keydown", (e) => {
 });
 
 // Live views: a page whose <main> has data-live follows the farm over Server-Sent Events
-// (/console/events: `order` and `job` changes) and fetches itself again when something it shows
+// (/console/events: `order`, `job` and, for the operator, `device` changes) and fetches itself again when something it shows
 // changes, swapping in the new <main>: no polling, no reload. An order or job page follows its
 // own; the lists and the overview, any (at most one fetch a second). What the operator was
 // doing survives the swap: the options chosen, the text typed, the field in focus.
@@ -43,7 +43,7 @@ document.addEventListener("keydown", (e) => {
     orders: (kind) => kind === "order",
     approvals: (kind) => kind === "order",
     job: (kind, c) => (kind === "job" && c.id === main.dataset.job) || (kind === "order" && !c.id),
-    jobs: () => true,
+    jobs: (kind) => kind !== "device",
     fleet: () => true,
     overview: () => true,
   }[main.dataset.live] || (() => false);
@@ -110,7 +110,7 @@ document.addEventListener("keydown", (e) => {
     }
   };
   const events = new EventSource("/console/events");
-  ["order", "job"].forEach((kind) => {
+  ["order", "job", "device"].forEach((kind) => {
     events.addEventListener(kind, (e) => {
       if (follows(kind, JSON.parse(e.data || "{}"))) {
         refresh();

@@ -313,6 +313,7 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                 }
                 sched.fleet_wake.notify_one();
             }
+            sched.device_changed(&id);
         }
         Heard::Telemetry(id, t) => {
             let seq = i64::try_from(t.seq).unwrap_or(i64::MAX);
@@ -321,6 +322,7 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
             } else {
                 // An order waiting for this device to be ready (a printer refilled) looks again.
                 sched.order_waits.ended(&format!("device:{id}"));
+                sched.device_changed(&id);
             }
         }
         Heard::Report(id, r) => {
@@ -335,7 +337,10 @@ async fn handle(sched: &Arc<Scheduler>, topics: &Topics, p: &Publish) -> Result<
                     dropped(sched, d.topic, d.reason)
                 }
                 Ok((to, change)) => match sched.store.move_task(&task_id, to, change, now).await? {
-                    Some(m) => observe(sched, &m),
+                    Some(m) => {
+                        observe(sched, &m);
+                        sched.device_changed(&id);
+                    }
                     None => dropped(sched, "report", unmoved(current.map_or(to, |(_, s)| s), to)),
                 },
             }

@@ -233,6 +233,9 @@ pub struct Scheduler {
     /// The worker that rendered each recent tile, by job id, for the provenance of the image
     /// they are stitched into (see [`crate::tiles`]).
     pub(crate) tile_workers: crate::registry::TileWorkers,
+    /// The id of each device whose state, telemetry or task changed, once stored (the console's
+    /// fleet view follows it).
+    device_changes: broadcast::Sender<Arc<str>>,
 }
 
 /// An order that changed: written, then announced.
@@ -281,6 +284,7 @@ impl Scheduler {
             order_changes: broadcast::channel(1024).0,
             me: std::sync::OnceLock::new(),
             tile_workers: Default::default(),
+            device_changes: broadcast::channel(256).0,
         };
         s.reload_tokens().await?;
         // Estimates start from the latest renders, oldest noted first.
@@ -360,6 +364,18 @@ impl Scheduler {
     /// The orders' changes from now on.
     pub fn subscribe_orders(&self) -> broadcast::Receiver<Arc<OrderChange>> {
         self.order_changes.subscribe()
+    }
+
+    /// Each device change from now on: the device's id.
+    pub fn subscribe_devices(&self) -> broadcast::Receiver<Arc<str>> {
+        self.device_changes.subscribe()
+    }
+
+    /// Announces that device `id` changed (its state, telemetry or a task), once stored.
+    pub(crate) fn device_changed(&self, id: &str) {
+        if self.device_changes.receiver_count() > 0 {
+            let _ = self.device_changes.send(Arc::from(id));
+        }
     }
 
     /// Announces a change of an order, once it is durable.

@@ -842,8 +842,9 @@ fn api_error(e: super::ApiError) -> (StatusCode, String) {
 }
 
 /// `/console/events`: each change of an order the session may see, as a Server-Sent Event
-/// `order` (`{"id","client","state"}`), and each job transition it may see as `job`
-/// (`{"id","state"}`), for the views to follow. A stream that fell behind says so with an
+/// `order` (`{"id","client","state"}`), each job transition it may see as `job`
+/// (`{"id","state"}`), and, for the operator, each device change as `device` (`{"id"}`), for the
+/// views to follow. A stream that fell behind says so with an
 /// `order` event `{}`, and the views fetch themselves again.
 async fn events(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let (who, _) = match signed_in(&s, &headers) {
@@ -857,8 +858,8 @@ async fn events(State(s): State<AppState>, headers: HeaderMap) -> Response {
             return (StatusCode::TOO_MANY_REQUESTS, msg).into_response();
         }
     };
-    let state = (s.subscribe_orders(), s.subscribe(), held, who, s.clone());
-    let stream = futures_util::stream::unfold(state, |(mut orders, mut jobs, held, who, s)| async move {
+    let state = (s.subscribe_orders(), s.subscribe(), s.subscribe_devices(), held, who, s.clone());
+    let stream = futures_util::stream::unfold(state, |(mut orders, mut jobs, mut devices, held, who, s)| async move {
         use tokio::sync::broadcast::error::RecvError;
         let lagged = || SseEvent::default().event("order").data("{}");
         loop {
@@ -884,8 +885,17 @@ async fn events(State(s): State<AppState>, headers: HeaderMap) -> Response {
                     Err(RecvError::Lagged(_)) => lagged(),
                     Err(RecvError::Closed) => return None,
                 },
+                // The fleet is the operator's to see.
+                device = devices.recv() => match device {
+                    Ok(id) if who.role == Role::Operator => {
+                        SseEvent::default().event("device").data(serde_json::json!({ "id": &*id }).to_string())
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => lagged(),
+                    Err(RecvError::Closed) => return None,
+                },
             };
-            return Some((Ok::<_, std::convert::Infallible>(event), (orders, jobs, held, who, s)));
+            return Some((Ok::<_, std::convert::Infallible>(event), (orders, jobs, devices, held, who, s)));
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
