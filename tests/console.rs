@@ -69,14 +69,27 @@ impl Browser {
         v[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {v}")).to_owned()
     }
 
+    /// Sends `action` (`click`, `value`) to the element `css` finds. A live view may swap its
+    /// content between the find and the action: the element is found again then.
+    async fn act(&self, css: &str, action: &str, body: Value) {
+        for _ in 0..5 {
+            let e = self.find(css).await;
+            let path = format!("/session/{}/element/{e}/{action}", self.session);
+            match self.wd.call(Method::POST, &path, Some(&body)).await {
+                Ok(_) => return,
+                Err(err) if err.to_string().contains("stale element") => continue,
+                Err(err) => panic!("webdriver {path}: {err}"),
+            }
+        }
+        panic!("{css} went stale five times over");
+    }
+
     async fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css).await;
-        self.cmd(Method::POST, &format!("/element/{e}/value"), Some(json!({ "text": text }))).await;
+        self.act(css, "value", json!({ "text": text })).await;
     }
 
     async fn click(&self, css: &str) {
-        let e = self.find(css).await;
-        self.cmd(Method::POST, &format!("/element/{e}/click"), None).await;
+        self.act(css, "click", json!({})).await;
     }
 
     /// Presses each key in turn (WebDriver's codes for the arrows: ← U+E012, → U+E014).
@@ -400,7 +413,9 @@ task = "capture"
     let src = b.wait_for(r#"data-worker="in-process-1""#).await;
     assert!(src.contains("Last telemetry") && src.contains("capture"), "devices with telemetry and tasks: {src}");
     shots(&b, "fleet").await;
-    // The devices' changes show without a reload: the lights set to another scene.
+    // The devices' changes show without a reload: the lights set to another scene (once the
+    // order approved above has set its own, so it does not set them back).
+    wait_order(&c, &other, "succeeded").await;
     b.wait_for(r#"data-events="open""#).await;
     b.run("document.documentElement.dataset.mark = 'kept';").await;
     let scene = json!({ "kind": "lights", "params": { "scene": 5, "brightness": 300 } });
