@@ -35,6 +35,35 @@ async fn tiles_of(farm: &TestFarm, prompt: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A farm of one worker, and a 2048² print of `prompt` cut into sixteen tiles (most wait their
+/// turn) submitted to it, once its first tile is done: the farm, its config, the request and the
+/// print's id.
+async fn sixteen_tile_print(prompt: &str, seed: u64) -> (TestFarm, kiln_scheduler::config::FarmConfig, Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path());
+    cfg.scheduler.workers = 1;
+    cfg.scheduler.tiles.tile_pixels = 2048 * 128;
+    let farm = TestFarm::start_with(dir, cfg.clone()).await;
+    let mut live = farm.sched.subscribe();
+    let body = json!({ "prompt": prompt, "seed": seed, "tier": "print", "width": 2048, "height": 2048, "samples": 2 });
+    let first = farm.submit(body.clone()).await;
+    let id = first["id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(l) = live.recv().await
+                && let Live::Progress { job_id, tiles: Some((done, 16)), .. } = &*l
+                && *job_id == id
+                && *done >= 1
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a tile finished");
+    (farm, cfg, body, id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_print_is_cut_into_tiles_the_workers_share_and_stitched_to_the_whole_render() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,31 +141,8 @@ async fn a_print_is_cut_into_tiles_the_workers_share_and_stitched_to_the_whole_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_print_stops_its_unstarted_tiles_and_a_retry_renders_only_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path());
-    // One worker, sixteen tiles: most wait their turn.
-    cfg.scheduler.workers = 1;
-    cfg.scheduler.tiles.tile_pixels = 2048 * 128;
-    let farm = TestFarm::start_with(dir, cfg).await;
-    let mut live = farm.sched.subscribe();
-    let body =
-        json!({ "prompt": "slow tide", "seed": 4, "tier": "print", "width": 2048, "height": 2048, "samples": 2 });
-    let first = farm.submit(body.clone()).await;
-    let id = first["id"].as_str().unwrap().to_owned();
+    let (farm, _, body, id) = sixteen_tile_print("slow tide", 4).await;
     // Cancelled once its first tile is done.
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Ok(l) = live.recv().await
-                && let Live::Progress { job_id, tiles: Some((done, 16)), .. } = &*l
-                && *job_id == id
-                && *done >= 1
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("a tile finished");
     let cancelled = farm.client.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await.unwrap();
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     // The tiles not started are cancelled; the one rendering, if any, finishes.
@@ -205,29 +211,7 @@ async fn a_tile_that_fails_on_several_workers_quarantines_the_print_with_the_rea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_print_cut_off_by_a_stop_finishes_after_the_restart_rendering_no_tile_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = test_config(dir.path());
-    cfg.scheduler.workers = 1;
-    cfg.scheduler.tiles.tile_pixels = 2048 * 128;
-    let farm = TestFarm::start_with(dir, cfg.clone()).await;
-    let mut live = farm.sched.subscribe();
-    let body =
-        json!({ "prompt": "restart tide", "seed": 8, "tier": "print", "width": 2048, "height": 2048, "samples": 2 });
-    let first = farm.submit(body.clone()).await;
-    let id = first["id"].as_str().unwrap().to_owned();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Ok(l) = live.recv().await
-                && let Live::Progress { job_id, tiles: Some((done, 16)), .. } = &*l
-                && *job_id == id
-                && *done >= 1
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("a tile finished");
+    let (farm, cfg, _, id) = sixteen_tile_print("restart tide", 8).await;
     // Stopped with the print half done: it stays running in the store, as after a crash.
     let dir = farm.stop().await;
     let farm = TestFarm::start_with(dir, cfg).await;

@@ -596,7 +596,9 @@ impl Scheduler {
     ) -> Result<BudgetUse, StoreError> {
         let (start, resets_ms) = budget.period.bounds(now_ms);
         let used = self.store.spent(client, start).await? as f64 / 1000.0;
-        let live = self.store.live_requests(client).await?;
+        let mut live = self.store.live_requests(client).await?;
+        // A print cut into tiles is counted once, by its whole request.
+        live.retain(|r| r.tile.is_none());
         let in_flight = self.estimate_all_ms(&live) / 1000.0;
         Ok(BudgetUse { used, in_flight, live, resets_ms })
     }
@@ -721,7 +723,14 @@ impl Scheduler {
         let id_owned = id.to_owned();
         loop {
             let mut woken = Some(self.waiters.watch_one(id));
-            let ended = match self.store.job(id).await {
+            // Read on a task of its own: a caller that drops this wait (a tiled job that ended)
+            // must not drop a read in flight, which would keep its pooled connection from the
+            // pool (four reads dropped so starved a farm's SQLite reads for good).
+            let (store, job_id) = (self.store.clone(), id_owned.clone());
+            let read = tokio::spawn(async move { store.job(&job_id).await })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::RolledBack(format!("the read's task failed: {e}"))));
+            let ended = match read {
                 Ok(Some(j)) if j.state.is_terminal() => Some(Some(j)),
                 Ok(Some(_)) => {
                     if let Some(w) = woken.take() {
