@@ -1261,24 +1261,7 @@ async fn a_print_is_shared_by_the_worker_daemons_and_stitched_to_the_whole_rende
     assert_eq!(done["state"], "succeeded", "{done}");
     let hash = done["asset"].as_str().unwrap();
     let png = d.farm.client.bytes(&format!("/v1/assets/{hash}")).await.unwrap();
-    let r = kiln_protocol::RenderRequest::resolve(
-        "cppn",
-        "pier at night",
-        5,
-        kiln_protocol::Tier::Print,
-        Some(600),
-        Some(600),
-        None,
-        &kiln_protocol::TierLimits::default(),
-    )
-    .unwrap();
-    let engine = kiln_worker::render::Engine {
-        backend: kiln_worker::render::Backend::Cpu { threads: 2 },
-        path: kiln_worker::render::ModelPath::Fused,
-        band_samples: 1 << 20,
-    };
-    let mut whole = Vec::new();
-    kiln_worker::render::render_to(&engine, &r, &mut whole, &mut |_| {}).unwrap();
+    let whole = common::whole_print("pier at night", 5, 600, 600, None);
     assert!(png.to_vec() == whole, "the tiles the daemons rendered stitch to the whole render");
     let prov = d.farm.client.call(Method::GET, &format!("/v1/assets/{hash}/provenance"), None).await.unwrap();
     let tiles = prov["tiles"].as_array().unwrap();

@@ -5,23 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestFarm, kiln, test_config};
+use common::{TestFarm, kiln, test_config, whole_print as whole};
 use hyper::Method;
-use kiln_protocol::{RenderRequest, Tier, TierLimits};
 use kiln_scheduler::scheduler::Live;
-use kiln_worker::render::{Backend, Engine, ModelPath, render_to};
 use serde_json::{Value, json};
-
-/// The PNG one CPU worker renders of the whole request.
-fn whole(prompt: &str, seed: u64, w: u32, h: u32, samples: Option<u32>) -> Vec<u8> {
-    let r =
-        RenderRequest::resolve("cppn", prompt, seed, Tier::Print, Some(w), Some(h), samples, &TierLimits::default())
-            .unwrap();
-    let engine = Engine { backend: Backend::Cpu { threads: 2 }, path: ModelPath::Fused, band_samples: 1 << 20 };
-    let mut out = Vec::new();
-    render_to(&engine, &r, &mut out, &mut |_| {}).unwrap();
-    out
-}
 
 /// The jobs the farm holds that are tiles of an image of `prompt`.
 async fn tiles_of(farm: &TestFarm, prompt: &str) -> Vec<Value> {

@@ -729,7 +729,7 @@ impl Scheduler {
             let (store, job_id) = (self.store.clone(), id_owned.clone());
             let read = tokio::spawn(async move { store.job(&job_id).await })
                 .await
-                .unwrap_or_else(|e| Err(StoreError::RolledBack(format!("the read's task failed: {e}"))));
+                .unwrap_or_else(|e| Err(StoreError::Read(format!("the read's task failed: {e}"))));
             let ended = match read {
                 Ok(Some(j)) if j.state.is_terminal() => Some(Some(j)),
                 Ok(Some(_)) => {
@@ -760,12 +760,32 @@ impl Scheduler {
         if caller.role != Role::Operator && self.job(caller, id).await?.is_none() {
             return Ok(None);
         }
-        let Some((job, events)) = self.store.cancel(id, &caller.name, now_ms()).await? else { return Ok(None) };
+        self.cancel_by(id, &caller.name).await
+    }
+
+    /// Cancels job `id` in `by`'s name, wakes the dispatcher for an attached job that now leads
+    /// its render, and tells listeners. `Ok(None)`: no such job.
+    pub(crate) async fn cancel_by(&self, id: &str, by: &str) -> Result<Option<Job>, StoreError> {
+        let Some((job, events)) = self.store.cancel(id, by, now_ms()).await? else { return Ok(None) };
         if events.iter().any(|e| e.state == JobState::Queued) {
             self.dispatch_wake.notify_one();
         }
         self.publish(events);
         Ok(Some(job))
+    }
+
+    /// An asset's provenance record as stored: with its row, or (recorded before 0005, or
+    /// uploaded) a file beside it. `None` when it has none.
+    pub async fn asset_provenance(&self, hash: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(json) = self.store.provenance(hash).await? {
+            return Ok(Some(json.into_bytes()));
+        }
+        let path = self.worker.store().provenance_path(hash);
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Read(format!("{}: {e}", path.display()))),
+        }
     }
 
     /// One job, if the caller may see it.

@@ -218,22 +218,14 @@ impl Scheduler {
     /// Cancels the tiles in `jobs` not yet started (queued or dispatched) for the end of `job_id`.
     async fn cancel_unstarted(&self, jobs: &[Job], job_id: &str) {
         let by = format!("the end of job {job_id}, of which it is a tile");
-        for j in jobs {
-            let now = match self.store.job(&j.id).await {
-                Ok(Some(now)) => now,
-                _ => continue,
-            };
-            if matches!(now.state, JobState::Queued | JobState::Dispatched) {
-                match self.store.cancel(&j.id, &by, now_ms()).await {
-                    Ok(Some((_, events))) => {
-                        if events.iter().any(|e| e.state == JobState::Queued) {
-                            self.dispatch_wake.notify_one();
-                        }
-                        self.publish(events);
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(job_id = j.id, error = %e, "tiles: cannot cancel a tile"),
-                }
+        // The tiles as they are now, in one read.
+        let now = match self.store.jobs(jobs.iter().map(|j| j.id.clone()).collect()).await {
+            Ok(now) => now,
+            Err(e) => return tracing::warn!(job_id, error = %e, "tiles: cannot read the tiles to cancel them"),
+        };
+        for j in now.iter().filter(|j| matches!(j.state, JobState::Queued | JobState::Dispatched)) {
+            if let Err(e) = self.cancel_by(&j.id, &by).await {
+                tracing::warn!(job_id = j.id, error = %e, "tiles: cannot cancel a tile");
             }
         }
     }
@@ -293,12 +285,9 @@ impl Scheduler {
         let (mut backends, mut devices, mut model) = (Vec::<String>::new(), Vec::<String>::new(), Value::Null);
         for t in done {
             let asset = t.job.asset.clone().unwrap_or_default();
-            let record: Value = match self.store.provenance(&asset).await {
-                Ok(Some(json)) => serde_json::from_str(&json).unwrap_or(Value::Null),
-                _ => std::fs::read(self.worker.store().provenance_path(&asset))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or(Value::Null),
+            let record: Value = match self.asset_provenance(&asset).await {
+                Ok(Some(json)) => serde_json::from_slice(&json).unwrap_or(Value::Null),
+                _ => Value::Null,
             };
             let field = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_owned);
             for (list, v) in [(&mut backends, field("backend")), (&mut devices, field("device"))] {

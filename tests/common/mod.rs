@@ -309,3 +309,27 @@ pub fn promtool_check_metrics(text: &[u8]) {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "promtool check metrics:\n{said}");
 }
+
+/// The PNG one CPU worker renders of the whole print-tier request: what a print cut into tiles
+/// must stitch to.
+pub fn whole_print(prompt: &str, seed: u64, w: u32, h: u32, samples: Option<u32>) -> Vec<u8> {
+    let r = kiln_protocol::RenderRequest::resolve(
+        "cppn",
+        prompt,
+        seed,
+        kiln_protocol::Tier::Print,
+        Some(w),
+        Some(h),
+        samples,
+        &kiln_protocol::TierLimits::default(),
+    )
+    .unwrap();
+    let engine = kiln_worker::render::Engine {
+        backend: kiln_worker::render::Backend::Cpu { threads: 2 },
+        path: kiln_worker::render::ModelPath::Fused,
+        band_samples: 1 << 20,
+    };
+    let mut out = Vec::new();
+    kiln_worker::render::render_to(&engine, &r, &mut out, &mut |_| {}).unwrap();
+    out
+}

@@ -401,16 +401,8 @@ pub(super) async fn provenance_record(
     s: &crate::scheduler::Scheduler,
     hash: &str,
 ) -> Result<serde_json::Map<String, Value>, ApiError> {
-    // Recorded with the asset's row, or (recorded before 0005, or uploaded) a file beside it.
-    let record = match s.store.provenance(hash).await? {
-        Some(json) => json.into_bytes(),
-        None => match tokio::fs::read(s.worker.store().provenance_path(hash)).await {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ApiError::not_found(format!("hash: no asset {hash}")));
-            }
-            Err(e) => return Err(ApiError::internal(&e)),
-        },
+    let Some(record) = s.asset_provenance(hash).await? else {
+        return Err(ApiError::not_found(format!("hash: no asset {hash}")));
     };
     let mut record: serde_json::Map<String, Value> = match serde_json::from_slice(&record) {
         Ok(m) => m,
